@@ -1,0 +1,33 @@
+"""The engine's own error types. Every message is one sentence written for the person using the studio."""
+
+
+class StudioError(Exception):
+    """Base class: anything the user can act on. The CLI prints ``str(error)`` and exits 1."""
+
+
+class UsageError(StudioError):
+    """The request itself is wrong (unknown generator, bad option, missing prompt). CLI exit status 2."""
+
+
+class OptionError(UsageError):
+    """An option value is of the wrong type or out of range."""
+
+
+class ModelError(StudioError):
+    """A model folder is missing, incomplete, corrupt or of an unknown family."""
+
+
+class PluginError(StudioError):
+    """A plugin failed to load, registered something invalid, or raised."""
+
+
+class GenerationError(StudioError):
+    """A generator raised while generating."""
+
+
+class CancelledError(StudioError):
+    """The generation was cancelled by the user."""
+
+
+class StateError(StudioError):
+    """The state folder (settings, history, outputs) cannot be read or written."""

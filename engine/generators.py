@@ -1,0 +1,213 @@
+"""The generator contract: option specs, requests, events and results.
+
+A generator is plain data (``GeneratorInfo``) plus a ``generate(request,
+context)`` callable that yields ``Progress`` and ``Partial`` events and one
+``Result``. Nothing here imports torch or Qt.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+from engine.errors import OptionError, CancelledError
+
+OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a generator: the GUI builds a form from these, the CLI validates ``--set``."""
+
+    name: str
+    type: str  # "int" | "float" | "str" | "bool"
+    default: Any
+    help: str = ""
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.type not in OPTION_TYPES:
+            raise ValueError(f"option {self.name!r}: type must be one of {sorted(OPTION_TYPES)}")
+        if not self.name.isidentifier():
+            raise ValueError(f"option name {self.name!r} is not a valid identifier")
+        self.parse(self.default)  # the default itself must be valid
+
+    def parse(self, value: Any) -> Any:
+        """Turn ``value`` (a string from the command line, or a typed value) into this option's type."""
+        kind = OPTION_TYPES[self.type]
+        if isinstance(value, str) and kind is not str:
+            text = value.strip()
+            try:
+                if kind is bool:
+                    if text.lower() in ("1", "true", "yes", "on"):
+                        value = True
+                    elif text.lower() in ("0", "false", "no", "off"):
+                        value = False
+                    else:
+                        raise ValueError
+                elif kind is int:
+                    value = int(text)
+                else:
+                    value = float(text)
+            except ValueError:
+                raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {value!r}.") from None
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {value!r}.")
+        if kind is float and value != value:
+            raise OptionError(f"Option {self.name} must be a number, not NaN.")
+        if self.min is not None and value < self.min:
+            raise OptionError(f"Option {self.name} must be at least {self.min}, not {value}.")
+        if self.max is not None and value > self.max:
+            raise OptionError(f"Option {self.name} must be at most {self.max}, not {value}.")
+        if self.choices is not None and value not in self.choices:
+            raise OptionError(f"Option {self.name} must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
+        return value
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "type": self.type, "default": self.default, "help": self.help,
+            "min": self.min, "max": self.max, "choices": list(self.choices) if self.choices else None,
+        }
+
+
+def _article(type_name: str) -> str:
+    return {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false"}[type_name]
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """What a generator is, as plain data."""
+
+    id: str
+    title: str
+    description: str
+    takes: tuple  # subset of ("text", "image")
+    makes: str  # "text" | "image" | "audio"
+    options: tuple = ()
+    families: tuple = ()  # model families it runs; empty means it needs no model
+    icon: Optional[str] = None  # a path, or None for a default icon
+    prompt_required: bool = True  # for generators that take text
+
+    def __post_init__(self):
+        if not self.id.replace("-", "_").isidentifier():
+            raise ValueError(f"generator id {self.id!r} must be a short identifier such as 'text'")
+        if not set(self.takes) <= {"text", "image"} or not self.takes:
+            raise ValueError(f"generator {self.id!r}: takes must be a non-empty subset of ('text', 'image')")
+        if self.makes not in ("text", "image", "audio"):
+            raise ValueError(f"generator {self.id!r}: makes must be 'text', 'image' or 'audio'")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"generator {self.id!r}: option names repeat")
+        for o in self.options:
+            if not isinstance(o, Option):
+                raise ValueError(f"generator {self.id!r}: options must be engine.generators.Option instances")
+
+    def option(self, name: str) -> Option:
+        for o in self.options:
+            if o.name == name:
+                return o
+        known = ", ".join(o.name for o in self.options) or "none"
+        raise OptionError(f"Generator {self.id} has no option {name!r} (known options: {known}).")
+
+    def resolve_options(self, given: dict) -> dict:
+        """Defaults overlaid with ``given``, every value parsed and checked."""
+        out = {o.name: o.default for o in self.options}
+        for name, value in given.items():
+            out[name] = self.option(name).parse(value)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "title": self.title, "description": self.description,
+            "takes": list(self.takes), "makes": self.makes, "families": list(self.families),
+            "options": [o.to_dict() for o in self.options],
+        }
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model from the store, as a generator sees it."""
+
+    name: str
+    path: Path
+    family: str
+    hash: str
+    config: dict = field(default_factory=dict)
+    studio: dict = field(default_factory=dict)  # contents of studio.json
+
+
+@dataclass
+class Request:
+    prompt: Optional[str] = None
+    image: Optional[Path] = None
+    options: dict = field(default_factory=dict)  # already resolved: every option present and valid
+    seed: int = 0
+    model: Optional[ModelRef] = None
+    backend: str = "torch"  # "torch" | "onnx"
+    device: str = "cpu"  # resolved: "cpu" | "cuda"
+
+
+class CancelToken:
+    """A flag set by whoever wants the generation stopped; generators check it between steps."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise CancelledError("Generation was cancelled.")
+
+
+@dataclass
+class Context:
+    cancel: CancelToken = field(default_factory=CancelToken)
+    cache: dict = field(default_factory=dict)  # loaded models, shared between generations by the host
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A streamed piece: ``text`` (a token's text) or ``image`` (a PIL preview)."""
+
+    text: Optional[str] = None
+    image: Any = None
+
+
+@dataclass
+class Result:
+    """The final content. The host adds the recipe (generator, model, seed, ...) around it."""
+
+    text: Optional[str] = None
+    token_ids: Optional[list] = None
+    image: Any = None  # PIL.Image
+    audio: Any = None  # (numpy array, sample_rate)
+    warnings: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # extra facts for the recipe (e.g. timings, truncation)
+
+
+Event = Union[Progress, Partial, Result]
+GenerateFn = Callable[[Request, Context], Iterator[Event]]
+
+
+@dataclass(frozen=True)
+class Generator:
+    info: GeneratorInfo
+    generate: GenerateFn

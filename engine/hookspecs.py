@@ -1,0 +1,49 @@
+"""The whole plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or any object) with functions decorated by
+``engine.hookimpl``. Hooks are register-callbacks: the host passes a
+``register`` function, the plugin calls it once per thing it adds. The host
+validates each thing and records which plugin gave it; a plugin that raises
+or registers something invalid is marked failed and skipped.
+
+Hooks run at first use of the plugin host (listing generators, generating),
+never at import. Keep them cheap: import torch inside your generate function,
+not at module level.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("studio")
+
+
+@hookspec
+def register_generators(register):
+    """Add generators.
+
+    Called once when the plugin host loads. Call ``register(generator)`` with an
+    ``engine.generators.Generator`` (its ``info`` says what it takes, makes and
+    which options it has; its ``generate(request, context)`` yields
+    ``Progress``/``Partial`` events and one ``Result``). A generator id must be
+    unique across plugins; a duplicate is refused. Returns nothing.
+    """
+
+
+@hookspec
+def register_architectures(register):
+    """Add model families the store can recognise.
+
+    Called once when the plugin host loads. Call ``register(architecture)`` with an
+    ``engine.architectures.Architecture``: its ``matches(config)`` says whether a
+    model folder's ``config.json`` is of this family, its ``generator`` says which
+    generator runs it. Returns nothing.
+    """
+
+
+@hookspec
+def register_exporters(register):
+    """Add ONNX exporters for model families.
+
+    Called once when the plugin host loads. Call ``register(family, export)``
+    where ``export(model_ref, out_dir, options) -> dict`` writes ONNX graphs into
+    ``out_dir`` and returns the manifest's ``graphs`` entry (files, inputs,
+    outputs) plus the parity figures it measured. Returns nothing.
+    """

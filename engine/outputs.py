@@ -1,0 +1,181 @@
+"""Atomic output writers: text with a JSON sidecar, PNG with recipe chunks, audio through soundfile."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from engine.errors import StateError, UsageError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, then rename: never a partial file at ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StateError(f"Cannot write to {path.parent} ({exc.strerror}); choose a writable output folder.") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise StateError(f"Cannot write {path} ({exc.strerror}).") from None
+        raise
+    return path
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def a1111_parameters(recipe: dict) -> str:
+    """The A1111 'parameters' text: prompt, negative prompt, then 'Steps: 20, Sampler: ..., Seed: 3, ...'."""
+    opts = recipe.get("options", {})
+    lines = [recipe.get("prompt") or ""]
+    if opts.get("negative_prompt"):
+        lines.append(f"Negative prompt: {opts['negative_prompt']}")
+    fields = []
+    if "steps" in opts:
+        fields.append(f"Steps: {opts['steps']}")
+    if "sampler" in opts:
+        fields.append(f"Sampler: {opts['sampler']}")
+    if "guidance" in opts:
+        fields.append(f"CFG scale: {opts['guidance']}")
+    fields.append(f"Seed: {recipe.get('seed')}")
+    if recipe.get("width"):
+        fields.append(f"Size: {recipe['width']}x{recipe['height']}")
+    model = recipe.get("model") or {}
+    if model.get("hash"):
+        fields.append(f"Model hash: {model['hash'][:10]}")
+    if model.get("name"):
+        fields.append(f"Model: {model['name']}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict:
+    """Read back prompt, negative prompt, seed and the other 'Key: value' fields of an A1111 parameters chunk."""
+    lines = text.strip("\n").split("\n")
+    out: dict = {"prompt": "", "options": {}}
+    last = lines[-1] if lines else ""
+    has_fields = ":" in last and ("Steps:" in last or "Seed:" in last)
+    body = lines[:-1] if has_fields else lines
+    prompt_lines, neg = [], None
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            neg = line[len("Negative prompt:"):].strip()
+        elif neg is not None:
+            neg += "\n" + line
+        else:
+            prompt_lines.append(line)
+    out["prompt"] = "\n".join(prompt_lines)
+    if neg:
+        out["options"]["negative_prompt"] = neg
+    if has_fields:
+        for part in last.split(","):
+            if ":" not in part:
+                continue
+            key, value = (s.strip() for s in part.split(":", 1))
+            if key == "Seed":
+                try:
+                    out["seed"] = int(value)
+                except ValueError:
+                    pass
+            elif key == "Steps":
+                try:
+                    out["options"]["steps"] = int(value)
+                except ValueError:
+                    pass
+            elif key == "CFG scale":
+                try:
+                    out["options"]["guidance"] = float(value)
+                except ValueError:
+                    pass
+            elif key == "Sampler":
+                out["options"]["sampler"] = value
+    return out
+
+
+def png_bytes(image, recipe: dict) -> bytes:
+    """Encode a PIL image as PNG with an A1111 ``parameters`` chunk and a ``studio`` chunk (full JSON recipe)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(recipe))
+    info.add_text("studio", json.dumps(recipe, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_recipe(path: Path) -> dict:
+    """The recipe a PNG carries: the studio chunk when present, else what the A1111 chunk says.
+
+    Returns ``{}`` for a PNG without metadata; raises UsageError when the file is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"Cannot read {path} as an image ({exc}).") from None
+    if "studio" in text:
+        try:
+            return json.loads(text["studio"])
+        except ValueError:
+            pass
+    if "parameters" in text:
+        found = parse_a1111_parameters(text["parameters"])
+        found["source"] = "a1111"
+        return found
+    return {}
+
+
+def write_text(path: Path, text: str, recipe: dict) -> list[Path]:
+    """Write ``text`` and a JSON sidecar ``<name>.json`` with the recipe. Returns both paths."""
+    path = Path(path)
+    side = path.with_suffix(".json")
+    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(side, json.dumps(recipe, indent=2, sort_keys=True).encode())
+    return [path, side]
+
+
+def write_png(path: Path, image, recipe: dict) -> list[Path]:
+    return [atomic_write_bytes(Path(path), png_bytes(image, recipe))]
+
+
+def write_audio(path: Path, audio, sample_rate: int, recipe: dict) -> list[Path]:
+    """Write WAV or FLAC (by suffix) through soundfile, with a JSON sidecar."""
+    import soundfile as sf
+
+    path = Path(path)
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"Audio can be saved as .wav or .flac, not {path.suffix or 'a file without a suffix'}.")
+    buf = io.BytesIO()
+    sf.write(buf, audio, sample_rate, format=fmt)
+    atomic_write_bytes(path, buf.getvalue())
+    side = path.with_suffix(".json")
+    atomic_write_bytes(side, json.dumps(recipe, indent=2, sort_keys=True).encode())
+    return [path, side]

@@ -1,0 +1,250 @@
+"""The plugin host: finds, loads and guards plugins, and records what each one registered.
+
+Built-ins (``DEFAULT_PLUGINS``), entry points (group ``studio.plugins``) and
+drop-in files or packages under ``$STUDIO_HOME/plugins/`` are all loaded by the
+same code. Loading is lazy (``load()`` at first use), idempotent and guarded:
+a plugin that fails to import, raises in a hook or registers something invalid
+is marked failed, its registrations are dropped, and every other plugin keeps
+working.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pluggy
+
+import engine
+from engine import hookspecs, state
+from engine.architectures import Architecture
+from engine.errors import UsageError
+from engine.generators import Generator, GeneratorInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption")
+ENTRY_POINT_GROUP = "studio.plugins"
+HOOKS = ("register_generators", "register_architectures", "register_exporters")
+
+
+@dataclass
+class PluginStatus:
+    name: str
+    source: str  # "built-in" | "entry point" | "drop-in"
+    version: str = ""
+    status: str = "loaded"  # "loaded" | "disabled" | "failed"
+    error: str = ""
+    details: str = ""  # traceback, for "details on demand"
+    location: str = ""
+    generators: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "version": self.version, "source": self.source, "status": self.status,
+            "error": self.error, "location": self.location, "generators": list(self.generators),
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    source: str
+    version: str
+    location: str
+    load: Callable[[], Any]  # returns the plugin object (usually a module)
+
+
+class PluginHost:
+    def __init__(self, safe_mode: Optional[bool] = None, disabled: Optional[list] = None, builtins=DEFAULT_PLUGINS):
+        self.safe_mode = state.safe_mode() if safe_mode is None else safe_mode
+        self._disabled = disabled
+        self.builtins = tuple(builtins)
+        self.plugins: dict[str, PluginStatus] = {}
+        self.generators: dict[str, tuple[Generator, str]] = {}
+        self.architectures: dict[str, tuple[Architecture, str]] = {}
+        self.exporters: dict[str, tuple[Callable, str]] = {}
+        self._loaded = False
+
+    # ----- discovery -------------------------------------------------------------------------
+    def candidates(self) -> list[Candidate]:
+        found = [
+            Candidate(mod.rsplit(".", 1)[-1], "built-in", engine.__version__, mod,
+                      (lambda m=mod: importlib.import_module(m)))
+            for mod in self.builtins
+        ]
+        if self.safe_mode:
+            return found
+        try:
+            eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        except Exception as exc:  # a broken distribution's metadata must not stop the studio
+            log.warning("Cannot read plugin entry points: %s", exc)
+            eps = []
+        for ep in eps:
+            version = getattr(getattr(ep, "dist", None), "version", "") or ""
+            found.append(Candidate(ep.name, "entry point", version, ep.value, ep.load))
+        folder = state.home() / "plugins"
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith((".", "_")):
+                    continue
+                if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
+                    found.append(Candidate(path.stem, "drop-in", "", str(path), (lambda p=path: _import_path(p))))
+        return found
+
+    def disabled(self) -> set:
+        if self._disabled is not None:
+            return set(self._disabled)
+        return set(state.load_settings().disabled_plugins)
+
+    # ----- loading ---------------------------------------------------------------------------
+    def load(self) -> "PluginHost":
+        """Load every plugin once. Safe to call again: later calls do nothing."""
+        if self._loaded:
+            return self
+        self._loaded = True
+        disabled = self.disabled()
+        for cand in self.candidates():
+            if cand.name in self.plugins:
+                self.plugins[f"{cand.name} ({cand.source})"] = PluginStatus(
+                    cand.name, cand.source, cand.version, "failed",
+                    f"Another plugin is already called {cand.name!r}; rename one of them.", location=cand.location)
+                continue
+            status = PluginStatus(cand.name, cand.source, cand.version, location=cand.location)
+            self.plugins[cand.name] = status
+            if cand.name in disabled:
+                status.status = "disabled"
+                continue
+            self._load_one(cand, status)
+        return self
+
+    def _fail(self, status: PluginStatus, message: str, exc: BaseException | None = None) -> None:
+        status.status = "failed"
+        status.error = message
+        if exc is not None:
+            status.details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log.info("Plugin %s failed: %s", status.name, message)
+
+    def _load_one(self, cand: Candidate, status: PluginStatus) -> None:
+        try:
+            obj = cand.load()
+        except BaseException as exc:  # noqa: BLE001 - a plugin must never take the host down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self._fail(status, f"Plugin {cand.name} could not be imported: {type(exc).__name__}: {exc}", exc)
+            return
+        if not status.version:
+            status.version = str(getattr(obj, "__version__", "") or "")
+        pm = pluggy.PluginManager("studio")
+        pm.add_hookspecs(hookspecs)
+        try:
+            pm.register(obj, name=cand.name)
+        except Exception as exc:
+            self._fail(status, f"Plugin {cand.name} does not follow the plugin contract: {exc}", exc)
+            return
+        if not any(getattr(pm.hook, h).get_hookimpls() for h in HOOKS):
+            self._fail(status, f"Plugin {cand.name} implements none of the studio hooks ({', '.join(HOOKS)}).")
+            return
+        staged = {"generators": {}, "architectures": {}, "exporters": {}}
+        try:
+            for hook in HOOKS:
+                for impl in getattr(pm.hook, hook).get_hookimpls():
+                    impl.function(self._registrar(hook, cand.name, staged))
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, _Invalid):
+                self._fail(status, f"Plugin {cand.name} registered something invalid: {exc}")
+            else:
+                self._fail(status, f"Plugin {cand.name} raised in a hook: {type(exc).__name__}: {exc}", exc)
+            return
+        self.generators.update(staged["generators"])
+        self.architectures.update(staged["architectures"])
+        self.exporters.update(staged["exporters"])
+        status.generators = sorted(staged["generators"])
+
+    def _registrar(self, hook: str, plugin: str, staged: dict) -> Callable:
+        if hook == "register_generators":
+            def register(generator):
+                if not isinstance(generator, Generator) or not isinstance(generator.info, GeneratorInfo):
+                    raise _Invalid("register_generators expects engine.generators.Generator objects")
+                if not callable(generator.generate):
+                    raise _Invalid(f"generator {generator.info.id!r} has no callable generate")
+                gid = generator.info.id
+                if gid in self.generators or gid in staged["generators"]:
+                    owner = self.generators.get(gid, (None, plugin))[1]
+                    raise _Invalid(f"generator id {gid!r} is already registered by plugin {owner}")
+                staged["generators"][gid] = (generator, plugin)
+        elif hook == "register_architectures":
+            def register(arch):
+                if not isinstance(arch, Architecture):
+                    raise _Invalid("register_architectures expects engine.architectures.Architecture objects")
+                if arch.family in self.architectures or arch.family in staged["architectures"]:
+                    raise _Invalid(f"model family {arch.family!r} is already registered")
+                staged["architectures"][arch.family] = (arch, plugin)
+        else:
+            def register(family, export):
+                if not isinstance(family, str) or not callable(export):
+                    raise _Invalid("register_exporters expects (family: str, export: callable)")
+                staged["exporters"][family] = (export, plugin)
+        return register
+
+    # ----- queries ---------------------------------------------------------------------------
+    def generator(self, gid: str) -> Generator:
+        self.load()
+        if gid not in self.generators:
+            known = ", ".join(sorted(self.generators)) or "none"
+            raise UsageError(f"Unknown generator {gid!r}; the installed generators are: {known}.")
+        return self.generators[gid][0]
+
+    def plugin_of(self, gid: str) -> str:
+        self.load()
+        return self.generators[gid][1]
+
+    def architecture_for(self, config: dict) -> Optional[Architecture]:
+        self.load()
+        for arch, plugin in self.architectures.values():
+            try:
+                if arch.matches(config):
+                    return arch
+            except Exception as exc:  # a plugin's matcher must not break recognition for others
+                log.warning("Architecture %s (plugin %s) raised in matches(): %s", arch.family, plugin, exc)
+        return None
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _import_path(path: Path):
+    """Import a drop-in ``.py`` file or package folder under a private module name."""
+    mod_name = f"studio_dropin_{path.stem}"
+    init = path / "__init__.py" if path.is_dir() else path
+    spec = importlib.util.spec_from_file_location(
+        mod_name, init, submodule_search_locations=[str(path)] if path.is_dir() else None)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(mod_name, None)
+        raise
+    return module
+
+
+def set_enabled(name: str, enabled: bool) -> None:
+    """Persist enable/disable in settings. Takes effect at the next load."""
+    settings = state.load_settings()
+    names = [n for n in settings.disabled_plugins if n != name]
+    if not enabled:
+        names.append(name)
+    settings.disabled_plugins = sorted(names)
+    state.save_settings(settings)

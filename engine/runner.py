@@ -1,0 +1,252 @@
+"""Running a generation: validate the job, resolve model/seed/device, drive the generator, write outputs and history.
+
+The CLI and the GUI both call ``prepare`` then ``execute``; nothing here knows about either.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import engine
+from engine import outputs as out_mod
+from engine.errors import CancelledError, GenerationError, StudioError, UsageError
+from engine.generators import Context, Generator, Partial, Progress, Request, Result
+from engine.history import History
+from engine.plugins import PluginHost
+from engine.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 10_000
+BACKENDS = ("torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Job:
+    generator: str
+    prompt: Optional[str] = None
+    image: Optional[str] = None
+    model: Optional[str] = None
+    backend: str = "torch"
+    device: str = "auto"
+    seed: Optional[int] = None
+    options: dict = field(default_factory=dict)  # raw values (strings from the CLI, typed from the GUI)
+
+
+@dataclass
+class Prepared:
+    job: Job
+    generator: Generator
+    request: Request
+    plugin: str
+
+
+@dataclass
+class Record:
+    """A finished generation: its recipe (JSON-ready), the files written, the history id and the raw result."""
+
+    recipe: dict
+    files: list
+    history_id: Optional[int]
+    result: Result
+
+
+def resolve_device(device: str, backend: str) -> str:
+    if backend == "onnx":
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
+    """Check everything about a job before any work starts. Raises UsageError/ModelError with a clear message."""
+    generator = host.generator(job.generator)
+    info = generator.info
+    options = info.resolve_options(job.options)
+    if job.backend not in BACKENDS:
+        raise UsageError(f"Backend must be one of {', '.join(BACKENDS)}, not {job.backend!r}.")
+    if job.device not in DEVICES:
+        raise UsageError(f"Device must be one of {', '.join(DEVICES)}, not {job.device!r}.")
+    prompt = job.prompt
+    if "text" in info.takes:
+        if prompt is None and info.prompt_required and "image" not in info.takes:
+            raise UsageError(f"Generator {info.id} needs a prompt; pass --prompt TEXT.")
+        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            raise UsageError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+    elif prompt:
+        raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}.")
+    image = None
+    if "image" in info.takes:
+        if not job.image:
+            raise UsageError(f"Generator {info.id} needs an image; pass --image PATH.")
+        image = Path(job.image).expanduser()
+        if not image.is_file():
+            raise UsageError(f"Image {job.image} does not exist or is not a file.")
+    elif job.image:
+        raise UsageError(f"Generator {info.id} takes no image.")
+    model = None
+    if info.families:
+        entry = store.get(job.model) if job.model else store.default_for(info.id)
+        if entry is None:
+            raise UsageError(f"No model for generator {info.id} is installed; import one with `studio models import`.")
+        if entry.family not in info.families:
+            raise UsageError(f"Model {entry.name} is a {entry.family} model; generator {info.id} runs "
+                             f"{', '.join(info.families)} models.")
+        if job.backend == "onnx" and not entry.onnx:
+            raise UsageError(f"Model {entry.name} has no ONNX export; run `studio export-onnx {entry.name}` first.")
+        model = entry.ref()
+    elif job.model:
+        raise UsageError(f"Generator {info.id} uses no model.")
+    seed = job.seed if job.seed is not None else random.randrange(2**31)
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"The seed must be a whole number from 0 to 2^63-1, not {seed}.")
+    device = resolve_device(job.device, job.backend) if info.families else "cpu"
+    request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
+                      backend=job.backend, device=device)
+    return Prepared(job, generator, request, host.plugin_of(info.id))
+
+
+def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
+    req = prep.request
+    recipe = {
+        "generator": prep.generator.info.id,
+        "plugin": prep.plugin,
+        "prompt": req.prompt,
+        "model": {"name": req.model.name, "hash": req.model.hash, "family": req.model.family} if req.model else None,
+        "backend": req.backend,
+        "device": req.device,
+        "seed": req.seed,
+        "options": dict(req.options),
+        "timings": timings,
+        "warnings": list(result.warnings),
+        "info": dict(result.info),
+        "studio_version": engine.__version__,
+        "created": time.time(),
+    }
+    if req.image is not None:
+        recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
+    if result.text is not None:
+        recipe["text"] = result.text
+        recipe["token_ids"] = list(result.token_ids or [])
+    if result.image is not None:
+        recipe["width"], recipe["height"] = result.image.size
+    recipe["content_sha256"] = content_digest(result)
+    return recipe
+
+
+def content_digest(result: Result) -> str:
+    """A hash of the generated content itself (text, pixels or samples), used by replay to compare outputs."""
+    h = hashlib.sha256()
+    if result.text is not None:
+        h.update(b"text\0" + result.text.encode())
+    if result.image is not None:
+        h.update(b"image\0" + repr((result.image.mode, result.image.size)).encode() + result.image.tobytes())
+    if result.audio is not None:
+        import numpy as np
+
+        data, rate = result.audio
+        h.update(b"audio\0" + str(rate).encode() + np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
+def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
+    ext = "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
+    base = out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}"
+    path, n = base.with_suffix(f".{ext}"), 1
+    while path.exists():
+        path, n = Path(f"{base}-{n}.{ext}"), n + 1
+    return path
+
+
+def write_result(result: Result, recipe: dict, path: Path) -> list[Path]:
+    if result.image is not None:
+        if path.suffix.lower() != ".png":
+            raise UsageError(f"Images are saved as .png; {path.name} has another suffix.")
+        return out_mod.write_png(path, result.image, recipe)
+    if result.audio is not None:
+        data, rate = result.audio
+        return out_mod.write_audio(path, data, rate, recipe)
+    return out_mod.write_text(path, result.text or "", recipe)
+
+
+def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optional[Callable] = None,
+            out_path: Optional[Path] = None, out_dir: Optional[Path] = None,
+            history: Optional[History] = None) -> Record:
+    """Run a prepared job to its Result, then write its output and history row.
+
+    ``on_event`` sees every Progress and Partial. A generator that raises anything but a StudioError is
+    reported as a GenerationError naming its plugin; the host never crashes on plugin code.
+    """
+    context = context or Context()
+    started = time.perf_counter()
+    result = None
+    try:
+        for event in prep.generator.generate(prep.request, context):
+            if isinstance(event, Result):
+                result = event
+            elif isinstance(event, (Progress, Partial)):
+                if on_event is not None:
+                    on_event(event)
+            else:
+                raise GenerationError(f"Generator {prep.generator.info.id} yielded {type(event).__name__}, "
+                                      "which is not an event.")
+            context.cancel.raise_if_cancelled()
+    except StudioError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - plugin code
+        log.debug("generator raised", exc_info=True)
+        raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if result is None:
+        raise GenerationError(f"Generator {prep.generator.info.id} finished without a result.")
+    context.cancel.raise_if_cancelled()
+    _check_result(prep, result)
+    timings = {"total_s": round(time.perf_counter() - started, 4)}
+    timings.update(result.info.pop("timings", {}) if isinstance(result.info.get("timings"), dict) else {})
+    recipe = recipe_of(prep, result, timings)
+    if out_path is None:
+        from engine import state
+
+        out_path = default_path(out_dir or state.load_settings().outputs, recipe, result)
+    recipe["path"] = str(Path(out_path).resolve())
+    files = write_result(result, recipe, Path(out_path))
+    outputs = [{"path": str(p.resolve()), "sha256": out_mod.sha256_file(p)} for p in files]
+    history_id = (history or History()).add(recipe, outputs) if history is not False else None
+    recipe["history_id"] = history_id
+    return Record(recipe, files, history_id, result)
+
+
+def _check_result(prep: Prepared, result: Result) -> None:
+    makes = prep.generator.info.makes
+    ok = {"text": result.text is not None, "image": result.image is not None, "audio": result.audio is not None}[makes]
+    if not ok:
+        raise GenerationError(f"Generator {prep.generator.info.id} says it makes {makes} but its result holds none.")
+
+
+def replay(host: PluginHost, store: ModelStore, recipe: dict, **kw) -> tuple[Record, bool, list]:
+    """Regenerate from a recipe. Returns (record, identical, notes)."""
+    notes = []
+    model = recipe.get("model") or {}
+    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
+              model=model.get("name"), backend=recipe.get("backend", "torch"), device=recipe.get("device", "auto"),
+              seed=recipe.get("seed"), options=recipe.get("options", {}))
+    prep = prepare(host, store, job)
+    if prep.request.model and model.get("hash") and prep.request.model.hash != model["hash"]:
+        notes.append(f"model {model.get('name')} has changed since (hash {model['hash'][:12]} -> "
+                     f"{prep.request.model.hash[:12]}), so the output may differ")
+    record = execute(prep, **kw)
+    return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), notes

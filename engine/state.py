@@ -1,0 +1,77 @@
+"""The state folder: settings, history, user models, drop-in plugins and outputs.
+
+``STUDIO_HOME`` when set, else the platform's user data folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+from engine.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+def home() -> Path:
+    env = os.environ.get("STUDIO_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("genai-studio", appauthor=False))
+
+
+def ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"Cannot create folder {path} ({exc.strerror}); set STUDIO_HOME to a writable folder.") from None
+    return path
+
+
+def safe_mode() -> bool:
+    return os.environ.get("STUDIO_SAFE_MODE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Settings:
+    disabled_plugins: list = field(default_factory=list)
+    device: str = "auto"
+    backend: str = "torch"
+    output_dir: str = ""  # empty: <home>/outputs
+    gui: dict = field(default_factory=dict)  # window geometry, last-used options
+
+    @property
+    def outputs(self) -> Path:
+        return Path(self.output_dir).expanduser() if self.output_dir else home() / "outputs"
+
+
+def settings_path() -> Path:
+    return home() / "settings.json"
+
+
+def load_settings() -> Settings:
+    """Read settings; a missing file gives defaults, a corrupt one gives defaults and a warning (it is kept aside)."""
+    path = settings_path()
+    if not path.exists():
+        return Settings()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        known = {k: v for k, v in data.items() if k in Settings.__dataclass_fields__}
+        return Settings(**known)
+    except (ValueError, TypeError, OSError) as exc:
+        log.warning("Settings file %s is unreadable (%s); using defaults.", path, exc)
+        return Settings()
+
+
+def save_settings(settings: Settings) -> None:
+    from engine.outputs import atomic_write_bytes
+
+    ensure_dir(home())
+    data = json.dumps(asdict(settings), indent=2).encode()
+    atomic_write_bytes(settings_path(), data)

@@ -1,0 +1,260 @@
+"""The model store: built-in models (read-only, ``resources/models``) and user models (``$STUDIO_HOME/models``).
+
+A model folder follows the Hugging Face layout (``config.json``, safetensors
+weights, ``tokenizer.json``) plus the studio's ``studio.json``. The family is
+recognised through the architectures plugins register.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from engine import state
+from engine.errors import ModelError, UsageError
+from engine.generators import ModelRef
+from engine.plugins import PluginHost
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "resources" / "models"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HASHED_FILES = ("config.json", "tokenizer.json")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path
+    family: str
+    generator: str
+    builtin: bool
+    hash: str
+    size_bytes: int
+    title: str = ""
+    config: dict = field(default_factory=dict)
+    studio: dict = field(default_factory=dict)
+
+    @property
+    def onnx(self) -> list:
+        """Registered ONNX exports: folders beside the weights holding an ``onnx.json`` manifest."""
+        return sorted(str(p.parent.relative_to(self.path)) for p in self.path.glob("onnx*/onnx.json"))
+
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.path, self.family, self.hash, self.config, self.studio)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "family": self.family, "generator": self.generator, "builtin": self.builtin,
+            "hash": self.hash, "size_bytes": self.size_bytes, "title": self.title, "path": str(self.path),
+            "onnx": self.onnx, "scores": self.studio.get("scores", {}),
+        }
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the single file, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise ModelError(f"{index} is not a valid safetensors index; re-export the model.") from None
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelError(f"Model {folder.name} is missing weight shard(s) {', '.join(missing)}.")
+        return files
+    single = folder / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def check_safetensors(path: Path) -> None:
+    """Open the header and check that every tensor lies inside the file (truncation, corruption)."""
+    from safetensors import safe_open
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or header_len > size - 8:
+                raise ValueError("header length is out of range")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ValueError("file size does not match its header (truncated?)")
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise ModelError(f"Weights file {path.name} is corrupt or truncated ({exc}); copy it again.") from None
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the config, tokenizer and weight files (names and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + weight_files(folder)
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent.name} has no {path.name}; a model folder needs {what}.") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid JSON; the model folder is damaged.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged.")
+    return data
+
+
+class ModelStore:
+    def __init__(self, host: PluginHost, builtin_dir: Path = BUILTIN_DIR, user_dir: Optional[Path] = None):
+        self.host = host
+        self.builtin_dir = builtin_dir
+        self.user_dir = user_dir or state.home() / "models"
+        self._hashes: dict = {}
+
+    # ----- reading ---------------------------------------------------------------------------
+    def _entry(self, folder: Path, builtin: bool) -> ModelEntry:
+        config = read_json(folder / "config.json", "a config.json")
+        studio = read_json(folder / "studio.json", "a studio.json") if (folder / "studio.json").exists() else {}
+        arch = self.host.architecture_for(config)
+        family = arch.family if arch else studio.get("family", "unknown")
+        generator = arch.generator if arch else studio.get("generator", "")
+        files = weight_files(folder)
+        key = (str(folder), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+        if key not in self._hashes:
+            self._hashes[key] = studio.get("hash") if (not builtin and studio.get("hash")) else content_hash(folder)
+        size = sum(f.stat().st_size for f in files)
+        return ModelEntry(folder.name, folder, family, generator, builtin, self._hashes[key], size,
+                          studio.get("title", folder.name), config, studio)
+
+    def list(self) -> list[ModelEntry]:
+        out = []
+        for base, builtin in ((self.builtin_dir, True), (self.user_dir, False)):
+            if not base.is_dir():
+                continue
+            for folder in sorted(base.iterdir()):
+                if folder.is_dir() and (folder / "config.json").exists():
+                    try:
+                        out.append(self._entry(folder, builtin))
+                    except ModelError as exc:
+                        log.warning("Skipping model %s: %s", folder, exc)
+        return out
+
+    def get(self, name_or_path: str) -> ModelEntry:
+        """A model by store name, or a model folder path used in place (not imported)."""
+        for entry in self.list():
+            if entry.name == name_or_path:
+                return entry
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            self.validate(path)
+            return self._entry(path.resolve(), builtin=False)
+        known = ", ".join(e.name for e in self.list()) or "none"
+        raise UsageError(f"Unknown model {name_or_path!r}; known models: {known} (or give a model folder path).")
+
+    def default_for(self, generator_id: str) -> Optional[ModelEntry]:
+        entries = [e for e in self.list() if e.generator == generator_id]
+        entries.sort(key=lambda e: (not e.builtin, not e.studio.get("default", False), e.name))
+        return entries[0] if entries else None
+
+    # ----- checking and importing ------------------------------------------------------------
+    def validate(self, folder: Path, trust: bool = False):
+        """Check a model folder; return its architecture. Raises ModelError with a one-line reason."""
+        if not folder.is_dir():
+            raise ModelError(f"{folder} is not a folder; give the path of a model folder.")
+        config = read_json(folder / "config.json", "a config.json")
+        files = weight_files(folder)
+        pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if not files and pickles and not trust:
+            raise ModelError(
+                f"{folder.name} holds only pickle weights ({pickles[0].name}), which can run code when loaded; "
+                "pass --trust if you trust this file.")
+        if not files and not pickles:
+            raise ModelError(f"{folder.name} has no weights: expected model.safetensors (or shards with an index).")
+        for f in files:
+            check_safetensors(f)
+        arch = self.host.architecture_for(config)
+        if arch is None:
+            kind = config.get("model_type", "not given")
+            known = ", ".join(sorted(self.host.architectures)) or "none"
+            raise ModelError(f"{folder.name} is of an unknown model family (model_type {kind}); known families: {known}.")
+        if arch.needs_tokenizer and not (folder / "tokenizer.json").exists():
+            raise ModelError(f"{folder.name} has no tokenizer.json, which a {arch.family} model needs.")
+        if arch.check is not None and files:
+            try:
+                arch.check(folder)
+            except ModelError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"{folder.name} does not load as a {arch.family} model: {exc}") from None
+        return arch
+
+    def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
+        source = Path(source).expanduser()
+        name = name or source.name
+        if not NAME_RE.match(name):
+            raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
+        if any(e.name == name for e in self.list()):
+            raise UsageError(f"A model called {name!r} already exists; pass --name to choose another.")
+        arch = self.validate(source, trust=trust)
+        state.ensure_dir(self.user_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.user_dir))
+        try:
+            for item in source.iterdir():
+                if item.is_file() and item.suffix not in PICKLE_SUFFIXES:
+                    shutil.copy2(item, tmp / item.name)
+            if not weight_files(tmp):
+                _convert_pickles(source, tmp)
+                self.validate(tmp)
+            studio = read_json(tmp / "studio.json", "") if (tmp / "studio.json").exists() else {}
+            studio.update({"family": arch.family, "generator": arch.generator, "hash": content_hash(tmp),
+                           "imported_from": str(source.resolve())})
+            studio.setdefault("title", name)
+            (tmp / "studio.json").write_text(json.dumps(studio, indent=2))
+            tmp.rename(self.user_dir / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        entry = self.get(name)
+        if entry.builtin:
+            raise UsageError(f"{name} is a built-in model and cannot be removed.")
+        if entry.path.parent.resolve() != self.user_dir.resolve():
+            raise UsageError(f"{name} is not in the model store; nothing was removed.")
+        shutil.rmtree(entry.path)
+
+
+def _convert_pickles(source: Path, dest: Path) -> None:
+    """Load trusted pickle weights with ``weights_only=True`` and store them as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for path in sorted(source.iterdir()):
+        if path.suffix in PICKLE_SUFFIXES:
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"{path.name} could not be loaded safely ({exc}).") from None
+            if isinstance(data, dict) and "state_dict" in data:
+                data = data["state_dict"]
+            if not isinstance(data, dict):
+                raise ModelError(f"{path.name} does not hold a state dict of tensors.")
+            tensors.update({k: v.detach().clone().contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)})
+    save_file(tensors, str(dest / "model.safetensors"))

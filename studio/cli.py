@@ -1,0 +1,135 @@
+"""The `studio` command line. With no arguments it opens the GUI.
+
+Exit status: 0 success, 2 usage error, 1 any other error; one-line message on stderr, traceback only with --debug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import CancelledError, StudioError, UsageError
+
+log = logging.getLogger("studio")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
+    p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    g = sub.add_parser("gui", help="open the desktop studio")
+    g.add_argument("--screenshot", metavar="PNG", help="render the window to PNG and exit")
+    g.add_argument("--generator", metavar="ID", help="the generator to show first")
+
+    g = sub.add_parser("generators", help="list the installed generators")
+    g.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="generate content")
+    g.add_argument("generator")
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
+    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per generation")
+
+    m = sub.add_parser("models", help="list, inspect, import and remove models")
+    msub = m.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    x = msub.add_parser("list")
+    x.add_argument("--json", action="store_true")
+    x = msub.add_parser("info")
+    x.add_argument("name")
+    x.add_argument("--json", action="store_true")
+    x = msub.add_parser("import")
+    x.add_argument("path")
+    x.add_argument("--name")
+    x.add_argument("--trust", action="store_true", help="allow pickle weights (loaded with weights_only=True)")
+    x = msub.add_parser("remove")
+    x.add_argument("name")
+
+    e = sub.add_parser("export-onnx", help="export a model to ONNX, checked against PyTorch")
+    e.add_argument("model")
+    e.add_argument("--out", metavar="DIR")
+    e.add_argument("--quantize", choices=("int8",))
+    e.add_argument("--force", action="store_true", help="keep an export that fails the parity gate")
+    e.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plugins", help="list, install, remove, enable and disable plugins")
+    psub = pl.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    x = psub.add_parser("list")
+    x.add_argument("--json", action="store_true")
+    x = psub.add_parser("install")
+    x.add_argument("source", help="a folder with a pyproject.toml, a wheel, or a package name")
+    x = psub.add_parser("uninstall")
+    x.add_argument("name")
+    for verb in ("enable", "disable"):
+        x = psub.add_parser(verb)
+        x.add_argument("name")
+
+    h = sub.add_parser("history", help="list, show and replay past generations")
+    hsub = h.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    x = hsub.add_parser("list")
+    x.add_argument("--json", action="store_true")
+    x.add_argument("--search", default="")
+    x.add_argument("--limit", type=int, default=20)
+    x = hsub.add_parser("show")
+    x.add_argument("id", type=int)
+    x.add_argument("--json", action="store_true")
+    x = hsub.add_parser("replay")
+    x.add_argument("id", type=int)
+    x.add_argument("--out", metavar="PATH")
+
+    t = sub.add_parser("train", help="train a built-in model family (see `studio train KIND --help`)")
+    t.add_argument("kind", choices=("text", "image", "caption"))
+    t.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if "--safe-mode" in argv:  # accepted anywhere on the line, like --debug
+        os.environ["STUDIO_SAFE_MODE"] = "1"
+    argv = [a for a in argv if a not in ("--debug", "--safe-mode")]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command in (None, "gui"):
+            from studio.gui.app import run_gui
+
+            return run_gui(screenshot=getattr(args, "screenshot", None), generator=getattr(args, "generator", None))
+        from studio import commands
+
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
+    except KeyboardInterrupt:
+        print("studio: interrupted", file=sys.stderr)
+        return 130
+    except StudioError as exc:
+        if debug:
+            raise
+        print(f"studio: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        if debug:
+            raise
+        print(f"studio: error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The `studio` subcommands. Each ``cmd_*`` takes parsed arguments and returns an exit status."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine import state
+from engine.errors import ModelError, UsageError
+from engine.generators import Progress
+from engine.history import History
+from engine.plugins import PluginHost, set_enabled
+from engine.runner import Job, execute, prepare, replay
+from engine.store import ModelStore
+
+
+def _host() -> PluginHost:
+    return PluginHost().load()
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _table(rows: list, headers: list) -> None:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# ----- generators and generate ---------------------------------------------------------------
+def cmd_generators(args) -> int:
+    host = _host()
+    infos = [g.info for g, _ in host.generators.values()]
+    if args.json:
+        _print_json([dict(i.to_dict(), plugin=host.plugin_of(i.id)) for i in infos])
+    else:
+        _table([(i.id, i.title, "+".join(i.takes) + " -> " + i.makes, host.plugin_of(i.id), i.description)
+                for i in infos], ["ID", "TITLE", "TAKES", "PLUGIN", "DESCRIPTION"])
+    return 0
+
+
+def _parse_sets(sets: list) -> dict:
+    out = {}
+    for item in sets:
+        if "=" not in item:
+            raise UsageError(f"--set expects KEY=VALUE, not {item!r}.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self):
+        self.enabled = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def __call__(self, event) -> None:
+        if not self.enabled or not isinstance(event, Progress) or event.total <= 0:
+            return
+        frac = min(1.0, event.step / event.total)
+        filled = int(frac * 30)
+        elapsed = time.monotonic() - self.started
+        left = elapsed / frac - elapsed if frac > 0 else 0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {event.step}/{event.total} {left:4.0f}s left ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def _jobs(args, settings) -> list:
+    options = _parse_sets(args.sets)
+    backend = args.backend or settings.backend
+    device = args.device or settings.device
+    prompts: list = [args.prompt] if args.prompt is not None else []
+    if args.prompt_file:
+        if args.prompt is not None:
+            raise UsageError("Give --prompt or --prompt-file, not both.")
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"Cannot read prompt file {args.prompt_file} ({exc}).") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"Prompt file {args.prompt_file} has no non-empty lines.")
+    images = args.image or [None]
+    prompts = prompts or [None]
+    jobs = []
+    for p in prompts:
+        for im in images:
+            seed = None if args.seed is None else args.seed + len(jobs)
+            jobs.append(Job(args.generator, prompt=p, image=im, model=args.model, backend=backend,
+                            device=device, seed=seed, options=options))
+    return jobs
+
+
+def cmd_generate(args) -> int:
+    host = _host()
+    settings = state.load_settings()
+    store = ModelStore(host)
+    jobs = _jobs(args, settings)
+    batch = len(jobs) > 1
+    out = Path(args.out).expanduser() if args.out else None
+    if batch and out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
+    prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
+    history = History()
+    for prep in prepared:
+        bar = _ProgressBar()
+        stream = not args.json and not batch and prep.generator.info.makes == "text" and sys.stdout.isatty()
+
+        def on_event(event, bar=bar, stream=stream):
+            bar(event)
+            if stream and getattr(event, "text", None):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+
+        out_path = out_dir = None
+        if out is not None:
+            out_dir, out_path = (out, None) if batch or out.is_dir() else (None, out)
+        record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history)
+        bar.done()
+        r = record.recipe
+        for warning in r.get("warnings", []):
+            print(f"studio: warning: {warning}", file=sys.stderr)
+        if args.json:
+            keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
+                    "path", "width", "height", "prompt", "warnings", "history_id")
+            obj = {k: r[k] for k in keys if k in r}
+            obj["model"] = (r.get("model") or {}).get("name")
+            _print_json(obj)
+        elif prep.generator.info.makes == "text":
+            if stream:
+                print()
+            else:
+                print(r.get("text", ""))
+            print(f"saved {r['path']}", file=sys.stderr)
+        else:
+            print(r["path"])
+    return 0
+
+
+# ----- models ----------------------------------------------------------------------------------
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_models(args) -> int:
+    host = _host()
+    store = ModelStore(host)
+    if args.action == "list":
+        entries = store.list()
+        if args.json:
+            _print_json([e.to_dict() for e in entries])
+        else:
+            _table([(e.name, e.family, e.generator, "built-in" if e.builtin else "user", _size(e.size_bytes),
+                     e.hash[:12], ",".join(e.onnx) or "-") for e in entries],
+                   ["NAME", "FAMILY", "GENERATOR", "SOURCE", "SIZE", "HASH", "ONNX"])
+    elif args.action == "info":
+        entry = store.get(args.name)
+        data = entry.to_dict()
+        data["studio"] = entry.studio
+        if args.json:
+            _print_json(data)
+        else:
+            for key in ("name", "title", "family", "generator", "builtin", "path", "hash", "size_bytes", "onnx"):
+                print(f"{key}: {data[key]}")
+            for key, value in entry.studio.get("scores", {}).items():
+                print(f"score {key}: {value}")
+    elif args.action == "import":
+        entry = store.import_(Path(args.path), name=args.name, trust=args.trust)
+        print(f"imported {entry.name} ({entry.family}, hash {entry.hash[:12]}) into {entry.path}")
+    elif args.action == "remove":
+        store.remove(args.name)
+        print(f"removed {args.name}")
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from engine.onnx_export import export_model
+
+    host = _host()
+    store = ModelStore(host)
+    entry = store.get(args.model)
+    manifest = export_model(host, entry, out_dir=Path(args.out) if args.out else None,
+                            quantize=args.quantize, force=args.force,
+                            log=lambda msg: print(msg, file=sys.stderr))
+    if args.json:
+        _print_json(manifest)
+    else:
+        print(f"exported {entry.name} to {manifest['folder']}")
+        for name, figures in manifest.get("parity", {}).items():
+            print(f"parity {name}: {figures}")
+    return 0
+
+
+# ----- plugins ---------------------------------------------------------------------------------
+def cmd_plugins(args) -> int:
+    from engine import install
+
+    if args.action == "list":
+        host = _host()
+        plugins = list(host.plugins.values())
+        if args.json:
+            _print_json([p.to_dict() for p in plugins])
+        else:
+            _table([(p.name, p.version or "-", p.source, p.status, p.error or ",".join(p.generators))
+                    for p in plugins], ["NAME", "VERSION", "SOURCE", "STATUS", "GENERATORS / ERROR"])
+        return 0
+    if args.action == "install":
+        print(f"studio: warning: {install.WARNING}", file=sys.stderr)
+        install.install(args.source)
+        print(f"installed {args.source}; run `studio plugins list` to see it")
+    elif args.action == "uninstall":
+        install.uninstall(PluginHost().load(), args.name)
+        print(f"uninstalled {args.name}")
+    else:
+        host = PluginHost(safe_mode=False).load()
+        if args.name not in host.plugins:
+            raise UsageError(f"There is no plugin called {args.name!r}; see `studio plugins list`.")
+        set_enabled(args.name, args.action == "enable")
+        print(f"{args.action}d {args.name} (takes effect the next time the studio starts)")
+    return 0
+
+
+# ----- history ---------------------------------------------------------------------------------
+def cmd_history(args) -> int:
+    history = History()
+    if args.action == "list":
+        entries = history.list(limit=args.limit, search=args.search)
+        if args.json:
+            _print_json([e.to_dict() for e in entries])
+        else:
+            _table([(e.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), e.generator, e.model,
+                     e.seed, (e.prompt or "").replace("\n", " ")[:50]) for e in entries],
+                   ["ID", "WHEN", "GENERATOR", "MODEL", "SEED", "PROMPT"])
+    elif args.action == "show":
+        entry = history.get(args.id)
+        if args.json:
+            _print_json(entry.to_dict())
+        else:
+            print(json.dumps(entry.recipe, indent=2, sort_keys=True))
+            for o in entry.outputs:
+                print(f"output {o['path']} sha256 {o['sha256'][:16]}")
+    elif args.action == "replay":
+        entry = history.get(args.id)
+        host = _host()
+        record, same, notes = replay(host, ModelStore(host), entry.recipe,
+                                     out_path=Path(args.out) if args.out else None, history=history)
+        for note in notes:
+            print(f"studio: warning: {note}", file=sys.stderr)
+        print(record.recipe["path"])
+        print("identical to the original output" if same else "DIFFERENT from the original output")
+        return 0 if same else 1
+    return 0
+
+
+# ----- training --------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"engine.{args.kind}.train")
+    return int(module.main(list(args.args)) or 0)

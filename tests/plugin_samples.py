@@ -1,0 +1,83 @@
+"""Source text of small test plugins, written into the drop-in folder by tests."""
+
+GOOD = '''
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
+
+INFO = GeneratorInfo(id="upper", title="Upper", description="Upper-cases the prompt.", takes=("text",),
+                     makes="text", options=(Option("repeat", "int", 1, "Repeat count", min=1, max=5),))
+
+def generate(request, context):
+    text = " ".join([request.prompt.upper()] * request.options["repeat"])
+    for i, ch in enumerate(text):
+        yield Progress(i + 1, len(text))
+        yield Partial(text=ch)
+    yield Result(text=text, token_ids=[ord(c) for c in text])
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+BROKEN_IMPORT = '''
+import this_module_does_not_exist
+'''
+
+RAISING_HOOK = '''
+from engine import hookimpl
+
+@hookimpl
+def register_generators(register):
+    raise RuntimeError("boom in hook")
+'''
+
+INVALID = '''
+from engine import hookimpl
+
+@hookimpl
+def register_generators(register):
+    register({"id": "not-a-generator"})
+'''
+
+RAISING_GENERATE = '''
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Progress
+
+INFO = GeneratorInfo(id="crash", title="Crash", description="Raises while generating.", takes=("text",), makes="text")
+
+def generate(request, context):
+    yield Progress(1, 2)
+    raise ValueError("model exploded")
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+PIXELS = '''
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
+
+INFO = GeneratorInfo(id="pixels", title="Pixels", description="A seeded noise image.", takes=("text",), makes="image",
+                     options=(Option("size", "int", 8, "Side in pixels", min=2, max=64),))
+
+def generate(request, context):
+    import random
+    from PIL import Image
+    rng = random.Random(request.seed)
+    n = request.options["size"]
+    im = Image.new("RGB", (n, n))
+    im.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(n * n)])
+    yield Progress(1, 1)
+    yield Result(image=im)
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+
+def drop(home, name, source):
+    folder = home / "plugins"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(source)

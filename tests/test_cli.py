@@ -1,0 +1,162 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugin_samples import GOOD, PIXELS, RAISING_GENERATE, BROKEN_IMPORT, drop
+
+
+def studio(*args, env=None, check=None):
+    proc = subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def plugins(studio_home):
+    drop(studio_home, "good", GOOD)
+    drop(studio_home, "pixels", PIXELS)
+    drop(studio_home, "crash", RAISING_GENERATE)
+    drop(studio_home, "broken", BROKEN_IMPORT)
+    return studio_home
+
+
+def test_generators_json_lists_plugin_generators(plugins):
+    found = {g["id"]: g for g in json.loads(studio("generators", "--json", check=0).stdout)}
+    assert {"upper", "pixels", "crash"} <= set(found)
+    assert found["upper"]["options"][0]["name"] == "repeat"
+    assert found["upper"]["plugin"] == "good"
+
+
+def test_generate_text_json_and_history(plugins, tmp_path):
+    out = tmp_path / "o.txt"
+    proc = studio("generate", "upper", "--prompt", "hi", "--set", "repeat=2", "--seed", "5", "--out", str(out),
+                  "--json", check=0)
+    obj = json.loads(proc.stdout)
+    for key in ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids"):
+        assert key in obj
+    assert obj["text"] == "HI HI" and obj["seed"] == 5 and obj["options"] == {"repeat": 2}
+    assert out.read_text() == "HI HI"
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] == 5
+    listing = json.loads(studio("history", "list", "--json", check=0).stdout)
+    assert listing[0]["prompt"] == "hi"
+    replay = studio("history", "replay", str(listing[0]["id"]), check=0)
+    assert "identical" in replay.stdout
+
+
+def test_generate_image_png_carries_recipe(plugins, tmp_path):
+    from engine.outputs import read_png_recipe
+
+    out = tmp_path / "p.png"
+    obj = json.loads(studio("generate", "pixels", "--prompt", "x", "--seed", "3", "--out", str(out), "--json",
+                            check=0).stdout)
+    assert obj["width"] == 8 and obj["height"] == 8 and obj["path"] == str(out.resolve())
+    assert read_png_recipe(out)["seed"] == 3
+
+
+def test_batch_prompt_file_writes_a_folder(plugins, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\n\ntwo\n")
+    outdir = tmp_path / "batch"
+    lines = studio("generate", "upper", "--prompt-file", str(prompts), "--out", str(outdir), "--json",
+                   "--seed", "10", check=0).stdout.splitlines()
+    objs = [json.loads(l) for l in lines]
+    assert [o["text"] for o in objs] == ["ONE", "TWO"] and [o["seed"] for o in objs] == [10, 11]
+    assert len(list(outdir.glob("*.txt"))) == 2
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (("generate", "nope", "--prompt", "x"), 2, "Unknown generator 'nope'"),
+    (("generate", "upper", "--prompt", "x", "--set", "repeat=99"), 2, "at most 5"),
+    (("generate", "upper", "--prompt", "x", "--set", "colour=red"), 2, "has no option 'colour'"),
+    (("generate", "upper", "--prompt", "x", "--set", "repeat"), 2, "KEY=VALUE"),
+    (("generate", "upper"), 2, "needs a prompt"),
+    (("generate", "upper", "--prompt", "x", "--backend", "tpu"), 2, "invalid choice"),
+    (("generate", "crash", "--prompt", "x"), 1, "model exploded"),
+    (("models", "info", "ghost"), 2, "Unknown model 'ghost'"),
+    (("models", "import", "/no/such/folder"), 1, "is not a folder"),
+    (("history", "show", "999"), 2, "no generation 999"),
+    (("plugins", "enable", "ghost"), 2, "no plugin called 'ghost'"),
+    (("frobnicate",), 2, "invalid choice"),
+])
+def test_errors_are_one_line_with_exit_codes(plugins, args, code, message):
+    proc = studio(*args)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_debug_shows_traceback(plugins):
+    proc = studio("--debug", "generate", "crash", "--prompt", "x")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_a_raising_generator_leaves_history_untouched(plugins):
+    studio("generate", "crash", "--prompt", "x")
+    assert json.loads(studio("history", "list", "--json", check=0).stdout) == []
+
+
+def test_plugins_list_shows_failed_plugin_and_safe_mode(plugins):
+    listing = {p["name"]: p for p in json.loads(studio("plugins", "list", "--json", check=0).stdout)}
+    assert listing["broken"]["status"] == "failed" and "this_module_does_not_exist" in listing["broken"]["error"]
+    assert listing["good"]["status"] == "loaded"
+    safe = {p["name"] for p in json.loads(studio("--safe-mode", "plugins", "list", "--json", check=0).stdout)}
+    assert "good" not in safe
+    safe_env = {p["name"] for p in json.loads(studio("plugins", "list", "--json", env={"STUDIO_SAFE_MODE": "1"},
+                                                     check=0).stdout)}
+    assert "good" not in safe_env
+
+
+def test_disable_enable_round_trip(plugins):
+    studio("plugins", "disable", "good", check=0)
+    listing = {p["name"]: p for p in json.loads(studio("plugins", "list", "--json", check=0).stdout)}
+    assert listing["good"]["status"] == "disabled"
+    assert studio("generate", "upper", "--prompt", "x").returncode == 2
+    studio("plugins", "enable", "good", check=0)
+    assert studio("generate", "upper", "--prompt", "x").returncode == 0
+
+
+def test_read_only_state_folder_is_a_clear_error(tmp_path):
+    home = tmp_path / "ro-home"
+    home.mkdir()
+    (home / "plugins").mkdir()
+    (home / "plugins" / "good.py").write_text(GOOD)
+    home.chmod(0o500)
+    try:
+        if os.access(home, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        proc = studio("generate", "upper", "--prompt", "x", env={"STUDIO_HOME": str(home)})
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    finally:
+        home.chmod(0o700)
+
+
+def test_unusable_state_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = studio("history", "list", env={"STUDIO_HOME": str(blocker / "home")})
+    assert proc.returncode == 1 and "STUDIO_HOME" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_import_rules():
+    code = ("import sys, engine, engine.plugins, engine.store, engine.runner, engine.history;"
+            "assert not any(m.startswith('PySide6') for m in sys.modules), 'engine imported Qt'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys; from studio.cli import main; main(['generators']);"
+            "assert 'torch' not in sys.modules, 'listing generators imported torch';"
+            "assert 'onnxruntime' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_engine_never_imports_qt_in_source():
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("engine", "plugins"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "import PySide6" not in text and "from PySide6" not in text, path

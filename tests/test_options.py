@@ -1,0 +1,48 @@
+import pytest
+
+from engine.errors import OptionError
+from engine.generators import GeneratorInfo, Option
+
+INFO = GeneratorInfo(
+    id="t", title="T", description="d", takes=("text",), makes="text",
+    options=(Option("steps", "int", 20, "steps", min=1, max=100),
+             Option("guidance", "float", 3.0, "cfg", min=0, max=20),
+             Option("sampler", "str", "ddim", "s", choices=("ddim", "euler")),
+             Option("flag", "bool", False, "f")),
+)
+
+
+def test_defaults_and_parsing_from_strings():
+    opts = INFO.resolve_options({"steps": "30", "guidance": "2.5", "sampler": "euler", "flag": "yes"})
+    assert opts == {"steps": 30, "guidance": 2.5, "sampler": "euler", "flag": True}
+    assert INFO.resolve_options({}) == {"steps": 20, "guidance": 3.0, "sampler": "ddim", "flag": False}
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("steps", "abc", "must be a whole number"),
+    ("steps", "0", "at least 1"),
+    ("steps", 101, "at most 100"),
+    ("steps", 2.5, "must be a whole number"),
+    ("guidance", "nan", "not NaN"),
+    ("sampler", "plms", "must be one of ddim, euler"),
+    ("flag", "maybe", "true or false"),
+    ("nope", 1, "has no option 'nope'"),
+])
+def test_bad_values_get_clear_messages(name, value, message):
+    with pytest.raises(OptionError, match=message):
+        INFO.resolve_options({name: value})
+
+
+def test_int_is_accepted_for_float():
+    assert INFO.resolve_options({"guidance": 4})["guidance"] == 4.0
+
+
+def test_invalid_specs_are_refused():
+    with pytest.raises(ValueError):
+        Option("x", "complex", 1)
+    with pytest.raises(OptionError):
+        Option("x", "int", 0, min=1)
+    with pytest.raises(ValueError):
+        GeneratorInfo(id="bad id", title="", description="", takes=("text",), makes="text")
+    with pytest.raises(ValueError):
+        GeneratorInfo(id="x", title="", description="", takes=("smell",), makes="text")

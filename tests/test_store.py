@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from engine.errors import ModelError, UsageError
+from engine.plugins import PluginHost
+from engine.store import ModelStore, content_hash
+from plugin_samples import drop
+
+TOY = '''
+from engine import hookimpl
+from engine.architectures import Architecture
+from engine.errors import ModelError
+
+def check(folder):
+    import json
+    from safetensors.numpy import load_file
+    cfg = json.loads((folder / "config.json").read_text())
+    w = load_file(str(folder / "model.safetensors"))
+    if w["weight"].shape != (cfg["size"],):
+        raise ModelError(f"weight has shape {w['weight'].shape}, config says ({cfg['size']},)")
+
+@hookimpl
+def register_architectures(register):
+    register(Architecture(family="toy", generator="upper", matches=lambda c: c.get("model_type") == "toy",
+                          check=check, needs_tokenizer=True))
+'''
+
+
+@pytest.fixture
+def store(studio_home, tmp_path):
+    drop(studio_home, "toy", TOY)
+    host = PluginHost(builtins=()).load()
+    return ModelStore(host, builtin_dir=tmp_path / "no-builtins")
+
+
+def make_folder(path, size=4, weight_size=None, tokenizer=True, model_type="toy"):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type, "size": size}))
+    save_file({"weight": np.ones(weight_size or size, dtype=np.float32)}, str(path / "model.safetensors"))
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_import_list_info_remove(store, tmp_path):
+    src = make_folder(tmp_path / "m1")
+    entry = store.import_(src, name="mine")
+    assert entry.family == "toy" and entry.generator == "upper" and not entry.builtin
+    assert entry.hash == content_hash(src)
+    assert [e.name for e in store.list()] == ["mine"]
+    assert store.default_for("upper").name == "mine"
+    with pytest.raises(UsageError, match="already exists"):
+        store.import_(src, name="mine")
+    store.remove("mine")
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no_config", "no config.json"),
+    ("no_weights", "has no weights"),
+    ("truncated", "corrupt or truncated"),
+    ("garbage", "corrupt or truncated"),
+    ("unknown_family", "unknown model family"),
+    ("no_tokenizer", "no tokenizer.json"),
+    ("wrong_shape", "weight has shape"),
+    ("pickle", "pass --trust"),
+])
+def test_bad_folders_are_refused_and_nothing_is_imported(store, tmp_path, breakage, message):
+    src = make_folder(tmp_path / "bad", weight_size=5 if breakage == "wrong_shape" else None,
+                      tokenizer=breakage != "no_tokenizer",
+                      model_type="mystery" if breakage == "unknown_family" else "toy")
+    weights = src / "model.safetensors"
+    if breakage == "no_config":
+        (src / "config.json").unlink()
+    elif breakage in ("no_weights", "pickle"):
+        weights.unlink()
+        if breakage == "pickle":
+            (src / "pytorch_model.bin").write_bytes(b"\x80\x04fake pickle")
+    elif breakage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-3])
+    elif breakage == "garbage":
+        weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelError, match=message):
+        store.import_(src)
+    assert store.list() == []
+    assert not any(p.name.startswith(".") for p in store.user_dir.glob("*")) if store.user_dir.exists() else True
+
+
+def test_trusted_pickle_is_converted_to_safetensors(store, tmp_path):
+    import torch
+
+    src = make_folder(tmp_path / "pk")
+    (src / "model.safetensors").unlink()
+    torch.save({"weight": torch.ones(4)}, src / "pytorch_model.bin")
+    entry = store.import_(src, name="pk", trust=True)
+    assert (entry.path / "model.safetensors").exists()
+    assert not (entry.path / "pytorch_model.bin").exists()
+
+
+def test_bad_names_and_unknown_models(store, tmp_path):
+    src = make_folder(tmp_path / "m")
+    with pytest.raises(UsageError, match="letters, digits"):
+        store.import_(src, name="../evil")
+    with pytest.raises(UsageError, match="Unknown model 'ghost'"):
+        store.get("ghost")
+
+
+def test_sharded_weights(store, tmp_path):
+    src = tmp_path / "sharded"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "toy", "size": 4}))
+    (src / "tokenizer.json").write_text("{}")
+    save_file({"a": np.ones(2, np.float32)}, str(src / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.ones(2, np.float32)}, str(src / "model-00002-of-00002.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    store.host.architectures["toy"] = (store.host.architectures["toy"][0].__class__(
+        family="toy", generator="upper", matches=lambda c: c.get("model_type") == "toy"), "toy")
+    entry = store.import_(src, name="sharded")
+    assert entry.size_bytes > 0
+    (entry.path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing weight shard"):
+        store.validate(entry.path)
