@@ -40,6 +40,10 @@ def cmd_generators(args) -> int:
     else:
         _table([(i.id, i.title, "+".join(i.takes) + " -> " + i.makes, host.plugin_of(i.id), i.description)
                 for i in infos], ["ID", "TITLE", "TAKES", "PLUGIN", "DESCRIPTION"])
+    failed = [p.name for p in host.plugins.values() if p.status == "failed"]
+    if failed:
+        print(f"studio: warning: plugin(s) {', '.join(failed)} failed to load; see `studio plugins list`.",
+              file=sys.stderr)
     return 0
 
 
