@@ -1,0 +1,97 @@
+"""Starting the desktop studio: ``run_gui`` (what ``studio gui`` calls) and ``--screenshot``.
+
+Importing this module does not import torch or onnxruntime.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def application():
+    """The QApplication (created once)."""
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is None:
+        app = QApplication(sys.argv[:1])
+        app.setApplicationName("GenAI Studio")
+        app.setOrganizationName("genai-studio")
+    return app
+
+
+def grab_to(widget, path) -> Path:
+    """Render ``widget`` to a PNG after letting it show and lay out."""
+    from PySide6.QtWidgets import QApplication
+
+    for _ in range(5):
+        QApplication.processEvents()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not widget.grab().save(str(path)):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def _first_paint_class():
+    from PySide6.QtCore import QEvent, QObject, QTimer
+
+    class FirstPaint(QObject):
+        """Writes the wall-clock time of the window's first paint to a file, then closes the window."""
+
+        def __init__(self, window, path):
+            super().__init__(window)
+            self.window, self.path, self.done = window, path, False
+
+        def eventFilter(self, obj, event):
+            if not self.done and event.type() == QEvent.Type.Paint:
+                self.done = True
+                self.path.write_text(repr(time.time()))
+                QTimer.singleShot(0, self.window.close)
+            return False
+
+    return FirstPaint
+
+
+def _FirstPaint(window, path):
+    return _first_paint_class()(window, path)
+
+
+def _install_excepthook() -> None:
+    """An exception that escapes a slot is logged, never fatal."""
+    def hook(exc_type, exc, tb):
+        log.error("Unhandled error", exc_info=(exc_type, exc, tb))
+    sys.excepthook = hook
+
+
+def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
+    from studio.gui.main_window import MainWindow
+
+    app = application()
+    window = MainWindow(generator=generator)
+    if generator and window.current_generator_id() != generator:
+        window.show_error(f"There is no generator {generator!r}; showing {window.current_generator_id()}.")
+    window.show()
+    if screenshot:
+        window.persist = False
+        grab_to(window, screenshot)
+        print(screenshot)
+        window.close()
+        return 0
+    probe = os.environ.get("STUDIO_GUI_FIRST_PAINT")  # used by benchmarks/gui.py
+    if probe:
+        watcher = _FirstPaint(window, Path(probe))
+        window.installEventFilter(watcher)
+    _install_excepthook()
+    code = app.exec()
+    from studio.gui.worker import Task
+
+    if Task.any_running():  # a generator ignored the cancel token, or torch is still importing: do not hang
+        sys.stdout.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,88 @@
+"""The image input of generators that take an image: a drop target with a Browse button."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QImageReader
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
+
+from engine.errors import UsageError
+from studio.gui.image_canvas import ImageCanvas
+from studio.gui.util import guard
+from studio.gui.qtcompat import emit
+
+IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif);;All files (*)"
+
+
+def read_image(path: Path):
+    """Load a QImage or raise UsageError with a clear sentence."""
+    reader = QImageReader(str(path))
+    reader.setAllocationLimit(256)  # MB: refuse decompression bombs
+    image = reader.read()
+    if image.isNull():
+        raise UsageError(f"Cannot read {Path(path).name} as an image ({reader.errorString()}).")
+    return image
+
+
+class ImageInput(QWidget):
+    changed = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.path = ""
+        self.canvas = ImageCanvas(placeholder="Drop an image here\nor click Browse")
+        self.canvas.setMinimumHeight(120)
+        self.canvas.setMaximumHeight(200)
+        self.name = QLabel("No image")
+        self.name.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # long names never widen
+        self.browse = QPushButton("Browse…")
+        self.clear_button = QPushButton("Clear")
+        row = QHBoxLayout()
+        row.addWidget(self.name, 1)
+        row.addWidget(self.browse)
+        row.addWidget(self.clear_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.canvas)
+        lay.addLayout(row)
+        self.setAcceptDrops(True)
+        self.browse.clicked.connect(self.on_browse)
+        self.clear_button.clicked.connect(self.clear)
+
+    @guard
+    def on_browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose an image", "", IMAGE_FILTER)
+        if path:
+            self.set_path(path)
+
+    def set_path(self, path) -> None:
+        """Show the image at ``path``; raises UsageError when it cannot be read (nothing changes)."""
+        image = read_image(Path(path))
+        self.path = str(path)
+        self.canvas.set_image(image, f"{image.width()}×{image.height()}")
+        self.name.setText(Path(path).name)
+        self.name.setToolTip(str(path))
+        emit(self.changed, self.path)
+
+    def clear(self) -> None:
+        self.path = ""
+        self.canvas.clear()
+        self.name.setText("No image")
+        emit(self.changed, "")
+
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    @guard
+    def dropEvent(self, event) -> None:
+        self.drop_mime(event.mimeData())
+        event.acceptProposedAction()
+
+    @guard
+    def drop_mime(self, mime) -> None:
+        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
+        if not files:
+            raise UsageError("Only image files can be dropped here.")
+        self.set_path(files[0])

@@ -1,0 +1,521 @@
+"""The main window: generator list, generator panel, output view and history, menus, drag and drop."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSize, Qt, QTimer
+from PySide6.QtGui import QAction, QKeySequence, QShortcut
+from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QSplitter,
+                               QTabWidget, QVBoxLayout, QWidget)
+
+from engine.errors import UsageError
+from engine.generators import CancelToken
+from studio.gui.error_banner import ErrorBanner
+from studio.gui.generator_panel import GeneratorPanel
+from studio.gui.history_panel import HistoryPanel
+from studio.gui.output_view import OutputView, kind_of
+from studio.gui.session import Session
+from studio.gui.util import generator_icon, guard
+from studio.gui.worker import (Failure, Finished, PreparedMsg, PreviewMsg, ProgressMsg, StatusMsg, TextMsg,
+                               generation_task)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+CLOSE_WAIT_MS = 1800
+DRAIN_MS = 16  # how often worker messages reach the widgets (about 60 Hz)
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, session: Session | None = None, generator: str | None = None):
+        super().__init__()
+        self.session = session or Session()
+        self.setWindowTitle("GenAI Studio")
+        self.setAcceptDrops(True)
+        self.task = None
+        self.token = None
+        self.busy_kind = ""
+        self._progress_t0 = None
+        self._closing = False
+        self.persist = True  # save geometry and last-used options on close (off for --screenshot)
+        self.drain_timer = QTimer(self)
+        self.drain_timer.setInterval(DRAIN_MS)
+        self.drain_timer.timeout.connect(self.drain)
+        gui = self.session.settings.gui
+        self.gui_state = dict(gui) if isinstance(gui, dict) else {}
+        saved = self.gui_state.get("generators")
+        self.saved = {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
+
+        self.banner = ErrorBanner()
+        self.generator_list = QListWidget()
+        self.generator_list.setObjectName("generators")
+        self.generator_list.setIconSize(QSize(32, 32))
+        self.generator_list.setMinimumWidth(150)
+        self.generator_list.setMaximumWidth(230)
+        self.panel = GeneratorPanel()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(self.panel)
+        scroll.setMinimumWidth(340)
+        self.output = OutputView()
+        self.history = HistoryPanel(self.session.history)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.output, "Output")
+        self.tabs.addTab(self.history, "History")
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self.generator_list)
+        split.addWidget(scroll)
+        split.addWidget(self.tabs)
+        split.setStretchFactor(2, 1)
+        split.setSizes([180, 380, 560])
+        central = QWidget()
+        lay = QVBoxLayout(central)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addWidget(self.banner)
+        lay.addWidget(split, 1)
+        self.setCentralWidget(central)
+        self._menus()
+
+        QShortcut(QKeySequence("Ctrl+Return"), self, self.generate)
+        QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate)
+        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, self.cancel)
+
+        self.generator_list.currentItemChanged.connect(self.on_generator_changed)
+        self.panel.generate_clicked.connect(self.generate)
+        self.panel.cancel_clicked.connect(self.cancel)
+        self.panel.image_input.changed.connect(lambda _p: None)
+        self.output.replay_requested.connect(self.replay)
+        self.output.caption_requested.connect(self.caption_image)
+        self.output.prompt_requested.connect(self.use_as_prompt)
+        self.history.open_requested.connect(self.open_entry)
+        self.history.load_requested.connect(self.load_recipe)
+
+        s = self.session.settings
+        self.panel.set_pickers(self.gui_state.get("backend", s.backend), self.gui_state.get("device", s.device))
+        self._restore_geometry()
+        self.populate_generators(generator or self.gui_state.get("generator"))
+        self.history.refresh()
+        self.statusBar().showMessage(self._plugin_summary())
+
+    # ----- menus -----------------------------------------------------------------------------
+    def _menus(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        self._action(file_menu, "Open image…", self.panel.image_input.on_browse, "Ctrl+O")
+        file_menu.addSeparator()
+        self._action(file_menu, "Quit", self.close, "Ctrl+Q")
+        tools = bar.addMenu("&Tools")
+        self._action(tools, "Plugins…", self.open_plugins)
+        self._action(tools, "Models…", self.open_models)
+        self._action(tools, "Export to ONNX…", self.open_export)
+        tools.addSeparator()
+        self._action(tools, "Settings…", self.open_settings, "Ctrl+,")
+        help_menu = bar.addMenu("&Help")
+        self._action(help_menu, "About GenAI Studio", self.open_about)
+
+    def _action(self, menu, text, slot, shortcut=None) -> QAction:
+        act = QAction(text, self)
+        if shortcut:
+            act.setShortcut(QKeySequence(shortcut))
+        act.triggered.connect(lambda *_: slot())
+        menu.addAction(act)
+        return act
+
+    # ----- errors ----------------------------------------------------------------------------
+    def show_error(self, message: str, details: str = "") -> None:
+        self.banner.show_message(message, details, "error")
+        self.statusBar().showMessage(message.splitlines()[0] if message else "", 8000)
+
+    def show_info(self, message: str) -> None:
+        self.banner.show_message(message, "", "info")
+
+    def _plugin_summary(self) -> str:
+        plugins = self.session.host.plugins.values()
+        failed = [p.name for p in plugins if p.status == "failed"]
+        text = f"{len(self.session.host.generators)} generators from {len(plugins)} plugins"
+        return text + (f"; failed: {', '.join(failed)} (see Tools > Plugins)" if failed else "")
+
+    # ----- generators ------------------------------------------------------------------------
+    def populate_generators(self, select: str | None = None) -> None:
+        current = select or self.current_generator_id()
+        self.generator_list.blockSignals(True)
+        self.generator_list.clear()
+        for info in self.session.generators():
+            item = QListWidgetItem(generator_icon(info), info.title)
+            item.setData(Qt.ItemDataRole.UserRole, info.id)
+            item.setToolTip(f"{info.description}\n({'+'.join(info.takes)} → {info.makes}; plugin "
+                            f"{self.session.host.plugin_of(info.id)})")
+            self.generator_list.addItem(item)
+        self.generator_list.blockSignals(False)
+        ids = [self.generator_list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.generator_list.count())]
+        row = ids.index(current) if current in ids else 0
+        if ids:
+            self.panel.info = None
+            self.generator_list.setCurrentRow(row)
+            if self.panel.info is None:
+                self.on_generator_changed()
+        else:
+            self.panel.info = None
+            self.show_error("No generators are available: every plugin failed or is disabled (see Tools > Plugins).")
+        self.output.set_targets(bool(self.session.find_generator("text", "image")),
+                                bool(self.session.find_generator("image", "text")))
+
+    def current_generator_id(self) -> str | None:
+        item = self.generator_list.currentItem()
+        return item.data(Qt.ItemDataRole.UserRole) if item else None
+
+    def generator_ids(self) -> list:
+        return [self.generator_list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.generator_list.count())]
+
+    def select_generator(self, gid: str) -> None:
+        ids = self.generator_ids()
+        if gid not in ids:
+            raise UsageError(f"There is no generator {gid!r}; the installed generators are: {', '.join(ids) or 'none'}.")
+        self.generator_list.setCurrentRow(ids.index(gid))
+
+    @guard
+    def on_generator_changed(self, *args) -> None:
+        if self.panel.info is not None:
+            self.saved[self.panel.info.id] = self.panel.state()
+        gid = self.current_generator_id()
+        if gid is None or gid not in self.session.host.generators:
+            return
+        info = self.session.host.generators[gid][0].info
+        models, default = [], ""
+        try:
+            models = self.session.models_for(info)
+            entry = self.session.store.default_for(info.id) if info.families else None
+            default = entry.name if entry else ""
+        except Exception as exc:  # noqa: BLE001 - a broken store must not stop the form
+            from studio.gui.util import report_error
+            report_error(self, exc, "Listing models failed")
+        self.panel.set_generator(info, models, default)
+        try:
+            self.panel.restore(self.saved.get(gid, {}))
+        except Exception:  # noqa: BLE001 - remembered state is a convenience; a bad one is dropped
+            log.warning("Ignoring the remembered state of generator %s", gid)
+        if self.task is None:
+            self.output.set_kind(kind_of(info))
+
+    def refresh_models(self) -> None:
+        if self.panel.info is not None:
+            info = self.panel.info
+            keep = self.panel.model.currentData()
+            entry = self.session.store.default_for(info.id) if info.families else None
+            self.panel.set_models(self.session.models_for(info), keep or (entry.name if entry else ""))
+
+    # ----- generation ------------------------------------------------------------------------
+    def is_busy(self) -> bool:
+        return self.task is not None
+
+    @guard
+    def generate(self) -> None:
+        if self.task is not None:
+            self.statusBar().showMessage("A generation is already running; cancel it first (Escape).", 4000)
+            return
+        job = self.panel.job()
+        info = self.panel.info
+        self.banner.hide()
+        self.token = CancelToken()
+        self.busy_kind = kind_of(info)
+        self.output.begin(self.busy_kind, job.image or "")
+        self.tabs.setCurrentWidget(self.output)
+        self.panel.set_busy(True)
+        self.panel.show_progress(0, 0, None, "Preparing…")
+        self._progress_t0 = None
+        self._remember()
+        task = generation_task(self.session, job, self.token, self)
+        task.succeeded.connect(self.on_task_succeeded)
+        task.failed.connect(self.on_task_failed)
+        task.finished.connect(self.on_task_finished)
+        self.task = task
+        task.start()
+        self.drain_timer.start()
+
+    @guard
+    def cancel(self) -> None:
+        if self.token is not None and self.task is not None:
+            self.token.cancel()
+            self.panel.show_progress(0, 0, None, "Cancelling…")
+
+    @guard
+    def drain(self) -> None:
+        """Apply what the worker reported since the last drain: text joined, only the newest preview/progress."""
+        if self.task is None:
+            return
+        msgs = self.task.take()
+        if not msgs:
+            return
+        text = "".join(m.text for m in msgs if isinstance(m, TextMsg))
+        if text:
+            self.output.append_text(text)
+        for kind in (StatusMsg, PreparedMsg, ProgressMsg, PreviewMsg):
+            last = next((m for m in reversed(msgs) if isinstance(m, kind)), None)
+            if last is not None:
+                self.on_task_message(last)
+
+    def on_task_message(self, msg) -> None:
+        if isinstance(msg, TextMsg):
+            self.output.append_text(msg.text)
+        elif isinstance(msg, ProgressMsg):
+            left = None
+            if self._progress_t0 is None:
+                self._progress_t0 = (msg.at, msg.step)
+            elif msg.step > self._progress_t0[1]:
+                rate = (msg.at - self._progress_t0[0]) / (msg.step - self._progress_t0[1])
+                left = max(0.0, rate * (msg.total - msg.step))
+            self.panel.show_progress(msg.step, msg.total, left, msg.message)
+        elif isinstance(msg, PreviewMsg):
+            total = self.panel.progress.maximum()
+            step = f"preview, step {msg.step}/{total}" if msg.step is not None else "preview"
+            self.output.show_preview(msg.qimage, step)
+        elif isinstance(msg, StatusMsg):
+            self.panel.show_progress(0, 0, None, msg.text)
+        elif isinstance(msg, PreparedMsg):
+            self.panel.last_seed = msg.seed
+            where = f" on {msg.device}" + (f" with {msg.model}" if msg.model else "")
+            self.panel.show_progress(0, 0, None, f"Running{where}, seed {msg.seed}…")
+
+    @guard
+    def on_task_succeeded(self, done: Finished) -> None:
+        self.drain()
+        rec = done.record
+        audio = rec.result.audio if rec.result.audio is not None else None
+        self.output.show_result(rec.recipe, [str(f) for f in rec.files], done.qimage, audio)
+        self.panel.reset_progress(f"done in {rec.recipe.get('timings', {}).get('total_s', 0):.2f} s")
+        self.panel.progress_label.setText(f"Saved {Path(rec.files[0]).name}" if rec.files else "")
+        self.statusBar().showMessage(f"Saved {rec.files[0]}" if rec.files else "Done", 8000)
+        self.history.refresh()
+
+    @guard
+    def on_task_failed(self, failure: Failure) -> None:
+        self.drain()
+        if failure.cancelled:
+            self.panel.reset_progress("cancelled")
+            self.panel.progress_label.setText("Cancelled.")
+            self.output.info.setText("Cancelled.")
+            self.statusBar().showMessage("Generation cancelled.", 5000)
+        else:
+            self.panel.reset_progress("failed")
+            self.panel.progress_label.setText("")
+            self.output.info.setText("Failed.")
+            self.show_error(failure.message, failure.details)
+
+    @guard
+    def on_task_finished(self) -> None:
+        self.drain()
+        self.drain_timer.stop()
+        task, self.task = self.task, None
+        self.panel.set_busy(False)
+        if task is not None:
+            task.deleteLater()
+
+    # ----- hand-overs between generators -----------------------------------------------------
+    @guard
+    def replay(self, recipe: dict) -> None:
+        self.load_recipe(recipe)
+        self.generate()
+
+    @guard
+    def caption_image(self, path: str) -> None:
+        gid = self.session.find_generator("text", "image")
+        if gid is None:
+            raise UsageError("No caption generator is installed.")
+        self.select_generator(gid)
+        self.panel.image_input.set_path(path)
+        self.generate()
+
+    @guard
+    def use_as_prompt(self, text: str) -> None:
+        gid = self.session.find_generator("image", "text")
+        if gid is None:
+            raise UsageError("No image generator is installed.")
+        self.select_generator(gid)
+        self.panel.prompt.setPlainText(text.strip())
+
+    # ----- recipes and history ---------------------------------------------------------------
+    @guard
+    def load_recipe(self, recipe: dict) -> None:
+        """Put a recipe's generator, prompt, seed, options and model back into the form."""
+        gid = recipe.get("generator")
+        if recipe.get("source") == "a1111" or not gid:
+            gid = self.session.find_generator("image", "text") if recipe.get("source") == "a1111" else gid
+        if not gid or gid not in self.session.host.generators:
+            raise UsageError(f"This recipe needs generator {recipe.get('generator') or 'image'!r}, "
+                             "which is not installed.")
+        self.select_generator(gid)
+        info = self.panel.info
+        if "text" in info.takes:
+            self.panel.prompt.setPlainText(recipe.get("prompt") or "")
+        skipped = self.panel.form.set_values(recipe.get("options") or {})
+        if recipe.get("seed") is not None:
+            self.panel.seed.setText(str(recipe["seed"]))
+        model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else recipe.get("model")
+        if model:
+            idx = self.panel.model.findData(model)
+            if idx >= 0:
+                self.panel.model.setCurrentIndex(idx)
+            else:
+                skipped.append(f"model {model} (not installed)")
+        if recipe.get("backend"):
+            self.panel.set_pickers(recipe["backend"], self.panel.device.currentText())
+        image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
+        if image and "image" in info.takes and Path(image).exists():
+            self.panel.image_input.set_path(image)
+        note = f"Loaded the recipe into {info.title}"
+        if skipped:
+            note += f"; skipped: {', '.join(map(str, skipped))}"
+        self.statusBar().showMessage(note + ".", 8000)
+
+    @guard
+    def open_entry(self, entry) -> None:
+        recipe = dict(entry.recipe)
+        info = self.session.host.generators.get(entry.generator, (None,))[0]
+        kind = kind_of(info.info) if info else ("image" if recipe.get("width") else "text")
+        if not info and any(str(o.get("path", "")).endswith((".wav", ".flac")) for o in entry.outputs):
+            kind = "audio"
+        self.output.begin(kind, (recipe.get("image") or {}).get("path", ""))
+        self.output.show_result(recipe, [o["path"] for o in entry.outputs if Path(o["path"]).exists()])
+        missing = [o["path"] for o in entry.outputs if not Path(o["path"]).exists()]
+        if missing:
+            self.show_info(f"Output file {Path(missing[0]).name} is gone; the recipe is still in the history.")
+        self.tabs.setCurrentWidget(self.output)
+
+    # ----- drag and drop ---------------------------------------------------------------------
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        self.handle_drop(event.mimeData())
+        event.acceptProposedAction()
+
+    @guard
+    def handle_drop(self, mime) -> None:
+        """A dropped image: offer to load its recipe (studio or A1111 PNG), else use it as the input image."""
+        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
+        if not files:
+            raise UsageError("Drop an image file (PNG, JPEG, ...) onto the window.")
+        path = Path(files[0])
+        if not path.is_file():
+            raise UsageError(f"{path.name} is not a file.")
+        recipe = {}
+        if path.suffix.lower() == ".png":
+            from engine.outputs import read_png_recipe
+
+            recipe = read_png_recipe(path)  # UsageError when unreadable
+        from studio.gui.image_input import read_image
+
+        read_image(path)  # raises a clear UsageError for unreadable or non-image files
+        if recipe and self.ask_load_recipe(path, recipe):
+            self.load_recipe(recipe)
+            return
+        info = self.panel.info
+        if info is not None and "image" in info.takes:
+            self.panel.image_input.set_path(str(path))
+            return
+        gid = self.session.find_generator("text", "image")
+        if gid is not None and not recipe:
+            self.select_generator(gid)
+            self.panel.image_input.set_path(str(path))
+            self.statusBar().showMessage(f"{path.name} is the input of {self.panel.info.title}.", 6000)
+        elif not recipe:
+            self.show_info(f"{path.name} carries no studio or A1111 recipe, and no generator takes an image.")
+
+    def ask_load_recipe(self, path: Path, recipe: dict) -> bool:
+        prompt = (recipe.get("prompt") or "")[:120]
+        text = (f"{path.name} carries a recipe"
+                + (f" from {recipe['generator']}" if recipe.get("generator") else " (A1111 parameters)")
+                + f":\n\nprompt: {prompt}\nseed: {recipe.get('seed')}\n\nLoad its prompt, seed and options?")
+        answer = QMessageBox.question(self, "Load recipe?", text,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    # ----- dialogs ---------------------------------------------------------------------------
+    @guard
+    def open_plugins(self) -> None:
+        from studio.gui.plugin_dialog import PluginDialog
+
+        dlg = PluginDialog(self.session, self)
+        dlg.plugins_changed.connect(self.reload_plugins)
+        dlg.exec()
+
+    @guard
+    def reload_plugins(self) -> None:
+        if self.task is not None:
+            raise UsageError("Wait for the running generation to finish before reloading plugins.")
+        self.session.reload_plugins()
+        self.populate_generators()
+        self.statusBar().showMessage("Plugins reloaded: " + self._plugin_summary(), 8000)
+
+    @guard
+    def open_models(self) -> None:
+        from studio.gui.model_dialog import ModelDialog
+
+        dlg = ModelDialog(self.session, self)
+        dlg.models_changed.connect(self.refresh_models)
+        dlg.exec()
+
+    @guard
+    def open_export(self) -> None:
+        from studio.gui.export_dialog import ExportDialog
+
+        dlg = ExportDialog(self.session, self)
+        dlg.exec()
+        self.refresh_models()
+
+    @guard
+    def open_settings(self) -> None:
+        from studio.gui.settings_dialog import SettingsDialog
+
+        dlg = SettingsDialog(self.session.settings, self)
+        if dlg.exec():
+            dlg.apply(self.session.settings)
+            self.session.save_settings()
+            self.panel.set_pickers(self.session.settings.backend, self.session.settings.device)
+
+    @guard
+    def open_about(self) -> None:
+        from studio.gui.about_dialog import AboutDialog
+
+        AboutDialog(self).exec()
+
+    # ----- persistence and closing -----------------------------------------------------------
+    def _restore_geometry(self) -> None:
+        geo = self.gui_state.get("geometry")
+        if geo:
+            try:
+                self.restoreGeometry(QByteArray.fromBase64(geo.encode()))
+                return
+            except Exception:  # noqa: BLE001
+                pass
+        self.resize(1180, 760)
+
+    def _remember(self) -> None:
+        if self.panel.info is not None:
+            self.saved[self.panel.info.id] = self.panel.state()
+        self.gui_state.update({
+            "generator": self.current_generator_id(), "generators": self.saved,
+            "backend": self.panel.backend.currentText(), "device": self.panel.device.currentText(),
+        })
+
+    def save_state(self) -> None:
+        self._remember()
+        self.gui_state["geometry"] = bytes(self.saveGeometry().toBase64()).decode()
+        self.session.settings.gui = self.gui_state
+        self.session.save_settings()
+
+    def closeEvent(self, event) -> None:
+        self._closing = True
+        try:
+            if self.task is not None:
+                self.token.cancel()
+                if not self.task.wait(CLOSE_WAIT_MS):
+                    log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
+            if self.persist:
+                self.save_state()
+        except Exception:  # noqa: BLE001 - closing must always work
+            log.exception("error while closing")
+        event.accept()

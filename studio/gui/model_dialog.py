@@ -1,0 +1,115 @@
+"""The model manager: models with family, size, hash and ONNX exports; import a folder; remove a user model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QHeaderView, QMessageBox, QPushButton, QTableView,
+                               QVBoxLayout)
+
+from engine.errors import UsageError
+from studio.gui.error_banner import ErrorBanner
+from studio.gui.model_table import ModelTableModel
+from studio.gui.util import guard
+from studio.gui.worker import Task
+from studio.gui.qtcompat import emit
+
+
+class ModelDialog(QDialog):
+    models_changed = Signal()
+
+    def __init__(self, session, parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.task = None
+        self.setWindowTitle("Models")
+        self.banner = ErrorBanner()
+        self.model = ModelTableModel()
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().hide()
+        self.import_button = QPushButton("Import folder…")
+        self.remove_button = QPushButton("Remove")
+        self.close_button = QPushButton("Close")
+        row = QHBoxLayout()
+        row.addWidget(self.import_button)
+        row.addWidget(self.remove_button)
+        row.addStretch(1)
+        row.addWidget(self.close_button)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.banner)
+        lay.addWidget(self.table, 1)
+        lay.addLayout(row)
+        self.import_button.clicked.connect(self.on_import)
+        self.remove_button.clicked.connect(self.on_remove)
+        self.close_button.clicked.connect(self.accept)
+        self.resize(820, 380)
+        self.refresh()
+
+    def show_error(self, message: str, details: str = "") -> None:
+        self.banner.show_message(message, details, "error")
+
+    @guard
+    def refresh(self) -> None:
+        self.model.set_entries(self.session.store.list())
+
+    def selected(self):
+        idx = self.table.currentIndex()
+        return self.model.entries[idx.row()] if idx.isValid() else None
+
+    @guard
+    def on_import(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Model folder (config.json, model.safetensors, ...)")
+        if path:
+            self.import_folder(path)
+
+    @guard
+    def import_folder(self, path: str, name: str | None = None) -> None:
+        if self.task is not None:
+            raise UsageError("An import is already running.")
+        store = self.session.store
+        self.banner.show_message(f"Importing {Path(path).name}… (checking and copying the weights)", kind="info")
+        self.import_button.setEnabled(False)
+        self.task = Task(lambda report: store.import_(Path(path), name=name), self, name="import-model")
+        self.task.succeeded.connect(self._imported)
+        self.task.failed.connect(lambda f: self.show_error(f"Import failed: {f.message}", f.details))
+        self.task.finished.connect(self._task_done)
+        self.task.start()
+
+    @guard
+    def _imported(self, entry) -> None:
+        self.banner.show_message(f"Imported {entry.name} ({entry.family}).", kind="info")
+        self.refresh()
+        emit(self.models_changed)
+
+    def _task_done(self) -> None:
+        self.import_button.setEnabled(True)
+        if self.task is not None:
+            self.task.deleteLater()
+        self.task = None
+
+    @guard
+    def on_remove(self) -> None:
+        entry = self.selected()
+        if entry is None:
+            raise UsageError("Select a model first.")
+        if entry.builtin:
+            raise UsageError(f"{entry.name} is a built-in model and cannot be removed.")
+        answer = QMessageBox.question(self, "Remove model?", f"Delete the model {entry.name} and its files?")
+        if answer == QMessageBox.StandardButton.Yes:
+            self.remove(entry.name)
+
+    def remove(self, name: str) -> None:
+        self.session.store.remove(name)
+        self.refresh()
+        emit(self.models_changed)
+        self.banner.show_message(f"Removed {name}.", kind="info")
+
+    def done(self, result: int) -> None:
+        if self.task is not None:
+            self.task.wait(3000)
+        super().done(result)

@@ -1,0 +1,138 @@
+"""The plugin manager: every plugin with version, source, status and error; enable/disable; install."""
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPlainTextEdit,
+                               QPushButton, QTableView, QVBoxLayout)
+
+from engine.errors import UsageError
+from studio.gui.error_banner import ErrorBanner
+from studio.gui.plugin_model import PluginTableModel
+from studio.gui.util import guard
+from studio.gui.worker import Task
+from studio.gui.qtcompat import emit
+
+
+class PluginDialog(QDialog):
+    plugins_changed = Signal()  # ask the main window to build a fresh PluginHost
+
+    def __init__(self, session, parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.task = None
+        self.setWindowTitle("Plugins")
+        self.banner = ErrorBanner()
+        self.model = PluginTableModel(session.host, self)
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().hide()
+        self.details = QPlainTextEdit()
+        self.details.setReadOnly(True)
+        self.details.setPlaceholderText("Select a plugin to see its location and, for a failed one, the full error.")
+        self.details.setMaximumHeight(150)
+        self.note = QLabel("Enabling or disabling takes effect when the plugins are reloaded.")
+        self.install_folder = QPushButton("Install from folder…")
+        self.install_wheel = QPushButton("Install wheel…")
+        self.reload_button = QPushButton("Reload plugins")
+        self.close_button = QPushButton("Close")
+        row = QHBoxLayout()
+        row.addWidget(self.install_folder)
+        row.addWidget(self.install_wheel)
+        row.addStretch(1)
+        row.addWidget(self.reload_button)
+        row.addWidget(self.close_button)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.banner)
+        lay.addWidget(self.table, 1)
+        lay.addWidget(self.details)
+        lay.addWidget(self.note)
+        lay.addLayout(row)
+        self.table.selectionModel().currentRowChanged.connect(self.on_row)
+        self.install_folder.clicked.connect(self.on_install_folder)
+        self.install_wheel.clicked.connect(self.on_install_wheel)
+        self.reload_button.clicked.connect(self.reload)
+        self.close_button.clicked.connect(self.accept)
+        self.resize(860, 440)
+
+    def show_error(self, message: str, details: str = "") -> None:
+        self.banner.show_message(message, details, "error")
+
+    @guard
+    def on_row(self, current, *args) -> None:
+        p = self.model.rows[current.row()] if current.isValid() else None
+        if p is None:
+            self.details.clear()
+            return
+        text = f"{p.name} {p.version} ({p.source})\n{p.location}\n"
+        if p.error:
+            text += f"\n{p.error}\n\n{p.details}"
+        self.details.setPlainText(text)
+
+    @guard
+    def reload(self) -> None:
+        emit(self.plugins_changed)
+        self.model.pending.clear()
+        self.model.set_host(self.session.host)
+        self.banner.show_message("Plugins reloaded.", kind="info")
+
+    @guard
+    def on_install_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Plugin package folder (with a pyproject.toml)")
+        if path:
+            self.install(path)
+
+    @guard
+    def on_install_wheel(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Plugin wheel", "", "Wheels (*.whl)")
+        if path:
+            self.install(path)
+
+    def confirm_install(self, source: str) -> bool:
+        from engine.install import WARNING
+
+        answer = QMessageBox.warning(
+            self, "Install plugin?", f"Install the plugin from\n{source}?\n\n{WARNING}",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Yes
+
+    @guard
+    def install(self, source: str) -> None:
+        if self.task is not None:
+            raise UsageError("An installation is already running.")
+        if not self.confirm_install(source):
+            return
+        from engine.install import install
+
+        self.banner.show_message(f"Installing {source}…", kind="info")
+        self._set_busy(True)
+        self.task = Task(lambda report: install(source), self, name="install-plugin")
+        self.task.succeeded.connect(lambda _r: self._installed(source))
+        self.task.failed.connect(lambda f: self.show_error(f"Installing {source} failed: {f.message}", f.details))
+        self.task.finished.connect(self._task_done)
+        self.task.start()
+
+    @guard
+    def _installed(self, source: str) -> None:
+        self.reload()
+        self.banner.show_message(f"Installed {source}; the plugins were reloaded.", kind="info")
+
+    def _task_done(self) -> None:
+        self._set_busy(False)
+        if self.task is not None:
+            self.task.deleteLater()
+        self.task = None
+
+    def _set_busy(self, busy: bool) -> None:
+        for b in (self.install_folder, self.install_wheel, self.reload_button):
+            b.setEnabled(not busy)
+
+    def done(self, result: int) -> None:
+        if self.task is not None:
+            self.task.wait(2000)
+        if self.model.pending:
+            emit(self.plugins_changed)  # apply enable/disable now rather than at the next start
+        super().done(result)

@@ -1,0 +1,26 @@
+"""A read-only dialog that shows a recipe as formatted JSON."""
+from __future__ import annotations
+
+import json
+
+from PySide6.QtGui import QFontDatabase
+from PySide6.QtWidgets import QDialog, QDialogButtonBox, QPlainTextEdit, QVBoxLayout
+
+
+def recipe_text(recipe: dict) -> str:
+    return json.dumps(recipe, indent=2, sort_keys=True, default=str)
+
+
+class RecipeDialog(QDialog):
+    def __init__(self, recipe: dict, parent=None, title: str = "Recipe"):
+        super().__init__(parent)
+        self.setWindowTitle(title)
+        self.text = QPlainTextEdit(recipe_text(recipe))
+        self.text.setReadOnly(True)
+        self.text.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.text)
+        lay.addWidget(buttons)
+        self.resize(560, 520)

@@ -1,0 +1,162 @@
+"""Render the documentation screenshots: ``python -m studio.gui.screenshots docs/img``.
+
+Uses a temporary STUDIO_HOME with the example plugin (and, for the plugin manager picture, a deliberately broken
+drop-in plugin). Built-in generators run when they have a model; when the
+built-in image generator has none, a demo plugin (``demo_shapes``: the shapes world drawn exactly, with fake
+denoising previews) stands in, and its screenshot says so in its title.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEMO_SHAPES = '''
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Option, Partial, Progress, Result
+
+INFO = GeneratorInfo(id="demo_shapes", title="Shapes (demo)", description="Draws a shapes-world caption exactly, "
+                     "with fake denoising previews (a stand-in for screenshots).", takes=("text",), makes="image",
+                     options=(Option("steps", "int", 12, "Preview steps", min=1, max=100),
+                              Option("size", "int", 32, "Side in pixels", choices=(16, 32, 64))))
+
+def generate(request, context):
+    import time
+    import numpy as np
+    from PIL import Image
+    from engine.errors import UsageError
+    from engine.shapes import parse_caption, render
+    try:
+        scene = parse_caption(request.prompt or "")
+    except ValueError:
+        raise UsageError("Write a shapes-world caption, e.g. 'a large red circle in the center on a blue background'.")
+    target = render(scene, request.options["size"], antialias=True).astype("float32")
+    noise = np.random.default_rng(request.seed).normal(128, 80, target.shape)
+    n = request.options["steps"]
+    for i in range(n):
+        context.cancel.raise_if_cancelled()
+        t = (i + 1) / n
+        time.sleep(0.02)
+        yield Progress(i + 1, n, "denoising")
+        yield Partial(image=Image.fromarray(np.clip(t * target + (1 - t) * noise, 0, 255).astype("uint8")))
+    yield Result(image=Image.fromarray(target.astype("uint8")))
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+BROKEN = '''"""A deliberately broken drop-in plugin, for the plugin manager screenshot."""
+import studio_plugin_dependency_that_is_not_installed
+'''
+
+PROMPTS = {"text": "ROMEO:\n", "image": "a large red circle in the center on a blue background",
+           "demo_shapes": "a large red circle in the center on a blue background",
+           "echo": "to be or not to be", "tone": "hello studio"}
+
+
+def _wait(app, window, timeout=300):
+    end = time.monotonic() + timeout
+    while window.task is not None and time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.005)
+    for _ in range(10):
+        app.processEvents()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0] if argv else "docs/img")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    home = Path(tempfile.mkdtemp(prefix="studio-shots-"))
+    os.environ["STUDIO_HOME"] = str(home)
+    root = Path(__file__).resolve().parents[2]
+    (home / "plugins").mkdir()
+    shutil.copytree(root / "examples" / "studio-hello" / "studio_hello", home / "plugins" / "studio_hello")
+
+    from studio.gui.app import application, grab_to
+    from studio.gui.main_window import MainWindow
+    from studio.gui.session import Session
+
+    session = Session()
+    if "image" not in session.host.generators or session.store.default_for("image") is None:
+        (home / "plugins" / "demo_shapes.py").write_text(DEMO_SHAPES)
+        session = Session()
+    app = application()
+    window = MainWindow(session)
+    window.resize(1280, 800)
+    window.show()
+    written = []
+    sample = home / "sample.png"
+    from PIL import Image
+
+    from engine.shapes import Scene, render
+    Image.fromarray(render(Scene("large", "red", "circle", "centre", "blue"), 32, antialias=True)).save(sample)
+    last_image = None
+    for gid in window.generator_ids():
+        info = session.host.generators[gid][0].info
+        if info.families and not session.models_for(info):
+            print(f"skip {gid}: no model installed", file=sys.stderr)
+            continue
+        window.select_generator(gid)
+        if "text" in info.takes:
+            window.panel.prompt.setPlainText(PROMPTS.get(gid, "a prompt"))
+        if "image" in info.takes:
+            window.panel.image_input.set_path(str(last_image or sample))
+        window.panel.seed.setText("7")
+        window.generate()
+        _wait(app, window)
+        if info.makes == "image" and window.output.image_file():
+            last_image = window.output.image_file()
+        written.append(grab_to(window, out / f"main-{gid}.png"))
+    window.tabs.setCurrentWidget(window.history)
+    window.history.select_row(0)
+    written.append(grab_to(window, out / "history.png"))
+
+    from studio.gui.plugin_dialog import PluginDialog
+    (home / "plugins" / "broken_example.py").write_text(BROKEN)  # to show how a failed plugin looks
+    window.reload_plugins()
+    dlg = PluginDialog(session, window)
+    dlg.show()
+    failed = [i for i, p in enumerate(dlg.model.rows) if p.status == "failed"]
+    dlg.table.selectRow(failed[0] if failed else 0)
+    written.append(grab_to(dlg, out / "plugins.png"))
+    dlg.close()
+
+    from studio.gui.export_dialog import ExportDialog
+    dlg = ExportDialog(session, window)
+    dlg.show()
+    if dlg.model.count():
+        dlg.start()
+        end = time.monotonic() + 300
+        while dlg.task is not None and time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.01)
+    written.append(grab_to(dlg, out / "export.png"))
+    dlg.close()
+
+    from studio.gui.model_dialog import ModelDialog
+    dlg = ModelDialog(session, window)
+    dlg.show()
+    written.append(grab_to(dlg, out / "models.png"))
+    dlg.close()
+
+    from studio.gui.about_dialog import AboutDialog
+    dlg = AboutDialog(window)
+    dlg.show()
+    dlg.task.wait(60000)
+    written.append(grab_to(dlg, out / "about.png"))
+    dlg.close()
+    window.close()
+    for path in written:
+        print(path)
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The GUI's handle on the engine: plugin host, model store, history and settings (plain Python, no Qt)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from engine import state
+from engine.history import History
+from engine.plugins import PluginHost
+from engine.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """Everything the windows share. ``reload_plugins`` builds a fresh PluginHost (after install/enable)."""
+
+    def __init__(self, host: Optional[PluginHost] = None, host_factory=None):
+        self._host_factory = host_factory or (lambda: PluginHost())
+        self.host = (host or self._host_factory()).load()
+        self.store = ModelStore(self.host)
+        self.history = History()
+        self.settings = state.load_settings()
+        self.cache: dict = {}  # loaded models, shared between generations (Context.cache)
+
+    def reload_plugins(self) -> PluginHost:
+        self.host = self._host_factory().load()
+        self.store = ModelStore(self.host)
+        self.cache = {}
+        return self.host
+
+    def generators(self) -> list:
+        """GeneratorInfo of every registered generator, in registration order."""
+        return [g.info for g, _ in self.host.generators.values()]
+
+    def models_for(self, info) -> list:
+        if not info.families:
+            return []
+        return [e for e in self.store.list() if e.family in info.families]
+
+    def find_generator(self, makes: str, takes: str) -> Optional[str]:
+        """The built-in id when present (``image``/``caption``), else the first generator that fits."""
+        preferred = {("image", "text"): "image", ("text", "image"): "caption"}.get((makes, takes))
+        if preferred and preferred in self.host.generators:
+            return preferred
+        for info in self.generators():
+            if info.makes == makes and takes in info.takes:
+                return info.id
+        return None
+
+    def save_settings(self) -> None:
+        try:
+            state.save_settings(self.settings)
+        except Exception as exc:  # noqa: BLE001 - settings are a convenience; never fatal
+            log.warning("Could not save settings: %s", exc)

@@ -1,0 +1,49 @@
+"""Settings: default device, backend and output folder (engine.state.Settings)."""
+from __future__ import annotations
+
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLineEdit, QPushButton, QVBoxLayout)
+
+from studio.gui.generator_panel import BACKENDS, DEVICES
+from studio.gui.util import guard
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.device.setCurrentText(settings.device if settings.device in DEVICES else "auto")
+        self.backend = QComboBox()
+        self.backend.addItems(BACKENDS)
+        self.backend.setCurrentText(settings.backend if settings.backend in BACKENDS else "torch")
+        self.output_dir = QLineEdit(settings.output_dir)
+        self.output_dir.setPlaceholderText(str(settings.outputs))
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self.on_browse)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.output_dir, 1)
+        out_row.addWidget(browse)
+        form = QFormLayout()
+        form.addRow("Default device", self.device)
+        form.addRow("Default backend", self.backend)
+        form.addRow("Output folder", out_row)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+        self.resize(520, 160)
+
+    @guard
+    def on_browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Output folder", self.output_dir.text())
+        if path:
+            self.output_dir.setText(path)
+
+    def apply(self, settings) -> None:
+        settings.device = self.device.currentText()
+        settings.backend = self.backend.currentText()
+        settings.output_dir = self.output_dir.text().strip()

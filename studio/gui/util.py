@@ -1,0 +1,110 @@
+"""Small Qt helpers shared by the widgets: slot guarding, PIL -> QImage, default icons."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import traceback
+
+from PySide6.QtCore import QRectF, Qt
+from PySide6.QtGui import QColor, QFont, QIcon, QImage, QPainter, QPixmap
+
+log = logging.getLogger(__name__)
+
+KIND_COLOURS = {"text": "#3b6fd8", "image": "#2f9e5b", "audio": "#d8842b"}
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """(one-line message, traceback text) for an exception."""
+    from engine.errors import StudioError
+
+    message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+    details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return message, details
+
+
+def report_error(widget, exc: BaseException, context: str = "") -> None:
+    """Show an exception in the window that holds ``widget`` (its error banner), or log it."""
+    message, details = describe_exception(exc)
+    if context:
+        message = f"{context}: {message}"
+    target = widget
+    while target is not None:
+        show = getattr(target, "show_error", None)
+        if callable(show):
+            try:
+                show(message, details)
+                return
+            except Exception:  # noqa: BLE001 - the reporter itself must never raise
+                break
+        parent = target.parentWidget() if hasattr(target, "parentWidget") else None
+        target = parent
+    log.error("%s\n%s", message, details)
+
+
+def guard(fn):
+    """Wrap a slot so that an exception shows in the window instead of escaping into Qt.
+
+    Extra positional arguments that a signal passes (``clicked(bool)``) are dropped when the
+    slot does not take them.
+    """
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    npos = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+    @functools.wraps(fn)
+    def wrapper(self, *args):
+        try:
+            return fn(self, *(args if varargs else args[:npos]))
+        except Exception as exc:  # noqa: BLE001 - nothing a user does may crash the window
+            report_error(self, exc)
+            return None
+
+    return wrapper
+
+
+def pil_to_qimage(image) -> QImage:
+    """A deep-copied RGBA QImage of a PIL image (safe to build in a worker thread)."""
+    im = image.convert("RGBA")
+    data = im.tobytes("raw", "RGBA")
+    qimg = QImage(data, im.width, im.height, 4 * im.width, QImage.Format.Format_RGBA8888)
+    return qimg.copy()
+
+
+def default_icon(title: str, kind: str = "text", size: int = 64) -> QIcon:
+    """A rounded square in the kind's colour with the title's first letter, drawn in code."""
+    pix = QPixmap(size, size)
+    pix.fill(Qt.GlobalColor.transparent)
+    p = QPainter(pix)
+    p.setRenderHint(QPainter.RenderHint.Antialiasing)
+    p.setBrush(QColor(KIND_COLOURS.get(kind, "#777777")))
+    p.setPen(Qt.PenStyle.NoPen)
+    p.drawRoundedRect(QRectF(2, 2, size - 4, size - 4), size * 0.2, size * 0.2)
+    font = QFont()
+    font.setBold(True)
+    font.setPixelSize(int(size * 0.55))
+    p.setFont(font)
+    p.setPen(QColor("white"))
+    p.drawText(QRectF(0, 0, size, size), Qt.AlignmentFlag.AlignCenter, (title[:1] or "?").upper())
+    p.end()
+    icon = QIcon(pix)
+    icon.addPixmap(pix, QIcon.Mode.Selected)  # keep the colour when the row is selected
+    return icon
+
+
+def generator_icon(info) -> QIcon:
+    """The icon a generator's plugin names (a file path), else the default icon."""
+    if info.icon:
+        icon = QIcon(str(info.icon))
+        if not icon.isNull():
+            return icon
+    return default_icon(info.title or info.id, info.makes)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -1,0 +1,159 @@
+"""Work off the GUI thread: a QThread that runs a plain function and reports through signals.
+
+``Task`` runs ``fn(report)`` in its thread; ``report(obj)`` emits ``message`` (queued to the GUI thread), or, for
+a buffered task, appends to a buffer that the GUI drains with ``take()`` on a timer. The result or the error
+comes back through ``succeeded``/``failed``. ``generation_task`` wraps ``engine.runner.prepare`` + ``execute``
+with a CancelToken that the GUI sets.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from PySide6.QtCore import QThread, Signal
+
+from engine.errors import CancelledError
+from studio.gui.qtcompat import emit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failure:
+    message: str
+    details: str = ""
+    cancelled: bool = False
+
+
+@dataclass
+class Finished:
+    """A finished generation: the engine Record plus its image already converted for Qt."""
+
+    record: Any
+    qimage: Any = None
+
+
+class Task(QThread):
+    message = Signal(object)
+    succeeded = Signal(object)
+    failed = Signal(object)
+    live: set = set()  # every started task until it finishes: app.run_gui checks it before exiting
+
+    def __init__(self, fn: Callable[[Callable[[Any], None]], Any], parent=None, name: str = "task",
+                 buffered: bool = False):
+        super().__init__(parent)
+        self.fn = fn
+        self.buffered = buffered
+        self._buffer: deque = deque()
+        self.setObjectName(name)
+        self.started.connect(lambda: Task.live.add(self))
+        self.finished.connect(lambda: Task.live.discard(self))
+
+    @classmethod
+    def any_running(cls) -> bool:
+        return any(t.isRunning() for t in list(cls.live))
+
+    def take(self) -> list:
+        """Messages reported since the last call (buffered tasks): the GUI drains them on a timer, so a fast
+        generator cannot flood the event loop with one queued event per token."""
+        out = []
+        while True:
+            try:
+                out.append(self._buffer.popleft())
+            except IndexError:
+                return out
+
+    def _report(self, obj) -> None:
+        if self.buffered:
+            self._buffer.append(obj)  # deque.append is thread-safe
+        else:
+            emit(self.message, obj)
+
+    def run(self) -> None:  # worker thread
+        from studio.gui.util import describe_exception
+
+        try:
+            result = self.fn(self._report)
+        except CancelledError as exc:
+            emit(self.failed, Failure(str(exc), "", True))
+        except BaseException as exc:  # noqa: BLE001 - reported to the window, never raised into Qt
+            message, details = describe_exception(exc)
+            log.debug("task %s failed: %s", self.objectName(), message)
+            emit(self.failed, Failure(message, details))
+        else:
+            emit(self.succeeded, result)
+
+
+@dataclass
+class ProgressMsg:
+    step: int
+    total: int
+    message: str
+    at: float
+
+
+@dataclass
+class TextMsg:
+    text: str
+
+
+@dataclass
+class PreviewMsg:
+    qimage: Any
+    step: Optional[int] = None
+
+
+@dataclass
+class StatusMsg:
+    text: str
+
+
+@dataclass
+class PreparedMsg:
+    """Sent once the job is prepared: the resolved seed, device and model."""
+
+    seed: int
+    device: str
+    model: str
+
+
+def generation_task(session, job, token, parent=None) -> Task:
+    """A Task that prepares and executes ``job``; Partial images become QImages in the worker thread."""
+    from engine.generators import Context, Partial, Progress
+    from engine.runner import execute, prepare
+    from studio.gui.util import pil_to_qimage
+
+    def run(report):
+        gen = session.host.generators.get(job.generator)
+        if gen is not None and gen[0].info.families and "torch" not in sys.modules:
+            from studio.gui.preload import preload
+
+            report(StatusMsg("Loading PyTorch (first generation of this session)…"))
+
+            preload("torch")  # map libtorch without holding the GIL, so the window stays responsive
+        prep = prepare(session.host, session.store, job)
+        req = prep.request
+        report(PreparedMsg(req.seed, req.device, req.model.name if req.model else ""))
+        last_step = [None]
+
+        def on_event(event):
+            if isinstance(event, Progress):
+                last_step[0] = event.step
+                report(ProgressMsg(event.step, event.total, event.message, time.monotonic()))
+            elif isinstance(event, Partial):
+                if event.text:
+                    report(TextMsg(event.text))
+                if event.image is not None:
+                    report(PreviewMsg(pil_to_qimage(event.image), last_step[0]))
+
+        context = Context(cancel=token, cache=session.cache)
+        token.raise_if_cancelled()
+        record = execute(prep, context, on_event, out_dir=session.settings.outputs, history=session.history)
+        qimage = pil_to_qimage(record.result.image) if record.result.image is not None else None
+        return Finished(record, qimage)
+
+    return Task(run, parent, name=f"generate-{job.generator}", buffered=True)

@@ -1,0 +1,83 @@
+"""Small widgets on their own: the option form, the image canvas, the error banner, the emit work-around."""
+import sys
+
+from engine.generators import Option
+
+
+def test_option_form_builds_editors_from_specs(qtbot):
+    from PySide6.QtWidgets import QCheckBox, QComboBox, QLineEdit, QSpinBox
+
+    from studio.gui.option_form import FloatField, OptionForm
+
+    opts = (Option("steps", "int", 20, "How many steps", min=1, max=200),
+            Option("guidance", "float", 7.5, "Guidance scale", min=0.0, max=20.0),
+            Option("eta", "float", 0.0, "Unbounded float"),
+            Option("sampler", "str", "ddim", "Sampler", choices=("ddim", "euler")),
+            Option("tiled", "bool", False, "Tile"),
+            Option("stop", "str", "", "Stop text"))
+    form = OptionForm(opts)
+    qtbot.addWidget(form)
+    kinds = {name: type(ed) for name, ed in form.editors.items()}
+    assert kinds == {"steps": QSpinBox, "guidance": FloatField, "eta": FloatField, "sampler": QComboBox,
+                     "tiled": QCheckBox, "stop": QLineEdit}
+    assert form.editors["guidance"].slider is not None and form.editors["eta"].slider is None
+    assert form.editors["steps"].toolTip() == "How many steps"
+    assert form.values() == {o.name: o.default for o in opts}
+    form.editors["guidance"].slider.setValue(500)  # half-way
+    assert form.values()["guidance"] == 10.0
+    skipped = form.set_values({"steps": 500, "sampler": "euler", "tiled": "yes", "unknown": 1, "guidance": "2.5"})
+    assert sorted(skipped) == ["steps", "unknown"]  # out of range, not an option
+    values = form.values()
+    assert (values["sampler"], values["tiled"], values["guidance"], values["steps"]) == ("euler", True, 2.5, 20)
+    assert form.editors["guidance"].slider.value() == 125
+    form.reset()
+    assert form.values() == {o.name: o.default for o in opts}
+
+
+def test_canvas_scales_by_whole_numbers(qtbot):
+    from PySide6.QtGui import QImage
+
+    from studio.gui.image_canvas import ImageCanvas
+
+    canvas = ImageCanvas()
+    qtbot.addWidget(canvas)
+    canvas.resize(308, 308)
+    canvas.set_image(QImage(32, 32, QImage.Format.Format_RGB32))
+    rect = canvas.target_rect()
+    assert rect.width() == 288 and rect.height() == 288  # 9x, not 9.375x
+    canvas.set_image(QImage(1000, 500, QImage.Format.Format_RGB32))
+    assert canvas.target_rect().width() == 300  # shrinking keeps the aspect
+
+
+def test_banner_details_on_demand(qtbot):
+    from studio.gui.error_banner import ErrorBanner
+
+    banner = ErrorBanner()
+    qtbot.addWidget(banner)
+    banner.show()
+    banner.show_message("It broke.", "Traceback: ...")
+    assert banner.isVisible() and not banner.details.isVisible() and banner.details_button.isVisible()
+    banner.details_button.click()
+    assert banner.details.isVisible()
+    banner.show_message("Just saying.", kind="info")
+    assert not banner.details_button.isVisible()
+    banner.close_button.click()
+    assert not banner.isVisible()
+
+
+def test_emit_does_not_leak_true(qtbot):
+    from PySide6.QtCore import QObject, Signal
+
+    from studio.gui.qtcompat import emit
+
+    class Source(QObject):
+        fired = Signal(object)
+
+    src = Source()
+    got = []
+    src.fired.connect(got.append)
+    before = sys.getrefcount(True)
+    for i in range(5000):
+        emit(src.fired, i)
+    assert len(got) == 5000
+    assert abs(sys.getrefcount(True) - before) < 50
