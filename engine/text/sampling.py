@@ -1,0 +1,79 @@
+"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p. numpy only.
+
+Every function takes a 1-D float32 numpy array of logits (one row; torch logits go through ``.numpy()``), so the
+same code serves the torch and onnxruntime backends. Randomness comes from a ``numpy.random.Generator`` seeded
+with the request's seed, so a seed reproduces a generation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    @classmethod
+    def from_options(cls, options: dict) -> "SamplingOptions":
+        return cls(temperature=float(options.get("temperature", 0.8)), top_k=int(options.get("top_k", 0)),
+                   top_p=float(options.get("top_p", 1.0)),
+                   repetition_penalty=float(options.get("repetition_penalty", 1.0)))
+
+
+def apply_repetition_penalty(logits: np.ndarray, previous, penalty: float) -> np.ndarray:
+    """CTRL-style penalty (as transformers): a seen token's logit is divided by ``penalty`` if positive, else
+    multiplied."""
+    if penalty == 1.0 or len(previous) == 0:
+        return logits
+    ids = np.unique(np.asarray(previous, dtype=np.int64))
+    ids = ids[ids < logits.shape[-1]]
+    seen = logits[ids]
+    logits = logits.copy()
+    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits (ties at the threshold kept), the rest -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = np.partition(logits, -k)[-k]
+    return np.where(logits < threshold, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - np.max(logits)
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = softmax(logits)[order]
+    cumulative = np.cumsum(probs)
+    keep = int(np.searchsorted(cumulative, p) + 1)  # tokens up to and including the one that reaches p
+    out = np.full_like(logits, -np.inf)
+    out[order[:keep]] = logits[order[:keep]]
+    return out
+
+
+def choose(logits, previous, opts: SamplingOptions, rng: np.random.Generator) -> int:
+    """The next token id. ``previous``: ids so far (prompt and generated) for the repetition penalty."""
+    logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+    logits = apply_repetition_penalty(logits, previous, opts.repetition_penalty)
+    if opts.temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits / opts.temperature
+    logits = top_k_filter(logits, opts.top_k)
+    logits = top_p_filter(logits, opts.top_p)
+    probs = softmax(logits)
+    u = rng.random()
+    return int(min(np.searchsorted(np.cumsum(probs), u, side="right"), len(probs) - 1))

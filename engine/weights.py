@@ -1,0 +1,73 @@
+"""Reading model weights from a Hugging Face style folder (safetensors only).
+
+``load_state_dict(folder)`` returns ``{name: torch.Tensor}`` from ``model.safetensors`` or from the shards
+listed in ``model.safetensors.index.json``. Anything missing or unreadable raises ``ModelError``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.errors import ModelError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder) -> list[Path]:
+    """The safetensors files of a model folder, in load order; ModelError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"Model folder {folder} does not exist.")
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index} is not a valid safetensors index; re-download or re-export the model.") from None
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(f"Model folder {folder} lacks the weight shard {missing[0]} listed in {INDEX}.")
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise ModelError(f"Model folder {folder} has only pickle weights; convert them to model.safetensors first.")
+    raise ModelError(f"Model folder {folder} has no {SINGLE} (or {INDEX}).")
+
+
+def load_state_dict(folder, device: str = "cpu") -> dict:
+    """All tensors of the folder's safetensors file(s) as a dict; ModelError on missing or corrupt files."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in weight_files(folder):
+        try:
+            part = load_file(str(path), device=device)
+        except Exception as exc:  # safetensors raises its own error types and OSError
+            raise ModelError(f"Weight file {path} is corrupt or unreadable ({type(exc).__name__}); "
+                             "re-download or re-export the model.") from None
+        state.update(part)
+    return state
+
+
+def read_shapes(folder) -> dict:
+    """``{name: (shape tuple, dtype str)}`` read from the safetensors headers only (no tensor data)."""
+    import struct
+
+    shapes = {}
+    for path in weight_files(folder):
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header too large")
+                header = json.loads(f.read(n))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    shapes[name] = (tuple(meta["shape"]), meta["dtype"])
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            raise ModelError(f"Weight file {path} is corrupt or unreadable; re-download or re-export the model.") from None
+    return shapes

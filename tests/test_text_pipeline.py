@@ -1,0 +1,144 @@
+"""The generation loop: seeds, stop strings, UTF-8 streaming, truncation, cancel, sampling filters."""
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from engine.errors import CancelledError
+from engine.generators import CancelToken, Partial, Result
+from engine.text.llama import LlamaConfig, LlamaForCausalLM
+from engine.text.pipeline import NoCacheDecoder, TextPipeline, TextRequest, TorchDecoder, parse_stop
+from engine.text.sampling import SamplingOptions, choose, top_k_filter, top_p_filter
+
+torch.set_num_threads(1)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE with no merges: token i (i >= 1) is one byte, id 0 is <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([], trainers.BpeTrainer(vocab_size=257, special_tokens=["<|endoftext|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                    show_progress=False))
+    return tok
+
+
+TOK = byte_tokenizer()
+
+
+class Scripted:
+    """A fake decoder that always makes the next token of ``script`` the only likely one."""
+
+    def __init__(self, text: str, max_positions=64):
+        self.script = [TOK.token_to_id(c) for c in _byte_symbols(text)]
+        self.max_positions = max_positions
+        self.calls = []
+
+    def step(self, ids, past):
+        n = 0 if past is None else past
+        self.calls.append(np.asarray(ids).shape[1])
+        logits = np.full((1, TOK.get_vocab_size()), -10.0, dtype=np.float32)
+        logits[0, self.script[min(n, len(self.script) - 1)]] = 10.0
+        return logits, n + 1
+
+
+def _byte_symbols(text):
+    # the ByteLevel alphabet character of each UTF-8 byte
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return [s for s in "".join(w for w, _ in ByteLevel(add_prefix_space=False, use_regex=False)
+                               .pre_tokenize_str(text))]
+
+
+def _run(decoder, prompt="Hi", **kw):
+    sampling = kw.pop("sampling", SamplingOptions(temperature=0))
+    pipe = TextPipeline(decoder, TOK, bos_token_id=0, eos_token_ids=[0])
+    events = list(pipe.run(prompt, TextRequest(sampling=sampling, **kw)))
+    return [e.text for e in events if isinstance(e, Partial)], events[-1]
+
+
+def test_streams_multibyte_utf8_whole():
+    text = "naïve 😀 café"
+    parts, result = _run(Scripted(text), max_new_tokens=len(text.encode()))
+    assert result.text == text
+    assert "".join(parts) == text
+    assert all("\ufffd" not in p for p in parts)
+    assert len(parts) == len(text)  # one piece per character, though 😀 takes four tokens
+    assert len(result.token_ids) == len(text.encode())
+
+
+def test_stop_string_cuts_and_is_not_streamed():
+    text = "Thou art.\n\nEnter HAMLET"
+    parts, result = _run(Scripted(text), max_new_tokens=40, stop=parse_stop("\\n\\n|Exeunt"))
+    assert result.text == "Thou art."
+    assert "".join(parts) == "Thou art."
+    assert result.info["stopped_by"] == "stop"
+
+
+def test_parse_stop():
+    assert parse_stop("") == ()
+    assert parse_stop("a|b\\nc|x\\|y") == ("a", "b\nc", "x|y")
+
+
+def test_eos_stops():
+    parts, result = _run(Scripted("ab"), max_new_tokens=10)  # script then repeats 'b'; no EOS
+    assert result.text == "a" + "b" * 9
+    dec = Scripted("ab")
+    dec.script[1] = 0
+    _, result = _run(dec, max_new_tokens=10)
+    assert result.text == "a" and result.token_ids[-1] == 0 and result.info["stopped_by"] == "eos"
+
+
+def test_left_truncation_warning():
+    dec = Scripted("x" * 40, max_positions=32)
+    _, result = _run(dec, prompt="y" * 100, max_new_tokens=8)
+    assert result.warnings and "too long" in result.warnings[0]
+    assert result.info["prompt_tokens"] == 32 - 8
+    assert dec.calls[0] == 24
+
+
+def test_generation_past_context_slides_window():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    _, result = _run(TorchDecoder(model), prompt="abc", max_new_tokens=40,
+                     sampling=SamplingOptions(temperature=1.0))
+    assert len(result.token_ids) == 40 or result.info["stopped_by"] == "eos"
+
+
+def test_seed_reproducible_and_cache_equals_no_cache():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    s = SamplingOptions(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    a = _run(TorchDecoder(model), sampling=s, max_new_tokens=24, seed=7)[1].token_ids
+    b = _run(TorchDecoder(model), sampling=s, max_new_tokens=24, seed=7)[1].token_ids
+    c = _run(TorchDecoder(model), sampling=s, max_new_tokens=24, seed=8)[1].token_ids
+    d = _run(NoCacheDecoder(TorchDecoder(model)), sampling=s, max_new_tokens=24, seed=7)[1].token_ids
+    assert a == b == d
+    assert a != c
+
+
+def test_cancel_between_tokens():
+    cancel = CancelToken()
+    pipe = TextPipeline(Scripted("abcdef"), TOK, bos_token_id=0, eos_token_ids=[0])
+    it = pipe.run("x", TextRequest(max_new_tokens=6, sampling=SamplingOptions(temperature=0)), cancel)
+    assert isinstance(next(it), Partial)
+    cancel.cancel()
+    with pytest.raises(CancelledError):
+        next(it)
+
+
+def test_sampling_filters():
+    logits = np.array([1.0, 3.0, 2.0, 0.0], dtype=np.float32)
+    assert np.isinf(top_k_filter(logits, 2)[[0, 3]]).all() and not np.isinf(top_k_filter(logits, 2)[[1, 2]]).any()
+    kept = ~np.isinf(top_p_filter(logits, 0.5))
+    assert kept.tolist() == [False, True, False, False]
+    rng = np.random.default_rng(0)
+    picks = {choose(logits, [], SamplingOptions(temperature=1.0, top_k=2), rng) for _ in range(200)}
+    assert picks == {1, 2}
+    # repetition penalty makes the seen best token lose under greedy
+    assert choose(logits, [1], SamplingOptions(temperature=0, repetition_penalty=2.0), rng) == 2

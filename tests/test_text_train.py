@@ -1,0 +1,43 @@
+"""The training command on a tiny corpus: writes a loadable model folder and resumes from its checkpoint."""
+import json
+
+import torch
+import transformers
+
+from engine.text import train
+from engine.text.models import check_folder, load_model
+
+WORDS = "the king and queen of denmark speak with ghosts at night upon the castle walls".split()
+
+
+def _corpus(folder):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for name in ("a.txt", "b.txt", "hamlet.txt"):
+        idx = torch.randint(0, len(WORDS), (400,), generator=g).tolist()
+        (folder / name).write_text(" ".join(WORDS[i] for i in idx) + "\n")
+    return folder
+
+
+def test_train_writes_model_folder_and_resumes(tmp_path):
+    data = _corpus(tmp_path / "data")
+    out, work = tmp_path / "model", tmp_path / "work"
+    argv = ["--data", str(data), "--out", str(out), "--work", str(work), "--holdout", "hamlet.txt",
+            "--vocab-size", "300", "--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+            "--ffn", "64", "--context", "32", "--batch", "4", "--steps", "6", "--eval-every", "3", "--warmup", "2"]
+    assert train.main(argv) == 0
+    check_folder(out, "llama")
+    studio = json.loads((out / "studio.json").read_text())
+    assert studio["family"] == "llama" and studio["scores"]["heldout_works"] == ["hamlet.txt"]
+    assert 0 < studio["scores"]["heldout_bpc"] < 20
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["torch_dtype"] == "float16"
+    # transformers reads the folder and agrees with ours
+    ref = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.tensor([[0, 5, 7, 9]])
+    with torch.no_grad():
+        assert (ref(x).logits - load_model(out, "llama")(x, use_cache=False)[0]).abs().max() < 1e-4
+    # resume continues from step 6 to 8
+    assert train.main(argv[:-6] + ["--steps", "8", "--eval-every", "4", "--warmup", "2", "--resume"]) == 0
+    state = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 8
