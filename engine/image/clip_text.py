@@ -1,0 +1,146 @@
+"""A text encoder in the layout of transformers' ``CLIPTextModel`` (causal pre-LN transformer).
+
+Parameter names match transformers' CLIPTextModel (``embeddings.token_embedding.weight``, ...; older
+checkpoints' ``text_model.`` prefix is accepted), so its state dict loads by key copy. Returns the last hidden states (B, T, D) and the
+pooled output (the final-layer-normed state at the first EOS token; argmax id when eos_token_id == 2,
+as transformers does for old configs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import ModelError
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    projection_dim: int = 512  # unused by CLIPTextModel; kept so configs round-trip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.hidden_act not in _ACTS:
+            raise ModelError(f"Text encoder activation {cfg.hidden_act!r} is not supported (use one of {sorted(_ACTS)}).")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ModelError("Text encoder hidden_size must be divisible by num_attention_heads.")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["model_type"] = "clip_text_model"
+        return d
+
+
+_ACTS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids):  # (B, T) -> (B, T, D)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(pos)[None]
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.act = _ACTS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPTextModel(nn.Module):
+    """transformers 5 layout: ``embeddings.*``, ``encoder.layers.*``, ``final_layer_norm.*``.
+
+    Older checkpoints prefix these with ``text_model.``; ``strip_prefix`` accepts both.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids):
+        """(B, T) token ids -> (last_hidden_state (B, T, D), pooler_output (B, D))."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"at most {self.config.max_position_embeddings} tokens")
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        x = self.final_layer_norm(x)  # (B, T, D)
+        if self.config.eos_token_id == 2:
+            idx = input_ids.argmax(dim=-1)
+        else:
+            idx = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+        pooled = x[torch.arange(x.shape[0], device=x.device), idx]  # (B, D)
+        return x, pooled
+
+
+def strip_prefix(state_dict: dict) -> dict:
+    """Accept transformers 4 names (``text_model.embeddings...``) as well as 5 (``embeddings...``)."""
+    return {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state_dict.items()
+            if not k.endswith("position_ids")}
