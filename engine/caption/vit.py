@@ -1,0 +1,197 @@
+"""ViT image encoder in the layout of transformers' ``ViTModel`` (transformers 5 parameter names).
+
+Patch embedding (a strided conv), a class token, learned position embeddings, pre-norm transformer
+layers and a final layernorm. Parameter names match ``ViTModel.state_dict()`` so loading a reference
+state dict is a key copy; checkpoints saved with the older names (``encoder.layer.N.attention.attention.query``)
+are renamed by ``rename_legacy_keys``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import ModelError
+
+
+@dataclass
+class ViTConfig:
+    hidden_size: int = 128
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: int = 32
+    patch_size: int = 4
+    num_channels: int = 3
+    qkv_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        if d.get("model_type", "vit") != "vit":
+            raise ModelError(f"The caption encoder must be a ViT (model_type 'vit'), not {d.get('model_type')!r}.")
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        for name in ("image_size", "patch_size"):
+            if isinstance(getattr(cfg, name), (list, tuple)):
+                values = list(getattr(cfg, name))
+                if len(set(values)) != 1:
+                    raise ModelError(f"The ViT encoder's {name} must be square, not {values}.")
+                setattr(cfg, name, values[0])
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ModelError("The ViT encoder's hidden_size is not a multiple of num_attention_heads.")
+        if cfg.hidden_act not in _ACTS:
+            raise ModelError(f"The ViT encoder's activation {cfg.hidden_act!r} is not supported.")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(model_type="vit", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                 initializer_range=0.02, encoder_stride=self.patch_size, pooler_act="tanh",
+                 pooler_output_size=self.hidden_size)
+        return dict(sorted(d.items()))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+_ACTS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class ViTPatchEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, pixel_values):  # (B, C, H, W) -> (B, N, D)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ViTEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.patch_embeddings = ViTPatchEmbeddings(cfg)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))
+
+    def forward(self, pixel_values):
+        x = self.patch_embeddings(pixel_values)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embeddings  # (B, N+1, D)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class ViTMLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.act = _ACTS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.attention = ViTAttention(cfg)
+        self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ViTMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.mlp(self.layernorm_after(x))
+
+
+class ViTModel(nn.Module):
+    """``ViTModel`` without the pooler (captioning reads every token)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = ViTEmbeddings(cfg)
+        self.layers = nn.ModuleList([ViTLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.embeddings.cls_token, std=std)
+        nn.init.trunc_normal_(self.embeddings.position_embeddings, std=std)
+
+    def forward(self, pixel_values):  # (B, C, H, W) -> (B, N+1, D)
+        size = self.config.image_size
+        if pixel_values.shape[-2:] != (size, size):
+            raise ValueError(f"expected {size}x{size} pixels, got {tuple(pixel_values.shape[-2:])}")
+        x = self.embeddings(pixel_values.to(self.embeddings.cls_token.dtype))
+        for layer in self.layers:
+            x = layer(x)
+        return self.layernorm(x)
+
+
+_LEGACY = [  # (old, new) as transformers' conversion_mapping does for ViTModel
+    (re.compile(r"encoder\.layer\."), "layers."),
+    (re.compile(r"attention\.attention\.query"), "attention.q_proj"),
+    (re.compile(r"attention\.attention\.key"), "attention.k_proj"),
+    (re.compile(r"attention\.attention\.value"), "attention.v_proj"),
+    (re.compile(r"attention\.output\.dense"), "attention.o_proj"),
+    (re.compile(r"intermediate\.dense"), "mlp.fc1"),
+    (re.compile(r"(layers\.\d+\.)output\.dense"), r"\1mlp.fc2"),
+]
+
+
+def rename_legacy_keys(key: str) -> str:
+    """A ViT parameter name of transformers 4 (``encoder.layer.0.attention.attention.query.weight``) in today's names."""
+    for pattern, new in _LEGACY:
+        key = pattern.sub(new, key)
+    return key
+
+
+def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
+    """(1, grid*grid + 1, dim) fixed 2-D sine-cosine position codes (MAE style; zeros for the class token),
+    a training initialisation that lets a small ViT read positions from the first step."""
+    if dim % 4:
+        raise ValueError("sine-cosine position codes need a hidden size divisible by 4")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angles = coord[:, None] * omega[None, :]  # (N, dim/4)
+        parts += [torch.sin(angles), torch.cos(angles)]
+    pos = torch.cat(parts, dim=1).float()  # (N, dim)
+    return torch.cat([torch.zeros(1, dim), pos])[None]

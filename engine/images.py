@@ -1,0 +1,106 @@
+"""Reading user images safely: PNG, JPEG or WebP (also BMP and GIF) of any size and mode -> RGB.
+
+``load_image(source)`` returns an RGB ``PIL.Image``: transparency is composited on white, grayscale,
+palette, CMYK and 16-bit images are converted, EXIF orientation is applied, animated images give their
+first frame. A file that is missing, not an image, truncated or too large (a decompression bomb) raises
+``engine.errors.UsageError`` with one sentence. ``to_pixel_values`` resizes and normalises an image into
+a ``numpy`` array ``(1, 3, H, W)`` for a vision encoder (usable by the torch and ONNX backends alike).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from engine.errors import UsageError
+
+MAX_PIXELS = 50_000_000  # about 7000 x 7000; anything larger is refused before its pixels are decoded
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+BACKGROUND = (255, 255, 255)
+
+Source = Union[str, Path, bytes, "PIL.Image.Image"]
+
+
+def load_image(source: Source, max_pixels: int = MAX_PIXELS):
+    """An RGB image from a path, raw bytes or a PIL image; UsageError when it cannot be read safely."""
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    name = "the image" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)):
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"Image file {path} does not exist.")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"Image file {path} cannot be read ({exc.strerror or exc}).") from None
+    else:
+        data = bytes(source)
+    if not data:
+        raise UsageError(f"{_cap(name)} is empty, not an image.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            w, h = image.size
+            if w * h > max_pixels or w <= 0 or h <= 0:
+                raise UsageError(f"{_cap(name)} is {w} x {h} pixels, more than the {max_pixels:,} pixels the studio "
+                                 "reads (a possible decompression bomb); use a smaller image.")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except UsageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UsageError(f"{_cap(name)} is too large to decode safely (a possible decompression bomb); "
+                             "use a smaller image.") from None
+        except Image.UnidentifiedImageError:
+            raise UsageError(f"{_cap(name)} is not a PNG, JPEG or WebP image.") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
+            reason = "truncated" if "truncat" in str(exc).lower() else "corrupt or truncated"
+            raise UsageError(f"{_cap(name)} is {reason} and cannot be decoded; save it again or use another file.") from None
+    return _to_rgb(image)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:] if text.startswith("the ") else f"Image {text}"
+
+
+def _to_rgb(image):
+    """Any PIL mode -> RGB, compositing transparency over white."""
+    from PIL import Image
+
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy() if image.readonly else image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = arr.max(initial=0)
+        if mode == "F" and top <= 1.0:
+            arr = arr * 255.0  # floats in [0, 1]
+        elif top > 255:
+            arr = arr / 257.0  # 16-bit samples
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixel_values(image, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                    resample: int = 2, rescale: float = 1 / 255) -> np.ndarray:
+    """RGB PIL image -> float32 array (1, 3, size, size): resized (PIL filters are anti-aliased), rescaled, normalised."""
+    image = _to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), resample=resample)
+    x = np.asarray(image, dtype=np.float32) * rescale  # (H, W, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)
