@@ -29,7 +29,7 @@ from engine.generators import Generator, GeneratorInfo
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption")
+DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption", "plugins.onnx_exporters")
 ENTRY_POINT_GROUP = "studio.plugins"
 HOOKS = ("register_generators", "register_architectures", "register_exporters")
 

@@ -44,8 +44,12 @@ class ModelEntry:
 
     @property
     def onnx(self) -> list:
-        """Registered ONNX exports: folders beside the weights holding an ``onnx.json`` manifest."""
-        return sorted(str(p.parent.relative_to(self.path)) for p in self.path.glob("onnx*/onnx.json"))
+        """Registered ONNX exports: folders beside the weights holding an ``onnx.json`` manifest (for built-in
+        models, whose folder is read-only: ``$STUDIO_HOME/exports/<name>/onnx*``, listed as absolute paths)."""
+        found = sorted(str(p.parent.relative_to(self.path)) for p in self.path.glob("onnx*/onnx.json"))
+        if self.builtin:
+            found += sorted(str(p.parent) for p in (state.home() / "exports" / self.name).glob("onnx*/onnx.json"))
+        return found
 
     def ref(self) -> ModelRef:
         return ModelRef(self.name, self.path, self.family, self.hash, self.config, self.studio)

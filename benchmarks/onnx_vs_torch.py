@@ -1,0 +1,397 @@
+"""Benchmark: PyTorch vs onnxruntime (fp32 and int8) on the CPU, in one run.
+
+    .venv/bin/python benchmarks/onnx_vs_torch.py [--threads N] [--tokens 128] [--write docs/benchmarks_onnx.md]
+
+Measures: decode tokens/s of the built-in text model and of a GPT-2-small-shaped model (124M parameters, random
+weights) under torch, onnxruntime fp32 and onnxruntime int8, each next to the read-bandwidth ceiling (measured
+read bandwidth / bytes of weights read per token); greedy agreement torch vs onnx; seconds per image at 20 steps;
+caption latency. Exports go to a temporary folder (the models' own folders are not touched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+DOC_HEAD = """# ONNX vs PyTorch on the CPU
+
+Written by `.venv/bin/python {command}` (the whole file below the command is its output).
+
+What is measured, in one process:
+- **decode tokens/s**: greedy decoding, batch 1, a 16-token prompt then N single-token steps with the KV cache
+  (prefill not counted), for the built-in text model and for a GPT-2-small-shaped model (124M parameters,
+  random weights, tied embeddings), under torch (`model.step`, `torch.inference_mode`), onnxruntime fp32 and
+  onnxruntime int8 (`quantize_dynamic`, MatMul/Gemm weights, per-tensor QInt8);
+- **ceiling**: the measured read bandwidth divided by the bytes of weights one decode step must read (every
+  initializer of the graph except embedding tables read only by Gather); a decoder at batch 1 cannot beat it;
+- **image**: seconds per image at 20 dpmpp_2m steps with guidance 3 (one batch of 2: conditional and
+  unconditional), the torch loop (`engine.image.pipeline.sample`) vs the numpy loop on onnxruntime, from the same
+  noise;
+- **caption**: milliseconds per greedy caption (preprocessing, encoder and decoder) over 20 renders.
+
+Exports are made by `engine.onnx_export.export_model` into a temporary folder, each through the parity gate.
+onnxruntime sessions: intra-op threads = `--threads` (default: all cores), inter-op 1, graph optimizations all,
+sequential execution; torch uses `torch.set_num_threads(--threads)`.
+
+"""
+
+DOC_TAIL = """
+## Using the ONNX backend
+
+    studio export-onnx MODEL [--out DIR] [--quantize int8] [--force]
+    studio generate text --model MODEL --backend onnx --prompt "..."
+
+Exports of user models go to `<model folder>/onnx` (or `onnx-int8`); exports of built-in models (read-only) go to
+`$STUDIO_HOME/exports/<model>/onnx[-int8]`. Both are listed by `studio models list` and used by `--backend onnx`
+(fp32 first when both exist; `STUDIO_ONNX_VARIANT=int8` picks the int8 one). An `--out` folder elsewhere is
+written but not registered. The backend needs `onnxruntime`, `onnx` (the graph checker), `numpy`, `tokenizers`
+and `Pillow`, not torch. The image generator's ONNX backend draws its noise with numpy, so a seed gives a
+different (equally valid) image than on torch; from the same noise the two agree (see the notes above).
+"""
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """GB/s reading a ``mib`` MiB float32 buffer (best of ``repeats``) with ``np.max`` (SIMD, little compute) on
+    ``threads`` threads, each over its own slice; the best of 1 thread and ``threads`` threads."""
+    buf = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.max(buf)
+        best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bytes_per_token(graph_path: Path) -> int:
+    """Bytes of initializers a decode step reads: all of them except tables used only by Gather (embeddings)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_path))
+    consumers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        if consumers.get(init.name) == {"Gather"}:
+            continue
+        total += numpy_helper.to_array(init).nbytes
+    return total
+
+
+def decode_rate(step, prompt, n: int, to_int) -> tuple:
+    """(tokens/s over ``n`` greedy decode steps after the prompt, the tokens)."""
+    logits, past = step(prompt, None)
+    toks = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = to_int(logits)
+        toks.append(tok)
+        logits, past = step(np.array([[tok]], dtype=np.int64), past)
+    return n / (time.perf_counter() - t0), toks
+
+
+def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tokens: int, bw: float, threads: int,
+              log) -> tuple:
+    import torch
+
+    from engine.onnx.decoder import OnnxDecoder
+    from engine.onnx.runtime import Export
+    from engine.onnx.text import load_torch_model
+    from engine.onnx_export import export_model
+
+    rows, notes = [], []
+    exports = {}
+    for q in (None, "int8"):
+        t = time.perf_counter()
+        man = export_model(host, entry, out_dir=work / f"{name}-{q or 'fp32'}", quantize=q, log=log)
+        exports[q] = (Path(man["folder"]), man)
+        notes.append(f"{name} {q or 'fp32'} export: {time.perf_counter() - t:.0f} s, parity "
+                     f"{man['parity']['decoder_logits']['max_abs_diff']:.2g} (tolerance "
+                     f"{man['parity']['decoder_logits']['tolerance']:g})")
+        if q:
+            notes.append(f"{name} int8 quality: {json.dumps(man['quantization']['quality'])}")
+    model = load_torch_model(folder, family)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.config.vocab_size, size=(1, 16)).astype(np.int64)
+    n = min(tokens, (model.config.max_position_embeddings if family == "llama" else model.config.n_positions) - 17)
+
+    def torch_step(ids, past):
+        with torch.inference_mode():
+            logits, past = model.step(torch.from_numpy(ids), past)
+        return logits, past
+
+    decode_rate(torch_step, prompt, 8, lambda l: int(l[0].argmax()))  # warm-up
+    rate_t, toks_t = decode_rate(torch_step, prompt, n, lambda l: int(l[0].argmax()))
+    fp32_bytes = bytes_per_token(exports[None][0] / "decoder.onnx")
+    rows.append((name, "torch fp32", rate_t, bw * 1e9 / fp32_bytes, fp32_bytes))
+    toks = {}
+    for q in (None, "int8"):
+        folder_q = exports[q][0]
+        export = Export(folder_q, threads=threads)
+        dec = OnnxDecoder(export.session("decoder"), export.manifest["config"])
+        step = lambda ids, past, dec=dec: dec.step(ids, past)  # noqa: E731
+        decode_rate(step, prompt, 8, lambda l: int(l[0].argmax()))
+        rate, toks[q] = decode_rate(step, prompt, n, lambda l: int(l[0].argmax()))
+        nbytes = bytes_per_token(folder_q / "decoder.onnx")
+        rows.append((name, f"onnxruntime {'int8' if q else 'fp32'}", rate, bw * 1e9 / nbytes, nbytes))
+    same = next((i for i, (a, b) in enumerate(zip(toks_t, toks[None])) if a != b), len(toks_t))
+    notes.append(f"{name}: greedy tokens torch vs onnxruntime fp32 identical for {same}/{len(toks_t)} tokens; "
+                 f"int8 vs fp32 for "
+                 f"{next((i for i, (a, b) in enumerate(zip(toks[None], toks['int8'])) if a != b), len(toks_t))}"
+                 f"/{len(toks_t)}")
+    return rows, notes
+
+
+def gpt2_small_folder(folder: Path) -> Path:
+    """A GPT-2-small-shaped (124M) model folder with random weights (fp16 safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config())
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_positions": 1024,
+           "n_embd": 768, "n_layer": 12, "n_head": 12, "activation_function": "gelu_new", "bos_token_id": 50256,
+           "eos_token_id": 50256, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "studio.json").write_text(json.dumps({"generator": "text", "family": "gpt2", "title": "gpt2-124m"}))
+    return folder
+
+
+def fake_entry(folder: Path, family: str, generator: str):
+    from engine.store import ModelEntry, content_hash
+
+    return ModelEntry(folder.name, folder, family, generator, False, content_hash(folder), 0, folder.name,
+                      json.loads((folder / "config.json").read_text()), {})
+
+
+def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
+    from PIL import Image
+
+    from engine.caption.pipeline import CaptionPipeline
+    from engine.onnx_export import export_model
+    from engine.shapes import render, sample_scene
+
+    rows, notes = [], []
+    folder = Path(entry.path)
+    pipes = {"torch fp32": CaptionPipeline.from_folder(folder, backend="torch")}
+    for q in (None, "int8"):
+        man = export_model(host, entry, out_dir=work / f"caption-{q or 'fp32'}", quantize=q, log=log)
+        notes.append(f"caption {q or 'fp32'} parity: " + json.dumps(man["parity"]))
+        if q:
+            notes.append("caption int8 quality: " + json.dumps(man["quantization"]["quality"]))
+        from engine.onnx.caption import OnnxCaptionRunner, light_config
+        from engine.onnx.decoder import OnnxDecoder
+        from engine.onnx.runtime import Export
+        from engine.caption.pipeline import Preprocess
+        from engine.caption.tokenizer import load_tokenizer
+
+        ex = Export(Path(man["folder"]), threads=threads)
+        cfg = light_config(ex.manifest["config"])
+        runner = OnnxCaptionRunner(ex.session("encoder"), OnnxDecoder(ex.session("decoder"), ex.manifest["config"]))
+        pipes[f"onnxruntime {q or 'fp32'}"] = CaptionPipeline(runner, load_tokenizer(folder), cfg,
+                                                              Preprocess.from_folder(folder, cfg.encoder.image_size))
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(render(sample_scene(rng), 32, antialias=bool(i % 2))) for i in range(20)]
+    outs = {}
+    for name, pipe in pipes.items():
+        pipe(images[0])
+        t = time.perf_counter()
+        outs[name] = [pipe(im).token_ids for im in images]
+        rows.append(("caption (greedy)", name, (time.perf_counter() - t) / len(images) * 1000))
+    same = sum(a == b for a, b in zip(outs["torch fp32"], outs["onnxruntime fp32"]))
+    notes.append(f"captions torch vs onnxruntime fp32 identical: {same}/{len(images)}; int8 vs fp32: "
+                 f"{sum(a == b for a, b in zip(outs['onnxruntime fp32'], outs['onnxruntime int8']))}/{len(images)}")
+    return rows, notes
+
+
+def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
+    from engine.image.model import load
+    from engine.image.pipeline import TorchDenoiser, TorchTextEncoder
+    from engine.onnx.image import (OnnxDenoiser, OnnxTextEncoder, _generate, _generate_torch)
+    from engine.onnx.runtime import Export
+    from engine.onnx_export import export_model
+    from engine.shapes import analyze, caption, sample_scene
+
+    rows, notes = [], []
+    loaded = load(Path(entry.path))
+    nets = {"torch fp32": (TorchTextEncoder(loaded.text_encoder), TorchDenoiser(loaded.unet))}
+    for q in (None, "int8"):
+        man = export_model(host, entry, out_dir=work / f"image-{q or 'fp32'}", quantize=q, log=log)
+        notes.append(f"image {q or 'fp32'} parity: " + json.dumps(man["parity"]))
+        if q:
+            notes.append("image int8 quality: " + json.dumps(man["quantization"]["quality"]))
+        ex = Export(Path(man["folder"]), threads=threads)
+        nets[f"onnxruntime {q or 'fp32'}"] = (OnnxTextEncoder(ex.session("text_encoder")),
+                                              OnnxDenoiser(ex.session("unet")))
+    captions = [caption(sample_scene(np.random.default_rng(100 + i))) for i in range(5)]
+    imgs = {}
+    for name, pair in nets.items():
+        gen = _generate_torch if name.startswith("torch") else _generate
+        gen(loaded, pair, captions[:1], 2, seed=0)  # warm-up
+        t = time.perf_counter()
+        imgs[name] = np.concatenate([gen(loaded, pair, [c], 20, seed=i) for i, c in enumerate(captions)])
+        rows.append(("image (20 steps, guidance 3)", name, (time.perf_counter() - t) / len(captions)))
+    a, b = imgs["torch fp32"], imgs["onnxruntime fp32"]
+    notes.append(f"images torch vs onnxruntime fp32 (same noise): max pixel difference "
+                 f"{int(np.abs(a.astype(int) - b.astype(int)).max())}, analyzer reads "
+                 f"{sum(analyze(x) == analyze(y) for x, y in zip(a, b))}/{len(a)} identically")
+    return rows, notes
+
+
+def targets(text: list) -> list:
+    """The issue's targets, checked against the measured rows (met / NOT met)."""
+    out = []
+    by = {}
+    for model, backend, rate, ceiling, nbytes in text:
+        by.setdefault(model, {})[backend] = (rate, ceiling)
+    for model, rows in by.items():
+        t = rows.get("torch fp32", (0, 0))[0] or float("nan")
+        f, fc = rows.get("onnxruntime fp32", (0, 1))
+        q = rows.get("onnxruntime int8", (0, 1))[0]
+        if model.startswith("gpt2-124m"):
+            out.append(f"- {model}: onnxruntime fp32 at {100 * f / fc:.0f} % of the bandwidth ceiling "
+                       f"(target >= 80 %): {'met' if f >= 0.8 * fc else 'NOT met'}")
+        else:
+            out.append(f"- {model}: onnxruntime fp32 {f / t:.2f}x torch (target >= 2x): "
+                       f"{'met' if f >= 2 * t else 'NOT met'}")
+        out.append(f"- {model}: onnxruntime int8 {q / t:.2f}x torch fp32 (target >= 2.5x): "
+                   f"{'met' if q >= 2.5 * t else 'NOT met'}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: builtin-text,gpt2-124m,image,caption")
+    p.add_argument("--write", metavar="MD", help="also write the results as markdown to this file")
+    args = p.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    os.environ["STUDIO_ONNX_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from engine.onnx.common import versions
+    from engine.plugins import DEFAULT_PLUGINS, PluginHost
+    from engine.store import ModelStore
+
+    log = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
+    builtins = tuple(dict.fromkeys(DEFAULT_PLUGINS + ("plugins.onnx_exporters",)))
+    host = PluginHost(safe_mode=True, disabled=[], builtins=builtins).load()
+    store = ModelStore(host, user_dir=Path(tempfile.mkdtemp()))
+    builtin = {e.generator: e for e in store.list() if e.builtin}
+    load_before = uptime()
+    bw = read_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads): {bw:.1f} GB/s", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
+    text, other, notes = [], [], []
+
+    def part(name, fn):
+        if name in skip:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one failing part must not lose the others' figures
+            notes.append(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+            print(f"{name} failed: {exc!r}", file=sys.stderr)
+
+    def builtin_text():
+        e = builtin.get("text")
+        if e is None:
+            notes.append("built-in text model: not installed, skipped")
+            return
+        r, n = text_rows(e.name, Path(e.path), e.family, e, host, work, args.tokens, bw, args.threads, log)
+        text.extend(r)
+        notes.extend(n)
+
+    def gpt2_124m():
+        folder = gpt2_small_folder(work / "gpt2-124m")
+        r, n = text_rows("gpt2-124m (random)", folder, "gpt2", fake_entry(folder, "gpt2", "text"), host, work,
+                         min(args.tokens, 64), bw, args.threads, log)
+        text.extend(r)
+        notes.extend(n)
+
+    def image():
+        e = builtin.get("image")
+        if e is None:
+            notes.append("built-in image model: not installed, skipped")
+            return
+        r, n = image_rows(e, host, work, args.threads, log)
+        other.extend((a, b, f"{c:.3f} s/image") for a, b, c in r)
+        notes.extend(n)
+
+    def caption():
+        e = builtin.get("caption")
+        if e is None:
+            notes.append("built-in caption model: not installed, skipped")
+            return
+        r, n = caption_rows(e, host, work, args.threads, log)
+        other.extend((a, b, f"{c:.1f} ms/caption") for a, b, c in r)
+        notes.extend(n)
+
+    try:
+        for name, fn in (("builtin-text", builtin_text), ("gpt2-124m", gpt2_124m), ("image", image),
+                         ("caption", caption)):
+            part(name, fn)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = uptime()
+    lines = ["| model | backend | decode tokens/s | ceiling tokens/s (bandwidth / bytes per token) | % of ceiling "
+             "| vs torch fp32 |", "|---|---|---|---|---|---|"]
+    base = {}
+    for model, backend, rate, ceiling, nbytes in text:
+        base.setdefault(model, rate)
+        lines.append(f"| {model} | {backend} | {rate:.1f} | {ceiling:.1f} ({nbytes / 1e6:.1f} MB/token) "
+                     f"| {100 * rate / ceiling:.0f} % | {rate / base[model]:.2f}x |")
+    lines += ["", "| task | backend | time |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in other]
+    lines += ["", "Targets:", ""] + targets(text)
+    v = versions()
+    header = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, {args.threads} threads (torch and onnxruntime intra-op), "
+              f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}.",
+              f"Read bandwidth measured: {bw:.1f} GB/s (numpy max over 512 MiB, {args.threads} threads, best of 5).",
+              f"Load before: `{load_before}`; after: `{load_after}`.", ""]
+    text_out = "\n".join(header + lines + ["", "Notes:", ""] + [f"- {n}" for n in notes]) + "\n"
+    print(text_out)
+    if args.write:
+        command = " ".join(["benchmarks/onnx_vs_torch.py"] + list(argv if argv is not None else sys.argv[1:]))
+        Path(args.write).write_text(DOC_HEAD.format(command=command) + text_out + DOC_TAIL)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

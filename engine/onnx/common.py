@@ -1,0 +1,124 @@
+"""Exporter helpers shared by the families (torch is imported inside functions only).
+
+``ConcatCache`` stands in for ``engine.text.cache.KVCache`` while tracing: it takes the past keys/values as graph
+inputs and returns ``cat(past, new)`` so the exported decoder has ``past_key_values.*`` inputs and ``present.*``
+outputs with a dynamic past length. ``export_graph`` runs the TorchScript exporter with dynamic axes;
+``graph_io`` reads names, shapes and types back from the written file; ``quantize_graph`` applies
+onnxruntime's dynamic int8 quantization.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+DECODER_TOLERANCE = 1e-3  # max |logit difference|, fp32, over prefill and cached decode steps
+
+
+class ConcatCache:
+    """A traceable KV cache: ``update`` concatenates onto the past given as inputs and records the presents."""
+
+    def __init__(self, past, cross=None):
+        self.past = list(past)  # per layer (k, v): (B, n_kv, P, hs)
+        self.present = [None] * len(self.past)
+        self.cross = cross
+
+    @property
+    def length(self):
+        return self.past[0][0].shape[2]
+
+    @length.setter
+    def length(self, value):  # the model advances it after a call; the graph's outputs carry it instead
+        pass
+
+    def update(self, layer, k, v):
+        import torch
+
+        pk, pv = self.past[layer]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.present[layer] = (k, v)
+        return k, v
+
+
+def kv_names(n_layers: int, prefix: str) -> list:
+    return [f"{prefix}.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
+
+
+def export_graph(module, args: tuple, path: Path, input_names: list, output_names: list, dynamic_axes: dict,
+                 opset: int = OPSET) -> None:
+    """torch.onnx.export with the TorchScript exporter (dynamic axes), falling back to the dynamo exporter."""
+    import torch
+
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        except TypeError:  # a torch without the TorchScript exporter
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=True)
+
+
+_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 3: "int8", 2: "uint8"}
+
+
+def graph_io(path: Path) -> dict:
+    """``{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]}`` read from the graph file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                    for d in t.shape.dim]
+            out.append({"name": v.name, "shape": dims, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))})
+        return out
+
+    init = {i.name for i in model.graph.initializer}
+    return {"inputs": describe([i for i in model.graph.input if i.name not in init]),
+            "outputs": describe(model.graph.output), "opset": max(o.version for o in model.opset_import
+                                                                   if o.domain in ("", "ai.onnx"))}
+
+
+def quantize_graph(src: Path, dst: Path, conv: bool = False) -> None:
+    """Dynamic int8 quantization of MatMul/Gemm (and Conv when ``conv``) weights."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Gemm"] + (["Conv"] if conv else [])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                             per_channel=False, reduce_range=False)
+    finally:
+        root.setLevel(level)
+
+
+def max_abs(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import engine
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "studio": engine.__version__}

@@ -1,0 +1,255 @@
+"""Finding, checking and opening ONNX exports. Imports onnxruntime, onnx and numpy only (never torch).
+
+An export is a folder holding graphs and an ``onnx.json`` manifest. Before a session is created:
+the manifest's files must be plain files inside the folder (no symlinks, no paths), of the size and sha256 the
+manifest records; every graph must parse, pass ``onnx.checker`` and reference external data only in files of
+its own folder. Anything else raises ``ModelError`` with one sentence.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from engine.errors import ModelError, UsageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "onnx.json"
+FORMAT = "genai-studio-onnx/1"
+_HASHES: dict = {}  # (path, mtime_ns, size) -> sha256, so a file is hashed once per process
+
+
+def sha256_file(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def builtin_dir() -> Path:
+    return Path(__file__).resolve().parent.parent.parent / "resources" / "models"
+
+
+def exports_home() -> Path:
+    from engine import state
+
+    return state.home() / "exports"
+
+
+def is_builtin(folder: Path) -> bool:
+    try:
+        return Path(folder).resolve().parent == builtin_dir().resolve()
+    except OSError:
+        return False
+
+
+def export_folders(model_folder: Path) -> list:
+    """Export folders of a model: ``<model>/onnx*/`` and, for built-in models, ``$STUDIO_HOME/exports/<name>/onnx*/``.
+    fp32 exports come before int8 ones."""
+    model_folder = Path(model_folder)
+    found = [p.parent for p in model_folder.glob("onnx*/" + MANIFEST)]
+    for p in (exports_home() / model_folder.name).glob("onnx*/" + MANIFEST):
+        if is_builtin(model_folder) or _records_builtin(p):
+            found.append(p.parent)
+    return sorted(found, key=lambda p: ("int8" in p.name, str(p)))
+
+
+def _records_builtin(manifest_path: Path) -> bool:
+    try:
+        return bool(json.loads(manifest_path.read_text(encoding="utf-8"))["model"]["builtin"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return False
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a manifest this studio wrote (so an export may replace it)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no {MANIFEST}; export the model again with `studio export-onnx`.") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid JSON; export the model again with `studio export-onnx --force`.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        raise ModelError(f"{path} is not a manifest this studio wrote; export the model again.")
+    return data
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name == os.path.basename(name) and name not in (".", "..") and "\\" not in name \
+        and not os.path.isabs(name)
+
+
+def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> None:
+    """Every file the manifest names is a plain, non-symlinked file of the recorded size and sha256."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise ModelError(f"ONNX export folder {folder} is a symbolic link; only real export folders are loaded.")
+    real = folder.resolve()
+    for name, meta in manifest["files"].items():
+        if not _plain_name(name):
+            raise ModelError(f"{folder / MANIFEST} names the file {name!r}, which is outside the export folder.")
+        path = folder / name
+        if path.is_symlink():
+            raise ModelError(f"{path} is a symbolic link; an export may only hold its own files.")
+        if not path.is_file():
+            raise ModelError(f"ONNX export {folder} lacks the file {name} named in its manifest; export again.")
+        if path.resolve().parent != real:
+            raise ModelError(f"{path} lies outside the export folder; export the model again.")
+        if not isinstance(meta, dict):
+            raise ModelError(f"{folder / MANIFEST} has a damaged entry for {name}; export the model again.")
+        if "bytes" in meta and path.stat().st_size != meta["bytes"]:
+            raise ModelError(f"{path} has {path.stat().st_size} bytes but the manifest records {meta['bytes']} "
+                             "(truncated or changed); export the model again.")
+        if verify_hashes and meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+            raise ModelError(f"{path} does not match the sha256 in its manifest (corrupt or changed); "
+                             "export the model again.")
+
+
+def check_graph(path: Path, allowed: Optional[set] = None) -> None:
+    """Parse a graph, refuse external data outside its folder or through symlinks, run ``onnx.checker``."""
+    try:
+        import onnx
+        from onnx import external_data_helper
+    except ImportError:
+        raise ModelError("The ONNX backend needs the onnx package to check graphs before loading them; "
+                         "install it with `pip install onnx`.") from None
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        raise ModelError(f"ONNX graph {path} is missing or a symbolic link; export the model again.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise ModelError(f"ONNX graph {path.name} is corrupt or truncated ({type(exc).__name__}); "
+                         "export the model again.") from None
+    folder = path.parent.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = path.parent / location
+        if (not _plain_name(location) or target.is_symlink() or not target.is_file()
+                or target.resolve().parent != folder or (allowed is not None and location not in allowed)):
+            raise ModelError(f"ONNX graph {path.name} refers to external data {location!r} outside its own "
+                             "export folder; refusing to load it.")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"ONNX graph {path.name} fails the ONNX checker ({first[:200]}); export the model again.") from None
+
+
+SMALL_GRAPH_BYTES = 64 << 20  # below this, one intra-op thread is faster (measured: docs/benchmarks_onnx.md)
+
+
+def default_threads(path: Optional[Path] = None) -> int:
+    """``STUDIO_ONNX_THREADS`` when set; else 1 for small graphs (their per-operator work is too small to share
+    out: one thread measured about 2x faster for the built-in models) and every core for larger ones."""
+    env = int(os.environ.get("STUDIO_ONNX_THREADS", 0) or 0)
+    if env > 0:
+        return env
+    if path is not None and Path(path).is_file() and Path(path).stat().st_size < SMALL_GRAPH_BYTES:
+        return 1
+    return os.cpu_count() or 1
+
+
+def session_options(threads: Optional[int] = None, path: Optional[Path] = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or default_threads(path)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(path: Path, threads: Optional[int] = None, check: bool = True, allowed: Optional[set] = None):
+    """An onnxruntime CPU session on a checked graph."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError("The ONNX backend needs onnxruntime; install it with `pip install onnxruntime`.") from None
+    if check:
+        check_graph(path, allowed)
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, path),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnxruntime cannot load {Path(path).name} ({first[:200]}); export the model again.") from None
+
+
+class Export:
+    """An opened, checked export folder: its manifest and lazily created sessions by graph name."""
+
+    def __init__(self, folder: Path, threads: Optional[int] = None, verify_hashes: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        check_folder(self.folder, self.manifest, verify_hashes)
+        self.threads = threads
+        self._sessions: dict = {}
+
+    @property
+    def graphs(self) -> dict:
+        return self.manifest.get("graphs", {})
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            graph = self.graphs.get(name)
+            if not isinstance(graph, dict) or not _plain_name(str(graph.get("file", ""))):
+                raise ModelError(f"ONNX export {self.folder} has no graph {name!r}; export the model again.")
+            if graph["file"] not in self.manifest["files"]:
+                raise ModelError(f"ONNX export {self.folder}: graph {graph['file']} is not listed in its manifest.")
+            self._sessions[name] = open_session(self.folder / graph["file"], self.threads,
+                                                allowed=set(self.manifest["files"]))
+        return self._sessions[name]
+
+
+def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: Optional[int] = None) -> Export:
+    """The preferred export of a model folder (fp32 before int8; ``STUDIO_ONNX_VARIANT=int8`` picks int8)."""
+    folders = export_folders(model_folder)
+    if not folders:  # the same condition engine.runner.prepare refuses as a usage error
+        raise UsageError(f"Model {Path(model_folder).name} has no ONNX export; run "
+                         f"`studio export-onnx {Path(model_folder).name}` first.")
+    want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
+    if want:
+        chosen = [f for f in folders if (("int8" in f.name) == (want == "int8"))]
+        folders = chosen or folders
+    export = Export(folders[0], threads)
+    recorded = export.manifest.get("model", {}).get("hash")
+    if model_hash and recorded and recorded != model_hash:
+        raise ModelError(f"The ONNX export in {folders[0]} was made from another version of model "
+                         f"{Path(model_folder).name}; run `studio export-onnx {Path(model_folder).name} --force`.")
+    return export
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{Path(path).parent.name} has no {Path(path).name}.") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid JSON; the model folder is damaged.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged.")
+    return data

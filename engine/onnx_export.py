@@ -1,0 +1,148 @@
+"""``studio export-onnx``: export a model through its family's registered exporter, gate it on parity with
+PyTorch, and write the manifest ``onnx.json`` beside the graphs.
+
+Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` when quantized) for user models, and
+``$STUDIO_HOME/exports/<model>/onnx[-int8]`` for built-in models (their folder is read-only). The export is
+written into a temporary sibling folder and renamed into place at the end, so nothing half-written is left;
+an existing destination is replaced only if it is an earlier export (it holds this studio's manifest).
+
+An exporter, registered with ``register(family, export)``, is called as ``export(model_ref, tmp_dir, options)``
+where ``options`` = {"quantize": None | "int8", "log": callable, "gate": callable(parity)}; it writes its graphs
+into ``tmp_dir`` and returns {"graphs": {name: {"file", "inputs", "outputs"}}, "parity": {check: {"max_abs_diff",
+"tolerance", "passed", ...}}, "config": {...}, "opset": int, "quantization": {...} (when quantized)}.
+"""
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.errors import ModelError, UsageError
+from engine.onnx.runtime import FORMAT, MANIFEST, exports_home, is_export, sha256_file
+
+QUANTIZE = (None, "int8")
+
+
+def default_out_dir(entry, quantize: Optional[str]) -> Path:
+    name = "onnx-int8" if quantize == "int8" else "onnx"
+    if entry.builtin:
+        return exports_home() / entry.name / name
+    return Path(entry.path) / name
+
+
+def parity_failures(parity: dict) -> list:
+    """One phrase per failed check, with its figures."""
+    bad = []
+    for name, fig in parity.items():
+        if not isinstance(fig, dict):
+            continue
+        diff, tol = fig.get("max_abs_diff"), fig.get("tolerance")
+        failed = fig.get("passed") is False or (diff is not None and tol is not None and not diff <= tol)
+        if failed:
+            bad.append(f"{name} differs by up to {diff:.3g} (tolerance {tol:g})")
+    return bad
+
+
+def _gate(entry, force: bool, say: Callable) -> Callable:
+    def gate(parity: dict) -> None:
+        bad = parity_failures(parity)
+        if not bad:
+            return
+        if force:
+            say(f"warning: the parity gate failed ({'; '.join(bad)}); keeping the export because of --force")
+            return
+        raise ModelError(f"The ONNX export of {entry.name} does not match PyTorch: {'; '.join(bad)}; "
+                         "nothing was written (pass --force to keep it anyway).")
+    return gate
+
+
+def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional[str] = None, force: bool = False,
+                 log: Optional[Callable] = None) -> dict:
+    """Export ``entry`` (a ModelEntry) and return its manifest (``manifest["folder"]`` is where it went)."""
+    say = log or (lambda msg: None)
+    if quantize not in QUANTIZE:
+        raise UsageError(f"Quantization must be int8 or none, not {quantize!r}.")
+    host.load()
+    if entry.family not in host.exporters:
+        known = ", ".join(sorted(host.exporters)) or "none"
+        raise UsageError(f"No ONNX exporter is registered for the {entry.family} family of model {entry.name} "
+                         f"(exporters exist for: {known}).")
+    export_fn, plugin = host.exporters[entry.family]
+    dest = Path(out_dir).expanduser() if out_dir else default_out_dir(entry, quantize)
+    dest = dest.absolute()
+    if dest.exists() or dest.is_symlink():
+        if dest.is_symlink() or not dest.is_dir() or not is_export(dest):
+            raise UsageError(f"{dest} already exists and is not an earlier ONNX export; choose another --out folder.")
+        say(f"replacing the earlier export in {dest}")
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # removed again on failure
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as exc:
+        raise UsageError(f"Cannot write to {dest.parent} ({exc.strerror}); choose another --out folder.") from None
+    try:
+        options = {"quantize": quantize, "log": say, "gate": _gate(entry, force, say)}
+        result = export_fn(entry.ref(), tmp, options)
+        if not isinstance(result, dict) or not isinstance(result.get("graphs"), dict) or not result["graphs"]:
+            raise ModelError(f"The ONNX exporter of plugin {plugin} returned no graphs for {entry.name}.")
+        parity = result.get("parity") or {}
+        if not parity:
+            raise ModelError(f"The ONNX exporter of plugin {plugin} measured no parity figures; export refused.")
+        failures = parity_failures(parity)
+        options["gate"](parity)
+        for graph in result["graphs"].values():
+            if not (tmp / graph["file"]).is_file():
+                raise ModelError(f"The ONNX exporter of plugin {plugin} did not write {graph['file']}.")
+            frozen = [i["name"] for i in graph.get("inputs", []) if i.get("shape") and isinstance(i["shape"][0], int)]
+            if frozen:
+                raise ModelError(f"The exported graph {graph['file']} has a fixed batch size for input {frozen[0]}; "
+                                 "the exporter froze an axis that must stay dynamic.")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        from engine.onnx.common import versions
+
+        quant = None
+        if quantize == "int8":
+            quant = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+                     "op_types": ["MatMul", "Gemm"], "per_channel": False,
+                     "gate": "the parity gate ran on the fp32 graph before quantization"}
+            quant.update(result.get("quantization") or {})
+        manifest = {
+            "format": FORMAT,
+            "model": {"name": entry.name, "family": entry.family, "generator": entry.generator, "hash": entry.hash,
+                      "builtin": entry.builtin},
+            "folder": str(dest),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "exporter": plugin,
+            "opset": result.get("opset"),
+            "versions": versions(),
+            "graphs": result["graphs"],
+            "files": files,
+            "parity": parity,
+            "parity_passed": not failures,
+            "forced": bool(failures and force),
+            "quantization": quant,
+            "config": result.get("config", {}),
+        }
+        import json
+
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        say(f"wrote {len(files)} file(s) and {MANIFEST} to {dest}")
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first; only folders this export created and left empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise

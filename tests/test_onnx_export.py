@@ -1,0 +1,186 @@
+"""ONNX export: parity gate, manifest, output folders, refusals (tiny random models)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import ModelError, UsageError
+from engine.onnx_export import export_model
+from tests.onnx_fixtures import caption_folder, entry_for, exporter_host, image_folder, text_folder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_ONNX_THREADS", "1")
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def host():
+    return exporter_host()
+
+
+def _greedy_torch(model, prompt, n):
+    with torch.inference_mode():
+        logits, past = model.step(torch.tensor(prompt))
+        out = []
+        for _ in range(n):
+            t = int(logits[0].argmax())
+            out.append(t)
+            logits, past = model.step(torch.tensor([[t]]), past)
+    return out
+
+
+def _greedy_onnx(decoder, prompt, n):
+    logits, past = decoder.step(np.array(prompt))
+    out = []
+    for _ in range(n):
+        t = int(logits[0].argmax())
+        out.append(t)
+        logits, past = decoder.step(np.array([[t]]), past)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_text_export_gate_manifest_and_greedy(tmp_path, host, family):
+    from engine.onnx.text import load_decoder, load_torch_model
+
+    folder = text_folder(tmp_path / f"tiny-{family}", family)
+    entry = entry_for(folder, family, "text")
+    manifest = export_model(host, entry)
+    out = folder / "onnx"
+    assert manifest["folder"] == str(out) and (out / "onnx.json").is_file()
+    assert json.loads((out / "onnx.json").read_text())["files"]["decoder.onnx"]["sha256"]
+    assert manifest["parity_passed"] and manifest["parity"]["decoder_logits"]["max_abs_diff"] <= 1e-3
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"} and manifest["opset"] >= 14
+    io = {i["name"]: i["shape"] for i in manifest["graphs"]["decoder"]["inputs"]}
+    assert io["input_ids"] == ["batch", "sequence"]
+    assert io["past_key_values.0.key"][0] == "batch" and io["past_key_values.0.key"][2] == "past_sequence"
+    assert entry.onnx == ["onnx"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    decoder, _ = load_decoder(folder, entry.hash)
+    model = load_torch_model(folder, family)
+    prompt = [[3, 5, 7, 11]]
+    assert _greedy_onnx(decoder, prompt, 24) == _greedy_torch(model, prompt, 24)
+    # batch 3 with a longer prompt also matches (dynamic batch and sequence axes)
+    ids = np.random.default_rng(1).integers(0, 64, size=(3, 9))
+    with torch.inference_mode():
+        ref, _ = model(torch.from_numpy(ids))
+    got, _ = decoder(ids)
+    assert np.abs(got - ref.numpy()).max() < 1e-3
+
+
+def test_int8_export_records_quality(tmp_path, host):
+    folder = text_folder(tmp_path / "tiny-q", "llama")
+    entry = entry_for(folder, "llama", "text")
+    manifest = export_model(host, entry, quantize="int8")
+    assert manifest["folder"].endswith("onnx-int8")
+    q = manifest["quantization"]
+    assert q["method"].endswith("quantize_dynamic") and "greedy_int8_matches_fp32_for_tokens" in q["quality"]
+    assert "bpc_onnx_int8" in q["quality"] or q["quality"]["heldout"].startswith("not measured")
+    assert sorted(p.name for p in (folder / "onnx-int8").iterdir()) == ["decoder.onnx", "onnx.json"]
+
+
+def test_builtin_exports_go_to_studio_home(tmp_path, host):
+    from engine.onnx.runtime import export_folders
+
+    folder = text_folder(tmp_path / "builtin" / "tiny-b", "gpt2")
+    entry = entry_for(folder, "gpt2", "text", builtin=True)
+    manifest = export_model(host, entry)
+    assert manifest["folder"] == str(tmp_path / "home" / "exports" / "tiny-b" / "onnx")
+    assert entry.onnx == [manifest["folder"]]
+    assert [str(p) for p in export_folders(folder)] == [manifest["folder"]]
+
+
+def test_failed_gate_refused_and_nothing_left(tmp_path, host, monkeypatch):
+    import engine.onnx.text as text
+
+    real = text.torch_stepper
+
+    def perturbed(model):
+        step = real(model)
+        return lambda ids, cache: (lambda lc: (lc[0] + 0.5, lc[1]))(step(ids, cache))
+
+    monkeypatch.setattr(text, "torch_stepper", perturbed)
+    folder = text_folder(tmp_path / "tiny-bad", "llama")
+    entry = entry_for(folder, "llama", "text")
+    with pytest.raises(ModelError, match="does not match PyTorch.*0.5"):
+        export_model(host, entry)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "studio.json",
+                                                        "tokenizer.json"]
+    builtin = entry_for(folder, "llama", "text", builtin=True)
+    with pytest.raises(ModelError):
+        export_model(host, builtin)
+    assert not (tmp_path / "home" / "exports").exists()  # folders made for the export are removed again
+    manifest = export_model(host, entry, force=True)
+    assert manifest["forced"] and not manifest["parity_passed"]
+
+
+def test_refusals(tmp_path, host):
+    folder = text_folder(tmp_path / "tiny-r", "llama")
+    entry = entry_for(folder, "llama", "text")
+    entry.family = "no-such-family"
+    with pytest.raises(UsageError, match="No ONNX exporter"):
+        export_model(host, entry)
+    entry.family = "llama"
+    other = tmp_path / "not-an-export"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not an earlier ONNX export"):
+        export_model(host, entry, out_dir=other)
+    assert (other / "keep.txt").read_text() == "mine"
+    first = export_model(host, entry, out_dir=tmp_path / "exp")
+    again = export_model(host, entry, out_dir=tmp_path / "exp")  # an earlier export is replaced
+    assert first["folder"] == again["folder"] and len(list(tmp_path.glob(".exp*"))) == 0
+
+
+def test_caption_export_and_pipeline_parity(tmp_path, host):
+    from PIL import Image
+
+    from engine.caption.pipeline import CaptionPipeline
+    from engine.shapes import render, sample_scene
+
+    folder = caption_folder(tmp_path / "tiny-cap")
+    entry = entry_for(folder, "vision-encoder-decoder", "caption")
+    manifest = export_model(host, entry)
+    assert manifest["parity_passed"] and manifest["parity"]["greedy_captions"]["identical"] == "8/8"
+    assert set(manifest["graphs"]) == {"encoder", "decoder"}
+    t = CaptionPipeline.from_folder(folder, backend="torch")
+    o = CaptionPipeline.from_folder(folder, backend="onnx")
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        image = Image.fromarray(render(sample_scene(rng), 32))
+        for beams in (1, 3):
+            a, b = t(image, 12, beams), o(image, 12, beams)
+            assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_image_export_unet_within_tolerance(tmp_path, host):
+    from engine.image.model import load
+    from engine.onnx.image import load_image_model
+
+    folder = image_folder(tmp_path / "tiny-img")
+    entry = entry_for(folder, "shapes-diffusion", "image")
+    manifest = export_model(host, entry)
+    assert manifest["parity_passed"] and set(manifest["graphs"]) == {"text_encoder", "unet"}
+    assert manifest["parity"]["unet"]["max_abs_diff"] <= 1e-3
+    assert manifest["parity"]["sampled_images"]["analyzer_agrees"] == "2/2"
+    shapes = {i["name"]: i["shape"] for i in manifest["graphs"]["unet"]["inputs"]}
+    assert shapes["sample"] == ["batch", 5, "height", "width"] and shapes["timestep"] == ["batch"]
+    # the U-Net at a batch size and timesteps other than the export's example
+    onnx_model = load_image_model(folder, entry.hash)
+    torch_model = load(folder)
+    x = np.random.default_rng(4).standard_normal((3, 5, 16, 16)).astype(np.float32)
+    h = np.random.default_rng(5).standard_normal((3, 16, 16)).astype(np.float32)
+    p = np.random.default_rng(6).standard_normal((3, 16)).astype(np.float32)
+    for t in (999.0, 250.0, 3.0):
+        with torch.no_grad():
+            ref = torch_model.unet(torch.from_numpy(x), torch.full((3,), t), torch.from_numpy(h),
+                                   torch.from_numpy(p)).numpy()
+        assert np.abs(onnx_model.unet(x, t, h, p) - ref).max() < 1e-3
