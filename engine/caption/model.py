@@ -136,10 +136,11 @@ def expected_shapes(config: CaptionConfig) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_state_shapes(config: CaptionConfig, shapes: dict, where: str) -> None:
-    """ModelError when the weights named in ``shapes`` ({name: shape}) do not fit ``config``."""
+def check_state_shapes(config: CaptionConfig, shapes: dict, where: str, model=None) -> None:
+    """ModelError when the weights named in ``shapes`` ({name: shape}) do not fit ``config`` (or ``model``,
+    when one is already built: that avoids a meta-device build, whose ops import torch._dynamo)."""
     shapes = _clean_state(shapes)
-    want = expected_shapes(config)
+    want = expected_shapes(config) if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(want) - set(shapes))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -169,10 +170,10 @@ def load_caption_model(folder, device: str = "cpu", dtype: Optional[torch.dtype]
 
     config = load_config(folder)
     state = _clean_state(load_state_dict(folder))
-    check_state_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, f"Model folder {folder}")
+    model = CaptionModel(config)
+    check_state_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, f"Model folder {folder}", model)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    model = CaptionModel(config)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -121,6 +121,10 @@ def check_folder(folder: Path) -> None:
     cfg = read_config(folder)
     with torch.device("meta"):
         unet, text = build(cfg)
+    _check_built(folder, cfg, unet, text)
+
+
+def _check_built(folder: Path, cfg, unet, text) -> None:
     u, t = split_state_dict(_read_weights(folder))
     _match(unet, u, "unet")
     _match(text, t, "text_encoder")
@@ -144,9 +148,9 @@ def load(folder: Path, device: str = "cpu") -> LoadedModel:
     import torch
     from engine.image.tokenizer import PromptEncoder
     folder = Path(folder)
-    check_folder(folder)
     cfg = read_config(folder)
     unet, text = build(cfg)
+    _check_built(folder, cfg, unet, text)  # checks against the built modules: no meta build on the load path
     u, t = split_state_dict(_read_weights(folder))
     dtype = torch.float16 if device == "cuda" else torch.float32
     unet.load_state_dict({k: v.float() for k, v in u.items()})

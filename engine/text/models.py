@@ -52,12 +52,13 @@ def _expected(model) -> dict:
     return shapes, tied
 
 
-def check_weights(folder, family: str, cfg: dict | None = None) -> None:
+def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> None:
     from engine.text import gpt2
     from engine.weights import read_shapes
 
     cfg = cfg if cfg is not None else read_config(folder)
-    model = build_model(cfg, family, device="meta")
+    if model is None:  # a meta build allocates nothing, but its ops import torch._dynamo (seconds)
+        model = build_model(cfg, family, device="meta")
     expected, tied = _expected(model)
     found = read_shapes(folder)
     found = {k: v for k, v in found.items()
@@ -110,9 +111,9 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
     from engine.weights import load_state_dict
 
     cfg = read_config(folder)
-    check_weights(folder, family, cfg)
-    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     model = build_model(cfg, family)
+    check_weights(folder, family, cfg, model)
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     state = load_state_dict(folder)
     if family == "llama":
         from engine.text.llama import load_hf_state_dict
