@@ -121,23 +121,10 @@ def run(loaded, prompt: str, options: dict, seed: int, cancel=None) -> Iterator:
 
     from engine.generators import Partial, Progress, Result
 
-    warnings = []
+    from engine.image.tokenizer import encode_prompts
+
     prompt = prompt or ""
-    enc = loaded.prompt_encoder.encode(prompt)
-    if not prompt.strip():
-        warnings.append("The prompt is empty, so the image is unconditional (any scene the model likes).")
-    if enc.unknown:
-        warnings.append("These prompt words are unknown to the model and were ignored: "
-                        + ", ".join(dict.fromkeys(enc.unknown)) + ".")
-    if enc.truncated:
-        warnings.append(f"The prompt is longer than the model's {loaded.prompt_encoder.context - 2}-word context; "
-                        f"the last {enc.truncated} word(s) were cut.")
-    neg = loaded.prompt_encoder.encode(options.get("negative_prompt", "") or "")
-    if neg.unknown:
-        warnings.append("These negative-prompt words are unknown to the model and were ignored: "
-                        + ", ".join(dict.fromkeys(neg.unknown)) + ".")
-    if neg.truncated:
-        warnings.append(f"The negative prompt was cut by {neg.truncated} word(s) to fit the context.")
+    enc, neg, warnings = encode_prompts(loaded.prompt_encoder, prompt, options.get("negative_prompt", "") or "")
     settings = SampleSettings(int(options.get("steps", 20)), float(options.get("guidance", 1.5)),
                               options.get("sampler", "dpmpp_2m"))
     size = loaded.cfg.sample_size

@@ -65,3 +65,28 @@ class PromptEncoder:
         truncated = max(0, len(ids) - room)
         ids = [BOS] + ids[:room] + [EOS]
         return Encoded(ids + [PAD] * (self.context - len(ids)), unknown, truncated)
+
+
+def encode_prompts(encoder: "PromptEncoder", prompt: str, negative: str):
+    """Encode the prompt and the negative prompt; return (prompt_encoding, negative_encoding, warnings).
+
+    Shared by the torch and onnxruntime pipelines, so both warn the same way about empty prompts, unknown
+    words and prompts cut to the context.
+    """
+    warnings = []
+    enc = encoder.encode(prompt)
+    if not prompt.strip():
+        warnings.append("The prompt is empty, so the image is unconditional (any scene the model likes).")
+    if enc.unknown:
+        warnings.append("These prompt words are unknown to the model and were ignored: "
+                        + ", ".join(dict.fromkeys(enc.unknown)) + ".")
+    if enc.truncated:
+        warnings.append(f"The prompt is longer than the model's {encoder.context - 2}-word context; "
+                        f"the last {enc.truncated} word(s) were cut.")
+    neg = encoder.encode(negative)
+    if neg.unknown:
+        warnings.append("These negative-prompt words are unknown to the model and were ignored: "
+                        + ", ".join(dict.fromkeys(neg.unknown)) + ".")
+    if neg.truncated:
+        warnings.append(f"The negative prompt was cut by {neg.truncated} word(s) to fit the context.")
+    return enc, neg, warnings
