@@ -126,7 +126,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
 
     from engine.caption.model import TorchCaptionRunner, load_caption_model
     from engine.caption.pipeline import Preprocess
-    from engine.onnx.common import export_graph, graph_io, kv_names, quantize_graph
+    from engine.onnx.common import describe_graphs, export_graph, kv_names, quantize_graph, replace_graphs
     from engine.onnx.decoder import OnnxDecoder
     from engine.onnx.runtime import open_session
     from engine.onnx.text import decoder_parity, export_decoder, torch_stepper
@@ -182,11 +182,8 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
                                  "identical": f"{N_GREEDY_PARITY - differ}/{N_GREEDY_PARITY}",
                                  "inputs": f"{N_GREEDY_PARITY} rendered scenes, greedy decoding"}
     options.get("gate", lambda p: None)(parity)
-    graphs = {}
-    for name, path in (("encoder", enc_path), ("decoder", dec_path)):
-        io = graph_io(path)
-        graphs[name] = {"file": path.name, "inputs": io["inputs"], "outputs": io["outputs"]}
-    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": io["opset"]}
+    graphs, opset = describe_graphs({"encoder": enc_path, "decoder": dec_path})
+    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing to int8 (dynamic) and measuring exact match on {N_QUALITY} renders")
         q_enc, q_dec = out_dir / "encoder.int8.onnx", out_dir / "decoder.int8.onnx"
@@ -206,8 +203,6 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
         same = sum(greedy_ids(runner, p, cfg) == greedy_ids(q_runner, p, cfg) for p in pixels[:20])
         quality["int8_captions_identical_to_fp32"] = f"{same}/20"
         del runner, q_runner, enc_sess
-        for src, dst in ((q_enc, enc_path), (q_dec, dec_path)):
-            dst.unlink()
-            src.rename(dst)
+        replace_graphs(((q_enc, enc_path), (q_dec, dec_path)))
         result["quantization"] = {"quality": quality}
     return result

@@ -106,6 +106,23 @@ def quantize_graph(src: Path, dst: Path, conv: bool = False) -> None:
         root.setLevel(level)
 
 
+def describe_graphs(paths: dict) -> tuple:
+    """``({name: {"file", "inputs", "outputs"}}, opset)`` for the written graphs ``{name: path}``."""
+    graphs, opset = {}, None
+    for name, path in paths.items():
+        io = graph_io(path)
+        graphs[name] = {"file": path.name, "inputs": io["inputs"], "outputs": io["outputs"]}
+        opset = io["opset"]
+    return graphs, opset
+
+
+def replace_graphs(pairs) -> None:
+    """Move each ``(src, dst)`` graph over its ``dst`` (the int8 graphs replace the fp32 ones)."""
+    for src, dst in pairs:
+        dst.unlink()
+        src.rename(dst)
+
+
 def max_abs(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:

@@ -196,7 +196,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
 
     from engine.image.model import load
     from engine.image.pipeline import TorchDenoiser, TorchTextEncoder
-    from engine.onnx.common import export_graph, graph_io, quantize_graph
+    from engine.onnx.common import describe_graphs, export_graph, quantize_graph, replace_graphs
     from engine.onnx.runtime import open_session
 
     say = options.get("log") or (lambda m: None)
@@ -265,11 +265,8 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     image_check = compare_sampling(loaded, (t_text, t_unet), (o_text, o_unet), prompts[:2], PARITY_SAMPLE_STEPS)
     parity["sampled_images"] = image_check
     options.get("gate", lambda p: None)(parity)
-    graphs = {}
-    for name, path in (("text_encoder", te_path), ("unet", un_path)):
-        io = graph_io(path)
-        graphs[name] = {"file": path.name, "inputs": io["inputs"], "outputs": io["outputs"]}
-    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": io["opset"]}
+    graphs, opset = describe_graphs({"text_encoder": te_path, "unet": un_path})
+    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing to int8 (dynamic) and scoring {N_QUALITY} images with the analyzer")
         q_te, q_un = out_dir / "text_encoder.int8.onnx", out_dir / "unet.int8.onnx"
@@ -278,9 +275,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
         q_text, q_unet = OnnxTextEncoder(open_session(q_te)), OnnxDenoiser(open_session(q_un))
         result["quantization"] = {"quality": image_quality(loaded, (o_text, o_unet), (q_text, q_unet))}
         del o_text, o_unet, q_text, q_unet
-        for src, dst in ((q_te, te_path), (q_un, un_path)):
-            dst.unlink()
-            src.rename(dst)
+        replace_graphs(((q_te, te_path), (q_un, un_path)))
     return result
 
 

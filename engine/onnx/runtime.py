@@ -7,7 +7,6 @@ its own folder. Anything else raises ``ModelError`` with one sentence.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import ModelError, UsageError
+from engine.outputs import sha256_file as _sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,7 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = _sha256_file(path)
     return _HASHES[key]
 
 

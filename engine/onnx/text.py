@@ -214,7 +214,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     """Exporter registered for the llama and gpt2 families (see engine.onnx_export for the contract)."""
     import torch
 
-    from engine.onnx.common import graph_io, quantize_graph
+    from engine.onnx.common import describe_graphs, quantize_graph, replace_graphs
     from engine.onnx.decoder import OnnxDecoder
     from engine.onnx.runtime import open_session
 
@@ -225,13 +225,12 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     path = Path(out_dir) / "decoder.onnx"
     say(f"exporting the {model_ref.family} decoder ({cfg['n_layers']} layers) to ONNX")
     export_decoder(model, cfg, path)
-    io = graph_io(path)
+    graphs, opset = describe_graphs({"decoder": path})
     fp32 = OnnxDecoder(open_session(path), cfg)
     say("checking parity with PyTorch")
     parity = {"decoder_logits": decoder_parity(torch_stepper(model), fp32, cfg["vocab_size"])}
     options.get("gate", lambda p: None)(parity)
-    result = {"graphs": {"decoder": {"file": path.name, "inputs": io["inputs"], "outputs": io["outputs"]}},
-              "parity": parity, "config": cfg, "opset": io["opset"]}
+    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say("quantizing to int8 (dynamic) and measuring the quality cost")
         qpath = Path(out_dir) / "decoder.int8.onnx"
@@ -241,7 +240,6 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
                                cfg["max_positions"])
         quality["int8_vs_torch_logits"] = decoder_parity(torch_stepper(model), int8, cfg["vocab_size"])["max_abs_diff"]
         del fp32, int8
-        path.unlink()
-        qpath.rename(path)
+        replace_graphs(((qpath, path),))
         result["quantization"] = {"quality": quality}
     return result

@@ -1,6 +1,8 @@
 """The controls for one generator: prompt, image input, option form, model/backend/device/seed, Generate/Cancel."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QRegularExpression, Qt, Signal
 from PySide6.QtGui import QRegularExpressionValidator
 from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
@@ -180,6 +182,29 @@ class GeneratorPanel(QWidget):
         self.seed.setText(seed if seed.isdigit() else "")
         if saved.get("prompt") is not None:
             self.prompt.setPlainText(saved["prompt"])
+
+    def apply_recipe(self, recipe: dict) -> list:
+        """Put a recipe's prompt, options, seed, model, backend and input image into the form.
+
+        Returns what could not be applied (unknown options, a model that is not installed)."""
+        if "text" in self.info.takes:
+            self.prompt.setPlainText(recipe.get("prompt") or "")
+        skipped = self.form.set_values(recipe.get("options") or {})
+        if recipe.get("seed") is not None:
+            self.seed.setText(str(recipe["seed"]))
+        model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else recipe.get("model")
+        if model:
+            idx = self.model.findData(model)
+            if idx >= 0:
+                self.model.setCurrentIndex(idx)
+            else:
+                skipped.append(f"model {model} (not installed)")
+        if recipe.get("backend"):
+            self.set_pickers(recipe["backend"], self.device.currentText())
+        image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
+        if image and "image" in self.info.takes and Path(image).exists():
+            self.image_input.set_path(image)
+        return skipped
 
     def set_pickers(self, backend: str, device: str) -> None:
         if backend in BACKENDS:

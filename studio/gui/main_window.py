@@ -347,23 +347,7 @@ class MainWindow(QMainWindow):
                              "which is not installed.")
         self.select_generator(gid)
         info = self.panel.info
-        if "text" in info.takes:
-            self.panel.prompt.setPlainText(recipe.get("prompt") or "")
-        skipped = self.panel.form.set_values(recipe.get("options") or {})
-        if recipe.get("seed") is not None:
-            self.panel.seed.setText(str(recipe["seed"]))
-        model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else recipe.get("model")
-        if model:
-            idx = self.panel.model.findData(model)
-            if idx >= 0:
-                self.panel.model.setCurrentIndex(idx)
-            else:
-                skipped.append(f"model {model} (not installed)")
-        if recipe.get("backend"):
-            self.panel.set_pickers(recipe["backend"], self.panel.device.currentText())
-        image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
-        if image and "image" in info.takes and Path(image).exists():
-            self.panel.image_input.set_path(image)
+        skipped = self.panel.apply_recipe(recipe)
         note = f"Loaded the recipe into {info.title}"
         if skipped:
             note += f"; skipped: {', '.join(map(str, skipped))}"

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QHeaderView, QMessageBox, QPushButton, QTableView,
+from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QMessageBox, QPushButton,
                                QVBoxLayout)
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.model_table import ModelTableModel
-from studio.gui.util import guard
+from studio.gui.util import row_table, guard
 from studio.gui.worker import Task
 from studio.gui.qtcompat import emit
 
@@ -25,13 +25,7 @@ class ModelDialog(QDialog):
         self.setWindowTitle("Models")
         self.banner = ErrorBanner()
         self.model = ModelTableModel()
-        self.table = QTableView()
-        self.table.setModel(self.model)
-        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.verticalHeader().hide()
+        self.table = row_table(self.model)
         self.import_button = QPushButton("Import folder…")
         self.remove_button = QPushButton("Remove")
         self.close_button = QPushButton("Close")

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPlainTextEdit,
-                               QPushButton, QTableView, QVBoxLayout)
+from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit,
+                               QPushButton, QVBoxLayout)
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.plugin_model import PluginTableModel
-from studio.gui.util import guard
+from studio.gui.util import row_table, guard
 from studio.gui.worker import Task
 from studio.gui.qtcompat import emit
 
@@ -23,13 +23,7 @@ class PluginDialog(QDialog):
         self.setWindowTitle("Plugins")
         self.banner = ErrorBanner()
         self.model = PluginTableModel(session.host, self)
-        self.table = QTableView()
-        self.table.setModel(self.model)
-        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.verticalHeader().hide()
+        self.table = row_table(self.model)
         self.details = QPlainTextEdit()
         self.details.setReadOnly(True)
         self.details.setPlaceholderText("Select a plugin to see its location and, for a failed one, the full error.")

@@ -68,6 +68,34 @@ def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
     return np.cumprod((1.0 - make_betas(cfg)).astype(np.float64)).astype(np.float32)
 
 
+def check_steps(cfg: SchedulerConfig, num_inference_steps: int) -> int:
+    """The training length T; ValueError unless 1 <= num_inference_steps <= T."""
+    T = cfg.num_train_timesteps
+    if not 1 <= num_inference_steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}")
+    return T
+
+
+def discrete_timesteps(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """(n,) int64 descending timesteps as diffusers' DDPM/DDIM ``set_timesteps`` (default spacing "leading")."""
+    T = check_steps(cfg, num_inference_steps)
+    spacing = cfg.timestep_spacing or "leading"
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(num_inference_steps) * (T // num_inference_steps)).round()[::-1] + cfg.steps_offset
+    else:
+        ts = np.round(np.arange(T, 0, -T / num_inference_steps)) - 1
+    return ts.astype(np.int64).copy()
+
+
+def sigmas_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """(n + 1,) float32 sigma = sqrt((1 - a) / a) interpolated at ``timesteps``, then a final 0."""
+    all_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    sigmas = np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
 def clip(x, r: float):
     return x.clip(-r, r)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, clip, to_float
+from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, clip, discrete_timesteps, to_float
 
 
 class DDIMScheduler:
@@ -17,18 +17,8 @@ class DDIMScheduler:
         self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"steps must be between 1 and {T}")
+        self.timesteps = discrete_timesteps(self.config, num_inference_steps)
         self.num_inference_steps = num_inference_steps
-        spacing = self.config.timestep_spacing or "leading"
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
-        elif spacing == "leading":
-            ts = (np.arange(num_inference_steps) * (T // num_inference_steps)).round()[::-1] + self.config.steps_offset
-        else:
-            ts = np.round(np.arange(T, 0, -T / num_inference_steps)) - 1
-        self.timesteps = ts.astype(np.int64).copy()
 
     def scale_model_input(self, sample, timestep):
         return sample

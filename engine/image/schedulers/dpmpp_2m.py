@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod
+from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
 
 
 class DPMSolverMultistepScheduler:
@@ -19,9 +19,7 @@ class DPMSolverMultistepScheduler:
         self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"steps must be between 1 and {T}")
+        T = check_steps(self.config, num_inference_steps)
         spacing = self.config.timestep_spacing or "linspace"
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_inference_steps + 1).round()[::-1][:-1]
@@ -31,9 +29,7 @@ class DPMSolverMultistepScheduler:
         else:
             ts = np.arange(T, 0, -T / num_inference_steps).round() - 1
         self.timesteps = ts.astype(np.int64).copy()
-        all_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        sigmas = np.interp(self.timesteps, np.arange(len(all_sigmas)), all_sigmas)
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # sigma = sqrt((1 - a) / a)
+        self.sigmas = sigmas_at(self.alphas_cumprod, self.timesteps)  # sigma = sqrt((1 - a) / a)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None, None]
         self.lower_order_nums = 0
@@ -56,7 +52,6 @@ class DPMSolverMultistepScheduler:
             x0 = alpha_s0 * sample - sigma_s0 * model_output
         self.model_outputs = [self.model_outputs[1], x0]
         last = i == len(self.timesteps) - 1
-        second_last = i == len(self.timesteps) - 2 and len(self.timesteps) < 15
         sigma_next = float(self.sigmas[i + 1])
         if sigma_next == 0.0:  # final step to sigma 0: the first-order update returns x0 exactly
             prev = x0 * 1.0
@@ -67,7 +62,7 @@ class DPMSolverMultistepScheduler:
                 # first order (DPM-Solver++ 1 = DDIM): x_t = (s_t / s_s) x - a_t (e^-h - 1) x0
                 prev = (sigma_t / sigma_s0) * sample - (alpha_t * (math.exp(-h) - 1.0)) * x0
             else:
-                del second_last  # order 2 is the highest order, so lower_order_second changes nothing
+                # order 2 is the highest order, so diffusers' lower_order_second changes nothing here
                 alpha_s1, sigma_s1 = self._alpha_sigma(float(self.sigmas[i - 1]))
                 h0 = (math.log(alpha_s0) - math.log(sigma_s0)) - (math.log(alpha_s1) - math.log(sigma_s1))
                 r0 = h0 / h

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod
+from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
 
 
 class EulerDiscreteScheduler:
@@ -14,9 +14,7 @@ class EulerDiscreteScheduler:
         self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"steps must be between 1 and {T}")
+        T = check_steps(self.config, num_inference_steps)
         spacing = self.config.timestep_spacing or "linspace"
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_inference_steps, dtype=np.float32)[::-1]
@@ -26,9 +24,7 @@ class EulerDiscreteScheduler:
         else:
             ts = np.arange(T, 0, -T / num_inference_steps).round().astype(np.float32) - 1
         self.timesteps = ts.astype(np.float32).copy()
-        all_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        sigmas = np.interp(self.timesteps, np.arange(len(all_sigmas)), all_sigmas)
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.sigmas = sigmas_at(self.alphas_cumprod, self.timesteps)
         self.num_inference_steps = num_inference_steps
         self.step_index = 0
 
