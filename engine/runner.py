@@ -185,10 +185,11 @@ def write_result(result: Result, recipe: dict, path: Path) -> list[Path]:
 
 def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optional[Callable] = None,
             out_path: Optional[Path] = None, out_dir: Optional[Path] = None,
-            history: Optional[History] = None) -> Record:
+            history: "History | bool | None" = None) -> Record:
     """Run a prepared job to its Result, then write its output and history row.
 
-    ``on_event`` sees every Progress and Partial. A generator that raises anything but a StudioError is
+    ``on_event`` sees every Progress and Partial. ``history``: a History to record in (default: the state
+    folder's), or False to record nothing. A generator that raises anything but a StudioError is
     reported as a GenerationError naming its plugin; the host never crashes on plugin code.
     """
     context = context or Context()
@@ -215,8 +216,8 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
         raise GenerationError(f"Generator {prep.generator.info.id} finished without a result.")
     context.cancel.raise_if_cancelled()
     _check_result(prep, result)
-    timings = {"total_s": round(time.perf_counter() - started, 4)}
-    timings.update(result.info.pop("timings", {}) if isinstance(result.info.get("timings"), dict) else {})
+    own = result.info.pop("timings", None)  # a generator may report its own split (load, steps, ...)
+    timings = {**(own if isinstance(own, dict) else {}), "total_s": round(time.perf_counter() - started, 4)}
     recipe = recipe_of(prep, result, timings)
     if out_path is None:
         from engine import state

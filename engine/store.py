@@ -160,14 +160,15 @@ class ModelStore:
 
     def get(self, name_or_path: str) -> ModelEntry:
         """A model by store name, or a model folder path used in place (not imported)."""
-        for entry in self.list():
+        entries = self.list()
+        for entry in entries:
             if entry.name == name_or_path:
                 return entry
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             self.validate(path)
             return self._entry(path.resolve(), builtin=False)
-        known = ", ".join(e.name for e in self.list()) or "none"
+        known = ", ".join(e.name for e in entries) or "none"
         raise UsageError(f"Unknown model {name_or_path!r}; known models: {known} (or give a model folder path).")
 
     def default_for(self, generator_id: str) -> Optional[ModelEntry]:

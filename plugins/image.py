@@ -10,9 +10,9 @@ from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import ModelError, UsageError
 from engine.generators import Generator, GeneratorInfo, Option
+from engine.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
-MODEL_TYPE = "studio-text-to-image"
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = engine.image.schedulers.SAMPLERS, which imports numpy
 
 INFO = GeneratorInfo(
     id="image",

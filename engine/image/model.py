@@ -76,20 +76,8 @@ def build(cfg: ImageModelConfig):
 
 
 def _read_weights(folder: Path) -> dict:
-    try:
-        from engine.weights import load_state_dict
-    except ImportError:
-        load_state_dict = None
-    if load_state_dict is not None:
-        return load_state_dict(folder)
-    from safetensors.torch import load_file
-    path = Path(folder) / "model.safetensors"
-    if not path.exists():
-        raise ModelError(f"{folder} has no model.safetensors.")
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise ModelError(f"{path} is not a readable safetensors file ({e}).") from None
+    from engine.weights import load_state_dict
+    return load_state_dict(folder)
 
 
 def split_state_dict(sd: dict):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, clip, discrete_timesteps, randn_like, to_float
+from engine.image.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
+                                             discrete_timesteps, randn_like, to_float)
 
 
 class DDPMScheduler:
