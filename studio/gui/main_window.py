@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QMessa
 
 from engine.errors import UsageError
 from engine.generators import CancelToken
+from studio.gui.dialog_actions import DialogActions
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.generator_panel import GeneratorPanel
 from studio.gui.history_panel import HistoryPanel
@@ -27,7 +28,7 @@ CLOSE_WAIT_MS = 1800
 DRAIN_MS = 16  # how often worker messages reach the widgets (about 60 Hz)
 
 
-class MainWindow(QMainWindow):
+class MainWindow(DialogActions, QMainWindow):
     def __init__(self, session: Session | None = None, generator: str | None = None):
         super().__init__()
         self.session = session or Session()
@@ -85,7 +86,6 @@ class MainWindow(QMainWindow):
         self.generator_list.currentItemChanged.connect(self.on_generator_changed)
         self.panel.generate_clicked.connect(self.generate)
         self.panel.cancel_clicked.connect(self.cancel)
-        self.panel.image_input.changed.connect(lambda _p: None)
         self.output.replay_requested.connect(self.replay)
         self.output.caption_requested.connect(self.caption_image)
         self.output.prompt_requested.connect(self.use_as_prompt)
@@ -416,55 +416,6 @@ class MainWindow(QMainWindow):
         answer = QMessageBox.question(self, "Load recipe?", text,
                                       QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
         return answer == QMessageBox.StandardButton.Yes
-
-    # ----- dialogs ---------------------------------------------------------------------------
-    @guard
-    def open_plugins(self) -> None:
-        from studio.gui.plugin_dialog import PluginDialog
-
-        dlg = PluginDialog(self.session, self)
-        dlg.plugins_changed.connect(self.reload_plugins)
-        dlg.exec()
-
-    @guard
-    def reload_plugins(self) -> None:
-        if self.task is not None:
-            raise UsageError("Wait for the running generation to finish before reloading plugins.")
-        self.session.reload_plugins()
-        self.populate_generators()
-        self.statusBar().showMessage("Plugins reloaded: " + self._plugin_summary(), 8000)
-
-    @guard
-    def open_models(self) -> None:
-        from studio.gui.model_dialog import ModelDialog
-
-        dlg = ModelDialog(self.session, self)
-        dlg.models_changed.connect(self.refresh_models)
-        dlg.exec()
-
-    @guard
-    def open_export(self) -> None:
-        from studio.gui.export_dialog import ExportDialog
-
-        dlg = ExportDialog(self.session, self)
-        dlg.exec()
-        self.refresh_models()
-
-    @guard
-    def open_settings(self) -> None:
-        from studio.gui.settings_dialog import SettingsDialog
-
-        dlg = SettingsDialog(self.session.settings, self)
-        if dlg.exec():
-            dlg.apply(self.session.settings)
-            self.session.save_settings()
-            self.panel.set_pickers(self.session.settings.backend, self.session.settings.device)
-
-    @guard
-    def open_about(self) -> None:
-        from studio.gui.about_dialog import AboutDialog
-
-        AboutDialog(self).exec()
 
     # ----- persistence and closing -----------------------------------------------------------
     def _restore_geometry(self) -> None:

@@ -1,0 +1,58 @@
+"""The Tools and Help menu actions of the main window: each opens one dialog (imported when first opened)."""
+from __future__ import annotations
+
+from engine.errors import UsageError
+from studio.gui.util import guard
+
+
+class DialogActions:
+    """Mixed into MainWindow; uses its ``session``, ``panel``, ``task``, ``populate_generators``,
+    ``refresh_models`` and ``_plugin_summary``."""
+
+    @guard
+    def open_plugins(self) -> None:
+        from studio.gui.plugin_dialog import PluginDialog
+
+        dlg = PluginDialog(self.session, self)
+        dlg.plugins_changed.connect(self.reload_plugins)
+        dlg.exec()
+
+    @guard
+    def reload_plugins(self) -> None:
+        if self.task is not None:
+            raise UsageError("Wait for the running generation to finish before reloading plugins.")
+        self.session.reload_plugins()
+        self.populate_generators()
+        self.statusBar().showMessage("Plugins reloaded: " + self._plugin_summary(), 8000)
+
+    @guard
+    def open_models(self) -> None:
+        from studio.gui.model_dialog import ModelDialog
+
+        dlg = ModelDialog(self.session, self)
+        dlg.models_changed.connect(self.refresh_models)
+        dlg.exec()
+
+    @guard
+    def open_export(self) -> None:
+        from studio.gui.export_dialog import ExportDialog
+
+        dlg = ExportDialog(self.session, self)
+        dlg.exec()
+        self.refresh_models()
+
+    @guard
+    def open_settings(self) -> None:
+        from studio.gui.settings_dialog import SettingsDialog
+
+        dlg = SettingsDialog(self.session.settings, self)
+        if dlg.exec():
+            dlg.apply(self.session.settings)
+            self.session.save_settings()
+            self.panel.set_pickers(self.session.settings.backend, self.session.settings.device)
+
+    @guard
+    def open_about(self) -> None:
+        from studio.gui.about_dialog import AboutDialog
+
+        AboutDialog(self).exec()
