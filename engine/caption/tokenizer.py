@@ -1,9 +1,7 @@
 """Caption tokenizers: a word-level ``tokenizer.json`` for the shapes world, and loading any ``tokenizer.json``."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from engine.errors import ModelError
+from engine.text.models import load_tokenizer  # noqa: F401  (re-exported: tokenizer.json of a model folder)
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -30,16 +28,3 @@ def shapes_tokenizer():
 
     words = {w for c in all_captions() for w in c.split()}
     return build_word_tokenizer(words)
-
-
-def load_tokenizer(folder):
-    """``tokenizer.json`` of a model folder; ModelError when missing or unreadable."""
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise ModelError(f"Model folder {folder} has no tokenizer.json.")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception:  # tokenizers raises plain Exception subclasses
-        raise ModelError(f"{path} is corrupt or not a tokenizers file; re-download or re-export the model.") from None

@@ -279,20 +279,6 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     return result
 
 
-def torch_numpy_nets(text, den):
-    """Numpy-in, numpy-out wrappers around the pipeline's TorchTextEncoder / TorchDenoiser."""
-    import torch
-
-    def t(ids):
-        h, p = text(ids)
-        return h.numpy(), p.numpy()
-
-    def d(x, step, h, p):
-        return den(torch.from_numpy(np.ascontiguousarray(x)), step, torch.from_numpy(h), torch.from_numpy(p)).numpy()
-
-    return t, d
-
-
 def _generate(loaded, nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
     """uint8 images for ``captions`` with numpy-level (text, denoiser) and the numpy loop, from torch-drawn noise."""
     enc = loaded.prompt_encoder
