@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="default: the model's studio.json, else 1.5")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the sampling runs (fp32)")
     p.add_argument("--skip-ddpm", action="store_true")
     p.add_argument("--markdown", default=None)
     p.add_argument("--update-studio", action="store_true", help="write the measured scores into studio.json")
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
 
     folder = Path(args.model)
     loaded = M.load(folder, "cpu")
+    loaded.unet.to(args.device), loaded.text_encoder.to(args.device)
     studio = json.loads((folder / "studio.json").read_text()) if (folder / "studio.json").exists() else {}
     guidance = args.guidance if args.guidance is not None else float(studio.get("sampling", {}).get("guidance", 1.5))
     caps = [caption(sample_scene(np.random.default_rng(i))) for i in range(args.n)]
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     for sampler, steps, cs in runs:
         t0 = time.perf_counter()
         imgs = generate_batch(loaded.unet, loaded.text_encoder, loaded.cfg, cs, steps, sampler, guidance, seed=0,
-                              encoder=enc, batch=args.batch)
+                              encoder=enc, batch=args.batch, device=args.device)
         dt = (time.perf_counter() - t0) / len(cs)
         s = score_images(imgs, cs)
         rows.append((sampler, steps, len(cs), s, dt))
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
               f"background {s['background']:.3f} | {dt * 1000:.1f} ms/image (batched)", flush=True)
 
     # latency of one image, and the cost of one U-Net step with batched vs separate guidance passes
-    text, den = TorchTextEncoder(loaded.text_encoder), TorchDenoiser(loaded.unet)
+    text, den = TorchTextEncoder(loaded.text_encoder, args.device), TorchDenoiser(loaded.unet, args.device)
     S, C = loaded.cfg.sample_size, loaded.cfg.coord_channels
     ids = np.array([enc.encode("").ids, enc.encode(caps[0]).ids])
     hidden, pooled = text(ids)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
             "ms_one_image_dpmpp_20": round(latency * 1000, 1)}
         (folder / "studio.json").write_text(json.dumps(studio, indent=2) + "\n")
     if args.markdown:
-        lines = [f"Machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
+        lines = [f"Machine: {platform.processor() or platform.machine()}, device {args.device}, torch threads {args.threads}, "
                  f"guidance {guidance}, model `{folder.name}`.", "",
                  "| sampler | steps | n | all five | size | colour | kind | position | background | ms / image (batched) |",
                  "|---|---|---|---|---|---|---|---|---|---|"]

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from engine.caption.vit import ViTConfig, ViTModel, rename_legacy_keys
 from engine.errors import ModelError
+from engine.text.cache import no_cudnn_attention_on_cuda
 from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ def load_caption_model(folder, device: str = "cpu", dtype: Optional[torch.dtype]
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    no_cudnn_attention_on_cuda(device)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -155,8 +155,8 @@ def save(folder: Path, config: dict, unet, text_encoder, tokenizer, studio: dict
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"text_encoder.{k}": v.detach().to(torch.float16).contiguous()
+    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float16).contiguous()
                     for k, v in text_encoder.state_dict().items()})
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -69,7 +69,8 @@ def class_vector(hidden: torch.Tensor, pooled: torch.Tensor, ids, mode: str) -> 
     real (non-pad) tokens, which carries every word of the prompt directly."""
     if mode == "pooled":
         return pooled
-    mask = (torch.as_tensor(np.asarray(ids)) != 0).to(hidden.dtype)[:, :, None]  # (B, T, 1); [PAD] is id 0
+    ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+    mask = (ids != 0).to(hidden.device, hidden.dtype)[:, :, None]  # (B, T, 1); [PAD] is id 0
     return (hidden * mask).sum(1) / mask.sum(1)
 
 

@@ -93,8 +93,8 @@ def score_images(images: np.ndarray, captions: list) -> dict:
 
 
 def generate_batch(unet, text, cfg_model, captions, steps=20, sampler="dpmpp_2m", guidance=1.5, seed=0,
-                   encoder=None, batch=100):
-    """Images (N, S, S, 3) uint8 for ``captions`` with the torch modules (seeded)."""
+                   encoder=None, batch=100, device="cpu"):
+    """Images (N, S, S, 3) uint8 for ``captions`` with the torch modules (seeded; the modules on ``device``)."""
     import torch
     from engine.image.model import ImageModelConfig
     from engine.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, sample, to_uint8
@@ -105,7 +105,7 @@ def generate_batch(unet, text, cfg_model, captions, steps=20, sampler="dpmpp_2m"
         gen = torch.Generator().manual_seed(seed + start)
         cond = [encoder.encode(c).ids for c in chunk]
         uncond = [encoder.encode("").ids for _ in chunk]
-        x = sample(TorchTextEncoder(text), TorchDenoiser(unet), cfg, cond, uncond,
+        x = sample(TorchTextEncoder(text, device), TorchDenoiser(unet, device), cfg, cond, uncond,
                    SampleSettings(steps, guidance, sampler), gen)
         out.append(to_uint8(x))
     return np.concatenate(out)
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
         nonlocal best
         t0 = time.perf_counter()
         caps = eval_captions(args.eval_n, seed0=10_000)
-        imgs = generate_batch(ema_unet, ema_text, cfg, caps, 20, "dpmpp_2m", args.guidance, seed=0, encoder=encoder)
+        imgs = generate_batch(ema_unet, ema_text, cfg, caps, 20, "dpmpp_2m", args.guidance, seed=0, encoder=encoder,
+                              device=device)
         s = score_images(imgs, caps)
         curve.append({"step": step, **{k: round(v, 4) for k, v in s.items()}})
         log.info("eval step %d: all five %.3f | size %.2f colour %.2f kind %.2f position %.2f background %.2f (%.0fs)",

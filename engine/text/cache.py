@@ -8,6 +8,15 @@ from __future__ import annotations
 import torch
 
 
+def no_cudnn_attention_on_cuda(device) -> None:
+    """Turn off PyTorch's cuDNN attention when decoding on CUDA. It builds an execution plan for every new key
+    length, so each decode step paid ~40 ms until that length was seen once (built-in model on an H100: 22 tok/s
+    with it, 356 tok/s without; benchmarks/gpu_check.py). Flash and memory-efficient attention stay on."""
+    if str(device).startswith("cuda"):
+        import torch
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class KVCache:
     def __init__(self, n_layers: int):
         self.k: list = [None] * n_layers  # per layer: (B, n_kv, capacity, hs)

@@ -123,6 +123,8 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
         load_hf_state_dict(model, {k: v.float() for k, v in state.items()})
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"Weights of {Path(folder).name} do not load: {exc}.") from None
+    from engine.text.cache import no_cudnn_attention_on_cuda
+    no_cudnn_attention_on_cuda(device)
     return model.to(device=device, dtype=dtype).eval()
 
 
