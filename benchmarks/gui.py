@@ -11,6 +11,9 @@ each of its ticks is; the longest lateness is the longest stall of the event loo
 ``image`` generators are used when they and a model for them are installed; otherwise two synthetic plugins
 stand in: ``bench_stream`` (a few ms of numpy work per token, one Partial per token) and ``bench_denoise`` (numpy
 work per step, a preview image every step); the table says which ran. Targets: first paint < 1.5 s, no stall > 50 ms.
+Before the generations it measures the start-up warm-up that ``studio gui`` runs (torch imported in a background
+thread after the window shows); that row is reported, but it is not a generation, so the target does not apply
+(``--no-warmup`` skips it, and the first generation then imports torch, as it did before the warm-up).
 """
 from __future__ import annotations
 
@@ -173,7 +176,7 @@ def pick(window, makes: str, fallback: str) -> tuple[str, str]:
     return fallback, f"{fallback} (stand-in: no built-in {builtin} generator with a model)"
 
 
-def stalls(prompt_text: str, image_steps: int, text_tokens: int) -> list[dict]:
+def stalls(prompt_text: str, image_steps: int, text_tokens: int, warm: bool = True) -> list[dict]:
     from PySide6.QtWidgets import QApplication
 
     from studio.gui.app import application
@@ -220,9 +223,28 @@ def stalls(prompt_text: str, image_steps: int, text_tokens: int) -> list[dict]:
                      "p99_stall_ms": round(1000 * late[int(0.99 * (len(late) - 1))], 1) if late else None,
                      "streamed_updates": events["tokens"], "previews": events["previews"]})
 
+    if warm:  # what `studio gui` does 300 ms after the window shows: import torch in a background thread
+        from studio.gui.preload import warm_up
+
+        for _ in range(20):
+            app.processEvents()
+        meter.start()
+        started = time.perf_counter()
+        thread = warm_up("torch")
+        while thread is not None and thread.is_alive():
+            app.processEvents()
+            time.sleep(0.001)
+        meter.stop()
+        late = sorted(meter.late)
+        rows.append({"generation": "start-up warm-up (no generation running)", "stall_target": False,
+                     "generator": "torch imported in a background thread after the window shows",
+                     "seconds": round(time.perf_counter() - started, 3), "ticks": len(late),
+                     "max_stall_ms": round(1000 * late[-1], 1) if late else None,
+                     "p99_stall_ms": round(1000 * late[int(0.99 * (len(late) - 1))], 1) if late else None,
+                     "streamed_updates": 0, "previews": 0})
     label = ("bench_torch (a tiny torch loop; torch was not imported before)" if "torch" not in sys.modules
-             else "bench_torch (torch was already imported)")
-    measure("first model generation (imports torch in the worker)", "bench_torch", label, "x", {"tokens": 50})
+             else "bench_torch (torch already imported by the warm-up)")
+    measure("first model generation", "bench_torch", label, "x", {"tokens": 50})
     for makes, fallback, prompt, options in (
             ("text", "bench_stream", prompt_text, {"tokens": text_tokens}),
             ("image", "bench_denoise", "a red circle in the center on a blue background", {"steps": image_steps})):
@@ -244,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-tokens", type=int, default=1000)
     p.add_argument("--no-preload", action="store_true",
                    help="do not map libtorch before importing torch (to measure what studio.gui.preload saves)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the start-up warm-up, so the first generation imports torch (as before the warm-up)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -267,7 +291,7 @@ def main(argv=None) -> int:
     try:
         paints = first_paint(args.runs, home) if args.runs > 0 else [float("nan")]
         words = " ".join(["to be or not to be that is the question"] * 8)
-        rows = stalls(words, args.image_steps, args.text_tokens)
+        rows = stalls(words, args.image_steps, args.text_tokens, warm=not args.no_warmup)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     result = {"first_paint_s": {"median": round(statistics.median(paints), 3), "max": round(max(paints), 3),
@@ -277,16 +301,20 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     fp = result["first_paint_s"]
-    print(f"first paint (launch -> painted window), {args.runs} runs: median {fp['median']:.3f} s, "
-          f"max {fp['max']:.3f} s  (target < 1.5 s)  [{'ok' if fp['max'] < 1.5 else 'MISSED'}]")
+    if args.runs > 0:
+        print(f"first paint (launch -> painted window), {args.runs} runs: median {fp['median']:.3f} s, "
+              f"max {fp['max']:.3f} s  (target < 1.5 s)  [{'ok' if fp['max'] < 1.5 else 'MISSED'}]")
     print()
     print("| generation | generator | seconds | timer ticks | max stall ms | p99 stall ms | streamed updates | previews |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['generation']} | {r['generator']} | {r['seconds']} | {r['ticks']} | {r['max_stall_ms']} | "
               f"{r['p99_stall_ms']} | {r['streamed_updates']} | {r['previews']} |")
-    worst = max(r["max_stall_ms"] or 0 for r in rows)
-    print(f"\nlongest stall {worst} ms (target <= 50 ms) [{'ok' if worst <= 50 else 'MISSED'}]")
+    worst = max(r["max_stall_ms"] or 0 for r in rows if r.get("stall_target", True))
+    print(f"\nlongest stall during a generation {worst} ms (target <= 50 ms) [{'ok' if worst <= 50 else 'MISSED'}]")
+    for r in rows:
+        if not r.get("stall_target", True):
+            print(f"outside any generation: {r['generation']}: longest stall {r['max_stall_ms']} ms")
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+WARM_UP_AFTER_MS = 300  # import the backend's library in the background this long after the window shows
 
 
 def application():
@@ -69,6 +70,23 @@ def _install_excepthook() -> None:
     sys.excepthook = hook
 
 
+def _close_on_interrupt(window) -> None:
+    """Ctrl+C (SIGINT) or SIGTERM in the terminal closes the window the normal way (a running generation is
+    cancelled, geometry and options are saved). Python only sees a signal when it runs, so a timer wakes it."""
+    import signal
+
+    from PySide6.QtCore import QTimer
+
+    def on_signal(*_):
+        log.info("signal received: closing the window")
+        window.close()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    window._signal_wake = QTimer(window)
+    window._signal_wake.timeout.connect(lambda: None)
+    window._signal_wake.start(200)
+
+
 def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
     from studio.gui.main_window import MainWindow
 
@@ -87,11 +105,20 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
     if probe:
         watcher = _FirstPaint(window, Path(probe))
         window.installEventFilter(watcher)
+    else:
+        from PySide6.QtCore import QTimer
+
+        from studio.gui.preload import warm_up
+
+        QTimer.singleShot(WARM_UP_AFTER_MS, lambda: warm_up(window.panel.backend.currentText()))
+    _close_on_interrupt(window)
     _install_excepthook()
+    log.info("window shown")
     code = app.exec()
+    from studio.gui.preload import warming_up
     from studio.gui.worker import Task
 
-    if Task.any_running():  # a generator ignored the cancel token, or torch is still importing: do not hang
+    if Task.any_running() or warming_up():  # a generator ignored the cancel token, or torch is importing
         sys.stdout.flush()
         os._exit(code)
     return code
