@@ -105,9 +105,9 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
 
         quant = None
         if quantize == "int8":
-            quant = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-                     "op_types": ["MatMul", "Gemm"], "per_channel": False,
-                     "gate": "the parity gate ran on the fp32 graph before quantization"}
+            from engine.onnx.common import QUANTIZATION
+
+            quant = {**QUANTIZATION, "gate": "the parity gate ran on the fp32 graph before quantization"}
             quant.update(result.get("quantization") or {})
         manifest = {
             "format": FORMAT,

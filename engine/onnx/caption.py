@@ -185,7 +185,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     graphs, opset = describe_graphs({"encoder": enc_path, "decoder": dec_path})
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
-        say(f"quantizing to int8 (dynamic) and measuring exact match on {N_QUALITY} renders")
+        say(f"quantizing the weights to int8 and measuring exact match on {N_QUALITY} renders")
         q_enc, q_dec = out_dir / "encoder.int8.onnx", out_dir / "decoder.int8.onnx"
         quantize_graph(enc_path, q_enc)
         quantize_graph(dec_path, q_dec)

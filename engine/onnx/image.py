@@ -268,7 +268,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     graphs, opset = describe_graphs({"text_encoder": te_path, "unet": un_path})
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
-        say(f"quantizing to int8 (dynamic) and scoring {N_QUALITY} images with the analyzer")
+        say(f"quantizing the weights to int8 and scoring {N_QUALITY} images with the analyzer")
         q_te, q_un = out_dir / "text_encoder.int8.onnx", out_dir / "unet.int8.onnx"
         quantize_graph(te_path, q_te)
         quantize_graph(un_path, q_un)

@@ -232,7 +232,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     options.get("gate", lambda p: None)(parity)
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
-        say("quantizing to int8 (dynamic) and measuring the quality cost")
+        say("quantizing the weights to int8 and measuring the quality cost")
         qpath = Path(out_dir) / "decoder.int8.onnx"
         quantize_graph(path, qpath)
         int8 = OnnxDecoder(open_session(qpath), cfg)

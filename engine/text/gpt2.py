@@ -93,6 +93,8 @@ class Conv1D(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():  # ONNX gets MatMul + Add (weight-only
+            return x @ self.weight + self.bias                      # int8 quantizes MatMul, not Gemm)
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
 
