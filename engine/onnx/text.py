@@ -101,7 +101,13 @@ def export_decoder(model, cfg: dict, path: Path, cross_shape=None) -> None:
         cnames = kv_names(L, "cross")
         names += cnames
         dyn.update({n: {0: "batch", 2: "encoder_sequence"} for n in cnames})
-    export_graph(decoder_wrapper(model, L, cross_shape is not None), (ids, *flat), path, names, outs, dyn)
+    from engine.onnx.llama_graph import LlamaDecoderGraph
+
+    if cfg.get("family") == "llama" and cross_shape is None and LlamaDecoderGraph.supports(model):
+        module = LlamaDecoderGraph(model).eval()  # the same function in far fewer graph nodes
+    else:
+        module = decoder_wrapper(model, L, cross_shape is not None)
+    export_graph(module, (ids, *flat), path, names, outs, dyn)
 
 
 def decoder_parity(torch_step, onnx_decoder, vocab: int, start_cache=None, onnx_cache=None, seed: int = 0) -> dict:
