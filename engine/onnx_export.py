@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import ModelError, UsageError
-from engine.onnx.runtime import FORMAT, MANIFEST, exports_home, is_export, sha256_file
+from engine.onnx.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, sha256_file
 
 QUANTIZE = (None, "int8")
 
@@ -137,6 +137,7 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         say(f"wrote {len(files)} file(s) and {MANIFEST} to {dest}")
+        manifest["used_by_backend"] = dest in [p.absolute() for p in export_folders(Path(entry.path))]
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

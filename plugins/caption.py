@@ -33,7 +33,8 @@ def _pipeline(request, context):
     key = ("caption", model.hash, request.device, request.backend)
     pipe = context.cache.get(key)
     if pipe is None:
-        pipe = CaptionPipeline.from_folder(model.path, device=request.device, backend=request.backend)
+        pipe = CaptionPipeline.from_folder(model.path, device=request.device, backend=request.backend,
+                                           model_hash=model.hash)
         context.cache[key] = pipe
     return pipe
 

@@ -207,6 +207,9 @@ def cmd_export_onnx(args) -> int:
         print(f"exported {entry.name} to {manifest['folder']}")
         for name, figures in manifest.get("parity", {}).items():
             print(f"parity {name}: {figures}")
+        if not manifest.get("used_by_backend", True):
+            print(f"note: --backend onnx loads graphs only from the model's own export folders, so it will not use "
+                  f"this one; run `studio export-onnx {entry.name}` without --out for that.", file=sys.stderr)
     return 0
 
 

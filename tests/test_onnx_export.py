@@ -96,6 +96,9 @@ def test_builtin_exports_go_to_studio_home(tmp_path, host):
     assert manifest["folder"] == str(tmp_path / "home" / "exports" / "tiny-b" / "onnx")
     assert entry.onnx == [manifest["folder"]]
     assert [str(p) for p in export_folders(folder)] == [manifest["folder"]]
+    assert manifest["used_by_backend"] is True
+    elsewhere = export_model(host, entry, out_dir=tmp_path / "elsewhere")  # written, but never loaded from there
+    assert elsewhere["used_by_backend"] is False and [str(p) for p in export_folders(folder)] == [manifest["folder"]]
 
 
 def test_failed_gate_refused_and_nothing_left(tmp_path, host, monkeypatch):
@@ -159,6 +162,9 @@ def test_caption_export_and_pipeline_parity(tmp_path, host):
         for beams in (1, 3):
             a, b = t(image, 12, beams), o(image, 12, beams)
             assert a.token_ids == b.token_ids and a.text == b.text
+    CaptionPipeline.from_folder(folder, backend="onnx", model_hash=entry.hash)  # the export's own model: fine
+    with pytest.raises(ModelError, match="another version"):  # the model changed after the export
+        CaptionPipeline.from_folder(folder, backend="onnx", model_hash="0" * 64)
 
 
 def test_image_export_unet_within_tolerance(tmp_path, host):

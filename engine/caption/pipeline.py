@@ -67,13 +67,15 @@ class CaptionPipeline:
         self.max_positions = config.decoder.n_positions
 
     @classmethod
-    def from_folder(cls, folder, device: str = "cpu", backend: str = "torch") -> "CaptionPipeline":
+    def from_folder(cls, folder, device: str = "cpu", backend: str = "torch",
+                    model_hash: str | None = None) -> "CaptionPipeline":
+        """``model_hash``: with the onnx backend, an export made from another version of the model is refused."""
         from engine.caption.tokenizer import load_tokenizer
 
         if backend == "onnx":  # onnxruntime sessions in place of the torch model (engine/onnx/caption.py)
             from engine.onnx.caption import load_caption
 
-            runner, config = load_caption(folder)
+            runner, config = load_caption(folder, model_hash)
             return cls(runner, load_tokenizer(folder), config, Preprocess.from_folder(folder, config.encoder.image_size))
         from engine.caption.model import TorchCaptionRunner, load_caption_model
 
