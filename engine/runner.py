@@ -71,6 +71,28 @@ def resolve_device(device: str, backend: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+SMALL_MODEL_BYTES = 64 << 20  # weights on disk; below this, torch runs on one CPU thread
+_torch_default_threads: list = []
+
+
+def set_cpu_threads(model_bytes: int) -> int:
+    """The torch CPU thread count for the next generation: ``STUDIO_TORCH_THREADS`` when set; 1 for a small model;
+    else torch's own default (every core). Measured with the built-in text model (benchmarks/torch_threads.py):
+    two threads are ~20 % faster on an idle machine but 3x slower when another program keeps one core busy
+    (the GUI thread drawing tokens is such a program), so one thread is the safer default for small models."""
+    import os
+
+    import torch
+
+    if not _torch_default_threads:
+        _torch_default_threads.append(torch.get_num_threads())
+    env = int(os.environ.get("STUDIO_TORCH_THREADS", 0) or 0)
+    n = env if env > 0 else 1 if model_bytes < SMALL_MODEL_BYTES else _torch_default_threads[0]
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     """Check everything about a job before any work starts. Raises UsageError/ModelError with a clear message."""
     generator = host.generator(job.generator)
@@ -114,6 +136,8 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     if not 0 <= seed < 2**63:
         raise UsageError(f"The seed must be a whole number from 0 to 2^63-1, not {seed}.")
     device = resolve_device(job.device, job.backend) if info.families else "cpu"
+    if model is not None and job.backend == "torch" and device == "cpu":
+        set_cpu_threads(entry.size_bytes)
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
                       backend=job.backend, device=device)
     return Prepared(job, generator, request, host.plugin_of(info.id))

@@ -46,3 +46,20 @@ def test_invalid_specs_are_refused():
         GeneratorInfo(id="bad id", title="", description="", takes=("text",), makes="text")
     with pytest.raises(ValueError):
         GeneratorInfo(id="x", title="", description="", takes=("smell",), makes="text")
+
+
+def test_cpu_threads_follow_model_size(monkeypatch):
+    import torch
+
+    from engine import runner
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("STUDIO_TORCH_THREADS", raising=False)
+        assert runner.set_cpu_threads(5 << 20) == 1 == torch.get_num_threads()  # a small model: one thread
+        default = runner._torch_default_threads[0]
+        assert runner.set_cpu_threads(runner.SMALL_MODEL_BYTES) == default == torch.get_num_threads()
+        monkeypatch.setenv("STUDIO_TORCH_THREADS", "3")
+        assert runner.set_cpu_threads(5 << 20) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
