@@ -65,8 +65,8 @@ Exports of user models go to `<model folder>/onnx` (or `onnx-int8`); exports of 
 `$STUDIO_HOME/exports/<model>/onnx[-int8]`. Both are listed by `studio models list` and used by `--backend onnx`
 (fp32 first when both exist; `STUDIO_ONNX_VARIANT=int8` picks the int8 one). An `--out` folder elsewhere is
 written but not registered. The backend needs `onnxruntime`, `onnx` (the graph checker), `numpy`, `tokenizers`
-and `Pillow`, not torch. The image generator's ONNX backend draws its noise with numpy, so a seed gives a
-different (equally valid) image than on torch; from the same noise the two agree (see the notes above).
+and `Pillow`, not torch. The image generator's ONNX backend draws torch's noise for a seed with numpy
+(`engine/image/torch_noise.py`), so a seed gives the same picture on both backends (see the notes above).
 """
 
 
@@ -275,7 +275,7 @@ def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
         imgs[name] = np.concatenate([gen(loaded, pair, [c], 20, seed=i) for i, c in enumerate(captions)])
         rows.append(("image (20 steps, guidance 3)", name, (time.perf_counter() - t) / len(captions)))
     a, b = imgs["torch fp32"], imgs["onnxruntime fp32"]
-    notes.append(f"images torch vs onnxruntime fp32 (same noise): max pixel difference "
+    notes.append(f"images torch vs onnxruntime fp32 (same seeds): max pixel difference "
                  f"{int(np.abs(a.astype(int) - b.astype(int)).max())}, analyzer reads "
                  f"{sum(analyze(x) == analyze(y) for x, y in zip(a, b))}/{len(a)} identically")
     return rows, notes

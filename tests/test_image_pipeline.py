@@ -147,3 +147,13 @@ def test_bad_folder_raises_model_error(folder, tmp_path, damage):
 def test_plugin_import_does_not_import_torch():
     code = "import sys, plugins.image as p; p.INFO; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 3])
+def test_torch_noise_replica_matches_torch_randn(seed):
+    from engine.image.torch_noise import TorchRandn
+
+    g, r = torch.Generator().manual_seed(seed), TorchRandn(seed)
+    for shape in [(1, 3, 32, 32), (2, 3, 16, 16), (5, 7)]:  # successive draws follow the same stream
+        want = torch.randn(shape, generator=g).numpy()
+        assert np.abs(r.standard_normal(shape) - want).max() < 2e-6

@@ -5,9 +5,9 @@ Graphs: ``text_encoder.onnx``: ``input_ids`` (batch, sequence) int64 -> ``last_h
 ``encoder_hidden_states`` (batch, sequence, dim), ``pooled`` (batch, dim) -> ``out`` (batch, 3, height, width).
 
 The sampling loop here is the numpy twin of ``engine.image.pipeline.sample`` (same schedulers from
-engine/image/schedulers, same batched classifier-free guidance); it needs no torch. The ONNX backend draws its
-noise with numpy (``np.random.default_rng(seed)``), so the same seed gives a different image than the torch
-backend; given the same noise the two agree within tolerance (checked at export and in the benchmark).
+engine/image/schedulers, same batched classifier-free guidance); it needs no torch. Its noise comes from
+``engine.image.torch_noise.TorchRandn``, numpy's replica of torch's CPU ``randn``, so a seed gives the same
+picture on both backends (within the export's pixel tolerance).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.image.torch_noise import TorchRandn
 from engine.onnx.common import max_abs
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def run(model: OnnxImageModel, prompt: str, options: dict, seed: int, cancel=Non
         if cancel is not None:
             cancel.raise_if_cancelled()
 
-    rng = np.random.default_rng(int(seed))
+    rng = TorchRandn(int(seed))  # the torch backend's noise for the same seed, so both draw the same picture
     t0 = time.perf_counter()
     yield Progress(0, steps, "encoding the prompt")
     x = None
@@ -180,16 +181,10 @@ def run(model: OnnxImageModel, prompt: str, options: dict, seed: int, cancel=Non
     yield Result(image=image, warnings=warnings, info={
         "width": size, "height": size, "steps": steps, "sampler": sampler, "guidance": guidance,
         "negative_prompt": options.get("negative_prompt", "") or "", "seconds": round(time.perf_counter() - t0, 4),
-        "unknown_words": enc.unknown, "truncated_words": enc.truncated, "noise": "numpy default_rng(seed)"})
+        "unknown_words": enc.unknown, "truncated_words": enc.truncated, "noise": "torch-compatible (engine.image.torch_noise)"})
 
 
 # ----- export (torch) ----------------------------------------------------------------------------
-def _torch_noise(seed: int, B: int, S: int):
-    import torch
-
-    return torch.randn((B, 3, S, S), generator=torch.Generator().manual_seed(seed)).numpy()
-
-
 def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     """Exporter registered for the text-to-image family (see engine.onnx_export for the contract)."""
     import torch
@@ -280,13 +275,13 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
 
 
 def _generate(loaded, nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
-    """uint8 images for ``captions`` with numpy-level (text, denoiser) and the numpy loop, from torch-drawn noise."""
+    """uint8 images for ``captions`` with numpy-level (text, denoiser) and the numpy loop; the noise of ``seed`` is
+    torch's (TorchRandn), as when the onnx backend generates."""
     enc = loaded.prompt_encoder
     cond = [enc.encode(c).ids for c in captions]
     uncond = [enc.encode("").ids for _ in captions]
-    noise = _torch_noise(seed, len(captions), loaded.cfg.sample_size)
     x = sample(nets[0], nets[1], loaded.cfg.scheduler, loaded.cfg.sample_size, loaded.cfg.coord_channels, cond,
-               uncond, steps, guidance, sampler, np.random.default_rng(seed), noise=noise,
+               uncond, steps, guidance, sampler, TorchRandn(seed),
                class_labels=getattr(loaded.cfg, "class_labels", "pooled"))
     return to_uint8(x)
 
@@ -315,8 +310,8 @@ def compare_sampling(loaded, torch_nets, onnx_nets, captions, steps) -> dict:
     same = sum(analyze(x) == analyze(y) for x, y in zip(a, b))
     return {"max_abs_diff": float(diff), "tolerance": float(IMAGE_TOLERANCE), "passed": diff <= IMAGE_TOLERANCE,
             "analyzer_agrees": f"{same}/{len(captions)}", "units": "pixel levels 0-255",
-            "inputs": f"{len(captions)} prompts, {steps} dpmpp_2m steps, guidance 3, same noise; torch loop "
-                      "(engine.image.pipeline.sample) vs the numpy loop on onnxruntime"}
+            "inputs": f"{len(captions)} prompts, {steps} dpmpp_2m steps, guidance 3, same seed; torch loop "
+                      "(engine.image.pipeline.sample) vs the numpy loop on onnxruntime with TorchRandn noise"}
 
 
 def analyzer_score(images, captions) -> float:
