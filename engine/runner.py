@@ -86,7 +86,10 @@ def set_cpu_threads(model_bytes: int) -> int:
 
     if not _torch_default_threads:
         _torch_default_threads.append(torch.get_num_threads())
-    env = int(os.environ.get("STUDIO_TORCH_THREADS", 0) or 0)
+    raw = os.environ.get("STUDIO_TORCH_THREADS", "").strip()
+    if raw and not raw.isdigit():
+        raise UsageError(f"STUDIO_TORCH_THREADS must be a whole number of threads, not {raw!r}.")
+    env = int(raw or 0)
     n = env if env > 0 else 1 if model_bytes < SMALL_MODEL_BYTES else _torch_default_threads[0]
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

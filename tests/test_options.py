@@ -53,13 +53,18 @@ def test_cpu_threads_follow_model_size(monkeypatch):
 
     from engine import runner
 
+    from engine.errors import UsageError
+
     before = torch.get_num_threads()
+    monkeypatch.setattr(runner, "_torch_default_threads", [4])  # as on a 4-core machine
     try:
         monkeypatch.delenv("STUDIO_TORCH_THREADS", raising=False)
         assert runner.set_cpu_threads(5 << 20) == 1 == torch.get_num_threads()  # a small model: one thread
-        default = runner._torch_default_threads[0]
-        assert runner.set_cpu_threads(runner.SMALL_MODEL_BYTES) == default == torch.get_num_threads()
+        assert runner.set_cpu_threads(runner.SMALL_MODEL_BYTES) == 4 == torch.get_num_threads()
         monkeypatch.setenv("STUDIO_TORCH_THREADS", "3")
         assert runner.set_cpu_threads(5 << 20) == 3 == torch.get_num_threads()
+        monkeypatch.setenv("STUDIO_TORCH_THREADS", "auto")
+        with pytest.raises(UsageError, match="whole number"):
+            runner.set_cpu_threads(5 << 20)
     finally:
         torch.set_num_threads(before)

@@ -97,9 +97,14 @@ QUANTIZATION = {"method": "onnxruntime MatMulNBitsQuantizer (weight-only)", "bit
                        "124M GPT-2 where quantize_dynamic (QInt8 MatMulInteger) gave 2.3x"}
 
 
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: larger graphs keep their weights in a .data file
+
+
 def quantize_graph(src: Path, dst: Path) -> None:
-    """Weight-only int8 of every MatMul with a constant weight: blocks of QUANT_BLOCK values along the input
-    dimension, one fp32 scale each, activations stay fp32 (``MatMulNBits``, bits 8)."""
+    """Weight-only int8 of every MatMul with a constant weight (``MatMulNBits``, bits 8): blocks of QUANT_BLOCK
+    values along the input dimension, one fp32 scale each; at accuracy level 4 onnxruntime quantizes the
+    activations to int8 on the fly for the multiply. A graph near protobuf's 2 GB limit is written with its
+    weights in ``<name>.data`` beside it (inside the export folder)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -116,7 +121,8 @@ def quantize_graph(src: Path, dst: Path) -> None:
                                              is_symmetric=q["symmetric"], accuracy_level=q["accuracy_level"],
                                              algo_config=config)
             quantizer.process()
-            quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+            big = sum(p.stat().st_size for p in Path(src).parent.iterdir() if p.is_file()) > EXTERNAL_DATA_BYTES
+            quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
     finally:
         root.setLevel(level)
 
