@@ -95,11 +95,10 @@ def install_plugins(home: Path, hello: bool = True, **sources) -> None:
 
 def make_window(qtbot, generator=None):
     """A main window over a plugin host without the built-ins (fast, deterministic)."""
-    from engine.plugins import PluginHost
     from studio.gui.main_window import MainWindow
     from studio.gui.session import Session
 
-    session = Session(host_factory=lambda: PluginHost(builtins=()))
+    session = Session(host_kwargs={"builtins": []})  # generations run in a child process, as in `studio gui`
     window = MainWindow(session, generator=generator)
     qtbot.addWidget(window)
     window.show()

@@ -70,21 +70,30 @@ def _install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def _close_on_interrupt(window) -> None:
-    """Ctrl+C (SIGINT) or SIGTERM in the terminal closes the window the normal way (a running generation is
-    cancelled, geometry and options are saved). Python only sees a signal when it runs, so a timer wakes it."""
+def _close_on_interrupt(window) -> dict:
+    """Ctrl+C (SIGINT) or SIGTERM in the terminal closes every window the normal way (a running generation is
+    cancelled, geometry and options are saved); a second one ends the process at once. Python only sees a
+    signal when it runs, so a timer wakes it. Returns the previous handlers, for ``run_gui`` to put back."""
     import signal
 
     from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
 
-    def on_signal(*_):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(sig, _frame):
         log.info("signal received: closing the window")
-        window.close()
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(sig, signal.SIG_DFL)  # a second Ctrl+C is not ignored
+        modal = QApplication.activeModalWidget()
+        if modal is not None:
+            modal.close()
+        QApplication.closeAllWindows()
+    for sig in previous:
+        signal.signal(sig, on_signal)
     window._signal_wake = QTimer(window)
     window._signal_wake.timeout.connect(lambda: None)
     window._signal_wake.start(200)
+    return previous
 
 
 def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
@@ -110,11 +119,21 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
 
         from studio.gui.preload import warm_up
 
-        QTimer.singleShot(WARM_UP_AFTER_MS, lambda: warm_up(window.panel.backend.currentText()))
-    _close_on_interrupt(window)
+        def warm() -> None:
+            backend = window.panel.backend.currentText()
+            if window.session.process is not None:  # generations run in a child: warm that one up
+                window.session.process.warm("onnxruntime" if backend == "onnx" else "torch")
+            else:
+                warm_up(backend)
+        QTimer.singleShot(WARM_UP_AFTER_MS, warm)
+    previous = _close_on_interrupt(window)
     _install_excepthook()
     log.info("window shown")
     code = app.exec()
+    import signal
+
+    for sig, handler in previous.items():  # a hung shutdown can still be interrupted
+        signal.signal(sig, handler)
     from studio.gui.preload import warming_up
     from studio.gui.worker import Task
 

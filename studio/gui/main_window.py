@@ -451,6 +451,7 @@ class MainWindow(DialogActions, QMainWindow):
                     log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
             if self.persist:
                 self.save_state()
+            self.session.close()
         except Exception:  # noqa: BLE001 - closing must always work
             log.exception("error while closing")
         event.accept()

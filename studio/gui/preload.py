@@ -83,3 +83,11 @@ def warm_up(backend: str = "torch") -> threading.Thread | None:
 
 def warming_up() -> bool:
     return any(t.is_alive() for t in _warm.values())
+
+
+def join_warm_up(package: str = "torch") -> None:
+    """Wait for a warm-up import of ``package`` that is under way (two threads importing torch at once have
+    failed in the wild; Python's import lock alone is not enough for it)."""
+    thread = _warm.get(package)
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 from engine import state
@@ -15,19 +16,37 @@ log = logging.getLogger(__name__)
 class Session:
     """Everything the windows share. ``reload_plugins`` builds a fresh PluginHost (after install/enable)."""
 
-    def __init__(self, host: Optional[PluginHost] = None, host_factory=None):
-        self._host_factory = host_factory or (lambda: PluginHost())
+    def __init__(self, host: Optional[PluginHost] = None, host_factory=None, host_kwargs: Optional[dict] = None,
+                 isolate: Optional[bool] = None):
+        """``host_kwargs``: PluginHost arguments (JSON-ready). Generations run in a child process
+        (``engine.child``) when the host is described that way, unless ``isolate`` is False or
+        ``STUDIO_GUI_ISOLATE=0``; a ready-made ``host`` or ``host_factory`` means in-process generations."""
+        self.host_kwargs = dict(host_kwargs or {})
+        self._host_factory = host_factory or (lambda: PluginHost(**self.host_kwargs))
         self.host = (host or self._host_factory()).load()
         self.store = ModelStore(self.host)
         self.history = History()
         self.settings = state.load_settings()
-        self.cache: dict = {}  # loaded models, shared between generations (Context.cache)
+        self.cache: dict = {}  # loaded models, shared between in-process generations (Context.cache)
+        if isolate is None:
+            isolate = host is None and host_factory is None and os.environ.get("STUDIO_GUI_ISOLATE", "1") != "0"
+        self.process = None
+        if isolate:
+            from engine.child import GenerationProcess
+
+            self.process = GenerationProcess(self.host_kwargs)
 
     def reload_plugins(self) -> PluginHost:
         self.host = self._host_factory().load()
         self.store = ModelStore(self.host)
         self.cache = {}
+        if self.process is not None:
+            self.process.stop()  # the next generation starts a child with the new plugins
         return self.host
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=0.5)
 
     def generators(self) -> list:
         """GeneratorInfo of every registered generator, in registration order."""

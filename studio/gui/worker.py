@@ -82,6 +82,7 @@ class Task(QThread):
             emit(self.failed, Failure(str(exc), "", True))
         except BaseException as exc:  # noqa: BLE001 - reported to the window, never raised into Qt
             message, details = describe_exception(exc)
+            details = getattr(exc, "details", None) or details  # a child process's own traceback
             log.debug("task %s failed: %s", self.objectName(), message)
             emit(self.failed, Failure(message, details))
         else:
@@ -122,7 +123,10 @@ class PreparedMsg:
 
 
 def generation_task(session, job, token, parent=None) -> Task:
-    """A Task that prepares and executes ``job``; Partial images become QImages in the worker thread."""
+    """A Task that prepares and executes ``job``; Partial images become QImages in the worker thread. With a
+    session process (``engine.child``), the job runs there and this thread relays its messages."""
+    if session.process is not None:
+        return _child_generation_task(session, job, token, parent)
     from engine.generators import Context, Partial, Progress
     from engine.runner import execute, prepare
     from studio.gui.util import pil_to_qimage
@@ -130,10 +134,10 @@ def generation_task(session, job, token, parent=None) -> Task:
     def run(report):
         gen = session.host.generators.get(job.generator)
         if gen is not None and gen[0].info.families and "torch" not in sys.modules:
-            from studio.gui.preload import preload
+            from studio.gui.preload import join_warm_up, preload
 
             report(StatusMsg("Loading PyTorch (first generation of this session)…"))
-
+            join_warm_up("torch")
             preload("torch")  # map libtorch without holding the GIL, so the window stays responsive
         prep = prepare(session.host, session.store, job)
         req = prep.request
@@ -155,5 +159,38 @@ def generation_task(session, job, token, parent=None) -> Task:
         record = execute(prep, context, on_event, out_dir=session.settings.outputs, history=session.history)
         qimage = pil_to_qimage(record.result.image) if record.result.image is not None else None
         return Finished(record, qimage)
+
+    return Task(run, parent, name=f"generate-{job.generator}", buffered=True)
+
+
+def _child_generation_task(session, job, token, parent=None) -> Task:
+    from types import SimpleNamespace
+
+    from PySide6.QtGui import QImage
+
+    def run(report):
+        last_step = [None]
+
+        def relay(msg: dict) -> None:
+            kind = msg.get("type")
+            if kind == "prepared":
+                report(PreparedMsg(msg["seed"], msg["device"], msg["model"]))
+            elif kind == "progress":
+                last_step[0] = msg["step"]
+                report(ProgressMsg(msg["step"], msg["total"], msg.get("message", ""), time.monotonic()))
+            elif kind == "text":
+                report(TextMsg(msg["text"]))
+            elif kind == "preview":
+                import base64
+
+                image = QImage.fromData(base64.b64decode(msg["png"]), "PNG")
+                report(PreviewMsg(image, last_step[0]))
+
+        if not session.process.alive():
+            report(StatusMsg("Starting the generation process…"))
+        done = session.process.run(job, token, relay)
+        record = SimpleNamespace(recipe=done["recipe"], files=done["files"], history_id=done.get("history_id"),
+                                 result=SimpleNamespace(audio=None))  # the output view reads files itself
+        return Finished(record, None)
 
     return Task(run, parent, name=f"generate-{job.generator}", buffered=True)

@@ -1,0 +1,209 @@
+"""Generations in a child process, so that no plugin can take the caller down or hold its interpreter lock.
+
+The GUI runs every generation through a ``GenerationProcess``: a ``python -m engine.child`` process that loads
+the plugins and keeps models loaded between jobs. A plugin that crashes the interpreter (a segfault in native
+code, ``os._exit``) ends only that process: the job fails with a message and the next job starts a fresh one. A
+plugin that holds the GIL for seconds in C code stalls only that process, and torch is imported there, not in
+the window's process.
+
+Protocol: one JSON object per line. Parent to child: ``{"host": {...}}`` first (PluginHost keyword arguments),
+then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels the running job) or
+``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent, for each job: ``prepared``,
+``progress``, ``text``, ``preview`` (a PNG, base64), then ``finished`` (recipe, files, history id) or ``failed``
+(message, details, cancelled). The child writes the protocol on a copy of its stdout and points file
+descriptor 1 at stderr, so a plugin that prints cannot corrupt it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from typing import Callable, Optional
+
+from engine.errors import CancelledError, GenerationError, StudioError
+
+CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was saved from this generation. "
+           "The next generation starts a fresh process; if it happens again, disable the plugin in Tools > Plugins.")
+
+
+def describe(exc: BaseException) -> dict:
+    message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+    return {"message": message, "details": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# ----- the child ---------------------------------------------------------------------------------
+def serve(inp=None, out=None) -> int:
+    """The child's main loop (``python -m engine.child``)."""
+    from engine import state
+    from engine.generators import CancelToken, Context, Partial, Progress
+    from engine.history import History
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
+    from engine.store import ModelStore
+
+    inp = inp or sys.stdin
+    if out is None:
+        out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)  # print() in plugin code goes to stderr, not into the protocol
+        sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def send(**msg) -> None:
+        with lock:
+            out.write(json.dumps(msg) + "\n")
+            out.flush()
+
+    first = json.loads(inp.readline() or "{}")
+    host = PluginHost(**first.get("host", {})).load()
+    store, history, cache = ModelStore(host), History(), {}
+    jobs: queue.Queue = queue.Queue()
+    current = [CancelToken()]
+
+    def read() -> None:  # stdin: jobs are queued, a cancel acts at once
+        for line in inp:
+            msg = json.loads(line)
+            if msg.get("cancel"):
+                current[0].cancel()
+            else:
+                jobs.put(msg)
+        jobs.put(None)  # the parent closed the pipe: finish
+
+    threading.Thread(target=read, name="child-stdin", daemon=True).start()
+    send(type="ready", pid=os.getpid())
+    while True:
+        msg = jobs.get()
+        if msg is None:
+            return 0
+        if msg.get("warm"):
+            try:
+                __import__(msg["warm"])
+            except Exception:  # noqa: BLE001 - the first job will report a real problem
+                pass
+            continue
+        token = current[0] = CancelToken()
+        try:
+            prep = prepare(host, store, Job(**msg["job"]))
+            req = prep.request
+            send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "")
+
+            def on_event(event) -> None:
+                if isinstance(event, Progress):
+                    send(type="progress", step=event.step, total=event.total, message=event.message, at=time.monotonic())
+                elif isinstance(event, Partial):
+                    if event.text:
+                        send(type="text", text=event.text)
+                    if event.image is not None:
+                        buf = io.BytesIO()
+                        event.image.save(buf, format="PNG")
+                        send(type="preview", png=base64.b64encode(buf.getvalue()).decode("ascii"))
+
+            token.raise_if_cancelled()
+            record = execute(prep, Context(cancel=token, cache=cache), on_event,
+                             out_dir=state.load_settings().outputs, history=history)
+            send(type="finished", recipe=record.recipe, files=[str(f) for f in record.files],
+                 history_id=record.history_id)
+        except CancelledError as exc:
+            send(type="failed", cancelled=True, message=str(exc), details="")
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, never fatal here
+            send(type="failed", cancelled=False, **describe(exc))
+
+
+# ----- the parent --------------------------------------------------------------------------------
+class GenerationProcess:
+    """The parent's handle on one child. ``run(job, token, report)`` runs a job and returns the ``finished``
+    message; it raises CancelledError, GenerationError (with ``details``), or GenerationError(CRASHED)."""
+
+    def __init__(self, host_kwargs: Optional[dict] = None):
+        self.host_kwargs = dict(host_kwargs or {})
+        self.proc: Optional[subprocess.Popen] = None
+        self.events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        with self._lock:
+            if self.alive():
+                return
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine.child"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1)
+            self.events = queue.Queue()
+            threading.Thread(target=self._pump, args=(self.proc, self.events), name="child-stdout",
+                             daemon=True).start()
+            self._send({"host": self.host_kwargs})
+
+    @staticmethod
+    def _pump(proc, events) -> None:
+        for line in proc.stdout:
+            try:
+                events.put(json.loads(line))
+            except ValueError:
+                continue
+        events.put({"type": "exit"})
+
+    def _send(self, msg: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # a dead child: the pump reports its exit
+
+    def warm(self, package: str) -> None:
+        self.start()
+        self._send({"warm": package})
+
+    def run(self, job, token, report: Callable[[dict], None]) -> dict:
+        self.start()
+        events = self.events
+        self._send({"job": asdict(job)})
+        cancel_sent = False
+        while True:
+            if token.cancelled and not cancel_sent:
+                self._send({"cancel": True})
+                cancel_sent = True
+            try:
+                msg = events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            kind = msg.get("type")
+            if kind == "finished":
+                return msg
+            if kind == "failed":
+                if msg.get("cancelled"):
+                    raise CancelledError(msg.get("message") or "Generation was cancelled.")
+                err = GenerationError(msg.get("message", "The generation failed."))
+                err.details = msg.get("details", "")
+                raise err
+            if kind == "exit":
+                code = self.proc.wait()
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                raise GenerationError(CRASHED.format(how=how))
+            if kind != "ready":
+                report(msg)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # the child finishes its loop
+            proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve())

@@ -1,0 +1,102 @@
+"""Generations run in a child process (engine.child): a plugin that kills its process or holds the interpreter
+lock cannot take the window down or freeze it."""
+import time
+
+from PySide6.QtCore import QTimer
+
+from gui_helpers import gui_home, install_plugins, make_window, wait_idle  # noqa: F401
+
+CRASHER = '''
+import os
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Option, Progress, Result
+
+INFO = GeneratorInfo(id="crasher", title="Crasher", description="Kills its own process.", takes=("text",),
+                     makes="text", options=(Option("how", "str", "abort", "How", choices=("abort", "exit")),))
+
+def generate(request, context):
+    yield Progress(1, 2)
+    if request.options["how"] == "abort":
+        os.abort()  # SIGABRT, like a crash in native code
+    os._exit(3)
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+HOG = '''
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Progress, Result
+
+INFO = GeneratorInfo(id="hog", title="Hog", description="Holds the GIL in C code.", takes=("text",), makes="text")
+
+def generate(request, context):
+    yield Progress(1, 2)
+    total = sum(range(60_000_000))  # one C call, about a second, that never releases the interpreter lock
+    yield Progress(2, 2)
+    yield Result(text=str(total))
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+
+def test_generation_runs_in_a_child_process(qtbot, gui_home):
+    import os
+
+    w = make_window(qtbot, generator="echo")
+    w.panel.prompt.setPlainText("hello there")
+    w.generate()
+    wait_idle(qtbot, w, 20000)
+    assert w.output.text.toPlainText() == "hello there hello there" and not w.banner.isVisible()
+    proc = w.session.process
+    assert proc.alive() and proc.proc.pid != os.getpid()
+    assert w.session.history.list()[0].generator == "echo"  # the child wrote the history row
+    w.close()
+    assert not proc.alive()  # closing the window ends the child
+
+
+def test_a_crashing_plugin_does_not_take_the_window_down(qtbot, gui_home):
+    install_plugins(gui_home, crasher=CRASHER)
+    w = make_window(qtbot, generator="crasher")
+    for how, said in (("abort", "signal 6"), ("exit", "exit code 3")):
+        w.select_generator("crasher")
+        w.panel.prompt.setPlainText("boom")
+        w.panel.form.set_values({"how": how})
+        w.generate()
+        wait_idle(qtbot, w, 20000)
+        assert w.banner.isVisible()
+        text = w.banner.label.text()
+        assert "stopped unexpectedly" in text and said in text, text
+        w.select_generator("echo")  # the next generation starts a fresh process and works
+        w.panel.prompt.setPlainText("still here")
+        w.generate()
+        wait_idle(qtbot, w, 20000)
+        assert w.output.text.toPlainText() == "still here still here"
+
+
+def test_a_plugin_holding_the_gil_does_not_freeze_the_window(qtbot, gui_home):
+    install_plugins(gui_home, hog=HOG)
+    w = make_window(qtbot, generator="hog")
+    w.panel.prompt.setPlainText("x")
+    w.generate()  # the first run starts the child; measure the second
+    wait_idle(qtbot, w, 30000)
+    late, last = [], [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        late.append(now - last[0] - 0.01)
+        last[0] = now
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    timer.start()
+    started = time.perf_counter()
+    w.generate()
+    wait_idle(qtbot, w, 30000)
+    timer.stop()
+    assert w.output.text.toPlainText() == str(sum(range(60_000_000)))
+    assert time.perf_counter() - started > 0.3  # the hog really ran
+    assert max(late) < 0.2, f"the window stalled {max(late) * 1000:.0f} ms"
