@@ -7,8 +7,9 @@ plugin that holds the GIL for seconds in C code stalls only that process, and to
 the window's process.
 
 Protocol: one JSON object per line. Parent to child: ``{"host": {...}}`` first (PluginHost keyword arguments),
-then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels the running job) or
-``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent, for each job: ``prepared``,
+then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels the running job),
+``{"export": {"model", "quantize", "force"}}`` (an ONNX export: ``log`` lines, then ``exported`` with the
+manifest) or ``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent, for each job: ``prepared``,
 ``progress``, ``text``, ``preview`` (a PNG, base64), then ``finished`` (recipe, files, history id) or ``failed``
 (message, details, cancelled). The child writes the protocol on a copy of its stdout and points file
 descriptor 1 at stderr, so a plugin that prints cannot corrupt it.
@@ -89,6 +90,9 @@ def serve(inp=None, out=None) -> int:
                 pass
             continue
         token = current[0] = CancelToken()
+        if "export" in msg:
+            _export(host, store, msg["export"], send)
+            continue
         try:
             prep = prepare(host, store, Job(**msg["job"]))
             req = prep.request
@@ -114,6 +118,18 @@ def serve(inp=None, out=None) -> int:
             send(type="failed", cancelled=True, message=str(exc), details="")
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, never fatal here
             send(type="failed", cancelled=False, **describe(exc))
+
+
+def _export(host, store, request: dict, send) -> None:
+    """``studio export-onnx`` in the child: log lines as ``log`` messages, then ``exported`` with the manifest."""
+    try:
+        from engine.onnx_export import export_model
+
+        manifest = export_model(host, store.get(request["model"]), quantize=request.get("quantize"),
+                                force=bool(request.get("force")), log=lambda m: send(type="log", text=str(m)))
+        send(type="exported", manifest=json.loads(json.dumps(manifest, default=str)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        send(type="failed", cancelled=False, **describe(exc))
 
 
 # ----- the parent --------------------------------------------------------------------------------
@@ -165,9 +181,20 @@ class GenerationProcess:
         self._send({"warm": package})
 
     def run(self, job, token, report: Callable[[dict], None]) -> dict:
+        """Run ``job`` (an engine.runner.Job); returns the ``finished`` message."""
+        return self._request({"job": asdict(job)}, token, report)
+
+    def export(self, model: str, quantize, force: bool, report: Callable[[dict], None]) -> dict:
+        """Export ``model`` to ONNX in the child; returns the manifest (``log`` messages go to ``report``)."""
+        from engine.generators import CancelToken
+
+        return self._request({"export": {"model": model, "quantize": quantize, "force": force}}, CancelToken(),
+                             report)["manifest"]
+
+    def _request(self, request: dict, token, report: Callable[[dict], None]) -> dict:
         self.start()
         events = self.events
-        self._send({"job": asdict(job)})
+        self._send(request)
         cancel_sent = False
         while True:
             if token.cancelled and not cancel_sent:
@@ -178,7 +205,7 @@ class GenerationProcess:
             except queue.Empty:
                 continue
             kind = msg.get("type")
-            if kind == "finished":
+            if kind in ("finished", "exported"):
                 return msg
             if kind == "failed":
                 if msg.get("cancelled"):

@@ -93,12 +93,13 @@ def install_plugins(home: Path, hello: bool = True, **sources) -> None:
         (folder / f"{name}.py").write_text(source)
 
 
-def make_window(qtbot, generator=None):
-    """A main window over a plugin host without the built-ins (fast, deterministic)."""
+def make_window(qtbot, generator=None, isolate=True):
+    """A main window over a plugin host without the built-ins (fast, deterministic); ``isolate=False`` runs
+    generations and exports in the test's own process (for tests that fake engine functions)."""
     from studio.gui.main_window import MainWindow
     from studio.gui.session import Session
 
-    session = Session(host_kwargs={"builtins": []})  # generations run in a child process, as in `studio gui`
+    session = Session(host_kwargs={"builtins": []}, isolate=isolate)  # a child process, as in `studio gui`
     window = MainWindow(session, generator=generator)
     qtbot.addWidget(window)
     window.show()

@@ -83,14 +83,15 @@ def test_builtin_generators_run_in_the_window(qtbot, models):
     assert len(w.session.history.list()) == 3
 
 
-def test_real_onnx_export_in_the_dialog(qtbot, models):
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-the-generation-process", "in-process"])
+def test_real_onnx_export_in_the_dialog(qtbot, models, isolate):
     from studio.gui.export_dialog import ExportDialog
 
-    from engine.plugins import DEFAULT_PLUGINS, PluginHost
+    from engine.plugins import DEFAULT_PLUGINS
     from studio.gui.session import Session
 
-    builtins = tuple(DEFAULT_PLUGINS) + tuple(p for p in ("plugins.onnx_exporters",) if p not in DEFAULT_PLUGINS)
-    session = Session(host_factory=lambda: PluginHost(builtins=builtins))
+    builtins = list(DEFAULT_PLUGINS) + [p for p in ("plugins.onnx_exporters",) if p not in DEFAULT_PLUGINS]
+    session = Session(host_kwargs={"builtins": builtins}, isolate=isolate)
     if "text" not in session.host.generators or "llama" not in session.host.exporters:
         pytest.skip("the built-in text plugin or the ONNX exporters are not available yet")
     dlg = ExportDialog(session, None, model="tiny-llama")
@@ -101,4 +102,6 @@ def test_real_onnx_export_in_the_dialog(qtbot, models):
     assert "parity gate passed" in dlg.result.text(), (dlg.result.text(), dlg.banner.label.text())
     assert "max_abs_diff" in dlg.parity.text()
     assert any(e.onnx for e in session.store.list() if e.name == "tiny-llama")
+    assert "exporting the llama decoder" in dlg.log.toPlainText()  # the log lines came through
     assert time.monotonic() - started < 120
+    session.close()

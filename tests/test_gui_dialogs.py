@@ -140,7 +140,7 @@ def test_export_dialog_reports_parity(qtbot, gui_home, monkeypatch):
     _fake_export(monkeypatch, export_model)
     from studio.gui.export_dialog import ExportDialog
 
-    w = make_window(qtbot)
+    w = make_window(qtbot, isolate=False)  # the fakes live in this process
     dlg = ExportDialog(w.session, w, model="tiny")
     qtbot.addWidget(dlg)
     dlg.int8.setChecked(True)

@@ -18,6 +18,7 @@ def application():
     """The QApplication (created once)."""
     from PySide6.QtWidgets import QApplication
 
+    import studio.gui.qtcompat  # noqa: F401 - guards against PySide6 6.12.0's reference leak before any call
     app = QApplication.instance()
     if app is None:
         app = QApplication(sys.argv[:1])

@@ -149,7 +149,12 @@ class ExportDialog(QDialog):
         self.progress.setFormat("exporting…")
         self.export_button.setEnabled(False)
 
+        process = self.session.process
+
         def run(report):
+            if process is not None:  # in the generation process, so torch and the tracer never stall the window
+                return process.export(entry.name, quantize, force,
+                                      lambda m: report(m["text"]) if m.get("type") == "log" else None)
             try:
                 from engine.onnx_export import export_model
             except ImportError as exc:
