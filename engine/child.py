@@ -9,7 +9,8 @@ the window's process.
 Protocol: one JSON object per line. Parent to child: ``{"host": {...}}`` first (PluginHost keyword arguments),
 then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels the running job),
 ``{"export": {"model", "quantize", "force"}}`` (an ONNX export: ``log`` lines, then ``exported`` with the
-manifest) or ``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent, for each job: ``prepared``,
+manifest), ``{"probe": true}`` (library versions and device: ``probed``) or ``{"warm": "torch"}`` (import a
+library now, while nothing runs). Child to parent, for each job: ``prepared``,
 ``progress``, ``text``, ``preview`` (a PNG, base64), then ``finished`` (recipe, files, history id) or ``failed``
 (message, details, cancelled). The child writes the protocol on a copy of its stdout and points file
 descriptor 1 at stderr, so a plugin that prints cannot corrupt it.
@@ -89,6 +90,9 @@ def serve(inp=None, out=None) -> int:
             except Exception:  # noqa: BLE001 - the first job will report a real problem
                 pass
             continue
+        if msg.get("probe"):
+            send(type="probed", info=probe_libraries())
+            continue
         token = current[0] = CancelToken()
         if "export" in msg:
             _export(host, store, msg["export"], send)
@@ -120,6 +124,26 @@ def serve(inp=None, out=None) -> int:
             send(type="failed", cancelled=False, **describe(exc))
 
 
+def probe_libraries() -> dict:
+    """Versions of torch and onnxruntime and the device torch would use (imports both: slow the first time)."""
+    out = {}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["device"] = (f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available()
+                         else f"cpu ({torch.get_num_threads()} threads)")
+    except Exception as exc:  # noqa: BLE001 - shown to the user as is
+        out["torch"], out["device"] = f"not available ({exc})", "cpu"
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+    except Exception as exc:  # noqa: BLE001
+        out["onnxruntime"] = f"not available ({exc})"
+    return out
+
+
 def _export(host, store, request: dict, send) -> None:
     """``studio export-onnx`` in the child: log lines as ``log`` messages, then ``exported`` with the manifest."""
     try:
@@ -141,7 +165,8 @@ class GenerationProcess:
         self.host_kwargs = dict(host_kwargs or {})
         self.proc: Optional[subprocess.Popen] = None
         self.events: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # start()
+        self._busy = threading.Lock()  # one request at a time
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -191,7 +216,25 @@ class GenerationProcess:
         return self._request({"export": {"model": model, "quantize": quantize, "force": force}}, CancelToken(),
                              report)["manifest"]
 
+    def probe(self) -> dict:
+        """``probe_libraries()`` as the child sees it (the libraries and device generations use)."""
+        from engine.generators import CancelToken
+
+        return self._request({"probe": True}, CancelToken(), lambda m: None)["info"]
+
     def _request(self, request: dict, token, report: Callable[[dict], None]) -> dict:
+        """One request at a time: the replies of two would interleave on the one pipe (an export or the About
+        probe started during a generation waits for it)."""
+        if not self._busy.acquire(blocking=False):
+            report({"type": "log", "text": "waiting for the running generation to finish…"})
+            while not self._busy.acquire(timeout=0.1):
+                token.raise_if_cancelled()
+        try:
+            return self._exchange(request, token, report)
+        finally:
+            self._busy.release()
+
+    def _exchange(self, request: dict, token, report: Callable[[dict], None]) -> dict:
         self.start()
         events = self.events
         self._send(request)
@@ -205,7 +248,7 @@ class GenerationProcess:
             except queue.Empty:
                 continue
             kind = msg.get("type")
-            if kind in ("finished", "exported"):
+            if kind in ("finished", "exported", "probed"):
                 return msg
             if kind == "failed":
                 if msg.get("cancelled"):

@@ -194,6 +194,12 @@ def test_settings_and_about(qtbot, gui_home, monkeypatch, tmp_path):
     qtbot.waitUntil(lambda: about.labels["torch"].text() == "9.9", timeout=3000)
     assert about.labels["device"].text() == "cpu"
 
+    w.session.process.start()  # with a generation process, About asks it (torch stays out of this process)
+    asked = about_dialog.AboutDialog(w, w.session.process)
+    qtbot.addWidget(asked)
+    qtbot.waitUntil(lambda: asked.labels["onnxruntime"].text() != "checking…", timeout=60000)
+    assert asked.labels["device"].text().startswith(("cpu", "cuda")) and "." in asked.labels["torch"].text()
+
 
 TOY_GENERATOR = '''
 from engine import hookimpl

@@ -100,3 +100,28 @@ def test_a_plugin_holding_the_gil_does_not_freeze_the_window(qtbot, gui_home):
     assert w.output.text.toPlainText() == str(sum(range(60_000_000)))
     assert time.perf_counter() - started > 0.3  # the hog really ran
     assert max(late) < 0.2, f"the window stalled {max(late) * 1000:.0f} ms"
+
+
+def test_requests_to_the_child_take_turns(gui_home):
+    """A generation and the About probe (or an export) at once: each gets its own replies."""
+    import threading
+
+    from engine.child import GenerationProcess
+    from engine.generators import CancelToken
+    from engine.runner import Job
+
+    proc = GenerationProcess({"builtins": []})
+    try:
+        results, logs = {}, []
+
+        def generate():
+            results["gen"] = proc.run(Job("slow", prompt="x", options={"steps": 25}), CancelToken(), lambda m: None)
+        t = threading.Thread(target=generate)
+        t.start()
+        time.sleep(0.3)
+        results["probe"] = proc._request({"probe": True}, CancelToken(), logs.append)["info"]
+        t.join(30)
+        assert results["gen"]["recipe"]["text"] == "." * 25
+        assert "onnxruntime" in results["probe"] and logs and "waiting" in logs[0]["text"]
+    finally:
+        proc.stop()

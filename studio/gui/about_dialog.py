@@ -1,4 +1,5 @@
-"""About: versions of the studio, Qt, torch and onnxruntime, and the device in use (checked in a worker)."""
+"""About: versions of the studio, Qt, torch and onnxruntime, and the device in use (asked of the generation
+process, or checked in a worker thread)."""
 from __future__ import annotations
 
 import platform
@@ -13,33 +14,17 @@ from studio.gui.worker import Task
 
 
 def probe_heavy() -> dict:
-    """Import torch and onnxruntime (slow; call off the GUI thread) and say what they see."""
-    out = {}
-    try:
-        from studio.gui.preload import preload
+    """Import torch and onnxruntime in this process (slow; call off the GUI thread) and say what they see."""
+    from engine.child import probe_libraries
+    from studio.gui.preload import preload
 
-        preload("torch")
-        import torch
-
-        out["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            out["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
-        else:
-            out["device"] = f"cpu ({torch.get_num_threads()} threads)"
-    except Exception as exc:  # noqa: BLE001
-        out["torch"] = f"not available ({exc})"
-        out["device"] = "cpu"
-    try:
-        import onnxruntime
-
-        out["onnxruntime"] = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
-    except Exception as exc:  # noqa: BLE001
-        out["onnxruntime"] = f"not available ({exc})"
-    return out
+    preload("torch")
+    return probe_libraries()
 
 
 class AboutDialog(QDialog):
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, process=None):
+        """``process``: the session's generation process (engine.child), asked instead of importing torch here."""
         super().__init__(parent)
         self.setWindowTitle("About GenAI Studio")
         title = QLabel("<b>GenAI Studio</b><br>An offline desktop studio for generative AI.")
@@ -58,7 +43,8 @@ class AboutDialog(QDialog):
         lay.addWidget(title)
         lay.addLayout(form)
         lay.addWidget(buttons)
-        self.task = Task(lambda report: probe_heavy(), self, name="about-probe")
+        self.task = Task(lambda report: process.probe() if process is not None else probe_heavy(), self,
+                         name="about-probe")
         self.task.succeeded.connect(self.on_probe)
         self.task.failed.connect(lambda f: [l.setText(f"unknown ({f.message})") for l in self.labels.values()])
         self.task.start()

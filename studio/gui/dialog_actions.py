@@ -55,4 +55,4 @@ class DialogActions:
     def open_about(self) -> None:
         from studio.gui.about_dialog import AboutDialog
 
-        AboutDialog(self).exec()
+        AboutDialog(self, self.session.process).exec()
