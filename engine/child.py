@@ -51,11 +51,18 @@ def serve(inp=None, out=None) -> int:
     from engine.runner import Job, execute, prepare
     from engine.store import ModelStore
 
-    inp = inp or sys.stdin
+    if inp is None:  # the protocol keeps copies of fd 0 and 1; plugin code sees /dev/null and stderr there
+        inp = os.fdopen(os.dup(0), "r", encoding="utf-8")
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        sys.stdin = open(os.devnull, encoding="utf-8")
     if out is None:
         out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
         os.dup2(2, 1)  # print() in plugin code goes to stderr, not into the protocol
         sys.stdout = sys.stderr
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the terminal is the window's to handle
     lock = threading.Lock()
 
     def send(**msg) -> None:
@@ -69,19 +76,21 @@ def serve(inp=None, out=None) -> int:
     jobs: queue.Queue = queue.Queue()
     current = [CancelToken()]
 
-    def read() -> None:  # stdin: jobs are queued, a cancel acts at once
+    def read() -> None:  # stdin: requests are queued with their token at once, so a cancel always finds its job
         for line in inp:
             msg = json.loads(line)
             if msg.get("cancel"):
                 current[0].cancel()
-            else:
-                jobs.put(msg)
-        jobs.put(None)  # the parent closed the pipe: finish
+                continue
+            if "job" in msg or "export" in msg:
+                current[0] = CancelToken()
+            jobs.put((msg, current[0]))
+        jobs.put((None, None))  # the parent closed the pipe: finish
 
     threading.Thread(target=read, name="child-stdin", daemon=True).start()
     send(type="ready", pid=os.getpid())
     while True:
-        msg = jobs.get()
+        msg, token = jobs.get()
         if msg is None:
             return 0
         if msg.get("warm"):
@@ -93,7 +102,6 @@ def serve(inp=None, out=None) -> int:
         if msg.get("probe"):
             send(type="probed", info=probe_libraries())
             continue
-        token = current[0] = CancelToken()
         if "export" in msg:
             _export(host, store, msg["export"], send)
             continue
@@ -167,19 +175,24 @@ class GenerationProcess:
         self.events: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # start()
         self._busy = threading.Lock()  # one request at a time
+        self._stopped: set = set()  # children ended on purpose (their running request says so)
+        self.closed = False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
         with self._lock:
+            if self.closed:
+                raise GenerationError("The studio is closing; the generation was not started.")
             if self.alive():
                 return
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             self.proc = subprocess.Popen([sys.executable, "-m", "engine.child"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1)
+                                         stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1,
+                                         stderr=subprocess.DEVNULL if sys.stderr is None else None)  # pythonw
             self.events = queue.Queue()
             threading.Thread(target=self._pump, args=(self.proc, self.events), name="child-stdout",
                              daemon=True).start()
@@ -202,6 +215,8 @@ class GenerationProcess:
             pass  # a dead child: the pump reports its exit
 
     def warm(self, package: str) -> None:
+        if self.closed:
+            return
         self.start()
         self._send({"warm": package})
 
@@ -236,7 +251,7 @@ class GenerationProcess:
 
     def _exchange(self, request: dict, token, report: Callable[[dict], None]) -> dict:
         self.start()
-        events = self.events
+        proc, events = self.proc, self.events
         self._send(request)
         cancel_sent = False
         while True:
@@ -257,16 +272,22 @@ class GenerationProcess:
                 err.details = msg.get("details", "")
                 raise err
             if kind == "exit":
-                code = self.proc.wait()
+                code = proc.wait()
+                if proc in self._stopped:
+                    raise GenerationError("The generation process was stopped (the plugins were reloaded or the "
+                                          "window closed); nothing was saved from this generation.")
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
                 raise GenerationError(CRASHED.format(how=how))
             if kind != "ready":
                 report(msg)
 
-    def stop(self, timeout: float = 1.0) -> None:
+    def stop(self, timeout: float = 1.0, close: bool = False) -> None:
+        """End the child (the next request starts a new one, unless ``close``)."""
+        self.closed = self.closed or close
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        self._stopped.add(proc)
         try:
             proc.stdin.close()  # the child finishes its loop
             proc.wait(timeout=timeout)

@@ -125,3 +125,66 @@ def test_requests_to_the_child_take_turns(gui_home):
         assert "onnxruntime" in results["probe"] and logs and "waiting" in logs[0]["text"]
     finally:
         proc.stop()
+
+
+READER = '''
+import sys
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Result
+
+INFO = GeneratorInfo(id="reader", title="Reader", description="Reads stdin.", takes=("text",), makes="text")
+
+def generate(request, context):
+    print("a plugin printing to stdout")
+    yield Result(text="read " + repr(sys.stdin.read()))
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+
+def test_child_edge_cases(gui_home):
+    """A cancel that arrives while the job waits behind the warm-up; stdin/stdout in plugin code; stopping the
+    child under a running request; no new child after close."""
+    import threading
+
+    import pytest
+
+    from engine.child import GenerationProcess
+    from engine.errors import CancelledError, GenerationError
+    from engine.generators import CancelToken
+    from engine.runner import Job
+
+    install_plugins(gui_home, reader=READER)
+    proc = GenerationProcess({"builtins": []})
+    try:
+        proc.warm("torch")  # the job below queues behind this import
+        token = CancelToken()
+        threading.Timer(0.05, token.cancel).start()
+        with pytest.raises(CancelledError):
+            proc.run(Job("slow", prompt="x", options={"steps": 10}), token, lambda m: None)
+        from engine.history import History
+
+        assert History().list() == []  # the cancelled job saved nothing
+        done = proc.run(Job("reader", prompt="x"), CancelToken(), lambda m: None)
+        assert done["recipe"]["text"] == "read ''"  # stdin is /dev/null; the print did not break the protocol
+        errors = []
+
+        def slow():
+            try:
+                proc.run(Job("slow", prompt="x", options={"steps": 500}), CancelToken(), lambda m: None)
+            except GenerationError as exc:
+                errors.append(str(exc))
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.5)
+        proc.stop()
+        t.join(10)
+        assert errors and "was stopped" in errors[0]
+        proc.stop(close=True)
+        with pytest.raises(GenerationError, match="closing"):
+            proc.run(Job("echo", prompt="x"), CancelToken(), lambda m: None)
+        assert proc.proc is None
+    finally:
+        proc.stop()

@@ -32,12 +32,12 @@ def _wait_for(proc, text, timeout):
 def test_interrupt_closes_window_and_saves_state(tmp_path, wait_s):
     env = {**os.environ, "STUDIO_HOME": str(tmp_path), "QT_QPA_PLATFORM": "offscreen", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "--debug", "gui"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for(proc, "window shown", 60)
         time.sleep(wait_s)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl+C in a terminal: the window and its generation process
         out, err = proc.communicate(timeout=10)
         took = time.monotonic() - t0
     finally:

@@ -123,7 +123,8 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
         def warm() -> None:
             backend = window.panel.backend.currentText()
             if window.session.process is not None:  # generations run in a child: warm that one up
-                window.session.process.warm("onnxruntime" if backend == "onnx" else "torch")
+                if os.environ.get("STUDIO_GUI_WARMUP", "1") != "0":
+                    window.session.process.warm("onnxruntime" if backend == "onnx" else "torch")
             else:
                 warm_up(backend)
         QTimer.singleShot(WARM_UP_AFTER_MS, warm)

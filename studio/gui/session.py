@@ -46,7 +46,7 @@ class Session:
 
     def close(self) -> None:
         if self.process is not None:
-            self.process.stop(timeout=0.5)
+            self.process.stop(timeout=0.5, close=True)
 
     def generators(self) -> list:
         """GeneratorInfo of every registered generator, in registration order."""
