@@ -99,7 +99,7 @@ def test_a_plugin_holding_the_gil_does_not_freeze_the_window(qtbot, gui_home):
     timer.stop()
     assert w.output.text.toPlainText() == str(sum(range(60_000_000)))
     assert time.perf_counter() - started > 0.3  # the hog really ran
-    assert max(late) < 0.2, f"the window stalled {max(late) * 1000:.0f} ms"
+    assert max(late) < 0.4, f"the window stalled {max(late) * 1000:.0f} ms"  # in-process: about 1300 ms
 
 
 def test_requests_to_the_child_take_turns(gui_home):
@@ -118,7 +118,9 @@ def test_requests_to_the_child_take_turns(gui_home):
             results["gen"] = proc.run(Job("slow", prompt="x", options={"steps": 25}), CancelToken(), lambda m: None)
         t = threading.Thread(target=generate)
         t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not proc._busy.locked() and time.monotonic() < deadline:  # the generation holds the child
+            time.sleep(0.01)
         results["probe"] = proc._request({"probe": True}, CancelToken(), logs.append)["info"]
         t.join(30)
         assert results["gen"]["recipe"]["text"] == "." * 25
