@@ -100,7 +100,7 @@ def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path):
     dlg = ModelDialog(w.session, w)
     qtbot.addWidget(dlg)
     m = dlg.model
-    names = [e.name for e in m.entries]
+    names = [e.name for e in m.rows]
     assert "tiny" in names
     row = names.index("tiny")
     assert m.data(m.index(row, 1)) == "toy" and m.data(m.index(row, 3)).endswith("B")
@@ -110,14 +110,14 @@ def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path):
     dlg.import_folder(str(src))
     wait_task(qtbot, dlg)
     assert "Imported other" in dlg.banner.label.text()
-    assert "other" in [e.name for e in m.entries]
+    assert "other" in [e.name for e in m.rows]
 
     dlg.import_folder(str(tmp_path / "missing"))
     wait_task(qtbot, dlg)
     assert dlg.banner.kind == "error" and "Import failed" in dlg.banner.label.text()
 
     dlg.remove("other")
-    assert "other" not in [e.name for e in m.entries]
+    assert "other" not in [e.name for e in m.rows]
 
 
 def _fake_export(monkeypatch, fn):

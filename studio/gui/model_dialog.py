@@ -49,11 +49,11 @@ class ModelDialog(QDialog):
 
     @guard
     def refresh(self) -> None:
-        self.model.set_entries(self.session.store.list())
+        self.model.set_rows(self.session.store.list())
 
     def selected(self):
         idx = self.table.currentIndex()
-        return self.model.entries[idx.row()] if idx.isValid() else None
+        return self.model.rows[idx.row()] if idx.isValid() else None
 
     @guard
     def on_import(self) -> None:

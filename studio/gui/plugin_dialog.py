@@ -70,7 +70,7 @@ class PluginDialog(QDialog):
     def reload(self) -> None:
         emit(self.plugins_changed)
         self.model.pending.clear()
-        self.model.set_host(self.session.host)
+        self.model.set_rows(self.session.host.plugins.values())
         self.banner.show_message("Plugins reloaded.", kind="info")
 
     @guard

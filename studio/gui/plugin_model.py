@@ -1,36 +1,22 @@
 """A thin Qt table model over the plugin host's PluginStatus records."""
 from __future__ import annotations
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
+
 from studio.gui.qtcompat import emit
+from studio.gui.util import RowsTableModel
 
 COLUMNS = ("Enabled", "Plugin", "Version", "Source", "Status", "Generators", "Error")
 STATUS_COLOURS = {"loaded": "#2f9e5b", "disabled": "#777777", "failed": "#c5221f"}
 
 
-class PluginTableModel(QAbstractTableModel):
+class PluginTableModel(RowsTableModel):
+    COLUMNS = COLUMNS
+
     def __init__(self, host, parent=None):
-        super().__init__(parent)
-        self.rows: list = []
+        super().__init__(host.plugins.values(), parent)
         self.pending: dict = {}  # name -> enabled, changed in this dialog and saved to settings
-        self.set_host(host)
-
-    def set_host(self, host) -> None:
-        self.beginResetModel()
-        self.rows = list(host.plugins.values())
-        self.endResetModel()
-
-    def rowCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.rows)
-
-    def columnCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(COLUMNS)
-
-    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return COLUMNS[section]
-        return None
 
     def enabled(self, row: int) -> bool:
         p = self.rows[row]

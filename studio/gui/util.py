@@ -6,7 +6,7 @@ import inspect
 import logging
 import traceback
 
-from PySide6.QtCore import QRectF, Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QIcon, QImage, QPainter, QPixmap
 
 log = logging.getLogger(__name__)
@@ -122,3 +122,29 @@ def row_table(model):
     table.horizontalHeader().setStretchLastSection(True)
     table.verticalHeader().hide()
     return table
+
+
+class RowsTableModel(QAbstractTableModel):
+    """A table over a Python list ``self.rows``, one column per name in the subclass's COLUMNS."""
+
+    COLUMNS: tuple = ()
+
+    def __init__(self, rows=(), parent=None):
+        super().__init__(parent)
+        self.rows = list(rows)
+
+    def set_rows(self, rows) -> None:
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.endResetModel()
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+            return self.COLUMNS[section]
+        return None
