@@ -175,6 +175,12 @@ class Context:
     cancel: CancelToken = field(default_factory=CancelToken)
     cache: dict = field(default_factory=dict)  # loaded models, shared between generations by the host
 
+    def cached(self, key, load: Callable[[], Any]) -> Any:
+        """``cache[key]``, made by ``load()`` the first time: a loaded model kept for the next generations."""
+        if key not in self.cache:
+            self.cache[key] = load()
+        return self.cache[key]
+
 
 @dataclass(frozen=True)
 class Progress:

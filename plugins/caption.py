@@ -31,12 +31,8 @@ def _pipeline(request, context):
     if model is None:
         raise UsageError("The caption generator needs a model; pass one with --model.")
     key = ("caption", model.hash, request.device, request.backend)
-    pipe = context.cache.get(key)
-    if pipe is None:
-        pipe = CaptionPipeline.from_folder(model.path, device=request.device, backend=request.backend,
-                                           model_hash=model.hash)
-        context.cache[key] = pipe
-    return pipe
+    return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
+                                                                  backend=request.backend, model_hash=model.hash))
 
 
 def generate(request, context):

@@ -45,11 +45,8 @@ def generate(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    key = ("image", ref.hash, request.device, request.backend)
-    loaded = context.cache.get(key)
-    if loaded is None:
-        loaded = image_model.load(Path(ref.path), request.device)
-        context.cache[key] = loaded
+    loaded = context.cached(("image", ref.hash, request.device, request.backend),
+                            lambda: image_model.load(Path(ref.path), request.device))
     yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
 
 
@@ -59,10 +56,8 @@ def _generate_onnx(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    key = ("image", ref.hash, "cpu", "onnx")
-    if key not in context.cache:
-        context.cache[key] = load_image_model(Path(ref.path), ref.hash)
-    yield from run(context.cache[key], request.prompt or "", request.options, request.seed, context.cancel)
+    loaded = context.cached(("image", ref.hash, "cpu", "onnx"), lambda: load_image_model(Path(ref.path), ref.hash))
+    yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
 
 
 def check(folder: Path) -> None:

@@ -39,9 +39,8 @@ def _pipeline(request, context):
     model = request.model
     if model is None:
         raise UsageError("The text generator needs a model; pass one with --model.")
-    key = ("text", model.hash, request.device, request.backend)
-    pipe = context.cache.get(key)
-    if pipe is None:
+
+    def load():
         folder = Path(model.path)
         cfg = read_config(folder)
         tokenizer = load_tokenizer(folder)
@@ -54,10 +53,9 @@ def _pipeline(request, context):
 
             decoder = TorchDecoder(load_model(folder, model.family, request.device), request.device)
         bos = cfg.get("bos_token_id")
-        pipe = TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
+        return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
                             eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=model.family == "llama")
-        context.cache[key] = pipe
-    return pipe
+    return context.cached(("text", model.hash, request.device, request.backend), load)
 
 
 def generate(request, context):
