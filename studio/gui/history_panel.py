@@ -10,7 +10,6 @@ from engine.errors import UsageError
 from studio.gui.history_model import THUMB, EntryRole, HistoryModel
 from studio.gui.recipe_dialog import recipe_text
 from studio.gui.util import guard
-from studio.gui.qtcompat import emit
 
 
 class HistoryPanel(QWidget):
@@ -101,14 +100,14 @@ class HistoryPanel(QWidget):
         e = self.current()
         if e is None:
             raise UsageError("Select a generation first.")
-        emit(self.open_requested, e)
+        self.open_requested.emit(e)
 
     @guard
     def load_current(self) -> None:
         e = self.current()
         if e is None:
             raise UsageError("Select a generation first.")
-        emit(self.load_requested, dict(e.recipe))
+        self.load_requested.emit(dict(e.recipe))
 
     @guard
     def delete_current(self) -> None:

@@ -10,7 +10,6 @@ from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QSi
 from engine.errors import UsageError
 from studio.gui.image_canvas import ImageCanvas
 from studio.gui.util import guard
-from studio.gui.qtcompat import emit
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif);;All files (*)"
 
@@ -63,13 +62,13 @@ class ImageInput(QWidget):
         self.canvas.set_image(image, f"{image.width()}×{image.height()}")
         self.name.setText(Path(path).name)
         self.name.setToolTip(str(path))
-        emit(self.changed, self.path)
+        self.changed.emit(self.path)
 
     def clear(self) -> None:
         self.path = ""
         self.canvas.clear()
         self.name.setText("No image")
-        emit(self.changed, "")
+        self.changed.emit("")
 
     def dragEnterEvent(self, event) -> None:
         if event.mimeData().hasUrls():

@@ -12,7 +12,6 @@ from studio.gui.error_banner import ErrorBanner
 from studio.gui.model_table import ModelTableModel
 from studio.gui.util import row_table, guard
 from studio.gui.worker import Task
-from studio.gui.qtcompat import emit
 
 
 class ModelDialog(QDialog):
@@ -78,7 +77,7 @@ class ModelDialog(QDialog):
     def _imported(self, entry) -> None:
         self.banner.show_message(f"Imported {entry.name} ({entry.family}).", kind="info")
         self.refresh()
-        emit(self.models_changed)
+        self.models_changed.emit()
 
     def _task_done(self) -> None:
         self.import_button.setEnabled(True)
@@ -100,7 +99,7 @@ class ModelDialog(QDialog):
     def remove(self, name: str) -> None:
         self.session.store.remove(name)
         self.refresh()
-        emit(self.models_changed)
+        self.models_changed.emit()
         self.banner.show_message(f"Removed {name}.", kind="info")
 
     def done(self, result: int) -> None:

@@ -15,7 +15,6 @@ from studio.gui.image_canvas import ImageCanvas
 from studio.gui.recipe_dialog import RecipeDialog
 from studio.gui.util import guard
 from studio.gui.waveform import Waveform
-from studio.gui.qtcompat import emit
 
 KINDS = ("text", "image", "caption", "audio")
 
@@ -228,17 +227,17 @@ class OutputView(QWidget):
     @guard
     def on_replay(self) -> None:
         if self.recipe:
-            emit(self.replay_requested, dict(self.recipe))
+            self.replay_requested.emit(dict(self.recipe))
 
     @guard
     def on_caption(self) -> None:
         if self.image_file():
-            emit(self.caption_requested, self.image_file())
+            self.caption_requested.emit(self.image_file())
 
     @guard
     def on_use_as_prompt(self) -> None:
         if self.result_text():
-            emit(self.prompt_requested, self.result_text())
+            self.prompt_requested.emit(self.result_text())
 
     @guard
     def play(self) -> None:

@@ -10,7 +10,6 @@ from studio.gui.error_banner import ErrorBanner
 from studio.gui.plugin_model import PluginTableModel
 from studio.gui.util import row_table, guard
 from studio.gui.worker import Task
-from studio.gui.qtcompat import emit
 
 
 class PluginDialog(QDialog):
@@ -68,7 +67,7 @@ class PluginDialog(QDialog):
 
     @guard
     def reload(self) -> None:
-        emit(self.plugins_changed)
+        self.plugins_changed.emit()
         self.model.pending.clear()
         self.model.set_rows(self.session.host.plugins.values())
         self.banner.show_message("Plugins reloaded.", kind="info")
@@ -128,5 +127,5 @@ class PluginDialog(QDialog):
         if self.task is not None:
             self.task.wait(2000)
         if self.model.pending:
-            emit(self.plugins_changed)  # apply enable/disable now rather than at the next start
+            self.plugins_changed.emit()  # apply enable/disable now rather than at the next start
         super().done(result)

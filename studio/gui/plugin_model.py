@@ -4,7 +4,6 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
 
-from studio.gui.qtcompat import emit
 from studio.gui.util import RowsTableModel
 
 COLUMNS = ("Enabled", "Plugin", "Version", "Source", "Status", "Generators", "Error")
@@ -63,4 +62,4 @@ class PluginTableModel(RowsTableModel):
             self.pending.pop(p.name, None)
         else:
             self.pending[p.name] = enabled
-        emit(self.dataChanged, self.index(row, 0), self.index(row, len(COLUMNS) - 1))
+        self.dataChanged.emit(self.index(row, 0), self.index(row, len(COLUMNS) - 1))

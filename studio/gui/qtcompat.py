@@ -51,8 +51,3 @@ def _guard() -> bool:
 
 
 GUARDED = _guard()
-
-
-def emit(signal, *args) -> None:
-    """``signal.emit(*args)`` (kept as the one place where the GUI emits, should the binding need care again)."""
-    signal.emit(*args)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from PySide6.QtCore import QThread, Signal
 
 from engine.errors import CancelledError
-from studio.gui.qtcompat import emit
+import studio.gui.qtcompat  # noqa: F401 - the PySide6 6.12.0 guard, before any window works
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Task(QThread):
         if self.buffered:
             self._buffer.append(obj)  # deque.append is thread-safe
         else:
-            emit(self.message, obj)
+            self.message.emit(obj)
 
     def run(self) -> None:  # worker thread
         from studio.gui.util import describe_exception
@@ -79,14 +79,14 @@ class Task(QThread):
         try:
             result = self.fn(self._report)
         except CancelledError as exc:
-            emit(self.failed, Failure(str(exc), "", True))
+            self.failed.emit(Failure(str(exc), "", True))
         except BaseException as exc:  # noqa: BLE001 - reported to the window, never raised into Qt
             message, details = describe_exception(exc)
             details = getattr(exc, "details", None) or details  # a child process's own traceback
             log.debug("task %s failed: %s", self.objectName(), message)
-            emit(self.failed, Failure(message, details))
+            self.failed.emit(Failure(message, details))
         else:
-            emit(self.succeeded, result)
+            self.succeeded.emit(result)
 
 
 @dataclass
