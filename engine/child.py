@@ -26,22 +26,21 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from engine.errors import CancelledError, GenerationError, StudioError
+from engine.errors import CancelledError, GenerationError, describe_exception
 
 CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was saved from this generation. "
            "The next generation starts a fresh process; if it happens again, disable the plugin in Tools > Plugins.")
 
 
-def describe(exc: BaseException) -> dict:
-    message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
-    return {"message": message, "details": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
-
-
 # ----- the child ---------------------------------------------------------------------------------
+def _failed(send, exc: BaseException) -> None:
+    message, details = describe_exception(exc)
+    send(type="failed", cancelled=False, message=message, details=details)
+
+
 def serve(inp=None, out=None) -> int:
     """The child's main loop (``python -m engine.child``)."""
     from engine import state
@@ -129,7 +128,7 @@ def serve(inp=None, out=None) -> int:
         except CancelledError as exc:
             send(type="failed", cancelled=True, message=str(exc), details="")
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, never fatal here
-            send(type="failed", cancelled=False, **describe(exc))
+            _failed(send, exc)
 
 
 def probe_libraries() -> dict:
@@ -161,7 +160,7 @@ def _export(host, store, request: dict, send) -> None:
                                 force=bool(request.get("force")), log=lambda m: send(type="log", text=str(m)))
         send(type="exported", manifest=json.loads(json.dumps(manifest, default=str)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        send(type="failed", cancelled=False, **describe(exc))
+        _failed(send, exc)
 
 
 # ----- the parent --------------------------------------------------------------------------------

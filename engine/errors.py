@@ -31,3 +31,12 @@ class CancelledError(StudioError):
 
 class StateError(StudioError):
     """The state folder (settings, history, outputs) cannot be read or written."""
+
+
+def describe_exception(exc: BaseException) -> tuple:
+    """(one line for people, the traceback text for "details"): a StudioError's own sentence, else the type and
+    message of anything else."""
+    import traceback
+
+    message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+    return message, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

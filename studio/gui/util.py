@@ -4,23 +4,15 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import traceback
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QIcon, QImage, QPainter, QPixmap
 
+from engine.errors import describe_exception
+
 log = logging.getLogger(__name__)
 
 KIND_COLOURS = {"text": "#3b6fd8", "image": "#2f9e5b", "audio": "#d8842b"}
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str]:
-    """(one-line message, traceback text) for an exception."""
-    from engine.errors import StudioError
-
-    message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
-    details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return message, details
 
 
 def report_error(widget, exc: BaseException, context: str = "") -> None:

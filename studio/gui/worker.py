@@ -74,7 +74,7 @@ class Task(QThread):
             self.message.emit(obj)
 
     def run(self) -> None:  # worker thread
-        from studio.gui.util import describe_exception
+        from engine.errors import describe_exception
 
         try:
             result = self.fn(self._report)
