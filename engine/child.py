@@ -25,7 +25,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict
 from typing import Callable, Optional
 
@@ -41,7 +40,7 @@ def _failed(send, exc: BaseException) -> None:
     send(type="failed", cancelled=False, message=message, details=details)
 
 
-def serve(inp=None, out=None) -> int:
+def serve() -> int:
     """The child's main loop (``python -m engine.child``)."""
     from engine import state
     from engine.generators import CancelToken, Context, Partial, Progress
@@ -50,15 +49,15 @@ def serve(inp=None, out=None) -> int:
     from engine.runner import Job, execute, prepare
     from engine.store import ModelStore
 
-    if inp is None:  # the protocol keeps copies of fd 0 and 1; plugin code sees /dev/null and stderr there
-        inp = os.fdopen(os.dup(0), "r", encoding="utf-8")
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        sys.stdin = open(os.devnull, encoding="utf-8")
-    if out is None:
-        out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-        os.dup2(2, 1)  # print() in plugin code goes to stderr, not into the protocol
-        sys.stdout = sys.stderr
+    # The protocol keeps copies of fd 0 and 1; plugin code sees /dev/null and stderr there.
+    inp = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(os.devnull, encoding="utf-8")
+    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the terminal is the window's to handle
@@ -111,7 +110,7 @@ def serve(inp=None, out=None) -> int:
 
             def on_event(event) -> None:
                 if isinstance(event, Progress):
-                    send(type="progress", step=event.step, total=event.total, message=event.message, at=time.monotonic())
+                    send(type="progress", step=event.step, total=event.total, message=event.message)
                 elif isinstance(event, Partial):
                     if event.text:
                         send(type="text", text=event.text)
