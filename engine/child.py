@@ -29,6 +29,7 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from engine.errors import CancelledError, GenerationError, describe_exception
+from engine.generators import CancelToken
 
 CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was saved from this generation. "
            "The next generation starts a fresh process; if it happens again, disable the plugin in Tools > Plugins.")
@@ -43,7 +44,7 @@ def _failed(send, exc: BaseException) -> None:
 def serve() -> int:
     """The child's main loop (``python -m engine.child``)."""
     from engine import state
-    from engine.generators import CancelToken, Context, Partial, Progress
+    from engine.generators import Context, Partial, Progress
     from engine.history import History
     from engine.plugins import PluginHost
     from engine.runner import Job, execute, prepare
@@ -220,24 +221,20 @@ class GenerationProcess:
 
     def run(self, job, token, report: Callable[[dict], None]) -> dict:
         """Run ``job`` (an engine.runner.Job); returns the ``finished`` message."""
-        return self._request({"job": asdict(job)}, token, report)
+        return self._request({"job": asdict(job)}, report, token)
 
     def export(self, model: str, quantize, force: bool, report: Callable[[dict], None]) -> dict:
         """Export ``model`` to ONNX in the child; returns the manifest (``log`` messages go to ``report``)."""
-        from engine.generators import CancelToken
-
-        return self._request({"export": {"model": model, "quantize": quantize, "force": force}}, CancelToken(),
-                             report)["manifest"]
+        return self._request({"export": {"model": model, "quantize": quantize, "force": force}}, report)["manifest"]
 
     def probe(self) -> dict:
         """``probe_libraries()`` as the child sees it (the libraries and device generations use)."""
-        from engine.generators import CancelToken
+        return self._request({"probe": True}, lambda m: None)["info"]
 
-        return self._request({"probe": True}, CancelToken(), lambda m: None)["info"]
-
-    def _request(self, request: dict, token, report: Callable[[dict], None]) -> dict:
+    def _request(self, request: dict, report: Callable[[dict], None], token: Optional[CancelToken] = None) -> dict:
         """One request at a time: the replies of two would interleave on the one pipe (an export or the About
         probe started during a generation waits for it)."""
+        token = token or CancelToken()
         if not self._busy.acquire(blocking=False):
             report({"type": "log", "text": "waiting for the running generation to finish…"})
             while not self._busy.acquire(timeout=0.1):

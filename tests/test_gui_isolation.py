@@ -121,7 +121,7 @@ def test_requests_to_the_child_take_turns(gui_home):
         deadline = time.monotonic() + 10
         while not proc._busy.locked() and time.monotonic() < deadline:  # the generation holds the child
             time.sleep(0.01)
-        results["probe"] = proc._request({"probe": True}, CancelToken(), logs.append)["info"]
+        results["probe"] = proc._request({"probe": True}, logs.append)["info"]
         t.join(30)
         assert results["gen"]["recipe"]["text"] == "." * 25
         assert "onnxruntime" in results["probe"] and logs and "waiting" in logs[0]["text"]
