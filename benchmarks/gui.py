@@ -12,9 +12,9 @@ each of its ticks is; the longest lateness is the longest stall of the event loo
 stand in: ``bench_stream`` (a few ms of numpy work per token, one Partial per token) and ``bench_denoise`` (numpy
 work per step, a preview image every step); the table says which ran. Targets: first paint < 1.5 s, no stall > 50 ms.
 Generations run in a child process as in ``studio gui`` (``STUDIO_GUI_ISOLATE=0`` measures the in-process
-worker thread instead). Before the generations it measures the start-up warm-up that ``studio gui`` runs (the
-child started and torch imported there; in-process: torch imported in a background thread); that row is reported,
-but it is not a generation, so the target does not apply (``--no-warmup`` skips it).
+worker thread instead, where the first generation imports torch). Before the generations it measures the
+start-up warm-up that ``studio gui`` runs (the child started and torch imported there); that row is reported, but
+it is not a generation, so the target does not apply (``--no-warmup`` skips it).
 """
 from __future__ import annotations
 
@@ -224,38 +224,29 @@ def stalls(prompt_text: str, image_steps: int, text_tokens: int, warm: bool = Tr
                      "p99_stall_ms": round(1000 * late[int(0.99 * (len(late) - 1))], 1) if late else None,
                      "streamed_updates": events["tokens"], "previews": events["previews"]})
 
-    if warm:  # what `studio gui` does 300 ms after the window shows
-        from studio.gui.preload import warm_up
-
+    isolated = window.session.process is not None
+    if warm and isolated:  # what `studio gui` does 300 ms after the window shows
         for _ in range(20):
             app.processEvents()
         meter.start()
         started = time.perf_counter()
-        if window.session.process is not None:  # start the generation process and import torch there
-            window.session.process.warm("torch")
-            what = "generation process started, torch imported there (measured for 3 s)"
-            while time.perf_counter() - started < 3.0:
-                app.processEvents()
-                time.sleep(0.001)
-        else:
-            thread = warm_up("torch")
-            what = "torch imported in a background thread of the window's process"
-            while thread is not None and thread.is_alive():
-                app.processEvents()
-                time.sleep(0.001)
+        window.session.process.warm("torch")
+        while time.perf_counter() - started < 3.0:
+            app.processEvents()
+            time.sleep(0.001)
         meter.stop()
         late = sorted(meter.late)
         rows.append({"generation": "start-up warm-up (no generation running)", "stall_target": False,
-                     "generator": what,
+                     "generator": "generation process started, torch imported there (measured for 3 s)",
                      "seconds": round(time.perf_counter() - started, 3), "ticks": len(late),
                      "max_stall_ms": round(1000 * late[-1], 1) if late else None,
                      "p99_stall_ms": round(1000 * late[int(0.99 * (len(late) - 1))], 1) if late else None,
                      "streamed_updates": 0, "previews": 0})
-    if window.session.process is not None:
+    if isolated:
         label = "bench_torch (in the generation process" + (", warmed up)" if warm else ", torch not imported yet)")
     else:
-        label = ("bench_torch (a tiny torch loop; torch was not imported before)" if "torch" not in sys.modules
-                 else "bench_torch (torch already imported by the warm-up)")
+        label = ("bench_torch (in the window's process; torch not imported before)" if "torch" not in sys.modules
+                 else "bench_torch (in the window's process; torch already imported)")
     measure("first model generation", "bench_torch", label, "x", {"tokens": 50})
     for makes, fallback, prompt, options in (
             ("text", "bench_stream", prompt_text, {"tokens": text_tokens}),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -30,6 +31,8 @@ from typing import Callable, Optional
 
 from engine.errors import CancelledError, GenerationError, describe_exception
 from engine.generators import CancelToken
+
+log = logging.getLogger(__name__)
 
 CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was saved from this generation. "
            "The next generation starts a fresh process; if it happens again, disable the plugin in Tools > Plugins.")
@@ -196,6 +199,7 @@ class GenerationProcess:
             threading.Thread(target=self._pump, args=(self.proc, self.events), name="child-stdout",
                              daemon=True).start()
             self._send({"host": self.host_kwargs})
+            log.info("generation process started (pid %d)", self.proc.pid)
 
     @staticmethod
     def _pump(proc, events) -> None:

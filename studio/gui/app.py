@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-WARM_UP_AFTER_MS = 300  # import the backend's library in the background this long after the window shows
+WARM_UP_AFTER_MS = 300  # start the generation process this long after the window shows
 
 
 def application():
@@ -115,18 +115,12 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
     if probe:
         watcher = _FirstPaint(window, Path(probe))
         window.installEventFilter(watcher)
-    else:
+    elif window.session.process is not None and os.environ.get("STUDIO_GUI_WARMUP", "1") != "0":
         from PySide6.QtCore import QTimer
 
-        from studio.gui.preload import warm_up
-
-        def warm() -> None:
+        def warm() -> None:  # start the generation process and load the chosen backend's library there
             backend = window.panel.backend.currentText()
-            if window.session.process is not None:  # generations run in a child: warm that one up
-                if os.environ.get("STUDIO_GUI_WARMUP", "1") != "0":
-                    window.session.process.warm("onnxruntime" if backend == "onnx" else "torch")
-            else:
-                warm_up(backend)
+            window.session.process.warm("onnxruntime" if backend == "onnx" else "torch")
         QTimer.singleShot(WARM_UP_AFTER_MS, warm)
     previous = _close_on_interrupt(window)
     _install_excepthook()
@@ -136,10 +130,9 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
 
     for sig, handler in previous.items():  # a hung shutdown can still be interrupted
         signal.signal(sig, handler)
-    from studio.gui.preload import warming_up
     from studio.gui.worker import Task
 
-    if Task.any_running() or warming_up():  # a generator ignored the cancel token, or torch is importing
+    if Task.any_running():  # a generator ignored the cancel token
         sys.stdout.flush()
         os._exit(code)
     return code

@@ -7,20 +7,15 @@ from the worker, leaves only the Python part of the import (which yields the GIL
 ``import`` finds the libraries already loaded. Linux only; anywhere else, or on any failure, it does nothing.
 Measured on the 2-core test machine: the longest GUI stall during ``import torch`` in a worker fell from
 570-870 ms to 100-180 ms (what is left is mostly ``torch._C``'s module initialisation, which needs the GIL).
-
-``warm_up`` does that import in a background thread right after the window first shows, so the remaining
-stall (50-80 ms on an idle machine) lands while the user is still looking at the new window, not in the
-middle of their first generation (benchmarks/gui.py measures both).
+Only the in-process mode (``STUDIO_GUI_ISOLATE=0``) and the About probe without a generation process need this:
+normally torch is imported in the generation process (engine/child.py), never in the window's.
 """
 from __future__ import annotations
 
 import ctypes
-import importlib
 import importlib.util
 import logging
-import os
 import sys
-import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -56,38 +51,3 @@ def preload(package: str) -> list:
     except Exception as exc:  # noqa: BLE001 - an optimisation only
         log.debug("preloading %s failed: %s", package, exc)
         return []
-
-
-_warm: dict = {}
-
-
-def warm_up(backend: str = "torch") -> threading.Thread | None:
-    """Import the backend's library (torch, or onnxruntime for "onnx") in a daemon thread; returns the thread,
-    or None when it is already imported or ``STUDIO_GUI_WARMUP=0``. The thread has no Qt objects, so quitting
-    while it runs needs no clean-up (``app.run_gui`` exits at once then)."""
-    package = "onnxruntime" if backend == "onnx" else "torch"
-    if package in sys.modules or package in _warm or os.environ.get("STUDIO_GUI_WARMUP", "1") == "0":
-        return None
-
-    def run() -> None:
-        try:
-            preload(package)
-            importlib.import_module(package)
-        except Exception as exc:  # noqa: BLE001 - the first generation will report a real problem
-            log.debug("warming up %s failed: %s", package, exc)
-
-    thread = _warm[package] = threading.Thread(target=run, name=f"warm-up-{package}", daemon=True)
-    thread.start()
-    return thread
-
-
-def warming_up() -> bool:
-    return any(t.is_alive() for t in _warm.values())
-
-
-def join_warm_up(package: str = "torch") -> None:
-    """Wait for a warm-up import of ``package`` that is under way (two threads importing torch at once have
-    failed in the wild; Python's import lock alone is not enough for it)."""
-    thread = _warm.get(package)
-    if thread is not None and thread is not threading.current_thread():
-        thread.join()

@@ -134,10 +134,9 @@ def generation_task(session, job, token, parent=None) -> Task:
     def run(report):
         gen = session.host.generators.get(job.generator)
         if gen is not None and gen[0].info.families and "torch" not in sys.modules:
-            from studio.gui.preload import join_warm_up, preload
+            from studio.gui.preload import preload
 
             report(StatusMsg("Loading PyTorch (first generation of this session)…"))
-            join_warm_up("torch")
             preload("torch")  # map libtorch without holding the GIL, so the window stays responsive
         prep = prepare(session.host, session.store, job)
         req = prep.request
