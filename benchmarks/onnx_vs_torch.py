@@ -115,19 +115,16 @@ def bytes_per_token(graph_path: Path) -> int:
     return total
 
 
-def decode_rate(step, prompt, n: int, to_int, repeats: int = 3) -> tuple:
-    """(tokens/s over ``n`` greedy decode steps after the prompt, best of ``repeats`` passes; the tokens)."""
-    best = 0.0
-    for _ in range(repeats):
-        logits, past = step(prompt, None)
-        toks = []
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tok = to_int(logits)
-            toks.append(tok)
-            logits, past = step(np.array([[tok]], dtype=np.int64), past)
-        best = max(best, n / (time.perf_counter() - t0))
-    return best, toks
+def decode_rate(step, prompt, n: int, to_int) -> tuple:
+    """(tokens/s over ``n`` greedy decode steps after the prompt, the tokens)."""
+    logits, past = step(prompt, None)
+    toks = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = to_int(logits)
+        toks.append(tok)
+        logits, past = step(np.array([[tok]], dtype=np.int64), past)
+    return n / (time.perf_counter() - t0), toks
 
 
 def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tokens: int, bw: float, threads: int,
@@ -168,7 +165,7 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
                                                              bytes_per_token(exports[q][0] / "decoder.onnx"))
     argmax = lambda l: int(l[0].argmax())  # noqa: E731
     for step, _ in steppers.values():
-        decode_rate(step, prompt, 8, argmax, repeats=1)  # warm-up
+        decode_rate(step, prompt, 8, argmax)  # warm-up
     # The VM's speed drifts by tens of percent within a minute: the backends take turns (3 rounds, best pass of
     # each), and the read bandwidth is measured again before every round; the ceiling uses the highest
     # bandwidth seen, so it never flatters a figure.
@@ -176,7 +173,7 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
     for _ in range(3):
         measured.append(read_bandwidth(threads))
         for backend, (step, _) in steppers.items():
-            rate, tokens_of[backend] = decode_rate(step, prompt, n, argmax, repeats=1)
+            rate, tokens_of[backend] = decode_rate(step, prompt, n, argmax)
             rates[backend] = max(rates[backend], rate)
     best = max(measured)
     rows += [(name, backend, rates[backend], best * 1e9 / nbytes, nbytes) for backend, (_, nbytes) in steppers.items()]
