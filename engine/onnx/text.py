@@ -83,7 +83,7 @@ def export_decoder(model, cfg: dict, path: Path, cross_shape=None) -> None:
     """Write the decoder graph; ``cross_shape`` = (n_heads, S_enc, head_dim) adds ``cross.*`` inputs."""
     import torch
 
-    from engine.onnx.common import export_graph, kv_names
+    from engine.onnx.common import OPSET, export_graph, kv_names
 
     L, H, D = cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"]
     g = torch.Generator().manual_seed(0)
@@ -101,13 +101,18 @@ def export_decoder(model, cfg: dict, path: Path, cross_shape=None) -> None:
         cnames = kv_names(L, "cross")
         names += cnames
         dyn.update({n: {0: "batch", 2: "encoder_sequence"} for n in cnames})
+    from engine.onnx import gpt2_graph
     from engine.onnx.llama_graph import LlamaDecoderGraph
 
+    opset = OPSET
+    # the same functions in far fewer graph nodes
     if cfg.get("family") == "llama" and cross_shape is None and LlamaDecoderGraph.supports(model):
-        module = LlamaDecoderGraph(model).eval()  # the same function in far fewer graph nodes
+        module = LlamaDecoderGraph(model).eval()
+    elif gpt2_graph.GPT2DecoderGraph.supports(model):
+        module, opset = gpt2_graph.GPT2DecoderGraph(model, cross_shape is not None).eval(), gpt2_graph.OPSET
     else:
         module = decoder_wrapper(model, L, cross_shape is not None)
-    export_graph(module, (ids, *flat), path, names, outs, dyn)
+    export_graph(module, (ids, *flat), path, names, outs, dyn, opset)
 
 
 def decoder_parity(torch_step, onnx_decoder, vocab: int, start_cache=None, onnx_cache=None, seed: int = 0) -> dict:

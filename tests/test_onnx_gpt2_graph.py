@@ -1,0 +1,35 @@
+"""The export form of the GPT-2 decoder (engine/onnx/gpt2_graph.py) computes what the model computes."""
+import pytest
+import torch
+
+from engine.onnx.gpt2_graph import GPT2DecoderGraph
+from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+
+
+@pytest.mark.parametrize("cross,tied,by_layer", [(False, True, False), (True, False, True)])
+def test_matches_the_model_prefill_and_cached(cross, tied, by_layer):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=4, add_cross_attention=cross,
+                     tie_word_embeddings=tied, scale_attn_by_inverse_layer_idx=by_layer)
+    model = GPT2LMHeadModel(cfg).eval()
+    for p in model.parameters():  # the init leaves biases and LayerNorms at 0/1: make every weight count
+        p.data.add_(torch.randn_like(p) * 0.1)
+    graph = GPT2DecoderGraph(model, cross=cross).eval()
+    past = [torch.zeros(2, 4, 0, 4)] * 4
+    enc = torch.randn(2, 7, 16)
+    cache = model.new_cache()
+    if cross:
+        cache.cross = model.cross_kv(enc)
+    extra = [t for kv in cache.cross for t in kv] if cross else []
+    with torch.no_grad():
+        for T in (5, 3, 1, 1):  # prefill, a multi-token cached step, then single tokens
+            ids = torch.randint(0, cfg.vocab_size, (2, T))
+            want, cache = model(ids, past=cache)
+            got, *past = graph(ids, *past, *extra)
+            assert (got - want).abs().max() < 1e-5
+            assert torch.allclose(past[0], cache.k[0][:, :, :cache.length], atol=1e-6)
+
+
+def test_other_activations_export_the_plain_model():
+    assert not GPT2DecoderGraph.supports(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2,
+                                                                    activation_function="relu")))
