@@ -59,6 +59,7 @@ class Candidate:
     version: str
     location: str
     load: Callable[[], Any]  # returns the plugin object (usually a module)
+    stamp_path: str = ""  # a file or folder whose modification time changes with the plugin's code
 
 
 class PluginHost:
@@ -88,14 +89,16 @@ class PluginHost:
             eps = []
         for ep in eps:
             version = getattr(getattr(ep, "dist", None), "version", "") or ""
-            found.append(Candidate(ep.name, "entry point", version, ep.value, ep.load))
+            meta = getattr(getattr(ep, "dist", None), "_path", "") or ""  # the .dist-info folder
+            found.append(Candidate(ep.name, "entry point", version, ep.value, ep.load, str(meta)))
         folder = state.home() / "plugins"
         if folder.is_dir():
             for path in sorted(folder.iterdir()):
                 if path.name.startswith((".", "_")):
                     continue
                 if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
-                    found.append(Candidate(path.stem, "drop-in", "", str(path), (lambda p=path: _import_path(p))))
+                    found.append(Candidate(path.stem, "drop-in", "", str(path), (lambda p=path: _import_path(p)),
+                                           str(path)))
         return found
 
     def disabled(self) -> set:
@@ -109,8 +112,13 @@ class PluginHost:
         if self._loaded:
             return self
         self._loaded = True
+        from engine import plugin_check
+
         disabled = self.disabled()
-        for cand in self.candidates():
+        candidates = self.candidates()
+        # a plugin that would kill or hang this process is found in a throwaway one first (engine/plugin_check.py)
+        crashed = plugin_check.failures([c for c in candidates if c.name not in disabled])
+        for cand in candidates:
             if cand.name in self.plugins:
                 self.plugins[f"{cand.name} ({cand.source})"] = PluginStatus(
                     cand.name, cand.source, cand.version, "failed",
@@ -120,6 +128,10 @@ class PluginHost:
             self.plugins[cand.name] = status
             if cand.name in disabled:
                 status.status = "disabled"
+                continue
+            if cand.name in crashed:
+                self._fail(status, crashed[cand.name][0])
+                status.details = crashed[cand.name][1]
                 continue
             self._load_one(cand, status)
         return self

@@ -80,4 +80,6 @@ def register_generators(register):
 def drop(home, name, source):
     folder = home / "plugins"
     folder.mkdir(exist_ok=True)
-    (folder / f"{name}.py").write_text(source)
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    return path

@@ -77,6 +77,17 @@ def test_a_crashing_plugin_does_not_take_the_window_down(qtbot, gui_home):
         assert w.output.text.toPlainText() == "still here still here"
 
 
+def test_a_plugin_that_crashes_while_loading_does_not_take_the_window_down(qtbot, gui_home):
+    install_plugins(gui_home, aborts="import os\nos.abort()\n")  # checked in a throwaway process first
+    w = make_window(qtbot, generator="echo")
+    assert w.session.host.plugins["aborts"].status == "failed"
+    assert "failed: aborts" in w._plugin_summary()
+    w.panel.prompt.setPlainText("alive")
+    w.generate()
+    wait_idle(qtbot, w, 20000)
+    assert w.output.text.toPlainText() == "alive alive"
+
+
 def test_a_plugin_holding_the_gil_does_not_freeze_the_window(qtbot, gui_home):
     install_plugins(gui_home, hog=HOG)
     w = make_window(qtbot, generator="hog")
