@@ -2,56 +2,107 @@
 
 The plugin host catches every Python exception a plugin raises, but a plugin that crashes in native code, calls
 ``os._exit`` or hangs while it is imported would end (or freeze) the process that imports it: the window
-included. So the first time the host meets a third-party plugin (new, updated or edited, as told by
-``fingerprint``), it imports it and runs its hooks in ``python -m engine.plugin_check NAME`` first, and loads it
-itself only when that process comes back. New plugins are checked together, in one process that says which
-plugin it is loading; when it dies, the one it was loading is the culprit, and the ones after it are checked
-again in a fresh process. The fingerprints that passed are kept in ``$STUDIO_HOME/plugin_checks.json``, so each
-version is checked once. ``STUDIO_PLUGIN_CHECK=0`` turns this off.
+included. So the first time the host meets a third-party plugin, and again whenever its version or files change
+(``fingerprint``), it first imports the plugin and runs its hooks in a throwaway Python process, and loads
+it itself only when that process came back (``main`` below runs in it).
+
+New plugins are checked together, in one process that reports, on a pipe of its own, which plugin it is loading
+and which ones loaded. When it dies or falls silent for ``TIMEOUT_S``, the plugin it was loading is the culprit,
+and the ones after it are checked again in a fresh process. Verdicts, passed or failed, are kept per plugin and
+fingerprint in ``$STUDIO_HOME/plugin_checks.json``, so each version is checked once. ``STUDIO_PLUGIN_CHECK=0``
+turns this off.
+
+What it cannot see: a crash that needs Qt or another plugin loaded beside it, or a background thread that
+crashes later. New plugins' loading code runs twice on their first start (in the check, then for real).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import signal
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 from engine import state
 
+log = logging.getLogger(__name__)
+
 TIMEOUT_S = 60  # a plugin that takes longer than this to import and register is treated as hung
 ENV = "STUDIO_PLUGIN_CHECK"
+MARK = "[studio plugin check]"  # on the check process's stderr, before each plugin's own output
+MAX_FILES = 20000  # files looked at per plugin for its fingerprint
 
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def key(cand) -> str:
+    return f"{cand.source}:{cand.location}"
+
+
 def fingerprint(cand) -> str:
-    """Changes when the plugin's code changes: its version, and the newest modification time among its files (a
-    drop-in's own files; an installed package's metadata folder, which every install rewrites)."""
-    path = Path(cand.stamp_path) if cand.stamp_path else None
-    stamp = 0
+    """Changes when the plugin's code changes: its version and the modification times and sizes of its files (a
+    drop-in's own files; an installed package's .dist-info folder, which every install rewrites, and for an
+    editable install its source tree). ``__pycache__`` and hidden folders are left out."""
+    stamp = ""
+    if cand.stamp_path:
+        path = Path(cand.stamp_path)
+        stamp = _tree_stamp(path)
+        source = _editable_source(path) if path.suffix == ".dist-info" else None
+        if source is not None:
+            stamp += "+" + _tree_stamp(source)
+    return f"{cand.version}|{stamp}"
+
+
+def _tree_stamp(root: Path) -> str:
+    newest = total = count = 0
     try:
-        if path is not None and path.is_dir():
-            stamp = max((f.stat().st_mtime_ns for f in [path, *path.rglob("*.py")]), default=0)
-        elif path is not None and path.exists():
-            stamp = path.stat().st_mtime_ns
+        if root.is_file():
+            st = root.stat()
+            return f"{st.st_mtime_ns}:{st.st_size}"
+        for folder, subdirs, files in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if d != "__pycache__" and not d.startswith("."))
+            for name in sorted(files):
+                try:
+                    st = os.stat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                newest, total, count = max(newest, st.st_mtime_ns), total + st.st_size, count + 1
+                if count >= MAX_FILES:
+                    return f"{newest}:{total}:{count}+"
     except OSError:
         pass
-    return f"{cand.source}|{cand.location}|{cand.version}|{stamp}"
+    return f"{newest}:{total}:{count}"
+
+
+def _editable_source(dist_info: Path) -> Optional[Path]:
+    """The source folder of an editable install (PEP 610 ``direct_url.json``), else None."""
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
+
+    try:
+        info = json.loads((dist_info / "direct_url.json").read_text(encoding="utf-8"))
+        if info.get("dir_info", {}).get("editable") and str(info.get("url", "")).startswith("file:"):
+            return Path(url2pathname(unquote(urlparse(info["url"]).path)))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def _checks_path() -> Path:
     return state.home() / "plugin_checks.json"
 
 
-def passed() -> dict:
+def verdicts() -> dict:
+    """``{key: {"name", "print", "error"?, "details"?}}`` as remembered."""
     try:
         data = json.loads(_checks_path().read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
@@ -59,11 +110,11 @@ def passed() -> dict:
         return {}
 
 
-def _remember(names_prints: dict) -> None:
+def _remember(fresh: dict) -> None:
     from engine.outputs import atomic_write_bytes
 
-    data = passed()
-    data.update(names_prints)
+    data = verdicts()
+    data.update(fresh)
     try:
         atomic_write_bytes(_checks_path(), json.dumps(data, indent=1, sort_keys=True).encode())
     except Exception:  # noqa: BLE001 - not being able to remember only means checking again next time
@@ -71,89 +122,159 @@ def _remember(names_prints: dict) -> None:
 
 
 def failures(candidates: list) -> dict:
-    """``{name: (why, details)}`` for the third-party plugins among ``candidates`` that end or hang a throwaway
-    process while they load; the others (and those that passed before, unchanged) are remembered as passed."""
+    """``{key: (why, details)}`` for the third-party plugins among ``candidates`` that end or hang a throwaway
+    process while they load (checked now, or before with the same fingerprint). A candidate whose name an
+    earlier one already took is left out: the host refuses it without importing it."""
     if not enabled():
         return {}
-    known = passed()
-    todo = {}
+    seen, todo = set(), []
     for cand in candidates:
-        if cand.source != "built-in" and known.get(cand.name) != fingerprint(cand):
-            todo.setdefault(cand.name, fingerprint(cand))
-    names, failed, ok = list(todo), {}, {}
-    while names:
-        loaded, culprit, why, details = _run(names)
-        ok.update({n: todo[n] for n in loaded})
-        if culprit is None:
+        if cand.name not in seen and cand.source != "built-in":
+            todo.append(cand)
+        seen.add(cand.name)
+    known, prints = verdicts(), {key(c): fingerprint(c) for c in todo}
+    failed, fresh, pending = {}, {}, []
+    for cand in todo:
+        old = known.get(key(cand)) or {}
+        if old.get("print") != prints[key(cand)]:
+            pending.append(cand)
+        elif old.get("error"):
+            failed[key(cand)] = (old["error"], old.get("details", ""))
+    while pending:
+        result = _run(pending)
+        if result is None:  # the check process itself did not start: blame no plugin, remember nothing
             break
-        failed[culprit] = (why, details)
-        names = names[names.index(culprit) + 1:]
-    if ok:
-        _remember(ok)
+        n_ok, why, details = result
+        fresh.update({key(c): {"name": c.name, "print": prints[key(c)]} for c in pending[:n_ok]})
+        if why is None:
+            break
+        culprit = pending[n_ok]
+        failed[key(culprit)] = (why, details)
+        fresh[key(culprit)] = {"name": culprit.name, "print": prints[key(culprit)], "error": why, "details": details}
+        pending = pending[n_ok + 1:]
+    if fresh:
+        _remember(fresh)
     return failed
 
 
-def _run(names: list) -> tuple:
-    """Load ``names`` in order in one throwaway process: (the names that loaded, the one it died on or None, why,
-    the end of its stderr)."""
-    env = dict(os.environ, **{ENV: "0"})
+def _run(cands: list) -> Optional[tuple]:
+    """Load ``cands`` in order in one throwaway process: (how many loaded, why the next one failed or None, the
+    failing one's stderr), or None when the process did not get as far as loading anything."""
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "engine.plugin_check", *names]
+    env = dict(os.environ, **{ENV: "0", "PYTHONIOENCODING": "utf-8"})
+    # this engine first, ahead of the working folder (which may hold another package called engine)
+    program = f"import sys; sys.path.insert(0, {root!r}); from engine.plugin_check import main; main(sys.argv[1:])"
+    cmd = [sys.executable, "-c", program, *[key(c) for c in cands]]
     with tempfile.TemporaryFile() as err_file:
         try:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err_file,
-                                    text=True, errors="replace")
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=err_file, start_new_session=os.name == "posix")
         except OSError as exc:
-            return [], names[0], (f"Plugin {names[0]} could not be checked in a test process ({exc.strerror}), so "
-                                  f"it was not loaded."), ""
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
-        out, line = [], ""
-        while True:  # each plugin gets TIMEOUT_S from the previous line
-            try:
-                line = lines.get(timeout=TIMEOUT_S)
-            except queue.Empty:
-                proc.kill()
-                break
-            if line is None:
-                break
-            out.append(line.rstrip("\n"))
-        code = proc.wait()
-        hung = line is not None
+            log.warning("The plugin check could not start (%s); new plugins load without it.", exc.strerror)
+            return None
+        lines, hung = _read_lines(proc), False
+        try:
+            out, deadline = [], time.monotonic() + TIMEOUT_S
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    if proc.poll() is not None:  # exited; whatever it wrote is read within a moment
+                        out += _drain(lines)
+                        break
+                    if time.monotonic() > deadline:
+                        hung = True
+                        break
+                    continue
+                if line is None:
+                    break
+                out.append(line)
+                deadline = time.monotonic() + TIMEOUT_S  # each plugin gets its own TIMEOUT_S
+        finally:
+            if proc.poll() is None:
+                _kill(proc)
+            code = proc.wait()
         err_file.seek(0)
-        err = err_file.read()[-4000:].decode(errors="replace")
-    loaded = [line[3:] for line in out if line.startswith("ok ")]
-    if code == 0 and not hung:
-        return loaded, None, "", ""
-    started = [line[8:] for line in out if line.startswith("loading ")]
-    culprit = started[-1] if started else names[0]
+        err = err_file.read().decode("utf-8", "replace")
+    if "ready" not in out:
+        log.warning("The plugin check process ended before loading any plugin (exit status %s): %s; new plugins "
+                    "load without it.", code, err.strip().splitlines()[-1:] or "no message")
+        return None
+    n_ok = sum(1 for i, c in enumerate(cands) if f"ok {i}" in out)
+    if n_ok == len(cands):
+        return n_ok, None, ""
+    name = cands[n_ok].name
     if hung:
-        why = f"Plugin {culprit} did not finish loading within {TIMEOUT_S} s in a test process, so it was not loaded."
+        why = f"Plugin {name} did not finish loading within {TIMEOUT_S} s in a test process, so it was not loaded"
     else:
-        how = f"exit code {code}"
-        if code < 0:
-            try:
-                how = f"signal {-code}, {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"signal {-code}"
-        why = (f"Plugin {culprit} ended the test process that loaded it ({how}), so it was not loaded; "
-               f"update or remove it.")
-    return [n for n in loaded if n != culprit], culprit, why, err
+        why = f"Plugin {name} ended the test process that loaded it ({_how(code)}), so it was not loaded"
+    details = err.split(f"{MARK} {n_ok}\n", 1)[-1][-4000:]
+    return n_ok, f"{why}; update it, or disable it with `studio plugins disable {name}`.", details
+
+
+def _read_lines(proc) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for raw in proc.stdout:
+            lines.put(raw.decode("utf-8", "replace").strip())
+        lines.put(None)
+    threading.Thread(target=read, daemon=True, name="plugin-check-reader").start()
+    return lines
+
+
+def _drain(lines: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            return out
+        if line is None:
+            return out
+        out.append(line)
+
+
+def _kill(proc) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)  # the plugin's own child processes too
+        else:
+            proc.kill()
+    except OSError:
+        pass
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {-code}, {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    if code >= 0xC0000000:  # a Windows exception code, such as 0xC0000005 for an access violation
+        return f"exception 0x{code:08X}"
+    return f"exit code {code}"
 
 
 def main(argv: list) -> None:
-    """In the throwaway process: load each named plugin, saying so before and after on stdout."""
+    """In the throwaway process: load each plugin (given by key), reporting on a pipe no plugin writes to."""
+    report = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")  # not inherited by the plugin's children
+    os.dup2(2, 1)  # what the plugins print goes to stderr
+    sys.stdout = sys.stderr
     from engine.plugins import PluginHost, PluginStatus
 
+    cands = PluginHost(safe_mode=False, disabled=[]).candidates()
     host = PluginHost(safe_mode=False, disabled=[])
-    cands = host.candidates()
-    for name in argv:
-        print(f"loading {name}", flush=True)
+    report.write("ready\n")
+    for i, k in enumerate(argv):
+        sys.stderr.write(f"{MARK} {i}\n")
+        sys.stderr.flush()
         for cand in cands:
-            if cand.name == name and cand.source != "built-in":
+            if key(cand) == k:
                 host._load_one(cand, PluginStatus(cand.name, cand.source, cand.version))  # Python errors are caught
-        print(f"ok {name}", flush=True)
+                break
+        report.write(f"ok {i}\n")
+    report.flush()
     os._exit(0)  # skip interpreter teardown: a plugin's atexit or finalizer crash is not a loading crash
 
 

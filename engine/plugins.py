@@ -129,9 +129,9 @@ class PluginHost:
             if cand.name in disabled:
                 status.status = "disabled"
                 continue
-            if cand.name in crashed:
-                self._fail(status, crashed[cand.name][0])
-                status.details = crashed[cand.name][1]
+            if plugin_check.key(cand) in crashed:
+                self._fail(status, crashed[plugin_check.key(cand)][0])
+                status.details = crashed[plugin_check.key(cand)][1]
                 continue
             self._load_one(cand, status)
         return self

@@ -91,6 +91,27 @@ def test_plugin_install_asks_first_and_reports_failure(qtbot, gui_home, tmp_path
     assert "pip failed" in dlg.banner.label.text() and dlg.banner.kind == "error"
 
 
+def test_an_installed_plugin_that_crashes_is_checked_off_the_window_thread(qtbot, gui_home, tmp_path, monkeypatch):
+    import threading
+
+    from engine import plugin_check
+    from studio.gui.plugin_dialog import PluginDialog
+
+    w = make_window(qtbot)
+    dlg = PluginDialog(w.session, w)
+    qtbot.addWidget(dlg)
+    dlg.plugins_changed.connect(w.reload_plugins)  # as Tools > Plugins does
+    drop = lambda source: (gui_home / "plugins" / "aborts.py").write_text("import os\nos.abort()\n")  # noqa: E731
+    monkeypatch.setattr("engine.install.install", drop)
+    monkeypatch.setattr(dlg, "confirm_install", lambda source: True)
+    run, threads = plugin_check._run, []
+    monkeypatch.setattr(plugin_check, "_run", lambda cands: threads.append(threading.current_thread()) or run(cands))
+    dlg.install(str(tmp_path))
+    wait_task(qtbot, dlg)
+    assert threads and threading.main_thread() not in threads  # the reload found the verdict remembered
+    assert w.session.host.plugins["aborts"].status == "failed" and "SIGABRT" in w.session.host.plugins["aborts"].error
+
+
 def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path):
     install_plugins(gui_home, toy=TOY_ARCH)
     make_model_folder(gui_home / "models" / "tiny")

@@ -2,7 +2,7 @@
 import os
 
 from engine import plugin_check
-from engine.plugins import PluginHost
+from engine.plugins import Candidate, PluginHost
 from plugin_samples import GOOD, drop
 
 ABORT_AT_IMPORT = "import os\nos.abort()\n"
@@ -17,18 +17,39 @@ def register_generators(register):
 HANG_AT_IMPORT = "import time\ntime.sleep(600)\n"
 
 
+def no_check(names):
+    raise AssertionError("checked again")
+
+
 def test_a_plugin_that_crashes_the_interpreter_is_not_loaded_and_the_host_lives(studio_home):
     drop(studio_home, "good", GOOD)
-    drop(studio_home, "aborts", ABORT_AT_IMPORT)
+    drop(studio_home, "aborts", 'print("loading weights")\nprint("ok 1")\n' + ABORT_AT_IMPORT)  # prints mislead nothing
     drop(studio_home, "exits", EXIT_IN_HOOK)
+    drop(studio_home, "quits", "import os\nos._exit(0)\n")  # a clean exit status while loading is a crash too
     host = PluginHost(builtins=()).load()  # without the check, this process would die here
     assert host.plugins["good"].status == "loaded"
     assert list(host.generators) == ["upper"]
-    aborts, exits = host.plugins["aborts"], host.plugins["exits"]
-    assert (aborts.status, exits.status) == ("failed", "failed")
-    assert "ended the test process that loaded it (signal 6, SIGABRT)" in aborts.error
-    assert "(exit code 3)" in exits.error
-    assert "good" in plugin_check.passed() and "aborts" not in plugin_check.passed()
+    error = {name: host.plugins[name].error for name in ("aborts", "exits", "quits")}
+    assert "ended the test process that loaded it (signal 6, SIGABRT)" in error["aborts"]
+    assert "(exit code 3)" in error["exits"] and "(exit code 0)" in error["quits"]
+    assert "`studio plugins disable aborts`" in error["aborts"]
+    assert "loading weights" in host.plugins["aborts"].details  # its own output, for the details
+    assert "loading weights" not in host.plugins["exits"].details
+
+
+def test_verdicts_are_remembered_until_the_plugin_changes(studio_home, monkeypatch):
+    good = drop(studio_home, "good", GOOD)
+    drop(studio_home, "aborts", ABORT_AT_IMPORT)
+    PluginHost(builtins=()).load()
+    monkeypatch.setattr(plugin_check, "_run", no_check)
+    host = PluginHost(builtins=()).load()
+    assert host.plugins["good"].status == "loaded" and "SIGABRT" in host.plugins["aborts"].error
+    checked = []
+    monkeypatch.setattr(plugin_check, "_run", lambda cands: checked.extend(c.name for c in cands) or (len(cands), None, ""))
+    st = os.stat(good)
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the plugin was edited
+    PluginHost(builtins=()).load()
+    assert checked == ["good"]
 
 
 def test_a_plugin_that_hangs_while_loading_is_not_loaded(studio_home, monkeypatch):
@@ -39,21 +60,52 @@ def test_a_plugin_that_hangs_while_loading_is_not_loaded(studio_home, monkeypatc
     assert "did not finish loading within 3 s" in host.plugins["hangs"].error
 
 
-def test_each_version_of_a_plugin_is_checked_once(studio_home, monkeypatch):
-    path = drop(studio_home, "good", GOOD)
-    PluginHost(builtins=()).load()
-    checked = []
-    monkeypatch.setattr(plugin_check, "_run", lambda names: checked.extend(names) or (names, None, "", ""))
-    assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
-    assert checked == []  # passed before, unchanged since
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the plugin was edited
-    PluginHost(builtins=()).load()
-    assert checked == ["good"]
+def test_a_plugin_that_starts_a_long_lived_process_is_not_taken_for_hung(studio_home, monkeypatch):
+    monkeypatch.setattr(plugin_check, "TIMEOUT_S", 5)
+    drop(studio_home, "spawns", 'import subprocess, sys\nsubprocess.Popen([sys.executable, "-c", '
+                                '"import time; time.sleep(30)"])\n' + GOOD)
+    assert PluginHost(builtins=()).load().plugins["spawns"].status == "loaded"
+
+
+def test_a_crashing_drop_in_named_like_a_built_in_does_not_fail_the_built_in(studio_home):
+    drop(studio_home, "text", ABORT_AT_IMPORT)
+    host = PluginHost().load()
+    assert host.plugins["text"].status == "loaded" and host.plugins["text"].source == "built-in"
+    assert "already called 'text'" in host.plugins["text (drop-in)"].error
+
+
+def test_the_fingerprint_follows_the_code_not_its_caches(tmp_path):
+    pkg = tmp_path / "plug"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    cand = Candidate("plug", "drop-in", "", str(pkg), lambda: None, str(pkg))
+    before = plugin_check.fingerprint(cand)
+    (pkg / "__pycache__" / "plug.cpython-311.pyc").write_bytes(b"0" * 10)
+    assert plugin_check.fingerprint(cand) == before
+    (pkg / "native.so").write_bytes(b"new build")
+    assert plugin_check.fingerprint(cand) != before
+    # an editable install: the .dist-info folder stays, the source tree it points at changes
+    src, info = tmp_path / "src", tmp_path / "plug-1.0.dist-info"
+    src.mkdir()
+    info.mkdir()
+    (src / "mod.py").write_text("x = 1\n")
+    (info / "direct_url.json").write_text('{"url": "%s", "dir_info": {"editable": true}}' % src.as_uri())
+    cand = Candidate("plug", "entry point", "1.0", "mod:plugin", lambda: None, str(info))
+    before = plugin_check.fingerprint(cand)
+    (src / "mod.py").write_text("x = 22\n")
+    assert plugin_check.fingerprint(cand) != before
 
 
 def test_the_check_can_be_turned_off(studio_home, monkeypatch):
     monkeypatch.setenv("STUDIO_PLUGIN_CHECK", "0")
-    monkeypatch.setattr(plugin_check, "_run", lambda names: (_ for _ in ()).throw(AssertionError("checked")))
+    monkeypatch.setattr(plugin_check, "_run", no_check)
     drop(studio_home, "good", GOOD)
     assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
+
+
+def test_when_the_check_process_cannot_run_no_plugin_is_blamed(studio_home, monkeypatch, caplog):
+    monkeypatch.setattr(plugin_check.sys, "executable", "/bin/false")  # exits at once, before loading anything
+    drop(studio_home, "good", GOOD)
+    assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
+    assert "new plugins load without it" in caplog.text
+    assert plugin_check.verdicts() == {}  # nothing remembered: checked again next time

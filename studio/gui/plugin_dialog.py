@@ -102,7 +102,11 @@ class PluginDialog(QDialog):
 
         self.banner.show_message(f"Installing {source}…", kind="info")
         self._set_busy(True)
-        self.task = Task(lambda report: install(source), self, name="install-plugin")
+        def work(report):
+            install(source)
+            self.session.check_new_plugins()  # here, not in the reload on the window's thread
+
+        self.task = Task(work, self, name="install-plugin")
         self.task.succeeded.connect(lambda _r: self._installed(source))
         self.task.failed.connect(lambda f: self.show_error(f"Installing {source} failed: {f.message}", f.details))
         self.task.finished.connect(self._task_done)

@@ -36,6 +36,13 @@ class Session:
 
             self.process = GenerationProcess(self.host_kwargs)
 
+    def check_new_plugins(self) -> None:
+        """Run the throwaway-process check of new plugins now (from a worker thread: it can take a while), so
+        that ``reload_plugins`` on the window's thread finds their verdicts remembered."""
+        from engine import plugin_check
+
+        plugin_check.failures(self._host_factory().candidates())
+
     def reload_plugins(self) -> PluginHost:
         self.host = self._host_factory().load()
         self.store = ModelStore(self.host)
