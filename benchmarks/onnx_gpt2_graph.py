@@ -98,11 +98,7 @@ def fixed_cost(rounds: int, work: Path) -> list:
 def caption(rounds: int, work: Path) -> list:
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline, Preprocess
-    from engine.caption.tokenizer import load_tokenizer
-    from engine.onnx.caption import OnnxCaptionRunner, light_config
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import Export
+    from engine.caption.pipeline import CaptionPipeline
     from engine.onnx_export import export_model
     from engine.plugins import DEFAULT_PLUGINS, PluginHost
     from engine.shapes import render, sample_scene
@@ -116,11 +112,7 @@ def caption(rounds: int, work: Path) -> list:
     for name in ("compact", "plain"):
         with plain_export(name == "plain"):
             man = export_model(host, entry, out_dir=work / f"caption-{name}")
-        ex = Export(Path(man["folder"]), threads=1)
-        cfg = light_config(ex.manifest["config"])
-        runner = OnnxCaptionRunner(ex.session("encoder"), OnnxDecoder(ex.session("decoder"), ex.manifest["config"]))
-        pipes[name] = CaptionPipeline(runner, load_tokenizer(folder), cfg,
-                                      Preprocess.from_folder(folder, cfg.encoder.image_size))
+        pipes[name] = CaptionPipeline.from_export(folder, man["folder"], threads=1)
         nodes[name] = optimized_nodes(Path(man["folder"]) / "decoder.onnx")
     rng = np.random.default_rng(5)
     images = [Image.fromarray(render(sample_scene(rng), 32, antialias=bool(i % 2))) for i in range(20)]

@@ -285,17 +285,7 @@ def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
         notes.append(f"caption {q or 'fp32'} parity: " + json.dumps(man["parity"]))
         if q:
             notes.append("caption int8 quality: " + json.dumps(man["quantization"]["quality"]))
-        from engine.onnx.caption import OnnxCaptionRunner, light_config
-        from engine.onnx.decoder import OnnxDecoder
-        from engine.onnx.runtime import Export
-        from engine.caption.pipeline import Preprocess
-        from engine.caption.tokenizer import load_tokenizer
-
-        ex = Export(Path(man["folder"]), threads=threads)
-        cfg = light_config(ex.manifest["config"])
-        runner = OnnxCaptionRunner(ex.session("encoder"), OnnxDecoder(ex.session("decoder"), ex.manifest["config"]))
-        pipes[f"onnxruntime {q or 'fp32'}"] = CaptionPipeline(runner, load_tokenizer(folder), cfg,
-                                                              Preprocess.from_folder(folder, cfg.encoder.image_size))
+        pipes[f"onnxruntime {q or 'fp32'}"] = CaptionPipeline.from_export(folder, man["folder"], threads=threads)
     rng = np.random.default_rng(5)
     images = [Image.fromarray(render(sample_scene(rng), 32, antialias=bool(i % 2))) for i in range(20)]
     outs = {}

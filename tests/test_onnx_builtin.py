@@ -55,11 +55,7 @@ def test_builtin_text_greedy_identical(store, tmp_path, monkeypatch):
 def test_builtin_caption_greedy_identical(store, tmp_path, monkeypatch):
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline, Preprocess
-    from engine.caption.tokenizer import load_tokenizer
-    from engine.onnx.caption import OnnxCaptionRunner, light_config
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import Export
+    from engine.caption.pipeline import CaptionPipeline
     from engine.onnx_export import export_model
     from engine.shapes import caption, render, sample_scene
 
@@ -67,11 +63,7 @@ def test_builtin_caption_greedy_identical(store, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     entry = _builtin(store, "caption")
     export_model(store[0], entry, out_dir=tmp_path / "onnx")
-    ex = Export(tmp_path / "onnx", threads=1)
-    cfg = light_config(ex.manifest["config"])
-    runner = OnnxCaptionRunner(ex.session("encoder"), OnnxDecoder(ex.session("decoder"), ex.manifest["config"]))
-    onnx_pipe = CaptionPipeline(runner, load_tokenizer(entry.path), cfg,
-                                Preprocess.from_folder(entry.path, cfg.encoder.image_size))
+    onnx_pipe = CaptionPipeline.from_export(entry.path, tmp_path / "onnx", threads=1)
     torch_pipe = CaptionPipeline.from_folder(entry.path, backend="torch")
     rng = np.random.default_rng(21)
     right = 0

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from engine.caption.decode import beam_search, greedy_tokens
-from engine.errors import ModelError, UsageError
+from engine.errors import ModelError
 
 
 @dataclass
@@ -67,16 +67,24 @@ class CaptionPipeline:
         self.max_positions = config.decoder.n_positions
 
     @classmethod
+    def from_export(cls, folder, export_dir=None, model_hash: str | None = None,
+                    threads: int | None = None) -> "CaptionPipeline":
+        """onnxruntime sessions in place of the torch model (engine/onnx/caption.py): the model folder's registered
+        export, or ``export_dir`` (an ``--out`` export, which the backend itself never opens)."""
+        from engine.caption.tokenizer import load_tokenizer
+        from engine.onnx.caption import load_caption
+
+        runner, config = load_caption(folder, model_hash, threads, export_dir)
+        return cls(runner, load_tokenizer(folder), config, Preprocess.from_folder(folder, config.encoder.image_size))
+
+    @classmethod
     def from_folder(cls, folder, device: str = "cpu", backend: str = "torch",
                     model_hash: str | None = None) -> "CaptionPipeline":
         """``model_hash``: with the onnx backend, an export made from another version of the model is refused."""
         from engine.caption.tokenizer import load_tokenizer
 
-        if backend == "onnx":  # onnxruntime sessions in place of the torch model (engine/onnx/caption.py)
-            from engine.onnx.caption import load_caption
-
-            runner, config = load_caption(folder, model_hash)
-            return cls(runner, load_tokenizer(folder), config, Preprocess.from_folder(folder, config.encoder.image_size))
+        if backend == "onnx":
+            return cls.from_export(folder, model_hash=model_hash)
         from engine.caption.model import TorchCaptionRunner, load_caption_model
 
         model = load_caption_model(folder, device=device)

@@ -59,12 +59,12 @@ def light_config(cfg: dict) -> SimpleNamespace:
                            encoder=SimpleNamespace(image_size=cfg["image_size"]))
 
 
-def load_caption(model_folder, model_hash=None, threads=None):
-    """(OnnxCaptionRunner, light config) for a caption model folder's preferred export."""
+def load_caption(model_folder, model_hash=None, threads=None, export_dir=None):
+    """(OnnxCaptionRunner, light config) for a caption model folder's preferred export, or for ``export_dir``."""
     from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import open_export
+    from engine.onnx.runtime import Export, open_export
 
-    export = open_export(Path(model_folder), model_hash, threads)
+    export = Export(Path(export_dir), threads) if export_dir else open_export(Path(model_folder), model_hash, threads)
     cfg = export.manifest["config"]
     runner = OnnxCaptionRunner(export.session("encoder"), OnnxDecoder(export.session("decoder"), cfg))
     return runner, light_config(cfg)
