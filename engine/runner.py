@@ -265,14 +265,26 @@ def _check_result(prep: Prepared, result: Result) -> None:
         raise GenerationError(f"Generator {prep.generator.info.id} says it makes {makes} but its result holds none.")
 
 
-def replay(host: PluginHost, store: ModelStore, recipe: dict, **kw) -> tuple[Record, bool, list]:
-    """Regenerate from a recipe. Returns (record, identical, notes)."""
+def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
+           **kw) -> tuple[Record, bool, list]:
+    """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
+    notes)."""
     notes = []
     model = recipe.get("model") or {}
+    recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
+    if device is None and recorded == "cuda" and backend != "onnx":
+        try:
+            resolve_device("cuda", backend)
+        except UsageError:
+            raise UsageError("This recipe was made on cuda, but PyTorch sees no CUDA GPU here; replay it with "
+                             "--device cpu, knowing that the output may then differ.") from None
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
-              model=model.get("name"), backend=recipe.get("backend", "torch"), device=recipe.get("device", "auto"),
-              seed=recipe.get("seed"), options=recipe.get("options", {}))
+              model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
+              options=recipe.get("options", {}))
     prep = prepare(host, store, job)
+    if recorded != "auto" and prep.request.device != recorded:
+        notes.append(f"the recipe was made on {recorded} and is replayed on {prep.request.device}; arithmetic differs "
+                     f"between devices (float16 on a GPU), so the output may differ")
     if prep.request.model and model.get("hash") and prep.request.model.hash != model["hash"]:
         notes.append(f"model {model.get('name')} has changed since (hash {model['hash'][:12]} -> "
                      f"{prep.request.model.hash[:12]}), so the output may differ")

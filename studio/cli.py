@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = hsub.add_parser("replay")
     x.add_argument("id", type=int)
     x.add_argument("--out", metavar="PATH")
+    x.add_argument("--device", choices=("auto", "cpu", "cuda"), help="replay on this device instead of the recipe's own")
 
     t = sub.add_parser("train", help="train a built-in model family (see `studio train KIND --help`)")
     t.add_argument("kind", choices=("text", "image", "caption"))

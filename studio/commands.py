@@ -264,7 +264,7 @@ def cmd_history(args) -> int:
     elif args.action == "replay":
         entry = history.get(args.id)
         host = _host()
-        record, same, notes = replay(host, ModelStore(host), entry.recipe,
+        record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device,
                                      out_path=Path(args.out) if args.out else None, history=history)
         for note in notes:
             print(f"studio: warning: {note}", file=sys.stderr)
