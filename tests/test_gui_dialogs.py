@@ -57,7 +57,8 @@ def test_plugin_manager_shows_failed_plugin_and_toggles(qtbot, gui_home):
     assert m.setData(m.index(hello, 0), Qt.CheckState.Unchecked.value, Qt.ItemDataRole.CheckStateRole)
     assert "restart or reload" in m.data(m.index(hello, col["Status"]))
     assert json.loads((gui_home / "settings.json").read_text())["disabled_plugins"] == ["studio_hello"]
-    dlg.reload_button.click()
+    dlg.reload_button.click()  # checks new plugins in a worker, then reloads
+    wait_task(qtbot, dlg)
     assert "echo" not in w.generator_ids() and "preview" in w.generator_ids()
     rows = {p.name: i for i, p in enumerate(dlg.model.rows)}
     assert dlg.model.rows[rows["studio_hello"]].status == "disabled"

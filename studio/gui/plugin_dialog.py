@@ -47,7 +47,7 @@ class PluginDialog(QDialog):
         self.table.selectionModel().currentRowChanged.connect(self.on_row)
         self.install_folder.clicked.connect(self.on_install_folder)
         self.install_wheel.clicked.connect(self.on_install_wheel)
-        self.reload_button.clicked.connect(self.reload)
+        self.reload_button.clicked.connect(self.on_reload)
         self.close_button.clicked.connect(self.accept)
         self.resize(860, 440)
 
@@ -64,6 +64,20 @@ class PluginDialog(QDialog):
         if p.error:
             text += f"\n{p.error}\n\n{p.details}"
         self.details.setPlainText(text)
+
+    @guard
+    def on_reload(self) -> None:
+        """Check new or changed plugins in a worker thread (each in a throwaway process: it can take a while),
+        then reload them on this thread, where their verdicts are then remembered."""
+        if self.task is not None:
+            raise UsageError("Wait for the running installation to finish.")
+        self.banner.show_message("Checking new or changed plugins…", kind="info")
+        self._set_busy(True)
+        self.task = Task(lambda report: self.session.check_new_plugins(), self, name="check-plugins")
+        self.task.succeeded.connect(lambda _r: self.reload())
+        self.task.failed.connect(lambda f: self.show_error(f"Checking the plugins failed: {f.message}", f.details))
+        self.task.finished.connect(self._task_done)
+        self.task.start()
 
     @guard
     def reload(self) -> None:
