@@ -42,8 +42,9 @@ What is measured, in one process:
   come from main memory (the 124M model). The built-in model's 11.6 MB stay in this machine's caches, so its
   "ceiling" is not a limit (it can pass 100 %). This VM's bandwidth drifts by ±20 % from one minute to the
   next, so the bandwidth is measured the way a decode step reads, at the same moment: a buffer as large as
-  the step's weights, read with `np.max` on the same threads, median of 16 reads, taken before and after every
-  decode pass (a pass's ceiling is the mean of the two);
+  the step's fp32 weights, read with `np.max` on the same threads, 16 reads before and after every decode
+  pass. The ceiling is the mean of the two median reads; being a median, a lucky pass can beat it. The
+  stricter "% of the best read" divides by the better of the two best reads instead;
 - **turns**: the three backends take turns for 5 rounds; every figure in the table (tokens/s, ceiling, % of
   ceiling, ratio to torch) is the median over the rounds of that round's value, so the ratios compare passes
   run seconds apart;
@@ -137,20 +138,20 @@ def decode_rate(step, prompt, n: int, to_int) -> tuple:
 class SustainedRead:
     """The read bandwidth a decode step can hope for, measured the way the step is: ``nbytes`` (the bytes of
     weights one step reads) in one buffer, read with ``np.max`` on ``threads`` threads (a slice each), timed
-    read by read; the median read gives GB/s."""
+    read by read. Returns GB/s of (the median read, the best read)."""
 
     def __init__(self, nbytes: int, threads: int):
         self.buf = np.ones(max(nbytes, 1 << 20) // 4, dtype=np.float32)
         self.parts = np.array_split(self.buf, threads)
         self.pool = ThreadPoolExecutor(threads)
 
-    def __call__(self, reads: int = 16) -> float:
+    def __call__(self, reads: int = 16) -> tuple:
         times = []
         for _ in range(reads):
             t = time.perf_counter()
             list(self.pool.map(np.max, self.parts))
             times.append(time.perf_counter() - t)
-        return self.buf.nbytes / float(np.median(times)) / 1e9
+        return self.buf.nbytes / float(np.median(times)) / 1e9, self.buf.nbytes / min(times) / 1e9
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -202,11 +203,12 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
         decode_rate(step, prompt, 8, argmax)  # warm-up
     # This VM's speed drifts by tens of percent within a minute, so nothing is compared across minutes: the
     # backends take turns for ROUNDS rounds, and each pass sits between two reads of a buffer as large as the
-    # weights the step reads (SustainedRead, timed like the decode steps: median per read). A pass's ceiling is
-    # the mean of the two reads around it; each figure is the median over the rounds of its per-round value.
+    # fp32 weights (SustainedRead, timed like the decode steps). A pass's ceiling is the mean of the two median
+    # reads around it (and, stricter, the better of their two best reads); each figure is the median over the
+    # rounds of its per-round value.
     nbytes = steppers["onnxruntime fp32"][1]
     probe = SustainedRead(nbytes, threads)
-    per_round = {k: [] for k in steppers}  # (tokens/s, ceiling bandwidth GB/s, tokens/s of torch this round)
+    per_round = {k: [] for k in steppers}  # (tokens/s, median-read GB/s, best-read GB/s, torch's tokens/s)
     tokens_of = {}
     try:
         before = probe()
@@ -215,25 +217,30 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
             for backend, (step, _) in steppers.items():
                 rate, tokens_of[backend] = decode_rate(step, prompt, n, argmax)
                 after = probe()
-                got[backend] = (rate, (before + after) / 2)
+                got[backend] = (rate, (before[0] + after[0]) / 2, max(before[1], after[1]))
                 before = after
-            for backend, (rate, gbs) in got.items():
-                per_round[backend].append((rate, gbs, got["torch fp32"][0]))
+            for backend, (rate, median, best) in got.items():
+                per_round[backend].append((rate, median, best, got["torch fp32"][0]))
     finally:
         probe.close()
     for backend, (_, nb) in steppers.items():
         runs = per_round[backend]
-        rows.append((name, backend, float(np.median([r for r, _, _ in runs])),
-                     float(np.median([g for _, g, _ in runs])) * 1e9 / nb, nb,
-                     float(np.median([r * nb / (g * 1e9) for r, g, _ in runs])),
-                     float(np.median([r / t for r, _, t in runs]))))
+        rows.append((name, backend, float(np.median([r for r, *_ in runs])),
+                     float(np.median([m for _, m, _, _ in runs])) * 1e9 / nb, nb,
+                     float(np.median([r * nb / (m * 1e9) for r, m, _, _ in runs])),
+                     float(np.median([r * nb / (b * 1e9) for r, _, b, _ in runs])),
+                     float(np.median([r / t for r, _, _, t in runs]))))
     fp32 = per_round["onnxruntime fp32"]
     if nbytes >= IN_CACHE_BYTES:  # from main memory: the ceiling is a limit, so show how each round fared
         notes.append(f"{name}: onnxruntime fp32 per round: "
-                     + ", ".join(f"{r:.1f} tok/s at {g:.1f} GB/s ({100 * r * nbytes / (g * 1e9):.0f} %)"
-                                 for r, g, _ in fp32)
-                     + f"; the peak-burst bandwidth of the start ({bw:.1f} GB/s, `read_bandwidth`) would put the "
-                     f"median pass at {100 * np.median([r for r, _, _ in fp32]) * nbytes / (bw * 1e9):.0f} %")
+                     + ", ".join(f"{r:.1f} tok/s at {m:.1f} GB/s median read, {b:.1f} best "
+                                 f"({100 * r * nbytes / (m * 1e9):.0f} %, {100 * r * nbytes / (b * 1e9):.0f} %)"
+                                 for r, m, b, _ in fp32)
+                     + f"; the peak-burst bandwidth of the start ({bw:.1f} GB/s, `read_bandwidth`, the old "
+                     f"method) would put the median pass at "
+                     f"{100 * np.median([r for r, *_ in fp32]) * nbytes / (bw * 1e9):.0f} %")
+        notes.append(f"{name}: the int8 rows' ceiling comes from reads of the fp32 size ({nbytes / 1e6:.0f} MB); "
+                     f"a buffer of the int8 size reads about 5 % faster, so their % is about 5 % high")
     toks_t, toks = tokens_of["torch fp32"], {None: tokens_of["onnxruntime fp32"], "int8": tokens_of["onnxruntime int8"]}
     same = next((i for i, (a, b) in enumerate(zip(toks_t, toks[None])) if a != b), len(toks_t))
     notes.append(f"{name}: greedy tokens torch vs onnxruntime fp32 identical for {same}/{len(toks_t)} tokens; "
@@ -338,14 +345,16 @@ def targets(text: list) -> list:
     """The issue's targets, checked against the measured rows (met / NOT met)."""
     out = []
     by = {}
-    for model, backend, rate, ceiling, nbytes, share, vs_torch in text:
-        by.setdefault(model, {})[backend] = (share, vs_torch)
+    for model, backend, rate, ceiling, nbytes, share, strict, vs_torch in text:
+        by.setdefault(model, {})[backend] = (share, strict, vs_torch)
     for model, rows in by.items():
-        share, f = rows.get("onnxruntime fp32", (0.0, 0.0))
-        q = rows.get("onnxruntime int8", (0.0, 0.0))[1]
+        share, strict, f = rows.get("onnxruntime fp32", (0.0, 0.0, 0.0))
+        q = rows.get("onnxruntime int8", (0.0, 0.0, 0.0))[2]
         if model.startswith("gpt2-124m"):
-            out.append(f"- {model}: onnxruntime fp32 at {100 * share:.0f} % of the bandwidth ceiling "
-                       f"(target >= 80 %): {'met' if share >= 0.8 else 'NOT met'}")
+            out.append(f"- {model}: onnxruntime fp32 at {100 * share:.0f} % of the ceiling from the median read, "
+                       f"{100 * strict:.0f} % from the best read (target >= 80 %): "
+                       f"{'met' if share >= 0.8 else 'NOT met'} by the median read, "
+                       f"{'met' if strict >= 0.8 else 'NOT met'} by the best read")
         else:
             out.append(f"- {model}: onnxruntime fp32 {f:.2f}x torch (target >= 2x): {'met' if f >= 2 else 'NOT met'}")
         out.append(f"- {model}: onnxruntime int8 {q:.2f}x torch fp32 (target >= 2.5x): "
@@ -430,11 +439,13 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = uptime()
-    lines = ["| model | backend | decode tokens/s | ceiling tokens/s (bandwidth / bytes per token) | % of ceiling "
-             "| vs torch fp32 |", "|---|---|---|---|---|---|"]
-    for model, backend, rate, ceiling, nbytes, share, vs_torch in text:
+    lines = ["| model | backend | decode tokens/s (median step) | ceiling tokens/s (median read / bytes per token) "
+             "| % of ceiling | % of the best read | vs torch fp32 |", "|---|---|---|---|---|---|---|"]
+    for model, backend, rate, ceiling, nbytes, share, strict, vs_torch in text:
         lines.append(f"| {model} | {backend} | {rate:.1f} | {ceiling:.1f} ({nbytes / 1e6:.1f} MB/token) "
-                     f"| {100 * share:.0f} % | {vs_torch:.2f}x |")
+                     f"| {100 * share:.0f} % | {100 * strict:.0f} % | {vs_torch:.2f}x |")
+    lines += ["", "The % columns and the ratio to torch are medians of per-round ratios, so they can differ by a "
+              "few points from the ratio of the medians beside them."]
     lines += ["", "| task | backend | time |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in other]
     lines += ["", "Targets:", ""] + targets(text)
     v = versions()

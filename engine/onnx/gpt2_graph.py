@@ -8,7 +8,7 @@ the same thing with the weights rearranged once at export time:
 - the attention scale folded into the q columns of ``c_attn`` (weight and bias);
 - the causal mask built once per call from the positions, not per layer;
 - tanh GELU as one ``Gelu`` node (opset 20), LayerNorm as one ``LayerNormalization`` node;
-- the lm_head as its own (untied) weight, so int8 quantizes it too;
+- the lm_head as a separate transposed weight (as the plain export also ends up with), which int8 quantizes;
 - cross-attention (the captioner's decoder) reads ``cross.{i}.key/value`` given as inputs.
 
 Inputs and outputs are those of ``engine.onnx.text.decoder_wrapper``: ``input_ids`` (B, T), per layer
