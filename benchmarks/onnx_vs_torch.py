@@ -50,8 +50,9 @@ What is measured, in one process:
   run seconds apart;
 - **image**: seconds per image at 20 dpmpp_2m steps with guidance 3 (one batch of 2: conditional and
   unconditional), the torch loop (`engine.image.pipeline.sample`) vs the numpy loop on onnxruntime, from the same
-  noise;
-- **caption**: milliseconds per greedy caption (preprocessing, encoder and decoder) over 20 renders.
+  noise; median over 5 prompts x 3 rounds, the backends taking turns;
+- **caption**: milliseconds per greedy caption (preprocessing, encoder and decoder), median over 20 renders x 3
+  rounds, the backends taking turns.
 
 Exports are made by `engine.onnx_export.export_model` into a temporary folder, each through the parity gate.
 Llama decoders are exported through `engine/onnx/llama_graph.py`, the same function rearranged into about 220
@@ -277,6 +278,20 @@ def fake_entry(folder: Path, family: str, generator: str):
                       json.loads((folder / "config.json").read_text()), {})
 
 
+def median_turns(calls: dict, items: list, rounds: int = 3) -> tuple:
+    """({backend: median seconds per item}, {backend: outputs of the last round}): each ``calls[backend](item)``
+    over ``items``, the backends taking turns for ``rounds`` rounds, since this VM's speed drifts."""
+    times, outs = {name: [] for name in calls}, {}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            outs[name] = []
+            for item in items:
+                t = time.perf_counter()
+                outs[name].append(fn(item))
+                times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(v)) for name, v in times.items()}, outs
+
+
 def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
     from PIL import Image
 
@@ -295,12 +310,10 @@ def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
         pipes[f"onnxruntime {q or 'fp32'}"] = CaptionPipeline.from_export(folder, man["folder"], threads=threads)
     rng = np.random.default_rng(5)
     images = [Image.fromarray(render(sample_scene(rng), 32, antialias=bool(i % 2))) for i in range(20)]
-    outs = {}
-    for name, pipe in pipes.items():
-        pipe(images[0])
-        t = time.perf_counter()
-        outs[name] = [pipe(im).token_ids for im in images]
-        rows.append(("caption (greedy)", name, (time.perf_counter() - t) / len(images) * 1000))
+    for pipe in pipes.values():
+        pipe(images[0])  # warm-up
+    seconds, outs = median_turns({name: (lambda im, p=pipe: p(im).token_ids) for name, pipe in pipes.items()}, images)
+    rows += [("caption (greedy)", name, seconds[name] * 1000) for name in pipes]
     same = sum(a == b for a, b in zip(outs["torch fp32"], outs["onnxruntime fp32"]))
     notes.append(f"captions torch vs onnxruntime fp32 identical: {same}/{len(images)}; int8 vs fp32: "
                  f"{sum(a == b for a, b in zip(outs['onnxruntime fp32'], outs['onnxruntime int8']))}/{len(images)}")
@@ -327,13 +340,14 @@ def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
         nets[f"onnxruntime {q or 'fp32'}"] = (OnnxTextEncoder(ex.session("text_encoder")),
                                               OnnxDenoiser(ex.session("unet")))
     captions = [caption(sample_scene(np.random.default_rng(100 + i))) for i in range(5)]
-    imgs = {}
+    calls = {}
     for name, pair in nets.items():
         gen = _generate_torch if name.startswith("torch") else _generate
         gen(loaded, pair, captions[:1], 2, seed=0)  # warm-up
-        t = time.perf_counter()
-        imgs[name] = np.concatenate([gen(loaded, pair, [c], 20, seed=i) for i, c in enumerate(captions)])
-        rows.append(("image (20 steps, guidance 3)", name, (time.perf_counter() - t) / len(captions)))
+        calls[name] = lambda item, gen=gen, pair=pair: gen(loaded, pair, [item[1]], 20, seed=item[0])
+    seconds, outs = median_turns(calls, list(enumerate(captions)))
+    rows += [("image (20 steps, guidance 3)", name, seconds[name]) for name in nets]
+    imgs = {name: np.concatenate(got) for name, got in outs.items()}
     a, b = imgs["torch fp32"], imgs["onnxruntime fp32"]
     notes.append(f"images torch vs onnxruntime fp32 (same seeds): max pixel difference "
                  f"{int(np.abs(a.astype(int) - b.astype(int)).max())}, analyzer reads "
