@@ -123,22 +123,14 @@ def _remember(fresh: dict) -> None:
 
 def failures(candidates: list) -> dict:
     """``{key: (why, details)}`` for the third-party plugins among ``candidates`` that end or hang a throwaway
-    process while they load (checked now, or before with the same fingerprint). A candidate whose name an
-    earlier one already took is left out: the host refuses it without importing it."""
+    process while they load (checked now, or before with the same fingerprint)."""
     if not enabled():
         return {}
-    seen, todo = set(), []
-    for cand in candidates:
-        if cand.name not in seen and cand.source != "built-in":
-            todo.append(cand)
-        seen.add(cand.name)
-    known, prints = verdicts(), {key(c): fingerprint(c) for c in todo}
-    failed, fresh, pending = {}, {}, []
+    todo, prints, pending = _todo(candidates)
+    known, failed, fresh = verdicts(), {}, {}
     for cand in todo:
         old = known.get(key(cand)) or {}
-        if old.get("print") != prints[key(cand)]:
-            pending.append(cand)
-        elif old.get("error"):
+        if cand not in pending and old.get("error"):
             failed[key(cand)] = (old["error"], old.get("details", ""))
     while pending:
         result = _run(pending)
@@ -155,6 +147,23 @@ def failures(candidates: list) -> dict:
     if fresh:
         _remember(fresh)
     return failed
+
+
+def needed(candidates: list) -> bool:
+    """Whether ``failures(candidates)`` would start a throwaway process (a new or changed plugin)."""
+    return enabled() and bool(_todo(candidates)[2])
+
+
+def _todo(candidates: list) -> tuple:
+    """(the third-party candidates that will be loaded, their fingerprints by key, those not checked with that
+    fingerprint yet). A candidate whose name an earlier one took is left out: the host refuses it unimported."""
+    seen, todo = set(), []
+    for cand in candidates:
+        if cand.name not in seen and cand.source != "built-in":
+            todo.append(cand)
+        seen.add(cand.name)
+    known, prints = verdicts(), {key(c): fingerprint(c) for c in todo}
+    return todo, prints, [c for c in todo if (known.get(key(c)) or {}).get("print") != prints[key(c)]]
 
 
 def _run(cands: list) -> Optional[tuple]:

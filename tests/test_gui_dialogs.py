@@ -6,7 +6,7 @@ import types
 from PySide6.QtCore import Qt
 
 from gui_helpers import gui_home, install_plugins, make_window  # noqa: F401
-from plugin_samples import BROKEN_IMPORT
+from plugin_samples import BROKEN_IMPORT, GOOD
 
 TOY_ARCH = '''
 from engine import hookimpl
@@ -270,3 +270,23 @@ def test_model_picker_and_a_model_that_fails_to_load(qtbot, gui_home):
     w.generate()
     qtbot.waitUntil(lambda: w.task is None, timeout=5000)
     assert not w.banner.isVisible() and w.output.text.toPlainText() == "good: 1 tensors"
+
+
+def test_reloading_with_a_new_plugin_checks_it_off_the_window_thread(qtbot, gui_home, monkeypatch):
+    """Enabling a plugin and closing the dialog reloads through the window: a plugin never checked is checked
+    in a worker thread, then the window reloads."""
+    import threading
+
+    from engine import plugin_check
+
+    w = make_window(qtbot)
+    run, threads = plugin_check._run, []
+    monkeypatch.setattr(plugin_check, "_run", lambda cands: threads.append(threading.current_thread()) or run(cands))
+    (gui_home / "plugins" / "late.py").write_text(GOOD)
+    w.reload_plugins()
+    assert "late" not in w.session.host.plugins  # not yet: the check runs first, off this thread
+    qtbot.waitUntil(lambda: "late" in w.session.host.plugins, timeout=20000)
+    assert threads and threading.main_thread() not in threads
+    assert "upper" in w.generator_ids()
+    w.reload_plugins()  # nothing new: reloads at once
+    assert "late" in w.session.host.plugins

@@ -21,6 +21,21 @@ class DialogActions:
     def reload_plugins(self) -> None:
         if self.task is not None:
             raise UsageError("Wait for the running generation to finish before reloading plugins.")
+        if self.session.plugins_need_check():  # a new or changed plugin: check it off this thread first
+            from studio.gui.worker import Task
+
+            self.statusBar().showMessage("Checking new or changed plugins…")
+            check = Task(lambda report: self.session.check_new_plugins(), self, name="check-plugins")
+            check.finished.connect(self._reload_plugins_now)
+            check.finished.connect(check.deleteLater)
+            check.start()
+            return
+        self._reload_plugins_now()
+
+    @guard
+    def _reload_plugins_now(self) -> None:
+        if not self.isVisible():  # closed while the check ran
+            return
         self.session.reload_plugins()
         self.populate_generators()
         self.statusBar().showMessage("Plugins reloaded: " + self._plugin_summary(), 8000)

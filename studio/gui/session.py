@@ -43,6 +43,12 @@ class Session:
 
         plugin_check.failures(self._host_factory().candidates())
 
+    def plugins_need_check(self) -> bool:
+        """Whether a reload would first check a new or changed plugin in a throwaway process."""
+        from engine import plugin_check
+
+        return plugin_check.needed(self._host_factory().candidates())
+
     def reload_plugins(self) -> PluginHost:
         self.host = self._host_factory().load()
         self.store = ModelStore(self.host)
