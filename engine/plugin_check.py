@@ -200,8 +200,7 @@ def _run(cands: list) -> Optional[tuple]:
                 out.append(line)
                 deadline = time.monotonic() + TIMEOUT_S  # each plugin gets its own TIMEOUT_S
         finally:
-            if proc.poll() is None:
-                _kill(proc)
+            _kill(proc)  # also whatever the plugins started while they loaded: the check is throwaway
             code = proc.wait()
         err_file.seek(0)
         err = err_file.read().decode("utf-8", "replace")
@@ -245,12 +244,13 @@ def _drain(lines: queue.Queue) -> list:
 
 
 def _kill(proc) -> None:
+    """End the check process, if still running, and on POSIX every process left in its group."""
     try:
         if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)  # the plugin's own child processes too
-        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
             proc.kill()
-    except OSError:
+    except OSError:  # nothing left to end
         pass
 
 

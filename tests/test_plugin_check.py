@@ -1,5 +1,7 @@
 """A plugin that kills or hangs the process that imports it is found in a throwaway process and not loaded."""
 import os
+import sys
+import time
 
 from engine import plugin_check
 from engine.plugins import Candidate, PluginHost
@@ -60,11 +62,28 @@ def test_a_plugin_that_hangs_while_loading_is_not_loaded(studio_home, monkeypatc
     assert "did not finish loading within 3 s" in host.plugins["hangs"].error
 
 
-def test_a_plugin_that_starts_a_long_lived_process_is_not_taken_for_hung(studio_home, monkeypatch):
+def test_a_plugin_that_starts_a_long_lived_process_is_not_taken_for_hung(studio_home, monkeypatch, tmp_path):
     monkeypatch.setattr(plugin_check, "TIMEOUT_S", 5)
-    drop(studio_home, "spawns", 'import subprocess, sys\nsubprocess.Popen([sys.executable, "-c", '
-                                '"import time; time.sleep(30)"])\n' + GOOD)
+    monkeypatch.setenv("STUDIO_PLUGIN_CHECK_SPAWNED", str(tmp_path / "pid"))
+    drop(studio_home, "spawns", 'import os, subprocess, sys\n'
+                                'if os.environ.get("STUDIO_PLUGIN_CHECK") == "0":  # only in the check process\n'
+                                '    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])\n'
+                                '    open(os.environ["STUDIO_PLUGIN_CHECK_SPAWNED"], "w").write(str(p.pid))\n' + GOOD)
     assert PluginHost(builtins=()).load().plugins["spawns"].status == "loaded"
+    if sys.platform.startswith("linux"):  # what the plugin started in the throwaway process ended with it
+        pid = int((tmp_path / "pid").read_text())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
 
 
 def test_a_crashing_drop_in_named_like_a_built_in_does_not_fail_the_built_in(studio_home):
