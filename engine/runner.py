@@ -269,7 +269,6 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
            **kw) -> tuple[Record, bool, list]:
     """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
     notes)."""
-    notes = []
     model = recipe.get("model") or {}
     recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
     if device is None and recorded == "cuda" and backend != "onnx":
@@ -281,12 +280,19 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}))
-    prep = prepare(host, store, job)
-    if recorded != "auto" and prep.request.device != recorded:
-        notes.append(f"the recipe was made on {recorded} and is replayed on {prep.request.device}; arithmetic differs "
-                     f"between devices (float16 on a GPU), so the output may differ")
-    if prep.request.model and model.get("hash") and prep.request.model.hash != model["hash"]:
-        notes.append(f"model {model.get('name')} has changed since (hash {model['hash'][:12]} -> "
-                     f"{prep.request.model.hash[:12]}), so the output may differ")
-    record = execute(prep, **kw)
-    return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), notes
+    record = execute(prepare(host, store, job), **kw)
+    return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
+
+
+def replay_notes(original: dict, replayed: dict) -> list:
+    """Why a replay may not give the original output: another device, or a changed model."""
+    notes = []
+    was, now = original.get("device", "auto"), replayed.get("device")
+    if was != "auto" and now and now != was:
+        notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
+                     f"(float16 on a GPU), so the output may differ")
+    old, new = original.get("model") or {}, replayed.get("model") or {}
+    if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
+        notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
+                     f"so the output may differ")
+    return notes

@@ -175,6 +175,16 @@ def test_replay_gives_the_same_image(qtbot, gui_home):
     assert w.output.recipe["seed"] == first["seed"]
     assert w.output.recipe["content_sha256"] == first["content_sha256"]
     assert len(w.session.history.list()) == 2
+    assert w.banner.isVisible() and w.banner.label.text() == "Replayed: identical to the original output."
+    # a recipe made elsewhere that came out otherwise: the window says so, and why it may have
+    w.replay(dict(first, device="cuda", content_sha256="0" * 64))
+    wait_idle(qtbot, w)
+    assert w.banner.label.text() == ("Replayed: different from the original output; the recipe was made on cuda "
+                                     "and is replayed on cpu; arithmetic differs between devices (float16 on a "
+                                     "GPU), so the output may differ.")
+    w.generate()  # a plain generation says nothing about replays
+    wait_idle(qtbot, w)
+    assert not w.banner.isVisible()
 
 
 def test_audio_output_shows_a_waveform(qtbot, gui_home):

@@ -36,6 +36,7 @@ class MainWindow(DialogActions, QMainWindow):
         self.setAcceptDrops(True)
         self.task = None
         self.token = None
+        self.replay_of = None  # the recipe a running generation replays
         self.busy_kind = ""
         self._progress_t0 = None
         self._closing = False
@@ -226,6 +227,7 @@ class MainWindow(DialogActions, QMainWindow):
         self.panel.show_progress(0, 0, None, "Preparing…")
         self._progress_t0 = None
         self._remember()
+        self.replay_of = None  # replay() sets it after this returns
         task = generation_task(self.session, job, self.token, self)
         task.succeeded.connect(self.on_task_succeeded)
         task.failed.connect(self.on_task_failed)
@@ -288,6 +290,19 @@ class MainWindow(DialogActions, QMainWindow):
         self.panel.progress_label.setText(f"Saved {Path(rec.files[0]).name}" if rec.files else "")
         self.statusBar().showMessage(f"Saved {rec.files[0]}" if rec.files else "Done", 8000)
         self.history.refresh()
+        if self.replay_of is not None:
+            self.say_how_replay_went(self.replay_of, rec.recipe)
+
+    def say_how_replay_went(self, original: dict, replayed: dict) -> None:
+        from engine.runner import replay_notes
+
+        if not original.get("content_sha256"):
+            return
+        if replayed.get("content_sha256") == original["content_sha256"]:
+            self.show_info("Replayed: identical to the original output.")
+            return
+        notes = replay_notes(original, replayed)
+        self.show_info("Replayed: different from the original output" + (f"; {notes[0]}." if notes else "."))
 
     @guard
     def on_task_failed(self, failure: Failure) -> None:
@@ -317,6 +332,8 @@ class MainWindow(DialogActions, QMainWindow):
     def replay(self, recipe: dict) -> None:
         self.load_recipe(recipe)
         self.generate()
+        if self.task is not None:
+            self.replay_of = dict(recipe)  # on_task_succeeded says whether the output came out the same
 
     @guard
     def caption_image(self, path: str) -> None:
