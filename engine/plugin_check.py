@@ -102,12 +102,13 @@ def _checks_path() -> Path:
 
 
 def verdicts() -> dict:
-    """``{key: {"name", "print", "error"?, "details"?}}`` as remembered."""
+    """``{key: {"name", "print", "error"?, "details"?}}`` as remembered (an unreadable file, or entry, is ignored:
+    those plugins are checked again)."""
     try:
         data = json.loads(_checks_path().read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
 def _remember(fresh: dict) -> None:
@@ -131,7 +132,7 @@ def failures(candidates: list) -> dict:
     for cand in todo:
         old = known.get(key(cand)) or {}
         if cand not in pending and old.get("error"):
-            failed[key(cand)] = (old["error"], old.get("details", ""))
+            failed[key(cand)] = (str(old["error"]), str(old.get("details", "")))
     while pending:
         result = _run(pending)
         if result is None:  # the check process itself did not start: blame no plugin, remember nothing

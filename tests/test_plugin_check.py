@@ -128,3 +128,12 @@ def test_when_the_check_process_cannot_run_no_plugin_is_blamed(studio_home, monk
     assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
     assert "new plugins load without it" in caplog.text
     assert plugin_check.verdicts() == {}  # nothing remembered: checked again next time
+
+
+def test_a_damaged_verdict_file_only_means_checking_again(studio_home):
+    drop(studio_home, "good", GOOD)
+    path = studio_home / "plugin_checks.json"
+    for text in ("{broken", "[1, 2]", '{"drop-in:%s": 5}' % (studio_home / "plugins" / "good.py")):
+        path.write_text(text)
+        assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
+        assert isinstance(plugin_check.verdicts()[f"drop-in:{studio_home / 'plugins' / 'good.py'}"], dict)
