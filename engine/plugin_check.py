@@ -122,6 +122,20 @@ def _remember(fresh: dict) -> None:
         pass
 
 
+def forget_failure(name: str) -> None:
+    """Drop a failed verdict for plugin ``name``, so it is checked again at the next load (``studio plugins enable``,
+    or ticking it in the Plugins dialog: a user who thinks the crash or hang was a one-off can retry)."""
+    from engine.outputs import atomic_write_bytes
+
+    data = verdicts()
+    kept = {k: v for k, v in data.items() if not (v.get("name") == name and v.get("error"))}
+    if len(kept) != len(data):
+        try:
+            atomic_write_bytes(_checks_path(), json.dumps(kept, indent=1, sort_keys=True).encode())
+        except Exception:  # noqa: BLE001 - the verdict then stays until the plugin changes
+            pass
+
+
 def failures(candidates: list) -> dict:
     """``{key: (why, details)}`` for the third-party plugins among ``candidates`` that end or hang a throwaway
     process while they load (checked now, or before with the same fingerprint)."""

@@ -253,7 +253,12 @@ def _import_path(path: Path):
 
 
 def set_enabled(name: str, enabled: bool) -> None:
-    """Persist enable/disable in settings. Takes effect at the next load."""
+    """Persist enable/disable in settings. Takes effect at the next load; enabling also forgets a failed load
+    check, so the plugin is checked again."""
+    if enabled:
+        from engine import plugin_check
+
+        plugin_check.forget_failure(name)
     settings = state.load_settings()
     names = [n for n in settings.disabled_plugins if n != name]
     if not enabled:

@@ -137,3 +137,16 @@ def test_a_damaged_verdict_file_only_means_checking_again(studio_home):
         path.write_text(text)
         assert PluginHost(builtins=()).load().plugins["good"].status == "loaded"
         assert isinstance(plugin_check.verdicts()[f"drop-in:{studio_home / 'plugins' / 'good.py'}"], dict)
+
+
+def test_enabling_a_plugin_checks_it_again(studio_home, monkeypatch):
+    from engine.plugins import set_enabled
+
+    drop(studio_home, "aborts", ABORT_AT_IMPORT)
+    assert PluginHost(builtins=()).load().plugins["aborts"].status == "failed"
+    run, checked = plugin_check._run, []
+    monkeypatch.setattr(plugin_check, "_run", lambda cands: checked.extend(c.name for c in cands) or run(cands))
+    PluginHost(builtins=()).load()
+    assert checked == []  # the failure is remembered
+    set_enabled("aborts", True)  # the user thinks it was a one-off
+    assert PluginHost(builtins=()).load().plugins["aborts"].status == "failed" and checked == ["aborts"]
