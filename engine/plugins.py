@@ -101,6 +101,11 @@ class PluginHost:
                                            str(path)))
         return found
 
+    def to_check(self, candidates: Optional[list] = None, disabled: Optional[set] = None) -> list:
+        """The candidates ``load`` would import (all but the disabled): what engine/plugin_check.py checks."""
+        disabled = self.disabled() if disabled is None else disabled
+        return [c for c in (self.candidates() if candidates is None else candidates) if c.name not in disabled]
+
     def disabled(self) -> set:
         if self._disabled is not None:
             return set(self._disabled)
@@ -117,7 +122,7 @@ class PluginHost:
         disabled = self.disabled()
         candidates = self.candidates()
         # a plugin that would kill or hang this process is found in a throwaway one first (engine/plugin_check.py)
-        crashed = plugin_check.failures([c for c in candidates if c.name not in disabled])
+        crashed = plugin_check.failures(self.to_check(candidates, disabled))
         for cand in candidates:
             if cand.name in self.plugins:
                 self.plugins[f"{cand.name} ({cand.source})"] = PluginStatus(

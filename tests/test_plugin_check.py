@@ -150,3 +150,16 @@ def test_enabling_a_plugin_checks_it_again(studio_home, monkeypatch):
     assert checked == []  # the failure is remembered
     set_enabled("aborts", True)  # the user thinks it was a one-off
     assert PluginHost(builtins=()).load().plugins["aborts"].status == "failed" and checked == ["aborts"]
+
+
+def test_the_window_does_not_check_disabled_plugins(studio_home, monkeypatch):
+    from engine.plugins import set_enabled
+    from studio.gui.session import Session
+
+    drop(studio_home, "aborts", ABORT_AT_IMPORT)
+    set_enabled("aborts", False)
+    monkeypatch.setattr(plugin_check, "_run", no_check)
+    session = Session(host_kwargs={"builtins": []}, isolate=False)
+    assert not session.plugins_need_check()
+    session.check_new_plugins()  # would raise "checked again" if it ran the check
+    assert session.host.plugins["aborts"].status == "disabled"

@@ -41,13 +41,13 @@ class Session:
         that ``reload_plugins`` on the window's thread finds their verdicts remembered."""
         from engine import plugin_check
 
-        plugin_check.failures(self._host_factory().candidates())
+        plugin_check.failures(self._host_factory().to_check())
 
     def plugins_need_check(self) -> bool:
         """Whether a reload would first check a new or changed plugin in a throwaway process."""
         from engine import plugin_check
 
-        return plugin_check.needed(self._host_factory().candidates())
+        return plugin_check.needed(self._host_factory().to_check())
 
     def reload_plugins(self) -> PluginHost:
         self.host = self._host_factory().load()
