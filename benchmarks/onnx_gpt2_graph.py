@@ -13,17 +13,18 @@ Graph node counts are those after onnxruntime's own optimizations.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from onnx_vs_torch import decode_rate, median_seconds, median_turns  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -52,15 +53,6 @@ def optimized_nodes(path: Path) -> int:
     return len(onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
 
 
-def median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
-
-
 def fixed_cost(rounds: int, work: Path) -> list:
     import torch
 
@@ -82,15 +74,12 @@ def fixed_cost(rounds: int, work: Path) -> list:
     for r in range(rounds):
         for name in (("compact", "plain") if r % 2 == 0 else ("plain", "compact")):
             dec = decs[name]
-            state = list(dec.step(np.arange(16)[None], None))
-
-            def one():
-                state[:] = dec.step(np.array([[int(state[0][0].argmax())]]), state[1])
-            step[name].append(median_ms(one, 64))
+            step[name].append(1e3 / decode_rate(dec.step, np.arange(16)[None], 64, lambda l: int(l[0].argmax()))[0])
+            _, past = dec.step(np.arange(48)[None], None)  # a past as long as the middle decode step's
             feeds = {"input_ids": np.array([[1]])}
-            for i, (k, v) in enumerate(state[1].kv):
+            for i, (k, v) in enumerate(past.kv):
                 feeds[dec.past_names[2 * i]], feeds[dec.past_names[2 * i + 1]] = k, v
-            bare[name].append(median_ms(lambda: dec.session.run(dec.output_names, feeds), 64))
+            bare[name].append(1e3 * median_seconds(lambda: dec.session.run(dec.output_names, feeds), 64))
     return [f"| 12-layer GPT-2, width 96: decode step (1 thread) | {name} | {nodes[name]} | "
             f"{np.median(step[name]):.3f} ms (bare session.run {np.median(bare[name]):.3f} ms) |" for name in decs]
 
@@ -116,15 +105,13 @@ def caption(rounds: int, work: Path) -> list:
         nodes[name] = optimized_nodes(Path(man["folder"]) / "decoder.onnx")
     rng = np.random.default_rng(5)
     images = [Image.fromarray(render(sample_scene(rng), 32, antialias=bool(i % 2))) for i in range(20)]
-    times = collections.defaultdict(list)
-    for r in range(rounds):
-        for name in (("compact", "plain") if r % 2 == 0 else ("plain", "compact")):
-            pipe = pipes[name]
-            pipe(images[0])
-            times[name] += [median_ms(lambda im=im: pipe(im), 1) for im in images]
-    same = sum(pipes["compact"](im).token_ids == pipes["plain"](im).token_ids for im in images)
+    for pipe in pipes.values():
+        pipe(images[0])  # warm-up
+    seconds, outs = median_turns({name: (lambda im, p=pipe: p(im).token_ids) for name, pipe in pipes.items()},
+                                 images, rounds)
+    same = sum(a == b for a, b in zip(outs["compact"], outs["plain"]))
     return [f"| built-in captioner: greedy caption (1 thread) | {name} | {nodes[name]} (decoder) | "
-            f"{np.median(times[name]):.2f} ms |" for name in pipes] + [
+            f"{seconds[name] * 1e3:.2f} ms |" for name in pipes] + [
         f"| built-in captioner: the same captions | | | {same}/{len(images)} |"]
 
 

@@ -17,7 +17,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
     os.environ["STUDIO_ONNX_THREADS"] = str(args.threads)
-    from onnx_vs_torch import SustainedRead, fake_entry, gpt2_small_folder
+    from onnx_vs_torch import SustainedRead, decode_rate, fake_entry, gpt2_small_folder, median_seconds
 
     from engine.onnx.decoder import OnnxDecoder
     from engine.onnx.runtime import Export
@@ -81,28 +80,15 @@ def main(argv=None) -> int:
 
         probe = SustainedRead(nbytes, args.threads)
 
-        def timed(fn, n):
-            times = []
-            for _ in range(n):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return float(np.median(times))
-
-        def decode(n=32):
-            state = list(dec.step(prompt, None))
-
-            def one():
-                state[:] = dec.step(np.array([[int(state[0][0].argmax())]]), state[1])
-            return timed(one, n)
-
-        decode(4), timed(lambda: mm.run(None, {"x": x}), 2)
+        argmax = lambda logits: int(logits[0].argmax())  # noqa: E731
+        decode = lambda n=32: 1 / decode_rate(dec.step, prompt, n, argmax)[0]  # noqa: E731 - seconds a step
+        decode(4), median_seconds(lambda: mm.run(None, {"x": x}), 2)
         print("| round | plain read ms (GB/s) | MatMuls alone ms (% of the read) | whole decode step ms "
               "(% of the read) | the rest ms |")
         print("|---|---|---|---|---|")
         for r in range(args.rounds):
             b = nbytes / (probe()[0] * 1e9)  # seconds for one plain read of the weights (the median read)
-            m = timed(lambda: mm.run(None, {"x": x}), 24)
+            m = median_seconds(lambda: mm.run(None, {"x": x}), 24)
             d = decode()
             print(f"| {r} | {b * 1e3:.1f} ({nbytes / b / 1e9:.1f}) | {m * 1e3:.1f} ({100 * b / m:.0f} %) "
                   f"| {d * 1e3:.1f} ({100 * b / d:.0f} %) | {(d - m) * 1e3:.1f} |", flush=True)

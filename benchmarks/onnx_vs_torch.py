@@ -278,6 +278,16 @@ def fake_entry(folder: Path, family: str, generator: str):
                       json.loads((folder / "config.json").read_text()), {})
 
 
+def median_seconds(fn, n: int) -> float:
+    """The median wall time of ``n`` calls of ``fn()``."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def median_turns(calls: dict, items: list, rounds: int = 3) -> tuple:
     """({backend: median seconds per item}, {backend: outputs of the last round}): each ``calls[backend](item)``
     over ``items``, the backends taking turns for ``rounds`` rounds, since this VM's speed drifts."""
