@@ -71,13 +71,8 @@ class PluginDialog(QDialog):
         then reload them on this thread, where their verdicts are then remembered."""
         if self.task is not None:
             raise UsageError("Wait for the running installation to finish.")
-        self.banner.show_message("Checking new or changed plugins…", kind="info")
-        self._set_busy(True)
-        self.task = Task(lambda report: self.session.check_new_plugins(), self, name="check-plugins")
-        self.task.succeeded.connect(lambda _r: self.reload())
-        self.task.failed.connect(lambda f: self.show_error(f"Checking the plugins failed: {f.message}", f.details))
-        self.task.finished.connect(self._task_done)
-        self.task.start()
+        self._start(lambda report: self.session.check_new_plugins(), "Checking new or changed plugins",
+                    lambda _r: self.reload(), "check-plugins")
 
     @guard
     def reload(self) -> None:
@@ -114,15 +109,19 @@ class PluginDialog(QDialog):
             return
         from engine.install import install
 
-        self.banner.show_message(f"Installing {source}…", kind="info")
-        self._set_busy(True)
         def work(report):
             install(source)
             self.session.check_new_plugins()  # here, not in the reload on the window's thread
 
-        self.task = Task(work, self, name="install-plugin")
-        self.task.succeeded.connect(lambda _r: self._installed(source))
-        self.task.failed.connect(lambda f: self.show_error(f"Installing {source} failed: {f.message}", f.details))
+        self._start(work, f"Installing {source}", lambda _r: self._installed(source), "install-plugin")
+
+    def _start(self, work, doing: str, done, name: str) -> None:
+        """Run ``work`` in a worker thread with the buttons disabled; ``done(result)`` on success."""
+        self.banner.show_message(f"{doing}…", kind="info")
+        self._set_busy(True)
+        self.task = Task(work, self, name=name)
+        self.task.succeeded.connect(done)
+        self.task.failed.connect(lambda f: self.show_error(f"{doing} failed: {f.message}", f.details))
         self.task.finished.connect(self._task_done)
         self.task.start()
 
