@@ -95,8 +95,8 @@ def image_generator(folder: Path):
             req = Request(prompt=prompt, options=opts, seed=seed, model=ref)
             events = list(generate(req, context))
         else:
-            from engine.image.model import load
-            from engine.image.pipeline import run
+            from plugins.image.model import load
+            from plugins.image.pipeline import run
 
             loaded = context.cache.setdefault("image", load(folder))
             events = list(run(loaded, prompt, {"steps": 20, "sampler": "dpmpp_2m"}, seed))
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
 
     folder = Path(args.model)
     pipe = CaptionPipeline.from_folder(folder)

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    from engine.image import model as M
-    from engine.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, class_vector, coord_maps, sample
-    from engine.image.train import generate_batch, score_images
+    from plugins.image import model as M
+    from plugins.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, class_vector, coord_maps, sample
+    from plugins.image.train import generate_batch, score_images
     from engine.shapes import caption, sample_scene
 
     folder = Path(args.model)

@@ -58,8 +58,8 @@ def text_part(args) -> list:
     import torch
     import transformers
 
-    from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
-    from engine.text.models import load_model
+    from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
+    from plugins.text.models import load_model
 
     device = "cpu" if args.cpu_dry_run else "cuda"
     dtype = torch.bfloat16 if args.cpu_dry_run else torch.float16

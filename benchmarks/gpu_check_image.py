@@ -26,9 +26,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from engine.image import model as M
-    from engine.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, coord_maps, sample, to_uint8
-    from engine.image.train import score_images
+    from plugins.image import model as M
+    from plugins.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, coord_maps, sample, to_uint8
+    from plugins.image.train import score_images
     from engine.shapes import caption, sample_scene
 
     if args.cpu_dry_run:

@@ -1,4 +1,4 @@
-"""The compact GPT-2 export (engine/onnx/gpt2_graph.py) against the plain one, on the CPU.
+"""The compact GPT-2 export (engine/nn/gpt2_graph.py) against the plain one, on the CPU.
 
     .venv/bin/python benchmarks/onnx_gpt2_graph.py [--rounds 6]
 
@@ -30,7 +30,7 @@ from onnx_vs_torch import decode_rate, median_seconds, median_turns  # noqa: E40
 @contextlib.contextmanager
 def plain_export(plain: bool):
     """Within: export_decoder writes the traced model as written instead of the compact graph."""
-    from engine.onnx import gpt2_graph
+    from engine.nn import gpt2_graph
 
     supports = gpt2_graph.GPT2DecoderGraph.supports
     if plain:
@@ -56,10 +56,10 @@ def optimized_nodes(path: Path) -> int:
 def fixed_cost(rounds: int, work: Path) -> list:
     import torch
 
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import open_session
-    from engine.onnx.text import export_decoder, runtime_config
-    from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+    from engine.backends.decoder import OnnxDecoder
+    from engine.backends.runtime import open_session
+    from plugins.text.onnx import export_decoder, runtime_config
+    from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=96, n_head=12, n_layer=12)).eval()
@@ -87,14 +87,14 @@ def fixed_cost(rounds: int, work: Path) -> list:
 def caption(rounds: int, work: Path) -> list:
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from engine.onnx_export import export_model
     from engine.plugins import DEFAULT_PLUGINS, PluginHost
     from engine.shapes import render, sample_scene
     from engine.store import ModelStore
 
     host = PluginHost(safe_mode=True, disabled=[],
-                      builtins=tuple(dict.fromkeys(DEFAULT_PLUGINS + ("plugins.onnx_exporters",)))).load()
+                      builtins=DEFAULT_PLUGINS).load()
     entry = next(e for e in ModelStore(host, user_dir=work / "models").list() if e.builtin and e.generator == "caption")
     folder = Path(entry.path)
     pipes, nodes = {}, {}

@@ -47,7 +47,7 @@ def matmul_graph(threads: int):
               (("zero", 0), ("width", 768), ("axis", 1))]
     model = helper.make_model(helper.make_graph(nodes, "matmuls", [x], outs, inits),
                               opset_imports=[helper.make_opsetid("", 17)])
-    from engine.onnx.runtime import session_options
+    from engine.backends.runtime import session_options
 
     return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
 
@@ -60,15 +60,15 @@ def main(argv=None) -> int:
     os.environ["STUDIO_ONNX_THREADS"] = str(args.threads)
     from onnx_vs_torch import SustainedRead, decode_rate, fake_entry, gpt2_small_folder, median_seconds
 
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import Export
+    from engine.backends.decoder import OnnxDecoder
+    from engine.backends.runtime import Export
     from engine.onnx_export import export_model
     from engine.plugins import DEFAULT_PLUGINS, PluginHost
 
     work = Path(tempfile.mkdtemp(prefix="onnx-floor-"))
     try:
         host = PluginHost(safe_mode=True, disabled=[],
-                          builtins=tuple(dict.fromkeys(DEFAULT_PLUGINS + ("plugins.onnx_exporters",)))).load()
+                          builtins=DEFAULT_PLUGINS).load()
         folder = gpt2_small_folder(work / "gpt2-124m")
         man = export_model(host, fake_entry(folder, "gpt2", "text"), out_dir=work / "onnx")
         export = Export(Path(man["folder"]), threads=args.threads)

@@ -36,7 +36,7 @@ What is measured, in one process:
   (prefill not counted; tokens/s from the median step), for the built-in text model and for a GPT-2-small-shaped
   model (124M parameters, random weights, tied embeddings), under torch (`model.step`, `torch.inference_mode`),
   onnxruntime fp32 and onnxruntime int8 (weight-only `MatMulNBits`: 8-bit weights in blocks of 128 with one
-  scale each, int8 compute, every MatMul with a constant weight; see `engine/onnx/common.py QUANTIZATION`);
+  scale each, int8 compute, every MatMul with a constant weight; see `engine/backends/common.py QUANTIZATION`);
 - **ceiling**: read bandwidth divided by the bytes of weights one decode step must read (every initializer of
   the graph except embedding tables read only by Gather); a decoder at batch 1 cannot beat it when its weights
   come from main memory (the 124M model). The built-in model's 11.6 MB stay in this machine's caches, so its
@@ -49,16 +49,16 @@ What is measured, in one process:
   ceiling, ratio to torch) is the median over the rounds of that round's value, so the ratios compare passes
   run seconds apart;
 - **image**: seconds per image at 20 dpmpp_2m steps with guidance 3 (one batch of 2: conditional and
-  unconditional), the torch loop (`engine.image.pipeline.sample`) vs the numpy loop on onnxruntime, from the same
+  unconditional), the torch loop (`plugins.image.pipeline.sample`) vs the numpy loop on onnxruntime, from the same
   noise; median over 5 prompts x 3 rounds, the backends taking turns;
 - **caption**: milliseconds per greedy caption (preprocessing, encoder and decoder), median over 20 renders x 3
   rounds, the backends taking turns.
 
 Exports are made by `engine.onnx_export.export_model` into a temporary folder, each through the parity gate.
-Llama decoders are exported through `engine/onnx/llama_graph.py`, the same function rearranged into about 220
+Llama decoders are exported through `plugins/text/llama_graph.py`, the same function rearranged into about 220
 graph nodes instead of about 450 (fused q/k/v/rotary and gate/up MatMuls, rotary tables, grouped-query
 attention without repeated K/V); GPT-2 decoders (the 124M model and the captioner's) through
-`engine/onnx/gpt2_graph.py` (about 350 nodes instead of about 560 for 12 layers: one causal mask per call,
+`engine/nn/gpt2_graph.py` (about 350 nodes instead of about 560 for 12 layers: one causal mask per call,
 `Gelu` and `LayerNormalization` as single operators, the attention scale folded into the weights).
 onnxruntime sessions: intra-op threads = `--threads` (default: all cores), inter-op 1, graph optimizations all,
 sequential execution; torch uses `torch.set_num_threads(--threads)`.
@@ -76,7 +76,7 @@ Exports of user models go to `<model folder>/onnx` (or `onnx-int8`); exports of 
 (fp32 first when both exist; `STUDIO_ONNX_VARIANT=int8` picks the int8 one). An `--out` folder elsewhere is
 written but not registered. The backend needs `onnxruntime`, `onnx` (the graph checker), `numpy`, `tokenizers`
 and `Pillow`, not torch. The image generator's ONNX backend draws torch's noise for a seed with numpy
-(`engine/image/torch_noise.py`), so a seed gives the same picture on both backends (see the notes above).
+(`plugins/image/torch_noise.py`), so a seed gives the same picture on both backends (see the notes above).
 """
 
 
@@ -167,9 +167,9 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
               log) -> tuple:
     import torch
 
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import Export
-    from engine.onnx.text import load_torch_model
+    from engine.backends.decoder import OnnxDecoder
+    from engine.backends.runtime import Export
+    from plugins.text.onnx import load_torch_model
     from engine.onnx_export import export_model
 
     rows, notes = [], []
@@ -256,7 +256,7 @@ def gpt2_small_folder(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+    from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -305,7 +305,7 @@ def median_turns(calls: dict, items: list, rounds: int = 3) -> tuple:
 def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from engine.onnx_export import export_model
     from engine.shapes import render, sample_scene
 
@@ -331,10 +331,10 @@ def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
 
 
 def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
-    from engine.image.model import load
-    from engine.image.pipeline import TorchDenoiser, TorchTextEncoder
-    from engine.onnx.image import (OnnxDenoiser, OnnxTextEncoder, _generate, _generate_torch)
-    from engine.onnx.runtime import Export
+    from plugins.image.model import load
+    from plugins.image.pipeline import TorchDenoiser, TorchTextEncoder
+    from plugins.image.onnx import (OnnxDenoiser, OnnxTextEncoder, _generate, _generate_torch)
+    from engine.backends.runtime import Export
     from engine.onnx_export import export_model
     from engine.shapes import analyze, caption, sample_scene
 
@@ -398,12 +398,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from engine.onnx.common import versions
+    from engine.backends.common import versions
     from engine.plugins import DEFAULT_PLUGINS, PluginHost
     from engine.store import ModelStore
 
     log = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
-    builtins = tuple(dict.fromkeys(DEFAULT_PLUGINS + ("plugins.onnx_exporters",)))
+    builtins = DEFAULT_PLUGINS
     host = PluginHost(safe_mode=True, disabled=[], builtins=builtins).load()
     store = ModelStore(host, user_dir=Path(tempfile.mkdtemp()))
     builtin = {e.generator: e for e in store.list() if e.builtin}

@@ -72,8 +72,8 @@ def bench_model(label, ours, ref, tokenizer, bos, args, bandwidth):
     import numpy as np
     import torch
 
-    from engine.text.pipeline import NoCacheDecoder, TextPipeline, TextRequest, TorchDecoder
-    from engine.text.sampling import SamplingOptions
+    from plugins.text.pipeline import NoCacheDecoder, TextPipeline, TextRequest, TorchDecoder
+    from plugins.text.sampling import SamplingOptions
 
     V = ours.config.vocab_size
     rng = np.random.default_rng(0)
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
-    from engine.text.models import load_model, load_tokenizer
+    from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
+    from plugins.text.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

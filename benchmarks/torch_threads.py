@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from engine.text.models import load_model, read_config
+    from plugins.text.models import load_model, read_config
 
     model = load_model(args.model, read_config(args.model).get("model_type", "llama"), "cpu")
     prompt = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -217,3 +217,12 @@ GenerateFn = Callable[[Request, Context], Iterator[Event]]
 class Generator:
     info: GeneratorInfo
     generate: GenerateFn
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A training command a plugin brings: ``studio train KIND [ARGS...]`` calls ``run(args)`` and exits with the
+    int it returns. ``run`` parses its own arguments (``--help`` included) and imports torch itself."""
+    kind: str
+    title: str
+    run: Callable[[list], int]

@@ -47,3 +47,15 @@ def register_exporters(register):
     ``out_dir`` and returns the manifest's ``graphs`` entry (files, inputs,
     outputs) plus the parity figures it measured. Returns nothing.
     """
+
+
+@hookspec
+def register_trainers(register):
+    """Add training commands (``studio train KIND``).
+
+    Called once when the plugin host loads. Call ``register(trainer)`` with an
+    ``engine.generators.Trainer(kind, title, run)``: ``studio train KIND ARGS...``
+    calls ``run(list_of_args)`` and exits with the int it returns; ``run`` parses
+    its own arguments (so ``studio train KIND --help`` is its help) and imports
+    torch itself. A kind must be unique across plugins. Returns nothing.
+    """

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import ModelError, UsageError
-from engine.onnx.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, sha256_file
+from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, sha256_file
 
 QUANTIZE = (None, "int8")
 
@@ -101,11 +101,11 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
                                  "the exporter froze an axis that must stay dynamic.")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-        from engine.onnx.common import versions
+        from engine.backends.common import versions
 
         quant = None
         if quantize == "int8":
-            from engine.onnx.common import QUANTIZATION
+            from engine.backends.common import QUANTIZATION
 
             quant = {**QUANTIZATION, "gate": "the parity gate ran on the fp32 graph before quantization"}
             quant.update(result.get("quantization") or {})

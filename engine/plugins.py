@@ -25,13 +25,13 @@ import engine
 from engine import hookspecs, state
 from engine.architectures import Architecture
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo
+from engine.generators import Generator, GeneratorInfo, Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption", "plugins.onnx_exporters")
+DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption")
 ENTRY_POINT_GROUP = "studio.plugins"
-HOOKS = ("register_generators", "register_architectures", "register_exporters")
+HOOKS = ("register_generators", "register_architectures", "register_exporters", "register_trainers")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class PluginHost:
         self.generators: dict[str, tuple[Generator, str]] = {}
         self.architectures: dict[str, tuple[Architecture, str]] = {}
         self.exporters: dict[str, tuple[Callable, str]] = {}
+        self.trainers: dict[str, tuple[Trainer, str]] = {}
         self._loaded = False
 
     # ----- discovery -------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class PluginHost:
         if not any(getattr(pm.hook, h).get_hookimpls() for h in HOOKS):
             self._fail(status, f"Plugin {cand.name} implements none of the studio hooks ({', '.join(HOOKS)}).")
             return
-        staged = {"generators": {}, "architectures": {}, "exporters": {}}
+        staged = {"generators": {}, "architectures": {}, "exporters": {}, "trainers": {}}
         try:
             for hook in HOOKS:
                 for impl in getattr(pm.hook, hook).get_hookimpls():
@@ -184,6 +185,7 @@ class PluginHost:
         self.generators.update(staged["generators"])
         self.architectures.update(staged["architectures"])
         self.exporters.update(staged["exporters"])
+        self.trainers.update(staged["trainers"])
         status.generators = sorted(staged["generators"])
 
     def _registrar(self, hook: str, plugin: str, staged: dict) -> Callable:
@@ -205,6 +207,14 @@ class PluginHost:
                 if arch.family in self.architectures or arch.family in staged["architectures"]:
                     raise _Invalid(f"model family {arch.family!r} is already registered")
                 staged["architectures"][arch.family] = (arch, plugin)
+        elif hook == "register_trainers":
+            def register(trainer):
+                if not isinstance(trainer, Trainer) or not callable(trainer.run):
+                    raise _Invalid("register_trainers expects engine.generators.Trainer objects")
+                if trainer.kind in self.trainers or trainer.kind in staged["trainers"]:
+                    owner = self.trainers.get(trainer.kind, (None, plugin))[1]
+                    raise _Invalid(f"trainer {trainer.kind!r} is already registered by plugin {owner}")
+                staged["trainers"][trainer.kind] = (trainer, plugin)
         else:
             def register(family, export):
                 if not isinstance(family, str) or not callable(export):
@@ -219,6 +229,13 @@ class PluginHost:
             known = ", ".join(sorted(self.generators)) or "none"
             raise UsageError(f"Unknown generator {gid!r}; the installed generators are: {known}.")
         return self.generators[gid][0]
+
+    def trainer(self, kind: str) -> Trainer:
+        self.load()
+        if kind not in self.trainers:
+            known = ", ".join(sorted(self.trainers)) or "none"
+            raise UsageError(f"Unknown training kind {kind!r}; the installed trainers are: {known}.")
+        return self.trainers[kind][0]
 
     def plugin_of(self, gid: str) -> str:
         self.load()

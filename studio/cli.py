@@ -22,6 +22,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class _TrainParser(_Parser):
+    def format_help(self):  # the kinds are whatever the loaded plugins registered
+        from studio.commands import trainer_lines
+
+        return super().format_help() + "\ntrainers:\n" + trainer_lines() + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
     p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
@@ -95,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", metavar="PATH")
     x.add_argument("--device", choices=("auto", "cpu", "cuda"), help="replay on this device instead of the recipe's own")
 
-    t = sub.add_parser("train", help="train a built-in model family (see `studio train KIND --help`)")
-    t.add_argument("kind", choices=("text", "image", "caption"))
-    t.add_argument("args", nargs=argparse.REMAINDER)
+    t = sub.add_parser("train", help="train a model family (the kinds come from plugins; `studio train --help`)")
+    t.__class__ = _TrainParser
+    t.add_argument("kind", nargs="?", help="what to train (listed below)")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options (`studio train KIND --help`)")
     return p
 
 

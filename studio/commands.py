@@ -275,8 +275,14 @@ def cmd_history(args) -> int:
 
 
 # ----- training --------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    import importlib
+def trainer_lines() -> str:
+    host = _host()
+    rows = [f"  {kind:<10} {t.title} (plugin {plugin})" for kind, (t, plugin) in sorted(host.trainers.items())]
+    return "\n".join(rows) or "  (none: no loaded plugin registers a trainer)"
 
-    module = importlib.import_module(f"engine.{args.kind}.train")
-    return int(module.main(list(args.args)) or 0)
+
+def cmd_train(args) -> int:
+    if not args.kind:
+        raise UsageError("Say what to train: studio train KIND [OPTIONS] (`studio train --help` lists the kinds).")
+    trainer = _host().trainer(args.kind)
+    return int(trainer.run(list(args.args)) or 0)

@@ -24,7 +24,7 @@ def text_folder(folder: Path, family: str = "llama", seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if family == "llama":
-        from engine.text.llama import LlamaConfig, LlamaForCausalLM
+        from plugins.text.llama import LlamaConfig, LlamaForCausalLM
 
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
@@ -32,7 +32,7 @@ def text_folder(folder: Path, family: str = "llama", seed: int = 0) -> Path:
         model = LlamaForCausalLM(cfg)
         config = cfg.to_hf_dict()
     else:
-        from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+        from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(vocab_size=64, n_positions=96, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
                          eos_token_id=1)
@@ -57,10 +57,10 @@ def caption_folder(folder: Path, seed: int = 0) -> Path:
     """A tiny random ViT + GPT-2 captioner folder with the shapes word tokenizer."""
     import torch
 
-    from engine.caption.model import CaptionConfig, CaptionModel, save_folder
-    from engine.caption.tokenizer import BOS, EOS, PAD, shapes_tokenizer
-    from engine.caption.vit import ViTConfig
-    from engine.text.gpt2 import GPT2Config
+    from plugins.caption.model import CaptionConfig, CaptionModel, save_folder
+    from plugins.caption.tokenizer import BOS, EOS, PAD, shapes_tokenizer
+    from plugins.caption.vit import ViTConfig
+    from engine.nn.gpt2 import GPT2Config
 
     tok = shapes_tokenizer()
     bos, eos, pad = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
@@ -87,18 +87,18 @@ def entry_for(folder: Path, family: str, generator: str, builtin: bool = False):
 
 
 def exporter_host():
-    from engine.plugins import PluginHost
+    from engine.plugins import DEFAULT_PLUGINS, PluginHost
 
-    return PluginHost(safe_mode=True, disabled=[], builtins=("plugins.onnx_exporters",)).load()
+    return PluginHost(safe_mode=True, disabled=[], builtins=DEFAULT_PLUGINS).load()
 
 
 def image_folder(folder: Path, seed: int = 0) -> Path:
     """A tiny random text-to-image folder (U-Net + CLIP text encoder, shapes tokenizer)."""
     import torch
 
-    from engine.image.model import ImageModelConfig, build, save
-    from engine.image.tokenizer import shapes_tokenizer
-    from engine.image.train import default_config
+    from plugins.image.model import ImageModelConfig, build, save
+    from plugins.image.tokenizer import shapes_tokenizer
+    from plugins.image.train import default_config
 
     config = default_config(channels=(8, 16), text_dim=16, text_layers=1, heads=2, size=16)
     config["unet"]["norm_num_groups"] = 4

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.caption.decode import beam_search, greedy, greedy_tokens
-from engine.caption.model import CaptionConfig, CaptionModel, TorchCaptionRunner
-from engine.caption.vit import ViTConfig
+from plugins.caption.decode import beam_search, greedy, greedy_tokens
+from plugins.caption.model import CaptionConfig, CaptionModel, TorchCaptionRunner
+from plugins.caption.vit import ViTConfig
 from engine.errors import CancelledError
-from engine.text.gpt2 import GPT2Config
+from engine.nn.gpt2 import GPT2Config
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.caption.decode import greedy
-from engine.caption.model import (CaptionConfig, CaptionModel, TorchCaptionRunner, _clean_state, load_caption_model,
+from plugins.caption.decode import greedy
+from plugins.caption.model import (CaptionConfig, CaptionModel, TorchCaptionRunner, _clean_state, load_caption_model,
                                   load_config)
 from engine.errors import ModelError
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.caption.model import CaptionConfig, CaptionModel, save_folder
-from engine.caption.tokenizer import BOS, EOS, PAD, shapes_tokenizer
-from engine.caption.vit import ViTConfig
+from plugins.caption.model import CaptionConfig, CaptionModel, save_folder
+from plugins.caption.tokenizer import BOS, EOS, PAD, shapes_tokenizer
+from plugins.caption.vit import ViTConfig
 from engine.errors import CancelledError, ModelError, UsageError
 from engine.generators import Context, ModelRef, Partial, Progress, Request, Result
 from engine.plugins import PluginHost
-from engine.text.gpt2 import GPT2Config
+from engine.nn.gpt2 import GPT2Config
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def pipe():
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
 
     return CaptionPipeline.from_folder(MODEL)
 
@@ -57,7 +57,7 @@ def test_transformers_loads_the_shipped_folder():
     """The shipped folder is a real VisionEncoderDecoderModel checkpoint (only the unused ViT pooler is absent)."""
     from transformers import VisionEncoderDecoderModel
 
-    from engine.caption.model import load_caption_model
+    from plugins.caption.model import load_caption_model
 
     ref = VisionEncoderDecoderModel.from_pretrained(MODEL, dtype=torch.float32).eval()
     ours = load_caption_model(MODEL)

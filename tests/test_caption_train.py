@@ -4,7 +4,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from engine.caption import train
+from plugins.caption import train
 
 TINY = ["--image-size", "16", "--patch-size", "4", "--enc-hidden", "32", "--enc-layers", "1", "--enc-heads", "4",
         "--dec-embd", "32", "--dec-layers", "1", "--dec-heads", "4", "--batch-size", "4", "--eval-size", "4",
@@ -27,7 +27,7 @@ def test_resume_matches_an_uninterrupted_run_and_export_loads(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from plugins.caption import check_folder
 
     folder = tmp_path / "model"

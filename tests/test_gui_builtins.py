@@ -90,7 +90,7 @@ def test_real_onnx_export_in_the_dialog(qtbot, models, isolate):
     from engine.plugins import DEFAULT_PLUGINS
     from studio.gui.session import Session
 
-    builtins = list(DEFAULT_PLUGINS) + [p for p in ("plugins.onnx_exporters",) if p not in DEFAULT_PLUGINS]
+    builtins = list(DEFAULT_PLUGINS)
     session = Session(host_kwargs={"builtins": builtins}, isolate=isolate)
     if "text" not in session.host.generators or "llama" not in session.host.exporters:
         pytest.skip("the built-in text plugin or the ONNX exporters are not available yet")

@@ -9,9 +9,9 @@ import torch
 
 from engine.errors import CancelledError, ModelError, UsageError
 from engine.generators import CancelToken, Context, ModelRef, Partial, Progress, Request, Result
-from engine.image import model as M
-from engine.image.tokenizer import shapes_tokenizer
-from engine.image.train import default_config
+from plugins.image import model as M
+from plugins.image.tokenizer import shapes_tokenizer
+from plugins.image.train import default_config
 
 torch.set_num_threads(1)
 
@@ -151,7 +151,7 @@ def test_plugin_import_does_not_import_torch():
 
 @pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 3])
 def test_torch_noise_replica_matches_torch_randn(seed):
-    from engine.image.torch_noise import TorchRandn
+    from plugins.image.torch_noise import TorchRandn
 
     g, r = torch.Generator().manual_seed(seed), TorchRandn(seed)
     for shape in [(1, 3, 32, 32), (2, 3, 16, 16), (5, 7)]:  # successive draws follow the same stream

@@ -13,8 +13,8 @@ MIN_ALL_FIVE = 0.75  # the shipped model scores 0.96 on 200 captions (docs/bench
 
 
 def test_shipped_model_draws_what_it_is_told():
-    from engine.image import model as M
-    from engine.image.train import generate_batch, score_images
+    from plugins.image import model as M
+    from plugins.image.train import generate_batch, score_images
     from engine.shapes import caption, sample_scene
 
     torch.set_num_threads(1)

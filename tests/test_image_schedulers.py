@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from engine.image.schedulers import SchedulerConfig, make_scheduler
+from plugins.image.schedulers import SchedulerConfig, make_scheduler
 
 REFS = {
     "ddpm": lambda kw: DDPMScheduler(**kw),

@@ -27,13 +27,13 @@ def _builtin(store, generator):
 
 
 def test_builtin_text_greedy_identical(store, tmp_path, monkeypatch):
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.runtime import Export
+    from engine.backends.decoder import OnnxDecoder
+    from engine.backends.runtime import Export
     from engine.onnx_export import export_model
-    from engine.text.models import load_tokenizer
-    from engine.text.pipeline import TextPipeline, TextRequest, TorchDecoder
-    from engine.text.sampling import SamplingOptions
-    from engine.onnx.text import load_torch_model
+    from plugins.text.models import load_tokenizer
+    from plugins.text.pipeline import TextPipeline, TextRequest, TorchDecoder
+    from plugins.text.sampling import SamplingOptions
+    from plugins.text.onnx import load_torch_model
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def test_builtin_text_greedy_identical(store, tmp_path, monkeypatch):
 def test_builtin_caption_greedy_identical(store, tmp_path, monkeypatch):
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from engine.onnx_export import export_model
     from engine.shapes import caption, render, sample_scene
 
@@ -78,10 +78,10 @@ def test_builtin_caption_greedy_identical(store, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])  # ddpm draws fresh noise at every step
 def test_builtin_image_same_seed_same_picture(store, tmp_path, monkeypatch, sampler):
-    from engine.image import model as M
-    from engine.image.pipeline import run as torch_run
-    from engine.onnx.image import OnnxImageModel
-    from engine.onnx.runtime import Export
+    from plugins.image import model as M
+    from plugins.image.pipeline import run as torch_run
+    from plugins.image.onnx import OnnxImageModel
+    from engine.backends.runtime import Export
     from engine.onnx_export import export_model
     from engine.shapes import analyze
 
@@ -91,7 +91,7 @@ def test_builtin_image_same_seed_same_picture(store, tmp_path, monkeypatch, samp
     export_model(store[0], entry, out_dir=tmp_path / "onnx")
     onnx_model = OnnxImageModel(Export(tmp_path / "onnx", threads=1), entry.path)
     loaded = M.load(entry.path)
-    from engine.onnx.image import run as onnx_run
+    from plugins.image.onnx import run as onnx_run
 
     options = {"steps": 12, "guidance": 1.5, "sampler": sampler, "negative_prompt": ""}
     for seed, prompt in ((5, "a small red circle at the top left on a black background"),

@@ -49,7 +49,7 @@ def _greedy_onnx(decoder, prompt, n):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_text_export_gate_manifest_and_greedy(tmp_path, host, family):
-    from engine.onnx.text import load_decoder, load_torch_model
+    from plugins.text.onnx import load_decoder, load_torch_model
 
     folder = text_folder(tmp_path / f"tiny-{family}", family)
     entry = entry_for(folder, family, "text")
@@ -88,7 +88,7 @@ def test_int8_export_records_quality(tmp_path, host):
 
 
 def test_builtin_exports_go_to_studio_home(tmp_path, host):
-    from engine.onnx.runtime import export_folders
+    from engine.backends.runtime import export_folders
 
     folder = text_folder(tmp_path / "builtin" / "tiny-b", "gpt2")
     entry = entry_for(folder, "gpt2", "text", builtin=True)
@@ -102,7 +102,7 @@ def test_builtin_exports_go_to_studio_home(tmp_path, host):
 
 
 def test_failed_gate_refused_and_nothing_left(tmp_path, host, monkeypatch):
-    import engine.onnx.text as text
+    import plugins.text.onnx as text
 
     real = text.torch_stepper
 
@@ -146,7 +146,7 @@ def test_refusals(tmp_path, host):
 def test_caption_export_and_pipeline_parity(tmp_path, host):
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from engine.shapes import render, sample_scene
 
     folder = caption_folder(tmp_path / "tiny-cap")
@@ -168,8 +168,8 @@ def test_caption_export_and_pipeline_parity(tmp_path, host):
 
 
 def test_image_export_unet_within_tolerance(tmp_path, host):
-    from engine.image.model import load
-    from engine.onnx.image import load_image_model
+    from plugins.image.model import load
+    from plugins.image.onnx import load_image_model
 
     folder = image_folder(tmp_path / "tiny-img")
     entry = entry_for(folder, "shapes-diffusion", "image")

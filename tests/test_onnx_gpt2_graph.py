@@ -1,9 +1,9 @@
-"""The export form of the GPT-2 decoder (engine/onnx/gpt2_graph.py) computes what the model computes."""
+"""The export form of the GPT-2 decoder (engine/nn/gpt2_graph.py) computes what the model computes."""
 import pytest
 import torch
 
-from engine.onnx.gpt2_graph import GPT2DecoderGraph
-from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel
+from engine.nn.gpt2_graph import GPT2DecoderGraph
+from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
 
 
 @pytest.mark.parametrize("cross,tied,by_layer", [(False, True, False), (True, False, True)])
@@ -41,8 +41,8 @@ def test_the_exported_graph_runs_in_onnxruntime_at_any_batch_with_beam_reorder(t
     import numpy as np
     import onnxruntime as ort
 
-    from engine.onnx.decoder import OnnxDecoder
-    from engine.onnx.text import export_decoder, runtime_config
+    from engine.backends.decoder import OnnxDecoder
+    from plugins.text.onnx import export_decoder, runtime_config
 
     torch.manual_seed(1)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=4, **cfg)).eval()

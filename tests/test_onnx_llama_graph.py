@@ -1,9 +1,9 @@
-"""The export form of the Llama decoder (engine/onnx/llama_graph.py) computes what the model computes."""
+"""The export form of the Llama decoder (plugins/text/llama_graph.py) computes what the model computes."""
 import pytest
 import torch
 
-from engine.onnx.llama_graph import LlamaDecoderGraph, rotate_half_matrix
-from engine.text.llama import LlamaConfig, LlamaForCausalLM, rotate_half
+from plugins.text.llama_graph import LlamaDecoderGraph, rotate_half_matrix
+from plugins.text.llama import LlamaConfig, LlamaForCausalLM, rotate_half
 
 
 def test_rotate_half_matrix():

@@ -59,7 +59,7 @@ def run_without_torch(jobs: list, models: Path) -> list:
 def test_generate_without_torch(tmp_path, monkeypatch):
     from PIL import Image
 
-    from engine.caption.pipeline import CaptionPipeline
+    from plugins.caption.pipeline import CaptionPipeline
     from engine.shapes import render, sample_scene
 
     import numpy as np
@@ -91,7 +91,7 @@ def test_generate_without_torch(tmp_path, monkeypatch):
     options = {"steps": 4, "sampler": "dpmpp_2m"}
     jobs.append({"plugin": "plugins.image", "generator": "image", "model": "img", "prompt": "a small red circle",
                  "options": options})
-    from engine.onnx.image import load_image_model, run
+    from plugins.image.onnx import load_image_model, run
 
     from plugins.image import INFO
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.errors import ModelError
-from engine.onnx.runtime import Export, check_graph, open_export
+from engine.backends.runtime import Export, check_graph, open_export
 from engine.onnx_export import export_model
 from tests.onnx_fixtures import entry_for, exporter_host, text_folder
 

@@ -44,7 +44,7 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("STUDIO_ONNX_THREADS", "1")
     torch.set_num_threads(1)
-    host = PluginHost(safe_mode=True, disabled=[], builtins=("plugins.text", "plugins.onnx_exporters")).load()
+    host = PluginHost(safe_mode=True, disabled=[], builtins=("plugins.text",)).load()
     return host, ModelStore(host, builtin_dir=tmp_path / "none", user_dir=tmp_path / "models")
 
 

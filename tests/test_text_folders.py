@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.errors import ModelError
-from engine.text.models import check_folder, load_model, load_tokenizer
-from engine.text.pipeline import TextPipeline, TextRequest, TorchDecoder
-from engine.text.sampling import SamplingOptions
+from plugins.text.models import check_folder, load_model, load_tokenizer
+from plugins.text.pipeline import TextPipeline, TextRequest, TorchDecoder
+from plugins.text.sampling import SamplingOptions
 
 torch.set_num_threads(1)
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",

@@ -2,7 +2,7 @@
 import torch
 import transformers
 
-from engine.text.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
+from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
 
 torch.set_num_threads(1)
 

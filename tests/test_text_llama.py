@@ -2,7 +2,7 @@
 import torch
 import transformers
 
-from engine.text.llama import LlamaConfig, LlamaForCausalLM, load_hf_state_dict
+from plugins.text.llama import LlamaConfig, LlamaForCausalLM, load_hf_state_dict
 
 torch.set_num_threads(1)
 

@@ -6,9 +6,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.errors import CancelledError
 from engine.generators import CancelToken, Partial, Result
-from engine.text.llama import LlamaConfig, LlamaForCausalLM
-from engine.text.pipeline import NoCacheDecoder, TextPipeline, TextRequest, TorchDecoder, parse_stop
-from engine.text.sampling import SamplingOptions, choose, top_k_filter, top_p_filter
+from plugins.text.llama import LlamaConfig, LlamaForCausalLM
+from plugins.text.pipeline import NoCacheDecoder, TextPipeline, TextRequest, TorchDecoder, parse_stop
+from plugins.text.sampling import SamplingOptions, choose, top_k_filter, top_p_filter
 
 torch.set_num_threads(1)
 

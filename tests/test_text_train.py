@@ -4,8 +4,8 @@ import json
 import torch
 import transformers
 
-from engine.text import train
-from engine.text.models import check_folder, load_model
+from plugins.text import train
+from plugins.text.models import check_folder, load_model
 
 WORDS = "the king and queen of denmark speak with ghosts at night upon the castle walls".split()
 

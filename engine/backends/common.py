@@ -1,0 +1,162 @@
+"""Exporter helpers shared by the families (torch is imported inside functions only).
+
+``ConcatCache`` stands in for ``engine.nn.cache.KVCache`` while tracing: it takes the past keys/values as graph
+inputs and returns ``cat(past, new)`` so the exported decoder has ``past_key_values.*`` inputs and ``present.*``
+outputs with a dynamic past length. ``export_graph`` runs the TorchScript exporter with dynamic axes;
+``graph_io`` reads names, shapes and types back from the written file; ``quantize_graph`` applies
+onnxruntime's weight-only int8 quantization (``MatMulNBits``).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+DECODER_TOLERANCE = 1e-3  # max |logit difference|, fp32, over prefill and cached decode steps
+
+
+class ConcatCache:
+    """A traceable KV cache: ``update`` concatenates onto the past given as inputs and records the presents."""
+
+    def __init__(self, past, cross=None):
+        self.past = list(past)  # per layer (k, v): (B, n_kv, P, hs)
+        self.present = [None] * len(self.past)
+        self.cross = cross
+
+    @property
+    def length(self):
+        return self.past[0][0].shape[2]
+
+    @length.setter
+    def length(self, value):  # the model advances it after a call; the graph's outputs carry it instead
+        pass
+
+    def update(self, layer, k, v):
+        import torch
+
+        pk, pv = self.past[layer]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.present[layer] = (k, v)
+        return k, v
+
+
+def kv_names(n_layers: int, prefix: str) -> list:
+    return [f"{prefix}.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
+
+
+def export_graph(module, args: tuple, path: Path, input_names: list, output_names: list, dynamic_axes: dict,
+                 opset: int = OPSET) -> None:
+    """torch.onnx.export with the TorchScript exporter (dynamic axes), falling back to the dynamo exporter."""
+    import torch
+
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        except TypeError:  # a torch without the TorchScript exporter
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=True)
+
+
+_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 3: "int8", 2: "uint8"}
+
+
+def graph_io(path: Path) -> dict:
+    """``{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]}`` read from the graph file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                    for d in t.shape.dim]
+            out.append({"name": v.name, "shape": dims, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))})
+        return out
+
+    init = {i.name for i in model.graph.initializer}
+    return {"inputs": describe([i for i in model.graph.input if i.name not in init]),
+            "outputs": describe(model.graph.output), "opset": max(o.version for o in model.opset_import
+                                                                   if o.domain in ("", "ai.onnx"))}
+
+
+QUANT_BLOCK = 128
+QUANTIZATION = {"method": "onnxruntime MatMulNBitsQuantizer (weight-only)", "bits": 8, "block_size": QUANT_BLOCK,
+                "symmetric": True, "accuracy_level": 4, "op_types": ["MatMul"],
+                "why": "a decoder at batch 1 is bound by reading its weights: int8 weights read a quarter of the "
+                       "bytes, and accuracy level 4 multiplies in int8; benchmarks/onnx_vs_torch.py measured a "
+                       "124M GPT-2 at 3.2-3.5x torch fp32, where quantize_dynamic (QInt8) gave 2.1-2.3x"}
+
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: larger graphs keep their weights in a .data file
+
+
+def quantize_graph(src: Path, dst: Path) -> None:
+    """Weight-only int8 of every MatMul with a constant weight (``MatMulNBits``, bits 8): blocks of QUANT_BLOCK
+    values along the input dimension, one fp32 scale each; at accuracy level 4 onnxruntime quantizes the
+    activations to int8 on the fly for the multiply. A graph near protobuf's 2 GB limit is written with its
+    weights in ``<name>.data`` beside it (inside the export folder)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every node on the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = QUANTIZATION
+            config = DefaultWeightOnlyQuantConfig(block_size=q["block_size"], is_symmetric=q["symmetric"],
+                                                  accuracy_level=q["accuracy_level"], bits=q["bits"])
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=q["bits"], block_size=q["block_size"],
+                                             is_symmetric=q["symmetric"], accuracy_level=q["accuracy_level"],
+                                             algo_config=config)
+            quantizer.process()
+            big = sum(p.stat().st_size for p in Path(src).parent.iterdir() if p.is_file()) > EXTERNAL_DATA_BYTES
+            quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+    finally:
+        root.setLevel(level)
+
+
+def describe_graphs(paths: dict) -> tuple:
+    """``({name: {"file", "inputs", "outputs"}}, opset)`` for the written graphs ``{name: path}``."""
+    graphs, opset = {}, None
+    for name, path in paths.items():
+        io = graph_io(path)
+        graphs[name] = {"file": path.name, "inputs": io["inputs"], "outputs": io["outputs"]}
+        opset = io["opset"]
+    return graphs, opset
+
+
+def replace_graphs(pairs) -> None:
+    """Move each ``(src, dst)`` graph over its ``dst`` (the int8 graphs replace the fp32 ones)."""
+    for src, dst in pairs:
+        dst.unlink()
+        src.rename(dst)
+
+
+def max_abs(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import engine
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "studio": engine.__version__}

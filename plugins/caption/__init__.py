@@ -1,0 +1,121 @@
+"""Built-in plugin: image captioning with a vision encoder-decoder (ViT encoder + GPT-2 decoder).
+
+Runs folders of transformers' ``VisionEncoderDecoderModel`` (config.json model_type ``vision-encoder-decoder``).
+torch is imported inside the functions, never at import time.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine import hookimpl
+from engine.architectures import Architecture
+from engine.errors import ModelError, UsageError
+from engine.generators import Generator, GeneratorInfo, Trainer, Option, Partial, Progress, Result
+
+INFO = GeneratorInfo(
+    id="caption", title="Caption", description="Describe an image in words.",
+    takes=("image",), makes="text",
+    options=(
+        Option("max_new_tokens", "int", 20, "Longest caption, in tokens", min=1, max=256),
+        Option("num_beams", "int", 1, "Beam search width (1 = greedy, streams words as they come)", min=1, max=16),
+    ),
+    families=("vision-encoder-decoder",),
+)
+
+
+def _pipeline(request, context):
+    from plugins.caption.pipeline import CaptionPipeline
+
+    model = request.model
+    if model is None:
+        raise UsageError("The caption generator needs a model; pass one with --model.")
+    key = ("caption", model.hash, request.device, request.backend)
+    return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
+                                                                  backend=request.backend, model_hash=model.hash))
+
+
+def generate(request, context):
+    if request.image is None:
+        raise UsageError("The caption generator needs an image; pass one with --image.")
+    opts = request.options
+    yield Progress(0, 2, "loading model")
+    t0 = time.perf_counter()
+    pipe = _pipeline(request, context)
+    t1 = time.perf_counter()
+    pixels = pipe.pixel_values(request.image)
+    context.cancel.raise_if_cancelled()
+    yield Progress(1, 2, "captioning")
+    check = context.cancel.raise_if_cancelled
+    if opts["num_beams"] == 1:
+        it = pipe.stream(pixels, opts["max_new_tokens"], check)
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration as stop:
+                out = stop.value
+                break
+            yield Partial(text=piece)
+    else:
+        out = pipe(pixels, opts["max_new_tokens"], opts["num_beams"], check)
+    t2 = time.perf_counter()
+    yield Progress(2, 2, "done")
+    warnings = [] if out.finished else [f"The caption was cut at max_new_tokens={opts['max_new_tokens']}."]
+    info = {"score": round(out.score, 6), "timings": {"load_s": round(t1 - t0, 4), "caption_s": round(t2 - t1, 4)}}
+    if out.beams:
+        info["beams"] = [{"text": t, "score": round(s, 6)} for t, s in out.beams]
+    yield Result(text=out.text, token_ids=list(out.token_ids), warnings=warnings, info=info)
+
+
+def check_folder(folder: Path) -> None:
+    """Weights and tokenizer agree with config.json; raises ModelError with a one-line reason."""
+    from plugins.caption.model import check_state_shapes, load_config
+    from plugins.caption.tokenizer import load_tokenizer
+    from engine.weights import read_shapes
+
+    folder = Path(folder)
+    config = load_config(folder)
+    shapes = {k: v[0] for k, v in read_shapes(folder).items()}
+    check_state_shapes(config, shapes, f"{folder.name}/model.safetensors")
+    tok = load_tokenizer(folder)
+    V = config.decoder.vocab_size
+    if tok.get_vocab_size() > V:
+        raise ModelError(f"{folder.name}/tokenizer.json has {tok.get_vocab_size()} tokens but the decoder only {V}.")
+    for name, value in (("decoder_start_token_id", config.decoder_start_token_id),
+                        ("eos_token_id", config.eos_token_id)):
+        if not 0 <= value < V:
+            raise ModelError(f"{folder.name}/config.json: {name} {value} is outside the vocabulary of {V} tokens.")
+
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_architectures(register):
+    register(Architecture(family="vision-encoder-decoder", generator="caption",
+                          matches=lambda cfg: cfg.get("model_type") == "vision-encoder-decoder",
+                          check=check_folder, needs_tokenizer=True, title="Vision encoder-decoder (ViT + GPT-2)"))
+
+
+def _export(model_ref, out_dir, options):
+    from plugins.caption.onnx import export_caption
+
+    return export_caption(model_ref, out_dir, options)
+
+
+@hookimpl
+def register_exporters(register):
+    register("vision-encoder-decoder", _export)
+
+
+def _train(args: list) -> int:
+    from plugins.caption.train import main
+
+    return int(main(list(args)) or 0)
+
+
+@hookimpl
+def register_trainers(register):
+    register(Trainer("caption", "Train the shapes captioner (ViT + GPT-2)", _train))

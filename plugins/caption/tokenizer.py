@@ -1,0 +1,30 @@
+"""Caption tokenizers: a word-level ``tokenizer.json`` for the shapes world, and loading any ``tokenizer.json``."""
+from __future__ import annotations
+
+from engine.tokenizer import load_tokenizer  # noqa: F401  (re-exported: tokenizer.json of a model folder)
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+
+
+def build_word_tokenizer(words):
+    """A ``tokenizers.Tokenizer`` with a word-level vocabulary: the specials first, then ``words`` sorted."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for w in sorted(set(words)):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(SPECIALS))
+    # Join words with spaces when decoding (WordPiece decoder with an impossible prefix does exactly that).
+    tok.decoder = decoders.WordPiece(prefix="\u0000##", cleanup=False)
+    return tok
+
+
+def shapes_tokenizer():
+    """The word-level tokenizer of the captioned-shapes grammar."""
+    from engine.shapes import all_captions
+
+    words = {w for c in all_captions() for w in c.split()}
+    return build_word_tokenizer(words)

@@ -1,0 +1,105 @@
+"""Built-in plugin: text-to-image diffusion (conditional U-Net + CLIP-style text encoder).
+
+No torch at import: the model loads at the first generation and is cached by the host's context.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import hookimpl
+from engine.architectures import Architecture
+from engine.errors import ModelError, UsageError
+from engine.generators import Generator, GeneratorInfo, Trainer, Option
+from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = plugins.image.schedulers.SAMPLERS, which imports numpy
+
+INFO = GeneratorInfo(
+    id="image",
+    title="Image",
+    description="Draw an image from a text prompt with a diffusion model.",
+    takes=("text",),
+    makes="image",
+    options=(
+        Option("steps", "int", 20, "Denoising steps (more is slower; 20 suits dpmpp_2m)", min=1, max=1000),
+        Option("guidance", "float", 1.5, "Classifier-free guidance scale (1 = none; higher follows the prompt "
+               "more closely)", min=0.0, max=30.0),
+        Option("sampler", "str", "dpmpp_2m", "Sampler: ddpm, ddim, dpmpp_2m (DPM-Solver++ 2M) or euler",
+               choices=SAMPLERS),
+        Option("negative_prompt", "str", "", "What to steer away from (replaces the empty prompt in guidance)"),
+    ),
+    families=("shapes-diffusion",),
+    prompt_required=False,
+)
+
+
+def generate(request, context):
+    if request.backend == "onnx":  # onnxruntime sessions and a numpy loop, no torch (plugins/image/onnx.py)
+        yield from _generate_onnx(request, context)
+        return
+    from plugins.image import model as image_model
+    from plugins.image.pipeline import run
+
+    if request.backend != "torch":
+        raise UsageError("The image generator runs on the torch backend only for now; use --backend torch.")
+    ref = request.model
+    if ref is None:
+        raise UsageError("The image generator needs a model; choose one with --model.")
+    loaded = context.cached(("image", ref.hash, request.device, request.backend),
+                            lambda: image_model.load(Path(ref.path), request.device))
+    yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
+
+
+def _generate_onnx(request, context):
+    from plugins.image.onnx import load_image_model, run
+
+    ref = request.model
+    if ref is None:
+        raise UsageError("The image generator needs a model; choose one with --model.")
+    loaded = context.cached(("image", ref.hash, "cpu", "onnx"), lambda: load_image_model(Path(ref.path), ref.hash))
+    yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
+
+
+def check(folder: Path) -> None:
+    """Config, weight names and shapes, and tokenizer of a text-to-image folder; ModelError on a problem."""
+    from plugins.image.model import check_folder
+    try:
+        check_folder(Path(folder))
+    except ModelError:
+        raise
+    except Exception as e:  # anything unexpected in a user's folder is still a model problem
+        raise ModelError(f"The model folder {folder} cannot be used ({e}).") from None
+
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_architectures(register):
+    register(Architecture(family="shapes-diffusion", generator="image",
+                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE, check=check,
+                          needs_tokenizer=True, title="Text-to-image diffusion (U-Net + CLIP text encoder)"))
+
+
+def _export(model_ref, out_dir, options):
+    from plugins.image.onnx import export_image
+
+    return export_image(model_ref, out_dir, options)
+
+
+@hookimpl
+def register_exporters(register):
+    register("shapes-diffusion", _export)
+
+
+def _train(args: list) -> int:
+    from plugins.image.train import main
+
+    return int(main(list(args)) or 0)
+
+
+@hookimpl
+def register_trainers(register):
+    register(Trainer("image", "Train the shapes text-to-image diffusion model", _train))

@@ -1,0 +1,168 @@
+"""The text-to-image model folder: config, building the networks, loading and saving.
+
+Folder layout:
+  config.json        {"model_type": "studio-text-to-image", "sample_size": 32, "coord_channels": 2,
+                      "unet": <diffusers UNet2DConditionModel config>, "text_encoder": <transformers CLIPTextConfig>,
+                      "scheduler": <diffusers scheduler config: beta schedule, prediction type>}
+  model.safetensors  "unet.<diffusers name>" and "text_encoder.<transformers name>"
+  tokenizer.json     word-level tokenizer ([PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3)
+  studio.json        generator, family, recipe, scores
+The U-Net sees the noisy RGB image plus ``coord_channels`` fixed maps (x, y in [-1, 1]), and the text
+encoder's pooled output (``"class_labels": "pooled"``) or the mean of its hidden states (``"mean"``) as its
+class embedding (class_embed_type "projection"), besides cross-attention to the hidden states.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import ModelError
+
+MODEL_TYPE = "studio-text-to-image"
+
+
+@dataclass
+class ImageModelConfig:
+    raw: dict
+    sample_size: int
+    coord_channels: int
+    unet: object  # UNetConfig
+    text: object  # CLIPTextConfig
+    scheduler: object  # SchedulerConfig
+    class_labels: str = "pooled"  # what the U-Net's class embedding sees: "pooled" (EOS state) or "mean" (of hidden)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageModelConfig":
+        from plugins.image.clip_text import CLIPTextConfig
+        from plugins.image.schedulers import SchedulerConfig
+        from plugins.image.unet import UNetConfig
+        if d.get("model_type") != MODEL_TYPE:
+            raise ModelError(f"config.json model_type must be {MODEL_TYPE!r}, not {d.get('model_type')!r}.")
+        for key in ("unet", "text_encoder", "scheduler", "sample_size"):
+            if key not in d:
+                raise ModelError(f"config.json has no {key!r} entry; this is not a studio text-to-image model.")
+        unet = UNetConfig.from_dict(d["unet"])
+        text = CLIPTextConfig.from_dict(d["text_encoder"])
+        coord = int(d.get("coord_channels", 0))
+        if unet.in_channels != 3 + coord or unet.out_channels != 3:
+            raise ModelError("The U-Net must take 3 image channels plus coord_channels and return 3 channels.")
+        if unet.cross_attention_dim != text.hidden_size:
+            raise ModelError("The U-Net's cross_attention_dim must equal the text encoder's hidden_size.")
+        if unet.class_embed_type == "projection" and unet.projection_class_embeddings_input_dim != text.hidden_size:
+            raise ModelError("The U-Net's projection_class_embeddings_input_dim must equal the text encoder's hidden_size.")
+        class_labels = d.get("class_labels", "pooled")
+        if class_labels not in ("pooled", "mean"):
+            raise ModelError(f"config.json class_labels must be 'pooled' or 'mean', not {class_labels!r}.")
+        return cls(d, int(d["sample_size"]), coord, unet, text, SchedulerConfig.from_dict(d["scheduler"]), class_labels)
+
+
+def read_config(folder: Path) -> ImageModelConfig:
+    path = Path(folder) / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no config.json; choose a model folder.") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} cannot be read as JSON ({e}).") from None
+    return ImageModelConfig.from_dict(d)
+
+
+def build(cfg: ImageModelConfig):
+    """Fresh (randomly initialised) U-Net and text encoder."""
+    from plugins.image.clip_text import CLIPTextModel
+    from plugins.image.unet import UNet2DConditionModel
+    return UNet2DConditionModel(cfg.unet), CLIPTextModel(cfg.text)
+
+
+def _read_weights(folder: Path) -> dict:
+    from engine.weights import load_state_dict
+    return load_state_dict(folder)
+
+
+def split_state_dict(sd: dict):
+    from plugins.image.clip_text import strip_prefix
+    unet = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
+    text = strip_prefix({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")})
+    return unet, text
+
+
+def _match(module, sd: dict, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise ModelError(f"The {what} weights lack {len(missing)} tensors (first: {missing[0]}); the file does not "
+                         "match config.json.")
+    extra = sorted(set(sd) - set(own))
+    if extra:
+        raise ModelError(f"The {what} weights have {len(extra)} unexpected tensors (first: {extra[0]}).")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ModelError(f"Weight {what}.{k} has shape {tuple(sd[k].shape)} but config.json implies "
+                             f"{tuple(v.shape)}.")
+
+
+def check_folder(folder: Path) -> None:
+    """Validate config, weights (names and shapes) and tokenizer; ModelError on the first problem."""
+    import torch
+    folder = Path(folder)
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        unet, text = build(cfg)
+    _check_built(folder, cfg, unet, text)
+
+
+def _check_built(folder: Path, cfg, unet, text) -> None:
+    u, t = split_state_dict(_read_weights(folder))
+    _match(unet, u, "unet")
+    _match(text, t, "text_encoder")
+    from plugins.image.tokenizer import PromptEncoder
+    enc = PromptEncoder.from_file(folder / "tokenizer.json", cfg.text.max_position_embeddings)
+    if enc.tokenizer.get_vocab_size() > cfg.text.vocab_size:
+        raise ModelError("tokenizer.json has more tokens than the text encoder's vocab_size.")
+
+
+@dataclass
+class LoadedModel:
+    cfg: ImageModelConfig
+    unet: object
+    text_encoder: object
+    prompt_encoder: object
+    device: str
+    dtype: object
+
+
+def load(folder: Path, device: str = "cpu") -> LoadedModel:
+    import torch
+    from plugins.image.tokenizer import PromptEncoder
+    folder = Path(folder)
+    cfg = read_config(folder)
+    unet, text = build(cfg)
+    _check_built(folder, cfg, unet, text)  # checks against the built modules: no meta build on the load path
+    u, t = split_state_dict(_read_weights(folder))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet.load_state_dict({k: v.float() for k, v in u.items()})
+    text.load_state_dict({k: v.float() for k, v in t.items()})
+    unet.to(device=device, dtype=dtype).eval()
+    text.to(device=device, dtype=dtype).eval()
+    enc = PromptEncoder.from_file(folder / "tokenizer.json", cfg.text.max_position_embeddings)
+    return LoadedModel(cfg, unet, text, enc, device, dtype)
+
+
+def save(folder: Path, config: dict, unet, text_encoder, tokenizer, studio: dict | None = None) -> None:
+    """Write config.json, model.safetensors (float16), tokenizer.json and (optionally) studio.json."""
+    import torch
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float16).contiguous()
+                    for k, v in text_encoder.state_dict().items()})
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    if studio is not None:
+        (folder / "studio.json").write_text(json.dumps(studio, indent=2) + "\n")

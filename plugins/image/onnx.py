@@ -1,0 +1,333 @@
+"""ONNX export of the text-to-image model (CLIP-style text encoder + conditional U-Net) and its onnxruntime runner.
+
+Graphs: ``text_encoder.onnx``: ``input_ids`` (batch, sequence) int64 -> ``last_hidden_state``, ``pooled``;
+``unet.onnx``: ``sample`` (batch, channels, height, width), ``timestep`` (batch,) float32,
+``encoder_hidden_states`` (batch, sequence, dim), ``pooled`` (batch, dim) -> ``out`` (batch, 3, height, width).
+
+The sampling loop here is the numpy twin of ``plugins.image.pipeline.sample`` (same schedulers from
+plugins/image/schedulers, same batched classifier-free guidance); it needs no torch. Its noise comes from
+``plugins.image.torch_noise.TorchRandn``, numpy's replica of torch's CPU ``randn``, so a seed gives the same
+picture on both backends (within the export's pixel tolerance).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from plugins.image.torch_noise import TorchRandn
+from engine.backends.common import max_abs
+
+log = logging.getLogger(__name__)
+
+UNET_TOLERANCE = 1e-3
+TEXT_TOLERANCE = 1e-3
+PARITY_TIMESTEPS = (999, 700, 400, 100, 1)
+PARITY_SAMPLE_STEPS = 10  # a whole sampling run compared at export (same noise, both backends)
+IMAGE_TOLERANCE = 4  # max |pixel difference| (0-255) of the final images of that run
+N_QUALITY = 20  # captions for the int8 analyzer score
+
+
+# ----- runtime (no torch) ------------------------------------------------------------------------
+class OnnxTextEncoder:
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, ids):
+        hidden, pooled = self.session.run(["last_hidden_state", "pooled"],
+                                          {"input_ids": np.ascontiguousarray(np.asarray(ids, dtype=np.int64))})
+        return hidden, pooled
+
+
+class OnnxDenoiser:
+    def __init__(self, session):
+        self.session = session
+        self.inputs = {i.name for i in session.get_inputs()}  # a U-Net without class embedding has no "pooled"
+
+    def __call__(self, sample, timestep, hidden, pooled):
+        x = np.ascontiguousarray(np.asarray(sample, dtype=np.float32))
+        t = np.full((x.shape[0],), float(timestep), dtype=np.float32)
+        feeds = {"sample": x, "timestep": t, "encoder_hidden_states": np.asarray(hidden, dtype=np.float32),
+                 "pooled": np.asarray(pooled, dtype=np.float32)}
+        return self.session.run(["out"], {k: v for k, v in feeds.items() if k in self.inputs})[0]
+
+
+def coord_maps(size: int, n: int) -> np.ndarray:
+    """(1, n, S, S) fixed input maps, x then y in [-1, 1] at pixel centres (numpy twin of the pipeline's)."""
+    if n == 0:
+        return np.zeros((1, 0, size, size), np.float32)
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    y, x = np.meshgrid(c, c, indexing="ij")
+    return np.stack([x, y])[None].astype(np.float32)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def class_vector(hidden: np.ndarray, pooled: np.ndarray, ids, mode: str) -> np.ndarray:
+    """The U-Net's class_labels (numpy twin of plugins.image.pipeline.class_vector): the pooled output, or the
+    mean of the hidden states over the non-pad tokens ([PAD] is id 0)."""
+    if mode == "pooled":
+        return pooled
+    mask = (np.asarray(ids) != 0).astype(hidden.dtype)[:, :, None]  # (B, T, 1)
+    return ((hidden * mask).sum(1) / mask.sum(1)).astype(np.float32)
+
+
+def sample_iter(text, den, sched_cfg, size: int, coord_channels: int, cond_ids, uncond_ids, steps: int,
+                guidance: float, sampler: str, rng: np.random.Generator, noise=None, on_step=None,
+                class_labels: str = "pooled"):
+    """The sampling loop on numpy arrays; yields None after each step, then the final (B, 3, S, S) in [-1, 1].
+
+    ``noise``: the initial standard-normal noise (B, 3, S, S); drawn from ``rng`` when not given."""
+    from plugins.image.schedulers import make_scheduler
+
+    B = len(cond_ids)
+    sched = make_scheduler(sampler, sched_cfg)
+    sched.set_timesteps(steps)
+    guided = guidance != 1.0
+    ids = np.concatenate([np.asarray(uncond_ids), np.asarray(cond_ids)]) if guided else np.asarray(cond_ids)
+    hidden, pooled = text(ids)
+    pooled = class_vector(hidden, pooled, ids, class_labels)
+    coords = np.broadcast_to(coord_maps(size, coord_channels), (len(ids), coord_channels, size, size))
+    if noise is None:
+        noise = rng.standard_normal((B, 3, size, size)).astype(np.float32)
+    x = np.asarray(noise, dtype=np.float32) * np.float32(sched.init_noise_sigma)
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        xin = np.asarray(sched.scale_model_input(x, t), dtype=np.float32)
+        xin = np.concatenate([xin, xin]) if guided else xin
+        out = den(np.concatenate([xin, coords], axis=1), float(t), hidden, pooled)
+        if guided:
+            u, c = out[: len(out) // 2], out[len(out) // 2:]
+            out = u + np.float32(guidance) * (c - u)
+        step = sched.step(out, t, x, generator=rng)
+        x = np.asarray(step.prev_sample, dtype=np.float32)
+        if on_step is not None:
+            on_step(i + 1, n, step.pred_original_sample)
+        yield None
+    yield np.clip(x, -1, 1)
+
+
+def sample(*args, **kw) -> np.ndarray:
+    x = None
+    for x in sample_iter(*args, **kw):
+        pass
+    return x
+
+
+class OnnxImageModel:
+    """The sessions and settings of an image export (what ``plugins.image.model.LoadedModel`` is for torch)."""
+
+    def __init__(self, export, folder: Path):
+        from plugins.image.schedulers import SchedulerConfig
+        from plugins.image.tokenizer import PromptEncoder
+
+        cfg = export.manifest["config"]
+        self.export = export
+        self.sample_size = int(cfg["sample_size"])
+        self.coord_channels = int(cfg["coord_channels"])
+        self.class_labels = cfg.get("class_labels", "pooled")
+        self.scheduler = SchedulerConfig.from_dict(cfg["scheduler"])
+        self.text = OnnxTextEncoder(export.session("text_encoder"))
+        self.unet = OnnxDenoiser(export.session("unet"))
+        self.prompt_encoder = PromptEncoder.from_file(Path(folder) / "tokenizer.json", int(cfg["context"]))
+
+
+def load_image_model(model_folder, model_hash=None, threads=None) -> OnnxImageModel:
+    from engine.backends.runtime import open_export
+
+    return OnnxImageModel(open_export(Path(model_folder), model_hash, threads), model_folder)
+
+
+def run(model: OnnxImageModel, prompt: str, options: dict, seed: int, cancel=None):
+    """Progress / Partial events and one Result, as ``plugins.image.pipeline.run`` yields them, on onnxruntime."""
+    from PIL import Image
+
+    from engine.generators import Partial, Progress, Result
+
+    from plugins.image.tokenizer import encode_prompts
+
+    prompt = prompt or ""
+    enc, neg, warnings = encode_prompts(model.prompt_encoder, prompt, options.get("negative_prompt", "") or "")
+    steps, guidance = int(options.get("steps", 20)), float(options.get("guidance", 3.0))
+    sampler = options.get("sampler", "dpmpp_2m")
+    preview_every = max(1, steps // 8)
+    events = []
+
+    def on_step(i, n, x0):
+        events.append(Progress(i, n, f"step {i}/{n}"))
+        if i % preview_every == 0 and i < n:
+            events.append(Partial(image=Image.fromarray(to_uint8(np.asarray(x0, dtype=np.float32))[0])))
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+
+    rng = TorchRandn(int(seed))  # the torch backend's noise for the same seed, so both draw the same picture
+    t0 = time.perf_counter()
+    yield Progress(0, steps, "encoding the prompt")
+    x = None
+    for x in sample_iter(model.text, model.unet, model.scheduler, model.sample_size, model.coord_channels,
+                         [enc.ids], [neg.ids], steps, guidance, sampler, rng, on_step=on_step,
+                         class_labels=model.class_labels):
+        while events:
+            yield events.pop(0)
+    while events:
+        yield events.pop(0)
+    size = model.sample_size
+    image = Image.fromarray(to_uint8(x)[0])
+    yield Result(image=image, warnings=warnings, info={
+        "width": size, "height": size, "steps": steps, "sampler": sampler, "guidance": guidance,
+        "negative_prompt": options.get("negative_prompt", "") or "", "seconds": round(time.perf_counter() - t0, 4),
+        "unknown_words": enc.unknown, "truncated_words": enc.truncated, "noise": "torch-compatible (plugins.image.torch_noise)"})
+
+
+# ----- export (torch) ----------------------------------------------------------------------------
+def export_image(model_ref, out_dir: Path, options: dict) -> dict:
+    """Exporter registered for the text-to-image family (see engine.onnx_export for the contract)."""
+    import torch
+
+    from plugins.image.model import load
+    from plugins.image.pipeline import TorchDenoiser, TorchTextEncoder
+    from engine.backends.common import describe_graphs, export_graph, quantize_graph, replace_graphs
+    from engine.backends.runtime import open_session
+
+    say = options.get("log") or (lambda m: None)
+    torch.manual_seed(0)
+    folder = Path(model_ref.path)
+    loaded = load(folder, device="cpu")
+    mc = loaded.cfg
+    S, C, T = mc.sample_size, mc.unet.in_channels, mc.text.max_position_embeddings
+    D = mc.text.hidden_size
+    cfg = {"family": model_ref.family, "sample_size": S, "coord_channels": mc.coord_channels, "context": T,
+           "scheduler": mc.scheduler.to_dict(), "in_channels": C, "text_dim": D,
+           "class_labels": getattr(mc, "class_labels", "pooled")}
+    out_dir = Path(out_dir)
+    te_path, un_path = out_dir / "text_encoder.onnx", out_dir / "unet.onnx"
+    say(f"exporting the text encoder and the U-Net ({S}x{S}) to ONNX")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, mc.text.vocab_size, (2, T), generator=g)
+    ids[:, -1] = mc.text.eos_token_id if mc.text.eos_token_id != 2 else mc.text.vocab_size - 1
+
+    class TextGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = loaded.text_encoder
+
+        def forward(self, input_ids):
+            return self.m(input_ids)
+
+    class UNetGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = loaded.unet
+
+        def forward(self, sample, timestep, encoder_hidden_states, pooled):
+            return self.m(sample, timestep, encoder_hidden_states, pooled)
+
+    export_graph(TextGraph(), (ids,), te_path, ["input_ids"], ["last_hidden_state", "pooled"],
+                 {"input_ids": {0: "batch", 1: "sequence"}, "last_hidden_state": {0: "batch", 1: "sequence"},
+                  "pooled": {0: "batch"}})
+    ex = (torch.randn(2, C, S, S, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, T, D, generator=g),
+          torch.randn(2, D, generator=g))
+    export_graph(UNetGraph(), ex, un_path, ["sample", "timestep", "encoder_hidden_states", "pooled"], ["out"],
+                 {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                  "encoder_hidden_states": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"},
+                  "out": {0: "batch", 2: "height", 3: "width"}})
+
+    say("checking parity with PyTorch")
+    t_text, t_unet = TorchTextEncoder(loaded.text_encoder), TorchDenoiser(loaded.unet)
+    o_text, o_unet = OnnxTextEncoder(open_session(te_path)), OnnxDenoiser(open_session(un_path))
+    enc = loaded.prompt_encoder
+    prompts = ["a large red circle in the centre on a blue background", "", "a small white square top left"]
+    pids = np.array([enc.encode(p).ids for p in prompts], dtype=np.int64)
+    th, tp = t_text(pids)
+    oh, op = o_text(pids)
+    text_diff = max(max_abs(th.numpy(), oh), max_abs(tp.numpy(), op))
+    rng = np.random.default_rng(0)
+    unet_diff = 0.0
+    x = rng.standard_normal((3, C, S, S)).astype(np.float32)
+    for t in PARITY_TIMESTEPS:
+        ref = t_unet(torch.from_numpy(x), float(t), th, tp).numpy()
+        unet_diff = max(unet_diff, max_abs(ref, o_unet(x, float(t), oh, op)))
+    parity = {"text_encoder": {"max_abs_diff": float(f"{text_diff:.3g}"), "tolerance": TEXT_TOLERANCE,
+                               "passed": bool(text_diff <= TEXT_TOLERANCE), "inputs": f"{len(prompts)} prompts"},
+              "unet": {"max_abs_diff": float(f"{unet_diff:.3g}"), "tolerance": UNET_TOLERANCE,
+                       "passed": bool(unet_diff <= UNET_TOLERANCE),
+                       "inputs": f"batch 3 at timesteps {list(PARITY_TIMESTEPS)}"}}
+    image_check = compare_sampling(loaded, (t_text, t_unet), (o_text, o_unet), prompts[:2], PARITY_SAMPLE_STEPS)
+    parity["sampled_images"] = image_check
+    options.get("gate", lambda p: None)(parity)
+    graphs, opset = describe_graphs({"text_encoder": te_path, "unet": un_path})
+    result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
+    if options.get("quantize") == "int8":
+        say(f"quantizing the weights to int8 and scoring {N_QUALITY} images with the analyzer")
+        q_te, q_un = out_dir / "text_encoder.int8.onnx", out_dir / "unet.int8.onnx"
+        quantize_graph(te_path, q_te)
+        quantize_graph(un_path, q_un)
+        q_text, q_unet = OnnxTextEncoder(open_session(q_te)), OnnxDenoiser(open_session(q_un))
+        result["quantization"] = {"quality": image_quality(loaded, (o_text, o_unet), (q_text, q_unet))}
+        del o_text, o_unet, q_text, q_unet
+        replace_graphs(((q_te, te_path), (q_un, un_path)))
+    return result
+
+
+def _generate(loaded, nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
+    """uint8 images for ``captions`` with numpy-level (text, denoiser) and the numpy loop; the noise of ``seed`` is
+    torch's (TorchRandn), as when the onnx backend generates."""
+    enc = loaded.prompt_encoder
+    cond = [enc.encode(c).ids for c in captions]
+    uncond = [enc.encode("").ids for _ in captions]
+    x = sample(nets[0], nets[1], loaded.cfg.scheduler, loaded.cfg.sample_size, loaded.cfg.coord_channels, cond,
+               uncond, steps, guidance, sampler, TorchRandn(seed),
+               class_labels=getattr(loaded.cfg, "class_labels", "pooled"))
+    return to_uint8(x)
+
+
+def _generate_torch(loaded, torch_nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
+    """The same images through the torch pipeline's own loop (plugins.image.pipeline.sample)."""
+    import torch
+
+    from plugins.image.pipeline import SampleSettings
+    from plugins.image.pipeline import sample as torch_sample
+
+    enc = loaded.prompt_encoder
+    cond = [enc.encode(c).ids for c in captions]
+    uncond = [enc.encode("").ids for _ in captions]
+    x = torch_sample(torch_nets[0], torch_nets[1], loaded.cfg, cond, uncond, SampleSettings(steps, guidance, sampler),
+                     torch.Generator().manual_seed(seed))
+    return to_uint8(x.float().numpy())
+
+
+def compare_sampling(loaded, torch_nets, onnx_nets, captions, steps) -> dict:
+    from engine.shapes import analyze
+
+    a = _generate_torch(loaded, torch_nets, captions, steps, seed=11)
+    b = _generate(loaded, onnx_nets, captions, steps, seed=11)
+    diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    same = sum(analyze(x) == analyze(y) for x, y in zip(a, b))
+    return {"max_abs_diff": float(diff), "tolerance": float(IMAGE_TOLERANCE), "passed": diff <= IMAGE_TOLERANCE,
+            "analyzer_agrees": f"{same}/{len(captions)}", "units": "pixel levels 0-255",
+            "inputs": f"{len(captions)} prompts, {steps} dpmpp_2m steps, guidance 3, same seed; torch loop "
+                      "(plugins.image.pipeline.sample) vs the numpy loop on onnxruntime with TorchRandn noise"}
+
+
+def analyzer_score(images, captions) -> float:
+    from engine.shapes import analyze, parse_caption
+
+    return sum(analyze(im) == parse_caption(c) for im, c in zip(images, captions)) / max(1, len(captions))
+
+
+def image_quality(loaded, fp32_nets, int8_nets, steps: int = 20) -> dict:
+    from engine.shapes import caption, sample_scene
+
+    captions = [caption(sample_scene(np.random.default_rng(i))) for i in range(N_QUALITY)]
+    a = _generate(loaded, fp32_nets, captions, steps, seed=3)
+    b = _generate(loaded, int8_nets, captions, steps, seed=3)
+    return {"captions": f"{N_QUALITY} scenes (seeds 0-{N_QUALITY - 1}), {steps} dpmpp_2m steps, guidance 3",
+            "analyzer_all_five_onnx_fp32": round(analyzer_score(a, captions), 4),
+            "analyzer_all_five_onnx_int8": round(analyzer_score(b, captions), 4),
+            "analyzer_cost_int8": round(analyzer_score(a, captions) - analyzer_score(b, captions), 4),
+            "max_pixel_diff_int8_vs_fp32": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())}

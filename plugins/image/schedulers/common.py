@@ -1,0 +1,133 @@
+"""What every scheduler shares: the config, the beta schedules, numpy/torch helpers."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ModelError
+
+
+@dataclass
+class SchedulerConfig:
+    """The training noise schedule (diffusers' config names) plus the sampler-specific options we use."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    clip_sample: bool = True  # DDPM, DDIM
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True  # DDIM
+    steps_offset: int = 0
+    timestep_spacing: str = ""  # empty: each scheduler's diffusers default
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ModelError(f"Beta schedule {cfg.beta_schedule!r} is not supported "
+                             "(use linear, scaled_linear or squaredcos_cap_v2).")
+        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"Prediction type {cfg.prediction_type!r} is not supported (use epsilon or v_prediction).")
+        if cfg.timestep_spacing not in ("", "linspace", "leading", "trailing"):
+            raise ModelError(f"Timestep spacing {cfg.timestep_spacing!r} is not supported.")
+        if d.get("thresholding") or d.get("rescale_betas_zero_snr") or d.get("trained_betas") is not None:
+            raise ModelError("Scheduler options thresholding, rescale_betas_zero_snr and trained_betas are not supported.")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StepOutput:
+    prev_sample: Any
+    pred_original_sample: Any  # the current estimate of the clean image (for previews)
+
+
+def make_betas(cfg: SchedulerConfig) -> np.ndarray:
+    """(T,) float32 betas, computed as diffusers does (float32 linspace; cosine ``alpha_bar`` of Nichol & Dhariwal)."""
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "linear":
+        return np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float32)
+    if cfg.beta_schedule == "scaled_linear":
+        return np.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=np.float32) ** 2
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=np.float32)
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
+    """(T,) float32 cumulative products of (1 - beta), i.e. alpha-bar_t."""
+    # accumulated in float64 and rounded once: bit-identical to torch.cumprod on float32 (diffusers)
+    return np.cumprod((1.0 - make_betas(cfg)).astype(np.float64)).astype(np.float32)
+
+
+def check_steps(cfg: SchedulerConfig, num_inference_steps: int) -> int:
+    """The training length T; ValueError unless 1 <= num_inference_steps <= T."""
+    T = cfg.num_train_timesteps
+    if not 1 <= num_inference_steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}")
+    return T
+
+
+def discrete_timesteps(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """(n,) int64 descending timesteps as diffusers' DDPM/DDIM ``set_timesteps`` (default spacing "leading")."""
+    T = check_steps(cfg, num_inference_steps)
+    spacing = cfg.timestep_spacing or "leading"
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(num_inference_steps) * (T // num_inference_steps)).round()[::-1] + cfg.steps_offset
+    else:
+        ts = np.round(np.arange(T, 0, -T / num_inference_steps)) - 1
+    return ts.astype(np.int64).copy()
+
+
+def sigmas_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """(n + 1,) float32 sigma = sqrt((1 - a) / a) interpolated at ``timesteps``, then a final 0."""
+    all_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    sigmas = np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def clip(x, r: float):
+    return x.clip(-r, r)
+
+
+def randn_like(x, generator=None):
+    """Standard normal noise like ``x``: torch (optional torch.Generator) or numpy (optional np.random.Generator)."""
+    if isinstance(x, np.ndarray):
+        rng = generator if generator is not None else np.random.default_rng()
+        return rng.standard_normal(x.shape).astype(x.dtype)
+    import torch
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+
+
+def to_float(x) -> float:
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
+
+
+def make_scheduler(name: str, cfg: SchedulerConfig):
+    """The scheduler called ``name`` (one of SAMPLERS) for the model's noise schedule ``cfg``."""
+    if name == "ddpm":
+        from plugins.image.schedulers.ddpm import DDPMScheduler
+        return DDPMScheduler(cfg)
+    if name == "ddim":
+        from plugins.image.schedulers.ddim import DDIMScheduler
+        return DDIMScheduler(cfg)
+    if name == "dpmpp_2m":
+        from plugins.image.schedulers.dpmpp_2m import DPMSolverMultistepScheduler
+        return DPMSolverMultistepScheduler(cfg)
+    if name == "euler":
+        from plugins.image.schedulers.euler import EulerDiscreteScheduler
+        return EulerDiscreteScheduler(cfg)
+    raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")

@@ -1,0 +1,125 @@
+"""Built-in plugin: text generation with decoder-only language models (Llama and GPT-2 families).
+
+Runs model folders as transformers writes them (``LlamaForCausalLM``, ``GPT2LMHeadModel``) on the torch backend
+(CPU or CUDA) or on an ONNX export (onnxruntime). torch is imported inside functions, never at import time.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine import hookimpl
+from engine.architectures import Architecture
+from engine.errors import UsageError
+from engine.generators import Generator, GeneratorInfo, Trainer, Option, Progress, Result
+
+INFO = GeneratorInfo(
+    id="text", title="Text", description="Continue a prompt with a language model (streams as it writes).",
+    takes=("text",), makes="text",
+    options=(
+        Option("max_new_tokens", "int", 200, "How many tokens to write at most", min=1, max=2048),
+        Option("temperature", "float", 0.8, "Randomness; 0 always picks the most likely token", min=0.0, max=2.0),
+        Option("top_k", "int", 50, "Sample among the k most likely tokens (0 = all)", min=0, max=10000),
+        Option("top_p", "float", 0.95, "Sample among the most likely tokens whose probability reaches p (1 = all)",
+               min=0.01, max=1.0),
+        Option("repetition_penalty", "float", 1.0, "Discourage repeating tokens already used (1 = off)",
+               min=1.0, max=3.0),
+        Option("stop", "str", "", "Stop before any of these strings; separate several with |, write \\n for a "
+                                  "new line"),
+    ),
+    families=("llama", "gpt2"),
+    prompt_required=False,
+)
+
+
+def _pipeline(request, context):
+    from plugins.text.models import load_tokenizer, read_config, token_ids
+    from plugins.text.pipeline import TextPipeline, TorchDecoder
+
+    model = request.model
+    if model is None:
+        raise UsageError("The text generator needs a model; pass one with --model.")
+
+    def load():
+        folder = Path(model.path)
+        cfg = read_config(folder)
+        tokenizer = load_tokenizer(folder)
+        if request.backend == "onnx":
+            from plugins.text.onnx import load_decoder
+
+            decoder, _ = load_decoder(folder, model.hash)
+        else:
+            from plugins.text.models import load_model
+
+            decoder = TorchDecoder(load_model(folder, model.family, request.device), request.device)
+        bos = cfg.get("bos_token_id")
+        return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
+                            eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=model.family == "llama")
+    return context.cached(("text", model.hash, request.device, request.backend), load)
+
+
+def generate(request, context):
+    from plugins.text.pipeline import TextRequest, parse_stop
+    from plugins.text.sampling import SamplingOptions
+
+    opts = request.options
+    yield Progress(0, 1, "loading model")
+    t0 = time.perf_counter()
+    pipe = _pipeline(request, context)
+    load_s = time.perf_counter() - t0
+    context.cancel.raise_if_cancelled()
+    req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
+                      stop=parse_stop(opts.get("stop", "")), seed=request.seed)
+    yield Progress(0, req.max_new_tokens, "writing")
+    for event in pipe.run(request.prompt or "", req, context.cancel):
+        if isinstance(event, Result):
+            event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
+        yield event
+
+
+def check_llama_folder(folder: Path) -> None:
+    from plugins.text.models import check_folder
+
+    check_folder(folder, "llama")
+
+
+def check_gpt2_folder(folder: Path) -> None:
+    from plugins.text.models import check_folder
+
+    check_folder(folder, "gpt2")
+
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_architectures(register):
+    register(Architecture(family="llama", generator="text", matches=lambda cfg: cfg.get("model_type") == "llama",
+                          check=check_llama_folder, needs_tokenizer=True, title="Llama"))
+    register(Architecture(family="gpt2", generator="text", matches=lambda cfg: cfg.get("model_type") == "gpt2",
+                          check=check_gpt2_folder, needs_tokenizer=True, title="GPT-2"))
+
+
+def _export(model_ref, out_dir, options):
+    from plugins.text.onnx import export_text
+
+    return export_text(model_ref, out_dir, options)
+
+
+@hookimpl
+def register_exporters(register):
+    register("llama", _export)
+    register("gpt2", _export)
+
+
+def _train(args: list) -> int:
+    from plugins.text.train import main
+
+    return int(main(list(args)) or 0)
+
+
+@hookimpl
+def register_trainers(register):
+    register(Trainer("text", "Train a Llama language model on a folder of text (the built-in Shakespeare model)", _train))

@@ -1,0 +1,124 @@
+"""Checking and loading Llama / GPT-2 model folders (config.json, safetensors, tokenizer.json).
+
+``check_folder(folder, family)`` validates without loading tensors (it reads the safetensors headers and builds
+the expected shapes on torch's meta device); ``load_model(folder, family, device, dtype)`` returns the torch
+model; ``load_tokenizer(folder)`` the ``tokenizers.Tokenizer``. Problems raise ``ModelError`` with one sentence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.errors import ModelError
+from engine.tokenizer import load_tokenizer  # noqa: F401  (a model folder's tokenizer.json)
+
+MODEL_TYPES = {"llama": "llama", "gpt2": "gpt2"}
+
+
+def read_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"Model folder {Path(folder)} has no config.json.")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid JSON; re-download or re-export the model.") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} is not a JSON object; re-download or re-export the model.")
+    return cfg
+
+
+def build_model(cfg: dict, family: str, device=None):
+    """An uninitialised model of the family for this config (``device="meta"`` allocates nothing)."""
+    import torch
+
+    family = family or cfg.get("model_type")
+    if cfg.get("model_type") != MODEL_TYPES.get(family):
+        raise ModelError(f"config.json has model_type {cfg.get('model_type')!r}, which the text generator does not "
+                         "run (it runs llama and gpt2 models).")
+    try:
+        with torch.device(device or "cpu"):
+            if family == "llama":
+                from plugins.text.llama import LlamaConfig, LlamaForCausalLM
+                return LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+            from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
+            return GPT2LMHeadModel(GPT2Config.from_dict(cfg))
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
+        raise ModelError(f"config.json does not describe a valid {family} model ({exc}).") from None
+
+
+def _expected(model) -> dict:
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return shapes, tied
+
+
+def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> None:
+    from engine.nn import gpt2
+    from engine.weights import read_shapes
+
+    cfg = cfg if cfg is not None else read_config(folder)
+    if model is None:  # a meta build allocates nothing, but its ops import torch._dynamo (seconds)
+        model = build_model(cfg, family, device="meta")
+    expected, tied = _expected(model)
+    found = read_shapes(folder)
+    found = {k: v for k, v in found.items()
+             if not k.endswith(gpt2.IGNORED_SUFFIXES) and not k.endswith("rotary_emb.inv_freq")}
+    if family == "gpt2" and found and not any(k.startswith("transformer.") for k in found):
+        found = {"transformer." + k: v for k, v in found.items()}
+    optional = {"lm_head.weight"} if tied else set()
+    missing = [k for k in expected if k not in found and k not in optional]
+    if missing:
+        raise ModelError(f"Model folder {Path(folder).name} lacks the weight {missing[0]} that config.json implies "
+                         f"({len(missing)} missing); the weights do not belong to this config.")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise ModelError(f"Model folder {Path(folder).name} has the weight {unexpected[0]}, which a {family} model "
+                         "with this config.json does not have; the weights do not belong to this config.")
+    for k, (shape, dtype) in found.items():
+        if shape != expected[k]:
+            raise ModelError(f"Weight {k} has shape {list(shape)} but config.json implies {list(expected[k])}; "
+                             "the weights do not belong to this config.")
+        if dtype not in ("F32", "F16", "BF16"):
+            raise ModelError(f"Weight {k} is stored as {dtype}; only float32, float16 and bfloat16 are supported.")
+
+
+def check_folder(folder, family: str) -> None:
+    """Raise ModelError unless config, weights and tokenizer fit together."""
+    cfg = read_config(folder)
+    check_weights(folder, family, cfg)
+    tok = load_tokenizer(folder)
+    if tok.get_vocab_size() > int(cfg.get("vocab_size", 0)):
+        raise ModelError(f"tokenizer.json has {tok.get_vocab_size()} tokens but the model only "
+                         f"{cfg.get('vocab_size')}; the tokenizer does not belong to this model.")
+
+
+def load_model(folder, family: str, device: str = "cpu", dtype=None):
+    """The torch model in eval mode; fp16 on CUDA unless ``dtype`` says otherwise, fp32 on the CPU."""
+    import torch
+
+    from engine.weights import load_state_dict
+
+    cfg = read_config(folder)
+    model = build_model(cfg, family)
+    check_weights(folder, family, cfg, model)
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    state = load_state_dict(folder)
+    if family == "llama":
+        from plugins.text.llama import load_hf_state_dict
+    else:
+        from engine.nn.gpt2 import load_hf_state_dict
+    try:
+        load_hf_state_dict(model, {k: v.float() for k, v in state.items()})
+    except (KeyError, RuntimeError) as exc:
+        raise ModelError(f"Weights of {Path(folder).name} do not load: {exc}.") from None
+    from engine.nn.cache import no_cudnn_attention_on_cuda
+    no_cudnn_attention_on_cuda(device)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def token_ids(cfg: dict, key: str) -> list:
+    v = cfg.get(key)
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [int(v)]
