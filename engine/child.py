@@ -6,19 +6,16 @@ code, ``os._exit``) ends only that process: the job fails with a message and the
 plugin that holds the GIL for seconds in C code stalls only that process, and torch is imported there, not in
 the window's process.
 
-Protocol: one JSON object per line. Parent to child: ``{"host": {...}}`` first (PluginHost keyword arguments),
-then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels the running job),
-``{"export": {"model", "quantize", "force"}}`` (an ONNX export: ``log`` lines, then ``exported`` with the
-manifest), ``{"probe": true}`` (library versions and device: ``probed``) or ``{"warm": "torch"}`` (import a
-library now, while nothing runs). Child to parent, for each job: ``prepared``,
-``progress``, ``text``, ``preview`` (a PNG, base64), then ``finished`` (recipe, files, history id) or ``failed``
-(message, details, cancelled). The child writes the protocol on a copy of its stdout and points file
+Protocol: the messages of engine/messages.py, one JSON line each. Parent to child: ``{"host": {...}}`` first
+(PluginHost keyword arguments), then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels
+the running job), ``{"export": {"model", "quantize", "force"}}`` (an ONNX export), ``{"probe": true}`` or
+``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent: ``ready``; for a job
+``prepared``, ``progress``, ``text``, ``preview``, then ``finished`` or ``failed``; for an export ``log`` lines then
+``exported`` or ``failed``; ``probed``. The child writes the protocol on a copy of its stdout and points file
 descriptor 1 at stderr, so a plugin that prints cannot corrupt it.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import os
@@ -29,7 +26,8 @@ import threading
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from engine.errors import CancelledError, GenerationError, describe_exception
+from engine import messages
+from engine.errors import GenerationError
 from engine.generators import CancelToken
 
 log = logging.getLogger(__name__)
@@ -39,15 +37,10 @@ CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was sav
 
 
 # ----- the child ---------------------------------------------------------------------------------
-def _failed(send, exc: BaseException) -> None:
-    message, details = describe_exception(exc)
-    send(type="failed", cancelled=False, message=message, details=details)
-
-
 def serve() -> int:
     """The child's main loop (``python -m engine.child``)."""
     from engine import state
-    from engine.generators import Context, Partial, Progress
+    from engine.generators import Context
     from engine.history import History
     from engine.plugins import PluginHost
     from engine.runner import Job, execute, prepare
@@ -67,9 +60,9 @@ def serve() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the terminal is the window's to handle
     lock = threading.Lock()
 
-    def send(**msg) -> None:
+    def send(type: str, **fields) -> None:  # noqa: A002 - the schema's field name
         with lock:
-            out.write(json.dumps(msg) + "\n")
+            out.write(messages.encode(type, **fields))
             out.flush()
 
     first = json.loads(inp.readline() or "{}")
@@ -113,25 +106,16 @@ def serve() -> int:
             send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "")
 
             def on_event(event) -> None:
-                if isinstance(event, Progress):
-                    send(type="progress", step=event.step, total=event.total, message=event.message)
-                elif isinstance(event, Partial):
-                    if event.text:
-                        send(type="text", text=event.text)
-                    if event.image is not None:
-                        buf = io.BytesIO()
-                        event.image.save(buf, format="PNG")
-                        send(type="preview", png=base64.b64encode(buf.getvalue()).decode("ascii"))
+                for m in messages.event_messages(event):
+                    send(**m)
 
             token.raise_if_cancelled()
             record = execute(prep, Context(cancel=token, cache=cache), on_event,
                              out_dir=state.load_settings().outputs, history=history)
             send(type="finished", recipe=record.recipe, files=[str(f) for f in record.files],
                  history_id=record.history_id)
-        except CancelledError as exc:
-            send(type="failed", cancelled=True, message=str(exc), details="")
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, never fatal here
-            _failed(send, exc)
+            send(**messages.failure(exc))
 
 
 def probe_libraries() -> dict:
@@ -163,7 +147,7 @@ def _export(host, store, request: dict, send) -> None:
                                 force=bool(request.get("force")), log=lambda m: send(type="log", text=str(m)))
         send(type="exported", manifest=json.loads(json.dumps(manifest, default=str)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        _failed(send, exc)
+        send(**messages.failure(exc))
 
 
 # ----- the parent --------------------------------------------------------------------------------
@@ -204,11 +188,10 @@ class GenerationProcess:
     @staticmethod
     def _pump(proc, events) -> None:
         for line in proc.stdout:
-            try:
-                events.put(json.loads(line))
-            except ValueError:
-                continue
-        events.put({"type": "exit"})
+            msg = messages.decode(line)
+            if msg is not None:
+                events.put(msg)
+        events.put(messages.message("exit"))
 
     def _send(self, msg: dict) -> None:
         try:
@@ -265,11 +248,7 @@ class GenerationProcess:
             if kind in ("finished", "exported", "probed"):
                 return msg
             if kind == "failed":
-                if msg.get("cancelled"):
-                    raise CancelledError(msg.get("message") or "Generation was cancelled.")
-                err = GenerationError(msg.get("message", "The generation failed."))
-                err.details = msg.get("details", "")
-                raise err
+                messages.raise_failure(msg, "The generation failed.")
             if kind == "exit":
                 code = proc.wait()
                 if proc in self._stopped:

@@ -1,4 +1,5 @@
 """The engine's own error types. Every message is one sentence written for the person using the studio."""
+from __future__ import annotations
 
 
 class StudioError(Exception):
@@ -15,6 +16,14 @@ class OptionError(UsageError):
 
 class ModelError(StudioError):
     """A model folder is missing, incomplete, corrupt or of an unknown family."""
+
+
+class ParityError(ModelError):
+    """An exported graph does not match PyTorch within its tolerance (the ONNX parity gate refused it)."""
+
+    def __init__(self, message: str, failures: list | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])
 
 
 class PluginError(StudioError):

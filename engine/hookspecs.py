@@ -40,12 +40,23 @@ def register_architectures(register):
 
 @hookspec
 def register_exporters(register):
-    """Add ONNX exporters for model families.
+    """Add ONNX exporters for model families (``studio export-onnx``).
 
-    Called once when the plugin host loads. Call ``register(family, export)``
-    where ``export(model_ref, out_dir, options) -> dict`` writes ONNX graphs into
-    ``out_dir`` and returns the manifest's ``graphs`` entry (files, inputs,
-    outputs) plus the parity figures it measured. Returns nothing.
+    Called once when the plugin host loads. Call ``register(family, export)``. The host
+    (``engine.onnx_export.export_model``) calls ``export(model_ref, out_dir, options)`` with a fresh temporary
+    ``out_dir`` and these ``options``:
+
+    - ``"quantize"``: None, or ``"int8"`` (weight-only int8 MatMuls);
+    - ``"log"``: ``log(text)`` shows a progress line to the user;
+    - ``"gate"``: ``gate(parity)`` judges parity figures now and raises ``engine.errors.ParityError`` when they
+      fail (unless the user forced the export). Optional: call it before slow work (quantizing) to stop early;
+      the host runs the gate on the returned figures itself, once.
+
+    ``export`` writes its graphs into ``out_dir`` and returns a dict: ``"graphs"`` {name: {"file", "inputs",
+    "outputs"}} (non-empty), ``"parity"`` {check: {"max_abs_diff", "tolerance", "passed", ...}} (non-empty: an
+    export that measured nothing is refused), and optionally ``"config"`` (what the family's runner needs),
+    ``"opset"`` and ``"quantization"`` (the quantized graph's quality figures). The host checks that the files
+    exist and no batch axis is frozen, writes the manifest ``onnx.json`` and renames the folder into place.
     """
 
 

@@ -6,10 +6,8 @@ Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` when quantized
 written into a temporary sibling folder and renamed into place at the end, so nothing half-written is left;
 an existing destination is replaced only if it is an earlier export (it holds this studio's manifest).
 
-An exporter, registered with ``register(family, export)``, is called as ``export(model_ref, tmp_dir, options)``
-where ``options`` = {"quantize": None | "int8", "log": callable, "gate": callable(parity)}; it writes its graphs
-into ``tmp_dir`` and returns {"graphs": {name: {"file", "inputs", "outputs"}}, "parity": {check: {"max_abs_diff",
-"tolerance", "passed", ...}}, "config": {...}, "opset": int, "quantization": {...} (when quantized)}.
+The exporter contract (its options and what it returns) is documented once, in ``engine/hookspecs.py``
+(``register_exporters``); the parity gate is ``Gate`` below, run once per export.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.errors import ModelError, UsageError
+from engine.errors import ModelError, ParityError, UsageError
 from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, sha256_file
 
 QUANTIZE = (None, "int8")
@@ -45,17 +43,26 @@ def parity_failures(parity: dict) -> list:
     return bad
 
 
-def _gate(entry, force: bool, say: Callable) -> Callable:
-    def gate(parity: dict) -> None:
+class Gate:
+    """The parity gate, run once per export by the host. An exporter may call it early (``options["gate"]``) to
+    stop before slow work such as quantizing; the host then does not run it again on the same figures."""
+
+    def __init__(self, entry, force: bool, say: Callable):
+        self.entry, self.force, self.say = entry, force, say
+        self.checked: list = []  # the figures already judged
+
+    def __call__(self, parity: dict) -> None:
+        if any(parity is p or parity == p for p in self.checked):
+            return
+        self.checked.append(parity)
         bad = parity_failures(parity)
         if not bad:
             return
-        if force:
-            say(f"warning: the parity gate failed ({'; '.join(bad)}); keeping the export because of --force")
+        if self.force:
+            self.say(f"warning: the parity gate failed ({'; '.join(bad)}); keeping the export because of --force")
             return
-        raise ModelError(f"The ONNX export of {entry.name} does not match PyTorch: {'; '.join(bad)}; "
-                         "nothing was written (pass --force to keep it anyway).")
-    return gate
+        raise ParityError(f"The ONNX export of {self.entry.name} does not match PyTorch: {'; '.join(bad)}; "
+                          "nothing was written (pass --force to keep it anyway).", bad)
 
 
 def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional[str] = None, force: bool = False,
@@ -83,7 +90,7 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
     except OSError as exc:
         raise UsageError(f"Cannot write to {dest.parent} ({exc.strerror}); choose another --out folder.") from None
     try:
-        options = {"quantize": quantize, "log": say, "gate": _gate(entry, force, say)}
+        options = {"quantize": quantize, "log": say, "gate": Gate(entry, force, say)}
         result = export_fn(entry.ref(), tmp, options)
         if not isinstance(result, dict) or not isinstance(result.get("graphs"), dict) or not result["graphs"]:
             raise ModelError(f"The ONNX exporter of plugin {plugin} returned no graphs for {entry.name}.")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from engine import state
+from engine import messages, state
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,12 @@ def _run(cands: list) -> Optional[tuple]:
             code = proc.wait()
         err_file.seek(0)
         err = err_file.read().decode("utf-8", "replace")
-    if "ready" not in out:
+    if not any(m["type"] == "ready" for m in out):
         log.warning("The plugin check process ended before loading any plugin (exit status %s): %s; new plugins "
                     "load without it.", code, err.strip().splitlines()[-1:] or "no message")
         return None
-    n_ok = sum(1 for i, c in enumerate(cands) if f"ok {i}" in out)
+    loaded = {m.get("index") for m in out if m["type"] == "ok"}
+    n_ok = sum(1 for i, c in enumerate(cands) if i in loaded)
     if n_ok == len(cands):
         return n_ok, None, ""
     name = cands[n_ok].name
@@ -240,7 +241,9 @@ def _read_lines(proc) -> queue.Queue:
 
     def read():
         for raw in proc.stdout:
-            lines.put(raw.decode("utf-8", "replace").strip())
+            msg = messages.decode(raw.decode("utf-8", "replace"))
+            if msg is not None:
+                lines.put(msg)
         lines.put(None)
     threading.Thread(target=read, daemon=True, name="plugin-check-reader").start()
     return lines
@@ -289,7 +292,7 @@ def main(argv: list) -> None:
 
     cands = PluginHost(safe_mode=False, disabled=[]).candidates()
     host = PluginHost(safe_mode=False, disabled=[])
-    report.write("ready\n")
+    report.write(messages.encode("ready", pid=os.getpid()))
     for i, k in enumerate(argv):
         sys.stderr.write(f"{MARK} {i}\n")
         sys.stderr.flush()
@@ -297,7 +300,7 @@ def main(argv: list) -> None:
             if key(cand) == k:
                 host._load_one(cand, PluginStatus(cand.name, cand.source, cand.version))  # Python errors are caught
                 break
-        report.write(f"ok {i}\n")
+        report.write(messages.encode("ok", index=i))
     report.flush()
     os._exit(0)  # skip interpreter teardown: a plugin's atexit or finalizer crash is not a loading crash
 

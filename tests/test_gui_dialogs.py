@@ -180,12 +180,23 @@ def test_export_dialog_reports_parity(qtbot, gui_home, monkeypatch):
     wait_task(qtbot, dlg)
     assert "parity gate failed" in dlg.result.text() and dlg.progress.format() == "parity gate FAILED"
 
-    def raising(host, entry, **kw):
+    def refused(host, entry, **kw):
+        from engine.errors import ParityError
+
+        raise ParityError("The ONNX export of tiny does not match PyTorch: logits differ by up to 0.4", ["logits"])
+    _fake_export(monkeypatch, refused)
+    dlg.export_button.click()
+    wait_task(qtbot, dlg)
+    assert dlg.banner.kind == "error" and "Parity gate failed" in dlg.result.text()
+    assert dlg.progress.format() == "parity gate FAILED"
+
+    def raising(host, entry, **kw):  # an exporter's own error that mentions parity is not the gate's verdict
         raise RuntimeError("graph does not match PyTorch: parity 0.4 > 1e-3")
     _fake_export(monkeypatch, raising)
     dlg.export_button.click()
     wait_task(qtbot, dlg)
-    assert dlg.banner.kind == "error" and "Parity gate failed" in dlg.result.text()
+    assert dlg.banner.kind == "error" and "Export failed" in dlg.result.text()
+    assert dlg.progress.format() == "failed"
 
     monkeypatch.setitem(sys.modules, "engine.onnx_export", None)  # import fails
     dlg.export_button.click()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ModelError, UsageError
+from engine.errors import ParityError, ModelError, UsageError
 from engine.onnx_export import export_model
 from tests.onnx_fixtures import caption_folder, entry_for, exporter_host, image_folder, text_folder
 
@@ -113,16 +113,19 @@ def test_failed_gate_refused_and_nothing_left(tmp_path, host, monkeypatch):
     monkeypatch.setattr(text, "torch_stepper", perturbed)
     folder = text_folder(tmp_path / "tiny-bad", "llama")
     entry = entry_for(folder, "llama", "text")
-    with pytest.raises(ModelError, match="does not match PyTorch.*0.5"):
+    with pytest.raises(ParityError, match="does not match PyTorch.*0.5") as refused:
         export_model(host, entry)
+    assert refused.value.failures and "decoder_logits" in refused.value.failures[0]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "studio.json",
                                                         "tokenizer.json"]
     builtin = entry_for(folder, "llama", "text", builtin=True)
     with pytest.raises(ModelError):
         export_model(host, builtin)
     assert not (tmp_path / "home" / "exports").exists()  # folders made for the export are removed again
-    manifest = export_model(host, entry, force=True)
+    said = []
+    manifest = export_model(host, entry, force=True, log=said.append)
     assert manifest["forced"] and not manifest["parity_passed"]
+    assert len([m for m in said if "parity gate failed" in m]) == 1  # the host runs the gate once
 
 
 def test_refusals(tmp_path, host):

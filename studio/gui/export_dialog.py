@@ -201,8 +201,7 @@ class ExportDialog(QDialog):
     def on_failed(self, failure) -> None:
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        text = failure.message.lower()
-        gate = "parity" in text or "does not match pytorch" in text
+        gate = failure.error == "ParityError"
         self.progress.setFormat("parity gate FAILED" if gate else ("cancelled" if failure.cancelled else "failed"))
         self.result.setText(("⚠ Parity gate failed: " if gate else "⚠ Export failed: ") + failure.message)
         self.result.setStyleSheet("color: #c5221f; font-weight: bold;")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from PySide6.QtCore import QThread, Signal
 
-from engine.errors import CancelledError
+from engine.errors import CancelledError, StudioError
 import studio.gui.qtcompat  # noqa: F401 - the PySide6 6.12.0 guard, before any window works
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class Failure:
     message: str
     details: str = ""
     cancelled: bool = False
+    error: str = ""  # the engine error's class name (ParityError, UsageError, ...), "" for anything else
 
 
 @dataclass
@@ -79,12 +80,13 @@ class Task(QThread):
         try:
             result = self.fn(self._report)
         except CancelledError as exc:
-            self.failed.emit(Failure(str(exc), "", True))
+            self.failed.emit(Failure(str(exc), "", True, type(exc).__name__))
         except BaseException as exc:  # noqa: BLE001 - reported to the window, never raised into Qt
             message, details = describe_exception(exc)
             details = getattr(exc, "details", None) or details  # a child process's own traceback
             log.debug("task %s failed: %s", self.objectName(), message)
-            self.failed.emit(Failure(message, details))
+            self.failed.emit(Failure(message, details, False, type(exc).__name__ if isinstance(exc, StudioError)
+                                     else ""))
         else:
             self.succeeded.emit(result)
 
@@ -122,12 +124,34 @@ class PreparedMsg:
     model: str
 
 
+def _relay(report, last_step: list) -> Callable[[dict], None]:
+    """The window's side of engine/messages.py: a job's messages (from the generation process, or made here from
+    an in-process generator's events) as the objects the window shows."""
+    def relay(msg: dict) -> None:
+        kind = msg.get("type")
+        if kind == "prepared":
+            report(PreparedMsg(msg["seed"], msg["device"], msg["model"]))
+        elif kind == "progress":
+            last_step[0] = msg["step"]
+            report(ProgressMsg(msg["step"], msg["total"], msg.get("message", ""), time.monotonic()))
+        elif kind == "text":
+            report(TextMsg(msg["text"]))
+        elif kind == "preview":
+            import base64
+
+            from PySide6.QtGui import QImage
+
+            report(PreviewMsg(QImage.fromData(base64.b64decode(msg["png"]), "PNG"), last_step[0]))
+    return relay
+
+
 def generation_task(session, job, token, parent=None) -> Task:
-    """A Task that prepares and executes ``job``; Partial images become QImages in the worker thread. With a
-    session process (``engine.child``), the job runs there and this thread relays its messages."""
+    """A Task that prepares and executes ``job`` and relays its messages to the window. With a session process
+    (``engine.child``) the job runs there; else here, in this worker thread."""
     if session.process is not None:
         return _child_generation_task(session, job, token, parent)
-    from engine.generators import Context, Partial, Progress
+    from engine import messages
+    from engine.generators import Context
     from engine.runner import execute, prepare
     from studio.gui.util import pil_to_qimage
 
@@ -140,18 +164,13 @@ def generation_task(session, job, token, parent=None) -> Task:
             preload("torch")  # map libtorch without holding the GIL, so the window stays responsive
         prep = prepare(session.host, session.store, job)
         req = prep.request
-        report(PreparedMsg(req.seed, req.device, req.model.name if req.model else ""))
-        last_step = [None]
+        relay = _relay(report, [None])
+        relay(messages.message("prepared", seed=req.seed, device=req.device,
+                               model=req.model.name if req.model else ""))
 
         def on_event(event):
-            if isinstance(event, Progress):
-                last_step[0] = event.step
-                report(ProgressMsg(event.step, event.total, event.message, time.monotonic()))
-            elif isinstance(event, Partial):
-                if event.text:
-                    report(TextMsg(event.text))
-                if event.image is not None:
-                    report(PreviewMsg(pil_to_qimage(event.image), last_step[0]))
+            for msg in messages.event_messages(event):
+                relay(msg)
 
         context = Context(cancel=token, cache=session.cache)
         token.raise_if_cancelled()
@@ -165,29 +184,10 @@ def generation_task(session, job, token, parent=None) -> Task:
 def _child_generation_task(session, job, token, parent=None) -> Task:
     from types import SimpleNamespace
 
-    from PySide6.QtGui import QImage
-
     def run(report):
-        last_step = [None]
-
-        def relay(msg: dict) -> None:
-            kind = msg.get("type")
-            if kind == "prepared":
-                report(PreparedMsg(msg["seed"], msg["device"], msg["model"]))
-            elif kind == "progress":
-                last_step[0] = msg["step"]
-                report(ProgressMsg(msg["step"], msg["total"], msg.get("message", ""), time.monotonic()))
-            elif kind == "text":
-                report(TextMsg(msg["text"]))
-            elif kind == "preview":
-                import base64
-
-                image = QImage.fromData(base64.b64decode(msg["png"]), "PNG")
-                report(PreviewMsg(image, last_step[0]))
-
         if not session.process.alive():
             report(StatusMsg("Starting the generation process…"))
-        done = session.process.run(job, token, relay)
+        done = session.process.run(job, token, _relay(report, [None]))
         record = SimpleNamespace(recipe=done["recipe"], files=done["files"], history_id=done.get("history_id"),
                                  result=SimpleNamespace(audio=None))  # the output view reads files itself
         return Finished(record, None)
