@@ -1,4 +1,4 @@
-"""The captioned-shapes world (docs: shared/specs/shapes.md): palette, scenes, renderer, captions, analyzer.
+"""The captioned-shapes world (the spec: docs/shapes_spec.md): palette, scenes, renderer, captions, analyzer.
 
 One shape of one palette colour on a background of another. Everything is exact so that
 models, tests and benchmarks agree: ``render`` draws a ``Scene``, ``caption`` names it,

@@ -15,6 +15,9 @@ from engine.errors import StateError
 log = logging.getLogger(__name__)
 
 
+BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "resources" / "models"  # read-only, shipped
+
+
 def home() -> Path:
     env = os.environ.get("STUDIO_HOME")
     if env:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Optional
 
 from engine import state
+from engine.weights import find_weight_files
 from engine.errors import ModelError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "resources" / "models"
+BUILTIN_DIR = state.BUILTIN_MODELS
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HASHED_FILES = ("config.json", "tokenizer.json")
@@ -46,10 +47,10 @@ class ModelEntry:
     def onnx(self) -> list:
         """Registered ONNX exports: folders beside the weights holding an ``onnx.json`` manifest (for built-in
         models, whose folder is read-only: ``$STUDIO_HOME/exports/<name>/onnx*``, listed as absolute paths)."""
-        found = sorted(str(p.parent.relative_to(self.path)) for p in self.path.glob("onnx*/onnx.json"))
-        if self.builtin:
-            found += sorted(str(p.parent) for p in (state.home() / "exports" / self.name).glob("onnx*/onnx.json"))
-        return found
+        from engine.backends.runtime import export_folders  # the one rule for where a model's exports are
+
+        found = export_folders(self.path)
+        return [str(p.relative_to(self.path)) if p.is_relative_to(self.path) else str(p) for p in found]
 
     def ref(self) -> ModelRef:
         return ModelRef(self.name, self.path, self.family, self.hash, self.config, self.studio)
@@ -60,23 +61,6 @@ class ModelEntry:
             "hash": self.hash, "size_bytes": self.size_bytes, "title": self.title, "path": str(self.path),
             "onnx": self.onnx, "scores": self.studio.get("scores", {}),
         }
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the single file, or the shards its index names."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
-            raise ModelError(f"{index} is not a valid safetensors index; re-export the model.") from None
-        files = [folder / n for n in names]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise ModelError(f"Model {folder.name} is missing weight shard(s) {', '.join(missing)}.")
-        return files
-    single = folder / "model.safetensors"
-    return [single] if single.exists() else []
 
 
 def check_safetensors(path: Path) -> None:
@@ -102,7 +86,7 @@ def check_safetensors(path: Path) -> None:
 def content_hash(folder: Path) -> str:
     """sha256 over the config, tokenizer and weight files (names and bytes), in a fixed order."""
     h = hashlib.sha256()
-    files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + weight_files(folder)
+    files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + find_weight_files(folder)
     for path in files:
         h.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
@@ -137,7 +121,7 @@ class ModelStore:
         arch = self.host.architecture_for(config)
         family = arch.family if arch else studio.get("family", "unknown")
         generator = arch.generator if arch else studio.get("generator", "")
-        files = weight_files(folder)
+        files = find_weight_files(folder)
         key = (str(folder), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
         if key not in self._hashes:
             self._hashes[key] = studio.get("hash") if (not builtin and studio.get("hash")) else content_hash(folder)
@@ -182,7 +166,7 @@ class ModelStore:
         if not folder.is_dir():
             raise ModelError(f"{folder} is not a folder; give the path of a model folder.")
         config = read_json(folder / "config.json", "a config.json")
-        files = weight_files(folder)
+        files = find_weight_files(folder)
         pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if not files and pickles and not trust:
             raise ModelError(
@@ -222,7 +206,7 @@ class ModelStore:
             for item in source.iterdir():
                 if item.is_file() and item.suffix not in PICKLE_SUFFIXES:
                     shutil.copy2(item, tmp / item.name)
-            if not weight_files(tmp):
+            if not find_weight_files(tmp):
                 _convert_pickles(source, tmp)
                 self.validate(tmp)
             studio = read_json(tmp / "studio.json", "") if (tmp / "studio.json").exists() else {}

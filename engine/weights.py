@@ -14,24 +14,35 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def weight_files(folder) -> list[Path]:
-    """The safetensors files of a model folder, in load order; ModelError when there are none."""
+def find_weight_files(folder) -> list[Path]:
+    """The safetensors files of a model folder, in load order, or [] when it has none. The one rule for which
+    files hold a model's weights (loading, hashing and importing all use it): ``model.safetensors`` when present
+    (as transformers prefers it), else the shards that ``model.safetensors.index.json`` names."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"Model folder {folder} does not exist.")
     if (folder / SINGLE).is_file():
         return [folder / SINGLE]
     index = folder / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ModelError(f"{index} is not a valid safetensors index; re-download or re-export the model.") from None
-        files = [folder / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelError(f"Model folder {folder} lacks the weight shard {missing[0]} listed in {INDEX}.")
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{index} is not a valid safetensors index; re-download or re-export the model.") from None
+    files = [folder / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelError(f"Model folder {folder} lacks the weight shard {missing[0]} listed in {INDEX}.")
+    return files
+
+
+def weight_files(folder) -> list[Path]:
+    """``find_weight_files``, with a ModelError that says what is wrong when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"Model folder {folder} does not exist.")
+    files = find_weight_files(folder)
+    if files:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise ModelError(f"Model folder {folder} has only pickle weights; convert them to model.safetensors first.")

@@ -122,5 +122,26 @@ def test_sharded_weights(store, tmp_path):
     entry = store.import_(src, name="sharded")
     assert entry.size_bytes > 0
     (entry.path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelError, match="missing weight shard"):
+    with pytest.raises(ModelError, match="lacks the weight shard model-00002"):
         store.validate(entry.path)
+
+
+def test_one_rule_for_which_files_hold_the_weights(tmp_path):
+    """A folder with both model.safetensors and a shard index is hashed from the file it is loaded from."""
+    from engine.store import content_hash
+    from engine.weights import find_weight_files, load_state_dict
+
+    folder = tmp_path / "both"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"w": np.ones(2, np.float32)}, str(folder / "model.safetensors"))
+    save_file({"w": np.zeros(2, np.float32)}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "w": "model-00001-of-00001.safetensors"}}))
+    assert [p.name for p in find_weight_files(folder)] == ["model.safetensors"]
+    assert float(load_state_dict(folder)["w"].sum()) == 2.0
+    before = content_hash(folder)
+    save_file({"w": np.full(2, 5, np.float32)}, str(folder / "model-00001-of-00001.safetensors"))
+    assert content_hash(folder) == before  # the shard is not what loads, so it is not what is hashed
+    save_file({"w": np.full(2, 3, np.float32)}, str(folder / "model.safetensors"))
+    assert content_hash(folder) != before

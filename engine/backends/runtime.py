@@ -32,7 +32,9 @@ def sha256_file(path: Path) -> str:
 
 
 def builtin_dir() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "resources" / "models"
+    from engine import state
+
+    return state.BUILTIN_MODELS
 
 
 def exports_home() -> Path:

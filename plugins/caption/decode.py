@@ -1,6 +1,7 @@
 """Decoding loops for captioning: greedy and beam search, on numpy logits.
 
-The loops only talk to a *runner* (``TorchCaptionRunner`` in plugins/caption/model.py, or an ONNX one later):
+The loops only talk to a *runner* (``TorchCaptionRunner`` in plugins/caption/model.py, or
+``OnnxCaptionRunner`` in plugins/caption/onnx.py):
 ``encode(pixel_values) -> state`` once per image, ``start(state, batch) -> past``,
 ``step(ids (B, 1) int64, past) -> (logits (B, V) float32, past)`` and ``reorder(past, index) -> past``.
 """

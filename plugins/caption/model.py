@@ -6,7 +6,7 @@ hidden size differs from the decoder's, as transformers adds it), and a GPT-2 de
 
 The network offers two calls that a decoding loop needs (plugins/caption/decode.py drives them):
 ``encode(pixel_values) -> encoder states`` once per image, and ``decoder.step``-style calls through
-``TorchCaptionRunner``; an ONNX runner can replace it later.
+``TorchCaptionRunner`` (``OnnxCaptionRunner`` in plugins/caption/onnx.py offers the same calls on onnxruntime).
 """
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def export(model, tokenizer, folder: Path, args, meta: dict) -> None:
         "description": "Names the shape, colour, size, position and background of a captioned-shapes scene "
                        "(ViT encoder + GPT-2 decoder, trained on rendered scenes).",
         "recipe": {"command": "python -m plugins.caption.train " + " ".join(_argv_of(recipe_args)),
-                   "data": "fresh renders of shared/specs/shapes.md with shift <= 0.04 S, size +-10 %, "
+                   "data": "fresh renders of docs/shapes_spec.md with shift <= 0.04 S, size +-10 %, "
                            "anti-aliasing on half the time; batch n from SeedSequence(seed, spawn_key=(n,))",
                    "hyperparameters": recipe_args, "steps_trained": meta.get("step"),
                    "segments": meta.get("segments", []),

@@ -1,7 +1,7 @@
 """Text-to-image sampling: encode the prompt, denoise with classifier-free guidance, decode to PIL.
 
-The networks are reached only through two small interfaces, so an onnxruntime session can replace
-the torch modules later:
+The networks are reached only through two small interfaces (plugins/image/onnx.py implements them with
+onnxruntime sessions):
   text encoder: ``encode(ids (B, T) int64) -> (hidden (B, T, D), pooled (B, D))``
   denoiser:     ``denoise(sample (B, C, H, W), timestep float, hidden, class_labels) -> (B, 3, H, W)``
 Conditional and unconditional inputs go through the denoiser as ONE batch of 2B.
