@@ -226,3 +226,14 @@ class Trainer:
     kind: str
     title: str
     run: Callable[[list], int]
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported at its first call: what a plugin registers (an exporter, a trainer's run, a
+    generate function) without importing torch when it registers."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"{module}.{name}"
+    return call

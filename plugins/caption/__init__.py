@@ -11,7 +11,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import ModelError, UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, Option, Partial, Progress, Result
+from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option, Partial, Progress, Result
 
 INFO = GeneratorInfo(
     id="caption", title="Caption", description="Describe an image in words.",
@@ -99,23 +99,11 @@ def register_architectures(register):
                           check=check_folder, needs_tokenizer=True, title="Vision encoder-decoder (ViT + GPT-2)"))
 
 
-def _export(model_ref, out_dir, options):
-    from plugins.caption.onnx import export_caption
-
-    return export_caption(model_ref, out_dir, options)
-
-
 @hookimpl
 def register_exporters(register):
-    register("vision-encoder-decoder", _export)
-
-
-def _train(args: list) -> int:
-    from plugins.caption.train import main
-
-    return int(main(list(args)) or 0)
+    register("vision-encoder-decoder", lazy("plugins.caption.onnx", "export_caption"))
 
 
 @hookimpl
 def register_trainers(register):
-    register(Trainer("caption", "Train the shapes captioner (ViT + GPT-2)", _train))
+    register(Trainer("caption", "Train the shapes captioner (ViT + GPT-2)", lazy("plugins.caption.train", "main")))

@@ -9,7 +9,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import ModelError, UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, Option
+from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = plugins.image.schedulers.SAMPLERS, which imports numpy
@@ -81,23 +81,11 @@ def register_architectures(register):
                           needs_tokenizer=True, title="Text-to-image diffusion (U-Net + CLIP text encoder)"))
 
 
-def _export(model_ref, out_dir, options):
-    from plugins.image.onnx import export_image
-
-    return export_image(model_ref, out_dir, options)
-
-
 @hookimpl
 def register_exporters(register):
-    register("shapes-diffusion", _export)
-
-
-def _train(args: list) -> int:
-    from plugins.image.train import main
-
-    return int(main(list(args)) or 0)
+    register("shapes-diffusion", lazy("plugins.image.onnx", "export_image"))
 
 
 @hookimpl
 def register_trainers(register):
-    register(Trainer("image", "Train the shapes text-to-image diffusion model", _train))
+    register(Trainer("image", "Train the shapes text-to-image diffusion model", lazy("plugins.image.train", "main")))

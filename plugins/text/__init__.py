@@ -11,7 +11,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, Option, Progress, Result
+from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option, Progress, Result
 
 INFO = GeneratorInfo(
     id="text", title="Text", description="Continue a prompt with a language model (streams as it writes).",
@@ -102,24 +102,13 @@ def register_architectures(register):
                           check=check_gpt2_folder, needs_tokenizer=True, title="GPT-2"))
 
 
-def _export(model_ref, out_dir, options):
-    from plugins.text.onnx import export_text
-
-    return export_text(model_ref, out_dir, options)
-
-
 @hookimpl
 def register_exporters(register):
-    register("llama", _export)
-    register("gpt2", _export)
-
-
-def _train(args: list) -> int:
-    from plugins.text.train import main
-
-    return int(main(list(args)) or 0)
+    register("llama", lazy("plugins.text.onnx", "export_text"))
+    register("gpt2", lazy("plugins.text.onnx", "export_text"))
 
 
 @hookimpl
 def register_trainers(register):
-    register(Trainer("text", "Train a Llama language model on a folder of text (the built-in Shakespeare model)", _train))
+    register(Trainer("text", "Train a Llama language model on a folder of text (the built-in Shakespeare model)",
+                     lazy("plugins.text.train", "main")))
