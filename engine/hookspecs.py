@@ -70,3 +70,14 @@ def register_trainers(register):
     its own arguments (so ``studio train KIND --help`` is its help) and imports
     torch itself. A kind must be unique across plugins. Returns nothing.
     """
+
+
+@hookspec
+def register_finetuners(register):
+    """Add fine-tuning commands (``studio finetune KIND``: LoRA on an existing model).
+
+    Called once when the plugin host loads. Call ``register(trainer)`` with an
+    ``engine.generators.Trainer(kind, title, run)``, exactly as for ``register_trainers``;
+    ``engine.finetune.run`` drives a family's ``engine.finetune.Task`` (checkpoints,
+    resume, stop on NaN). A kind must be unique across plugins. Returns nothing.
+    """

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption")
 ENTRY_POINT_GROUP = "studio.plugins"
-HOOKS = ("register_generators", "register_architectures", "register_exporters", "register_trainers")
+HOOKS = ("register_generators", "register_architectures", "register_exporters", "register_trainers",
+         "register_finetuners")
 
 
 @dataclass
@@ -72,6 +73,7 @@ class PluginHost:
         self.architectures: dict[str, tuple[Architecture, str]] = {}
         self.exporters: dict[str, tuple[Callable, str]] = {}
         self.trainers: dict[str, tuple[Trainer, str]] = {}
+        self.finetuners: dict[str, tuple[Trainer, str]] = {}
         self._loaded = False
 
     # ----- discovery -------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class PluginHost:
         if not any(getattr(pm.hook, h).get_hookimpls() for h in HOOKS):
             self._fail(status, f"Plugin {cand.name} implements none of the studio hooks ({', '.join(HOOKS)}).")
             return
-        staged = {"generators": {}, "architectures": {}, "exporters": {}, "trainers": {}}
+        staged = {"generators": {}, "architectures": {}, "exporters": {}, "trainers": {}, "finetuners": {}}
         try:
             for hook in HOOKS:
                 for impl in getattr(pm.hook, hook).get_hookimpls():
@@ -186,6 +188,7 @@ class PluginHost:
         self.architectures.update(staged["architectures"])
         self.exporters.update(staged["exporters"])
         self.trainers.update(staged["trainers"])
+        self.finetuners.update(staged["finetuners"])
         status.generators = sorted(staged["generators"])
 
     def _registrar(self, hook: str, plugin: str, staged: dict) -> Callable:
@@ -207,14 +210,17 @@ class PluginHost:
                 if arch.family in self.architectures or arch.family in staged["architectures"]:
                     raise _Invalid(f"model family {arch.family!r} is already registered")
                 staged["architectures"][arch.family] = (arch, plugin)
-        elif hook == "register_trainers":
+        elif hook in ("register_trainers", "register_finetuners"):
+            what = hook.split("_", 1)[1]  # "trainers" | "finetuners"
+
             def register(trainer):
                 if not isinstance(trainer, Trainer) or not callable(trainer.run):
-                    raise _Invalid("register_trainers expects engine.generators.Trainer objects")
-                if trainer.kind in self.trainers or trainer.kind in staged["trainers"]:
-                    owner = self.trainers.get(trainer.kind, (None, plugin))[1]
-                    raise _Invalid(f"trainer {trainer.kind!r} is already registered by plugin {owner}")
-                staged["trainers"][trainer.kind] = (trainer, plugin)
+                    raise _Invalid(f"{hook} expects engine.generators.Trainer objects")
+                known = getattr(self, what)
+                if trainer.kind in known or trainer.kind in staged[what]:
+                    owner = known.get(trainer.kind, (None, plugin))[1]
+                    raise _Invalid(f"{what[:-1]} {trainer.kind!r} is already registered by plugin {owner}")
+                staged[what][trainer.kind] = (trainer, plugin)
         else:
             def register(family, export):
                 if not isinstance(family, str) or not callable(export):
@@ -230,12 +236,13 @@ class PluginHost:
             raise UsageError(f"Unknown generator {gid!r}; the installed generators are: {known}.")
         return self.generators[gid][0]
 
-    def trainer(self, kind: str) -> Trainer:
+    def trainer(self, kind: str, finetune: bool = False) -> Trainer:
         self.load()
-        if kind not in self.trainers:
-            known = ", ".join(sorted(self.trainers)) or "none"
-            raise UsageError(f"Unknown training kind {kind!r}; the installed trainers are: {known}.")
-        return self.trainers[kind][0]
+        found, what = (self.finetuners, "fine-tuning") if finetune else (self.trainers, "training")
+        if kind not in found:
+            known = ", ".join(sorted(found)) or "none"
+            raise UsageError(f"Unknown {what} kind {kind!r}; the installed ones are: {known}.")
+        return found[kind][0]
 
     def plugin_of(self, gid: str) -> str:
         self.load()

@@ -29,6 +29,13 @@ class _TrainParser(_Parser):
         return super().format_help() + "\ntrainers:\n" + trainer_lines() + "\n"
 
 
+class _FinetuneParser(_Parser):
+    def format_help(self):
+        from studio.commands import trainer_lines
+
+        return super().format_help() + "\nfine-tuners:\n" + trainer_lines(finetune=True) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
     p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
@@ -106,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _TrainParser
     t.add_argument("kind", nargs="?", help="what to train (listed below)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options (`studio train KIND --help`)")
+
+    t = sub.add_parser("finetune", help="fine-tune a model with LoRA (the kinds come from plugins; "
+                                        "`studio finetune --help`)")
+    t.__class__ = _FinetuneParser
+    t.add_argument("kind", nargs="?", help="what to fine-tune (listed below)")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="its own options (`studio finetune KIND --help`)")
     return p
 
 

@@ -275,10 +275,11 @@ def cmd_history(args) -> int:
 
 
 # ----- training --------------------------------------------------------------------------------
-def trainer_lines() -> str:
+def trainer_lines(finetune: bool = False) -> str:
     host = _host()
-    rows = [f"  {kind:<10} {t.title} (plugin {plugin})" for kind, (t, plugin) in sorted(host.trainers.items())]
-    return "\n".join(rows) or "  (none: no loaded plugin registers a trainer)"
+    found = host.finetuners if finetune else host.trainers
+    rows = [f"  {kind:<10} {t.title} (plugin {plugin})" for kind, (t, plugin) in sorted(found.items())]
+    return "\n".join(rows) or "  (none: no loaded plugin registers one)"
 
 
 def cmd_train(args) -> int:
@@ -286,3 +287,10 @@ def cmd_train(args) -> int:
         raise UsageError("Say what to train: studio train KIND [OPTIONS] (`studio train --help` lists the kinds).")
     trainer = _host().trainer(args.kind)
     return int(trainer.run(list(args.args)) or 0)
+
+
+def cmd_finetune(args) -> int:
+    if not args.kind:
+        raise UsageError("Say what to fine-tune: studio finetune KIND --model NAME --data PATH "
+                         "(`studio finetune --help` lists the kinds).")
+    return int(_host().trainer(args.kind, finetune=True).run(list(args.args)) or 0)

@@ -112,3 +112,9 @@ def register_exporters(register):
 def register_trainers(register):
     register(Trainer("text", "Train a Llama language model on a folder of text (the built-in Shakespeare model)",
                      lazy("plugins.text.train", "main")))
+
+
+@hookimpl
+def register_finetuners(register):
+    register(Trainer("text", "LoRA on a text model from a folder of .txt files (PEFT format)",
+                     lazy("plugins.text.finetune", "main")))

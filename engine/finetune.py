@@ -1,0 +1,188 @@
+"""A fine-tuning job, the same for every family: steps, checkpoints, resume, stop on NaN, the loss log.
+
+A family gives a ``Task`` (its LoRA-wrapped model, its batches and losses, how to save the adapter); ``run``
+drives it. Everything a step draws is derived from (seed, step): batches from ``numpy.random.default_rng([seed,
+step])`` and dropout from ``torch.manual_seed``, so a run resumed from a checkpoint reaches the same loss at step N
+as one that never stopped.
+
+Files in the run folder ``out``:
+  ``checkpoint/``   the last complete checkpoint (adapter tensors, optimizer state, step), replaced atomically
+  ``log.jsonl``     one line per logged step: step, loss, val_loss (when evaluated), seconds per step
+  ``adapter/``      the finished adapter (the family's format), written at the end
+  ``finetune.json`` the recipe: base model and hash, dataset fingerprint, hyper-parameters, seed, result
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.errors import CancelledError, StudioError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    steps: int = 200
+    lr: float = 1e-3
+    batch: int = 8
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    warmup: int = 10
+    weight_decay: float = 0.0
+    clip: float = 1.0
+
+
+class Task:
+    """What a family provides. ``model`` is wrapped (engine.nn.lora.wrap) so only the adapter trains."""
+    model = None
+    recipe: dict = {}
+
+    def batch(self, rng):  # a training batch drawn with ``rng``
+        raise NotImplementedError
+
+    def loss(self, batch):  # a scalar tensor
+        raise NotImplementedError
+
+    def val_loss(self) -> float:  # on the fixed validation split
+        raise NotImplementedError
+
+    def sample(self) -> Optional[str]:  # a fixed-seed sample to watch progress (text), or None
+        return None
+
+    def save(self, folder: Path) -> None:  # the adapter in its standard format
+        raise NotImplementedError
+
+
+def _lr(step: int, s: Settings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return 0.1 * s.lr + 0.9 * s.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.nn.lora import trainable
+
+    tmp = out / f".checkpoint.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [n for n, _ in task.model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    params = trainable(task.model)
+    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, params)}, str(tmp / "adapter.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    final, old = out / "checkpoint", out / f".checkpoint.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, task: Task, opt) -> tuple:
+    import torch
+    from safetensors.torch import load_file
+
+    folder = out / "checkpoint"
+    state = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    params = dict(task.model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise UsageError(f"The checkpoint in {out} belongs to another model or LoRA settings ({missing[0]}); "
+                         "start afresh with another --out folder.")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return state["step"], state["history"]
+
+
+def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=None,
+        report: Callable[[dict], None] = lambda e: None) -> dict:
+    """Train ``task`` for ``settings.steps`` steps; returns the finished recipe (also ``out/finetune.json``).
+
+    ``report`` sees {"step", "total", "loss", "val_loss"?, "seconds_per_step", "eta_s", "sample"?} as it goes.
+    A loss that is not finite stops the run and keeps the last good checkpoint (StudioError); so does a full
+    disk while checkpointing. ``cancel`` (an engine CancelToken) stops it after the current step, checkpointed."""
+    import numpy as np
+    import torch
+
+    from engine.nn.lora import trainable
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = trainable(task.model)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    start, history = 0, []
+    if resume and (out / "checkpoint" / "state.json").is_file():
+        start, history = _load_checkpoint(out, task, opt)
+        report({"message": f"resumed from the checkpoint at step {start}"})
+    elif (out / "checkpoint").exists() and not resume:
+        raise UsageError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, or choose "
+                         "another --out folder.")
+    logf = open(out / "log.jsonl", "a", encoding="utf-8")
+    t0, last_ck = time.perf_counter(), start
+    try:
+        for step in range(start, settings.steps):
+            if cancel is not None and cancel.cancelled:
+                _save_checkpoint(out, task, opt, step, history)
+                raise CancelledError(f"Fine-tuning stopped at step {step}; resume it with --resume.")
+            task.model.train()
+            torch.manual_seed(settings.seed * 1_000_003 + step)
+            batch = task.batch(np.random.default_rng([settings.seed, step]))
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, settings)
+            loss = task.loss(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise StudioError(f"The loss became {value} at step {step + 1} (the learning rate {settings.lr:g} "
+                                  f"is probably too high); the last good checkpoint, step {last_ck}, is kept in "
+                                  f"{out}; resume with a lower --lr.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.clip:
+                torch.nn.utils.clip_grad_norm_(params, settings.clip)
+            opt.step()
+            done = step + 1
+            rate = (time.perf_counter() - t0) / (done - start)
+            event = {"step": done, "total": settings.steps, "loss": round(value, 6),
+                     "seconds_per_step": round(rate, 4), "eta_s": round(rate * (settings.steps - done), 1)}
+            if done % settings.eval_every == 0 or done == settings.steps:
+                task.model.eval()
+                with torch.no_grad():
+                    event["val_loss"] = round(float(task.val_loss()), 6)
+                    sample = task.sample()
+                if sample is not None:
+                    event["sample"] = sample
+            history.append({k: event[k] for k in ("step", "loss", "val_loss") if k in event})
+            logf.write(json.dumps(event) + "\n")
+            logf.flush()
+            report(event)
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                try:
+                    _save_checkpoint(out, task, opt, done, history)
+                except OSError as exc:
+                    raise StudioError(f"Could not write the checkpoint at step {done} ({exc.strerror}); the last "
+                                      f"complete checkpoint, step {last_ck}, is kept in {out}.") from None
+                last_ck = done
+    finally:
+        logf.close()
+    task.model.eval()
+    task.save(out / "adapter")
+    recipe = dict(task.recipe, settings=asdict(settings), final_loss=history[-1]["loss"] if history else None,
+                  final_val_loss=next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+                  adapter=str(out / "adapter"), steps_done=settings.steps)
+    (out / "finetune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe

@@ -1,0 +1,296 @@
+"""LoRA: low-rank adapters on linear layers, for every family, in the file formats other tools read.
+
+An adapter on a layer ``W`` (out x in) adds ``scale * B @ A`` with ``A`` (r x in), ``B`` (out x r) and
+``scale = alpha / r`` (Hu et al. 2021, eq. 3): ``y = W x + scale * B (A dropout(x))``. Training freezes the base
+and learns ``A`` and ``B`` (``B`` starts at zero, so an untrained adapter changes nothing).
+
+    wrap(model, LoraSpec(rank=8, alpha=16, targets=("q_proj", "v_proj")))   # adds a trainable adapter "default"
+    save_peft(model, folder, base_model="shakespeare-llama")                 # adapter_model.safetensors + config
+    attach(model, read_adapter(path), weight=0.8, name="style")             # load one (PEFT or kohya) for use
+    merge(model)                                                            # fold every adapter into W
+
+Module paths are the model's own parameter paths, which match the reference libraries (transformers,
+diffusers), so the PEFT file of ``model.layers.0.self_attn.q_proj`` holds
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, and the kohya file of the U-Net's
+``down_blocks.0.attentions.0.proj_in`` holds ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight``.
+GPT-2's ``Conv1D`` layers (weight in x out) take adapters too (PEFT's ``fan_in_fan_out``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from engine.errors import ModelError, UsageError
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")  # module-name suffixes (PEFT's target_modules)
+
+
+@dataclass
+class Adapter:
+    """One adapter read from a file: per module path, ``A`` (r x in), ``B`` (out x r) and its scale."""
+    layers: dict  # path -> (A, B, scale)
+    spec: LoraSpec
+    format: str  # "peft" | "kohya"
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class LoraLayer(nn.Module):
+    """A linear (or GPT-2 Conv1D) layer with adapters beside it. ``base`` keeps its own parameter names."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.conv1d = not isinstance(base, nn.Linear)  # GPT-2's Conv1D: weight is (in, out)
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict = {}
+        self.drop = nn.ModuleDict()
+
+    def add(self, name: str, rank: int, scale: float, dropout: float = 0.0, A=None, B=None,
+            generator: Optional[torch.Generator] = None) -> None:
+        if rank < 1 or rank > min(self.in_features, self.out_features):
+            raise UsageError(f"A LoRA rank of {rank} does not fit a {self.out_features} x {self.in_features} layer; "
+                             f"choose 1 to {min(self.in_features, self.out_features)}.")
+        w = self.base.weight
+        if A is None:
+            A = torch.empty(rank, self.in_features, dtype=torch.float32)  # drawn on the CPU: the same on any device
+            nn.init.kaiming_uniform_(A, a=5 ** 0.5, generator=generator)  # as PEFT initialises lora_A
+            B = torch.zeros(self.out_features, rank, dtype=torch.float32)
+        self.lora_A[name] = nn.Parameter(A.to(device=w.device, dtype=w.dtype))
+        self.lora_B[name] = nn.Parameter(B.to(device=w.device, dtype=w.dtype))
+        self.scales[name] = float(scale)
+        self.drop[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self):  # what code that reads layer.weight (dtype, device, export) expects
+        return self.base.weight
+
+    def delta(self, name: str) -> torch.Tensor:
+        """scale * B @ A in the base weight's layout."""
+        d = self.scales[name] * (self.lora_B[name] @ self.lora_A[name])
+        return d.t() if self.conv1d else d
+
+    def forward(self, x):
+        y = self.base(x)
+        for name in self.lora_A:
+            a, b = self.lora_A[name], self.lora_B[name]
+            y = y + self.scales[name] * (self.drop[name](x).to(a.dtype) @ a.t() @ b.t()).to(y.dtype)
+        return y
+
+
+def _matches(path: str, targets) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _layer(model: nn.Module, path: str) -> LoraLayer:
+    """The LoraLayer at ``path``, wrapping the plain layer there first."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    module = getattr(parent, child)
+    if isinstance(module, LoraLayer):
+        return module
+    if not hasattr(module, "weight") or module.weight is None or module.weight.dim() != 2:
+        raise UsageError(f"LoRA needs a linear layer, and {path} is a {type(module).__name__}.")
+    wrapped = LoraLayer(module)
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+def linear_paths(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if not isinstance(m, LoraLayer) and n
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+            and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+
+
+def wrap(model: nn.Module, spec: LoraSpec, name: str = "default", seed: int = 0) -> list:
+    """Freeze ``model`` and add a trainable adapter on every linear layer whose path ends with a target (``A``
+    drawn from ``seed``, ``B`` zero); returns the paths. UsageError when no layer matches (naming the layers there
+    are)."""
+    paths = [p for p in linear_paths(model) if _matches(p, spec.targets)]
+    if not paths:
+        names = sorted({p.rsplit(".", 1)[-1] for p in linear_paths(model)})
+        raise UsageError(f"No layer matches the LoRA targets {', '.join(spec.targets)}; this model's linear layers "
+                         f"are named {', '.join(names)}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for path in paths:
+        _layer(model, path).add(name, spec.rank, spec.alpha / spec.rank, spec.dropout, generator=generator)
+    return paths
+
+
+def trainable(model: nn.Module) -> list:
+    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def adapter_state(model: nn.Module, name: str = "default") -> dict:
+    """path -> (A, B) of one adapter, float32 on the CPU."""
+    return {path: (m.lora_A[name].detach().float().cpu(), m.lora_B[name].detach().float().cpu())
+            for path, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
+
+
+# ----- files ---------------------------------------------------------------------------------------
+def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", task_type: str = "CAUSAL_LM",
+              name: str = "default") -> Path:
+    """PEFT's layout: ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, conv1d = {}, False
+    for path, (A, B) in adapter_state(model, name).items():
+        state[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
+        state[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
+        conv1d = conv1d or model.get_submodule(path).conv1d
+    save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": task_type, "r": spec.rank, "lora_alpha": spec.alpha,
+              "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
+              "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+              "base_model_name_or_path": base_model, "init_lora_weights": True}
+    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def save_kohya(model: nn.Module, path, spec: LoraSpec, component: str = "unet", name: str = "default",
+               metadata: Optional[dict] = None) -> Path:
+    """kohya-ss's single file: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+    from safetensors.torch import save_file
+
+    prefix = KOHYA_PREFIXES[component]
+    state = {}
+    for p, (A, B) in adapter_state(model, name).items():
+        key = prefix + p.replace(".", "_")
+        state[key + ".lora_down.weight"] = A.contiguous()
+        state[key + ".lora_up.weight"] = B.contiguous()
+        state[key + ".alpha"] = torch.tensor(float(spec.alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+            "ss_network_alpha": str(spec.alpha), **(metadata or {})}
+    path = Path(path)
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def read_adapter(path, component_paths: Optional[dict] = None) -> Adapter:
+    """A PEFT folder (or its ``adapter_model.safetensors``) or a kohya ``.safetensors`` file.
+
+    ``component_paths``: for kohya files, {component: [module paths]} of the model the file is meant for, to
+    turn ``lora_unet_down_blocks_0_...`` back into ``down_blocks.0...`` (underscores are ambiguous)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / PEFT_WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"{path} is neither a PEFT adapter folder (with {PEFT_WEIGHTS}) nor a LoRA .safetensors file.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
+        raise ModelError(f"{file.name} is not a readable safetensors file ({exc}).") from None
+    if any(k.endswith(".lora_down.weight") for k in tensors):
+        return _read_kohya(tensors, meta, str(path), component_paths or {})
+    config_path = (path if path.is_dir() else path.parent) / PEFT_CONFIG
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return _read_peft(tensors, config, str(path))
+
+
+def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
+    rank = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / rank if not config.get("use_rslora") else alpha / rank ** 0.5
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    found: dict = {}
+    for k, v in tensors.items():
+        m = pattern.match(k)
+        if m:
+            found.setdefault(m.group(1), {})[m.group(2)] = v
+    layers = {p: (ab["A"], ab["B"], scale) for p, ab in found.items() if set(ab) == {"A", "B"}}
+    if not layers:
+        raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
+    spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
+    return Adapter(layers, spec, "peft", source, config)
+
+
+def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -> Adapter:
+    lookup = {}
+    for component, paths in component_paths.items():
+        prefix = KOHYA_PREFIXES.get(component, component)
+        lookup.update({prefix + p.replace(".", "_"): p for p in paths})
+    layers, ranks = {}, set()
+    for k, down in tensors.items():
+        if not k.endswith(".lora_down.weight"):
+            continue
+        key = k[: -len(".lora_down.weight")]
+        up = tensors.get(key + ".lora_up.weight")
+        if up is None:
+            continue
+        if down.dim() == 4:  # a conv LoRA of 1x1 kernels: the same as a linear one
+            if down.shape[2:] != (1, 1) or up.shape[2:] != (1, 1):
+                raise UsageError(f"{source}: {key} is a LoRA on a convolution with a wider kernel, which the studio "
+                                 "does not load yet.")
+            down, up = down[:, :, 0, 0], up[:, :, 0, 0]
+        rank = down.shape[0]
+        ranks.add(rank)
+        alpha = float(tensors[key + ".alpha"]) if key + ".alpha" in tensors else float(rank)
+        if key not in lookup and component_paths:
+            raise UsageError(f"The LoRA module {key} of {Path(source).name} matches no layer of this model; the LoRA "
+                             "was made for another base model.")
+        layers[lookup.get(key, key)] = (down, up, alpha / rank)
+    if not layers:
+        raise UsageError(f"{source} holds no LoRA weights (no lora_down / lora_up pairs).")
+    rank = max(ranks)
+    return Adapter(layers, LoraSpec(rank, float(meta.get("ss_network_alpha", rank))), "kohya", source, meta)
+
+
+def attach(model: nn.Module, adapter: Adapter, weight: float = 1.0, name: str = "default") -> None:
+    """Add ``adapter`` to ``model`` (frozen, for generation) with its output scaled by ``weight``. UsageError,
+    naming the module, when a layer is missing or its shape does not fit."""
+    for path, (A, B, scale) in adapter.layers.items():
+        try:
+            layer = _layer(model, path)
+        except AttributeError:
+            raise UsageError(f"The LoRA {Path(adapter.source).name} adapts {path}, which this model does not have; "
+                             "it was made for another base model.") from None
+        if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features or A.shape[0] != B.shape[1]:
+            raise UsageError(f"The LoRA {Path(adapter.source).name} does not fit {path}: it is "
+                             f"{B.shape[0]} x {A.shape[1]}, the layer {layer.out_features} x {layer.in_features}; "
+                             "it was made for another base model.")
+        layer.add(name, A.shape[0], scale * weight, 0.0, A, B)
+        layer.lora_A[name].requires_grad_(False)
+        layer.lora_B[name].requires_grad_(False)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer's weight and unwrap the layers (the model is plain again)."""
+    for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        with torch.no_grad():
+            for name in list(layer.lora_A):
+                layer.base.weight += layer.delta(name).to(layer.base.weight.dtype)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base)
+    return model
+
+
+def base_state_dict(model: nn.Module) -> dict:
+    """The model's state dict under its plain parameter names (``.base.`` dropped, adapters left out)."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items()
+            if ".lora_A." not in k and ".lora_B." not in k}

@@ -1,0 +1,219 @@
+"""`studio finetune text`: a LoRA on a text model, from a folder of .txt files or one file.
+
+    studio finetune text --model shakespeare-llama --data psalms.txt --steps 300 --rank 8
+
+Each document (a file) starts with the model's BOS token; the last ``--val-fraction`` of each document's tokens is
+held out for validation. Training windows of ``--context`` tokens are drawn from the rest with the run's seed.
+The adapter is saved in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``), which
+``peft.PeftModel.from_pretrained`` loads onto the transformers twin of the base model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import StudioError, UsageError
+from engine.finetune import Settings, Task
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="studio finetune text", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="base model (a name from `studio models list`, or a folder)")
+    p.add_argument("--data", required=True, help="a folder of .txt files, or one .txt file")
+    p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input")
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated layer names to adapt")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=128, help="tokens per training window")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
+    return p.parse_args(argv)
+
+
+def read_documents(path: Path) -> dict:
+    """{name: text} of a .txt file or of the .txt files in a folder; UsageError when there is no text."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    else:
+        raise UsageError(f"{path} does not exist; give a folder of .txt files or one .txt file.")
+    docs = {}
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{f} cannot be read as UTF-8 text ({exc}).") from None
+        if text.strip():
+            docs[str(f.relative_to(path) if path.is_dir() else f.name)] = text
+    if not docs:
+        raise UsageError(f"{path} holds no text to train on (no non-empty .txt files).")
+    return docs
+
+
+def fingerprint(docs: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(docs):
+        h.update(name.encode() + b"\0" + docs[name].encode() + b"\0")
+    return h.hexdigest()
+
+
+class TextTask(Task):
+    def __init__(self, entry, docs: dict, a, device: str = "cpu"):
+        import numpy as np
+        import torch
+
+        from engine.nn.lora import LoraSpec, wrap
+        from plugins.text.models import load_model, load_tokenizer, read_config
+
+        self.entry, self.a = entry, a
+        cfg = read_config(entry.path)
+        self.tokenizer = load_tokenizer(entry.path)
+        self.model = load_model(entry.path, entry.family, device, torch.float32)
+        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, tuple(t.strip() for t in a.targets.split(",") if t.strip()))
+        self.paths = wrap(self.model, self.spec, seed=a.seed)
+        bos = cfg.get("bos_token_id")
+        train, val, self.val_chars = [], [], 0
+        for name in sorted(docs):
+            ids = self.tokenizer.encode(docs[name]).ids
+            if isinstance(bos, int):
+                ids = [bos] + ids
+            cut = max(2, int(len(ids) * (1 - a.val_fraction)))
+            train += ids[:cut]
+            val += ids[cut - 1:]  # one token of overlap: the first held-out token is predicted from context
+            self.val_chars += len(self.tokenizer.decode(ids[cut:]))
+        self.train = np.asarray(train, dtype=np.int64)
+        self.val = np.asarray(val, dtype=np.int64)
+        self.context = min(a.context, self.model.max_positions - 1)
+        if len(self.train) < self.context + 2:
+            raise UsageError(f"The training text is {len(self.train)} tokens, fewer than one --context window of "
+                             f"{self.context}; give more text or a smaller --context.")
+        self.recipe = {"kind": "text", "base_model": {"name": entry.name, "hash": entry.hash,
+                                                      "family": entry.family},
+                       "data": {"path": str(Path(a.data).expanduser().resolve()), "documents": len(docs),
+                                "sha256": fingerprint(docs), "train_tokens": int(len(self.train)),
+                                "val_tokens": int(len(self.val))},
+                       "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
+                                "targets": list(self.spec.targets), "layers": len(self.paths)},
+                       "seed": a.seed}
+
+    def batch(self, rng):
+        import torch
+
+        starts = rng.integers(0, len(self.train) - self.context - 1, size=self.a.batch)
+        rows = [self.train[s:s + self.context + 1] for s in starts]
+        return torch.from_numpy(__import__("numpy").stack(rows))
+
+    def loss(self, batch):
+        import torch.nn.functional as F
+
+        logits, _ = self.model(batch[:, :-1], use_cache=False)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+    def val_nats(self) -> float:
+        """Total nats over the held-out tokens (windows of ``context``, each token scored once)."""
+        import torch
+        import torch.nn.functional as F
+
+        total, ids = 0.0, torch.from_numpy(self.val)
+        for begin in range(0, len(ids) - 1, self.context):
+            chunk = ids[begin:begin + self.context + 1][None]
+            if chunk.shape[1] < 2:
+                break
+            logits, _ = self.model(chunk[:, :-1], use_cache=False)
+            total += float(F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum"))
+        return total
+
+    def val_loss(self) -> float:
+        return self.val_nats() / max(1, len(self.val) - 1)
+
+    def bits_per_char(self) -> float:
+        import math
+
+        return self.val_nats() / math.log(2) / max(1, self.val_chars)
+
+    def sample(self):
+        import torch
+
+        ids = torch.tensor([[self.train[0]]])
+        g = torch.Generator().manual_seed(0)
+        past = None
+        out = []
+        with torch.no_grad():
+            x = ids
+            for _ in range(40):
+                logits, past = self.model(x, past=past, logits_to_keep=1)
+                probs = torch.softmax(logits[0, -1].float() / 0.8, -1)
+                nxt = int(torch.multinomial(probs, 1, generator=g))
+                out.append(nxt)
+                x = torch.tensor([[nxt]])
+        return self.tokenizer.decode(out)
+
+    def save(self, folder: Path) -> None:
+        from engine.nn.lora import save_peft
+
+        save_peft(self.model, folder, self.spec, base_model=self.entry.name)
+        extra = {"base_model_hash": self.entry.hash, "recipe": self.recipe}
+        (Path(folder) / "studio_adapter.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from engine import state
+    from engine.generators import CancelToken
+    from engine.finetune import run
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    a = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0 or not 0 <= a.val_fraction < 1:
+        raise UsageError("--rank, --steps and --batch must be at least 1, --lr above 0 and --val-fraction in [0, 1).")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    host = PluginHost().load()
+    entry = ModelStore(host).get(a.model)
+    if entry.generator != "text":
+        raise UsageError(f"{entry.name} is a {entry.generator or entry.family} model; `studio finetune text` needs a "
+                         "text model.")
+    docs = read_documents(Path(a.data))
+    out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).stem}"
+    task = TextTask(entry, docs, a)
+    print(f"fine-tuning {entry.name}: LoRA rank {a.rank} on {len(task.paths)} layers, "
+          f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
+          f"{len(task.train):,} training tokens; run folder {out}", file=sys.stderr)
+
+    def report(e: dict) -> None:
+        if a.json:
+            print(json.dumps(e), flush=True)
+        elif "step" in e:
+            val = f"  val {e['val_loss']:.4f}" if "val_loss" in e else ""
+            print(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}{val}  {e['seconds_per_step']:.3f} s/step  "
+                  f"{e['eta_s']:.0f} s left", file=sys.stderr, flush=True)
+        elif "message" in e:
+            print(e["message"], file=sys.stderr)
+
+    try:
+        recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
+                                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
+                     out, resume=a.resume, cancel=CancelToken(), report=report)
+    except KeyboardInterrupt:
+        raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
+    print(json.dumps({"adapter": recipe["adapter"], "final_loss": recipe["final_loss"],
+                      "final_val_loss": recipe["final_val_loss"]}) if a.json else recipe["adapter"])
+    return 0

@@ -1,0 +1,165 @@
+"""LoRA (engine/nn/lora.py): adapters the studio saves load in peft and give the same logits, and adapters peft
+saves load in the studio; kohya files round-trip; bad adapters are refused by name; fine-tuning resumes exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.errors import UsageError
+from engine.nn import lora
+from onnx_fixtures import text_folder
+
+
+def _studio_and_hf(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    from plugins.text.models import load_model
+
+    folder = text_folder(tmp_path / family, family)
+    ours = load_model(folder, family, "cpu", torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return folder, ours, theirs
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n or "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ("q_proj", "v_proj", "down_proj")), ("gpt2", ("c_attn", "c_proj"))])
+def test_studio_adapter_loads_in_peft_with_the_same_logits(tmp_path, family, targets):
+    from peft import PeftModel
+
+    folder, ours, theirs = _studio_and_hf(tmp_path, family)
+    spec = lora.LoraSpec(rank=4, alpha=8, targets=targets)
+    paths = lora.wrap(ours, spec)
+    assert paths and all(p.rsplit(".", 1)[-1] in targets for p in paths)
+    _randomize(ours)
+    lora.save_peft(ours, tmp_path / "adapter", spec, base_model=str(folder))
+    peft_model = PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(ids, use_cache=False)[0]
+        b = peft_model(input_ids=ids).logits
+        plain = theirs.get_base_model()(input_ids=ids).logits if hasattr(theirs, "get_base_model") else None
+    assert (a - b).abs().max() < 1e-4
+    assert plain is None or (a - plain).abs().max() > 1e-3  # the adapter changes the output
+
+
+def test_peft_adapter_loads_in_the_studio_with_the_same_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    folder, ours, theirs = _studio_and_hf(tmp_path, "llama")
+    peft_model = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=12, target_modules=["k_proj", "o_proj", "up_proj"]))
+    _randomize(peft_model)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    adapter = lora.read_adapter(tmp_path / "theirs")
+    assert adapter.format == "peft" and adapter.spec.rank == 4 and len(adapter.layers) == 6
+    lora.attach(ours, adapter, weight=1.0)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids, use_cache=False)[0] - peft_model(input_ids=ids).logits).abs().max() < 1e-4
+    merged = lora.merge(ours)  # folded in: same function, plain layers again
+    with torch.no_grad():
+        assert (merged(ids, use_cache=False)[0] - peft_model(input_ids=ids).logits).abs().max() < 1e-4
+    assert not any(isinstance(m, lora.LoraLayer) for m in merged.modules())
+
+
+def test_kohya_round_trip_and_weights(tmp_path):
+    from plugins.text.models import load_model
+
+    folder = text_folder(tmp_path / "m", "llama")
+    model = load_model(folder, "llama", "cpu", torch.float32)
+    spec = lora.LoraSpec(rank=2, alpha=1, targets=("q_proj",))
+    lora.wrap(model, spec)
+    _randomize(model)
+    lora.save_kohya(model, tmp_path / "style.safetensors", spec, component="unet")
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        want = model(ids, use_cache=False)[0]
+    fresh = load_model(folder, "llama", "cpu", torch.float32)
+    paths = lora.linear_paths(fresh)
+    adapter = lora.read_adapter(tmp_path / "style.safetensors", {"unet": paths})
+    assert adapter.format == "kohya" and set(adapter.layers) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+    lora.attach(fresh, adapter, weight=0.5, name="a")
+    lora.attach(fresh, adapter, weight=0.5, name="b")  # two halves make one whole
+    with torch.no_grad():
+        assert (fresh(ids, use_cache=False)[0] - want).abs().max() < 1e-5
+
+
+def test_bad_adapters_are_refused_by_name(tmp_path):
+    from plugins.text.models import load_model
+
+    small = load_model(text_folder(tmp_path / "s", "llama"), "llama", "cpu", torch.float32)
+    with pytest.raises(UsageError, match="rank of 99 does not fit"):
+        lora.wrap(small, lora.LoraSpec(rank=99, targets=("q_proj",)))
+    with pytest.raises(UsageError, match="No layer matches the LoRA targets nope.*q_proj"):
+        lora.wrap(small, lora.LoraSpec(rank=2, targets=("nope",)))
+    other = load_model(text_folder(tmp_path / "g", "gpt2"), "gpt2", "cpu", torch.float32)
+    spec = lora.LoraSpec(rank=2, targets=("c_attn",))
+    lora.wrap(other, spec)
+    lora.save_peft(other, tmp_path / "gpt2-adapter", spec)
+    fresh = load_model(text_folder(tmp_path / "s2", "llama"), "llama", "cpu", torch.float32)
+    with pytest.raises(UsageError, match="adapts transformer.h.0.attn.c_attn, which this model does not have"):
+        lora.attach(fresh, lora.read_adapter(tmp_path / "gpt2-adapter"))
+    with pytest.raises(UsageError, match="neither a PEFT adapter folder"):
+        lora.read_adapter(tmp_path / "nothing-here")
+
+
+def _finetune(home, out, *extra, steps=8):
+    env = dict(os.environ, STUDIO_HOME=str(home), STUDIO_PLUGIN_CHECK="0")
+    return [sys.executable, "-m", "studio.cli", "finetune", "text", "--model", "shakespeare-llama", "--data",
+            str(home / "data.txt"), "--out", str(out), "--steps", str(steps), "--batch", "2", "--context", "32",
+            "--eval-every", "4", "--checkpoint-every", "2", "--threads", "1", "--json", *extra], env
+
+
+def test_a_killed_finetune_resumes_to_the_same_loss(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    text = (os.path.join(os.path.dirname(__file__), "..", "README.md"))
+    (home / "data.txt").write_text(open(text, encoding="utf-8").read() * 2)
+    cmd, env = _finetune(home, tmp_path / "straight")
+    straight = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    want = [json.loads(line) for line in straight.stdout.splitlines() if line.startswith('{"step"')]
+    assert [e["step"] for e in want] == list(range(1, 9))
+
+    cmd, env = _finetune(home, tmp_path / "killed")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith('{"step": 5'):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    cmd, env = _finetune(home, tmp_path / "killed", "--resume")
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    got = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith('{"step"')]
+    assert got[0]["step"] in (5, 6, 7)  # from the last checkpoint (every 2 steps) before the kill
+    assert abs(got[-1]["loss"] - want[-1]["loss"]) < 1e-4 and got[-1]["step"] == 8
+    assert abs(got[-1]["val_loss"] - want[-1]["val_loss"]) < 1e-4
+    assert (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").is_file()
+
+    cmd, env = _finetune(home, tmp_path / "killed")  # a finished run folder is not silently overwritten
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def test_a_diverging_finetune_stops_and_keeps_the_checkpoint(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data.txt").write_text("to be or not to be, that is the question " * 40)
+    cmd, env = _finetune(home, tmp_path / "nan", "--lr", "1e30", steps=6)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "The loss became" in proc.stderr and "Traceback" not in proc.stderr
+    assert "last good checkpoint" in proc.stderr
