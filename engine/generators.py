@@ -92,6 +92,7 @@ class GeneratorInfo:
     families: tuple = ()  # model families it runs; empty means it needs no model
     icon: Optional[str] = None  # a path, or None for a default icon
     prompt_required: bool = True  # for generators that take text
+    takes_lora: bool = False  # whether request.adapters (LoRA files, `--lora FILE[:WEIGHT]`) are applied
 
     def __post_init__(self):
         if not self.id.replace("-", "_").isidentifier():
@@ -125,7 +126,7 @@ class GeneratorInfo:
         return {
             "id": self.id, "title": self.title, "description": self.description,
             "takes": list(self.takes), "makes": self.makes, "families": list(self.families),
-            "options": [o.to_dict() for o in self.options],
+            "options": [o.to_dict() for o in self.options], "takes_lora": self.takes_lora,
         }
 
 
@@ -141,6 +142,19 @@ class ModelRef:
     studio: dict = field(default_factory=dict)  # contents of studio.json
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA file or PEFT folder to apply, as the recipe records it: name, path, content hash and weight."""
+
+    name: str
+    path: Path
+    sha256: str
+    weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "weight": self.weight}
+
+
 @dataclass
 class Request:
     prompt: Optional[str] = None
@@ -150,6 +164,7 @@ class Request:
     model: Optional[ModelRef] = None
     backend: str = "torch"  # "torch" | "onnx"
     device: str = "cpu"  # resolved: "cpu" | "cuda"
+    adapters: tuple = ()  # AdapterRef, applied in order (only for generators with info.takes_lora)
 
 
 class CancelToken:

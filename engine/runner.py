@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import engine
 from engine import outputs as out_mod
 from engine.errors import CancelledError, GenerationError, StudioError, UsageError
-from engine.generators import Context, Generator, Partial, Progress, Request, Result
+from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
 from engine.store import ModelStore
@@ -37,6 +37,7 @@ class Job:
     device: str = "auto"
     seed: Optional[int] = None
     options: dict = field(default_factory=dict)  # raw values (strings from the CLI, typed from the GUI)
+    loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
 
 
 @dataclass
@@ -141,9 +142,31 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     device = resolve_device(job.device, job.backend) if info.families else "cpu"
     if model is not None and job.backend == "torch" and device == "cpu":
         set_cpu_threads(entry.size_bytes)
+    adapters = tuple(adapter_ref(spec) for spec in job.loras)
+    if adapters and not info.takes_lora:
+        raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
-                      backend=job.backend, device=device)
+                      backend=job.backend, device=device, adapters=adapters)
     return Prepared(job, generator, request, host.plugin_of(info.id))
+
+
+def adapter_ref(spec: str) -> AdapterRef:
+    """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file)."""
+    path, weight = str(spec), 1.0
+    head, sep, tail = path.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            pass  # a ':' that is part of the path
+    if not -10.0 <= weight <= 10.0:
+        raise UsageError(f"A LoRA weight must lie between -10 and 10, not {weight:g} ({spec}).")
+    file = Path(path).expanduser()
+    weights = file / "adapter_model.safetensors" if file.is_dir() else file
+    if not weights.is_file():
+        raise UsageError(f"LoRA {path} does not exist; give a .safetensors file or a PEFT adapter folder.")
+    return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight)
 
 
 def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
@@ -165,6 +188,8 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     }
     if req.image is not None:
         recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
+    if req.adapters:
+        recipe["loras"] = [a.to_dict() for a in req.adapters]
     if result.text is not None:
         recipe["text"] = result.text
         recipe["token_ids"] = list(result.token_ids or [])
@@ -279,7 +304,8 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
                              "--device cpu, knowing that the output may then differ.") from None
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
-              options=recipe.get("options", {}))
+              options=recipe.get("options", {}),
+              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []])
     record = execute(prepare(host, store, job), **kw)
     return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
 
@@ -291,6 +317,10 @@ def replay_notes(original: dict, replayed: dict) -> list:
     if was != "auto" and now and now != was:
         notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
                      f"(float16 on a GPU), so the output may differ")
+    for was_a, now_a in zip(original.get("loras") or [], replayed.get("loras") or []):
+        if was_a.get("sha256") != now_a.get("sha256"):
+            notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
+                         f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("torch", "onnx"), default=None)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--seed", type=int)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--trust", action="store_true", help="allow pickle weights (loaded with weights_only=True)")
     x = msub.add_parser("remove")
     x.add_argument("name")
+    x = msub.add_parser("merge-lora", help="fold LoRA adapters into a copy of a model, imported as a new model")
+    x.add_argument("model", help="the base model")
+    x.add_argument("lora", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files or PEFT folders")
+    x.add_argument("--name", required=True, help="the new model's name")
 
     e = sub.add_parser("export-onnx", help="export a model to ONNX, checked against PyTorch")
     e.add_argument("model")

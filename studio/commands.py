@@ -102,7 +102,7 @@ def _jobs(args, settings) -> list:
         for im in images:
             seed = None if args.seed is None else args.seed + len(jobs)
             jobs.append(Job(args.generator, prompt=p, image=im, model=args.model, backend=backend,
-                            device=device, seed=seed, options=options))
+                            device=device, seed=seed, options=options, loras=list(args.lora)))
     return jobs
 
 
@@ -189,6 +189,11 @@ def cmd_models(args) -> int:
     elif args.action == "remove":
         store.remove(args.name)
         print(f"removed {args.name}")
+    elif args.action == "merge-lora":
+        from engine.merge import merge_lora
+
+        entry = merge_lora(store, args.model, args.lora, args.name)
+        print(f"merged into {entry.name} ({entry.family}, hash {entry.hash[:12]}) at {entry.path}")
     return 0
 
 

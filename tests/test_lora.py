@@ -163,3 +163,54 @@ def test_a_diverging_finetune_stops_and_keeps_the_checkpoint(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "The loss became" in proc.stderr and "Traceback" not in proc.stderr
     assert "last good checkpoint" in proc.stderr
+
+
+def _cli(home, *args):
+    env = dict(os.environ, STUDIO_HOME=str(home), STUDIO_PLUGIN_CHECK="0")
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_with_lora_replays_and_merges(tmp_path):
+    """--lora is applied, recorded by name, hash and weight, replayed exactly; merge-lora makes a model that
+    computes what the base plus the adapter computes."""
+    from plugins.text.models import load_model
+
+    home = tmp_path / "home"
+    home.mkdir()
+    base = load_model(text_folder(tmp_path / "base", "llama"), "llama", "cpu", torch.float32)
+    assert _cli(home, "models", "import", str(tmp_path / "base"), "--name", "tiny").returncode == 0
+    spec = lora.LoraSpec(rank=2, alpha=4, targets=("q_proj", "v_proj", "gate_proj"))
+    lora.wrap(base, spec, seed=3)
+    _randomize(base)
+    lora.save_peft(base, tmp_path / "style", spec)
+
+    args = ("generate", "text", "--model", "tiny", "--prompt", "w1 w2", "--seed", "1", "--set", "temperature=0",
+            "--set", "max_new_tokens=12", "--json")
+    plain = json.loads(_cli(home, *args).stdout)
+    styled = _cli(home, *args, "--lora", f"{tmp_path / 'style'}:0.75")
+    assert styled.returncode == 0, styled.stderr
+    styled = json.loads(styled.stdout)
+    assert styled["token_ids"] != plain["token_ids"]
+    recipe = json.loads(_cli(home, "history", "show", str(styled["history_id"]), "--json").stdout)["recipe"]
+    assert recipe["loras"][0]["name"] == "style" and recipe["loras"][0]["weight"] == 0.75
+    assert len(recipe["loras"][0]["sha256"]) == 64
+    replay = _cli(home, "history", "replay", str(styled["history_id"]))
+    assert replay.returncode == 0 and "identical" in replay.stdout, replay.stdout + replay.stderr
+
+    merged = _cli(home, "models", "merge-lora", "tiny", f"{tmp_path / 'style'}:0.75", "--name", "tiny-styled")
+    assert merged.returncode == 0, merged.stderr
+    folder = home / "models" / "tiny-styled"
+    assert json.loads((folder / "studio.json").read_text())["merged_from"]["loras"][0]["weight"] == 0.75
+    ours = load_model(tmp_path / "base", "llama", "cpu", torch.float32)
+    lora.attach(ours, lora.read_adapter(tmp_path / "style"), weight=0.75)
+    flat = load_model(folder, "llama", "cpu", torch.float32)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = ours(ids, use_cache=False)[0], flat(ids, use_cache=False)[0]
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()  # the merged weights are stored in fp16, as the base's
+
+    bad = _cli(home, *args, "--lora", str(tmp_path / "missing.safetensors"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    bad = _cli(home, "generate", "image", "--prompt", "a small red circle", "--lora", str(tmp_path / "style"))
+    assert bad.returncode == 2 and "does not apply LoRA" in bad.stderr

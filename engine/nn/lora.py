@@ -294,3 +294,31 @@ def base_state_dict(model: nn.Module) -> dict:
     """The model's state dict under its plain parameter names (``.base.`` dropped, adapters left out)."""
     return {k.replace(".base.", "."): v for k, v in model.state_dict().items()
             if ".lora_A." not in k and ".lora_B." not in k}
+
+
+def apply_adapters(model: nn.Module, adapters, component_paths: Optional[dict] = None) -> nn.Module:
+    """Attach a request's adapters (``engine.generators.AdapterRef``: path and weight) to a loaded model, frozen,
+    in its own dtype; the model itself when there are none."""
+    for i, ref in enumerate(adapters):
+        paths = component_paths or {"unet": linear_paths(model), "text_encoder": linear_paths(model)}
+        attach(model, read_adapter(ref.path, paths), weight=ref.weight, name=f"adapter{i}")
+    return model.eval()
+
+
+def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict:
+    """Add ``weight * scale * B @ A`` to ``state[path + ".weight"]`` for every adapted layer (the file-level merge
+    behind `studio models merge-lora`; a GPT-2 Conv1D weight, stored in x out, gets the transposed delta)."""
+    for path, (A, B, scale) in adapter.layers.items():
+        key = path + ".weight"
+        if key not in state:
+            raise UsageError(f"The LoRA {Path(adapter.source).name} adapts {path}, which this model does not have; "
+                             "it was made for another base model.")
+        w = state[key]
+        delta = (weight * scale) * (B.float() @ A.float())
+        if adapter.meta.get("fan_in_fan_out"):  # PEFT's flag for GPT-2's Conv1D (weights stored in x out)
+            delta = delta.t()
+        if tuple(w.shape) != tuple(delta.shape):
+            raise UsageError(f"The LoRA {Path(adapter.source).name} does not fit {path}: it is "
+                             f"{tuple(delta.shape)}, the weight {tuple(w.shape)}; it was made for another base model.")
+        state[key] = (w.float() + delta).to(w.dtype)
+    return state

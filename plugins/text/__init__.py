@@ -29,6 +29,7 @@ INFO = GeneratorInfo(
     ),
     families=("llama", "gpt2"),
     prompt_required=False,
+    takes_lora=True,
 )
 
 
@@ -47,15 +48,21 @@ def _pipeline(request, context):
         if request.backend == "onnx":
             from plugins.text.onnx import load_decoder
 
+            if request.adapters:
+                raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
+                                 "(`studio models merge-lora`) to run it on ONNX.")
             decoder, _ = load_decoder(folder, model.hash)
         else:
+            from engine.nn.lora import apply_adapters
             from plugins.text.models import load_model
 
-            decoder = TorchDecoder(load_model(folder, model.family, request.device), request.device)
+            net = apply_adapters(load_model(folder, model.family, request.device), request.adapters)
+            decoder = TorchDecoder(net, request.device)
         bos = cfg.get("bos_token_id")
         return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
                             eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=model.family == "llama")
-    return context.cached(("text", model.hash, request.device, request.backend), load)
+    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
+    return context.cached(("text", model.hash, request.device, request.backend, adapters), load)
 
 
 def generate(request, context):
