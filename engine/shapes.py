@@ -27,6 +27,8 @@ PALETTE = {
 COLOURS = tuple(PALETTE)
 SIZES = ("small", "large")
 KINDS = ("circle", "square", "triangle")
+STAR = "star"  # the extension kind for fine-tuning demonstrations: no built-in model is trained on it
+ALL_KINDS = KINDS + (STAR,)
 # position name -> caption phrase; grid order (row-major: top, middle, bottom x left, centre, right)
 WHERE = {
     "top left": "in the top left",
@@ -61,8 +63,8 @@ class Scene:
             raise ValueError(f"colours must be palette names {COLOURS}")
         if self.colour == self.background:
             raise ValueError("the shape's colour must differ from the background")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.kind not in ALL_KINDS:
+            raise ValueError(f"kind must be one of {ALL_KINDS}, not {self.kind!r}")
         if self.position not in WHERE:
             raise ValueError(f"position must be one of {POSITIONS}, not {self.position!r}")
 
@@ -94,7 +96,28 @@ def _shape_mask(kind: str, n: int, cx: float, cy: float, side: float) -> np.ndar
         # upright: apex (cx, top); at height y the half-width grows linearly from 0 to h
         half = (y - top) / side * h
         return (y >= top) & (y < bottom) & (np.abs(x - cx) <= half)
+    if kind == STAR:
+        return _inside_polygon(star_vertices(cx, cy, h), x, y)
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def star_vertices(cx: float, cy: float, outer: float) -> np.ndarray:
+    """The ten vertices of the spec's star: one point straight up, outer and inner (0.4 x) radii alternating,
+    clockwise (y grows downwards)."""
+    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, outer, 0.4 * outer)
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+
+
+def _inside_polygon(poly: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Even-odd rule for the pixel centres (x (1, n), y (n, 1)) against a closed polygon."""
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
+        crosses = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < at)
+    return inside
 
 
 def render(scene: Scene, S: int = 32, antialias: bool = False, shift: tuple = (0.0, 0.0),
@@ -202,7 +225,16 @@ _MIN_PALETTE_DIST = min(np.linalg.norm(a - b) for a, b in itertools.combinations
 FAR = 0.5 * _MIN_PALETTE_DIST
 
 
-def analyze(image) -> Optional[Scene]:
+def _bottom_notch(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> bool:
+    """Whether the blob's lowest quarter is split at its centre column with shape on both sides: a star's two
+    legs (a circle, square or triangle is filled at the bottom centre)."""
+    y1, h = ys.max(), ys.max() - ys.min() + 1
+    c = int(round(xs.mean()))
+    rows = mask[y1 - max(1, h // 4) + 1:y1 + 1]
+    return bool(not rows[:, c].any() and rows[:, :c].any() and rows[:, c + 1:].any())
+
+
+def analyze(image, kinds: tuple = KINDS) -> Optional[Scene]:
     """Read an (S, S, 3) image (uint8 array or PIL image) back into a Scene, or None for "no shape".
 
     Steps of the spec: background from the border median; foreground = pixels far from it
@@ -210,7 +242,8 @@ def analyze(image) -> Optional[Scene]:
     colour, so anti-aliased edges count as in a 50 % coverage rasterisation); colour from the
     median foreground pixel; position from the centroid; size from the bounding box; kind from
     the fill ratio (square ~1.0, or ~0.9 with its box corners filled; else triangle when the top
-    half of the box is much less filled than the bottom half, circle otherwise). Specks of fewer than S*S/512 pixels are ignored; two or more real blobs -> None.
+    half of the box is much less filled than the bottom half, circle otherwise; with ``kinds`` including "star",
+    the spec's extension, a blob with empty corners that stands on two legs reads as a star). Specks of fewer than S*S/512 pixels are ignored; two or more real blobs -> None.
     """
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 3 or img.shape[2] < 3 or img.shape[0] != img.shape[1]:
@@ -259,7 +292,9 @@ def analyze(image) -> Optional[Scene]:
     half = h // 2
     top = mask[ys.min():ys.min() + half].sum()
     bottom = mask[ys.max() + 1 - half:ys.max() + 1].sum()
-    if fill > 0.95 or (fill > 0.85 and corners > 0.4):
+    if STAR in kinds and corners < 0.2 and _bottom_notch(mask, ys, xs):  # a star stands on two legs
+        kind = STAR
+    elif fill > 0.95 or (fill > 0.85 and corners > 0.4):
         kind = "square"
     elif top < 0.61 * bottom:
         kind = "triangle"

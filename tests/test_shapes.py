@@ -66,3 +66,22 @@ def test_analyzer_no_shape():
     two = render(Scene("small", "red", "square", "top left", "green"), 32)
     two[20:28, 20:28] = shapes.PALETTE["red"]
     assert analyze(two) is None
+
+
+def test_star_extension_reads_back_and_leaves_the_three_kinds_alone():
+    """The spec's star (docs/shapes_spec.md, extension): rendered, captioned and read back when the analyzer is
+    told about stars; the original kinds read exactly as before with or without it."""
+    import itertools
+
+    from engine import shapes as S
+
+    stars = [S.Scene(z, c, "star", p, b) for z, c, p, b in itertools.product(S.SIZES, S.COLOURS, S.POSITIONS, S.COLOURS)
+             if c != b]
+    for aa in (False, True):
+        assert all(S.analyze(S.render(sc, 32, antialias=aa), kinds=S.ALL_KINDS) == sc for sc in stars)
+        assert all(S.analyze(S.render(sc, 32, antialias=aa)).kind != "star" for sc in stars[:50])
+    assert S.parse_caption("a large yellow star in the center on a blue background").kind == "star"
+    for sc in S.all_scenes()[::7]:
+        img = S.render(sc, 32, antialias=True)
+        assert S.analyze(img, kinds=S.ALL_KINDS) == S.analyze(img) == sc
+    assert "star" not in " ".join(S.all_captions())  # the built-in models' world is unchanged
