@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     from plugins.image import model as M
-    from plugins.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, class_vector, coord_maps, sample
+    from plugins.image.pipeline import (ImageNets, SampleSettings, TorchDenoiser, TorchTextEncoder, class_vector,
+                                        coord_maps, sample)
+    from engine.diffusion import TorchArrays
     from plugins.image.train import generate_batch, score_images
     from engine.shapes import caption, sample_scene
 
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     ids = np.array([enc.encode("").ids, enc.encode(caps[0]).ids])
     hidden, pooled = text(ids)
     pooled = class_vector(hidden, pooled, ids, loaded.cfg.class_labels)
-    x2 = torch.cat([torch.randn(2, 3, S, S), coord_maps(S, C).expand(2, -1, -1, -1)], 1)
+    x2 = torch.cat([torch.randn(2, 3, S, S), torch.from_numpy(coord_maps(S, C)).expand(2, -1, -1, -1)], 1)
 
     def best_of(fn, reps=30):
         fn()
@@ -86,9 +88,10 @@ def main(argv=None) -> int:
     batched = best_of(lambda: den(x2, 500.0, hidden, pooled))
     separate = best_of(lambda: (den(x2[:1], 500.0, hidden[:1], pooled[:1]), den(x2[1:], 500.0, hidden[1:], pooled[1:])))
 
+    nets = ImageNets(TorchArrays(), text, den, S, C, loaded.cfg.class_labels, loaded.cfg.scheduler, enc)
+
     def image_once(g):
-        return sample(text, den, loaded.cfg, [ids[1]], [ids[0]], SampleSettings(20, g, "dpmpp_2m"),
-                      torch.Generator().manual_seed(0))
+        return sample(nets, [ids[1]], [ids[0]], SampleSettings(20, g, "dpmpp_2m"), 0)
     latency = best_of(lambda: image_once(guidance), reps=10)
     latency_noguide = best_of(lambda: image_once(1.0), reps=10)
     print(f"U-Net step: 1 image {one * 1000:.2f} ms | guidance batched (1 call, batch 2) {batched * 1000:.2f} ms | "

@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     import torch
 
     from plugins.image import model as M
-    from plugins.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, coord_maps, sample, to_uint8
+    from engine.diffusion import TorchArrays
+    from plugins.image.pipeline import ImageNets, SampleSettings, TorchDenoiser, TorchTextEncoder, coord_maps, sample
     from plugins.image.train import score_images
     from engine.shapes import caption, sample_scene
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     dev.unet.to(device=device, dtype=dtype), dev.text_encoder.to(device=device, dtype=dtype)
     torch.manual_seed(0)
     S, C = ref.cfg.sample_size, ref.cfg.coord_channels
-    x = torch.cat([torch.randn(4, 3, S, S), coord_maps(S, C).expand(4, -1, -1, -1)], 1)
+    x = torch.cat([torch.randn(4, 3, S, S), torch.from_numpy(coord_maps(S, C)).expand(4, -1, -1, -1)], 1)
     ids = torch.tensor([ref.prompt_encoder.encode(caption(sample_scene(np.random.default_rng(i)))).ids
                         for i in range(4)])
     t = torch.tensor([999.0, 700.0, 300.0, 20.0])
@@ -58,12 +59,13 @@ def main(argv=None) -> int:
     caps = [caption(sample_scene(np.random.default_rng(i))) for i in range(args.n)]
     enc = dev.prompt_encoder
     text, den = TorchTextEncoder(dev.text_encoder, device, dtype), TorchDenoiser(dev.unet, device, dtype)
-    run = lambda: sample(text, den, dev.cfg, [enc.encode(c).ids for c in caps], [enc.encode("").ids] * len(caps),
-                         SampleSettings(20, 1.5, "dpmpp_2m"), torch.Generator().manual_seed(0))
+    nets = ImageNets(TorchArrays(), text, den, S, C, dev.cfg.class_labels, dev.cfg.scheduler, enc)
+    run = lambda: sample(nets, [enc.encode(c).ids for c in caps], [enc.encode("").ids] * len(caps),
+                         SampleSettings(20, 1.5, "dpmpp_2m"), 0)
     run()
     sync()
     t0 = time.perf_counter()
-    imgs = to_uint8(run())
+    imgs = run()
     sync()
     dt = time.perf_counter() - t0
     s = score_images(imgs, caps)

@@ -76,7 +76,7 @@ Exports of user models go to `<model folder>/onnx` (or `onnx-int8`); exports of 
 (fp32 first when both exist; `STUDIO_ONNX_VARIANT=int8` picks the int8 one). An `--out` folder elsewhere is
 written but not registered. The backend needs `onnxruntime`, `onnx` (the graph checker), `numpy`, `tokenizers`
 and `Pillow`, not torch. The image generator's ONNX backend draws torch's noise for a seed with numpy
-(`plugins/image/torch_noise.py`), so a seed gives the same picture on both backends (see the notes above).
+(`engine/diffusion/torch_noise.py`), so a seed gives the same picture on both backends (see the notes above).
 """
 
 
@@ -333,7 +333,7 @@ def caption_rows(entry, host, work: Path, threads: int, log) -> tuple:
 def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
     from plugins.image.model import load
     from plugins.image.pipeline import TorchDenoiser, TorchTextEncoder
-    from plugins.image.onnx import (OnnxDenoiser, OnnxTextEncoder, _generate, _generate_torch)
+    from plugins.image.onnx import OnnxDenoiser, OnnxTextEncoder, generate
     from engine.backends.runtime import Export
     from engine.onnx_export import export_model
     from engine.shapes import analyze, caption, sample_scene
@@ -352,9 +352,8 @@ def image_rows(entry, host, work: Path, threads: int, log) -> tuple:
     captions = [caption(sample_scene(np.random.default_rng(100 + i))) for i in range(5)]
     calls = {}
     for name, pair in nets.items():
-        gen = _generate_torch if name.startswith("torch") else _generate
-        gen(loaded, pair, captions[:1], 2, seed=0)  # warm-up
-        calls[name] = lambda item, gen=gen, pair=pair: gen(loaded, pair, [item[1]], 20, seed=item[0])
+        generate(loaded, pair, captions[:1], 2, seed=0)  # warm-up
+        calls[name] = lambda item, pair=pair: generate(loaded, pair, [item[1]], 20, seed=item[0])
     seconds, outs = median_turns(calls, list(enumerate(captions)))
     rows += [("image (20 steps, guidance 3)", name, seconds[name]) for name in nets]
     imgs = {name: np.concatenate(got) for name, got in outs.items()}

@@ -151,7 +151,7 @@ def test_plugin_import_does_not_import_torch():
 
 @pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 3])
 def test_torch_noise_replica_matches_torch_randn(seed):
-    from plugins.image.torch_noise import TorchRandn
+    from engine.diffusion.torch_noise import TorchRandn
 
     g, r = torch.Generator().manual_seed(seed), TorchRandn(seed)
     for shape in [(1, 3, 32, 32), (2, 3, 16, 16), (5, 7)]:  # successive draws follow the same stream

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from plugins.image.schedulers import SchedulerConfig, make_scheduler
+from engine.diffusion.schedulers import SchedulerConfig, make_scheduler
 
 REFS = {
     "ddpm": lambda kw: DDPMScheduler(**kw),

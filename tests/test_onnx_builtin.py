@@ -79,8 +79,8 @@ def test_builtin_caption_greedy_identical(store, tmp_path, monkeypatch):
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])  # ddpm draws fresh noise at every step
 def test_builtin_image_same_seed_same_picture(store, tmp_path, monkeypatch, sampler):
     from plugins.image import model as M
-    from plugins.image.pipeline import run as torch_run
-    from plugins.image.onnx import OnnxImageModel
+    from plugins.image.onnx import export_nets
+    from plugins.image.pipeline import run, torch_nets
     from engine.backends.runtime import Export
     from engine.onnx_export import export_model
     from engine.shapes import analyze
@@ -89,14 +89,12 @@ def test_builtin_image_same_seed_same_picture(store, tmp_path, monkeypatch, samp
     torch.set_num_threads(1)
     entry = _builtin(store, "image")
     export_model(store[0], entry, out_dir=tmp_path / "onnx")
-    onnx_model = OnnxImageModel(Export(tmp_path / "onnx", threads=1), entry.path)
-    loaded = M.load(entry.path)
-    from plugins.image.onnx import run as onnx_run
+    onnx_nets = export_nets(Export(tmp_path / "onnx", threads=1), entry.path)
+    loaded = torch_nets(M.load(entry.path))
 
     options = {"steps": 12, "guidance": 1.5, "sampler": sampler, "negative_prompt": ""}
     for seed, prompt in ((5, "a small red circle at the top left on a black background"),
                          (2**33 + 1, "a large yellow triangle in the center on a purple background")):
-        a, b = ([e for e in run(m, prompt, options, seed)][-1].image for run, m in
-                ((torch_run, loaded), (onnx_run, onnx_model)))
+        a, b = ([e for e in run(nets, prompt, options, seed)][-1].image for nets in (loaded, onnx_nets))
         a, b = np.asarray(a, dtype=int), np.asarray(b, dtype=int)
         assert np.abs(a - b).max() <= 2 and analyze(a.astype(np.uint8)) == analyze(b.astype(np.uint8))

@@ -91,9 +91,9 @@ def test_generate_without_torch(tmp_path, monkeypatch):
     options = {"steps": 4, "sampler": "dpmpp_2m"}
     jobs.append({"plugin": "plugins.image", "generator": "image", "model": "img", "prompt": "a small red circle",
                  "options": options})
-    from plugins.image.onnx import load_image_model, run
-
     from plugins.image import INFO
+    from plugins.image.onnx import load_image_model
+    from plugins.image.pipeline import run
 
     resolved = INFO.resolve_options(options)  # the host passes every option, defaults included
     events = list(run(load_image_model(img, img_entry.hash), "a small red circle", resolved, 5))

@@ -12,7 +12,7 @@ from engine.errors import ModelError, UsageError
 from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = plugins.image.schedulers.SAMPLERS, which imports numpy
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = engine.diffusion.schedulers.SAMPLERS, which imports numpy
 
 INFO = GeneratorInfo(
     id="image",
@@ -34,28 +34,27 @@ INFO = GeneratorInfo(
 
 
 def generate(request, context):
-    if request.backend == "onnx":  # onnxruntime sessions and a numpy loop, no torch (plugins/image/onnx.py)
-        yield from _generate_onnx(request, context)
-        return
-    from plugins.image import model as image_model
+    """The same pipeline (plugins/image/pipeline.py) on either backend: torch modules, or onnxruntime sessions
+    and numpy arrays with no torch (plugins/image/onnx.py)."""
     from plugins.image.pipeline import run
 
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    loaded = context.cached(("image", ref.hash, request.device, request.backend),
-                            lambda: image_model.load(Path(ref.path), request.device))
-    yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
+    nets = context.cached(("image", ref.hash, request.device, request.backend), lambda: _load(request))
+    yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
 
 
-def _generate_onnx(request, context):
-    from plugins.image.onnx import load_image_model, run
-
+def _load(request):
     ref = request.model
-    if ref is None:
-        raise UsageError("The image generator needs a model; choose one with --model.")
-    loaded = context.cached(("image", ref.hash, "cpu", "onnx"), lambda: load_image_model(Path(ref.path), ref.hash))
-    yield from run(loaded, request.prompt or "", request.options, request.seed, context.cancel)
+    if request.backend == "onnx":
+        from plugins.image.onnx import load_image_model
+
+        return load_image_model(Path(ref.path), ref.hash)
+    from plugins.image import model as image_model
+    from plugins.image.pipeline import torch_nets
+
+    return torch_nets(image_model.load(Path(ref.path), request.device))
 
 
 def check(folder: Path) -> None:

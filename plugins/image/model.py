@@ -35,7 +35,7 @@ class ImageModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ImageModelConfig":
         from plugins.image.clip_text import CLIPTextConfig
-        from plugins.image.schedulers import SchedulerConfig
+        from engine.diffusion.schedulers import SchedulerConfig
         from plugins.image.unet import UNetConfig
         if d.get("model_type") != MODEL_TYPE:
             raise ModelError(f"config.json model_type must be {MODEL_TYPE!r}, not {d.get('model_type')!r}.")

@@ -4,10 +4,9 @@ Graphs: ``text_encoder.onnx``: ``input_ids`` (batch, sequence) int64 -> ``last_h
 ``unet.onnx``: ``sample`` (batch, channels, height, width), ``timestep`` (batch,) float32,
 ``encoder_hidden_states`` (batch, sequence, dim), ``pooled`` (batch, dim) -> ``out`` (batch, 3, height, width).
 
-The sampling loop here is the numpy twin of ``plugins.image.pipeline.sample`` (same schedulers from
-plugins/image/schedulers, same batched classifier-free guidance); it needs no torch. Its noise comes from
-``plugins.image.torch_noise.TorchRandn``, numpy's replica of torch's CPU ``randn``, so a seed gives the same
-picture on both backends (within the export's pixel tolerance).
+On onnxruntime the one sampling loop (engine.diffusion) runs on numpy arrays and needs no torch. Its noise comes
+from ``engine.diffusion.torch_noise.TorchRandn``, numpy's replica of torch's CPU ``randn``, so a seed gives the
+same picture on both backends (within the export's pixel tolerance).
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from plugins.image.torch_noise import TorchRandn
 from engine.backends.common import max_abs
 
 log = logging.getLogger(__name__)
@@ -54,134 +52,26 @@ class OnnxDenoiser:
         return self.session.run(["out"], {k: v for k, v in feeds.items() if k in self.inputs})[0]
 
 
-def coord_maps(size: int, n: int) -> np.ndarray:
-    """(1, n, S, S) fixed input maps, x then y in [-1, 1] at pixel centres (numpy twin of the pipeline's)."""
-    if n == 0:
-        return np.zeros((1, 0, size, size), np.float32)
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
-    y, x = np.meshgrid(c, c, indexing="ij")
-    return np.stack([x, y])[None].astype(np.float32)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def class_vector(hidden: np.ndarray, pooled: np.ndarray, ids, mode: str) -> np.ndarray:
-    """The U-Net's class_labels (numpy twin of plugins.image.pipeline.class_vector): the pooled output, or the
-    mean of the hidden states over the non-pad tokens ([PAD] is id 0)."""
-    if mode == "pooled":
-        return pooled
-    mask = (np.asarray(ids) != 0).astype(hidden.dtype)[:, :, None]  # (B, T, 1)
-    return ((hidden * mask).sum(1) / mask.sum(1)).astype(np.float32)
-
-
-def sample_iter(text, den, sched_cfg, size: int, coord_channels: int, cond_ids, uncond_ids, steps: int,
-                guidance: float, sampler: str, rng: np.random.Generator, noise=None, on_step=None,
-                class_labels: str = "pooled"):
-    """The sampling loop on numpy arrays; yields None after each step, then the final (B, 3, S, S) in [-1, 1].
-
-    ``noise``: the initial standard-normal noise (B, 3, S, S); drawn from ``rng`` when not given."""
-    from plugins.image.schedulers import make_scheduler
-
-    B = len(cond_ids)
-    sched = make_scheduler(sampler, sched_cfg)
-    sched.set_timesteps(steps)
-    guided = guidance != 1.0
-    ids = np.concatenate([np.asarray(uncond_ids), np.asarray(cond_ids)]) if guided else np.asarray(cond_ids)
-    hidden, pooled = text(ids)
-    pooled = class_vector(hidden, pooled, ids, class_labels)
-    coords = np.broadcast_to(coord_maps(size, coord_channels), (len(ids), coord_channels, size, size))
-    if noise is None:
-        noise = rng.standard_normal((B, 3, size, size)).astype(np.float32)
-    x = np.asarray(noise, dtype=np.float32) * np.float32(sched.init_noise_sigma)
-    n = len(sched.timesteps)
-    for i, t in enumerate(sched.timesteps):
-        xin = np.asarray(sched.scale_model_input(x, t), dtype=np.float32)
-        xin = np.concatenate([xin, xin]) if guided else xin
-        out = den(np.concatenate([xin, coords], axis=1), float(t), hidden, pooled)
-        if guided:
-            u, c = out[: len(out) // 2], out[len(out) // 2:]
-            out = u + np.float32(guidance) * (c - u)
-        step = sched.step(out, t, x, generator=rng)
-        x = np.asarray(step.prev_sample, dtype=np.float32)
-        if on_step is not None:
-            on_step(i + 1, n, step.pred_original_sample)
-        yield None
-    yield np.clip(x, -1, 1)
-
-
-def sample(*args, **kw) -> np.ndarray:
-    x = None
-    for x in sample_iter(*args, **kw):
-        pass
-    return x
-
-
-class OnnxImageModel:
-    """The sessions and settings of an image export (what ``plugins.image.model.LoadedModel`` is for torch)."""
-
-    def __init__(self, export, folder: Path):
-        from plugins.image.schedulers import SchedulerConfig
-        from plugins.image.tokenizer import PromptEncoder
-
-        cfg = export.manifest["config"]
-        self.export = export
-        self.sample_size = int(cfg["sample_size"])
-        self.coord_channels = int(cfg["coord_channels"])
-        self.class_labels = cfg.get("class_labels", "pooled")
-        self.scheduler = SchedulerConfig.from_dict(cfg["scheduler"])
-        self.text = OnnxTextEncoder(export.session("text_encoder"))
-        self.unet = OnnxDenoiser(export.session("unet"))
-        self.prompt_encoder = PromptEncoder.from_file(Path(folder) / "tokenizer.json", int(cfg["context"]))
-
-
-def load_image_model(model_folder, model_hash=None, threads=None) -> OnnxImageModel:
+def load_image_model(model_folder, model_hash=None, threads=None):
+    """plugins.image.pipeline.ImageNets on the onnxruntime sessions of the model's preferred export."""
     from engine.backends.runtime import open_export
 
-    return OnnxImageModel(open_export(Path(model_folder), model_hash, threads), model_folder)
+    return export_nets(open_export(Path(model_folder), model_hash, threads), model_folder)
 
 
-def run(model: OnnxImageModel, prompt: str, options: dict, seed: int, cancel=None):
-    """Progress / Partial events and one Result, as ``plugins.image.pipeline.run`` yields them, on onnxruntime."""
-    from PIL import Image
+def export_nets(export, model_folder):
+    """plugins.image.pipeline.ImageNets on the sessions of an opened export (engine.backends.runtime.Export)."""
+    from engine.diffusion import NumpyArrays
+    from engine.diffusion.schedulers import SchedulerConfig
+    from plugins.image.pipeline import ImageNets
+    from plugins.image.tokenizer import PromptEncoder
 
-    from engine.generators import Partial, Progress, Result
-
-    from plugins.image.tokenizer import encode_prompts
-
-    prompt = prompt or ""
-    enc, neg, warnings = encode_prompts(model.prompt_encoder, prompt, options.get("negative_prompt", "") or "")
-    steps, guidance = int(options.get("steps", 20)), float(options.get("guidance", 3.0))
-    sampler = options.get("sampler", "dpmpp_2m")
-    preview_every = max(1, steps // 8)
-    events = []
-
-    def on_step(i, n, x0):
-        events.append(Progress(i, n, f"step {i}/{n}"))
-        if i % preview_every == 0 and i < n:
-            events.append(Partial(image=Image.fromarray(to_uint8(np.asarray(x0, dtype=np.float32))[0])))
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-
-    rng = TorchRandn(int(seed))  # the torch backend's noise for the same seed, so both draw the same picture
-    t0 = time.perf_counter()
-    yield Progress(0, steps, "encoding the prompt")
-    x = None
-    for x in sample_iter(model.text, model.unet, model.scheduler, model.sample_size, model.coord_channels,
-                         [enc.ids], [neg.ids], steps, guidance, sampler, rng, on_step=on_step,
-                         class_labels=model.class_labels):
-        while events:
-            yield events.pop(0)
-    while events:
-        yield events.pop(0)
-    size = model.sample_size
-    image = Image.fromarray(to_uint8(x)[0])
-    yield Result(image=image, warnings=warnings, info={
-        "width": size, "height": size, "steps": steps, "sampler": sampler, "guidance": guidance,
-        "negative_prompt": options.get("negative_prompt", "") or "", "seconds": round(time.perf_counter() - t0, 4),
-        "unknown_words": enc.unknown, "truncated_words": enc.truncated, "noise": "torch-compatible (plugins.image.torch_noise)"})
+    cfg = export.manifest["config"]
+    return ImageNets(NumpyArrays(), OnnxTextEncoder(export.session("text_encoder")),
+                     OnnxDenoiser(export.session("unet")), int(cfg["sample_size"]), int(cfg["coord_channels"]),
+                     cfg.get("class_labels", "pooled"), SchedulerConfig.from_dict(cfg["scheduler"]),
+                     PromptEncoder.from_file(Path(model_folder) / "tokenizer.json", int(cfg["context"])),
+                     {"noise": "torch-compatible (engine.diffusion.torch_noise)"})
 
 
 # ----- export (torch) ----------------------------------------------------------------------------
@@ -274,44 +164,36 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     return result
 
 
-def _generate(loaded, nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
-    """uint8 images for ``captions`` with numpy-level (text, denoiser) and the numpy loop; the noise of ``seed`` is
-    torch's (TorchRandn), as when the onnx backend generates."""
-    enc = loaded.prompt_encoder
-    cond = [enc.encode(c).ids for c in captions]
-    uncond = [enc.encode("").ids for _ in captions]
-    x = sample(nets[0], nets[1], loaded.cfg.scheduler, loaded.cfg.sample_size, loaded.cfg.coord_channels, cond,
-               uncond, steps, guidance, sampler, TorchRandn(seed),
-               class_labels=getattr(loaded.cfg, "class_labels", "pooled"))
-    return to_uint8(x)
+def _nets(loaded, text, unet, xp):
+    from plugins.image.pipeline import ImageNets
+
+    cfg = loaded.cfg
+    return ImageNets(xp, text, unet, cfg.sample_size, cfg.coord_channels, getattr(cfg, "class_labels", "pooled"),
+                     cfg.scheduler, loaded.prompt_encoder)
 
 
-def _generate_torch(loaded, torch_nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
-    """The same images through the torch pipeline's own loop (plugins.image.pipeline.sample)."""
-    import torch
+def generate(loaded, nets, captions, steps, seed, guidance=3.0, sampler="dpmpp_2m"):
+    """uint8 images for ``captions``: ``nets`` a (text, unet) pair of torch wrappers or onnxruntime runners, run
+    through the one sampling loop with that backend's arrays and noise (the same noise for the same seed)."""
+    from engine.diffusion import NumpyArrays, SampleSettings, TorchArrays
+    from plugins.image.pipeline import TorchDenoiser, generate_images
 
-    from plugins.image.pipeline import SampleSettings
-    from plugins.image.pipeline import sample as torch_sample
-
-    enc = loaded.prompt_encoder
-    cond = [enc.encode(c).ids for c in captions]
-    uncond = [enc.encode("").ids for _ in captions]
-    x = torch_sample(torch_nets[0], torch_nets[1], loaded.cfg, cond, uncond, SampleSettings(steps, guidance, sampler),
-                     torch.Generator().manual_seed(seed))
-    return to_uint8(x.float().numpy())
+    xp = TorchArrays() if isinstance(nets[1], TorchDenoiser) else NumpyArrays()
+    return generate_images(_nets(loaded, nets[0], nets[1], xp), captions, SampleSettings(steps, guidance, sampler),
+                           seed)
 
 
 def compare_sampling(loaded, torch_nets, onnx_nets, captions, steps) -> dict:
     from engine.shapes import analyze
 
-    a = _generate_torch(loaded, torch_nets, captions, steps, seed=11)
-    b = _generate(loaded, onnx_nets, captions, steps, seed=11)
+    a = generate(loaded, torch_nets, captions, steps, seed=11)
+    b = generate(loaded, onnx_nets, captions, steps, seed=11)
     diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
     same = sum(analyze(x) == analyze(y) for x, y in zip(a, b))
     return {"max_abs_diff": float(diff), "tolerance": float(IMAGE_TOLERANCE), "passed": diff <= IMAGE_TOLERANCE,
             "analyzer_agrees": f"{same}/{len(captions)}", "units": "pixel levels 0-255",
-            "inputs": f"{len(captions)} prompts, {steps} dpmpp_2m steps, guidance 3, same seed; torch loop "
-                      "(plugins.image.pipeline.sample) vs the numpy loop on onnxruntime with TorchRandn noise"}
+            "inputs": f"{len(captions)} prompts, {steps} dpmpp_2m steps, guidance 3, same seed; the one sampling "
+                      "loop (engine.diffusion) on torch vs on numpy and onnxruntime with TorchRandn noise"}
 
 
 def analyzer_score(images, captions) -> float:
@@ -324,8 +206,8 @@ def image_quality(loaded, fp32_nets, int8_nets, steps: int = 20) -> dict:
     from engine.shapes import caption, sample_scene
 
     captions = [caption(sample_scene(np.random.default_rng(i))) for i in range(N_QUALITY)]
-    a = _generate(loaded, fp32_nets, captions, steps, seed=3)
-    b = _generate(loaded, int8_nets, captions, steps, seed=3)
+    a = generate(loaded, fp32_nets, captions, steps, seed=3)
+    b = generate(loaded, int8_nets, captions, steps, seed=3)
     return {"captions": f"{N_QUALITY} scenes (seeds 0-{N_QUALITY - 1}), {steps} dpmpp_2m steps, guidance 3",
             "analyzer_all_five_onnx_fp32": round(analyzer_score(a, captions), 4),
             "analyzer_all_five_onnx_int8": round(analyzer_score(b, captions), 4),

@@ -95,20 +95,13 @@ def score_images(images: np.ndarray, captions: list) -> dict:
 def generate_batch(unet, text, cfg_model, captions, steps=20, sampler="dpmpp_2m", guidance=1.5, seed=0,
                    encoder=None, batch=100, device="cpu"):
     """Images (N, S, S, 3) uint8 for ``captions`` with the torch modules (seeded; the modules on ``device``)."""
-    import torch
+    from engine.diffusion import SampleSettings, TorchArrays
     from plugins.image.model import ImageModelConfig
-    from plugins.image.pipeline import SampleSettings, TorchDenoiser, TorchTextEncoder, sample, to_uint8
+    from plugins.image.pipeline import ImageNets, TorchDenoiser, TorchTextEncoder, generate_images
     cfg = cfg_model if isinstance(cfg_model, ImageModelConfig) else ImageModelConfig.from_dict(cfg_model)
-    out = []
-    for start in range(0, len(captions), batch):
-        chunk = captions[start:start + batch]
-        gen = torch.Generator().manual_seed(seed + start)
-        cond = [encoder.encode(c).ids for c in chunk]
-        uncond = [encoder.encode("").ids for _ in chunk]
-        x = sample(TorchTextEncoder(text, device), TorchDenoiser(unet, device), cfg, cond, uncond,
-                   SampleSettings(steps, guidance, sampler), gen)
-        out.append(to_uint8(x))
-    return np.concatenate(out)
+    nets = ImageNets(TorchArrays(), TorchTextEncoder(text, device), TorchDenoiser(unet, device), cfg.sample_size,
+                     cfg.coord_channels, getattr(cfg, "class_labels", "pooled"), cfg.scheduler, encoder)
+    return generate_images(nets, captions, SampleSettings(steps, guidance, sampler), seed, batch)
 
 
 def _adapt(own: dict, src: dict) -> dict:
@@ -170,7 +163,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
     from plugins.image import model as M
-    from plugins.image.schedulers.common import alphas_cumprod
+    from engine.diffusion.schedulers.common import alphas_cumprod
     from plugins.image.tokenizer import PromptEncoder, shapes_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -230,7 +223,7 @@ def main(argv=None) -> int:
     acp = torch.from_numpy(alphas_cumprod(cfg.scheduler).astype(np.float64))
     snr = acp / (1 - acp)
     from plugins.image.pipeline import class_vector, coord_maps
-    coords = coord_maps(cfg.sample_size, cfg.coord_channels).to(device)
+    coords = torch.from_numpy(coord_maps(cfg.sample_size, cfg.coord_channels)).to(device)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
 
     def lr_at(s):

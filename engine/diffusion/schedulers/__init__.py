@@ -2,6 +2,6 @@
 
 They work on numpy arrays and torch tensors alike (all per-step coefficients are Python floats).
 """
-from plugins.image.schedulers.common import SchedulerConfig, StepOutput, make_scheduler, SAMPLERS
+from engine.diffusion.schedulers.common import SchedulerConfig, StepOutput, make_scheduler, SAMPLERS
 
 __all__ = ["SchedulerConfig", "StepOutput", "make_scheduler", "SAMPLERS"]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from plugins.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
+from engine.diffusion.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
 
 
 class DPMSolverMultistepScheduler:

@@ -119,15 +119,15 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
 def make_scheduler(name: str, cfg: SchedulerConfig):
     """The scheduler called ``name`` (one of SAMPLERS) for the model's noise schedule ``cfg``."""
     if name == "ddpm":
-        from plugins.image.schedulers.ddpm import DDPMScheduler
+        from engine.diffusion.schedulers.ddpm import DDPMScheduler
         return DDPMScheduler(cfg)
     if name == "ddim":
-        from plugins.image.schedulers.ddim import DDIMScheduler
+        from engine.diffusion.schedulers.ddim import DDIMScheduler
         return DDIMScheduler(cfg)
     if name == "dpmpp_2m":
-        from plugins.image.schedulers.dpmpp_2m import DPMSolverMultistepScheduler
+        from engine.diffusion.schedulers.dpmpp_2m import DPMSolverMultistepScheduler
         return DPMSolverMultistepScheduler(cfg)
     if name == "euler":
-        from plugins.image.schedulers.euler import EulerDiscreteScheduler
+        from engine.diffusion.schedulers.euler import EulerDiscreteScheduler
         return EulerDiscreteScheduler(cfg)
     raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from plugins.image.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
+from engine.diffusion.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
                                              discrete_timesteps, to_float)
 
 

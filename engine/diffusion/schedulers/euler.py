@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from plugins.image.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
+from engine.diffusion.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
 
 
 class EulerDiscreteScheduler:
