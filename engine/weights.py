@@ -82,3 +82,29 @@ def read_shapes(folder) -> dict:
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             raise ModelError(f"Weight file {path} is corrupt or unreadable; re-download or re-export the model.") from None
     return shapes
+
+
+
+def no_init():
+    """A context in which torch's weight initialisers (``torch.nn.init.*_``) do nothing: a model built inside it
+    has uninitialised (allocated but never touched) parameters, for ``load_state_dict(..., assign=True)`` to
+    replace with the file's tensors. Saves randomly initialising a model that is about to be overwritten (and,
+    unlike building on the meta device, imports nothing more)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        init = torch.nn.init
+        names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+        saved = {n: getattr(init, n) for n in names}
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        try:
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(init, n, fn)
+
+    return ctx()

@@ -127,6 +127,31 @@ def quantize_graph(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the .data file
+
+
+def externalize(path: Path) -> bool:
+    """Move a graph's weights into ``<graph>.data`` beside it, each page-aligned, so onnxruntime maps them from
+    the file instead of copying them out of the parsed graph (and the graph itself stays small to parse and
+    check). A graph that already keeps its weights outside, or has none, is left as it is; returns whether it
+    was rewritten."""
+    import onnx
+    from onnx import external_data_helper as edh
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    tensors = list(edh._get_all_tensors(proto))
+    if any(edh.uses_external_data(t) for t in tensors) or not any(
+            t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES for t in tensors):
+        return False
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=EXTERNAL_MIN_BYTES)
+    return True
+
+
 def describe_graphs(paths: dict) -> tuple:
     """``({name: {"file", "inputs", "outputs"}}, opset)`` for the written graphs ``{name: path}``."""
     graphs, opset = {}, None

@@ -41,7 +41,8 @@ def generate(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    nets = context.cached(("image", ref.hash, request.device, request.backend), lambda: _load(request))
+    key = ("image", ref.hash, request.device, request.backend, str(request.export or ""))
+    nets = context.cached(key, lambda: _load(request))
     yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
 
 
@@ -50,7 +51,7 @@ def _load(request):
     if request.backend == "onnx":
         from plugins.image.onnx import load_image_model
 
-        return load_image_model(Path(ref.path), ref.hash)
+        return load_image_model(Path(ref.path), ref.hash, export=request.export)
     from plugins.image import model as image_model
     from plugins.image.pipeline import torch_nets
 

@@ -41,6 +41,8 @@ def _pipeline(request, context):
     if model is None:
         raise UsageError("The text generator needs a model; pass one with --model.")
 
+    notes = []
+
     def load():
         folder = Path(model.path)
         cfg = read_config(folder)
@@ -51,7 +53,8 @@ def _pipeline(request, context):
             if request.adapters:
                 raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
                                  "(`studio models merge-lora`) to run it on ONNX.")
-            decoder, _ = load_decoder(folder, model.hash)
+            decoder, export = load_decoder(folder, model.hash, export=request.export)
+            notes.extend(export.notes)
         else:
             from engine.nn.lora import apply_adapters
             from plugins.text.models import load_model
@@ -62,7 +65,8 @@ def _pipeline(request, context):
         return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
                             eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=model.family == "llama")
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    return context.cached(("text", model.hash, request.device, request.backend, adapters), load)
+    key = ("text", model.hash, request.device, request.backend, str(request.export or ""), adapters)
+    return context.cached(key, load), notes
 
 
 def generate(request, context):
@@ -72,7 +76,7 @@ def generate(request, context):
     opts = request.options
     yield Progress(0, 1, "loading model")
     t0 = time.perf_counter()
-    pipe = _pipeline(request, context)
+    pipe, notes = _pipeline(request, context)
     load_s = time.perf_counter() - t0
     context.cancel.raise_if_cancelled()
     req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
@@ -81,6 +85,7 @@ def generate(request, context):
     for event in pipe.run(request.prompt or "", req, context.cancel):
         if isinstance(event, Result):
             event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
+            event.warnings.extend(notes)
         yield event
 
 
