@@ -128,6 +128,7 @@ def quantize_graph(src: Path, dst: Path) -> None:
 
 
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the .data file
+EXTERNAL_ALIGN = 4096  # each starts on a page boundary, so it can be mapped where it lies
 
 
 def externalize(path: Path) -> bool:
@@ -140,15 +141,21 @@ def externalize(path: Path) -> bool:
 
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
-    tensors = list(edh._get_all_tensors(proto))
-    if any(edh.uses_external_data(t) for t in tensors) or not any(
-            t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES for t in tensors):
+    tensors = [t for t in edh._get_all_tensors(proto)]
+    if any(edh.uses_external_data(t) for t in tensors):
+        return False
+    big = [t for t in tensors if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES]
+    if not big:
         return False
     data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=EXTERNAL_MIN_BYTES)
+    with open(data, "wb") as f:
+        for t in big:
+            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+            offset = f.tell()
+            f.write(t.raw_data)
+            edh.set_external_data(t, data.name, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+    onnx.save_model(proto, str(path))
     return True
 
 
