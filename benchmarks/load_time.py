@@ -11,7 +11,7 @@ process runs ``studio``'s own path (``engine.runner.prepare`` + ``execute``, gre
 - **load**: the generator's own ``load_s`` (opening the model: checks, weights, onnxruntime session);
 - **load CPU s**: the CPU time of the load (user + system, all threads): on a shared machine, where the wall
   times above depend on what else runs, this is the steadier figure;
-- **peak RSS**: the process's peak resident memory at the first token (``ru_maxrss``; it counts the pages
+- **peak RSS**: the process's peak resident memory at the first token (``VmHWM``; it counts the pages
   of memory-mapped weight files that were touched, and by then every weight was read once), next to the size
   of the weights on disk (torch: the safetensors; onnx: the export's files).
 **cold**: before the run the model's files (weights, export, optimized-graph cache) are dropped from the page
@@ -66,7 +66,7 @@ job = Job("text", prompt="To be, or not to be", model=sys.argv[2], backend=sys.a
           options={"max_new_tokens": 1, "temperature": 0.0})
 rec = execute(prepare(host, store, job), on_event=on_event, history=False, out_dir=__import__("pathlib").Path(sys.argv[4]))
 marks["first"] = time.time()
-marks["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+marks["rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print("RESULT " + json.dumps({"first_token_s": marks["first"] - t_spawn, "python_start_s": t_main - t_spawn,
       "load_s": rec.recipe["timings"].get("load_s"), "load_cpu_s": marks.get("load_cpu_s"),
       "rss_mb": marks["rss_mb"], "cpu_s": time.process_time(),
@@ -150,10 +150,11 @@ import json, resource, sys, time
 t_spawn = float(sys.argv[1]); import numpy as np, onnxruntime_genai as og
 t0 = time.time(); c0 = time.process_time(); model = og.Model(sys.argv[2]); load = time.time() - t0
 load_cpu = time.process_time() - c0
+hwm = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 params = og.GeneratorParams(model); params.set_search_options(max_length=64, do_sample=False)
 gen = og.Generator(model, params); gen.append_tokens(np.array([[1, 2, 3, 4, 5, 6]], dtype=np.int32)); gen.generate_next_token()
 print("RESULT " + json.dumps({"first_token_s": time.time() - t_spawn, "load_s": load, "load_cpu_s": load_cpu,
-      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+      "rss_mb": hwm()}))
 """
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -174,6 +175,48 @@ print("RESULT " + json.dumps({"first_token_s": time.time() - t_spawn, "load_s": 
     return res
 
 
+PREPACK_CHILD = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+sys.path.insert(0, sys.argv[4])
+from engine.backends.runtime import session_options
+so = session_options(int(sys.argv[3]))
+if sys.argv[2] == "off":
+    so.add_session_config_entry("session.disable_prepacking", "1")
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+t = time.perf_counter(); c = time.process_time()
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+res = {"open_s": time.perf_counter() - t, "open_cpu_s": time.process_time() - c}
+ids = np.arange(1, 65, dtype=np.int64)[None]
+feeds = {i.name: (ids if i.name == "input_ids" else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32))
+         for i in s.get_inputs()}
+t = time.perf_counter(); out = s.run(None, feeds); res["prefill64_s"] = time.perf_counter() - t
+steps = []
+for _ in range(16):
+    f = {i.name: (np.array([[5]], dtype=np.int64) if i.name == "input_ids" else out[k])
+         for k, i in enumerate(s.get_inputs())}
+    t = time.perf_counter(); out = s.run(None, f); steps.append(time.perf_counter() - t)
+res["step_ms"] = 1000 * sorted(steps)[8]
+print("RESULT " + json.dumps(res))
+"""
+
+
+def prepack_rows(model_folder: Path, threads: int, rounds: int, log) -> dict:
+    """The saved optimized fp32 graph opened with and without prepacking, in fresh processes taking turns."""
+    graph = Path(model_folder) / "onnx" / ".optimized" / "decoder.onnx"
+    out = {"on": [], "off": []}
+    for _ in range(rounds):
+        for mode in ("on", "off"):
+            proc = subprocess.run([sys.executable, "-c", PREPACK_CHILD, str(graph), mode, str(threads), str(ROOT)],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(f"prepack child failed: {proc.stderr.strip().splitlines()[-1:]}")
+            out[mode].append(json.loads(line[0][7:]))
+            log(f"prepack {mode}: {out[mode][-1]}")
+    return out
+
+
 def median(rows: list, key: str):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(vals) if vals else None
@@ -187,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "load_time"))
     p.add_argument("--peers", action="store_true")
+    p.add_argument("--prepack", action="store_true", help="also time the 336M fp32 export with and without "
+                   "onnxruntime's weight prepacking: open, a 64-token prefill and a decode step")
     p.add_argument("--json", default="", help="also write the raw figures to this file")
     args = p.parse_args(argv)
     work = Path(args.work).resolve()
@@ -233,7 +278,13 @@ def main(argv=None) -> int:
                     log(f"exported in {time.perf_counter() - t:.0f} s")
         entry = store.get(model)
         exports = [Path(f) if Path(f).is_absolute() else Path(folder) / f for f in entry.onnx]
-        rows = {b: {"cold": [], "warm": []} for b in backends}
+        rows = {b: {"cold": [], "warm": [], "first": []} for b in backends}
+        for b in backends:  # the first open after export: onnx builds and saves its optimized graph here
+            benv = {**env, "STUDIO_ONNX_VARIANT": "int8" if b == "onnx-int8" else "fp32"}
+            drop_cache([folder, *exports])
+            res = run_child(benv, model, "torch" if b == "torch" else "onnx", work / "out")
+            rows[b]["first"].append(res)
+            log(f"{name} {b} first open: load {res['load_s']:.2f} s ({res['load_cpu_s']:.2f} s CPU) notes {res['notes']}")
         for r in range(args.rounds):
             for b in backends:
                 benv = {**env, "STUDIO_ONNX_VARIANT": "int8" if b == "onnx-int8" else "fp32"}
@@ -250,6 +301,8 @@ def main(argv=None) -> int:
         if args.peers and name == "llama-336m":
             log("onnxruntime-genai on llama-336m")
             results[name]["ort_genai"] = peer_ort_genai(work / "src" / name, work, args.threads, args.rounds, log)
+    if args.prepack and "llama-336m" in folders:
+        results["_prepack"] = prepack_rows(folders["llama-336m"][1], args.threads, args.rounds, log)
     report = render(results, args)
     print(report)
     if args.json:
@@ -262,18 +315,22 @@ def render(results: dict, args) -> str:
              f"{os.getloadavg()[0]:.1f} at the end), {args.threads} threads; median of {args.rounds} runs; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              "", "| model | backend | files MB | cold: first token s | cold: load s | warm: first token s | "
-             "warm: load s | warm: load CPU s | peak RSS MB | RSS / files |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "warm: load s | warm: load CPU s | peak RSS MB | RSS / files | first open after export: load s (CPU s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(name, label, size, kinds):
         rss = median(kinds["cold"] + kinds["warm"], "rss_mb")
         cpu = median(kinds["warm"], "load_cpu_s")
+        first = (f"{median(kinds['first'], 'load_s'):.2f} ({median(kinds['first'], 'load_cpu_s'):.2f})"
+                 if kinds.get("first") else "")
         lines.append(f"| {name} | {label} | {size:.0f} | {median(kinds['cold'], 'first_token_s'):.2f} | "
                      f"{median(kinds['cold'], 'load_s'):.2f} | {median(kinds['warm'], 'first_token_s'):.2f} | "
                      f"{median(kinds['warm'], 'load_s'):.2f} | {cpu if cpu is None else round(cpu, 2)} | "
-                     f"{rss:.0f} | {rss / size:.2f} |")
+                     f"{rss:.0f} | {rss / size:.2f} | {first} |")
 
     for name, res in results.items():
+        if name.startswith("_"):
+            continue
         for b, kinds in res["rows"].items():
             size = res["weights_mb"] if b == "torch" else next(
                 (v for k, v in res["exports"].items() if ("int8" in k) == (b == "onnx-int8")), res["weights_mb"])
@@ -281,9 +338,19 @@ def render(results: dict, args) -> str:
         peer = res.get("ort_genai")
         if peer is not None:
             if "error" in peer:
-                lines.append(f"| {name} | onnxruntime-genai | not measured: {peer['error']} | | | | | | | |")
+                lines.append(f"| {name} | onnxruntime-genai | not measured: {peer['error']} | | | | | | | | |")
             else:
                 row(name, "onnxruntime-genai fp32", peer["export_mb"], peer)
+    pre = results.get("_prepack")
+    if pre:
+        lines += ["", "llama-336m fp32, the saved optimized graph opened with and without onnxruntime's weight "
+                  f"prepacking (median of {args.rounds} fresh processes each):", "",
+                  "| prepacking | open s | open CPU s | prefill of 64 tokens s | decode step ms |",
+                  "|---|---:|---:|---:|---:|"]
+        for mode in ("on", "off"):
+            r = pre[mode]
+            lines.append(f"| {mode} | {median(r, 'open_s'):.2f} | {median(r, 'open_cpu_s'):.2f} | "
+                         f"{median(r, 'prefill64_s'):.2f} | {median(r, 'step_ms'):.0f} |")
     return "\n".join(lines)
 
 

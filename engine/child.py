@@ -103,7 +103,8 @@ def serve() -> int:
         try:
             prep = prepare(host, store, Job(**msg["job"]))
             req = prep.request
-            send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "")
+            send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "",
+                 backend=req.backend)
 
             def on_event(event) -> None:
                 for m in messages.event_messages(event):

@@ -97,15 +97,31 @@ def _clear(cache: Path, graph: Path) -> None:
             pass
 
 
+def prepacks(manifest: dict) -> bool:
+    """Whether onnxruntime should repack the weights when the session opens. Quantized graphs: yes (MatMulNBits
+    runs 25x slower unpacked). fp32 graphs: no, unless ``STUDIO_ONNX_PREPACK=1``: packing copies every weight
+    (4.5 s of CPU for the 336M Llama) and a decode step measured the same without it; only a long prompt's
+    prefill is slower (benchmarks/load_time.py --prepack)."""
+    return bool(manifest.get("quantization")) or os.environ.get("STUDIO_ONNX_PREPACK", "").strip() == "1"
+
+
+def _options(threads, graph: Path, prepack: bool):
+    so = session_options(threads, graph)
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
 def optimized_session(graph: Path, manifest: dict, threads: Optional[int], allowed: set, notes: list):
     """A session on ``graph`` (a checked export's graph), through its saved optimized form when there is one."""
     import onnxruntime as ort
 
     graph = Path(graph)
+    prepack = prepacks(manifest)
     cache, opt, data, meta_path = _paths(graph)
     want = {"onnxruntime": ort.__version__, "cpu": cpu_id(), "source": source_key(manifest)}
     if _saved_ok(graph, want, notes):
-        so = session_options(threads, graph)
+        so = _options(threads, graph, prepack)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return new_session(opt, so)
@@ -113,7 +129,7 @@ def optimized_session(graph: Path, manifest: dict, threads: Optional[int], allow
             notes.append(f"the saved optimized graph of {graph.name} did not open; it was rebuilt")
     check_graph(graph, allowed)
     size = sum(int(m.get("bytes", 0)) for m in manifest.get("files", {}).values() if isinstance(m, dict))
-    so = session_options(threads, graph)
+    so = _options(threads, graph, prepack)
     why = None
     try:
         cache.mkdir(exist_ok=True)
@@ -137,7 +153,7 @@ def optimized_session(graph: Path, manifest: dict, threads: Optional[int], allow
             raise
         notes.append(f"the optimized graph of {graph.name} could not be saved beside the export (the disk is "
                      "full); the export works but is optimized again at every load, which is slower")
-        return new_session(graph, session_options(threads, graph))
+        return new_session(graph, _options(threads, graph, prepack))
     try:
         files = {p.name: stamp(p) for p in (opt, data) if p.is_file()}
         meta_path.write_text(json.dumps({**want, "files": files}, indent=2), encoding="utf-8")

@@ -74,7 +74,8 @@ def generate(request, context):
     from plugins.text.sampling import SamplingOptions
 
     opts = request.options
-    yield Progress(0, 1, "loading model")
+    where = request.backend + (f", {Path(request.export).name}" if request.export else "")
+    yield Progress(0, 1, f"loading {request.model.name if request.model else 'the model'} ({where})")
     t0 = time.perf_counter()
     pipe, notes = _pipeline(request, context)
     load_s = time.perf_counter() - t0
