@@ -6,6 +6,10 @@ Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` when quantized
 written into a temporary sibling folder and renamed into place at the end, so nothing half-written is left;
 an existing destination is replaced only if it is an earlier export (it holds this studio's manifest).
 
+Every graph's weights are moved to ``<graph>.data`` beside it, page-aligned (``backends.common.externalize``), so
+onnxruntime maps them at load; the manifest records each file's size, modification time and sha256, so a load
+hashes only files whose time changed (``engine.filecheck``).
+
 The exporter contract (its options and what it returns) is documented once, in ``engine/hookspecs.py``
 (``register_exporters``); the parity gate is ``Gate`` below, run once per export.
 """
