@@ -92,7 +92,7 @@ def choose_backend(backend: str, device: str, entry, job: "Job", info) -> tuple:
     if backend == "auto":
         device = resolve_device(device, "auto")
         if device == "cpu" and entry.onnx and not job.loras:
-            export = choose_export(entry.path, gated_only=True)
+            export = choose_export(entry.path, gated_only=True, model_hash=entry.hash)
             if export is not None:
                 return "onnx", "cpu", export
         return "torch", (device if device == "cuda" else resolve_device(job.device, "torch")), None

@@ -185,6 +185,7 @@ def test_gate_and_choice_of_export(copy):
     (int8 / "onnx.json").write_text(json.dumps({**manifest, "quantization": {"gate": "not gated"}}))
     assert choose_export(copy) == copy / "onnx"
     assert choose_export(copy, legacy=True) == copy / "onnx"
+    assert choose_export(copy, gated_only=True, model_hash="another version") is None
     assert open_export(copy, export=int8).folder == int8
 
 

@@ -276,10 +276,12 @@ def gate_passed(manifest: dict) -> bool:
     return isinstance(gate, dict) and gate.get("passed") is True
 
 
-def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = False) -> Optional[Path]:
-    """The export folder a model runs on: the fastest variant (int4, int8, fp32) that passed its gate; with
-    ``gated_only`` None when none did, else the fp32 one. ``STUDIO_ONNX_VARIANT`` (fp32, int8, int4) picks a
-    variant. ``legacy``: the rule of recipes that did not record their export (fp32 first)."""
+def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = False,
+                  model_hash: Optional[str] = None) -> Optional[Path]:
+    """The export folder a model runs on: the fastest variant (int4, int8, fp32) that passed its gate (and, given
+    ``model_hash``, was made from this version of the model); with ``gated_only`` None when none did, else the
+    fp32 one. ``STUDIO_ONNX_VARIANT`` (fp32, int8, int4) picks a variant. ``legacy``: the rule of recipes that
+    did not record their export (fp32 first)."""
     folders = export_folders(model_folder)
     want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
     if want:
@@ -289,7 +291,9 @@ def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = F
     gated = []
     for f in folders:
         try:
-            if gate_passed(read_manifest(f)):
+            manifest = read_manifest(f)
+            recorded = (manifest.get("model") or {}).get("hash")
+            if gate_passed(manifest) and not (model_hash and recorded and recorded != model_hash):
                 gated.append(f)
         except ModelError:
             continue
