@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,22 @@ def sha256_file(path: Path) -> str:
                 h.update(chunk)
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
+
+
+def read_ahead(path: Path) -> None:
+    """Ask the kernel to start reading a whole file into the page cache in the background, sequentially: a
+    memory-mapped weight file is otherwise read page by page, in whatever order the first computation touches it
+    (measured: a cold first token took longer than with a runtime that reads the file at open). Best effort."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def stamp(path: Path, sha256: Optional[str] = None) -> dict:

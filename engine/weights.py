@@ -53,8 +53,11 @@ def load_state_dict(folder, device: str = "cpu") -> dict:
     """All tensors of the folder's safetensors file(s) as a dict; ModelError on missing or corrupt files."""
     from safetensors.torch import load_file
 
+    from engine.filecheck import read_ahead
+
     state = {}
     for path in weight_files(folder):
+        read_ahead(path)  # the tensors are mapped; have the kernel read the file in order meanwhile
         try:
             part = load_file(str(path), device=device)
         except Exception as exc:  # safetensors raises its own error types and OSError

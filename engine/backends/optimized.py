@@ -21,7 +21,7 @@ from typing import Optional
 
 from engine.backends.runtime import check_graph, new_session, session_options
 from engine.errors import ModelError
-from engine.filecheck import Check, check_file, stamp
+from engine.filecheck import Check, check_file, read_ahead, stamp
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def optimized_session(graph: Path, manifest: dict, threads: Optional[int], allow
     cache, opt, data, meta_path = _paths(graph)
     want = {"onnxruntime": ort.__version__, "cpu": cpu_id(), "source": source_key(manifest)}
     if _saved_ok(graph, want, notes):
+        read_ahead(data)
         so = _options(threads, graph, prepack)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
