@@ -100,8 +100,8 @@ def _clear(cache: Path, graph: Path) -> None:
 def prepacks(manifest: dict) -> bool:
     """Whether onnxruntime should repack the weights when the session opens. Quantized graphs: yes (MatMulNBits
     runs 25x slower unpacked). fp32 graphs: no, unless ``STUDIO_ONNX_PREPACK=1``: packing copies every weight
-    (4.5 s of CPU for the 336M Llama) and a decode step measured the same without it; only a long prompt's
-    prefill is slower (benchmarks/load_time.py --prepack)."""
+    at every open (2-4.5 s of CPU for the 336M Llama, against 0.06 s) while a decode step stays within this
+    shared machine's noise; a long prompt's prefill is slower unpacked (benchmarks/load_time.py --prepack)."""
     return bool(manifest.get("quantization")) or os.environ.get("STUDIO_ONNX_PREPACK", "").strip() == "1"
 
 
