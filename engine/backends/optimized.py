@@ -99,9 +99,11 @@ def _clear(cache: Path, graph: Path) -> None:
 
 def prepacks(manifest: dict) -> bool:
     """Whether onnxruntime should repack the weights when the session opens. Quantized graphs: yes (MatMulNBits
-    runs 25x slower unpacked). fp32 graphs: no, unless ``STUDIO_ONNX_PREPACK=1``: packing copies every weight
-    at every open (2-4.5 s of CPU for the 336M Llama, against 0.06 s) while a decode step stays within this
-    shared machine's noise; a long prompt's prefill is slower unpacked (benchmarks/load_time.py --prepack)."""
+    decoded about 25x slower unpacked in a one-off check). fp32 graphs: only with ``STUDIO_ONNX_PREPACK=1``, which the window's generation
+    process sets (it keeps models loaded): packing copies every weight at every open (2.8 s of CPU for the 336M
+    Llama, against 0.08 s), and buys a faster prefill (3.1 s against 5.5 s for 64 tokens) and decode step
+    (639 against 722 ms) on this shared machine (benchmarks/load_time.py --prepack), which a one-shot CLI run
+    pays back only for long prompts and outputs."""
     return bool(manifest.get("quantization")) or os.environ.get("STUDIO_ONNX_PREPACK", "").strip() == "1"
 
 
