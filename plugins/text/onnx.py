@@ -120,12 +120,16 @@ def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, int8_dec
 
 
 def compact_graph(model, family: str):
-    """The Llama decoder's compact export form (the same function in far fewer graph nodes), or None."""
-    from plugins.text.llama_graph import LlamaDecoderGraph
+    """What the exporter traces for a Llama: a copy of the model in its export form (fused projections,
+    grouped-query attention without repeats: LlamaForCausalLM.fuse_for_export), wrapped to take and give flat
+    tensors; None for the other families (engine.backends.decoders picks their form)."""
+    import copy
 
-    if family == "llama" and LlamaDecoderGraph.supports(model):
-        return LlamaDecoderGraph(model).eval()
-    return None
+    from engine.backends.decoders import decoder_wrapper
+
+    if family != "llama":
+        return None
+    return decoder_wrapper(copy.deepcopy(model).fuse_for_export(), model.config.num_hidden_layers)
 
 
 # ----- the exporter ---------------------------------------------------------------------------------
