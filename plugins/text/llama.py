@@ -33,6 +33,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2), not on o
     mlp_bias: bool = False
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
@@ -51,6 +52,8 @@ class LlamaConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in cfg.items() if k in names}
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            raise ValueError("sliding-window attention is not supported yet")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"unsupported rope_type {rope_type!r}")
@@ -125,9 +128,10 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         C, b = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
+        qkv = b or config.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=qkv)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=b)
 
     def fuse_for_export(self) -> None:

@@ -40,8 +40,10 @@ def load_torch_model(folder, family: str):
 
 
 def runtime_config(model, family: str) -> dict:
+    from plugins.text.llama import LlamaForCausalLM
+
     c = model.config
-    if family == "llama":
+    if isinstance(model, LlamaForCausalLM):
         return {"family": family, "n_layers": c.num_hidden_layers, "n_kv_heads": c.num_key_value_heads,
                 "head_dim": c.head_dim, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
@@ -127,7 +129,9 @@ def compact_graph(model, family: str):
 
     from engine.backends.decoders import decoder_wrapper
 
-    if family != "llama":
+    from plugins.text.llama import LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM):
         return None
     return decoder_wrapper(copy.deepcopy(model).fuse_for_export(), model.config.num_hidden_layers)
 
