@@ -437,23 +437,20 @@ def main(argv=None) -> int:
         text.extend(r)
         notes.extend(n)
 
-    def image():
-        e = builtin.get("image")
+    def builtin_rows(generator, rows_fn, unit):
+        e = builtin.get(generator)
         if e is None:
-            notes.append("built-in image model: not installed, skipped")
+            notes.append(f"built-in {generator} model: not installed, skipped")
             return
-        r, n = image_rows(e, host, work, args.threads, log)
-        other.extend((a, b, f"{c:.3f} s/image") for a, b, c in r)
+        r, n = rows_fn(e, host, work, args.threads, log)
+        other.extend((a, b, unit(c)) for a, b, c in r)
         notes.extend(n)
 
+    def image():
+        builtin_rows("image", image_rows, lambda c: f"{c:.3f} s/image")
+
     def caption():
-        e = builtin.get("caption")
-        if e is None:
-            notes.append("built-in caption model: not installed, skipped")
-            return
-        r, n = caption_rows(e, host, work, args.threads, log)
-        other.extend((a, b, f"{c:.1f} ms/caption") for a, b, c in r)
-        notes.extend(n)
+        builtin_rows("caption", caption_rows, lambda c: f"{c:.1f} ms/caption")
 
     try:
         for name, fn in (("builtin-text", builtin_text), ("gpt2-124m", gpt2_124m), ("image", image),

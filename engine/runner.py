@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import engine
 from engine import outputs as out_mod
-from engine.errors import CancelledError, GenerationError, StudioError, UsageError
+from engine.errors import GenerationError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost

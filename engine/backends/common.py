@@ -100,6 +100,15 @@ def quantize_graph(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+def quantize_graphs(paths: dict) -> dict:
+    """Weight-only int8 copies of ``paths`` ({name: graph.onnx}) beside them, as {name: graph.int8.onnx}."""
+    out = {}
+    for name, path in paths.items():
+        out[name] = Path(path).with_suffix(".int8.onnx")
+        quantize_graph(Path(path), out[name])
+    return out
+
+
 def describe_graphs(paths: dict) -> tuple:
     """``({name: {"file", "inputs", "outputs"}}, opset)`` for the written graphs ``{name: path}``."""
     graphs, opset = {}, None

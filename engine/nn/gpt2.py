@@ -26,7 +26,6 @@ For beam search, ``past.reorder(beam_index)`` selects batch rows of every buffer
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.nn.blocks import activation
 from engine.nn.cache import KVCache, causal_mask
 
 
@@ -66,20 +66,6 @@ class GPT2Config:
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-
-def activation(name: str):
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    if name == "relu":
-        return F.relu
-    if name in ("silu", "swish"):
-        return F.silu
-    if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    raise ValueError(f"unsupported activation_function {name!r}")
 
 
 class Conv1D(nn.Module):

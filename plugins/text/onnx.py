@@ -141,7 +141,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     """Exporter registered for the llama and gpt2 families (see engine.onnx_export for the contract)."""
     import torch
 
-    from engine.backends.common import describe_graphs, quantize_graph, replace_graphs
+    from engine.backends.common import describe_graphs, quantize_graphs, replace_graphs
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
 
@@ -160,8 +160,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say("quantizing the weights to int8 and measuring the quality cost")
-        qpath = Path(out_dir) / "decoder.int8.onnx"
-        quantize_graph(path, qpath)
+        qpath = quantize_graphs({"decoder": path})["decoder"]
         int8 = OnnxDecoder(open_session(qpath), cfg)
         quality = text_quality(Path(model_ref.path), model_ref.studio, model, fp32, int8, cfg["vocab_size"],
                                cfg["max_positions"])

@@ -96,6 +96,19 @@ def sigmas_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
 
+class Scheduler:
+    """What every scheduler starts with: its config, the training alphas-cumprod, and no timesteps yet."""
+    init_noise_sigma = 1.0
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.config = cfg
+        self.alphas_cumprod = alphas_cumprod(cfg)
+        self.num_inference_steps = None
+
+    def spacing(self, default: str) -> str:
+        return self.config.timestep_spacing or default
+
+
 def clip(x, r: float):
     return x.clip(-r, r)
 

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
+from engine.diffusion.schedulers.common import (Scheduler, SchedulerConfig, StepOutput, clip,
                                              discrete_timesteps, randn_like, to_float)
 
 
-class DDPMScheduler:
-    init_noise_sigma = 1.0
-
+class DDPMScheduler(Scheduler):
     def __init__(self, cfg: SchedulerConfig):
-        self.config = cfg
-        self.alphas_cumprod = alphas_cumprod(cfg)
+        super().__init__(cfg)
         self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
-        self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.timesteps = discrete_timesteps(self.config, num_inference_steps)
