@@ -109,6 +109,21 @@ class Scheduler:
         return self.config.timestep_spacing or default
 
 
+class DiscreteScheduler(Scheduler):
+    """DDPM and DDIM: integer timesteps (all of them until ``set_timesteps``), the model input as it is."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        super().__init__(cfg)
+        self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.timesteps = discrete_timesteps(self.config, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+
+    def scale_model_input(self, sample, timestep):
+        return sample
+
+
 def clip(x, r: float):
     return x.clip(-r, r)
 
