@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import engine
 from engine import outputs as out_mod
-from engine.errors import GenerationError, StudioError, UsageError
+from engine.errors import GenerationError, StateError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
@@ -212,25 +212,25 @@ def content_digest(result: Result) -> str:
     return h.hexdigest()
 
 
-def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
+def output_ext(result: Result) -> str:
+    return "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
+
+
+def write_result(result: Result, recipe: dict, out_path: Optional[Path] = None,
+                 out_dir: Optional[Path] = None) -> list[Path]:
+    """Write the output and its recipe: to ``out_path`` when the user named one (replacing it), else under a
+    fresh name in ``out_dir`` (time, generator, seed; never an existing file, even with another process writing
+    the same name at the same second). ``recipe["path"]`` is set to where it went."""
+    def parts(path: Path) -> list:
+        recipe["path"] = str(Path(path).resolve())
+        return out_mod.render(path, text=result.text if result.image is None and result.audio is None else None,
+                              image=result.image, audio=result.audio, recipe=recipe)
+
+    if out_path is not None:
+        return out_mod.save(parts(Path(out_path)))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
-    ext = "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
-    base = out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}"
-    path, n = base.with_suffix(f".{ext}"), 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}.{ext}"), n + 1
-    return path
-
-
-def write_result(result: Result, recipe: dict, path: Path) -> list[Path]:
-    if result.image is not None:
-        if path.suffix.lower() != ".png":
-            raise UsageError(f"Images are saved as .png; {path.name} has another suffix.")
-        return out_mod.write_png(path, result.image, recipe)
-    if result.audio is not None:
-        data, rate = result.audio
-        return out_mod.write_audio(path, data, rate, recipe)
-    return out_mod.write_text(path, result.text or "", recipe)
+    return out_mod.save_new(Path(out_dir), f"{stamp}-{recipe['generator']}-{recipe['seed']}", output_ext(result),
+                            parts)
 
 
 def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optional[Callable] = None,
@@ -269,14 +269,20 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     own = result.info.pop("timings", None)  # a generator may report its own split (load, steps, ...)
     timings = {**(own if isinstance(own, dict) else {}), "total_s": round(time.perf_counter() - started, 4)}
     recipe = recipe_of(prep, result, timings)
-    if out_path is None:
+    if out_path is None and out_dir is None:
         from engine import state
 
-        out_path = default_path(out_dir or state.load_settings().outputs, recipe, result)
-    recipe["path"] = str(Path(out_path).resolve())
-    files = write_result(result, recipe, Path(out_path))
+        out_dir = state.load_settings().outputs
+    files = write_result(result, recipe, out_path, out_dir)  # all or nothing, before the history row
     outputs = [{"path": str(p.resolve()), "sha256": out_mod.sha256_file(p)} for p in files]
-    history_id = (history or History()).add(recipe, outputs) if history is not False else None
+    history_id = None
+    if history is not False:
+        try:
+            history_id = (history or History()).add(recipe, outputs)
+        except StateError as exc:  # the output is saved and carries its recipe: say so, never lose it
+            recipe.setdefault("warnings", []).append(
+                f"{exc} The output was saved, with its recipe, as {', '.join(str(p) for p in files)}, but it is "
+                "not in the history.")
     recipe["history_id"] = history_id
     return Record(recipe, files, history_id, result)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def cmd_generate(args) -> int:
     if batch and out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
     prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
-    history = History()
+    history, unrecorded = History(), False
     for prep in prepared:
         bar = _ProgressBar()
         stream = not args.json and not batch and prep.generator.info.makes == "text" and sys.stdout.isatty()
@@ -129,7 +130,10 @@ def cmd_generate(args) -> int:
 
         out_path = out_dir = None
         if out is not None:
-            out_dir, out_path = (out, None) if batch or out.is_dir() else (None, out)
+            folder = batch or out.is_dir() or args.out.endswith(("/", os.sep))  # "newdir/": a folder to make
+            out_dir, out_path = (out, None) if folder else (None, out)
+            if out_path is not None and out_path.is_file():
+                print(f"studio: warning: replacing {out_path} (you named it with --out)", file=sys.stderr)
         record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history)
         bar.done()
         r = record.recipe
@@ -149,7 +153,9 @@ def cmd_generate(args) -> int:
             print(f"saved {r['path']}", file=sys.stderr)
         else:
             print(r["path"])
-    return 0
+        if record.history_id is None:
+            unrecorded = True
+    return 1 if unrecorded else 0
 
 
 # ----- models ----------------------------------------------------------------------------------
