@@ -1,0 +1,131 @@
+"""The chat generator with the built-in model: turns, prefix reuse of the KV cache, replay, the context, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.errors import UsageError
+from engine.generators import Context
+from engine.history import History
+from engine.plugins import PluginHost
+from engine.runner import Job, execute, prepare, replay
+from engine.store import ModelStore
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def host():
+    return PluginHost().load()
+
+
+def _turn(host, messages, context, seed=1, options=None, **kw):
+    job = Job("chat", messages=messages, seed=seed, device="cpu", options=dict(options or {"max_new_tokens": 24}))
+    return execute(prepare(host, ModelStore(host), job), context, **kw)
+
+
+def test_three_turns_reuse_the_cache_and_replay_identical(host):
+    ctx = Context()
+    messages = [{"role": "system", "content": "A street in Verona."}]
+    records = []
+    for line in ("Who goes there?", "Speak, I pray thee.", "What news from Mantua?"):
+        messages.append({"role": "user", "content": line})
+        record = _turn(host, messages, ctx, seed=len(records) + 1)
+        records.append(record)
+        messages.append({"role": "assistant", "content": record.recipe["text"]})
+    infos = [r.recipe["info"] for r in records]
+    assert infos[0]["reused_tokens"] == 0
+    assert infos[1]["reused_tokens"] > infos[0]["prompt_tokens"] // 2  # the first turn's tokens were not re-read
+    assert infos[2]["reused_tokens"] > infos[1]["reused_tokens"]
+    assert records[2].recipe["messages"][-1] == {"role": "user", "content": "What news from Mantua?"}
+    for record in records:  # a fresh process state (no cache) writes the same answers
+        again, identical, _ = replay(host, ModelStore(host), record.recipe, history=False)
+        assert identical, (record.recipe["text"], again.recipe["text"])
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_reading_everything():
+    from plugins.text import _pipeline
+    from plugins.text.pipeline import PrefixState, TextRequest
+    from plugins.text.sampling import SamplingOptions
+    from engine.generators import Request, Result
+
+    host = PluginHost().load()
+    entry = ModelStore(host).default_for("chat", ("llama",))
+    pipe = _pipeline(Request(model=entry.ref()), Context())
+    req = TextRequest(max_new_tokens=12, sampling=SamplingOptions(temperature=0), slide=False)
+    rng = np.random.default_rng(0)
+    first = [0] + list(rng.integers(1, 3000, 40))
+    state = PrefixState()
+    a = [e for e in pipe.run_ids(first, req, prefix=state)][-1]
+    assert isinstance(a, Result) and state.ids[:len(first)] == first
+    second = first + a.token_ids[:5] + list(rng.integers(1, 3000, 9))
+    b = [e for e in pipe.run_ids(second, req, prefix=state)][-1]
+    c = [e for e in pipe.run_ids(second, req)][-1]
+    assert b.info["reused_tokens"] == len(first) + 5
+    assert b.token_ids == c.token_ids
+    # the same prompt again (regenerate): everything but its last token is reused
+    d = [e for e in pipe.run_ids(second, req, prefix=state)][-1]
+    assert d.info["reused_tokens"] == len(second) - 1 and d.token_ids == c.token_ids
+
+
+def test_over_the_context_is_refused_not_cut(host):
+    long = [{"role": "user", "content": "Good morrow, sweet lord, " * 60}]
+    with pytest.raises(UsageError, match="nothing was cut"):
+        _turn(host, long, Context())
+
+
+def test_bad_conversations(host):
+    store = ModelStore(host)
+    with pytest.raises(UsageError, match="needs a conversation"):
+        prepare(host, store, Job("chat"))
+    with pytest.raises(UsageError, match="empty"):
+        prepare(host, store, Job("chat", messages=[]))
+    with pytest.raises(UsageError, match="role 'robot'"):
+        prepare(host, store, Job("chat", messages=[{"role": "robot", "content": "beep"}]))
+    with pytest.raises(UsageError, match="takes no conversation"):
+        prepare(host, store, Job("text", prompt="x", messages=[{"role": "user", "content": "x"}]))
+
+
+def test_template_error_is_one_line(host, tmp_path):
+    import shutil
+
+    from engine.errors import ModelError
+    from engine.store import BUILTIN_DIR
+
+    folder = tmp_path / "raising"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('No system!') }}"}))
+    job = Job("chat", model=str(folder), messages=[{"role": "user", "content": "hi"}], device="cpu")
+    with pytest.raises(ModelError, match="^The chat template of raising failed: No system!$"):
+        execute(prepare(host, ModelStore(host), job), Context(), history=False)
+
+
+def _studio(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
+                          input=stdin, env=dict(os.environ), timeout=300)
+
+
+def test_cli_generate_chat_json_and_interactive_chat(tmp_path):
+    saved = tmp_path / "conv.json"
+    proc = _studio("chat", "--system", "A garden.", "--seed", "3", "--set", "max_new_tokens=16",
+                   stdin=f"Who goes there?\n/reset\nGood even.\n/save {saved}\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "a new conversation" in proc.stderr and "saved" in proc.stderr
+    conv = json.loads(saved.read_text())
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]  # /reset kept only the system prompt
+    assert conv[1]["content"] == "Good even."
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps({"messages": conv[:2]}))
+    proc = _studio("generate", "chat", "--messages", str(messages), "--seed", "4", "--set", "max_new_tokens=16",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert obj["generator"] == "chat" and obj["role"] == "assistant" and obj["messages"] == conv[:2]
+    assert obj["model"] == "shakespeare-llama" and obj["text"] and obj["template"]["fallback"] is False
+    assert obj["stopped_by"] in ("stop", "eos", "max_new_tokens")
+    messages.write_text('[{"role": "user", "content": 3}]')
+    proc = _studio("generate", "chat", "--messages", str(messages))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Message 1" in proc.stderr
