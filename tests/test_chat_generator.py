@@ -129,3 +129,17 @@ def test_cli_generate_chat_json_and_interactive_chat(tmp_path):
     messages.write_text('[{"role": "user", "content": 3}]')
     proc = _studio("generate", "chat", "--messages", str(messages))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Message 1" in proc.stderr
+
+
+def test_cli_chat_warns_before_dropping_turns(tmp_path):
+    saved = tmp_path / "conv.json"
+    lines = [f"Turn {i}: " + "Good morrow, sweet lord, " * 12 for i in range(1, 5)]
+    # turns 1 and 2 fit; turn 3 would not: refused once ("n"), then turn 4 with the oldest turns dropped ("y")
+    stdin = "\n".join([lines[0], lines[1], lines[2], "n", lines[3], "y", f"/save {saved}", ""])
+    proc = _studio("chat", "--seed", "1", "--set", "max_new_tokens=64", "--set", "stop=\\n", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("would be left out") == 2 and "Turn 1:" in proc.stderr
+    conv = json.loads(saved.read_text())
+    users = [m["content"] for m in conv if m["role"] == "user"]
+    assert users[-1] == lines[3] and lines[2] not in users and lines[0] not in users
+    assert conv[-1]["role"] == "assistant"
