@@ -143,3 +143,35 @@ def test_cli_chat_warns_before_dropping_turns(tmp_path):
     users = [m["content"] for m in conv if m["role"] == "user"]
     assert users[-1] == lines[3] and lines[2] not in users and lines[0] not in users
     assert conv[-1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fallback_template_and_onnx_backend(tmp_path, monkeypatch, family):
+    """A model folder without a template chats through the plain fallback (and says so); on the ONNX backend the
+    answers and the cache reuse are the same as on torch."""
+    import torch
+
+    from engine import chat
+    from engine.onnx_export import export_model
+    from tests.onnx_fixtures import text_folder
+
+    monkeypatch.setenv("STUDIO_ONNX_THREADS", "1")
+    torch.set_num_threads(1)
+    host = PluginHost(safe_mode=True, disabled=[], builtins=("plugins.text",)).load()
+    store = ModelStore(host, builtin_dir=tmp_path / "none", user_dir=tmp_path / "models")
+    folder = text_folder(tmp_path / "models" / f"tiny-{family}", family)
+    export_model(host, store.get(folder.name))
+    answers = {}
+    for backend in ("torch", "onnx"):
+        ctx, messages, out = Context(), [{"role": "user", "content": "w3 w5 w7"}], []
+        for turn in range(2):
+            job = Job("chat", model=folder.name, messages=messages, seed=3, backend=backend, device="cpu",
+                      options={"temperature": 0, "max_new_tokens": 6})
+            rec = execute(prepare(host, store, job), ctx, out_dir=tmp_path / "out", history=False)
+            assert rec.recipe["info"]["template"]["fallback"] and chat.FALLBACK_NOTE in rec.recipe["warnings"]
+            out.append((rec.result.token_ids, rec.recipe["info"]["reused_tokens"]))
+            messages = messages + [{"role": "assistant", "content": rec.recipe["text"]},
+                                   {"role": "user", "content": "w11 w13"}]
+        answers[backend] = out
+        assert out[1][1] > 0  # the second turn reused the first one's cache
+    assert answers["onnx"] == answers["torch"]
