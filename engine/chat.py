@@ -220,16 +220,11 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
 
 def find_template(folder) -> tuple:
     """(template source or None, tokenizer_config dict) for a model folder."""
+    from engine.store import read_json
+
     folder = Path(folder)
-    cfg = {}
     path = folder / "tokenizer_config.json"
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise ModelError(f"{path} is not valid JSON; the model folder is damaged.") from None
-        if not isinstance(cfg, dict):
-            raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged.")
+    cfg = read_json(path, "a tokenizer_config.json") if path.is_file() else {}
     source = cfg.get("chat_template")
     if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}

@@ -20,7 +20,8 @@ from engine.errors import StudioError, UsageError
 log = logging.getLogger(__name__)
 
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
-ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;", "assistant": "background: #f1f3f4; border-radius: 8px;"}
+ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
+               "assistant": "background: #f1f3f4; border-radius: 8px;"}
 
 
 class TurnBlock(QFrame):
@@ -215,7 +216,8 @@ class ChatView(QWidget):
         block.continue_clicked.connect(self.continue_from)
         self.turn_layout.insertWidget(self.turn_layout.count() - 1, block)
         self.turns.append(block)
-        QTimer.singleShot(0, lambda: self.scroll.verticalScrollBar().setValue(self.scroll.verticalScrollBar().maximum()))
+        bar = self.scroll.verticalScrollBar()
+        QTimer.singleShot(0, lambda: bar.setValue(bar.maximum()))
         return block
 
     def _remove(self, block: TurnBlock) -> None:
@@ -327,4 +329,3 @@ class ChatView(QWidget):
             self.meter_label.setText(f"Over by {fit.tokens - fit.budget} tokens: the oldest turns would have to be "
                                      "left out (you will be asked first).")
             self.meter_label.setStyleSheet("color: #b00020;")
-        self.last_fit = fit
