@@ -331,6 +331,10 @@ def replay_notes(original: dict, replayed: dict) -> list:
         if was_a.get("sha256") != now_a.get("sha256"):
             notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
                          f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
+    was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
+    now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
+    if was_t and now_t and was_t != now_t:
+        notes.append("the model's chat template has changed since, so the prompt and the output may differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "

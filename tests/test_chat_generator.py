@@ -175,3 +175,36 @@ def test_fallback_template_and_onnx_backend(tmp_path, monkeypatch, family):
         answers[backend] = out
         assert out[1][1] > 0  # the second turn reused the first one's cache
     assert answers["onnx"] == answers["torch"]
+
+
+def test_ctrl_c_stops_the_answer_not_the_conversation(tmp_path, monkeypatch, capsys):
+    """A SIGINT while the model writes stops that answer (what it wrote is kept as its turn); the chat goes on."""
+    import builtins
+    import signal
+
+    from studio.chat_cli import run_chat
+    from studio.cli import build_parser
+
+    saved = tmp_path / "conv.json"
+    lines = iter(["Who goes there?", "Speak again.", f"/save {saved}", "/quit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+
+    class Out:  # the terminal: the first streamed piece of the first answer is followed by Ctrl+C
+        pieces: list = []
+
+        def write(self, text):
+            self.pieces.append(text)
+            if len(self.pieces) == 1:
+                signal.raise_signal(signal.SIGINT)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Out())
+    args = build_parser().parse_args(["chat", "--seed", "1", "--set", "max_new_tokens=40"])
+    assert run_chat(args) == 0
+    assert "(stopped)" in capsys.readouterr().err
+    conv = json.loads(saved.read_text())
+    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
+    assert conv[1]["content"] == Out.pieces[0]  # the stopped answer is what was shown before Ctrl+C
+    assert conv[3]["content"]  # the next turn was answered in full
