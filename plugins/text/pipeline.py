@@ -80,13 +80,11 @@ class PrefixState:
 
 
 def truncate_past(past, n: int):
-    """A decoder cache cut back to its first ``n`` positions (KVCache, OnnxCache or NoCacheDecoder's ids)."""
-    if isinstance(past, np.ndarray):  # NoCacheDecoder
+    """A decoder cache cut back to its first ``n`` positions: the cache protocol's ``truncate`` (engine/nn/cache.py),
+    or NoCacheDecoder's ids."""
+    if isinstance(past, np.ndarray):
         return past[:, :n]
-    kv = getattr(past, "kv", None)
-    if kv is not None:  # OnnxCache: immutable arrays per step
-        return type(past)([(k[:, :, :n], v[:, :, :n]) for k, v in kv], past.cross)
-    past.length = n  # KVCache: later writes overwrite the positions after n
+    past.truncate(n)
     return past
 
 
