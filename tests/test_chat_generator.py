@@ -208,3 +208,46 @@ def test_ctrl_c_stops_the_answer_not_the_conversation(tmp_path, monkeypatch, cap
     assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
     assert conv[1]["content"] == Out.pieces[0]  # the stopped answer is what was shown before Ctrl+C
     assert conv[3]["content"]  # the next turn was answered in full
+
+
+def test_imported_qwen2_chats_in_its_own_template_like_transformers(tmp_path):
+    """A transformers-saved Qwen2 folder with the real Qwen 2.5 template: the chat generator feeds the ids
+    apply_chat_template gives and writes the greedy answer transformers' generate writes, up to <|im_end|>."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from test_chat_template import DATA, _byte_tokenizer
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>"),
+        eos_token="<|im_end|>", chat_template=(DATA / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8"))
+    im_end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end)
+    ref = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(4.0) if p.dim() == 2 else None
+    folder = tmp_path / "models" / "tiny-qwen-chat"
+    ref.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    want_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    want_ids = list(want_ids["input_ids"] if hasattr(want_ids, "keys") else want_ids)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([want_ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want_answer = out[0, len(want_ids):].tolist()
+
+    host = PluginHost(safe_mode=True, disabled=[], builtins=("plugins.text",)).load()
+    store = ModelStore(host, builtin_dir=tmp_path / "none", user_dir=tmp_path / "models")
+    assert store.get(folder.name).family == "qwen2"
+    job = Job("chat", model=folder.name, messages=messages, seed=1, device="cpu",
+              options={"temperature": 0, "max_new_tokens": 12})
+    rec = execute(prepare(host, store, job), Context(), out_dir=tmp_path / "out", history=False)
+    assert rec.recipe["info"]["prompt_tokens"] == len(want_ids)
+    assert not rec.recipe["info"]["template"]["fallback"]
+    assert rec.recipe["info"]["template"]["end_of_turn"] == "<|im_end|>"
+    assert rec.result.token_ids == want_answer[:len(rec.result.token_ids)] and rec.result.token_ids
+    assert rec.recipe["info"]["stopped_by"] == ("eos" if im_end in want_answer else "max_new_tokens")
