@@ -62,7 +62,8 @@ def parse_messages(raw, need_user_last: bool = True) -> tuple:
             raise UsageError(f"Message {i} is {len(m['content'])} characters long; the limit is {MAX_MESSAGE_CHARS}.")
         out.append(Message(m["role"], m["content"]))
     if need_user_last and out[-1].role != "user":
-        raise UsageError(f"The conversation ends with a {out[-1].role} message; the next answer needs a user message "
+        article = "an" if out[-1].role[0] in "aeiou" else "a"
+        raise UsageError(f"The conversation ends with {article} {out[-1].role} message; the next answer needs a user message "
                          "last (to regenerate an answer, leave the old answer out).")
     return tuple(out)
 

@@ -125,7 +125,12 @@ def run_chat(args) -> int:
                 print(f"studio: cannot write {name}: {exc}", file=sys.stderr)
             continue
         conv.messages.append(chat.Message("user", line))
-        if not _make_room(conv):
+        try:
+            room = _make_room(conv)
+        except StudioError as exc:  # e.g. the template refuses this conversation: say so, keep chatting
+            print(f"studio: error: {exc}", file=sys.stderr)
+            room = False
+        if not room:
             conv.messages.pop()
             continue
         seed = None if args.seed is None else args.seed + turn

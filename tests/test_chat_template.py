@@ -174,7 +174,7 @@ def test_messages_are_checked():
         chat.parse_messages([{"role": "tool", "content": "x"}])
     with pytest.raises(UsageError, match="Message 1"):
         chat.parse_messages([{"role": "user"}])
-    with pytest.raises(UsageError, match="ends with a assistant"):
+    with pytest.raises(UsageError, match="ends with an assistant"):
         chat.parse_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     with pytest.raises(UsageError, match="list of messages"):
         chat.parse_messages({"role": "user", "content": "a"})

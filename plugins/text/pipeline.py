@@ -7,6 +7,7 @@ sequence. ``NoCacheDecoder`` wraps a decoder to recompute the whole sequence at 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -65,18 +66,26 @@ class PrefixState:
     a new prompt that starts with the same ids reuses their keys and values instead of reading them again."""
     ids: list = field(default_factory=list)
     past: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, ids: list):
         """(reused count, past truncated to it) for a new prompt ``ids``; (0, None) when nothing is shared.
-        At least one id is always left to feed (its logits start the answer)."""
-        n = 0
-        limit = min(len(self.ids), len(ids) - 1)
-        while n < limit and self.ids[n] == ids[n]:
-            n += 1
-        if n == 0 or self.past is None:
-            return 0, None
-        past, self.past, self.ids = self.past, None, []  # the cache is handed over (and mutated) by the decoder
+        At least one id is always left to feed (its logits start the answer). The cache is handed over: until
+        the generation puts its own back, a second one (another thread) starts from scratch."""
+        with self.lock:
+            n = 0
+            limit = min(len(self.ids), len(ids) - 1)
+            while n < limit and self.ids[n] == ids[n]:
+                n += 1
+            if n == 0 or self.past is None:
+                return 0, None
+            past, self.past, self.ids = self.past, None, []
         return n, truncate_past(past, n)
+
+    def put(self, ids: list, past) -> None:
+        """Keep ``past``, the cache of ``ids``, for the next generation."""
+        with self.lock:
+            self.ids, self.past = list(ids), past
 
 
 def truncate_past(past, n: int):
@@ -158,7 +167,17 @@ class TextPipeline:
     def run_ids(self, ids: list, req: TextRequest, cancel=None, prefix: Optional[PrefixState] = None,
                 warnings: Optional[list] = None) -> Iterator:
         """Generate after the prompt token ids ``ids`` (which fit the context). ``prefix``: the cache of the last
-        generation, reused for the ids this prompt shares with it, and updated to this one's when done."""
+        generation, reused for the ids this prompt shares with it, and given this one's when it ends (finished,
+        stopped or cancelled: the ids of the last step that completed and their cache)."""
+        reused, past = prefix.take(ids) if prefix is not None else (0, None)
+        latest: dict = {}  # updated after every decoder step that completes
+        try:
+            yield from self._decode(ids, req, cancel, reused, past, latest, warnings, prefix is not None)
+        finally:
+            if prefix is not None and latest:
+                prefix.put(latest["ids"], latest["past"])
+
+    def _decode(self, ids, req, cancel, reused, past, latest, warnings, report_reuse) -> Iterator:
         warnings = list(warnings or [])
         context = self.decoder.max_positions
         prompt_tokens = len(ids)
@@ -171,11 +190,9 @@ class TextPipeline:
         stopped_by = None
         t0 = time.perf_counter()
         longest_stop = max((len(x) for x in req.stop), default=0)
-        reused, past = prefix.take(ids) if prefix is not None else (0, None)
         logits, past = self.decoder.step(np.array([ids[reused:]], dtype=np.int64), past)
         fed = len(ids)
-        if prefix is not None:
-            prefix.ids, prefix.past = list(ids), past
+        latest.update(ids=list(ids), past=past)
         t_first = time.perf_counter()
         for _ in range(req.max_new_tokens):
             if cancel is not None:
@@ -208,8 +225,6 @@ class TextPipeline:
                 warnings.append(f"The answer reached the end of the model's context of {context} tokens and "
                                 "stopped there.")
                 break
-            if prefix is not None:
-                prefix.ids, prefix.past = [], None  # while a step runs, the cache is in between
             if fed + 1 > context:  # the context is full: slide the window and re-read the recent tokens
                 keep = all_ids[-(context * 3 // 4):]
                 logits, past = self.decoder.step(np.array([keep], dtype=np.int64), None)
@@ -217,8 +232,7 @@ class TextPipeline:
             else:
                 logits, past = self.decoder.step(np.array([[tok]], dtype=np.int64), past)
                 fed += 1
-            if prefix is not None:
-                prefix.ids, prefix.past = all_ids[-fed:], past
+            latest.update(ids=all_ids[-fed:], past=past)
         if stopped_by != "stop":
             text = self.decode(new_ids)
         if len(text) > len(emitted) and text.startswith(emitted):
@@ -229,6 +243,6 @@ class TextPipeline:
                 "tokens_per_second": round(n / max(t_end - t0, 1e-9), 2),
                 "prefill_seconds": round(t_first - t0, 4), "seconds": round(t_end - t0, 4),
                 "stopped_by": stopped_by or "max_new_tokens"}
-        if prefix is not None:
+        if report_reuse:
             info["reused_tokens"] = reused
         yield Result(text=text, token_ids=new_ids, warnings=warnings, info=info)
