@@ -120,3 +120,20 @@ def test_meter_and_overflow_warning_at_the_edge(qtbot, monkeypatch):
     assert sent[-1]["content"] == "Speak again." and len(sent) < 5
     assert all(m["content"] != "Good morrow, sweet lord. " * 8 for m in sent)
     assert w.chat.fit(w.chat.messages()[:-1]).fits
+
+
+def test_model_without_template_says_so_in_the_window(qtbot, studio_home):
+    import shutil
+
+    from engine.store import BUILTIN_DIR
+
+    folder = studio_home / "models" / "plain-llama"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    (folder / "tokenizer_config.json").unlink()
+    w = _window(qtbot)
+    assert not w.chat.note.isVisible()
+    w.panel.model.setCurrentIndex(w.panel.model.findData("plain-llama"))
+    assert w.chat.template.fallback and w.chat.note.isVisible() and "no chat template" in w.chat.note.text()
+    w.chat.input.setPlainText("Hello")
+    w.chat.update_meter()
+    assert w.chat.meter.value() > 0
