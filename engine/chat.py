@@ -1,10 +1,10 @@
 """Conversations: messages, a model's chat template (rendered as transformers renders it), and the context budget.
 
 Light on purpose (jinja2 and ``tokenizers`` only, no torch): the window uses it for the context meter, the text
-family for the ``chat`` generator. A model's template comes from its folder, where transformers keeps it:
-``tokenizer_config.json`` ``chat_template`` (a string, or a list of ``{"name", "template"}``), or a
-``chat_template.jinja`` file beside it. A template is checked before it runs (no imports or includes, no
-attribute names that start with ``_``) and then runs in jinja2's immutable sandbox with the globals and filters
+family for the ``chat`` generator. A model's template comes from its folder, where transformers keeps it: a
+``chat_template.jinja`` file (first, as in transformers), or ``tokenizer_config.json``'s ``chat_template`` (a
+string, or a list of ``{"name", "template"}``: the ``default`` one). A template is checked before it runs (no
+imports or includes, no attribute names that start with ``_``) and then runs in jinja2's immutable sandbox with the globals and filters
 transformers gives it (``raise_exception``, ``strftime_now``, ``tojson``, the special tokens). A model without a
 template gets ``FALLBACK_TEMPLATE``, and everything that shows the conversation says so.
 """
@@ -231,8 +231,11 @@ def find_template(folder) -> tuple:
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default") or next(iter(named.values()), None)
     jinja_file = folder / "chat_template.jinja"
-    if not isinstance(source, str) and jinja_file.is_file():
-        source = jinja_file.read_text(encoding="utf-8")
+    if jinja_file.is_file():  # as in transformers, the file wins over the config's entry
+        try:
+            source = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise ModelError(f"{jinja_file} cannot be read as text; the model folder is damaged.") from None
     return (source if isinstance(source, str) and source.strip() else None), cfg
 
 

@@ -105,8 +105,7 @@ def test_template_list_and_jinja_file(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
         {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ messages[0]['content'] }}"}]}))
     assert chat.load_template(folder).render([chat.Message("user", "hi")]) == "hi"
-    (folder / "tokenizer_config.json").write_text("{}")
-    (folder / "chat_template.jinja").write_text("J{{ messages | length }}")
+    (folder / "chat_template.jinja").write_text("J{{ messages | length }}")  # the file wins, as in transformers
     assert chat.load_template(folder).render([chat.Message("user", "hi")]) == "J1"
 
 
