@@ -335,6 +335,10 @@ def replay_notes(original: dict, replayed: dict) -> list:
     now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
     if was_t and now_t and was_t != now_t:
         notes.append("the model's chat template has changed since, so the prompt and the output may differ")
+    reused = (original.get("info") or {}).get("reused_tokens") or 0
+    if reused and was == "cuda":
+        notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
+                     "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
