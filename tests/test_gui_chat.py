@@ -98,7 +98,7 @@ def test_meter_and_overflow_warning_at_the_edge(qtbot, monkeypatch):
     assert "Over by 1" in w.chat.meter_label.text()
 
     asked = []
-    monkeypatch.setattr(w, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or False)
+    monkeypatch.setattr(w.chat, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or False)
     w.chat.send_button.click()  # over by one: asked first, "Stop" sends nothing and keeps everything
     assert len(asked) == 1 and not w.is_busy()
     assert [m.role for m in asked[0][1]] == ["user", "assistant"]
@@ -111,7 +111,7 @@ def test_meter_and_overflow_warning_at_the_edge(qtbot, monkeypatch):
     wait_idle(qtbot, w, timeout=60000)
     assert len(w.chat.turns) == 4
 
-    monkeypatch.setattr(w, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or True)
+    monkeypatch.setattr(w.chat, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or True)
     w.chat.input.setPlainText("Speak again.")  # over now: the oldest turns are dropped, shown and asked about
     w.chat.send_button.click()
     assert len(asked) == 2

@@ -11,8 +11,8 @@ import logging
 from typing import Optional
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton,
-                               QScrollArea, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QProgressBar,
+                               QPushButton, QScrollArea, QVBoxLayout, QWidget)
 
 from engine import chat
 from engine.errors import StudioError, UsageError
@@ -201,6 +201,36 @@ class ChatView(QWidget):
             return None
         msgs = self.next_messages() if messages is None else messages
         return chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens)
+
+    def to_send(self) -> list:
+        """The conversation to answer now; when it would not fit the context, the user sees which oldest turns
+        would be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking."""
+        messages = self.next_messages()
+        fit = self.fit(messages)
+        if fit is None or fit.fits:
+            return messages
+        kept, dropped = chat.drop_oldest(self.template, self.tokenizer, messages, fit.context, self.max_new_tokens)
+        if not self.ask_drop(fit, dropped):
+            raise UsageError(fit.describe() + " Nothing was sent; shorten the conversation or drop turns.")
+        self.drop(dropped)
+        return list(kept)
+
+    def ask_drop(self, fit: chat.Fit, dropped) -> bool:
+        """Ask whether to leave out the oldest turns (listed) or stop."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "The conversation is too long",
+                          fit.describe() + f"\n\nTo fit, the {len(dropped)} oldest messages would be left out "
+                          "(listed under Show Details).", parent=self)
+        box.setDetailedText("\n\n".join(f"{m.role}: {m.content}" for m in dropped))
+        drop = box.addButton(f"Drop {len(dropped)} oldest", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Stop", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        return box.clickedButton() is drop
+
+    def show_recipe(self, recipe: dict) -> None:
+        """A chat recipe from history: its conversation and its answer, ready to continue."""
+        messages = chat.parse_messages(recipe.get("messages") or [], need_user_last=False)
+        answer = [chat.Message("assistant", recipe["text"])] if recipe.get("text") is not None else []
+        self.set_conversation(list(messages) + answer)
 
     def drop(self, dropped) -> None:
         """Leave out turns (the oldest, after the user agreed): each dropped message removes its block."""

@@ -235,7 +235,7 @@ class MainWindow(DialogActions, QMainWindow):
         job = self.panel.job()
         info = self.panel.info
         if "messages" in info.takes:
-            job.messages = [m.to_dict() for m in self.conversation_to_send()]
+            job.messages = [m.to_dict() for m in self.chat.to_send()]
         self.chatting = "messages" in info.takes
         self.banner.hide()
         self.token = CancelToken()
@@ -361,32 +361,6 @@ class MainWindow(DialogActions, QMainWindow):
             task.deleteLater()
 
     # ----- chat ------------------------------------------------------------------------------
-    def conversation_to_send(self) -> list:
-        """The conversation to answer; when it would not fit the context, the user sees which oldest turns would
-        be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking."""
-        messages = self.chat.next_messages()
-        fit = self.chat.fit(messages)
-        if fit is None or fit.fits:
-            return messages
-        kept, dropped = chat_mod.drop_oldest(self.chat.template, self.chat.tokenizer, messages, fit.context,
-                                             self.chat.max_new_tokens)
-        if not self.ask_drop(fit, dropped):
-            raise UsageError(fit.describe() + " Nothing was sent; shorten the conversation or drop turns.")
-        self.chat.drop(dropped)
-        self.statusBar().showMessage(f"Left out the {len(dropped)} oldest messages to fit the context.", 8000)
-        return list(kept)
-
-    def ask_drop(self, fit, dropped) -> bool:
-        """Ask whether to leave out the oldest turns (listed) or stop."""
-        box = QMessageBox(QMessageBox.Icon.Warning, "The conversation is too long",
-                          fit.describe() + f"\n\nTo fit, the {len(dropped)} oldest messages would be left out "
-                          "(listed under Show Details).", parent=self)
-        box.setDetailedText("\n\n".join(f"{m.role}: {m.content}" for m in dropped))
-        drop = box.addButton(f"Drop {len(dropped)} oldest", QMessageBox.ButtonRole.AcceptRole)
-        box.addButton("Stop", QMessageBox.ButtonRole.RejectRole)
-        box.exec()
-        return box.clickedButton() is drop
-
     @guard
     def regenerate_answer(self) -> None:
         if self.task is not None:
@@ -409,13 +383,6 @@ class MainWindow(DialogActions, QMainWindow):
     def on_chat_options_changed(self) -> None:
         if self.panel.info is not None and "messages" in self.panel.info.takes:
             self.chat.set_max_new_tokens(int(self.panel.form.values().get("max_new_tokens", 200)))
-
-    def show_conversation(self, recipe: dict) -> None:
-        """A chat recipe from history: its conversation and its answer, ready to continue."""
-        messages = chat_mod.parse_messages(recipe.get("messages") or [], need_user_last=False)
-        answer = [chat_mod.Message("assistant", recipe["text"])] if recipe.get("text") is not None else []
-        self.chat.set_conversation(list(messages) + answer)
-        self.tabs.setCurrentWidget(self.chat)
 
     # ----- hand-overs between generators -----------------------------------------------------
     @guard
@@ -456,7 +423,8 @@ class MainWindow(DialogActions, QMainWindow):
         info = self.panel.info
         skipped = self.panel.apply_recipe(recipe)
         if "messages" in info.takes and recipe.get("messages"):
-            self.show_conversation(recipe)
+            self.chat.show_recipe(recipe)
+            self.tabs.setCurrentWidget(self.chat)
         note = f"Loaded the recipe into {info.title}"
         if skipped:
             note += f"; skipped: {', '.join(map(str, skipped))}"
