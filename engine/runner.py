@@ -38,6 +38,7 @@ class Job:
     seed: Optional[int] = None
     options: dict = field(default_factory=dict)  # raw values (strings from the CLI, typed from the GUI)
     loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
+    messages: Optional[list] = None  # a conversation, [{"role", "content"}, ...], for generators that take one
 
 
 @dataclass
@@ -112,6 +113,15 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
             raise UsageError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     elif prompt:
         raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}.")
+    messages = ()
+    if "messages" in info.takes:
+        from engine.chat import parse_messages
+
+        if job.messages is None:
+            raise UsageError(f"Generator {info.id} needs a conversation; pass --messages FILE.json.")
+        messages = parse_messages(job.messages)
+    elif job.messages:
+        raise UsageError(f"Generator {info.id} takes no conversation; give it a prompt instead.")
     image = None
     if "image" in info.takes:
         if not job.image:
@@ -123,7 +133,7 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         raise UsageError(f"Generator {info.id} takes no image.")
     model = None
     if info.families:
-        entry = store.get(job.model) if job.model else store.default_for(info.id)
+        entry = store.get(job.model) if job.model else store.default_for(info.id, info.families)
         if entry is None:
             raise UsageError(f"No model for generator {info.id} is installed; import one with `studio models import`.")
         if entry.family not in info.families:
@@ -144,7 +154,7 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     if adapters and not info.takes_lora:
         raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
-                      backend=job.backend, device=device, adapters=adapters)
+                      backend=job.backend, device=device, adapters=adapters, messages=messages)
     return Prepared(job, generator, request, host.plugin_of(info.id))
 
 
@@ -186,6 +196,8 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     }
     if req.image is not None:
         recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
+    if req.messages:
+        recipe["messages"] = [m.to_dict() for m in req.messages]
     if req.adapters:
         recipe["loras"] = [a.to_dict() for a in req.adapters]
     if result.text is not None:
@@ -308,7 +320,7 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
                              "--device cpu, knowing that the output may then differ.") from None
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
-              options=recipe.get("options", {}),
+              options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []])
     record = execute(prepare(host, store, job), **kw)
     return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
@@ -325,6 +337,14 @@ def replay_notes(original: dict, replayed: dict) -> list:
         if was_a.get("sha256") != now_a.get("sha256"):
             notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
                          f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
+    was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
+    now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
+    if was_t and now_t and was_t != now_t:
+        notes.append("the model's chat template has changed since, so the prompt and the output may differ")
+    reused = (original.get("info") or {}).get("reused_tokens") or 0
+    if reused and was == "cuda":
+        notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
+                     "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "

@@ -62,9 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
+    g.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat`: a JSON list of "
+                   "{\"role\", \"content\"} (or an object with a \"messages\" list)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
+
+    g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
+    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--system", metavar="TEXT", help="a system prompt")
+    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
 
     m = sub.add_parser("models", help="list, inspect, import and remove models")
     msub = m.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -98,12 +98,17 @@ def _jobs(args, settings) -> list:
             raise UsageError(f"Prompt file {args.prompt_file} has no non-empty lines.")
     images = args.image or [None]
     prompts = prompts or [None]
+    messages = None
+    if args.messages:
+        from engine.chat import load_messages_file
+
+        messages = [m.to_dict() for m in load_messages_file(args.messages)]
     jobs = []
     for p in prompts:
         for im in images:
             seed = None if args.seed is None else args.seed + len(jobs)
             jobs.append(Job(args.generator, prompt=p, image=im, model=args.model, backend=backend,
-                            device=device, seed=seed, options=options, loras=list(args.lora)))
+                            device=device, seed=seed, options=options, loras=list(args.lora), messages=messages))
     return jobs
 
 
@@ -141,9 +146,13 @@ def cmd_generate(args) -> int:
             print(f"studio: warning: {warning}", file=sys.stderr)
         if args.json:
             keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
-                    "path", "width", "height", "prompt", "warnings", "history_id")
+                    "path", "width", "height", "prompt", "messages", "warnings", "history_id")
             obj = {k: r[k] for k in keys if k in r}
             obj["model"] = (r.get("model") or {}).get("name")
+            if "messages" in prep.generator.info.takes:
+                info = r.get("info", {})
+                obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
+                           template=info.get("template"))
             _print_json(obj)
         elif prep.generator.info.makes == "text":
             if stream:
@@ -156,6 +165,12 @@ def cmd_generate(args) -> int:
         if record.history_id is None:
             unrecorded = True
     return 1 if unrecorded else 0
+
+
+def cmd_chat(args) -> int:
+    from studio.chat_cli import run_chat
+
+    return run_chat(args)
 
 
 # ----- models ----------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
+from engine import chat as chat_mod
 from engine.errors import UsageError
 from engine.generators import CancelToken
+from studio.gui.chat_view import ChatView
 from studio.gui.dialog_actions import DialogActions
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.generator_panel import GeneratorPanel
@@ -62,8 +64,11 @@ class MainWindow(DialogActions, QMainWindow):
         scroll.setWidget(self.panel)
         scroll.setMinimumWidth(340)
         self.output = OutputView()
+        self.chat = ChatView()
+        self.chatting = False  # the running generation is a chat answer
         self.history = HistoryPanel(self.session.history)
         self.tabs = QTabWidget()
+        self.tabs.addTab(self.chat, "Conversation")
         self.tabs.addTab(self.output, "Output")
         self.tabs.addTab(self.history, "History")
         split = QSplitter(Qt.Orientation.Horizontal)
@@ -92,6 +97,10 @@ class MainWindow(DialogActions, QMainWindow):
         self.output.prompt_requested.connect(self.use_as_prompt)
         self.history.open_requested.connect(self.open_entry)
         self.history.load_requested.connect(self.load_recipe)
+        self.chat.send_requested.connect(self.generate)
+        self.chat.regenerate_requested.connect(self.regenerate_answer)
+        self.panel.model.currentIndexChanged.connect(self.on_chat_model_changed)
+        self.panel.form.changed.connect(self.on_chat_options_changed)
 
         s = self.session.settings
         self.panel.set_pickers(self.gui_state.get("backend", s.backend), self.gui_state.get("device", s.device))
@@ -199,6 +208,13 @@ class MainWindow(DialogActions, QMainWindow):
             log.warning("Ignoring the remembered state of generator %s", gid)
         if self.task is None:
             self.output.set_kind(kind_of(info))
+        is_chat = "messages" in info.takes
+        self.tabs.setTabVisible(self.tabs.indexOf(self.chat), is_chat)
+        if is_chat:
+            self.on_chat_model_changed()
+            self.tabs.setCurrentWidget(self.chat)
+        elif self.tabs.currentWidget() is self.chat:
+            self.tabs.setCurrentWidget(self.output)
 
     def refresh_models(self) -> None:
         if self.panel.info is not None:
@@ -218,11 +234,16 @@ class MainWindow(DialogActions, QMainWindow):
             return
         job = self.panel.job()
         info = self.panel.info
+        if "messages" in info.takes:
+            job.messages = [m.to_dict() for m in self.chat.to_send()]
+        self.chatting = "messages" in info.takes
         self.banner.hide()
         self.token = CancelToken()
         self.busy_kind = kind_of(info)
         self.output.begin(self.busy_kind, job.image or "")
-        self.tabs.setCurrentWidget(self.output)
+        if self.chatting:
+            self.chat.begin_answer()
+        self.tabs.setCurrentWidget(self.chat if self.chatting else self.output)
         self.panel.set_busy(True)
         self.panel.show_progress(0, 0, None, "Preparing…")
         self._progress_t0 = None
@@ -253,6 +274,8 @@ class MainWindow(DialogActions, QMainWindow):
         text = "".join(m.text for m in msgs if isinstance(m, TextMsg))
         if text:
             self.output.append_text(text)
+            if self.chatting:
+                self.chat.append_text(text)
         for kind in (StatusMsg, PreparedMsg, ProgressMsg, PreviewMsg):
             last = next((m for m in reversed(msgs) if isinstance(m, kind)), None)
             if last is not None:
@@ -286,6 +309,11 @@ class MainWindow(DialogActions, QMainWindow):
         rec = done.record
         audio = rec.result.audio if rec.result.audio is not None else None
         self.output.show_result(rec.recipe, [str(f) for f in rec.files], done.qimage, audio)
+        if self.chatting:
+            self.chat.finish_answer(rec.recipe.get("text") or "")
+            for warning in rec.recipe.get("warnings", []):
+                if warning != chat_mod.FALLBACK_NOTE:  # that one shows above the conversation already
+                    self.show_info(warning)
         self.panel.reset_progress(f"done in {rec.recipe.get('timings', {}).get('total_s', 0):.2f} s")
         self.panel.progress_label.setText(f"Saved {Path(rec.files[0]).name}" if rec.files else "")
         self.statusBar().showMessage(f"Saved {rec.files[0]}" if rec.files else "Done", 8000)
@@ -307,6 +335,8 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def on_task_failed(self, failure: Failure) -> None:
         self.drain()
+        if self.chatting:
+            self.chat.abort_answer()
         if failure.cancelled:
             self.panel.reset_progress("cancelled")
             self.panel.progress_label.setText("Cancelled.")
@@ -324,8 +354,35 @@ class MainWindow(DialogActions, QMainWindow):
         self.drain_timer.stop()
         task, self.task = self.task, None
         self.panel.set_busy(False)
+        if self.chatting and self.chat.answer is not None:  # neither succeeded nor failed reached it
+            self.chat.abort_answer()
+        self.chatting = False
         if task is not None:
             task.deleteLater()
+
+    # ----- chat ------------------------------------------------------------------------------
+    @guard
+    def regenerate_answer(self) -> None:
+        if self.task is not None:
+            return
+        self.chat.drop_last_answer()
+        self.generate()
+
+    @guard
+    def on_chat_model_changed(self, *args) -> None:
+        info = self.panel.info
+        if info is None or "messages" not in info.takes:
+            return
+        name = self.panel.model.currentData()
+        entry = None
+        if name:
+            entry = next((e for e in self.session.models_for(info) if e.name == name), None)
+        self.chat.set_model(entry, int(self.panel.form.values().get("max_new_tokens", 200)))
+
+    @guard
+    def on_chat_options_changed(self) -> None:
+        if self.panel.info is not None and "messages" in self.panel.info.takes:
+            self.chat.set_max_new_tokens(int(self.panel.form.values().get("max_new_tokens", 200)))
 
     # ----- hand-overs between generators -----------------------------------------------------
     @guard
@@ -365,6 +422,9 @@ class MainWindow(DialogActions, QMainWindow):
         self.select_generator(gid)
         info = self.panel.info
         skipped = self.panel.apply_recipe(recipe)
+        if "messages" in info.takes and recipe.get("messages"):
+            self.chat.show_recipe(recipe)
+            self.tabs.setCurrentWidget(self.chat)
         note = f"Loaded the recipe into {info.title}"
         if skipped:
             note += f"; skipped: {', '.join(map(str, skipped))}"
@@ -373,6 +433,9 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def open_entry(self, entry) -> None:
         recipe = dict(entry.recipe)
+        if recipe.get("messages") and entry.generator in self.session.host.generators:
+            self.load_recipe(recipe)  # a conversation reopens in the chat view, ready to continue
+            return
         info = self.session.host.generators.get(entry.generator, (None,))[0]
         kind = kind_of(info.info) if info else ("image" if recipe.get("width") else "text")
         if not info and any(str(o.get("path", "")).endswith((".wav", ".flac")) for o in entry.outputs):
