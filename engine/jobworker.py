@@ -75,41 +75,25 @@ class ChildExecutor:
 
 
 class QueueWorker:
-    """Claims and runs queue jobs one at a time. ``listen(job_id)`` gives a callback every message of that job
-    (and a final ``finished`` / ``failed`` / ``cancelled`` message)."""
+    """Claims and runs queue jobs one at a time. ``on_message(job_id, msg)`` sees every message of every job it
+    runs, then a final ``finished`` / ``failed`` / ``cancelled`` one."""
 
     def __init__(self, queue: JobQueue, executor: Callable, pin: str = "", batch: str = "", poll: float = 0.2,
-                 on_change: Optional[Callable[[], None]] = None):
+                 on_change: Optional[Callable[[], None]] = None,
+                 on_message: Optional[Callable[[int, dict], None]] = None):
         self.queue, self.executor, self.pin, self.batch, self.poll = queue, executor, pin, batch, poll
         self.on_change = on_change or (lambda: None)
         self.stop_event = threading.Event()
         self.current: Optional[QueueJob] = None
         self.current_token: Optional[CancelToken] = None
-        self._listeners: dict = {}
-        self._lock = threading.Lock()
+        self.on_message = on_message or (lambda job_id, msg: None)
         self._thread: Optional[threading.Thread] = None
 
-    # ----- listeners ----------------------------------------------------------------------------
-    def listen(self, job_id: int, callback: Callable[[dict], None]) -> None:
-        with self._lock:
-            self._listeners.setdefault(int(job_id), []).append(callback)
-
-    def unlisten(self, job_id: int, callback) -> None:
-        with self._lock:
-            cbs = self._listeners.get(int(job_id), [])
-            if callback in cbs:
-                cbs.remove(callback)
-            if not cbs:
-                self._listeners.pop(int(job_id), None)
-
     def _tell(self, job_id: int, msg: dict) -> None:
-        with self._lock:
-            cbs = list(self._listeners.get(job_id, []))
-        for cb in cbs:
-            try:
-                cb(msg)
-            except Exception:  # noqa: BLE001 - a listener's bug must not stop the queue
-                log.exception("queue listener failed")
+        try:
+            self.on_message(job_id, msg)
+        except Exception:  # noqa: BLE001 - a listener's bug must not stop the queue
+            log.exception("queue listener failed")
 
     # ----- the loop -------------------------------------------------------------------------------
     def run_one(self) -> Optional[QueueJob]:
