@@ -376,6 +376,12 @@ class JobQueue:
             conn.execute(f"UPDATE jobs SET state = ?, finished = ?, owner = '', {cols} WHERE id = ?",
                          (new_state, time.time(), *fields.values(), int(job_id)))
 
+    def release(self, job_id: int) -> None:
+        """Put a running job back at its old place (its worker stopped without finishing it: the window closed)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET state = 'queued', owner = '', cancel = 0, step = 0, total = 0,"
+                         " message = 'put back' WHERE id = ? AND state = 'running'", (int(job_id),))
+
     def set_sheet(self, grid_id: int, path: str) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE grids SET sheet = ? WHERE id = ?", (path, int(grid_id)))
