@@ -255,14 +255,16 @@ def cmd_batch(args) -> int:
         print(f"studio: error: {e}", file=sys.stderr)
     if not good:
         raise UsageError("No job in the batch can run." if errors else "The batch is empty.")
-    if args.ray:
-        from studio.ray_batch import run_on_ray
+    pool = None
+    if args.ray:  # join the cluster before anything is queued: an address that does not answer loses nothing
+        from engine.raypool import RayPool
 
-        failed = run_on_ray(good, args.ray, workers=args.workers, as_json=args.json)
-        return 1 if errors or failed else 0
+        pool = RayPool(args.ray, workers=args.workers, store=store)
     queue = JobQueue()
     batch = uuid.uuid4().hex[:12]
     ids = queue.submit_many(good, source="batch", batch=batch)
+    if pool is not None:
+        return _batch_on_ray(queue, batch, pool, host, store, ids, args.json, bool(errors))
     worker = _worker(queue, batch=batch)
     bar, failed = _BatchBar(len(ids)), 0
     while (job := worker.run_one()) is not None:
@@ -275,6 +277,28 @@ def cmd_batch(args) -> int:
     bar.done()
     print(f"batch {batch}: {len(ids) - failed} of {len(ids)} done", file=sys.stderr)
     return 1 if errors or failed else 0
+
+
+def _batch_on_ray(queue, batch, pool, host, store, ids, as_json: bool, had_errors: bool) -> int:
+    from engine import state
+    from engine.history import History
+    from engine.raypool import run_queue_batch
+    from studio.commands import _print_json
+
+    bar = _BatchBar(len(ids))
+    try:
+        done, failed = run_queue_batch(queue, batch, pool, host, store, History(), state.load_settings().outputs,
+                                       progress=lambda n, total: bar.step())
+    finally:
+        pool.close()
+    bar.done()
+    for job in queue.list(batch=batch):
+        if job.state != "done":
+            print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
+        elif as_json:
+            _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+    print(f"batch {batch}: {len(done)} of {len(ids)} done on Ray", file=sys.stderr)
+    return 1 if had_errors or failed else 0
 
 
 class _BatchBar:

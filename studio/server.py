@@ -45,7 +45,7 @@ def is_loopback(host: str) -> bool:
 class Service:
     """What the endpoints share: the plugins, the models, the queue and the server's own queue worker."""
 
-    def __init__(self, executor=None):
+    def __init__(self, ray_address: Optional[str] = None):
         from engine.jobqueue import JobQueue
         from engine.jobworker import InProcessExecutor, QueueWorker, recover
         from engine.plugins import PluginHost
@@ -57,7 +57,15 @@ class Service:
         recover(self.queue)
         self._lock = threading.Lock()
         self._waiting: dict = {}  # job id -> (loop, asyncio.Queue)
-        self.worker = QueueWorker(self.queue, executor or InProcessExecutor(self.host, self.store), pin="api",
+        executor = InProcessExecutor(self.host, self.store)
+        if ray_address:
+            from engine import state
+            from engine.history import History
+            from engine.raypool import RayExecutor, RayPool
+
+            executor = RayExecutor(RayPool(ray_address, store=self.store), self.queue, self.host, self.store,
+                                   History(), lambda: state.load_settings().outputs)
+        self.worker = QueueWorker(self.queue, executor, pin="api",
                                   on_message=self._on_message).start()
 
     def close(self) -> None:
@@ -280,12 +288,7 @@ def serve(args) -> int:
                          "set STUDIO_API_TOKEN.")
     if not 0 < args.port < 65536:
         raise UsageError(f"The port must be from 1 to 65535, not {args.port}.")
-    executor = None
-    if args.ray:
-        from studio.ray_batch import RayExecutor
-
-        executor = RayExecutor(args.ray)
-    service = Service(executor) if executor else None
+    service = Service(args.ray) if args.ray else None  # joins the cluster now: a bad address is one line
     print(f"studio serve: listening on http://{args.host}:{args.port} "
           f"({'token required' if token else 'no token: this machine only'})", flush=True)
     uvicorn.run(create_app(token, service=service), host=args.host, port=args.port, log_level="warning")
