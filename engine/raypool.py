@@ -127,6 +127,7 @@ class RayPool:
         self.actors = [self.remote.remote() for _ in range(max(1, workers))]
         self.store = store
         self._models: dict = {}  # model hash -> ObjectRef of its files
+        self.retries = 0  # jobs sent again because their worker died
 
     def ship(self, job: dict, generator_families: bool, default_model) -> tuple:
         """(job without local paths, model to ship, image to ship)."""
@@ -174,6 +175,7 @@ class RayPool:
                     self.actors.append(fresh)
                     idle.append(fresh)
                     if attempts[i] < MAX_ATTEMPTS:
+                        self.retries += 1
                         pending.insert(0, i)
                     else:
                         on_error(i, exc)
