@@ -84,6 +84,7 @@ class QueueWorker:
         self.queue, self.executor, self.pin, self.batch, self.poll = queue, executor, pin, batch, poll
         self.on_change = on_change or (lambda: None)
         self.stop_event = threading.Event()
+        self._wake = threading.Event()
         self.current: Optional[QueueJob] = None
         self.current_token: Optional[CancelToken] = None
         self.on_message = on_message or (lambda job_id, msg: None)
@@ -151,12 +152,15 @@ class QueueWorker:
 
     def _watch_cancel(self, job_id: int, token: CancelToken, done: threading.Event) -> None:
         """Another process (the CLI, the server) may ask for a cancel in the database; pass it on."""
-        while not done.wait(0.25) and not token.cancelled:
-            try:
-                if self.queue.cancel_requested(job_id):
-                    token.cancel()
-            except StudioError:
-                pass
+        try:
+            while not done.wait(0.25) and not token.cancelled:
+                try:
+                    if self.queue.cancel_requested(job_id):
+                        token.cancel()
+                except StudioError:
+                    pass
+        finally:
+            self.queue.close_thread()
 
     def _maybe_sheet(self, grid_id: int) -> None:
         jobs = self.queue.grid_jobs(grid_id)
@@ -178,10 +182,15 @@ class QueueWorker:
             if self.run_one() is None:
                 if until_empty:
                     break
-                self.stop_event.wait(self.poll)
+                self._wake.wait(self.poll)  # a job submitted by this process wakes it at once (wake())
+                self._wake.clear()
             else:
                 n += 1
         return n
+
+    def wake(self) -> None:
+        """Look at the queue now (a job was just submitted) instead of at the next poll."""
+        self._wake.set()
 
     def start(self) -> "QueueWorker":
         self._thread = threading.Thread(target=self.run, name="queue-worker", daemon=True)
@@ -190,6 +199,7 @@ class QueueWorker:
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
+        self._wake.set()
         if self.current_token is not None:
             self.current_token.cancel()
         if self._thread is not None:

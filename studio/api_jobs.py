@@ -45,6 +45,7 @@ async def jobs(request):
         raise UsageError(f"The job is not valid ({exc}).") from None
     await run_in_threadpool(service.validate, new)
     job_id = service.queue.submit(new, source="api", front=front)
+    service.worker.wake()
     return _json({"id": job_id, "state": "queued"}, 201)
 
 

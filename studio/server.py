@@ -91,6 +91,7 @@ class Service:
         with self._lock:  # the worker's first message waits for the registration
             job_id = self.queue.submit(job, source="api", pin="api")
             self._waiting[job_id] = (loop, q)
+        self.worker.wake()
         return job_id, q
 
     def forget(self, job_id: int) -> None:
