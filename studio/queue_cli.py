@@ -22,6 +22,7 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--prompt")
     x.add_argument("--prompt-file", metavar="FILE", help="one job per non-empty line (the grid's prompts)")
     x.add_argument("--image", action="append", default=[], metavar="PATH")
+    x.add_argument("--folder", metavar="DIR", help="one job per image in DIR (captioning a folder)")
     x.add_argument("--model", metavar="NAME|PATH")
     x.add_argument("--backend", choices=("torch", "onnx"), default=None)
     x.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
@@ -50,6 +51,7 @@ def add_parsers(sub, parser_class) -> None:
     b = sub.add_parser("batch", help="run a JSON Lines file of jobs (or --prompt-file) through the queue")
     b.add_argument("jobfile", nargs="?", help="one JSON object per line: generator, prompt, image, model, seed, options")
     b.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line (with --generator)")
+    b.add_argument("--folder", metavar="DIR", help="one job per image in DIR (e.g. --generator caption)")
     b.add_argument("--generator", default="text")
     b.add_argument("--model", metavar="NAME|PATH")
     b.add_argument("--seed", type=int)
@@ -128,6 +130,7 @@ def _add(queue: JobQueue, args) -> int:
 
     host = _host()
     store = ModelStore(host)
+    args.image = list(args.image) + folder_images(args.folder)
     jobs = _jobs(args, state.load_settings())
     if args.seeds or args.grid:
         try:
@@ -153,6 +156,22 @@ def _add(queue: JobQueue, args) -> int:
     else:
         print("queued job(s) " + ", ".join(map(str, ids)))
     return 0
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(folder) -> list:
+    """The images of a folder, sorted by name (a folder with none is a usage error)."""
+    if not folder:
+        return []
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{folder} is not a folder.")
+    found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise UsageError(f"Folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}).")
+    return found
 
 
 def _product(lists: list) -> list:
@@ -225,10 +244,16 @@ def cmd_batch(args) -> int:
     from engine.store import ModelStore
     from studio.commands import _host, _parse_sets, _print_json
 
-    if bool(args.jobfile) == bool(args.prompt_file):
-        raise UsageError("Give a job file or --prompt-file (one of them).")
+    if sum(map(bool, (args.jobfile, args.prompt_file, args.folder))) != 1:
+        raise UsageError("Give a job file, --prompt-file or --folder (one of them).")
     if args.jobfile:
         numbered, errors = read_jobfile(Path(args.jobfile))
+    elif args.folder:
+        settings, options = state.load_settings(), _parse_sets(args.sets)
+        numbered = [(n, Job(args.generator, image=path, model=args.model, backend=settings.backend,
+                            device=settings.device, seed=args.seed, options=options))
+                    for n, path in enumerate(folder_images(args.folder), 1)]
+        errors = []
     else:
         try:
             lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
@@ -250,7 +275,8 @@ def cmd_batch(args) -> int:
             prepare(host, store, job)
             good.append(job)
         except StudioError as exc:
-            errors.append(f"{args.jobfile or args.prompt_file} line {n}: {exc}")
+            where = f"{args.jobfile or args.prompt_file} line {n}" if not args.folder else str(job.image)
+            errors.append(f"{where}: {exc}")
     for e in errors:
         print(f"studio: error: {e}", file=sys.stderr)
     if not good:

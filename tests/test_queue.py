@@ -1,4 +1,5 @@
 """The persistent job queue: ordering, pause, cancel, retry, grids, and surviving a SIGKILL."""
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,45 @@ def test_sigkill_with_three_queued_and_one_running(studio_home):
     rows = History().list()
     assert sorted(r.recipe["queue_job"] for r in rows) == sorted(q.tag(i) for i in ids)  # each exactly once
     assert partial.read_text() == "job0 after 30 steps"
+
+
+def test_cli_batch_names_bad_lines_and_runs_the_others(studio_home, tmp_path, capsys):
+    from studio.cli import main
+
+    drop(studio_home, "good", GOOD)
+    jobfile = tmp_path / "jobs.jsonl"
+    jobfile.write_text('{"generator": "upper", "prompt": "one"}\n'
+                       '{not json\n'
+                       '\n'
+                       '{"generator": "upper", "prompt": "two", "options": {"repeat": 99}}\n'
+                       '{"generator": "upper", "prompt": "three", "colour": "red"}\n'
+                       '{"generator": "upper", "prompt": "four", "options": {"repeat": 2}}\n')
+    assert main(["batch", str(jobfile), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert len([line for line in err.splitlines() if " line " in line]) == 3  # one line per bad line
+    assert "line 2:" in err and "line 4:" in err and "repeat" in err and "line 5:" in err and "colour" in err
+    texts = [json.loads(line)["text"] for line in out.splitlines()]
+    assert texts == ["ONE", "FOUR FOUR"]
+    assert sorted(e.prompt for e in History().list()) == ["four", "one"]
+
+
+def test_cli_queue_caption_folder_and_controls(studio_home, tmp_path, capsys):
+    from PIL import Image
+
+    from studio.cli import main
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["queue", "add", "caption", "--folder", str(folder), "--set", "max_new_tokens=6"]) == 0
+    assert "queued job(s) 1, 2, 3" in capsys.readouterr().out
+    assert main(["queue", "pause"]) == 0 and main(["queue", "cancel", "2"]) == 0
+    assert main(["queue", "run", "--until-empty"]) == 0
+    assert JobQueue().get(1).state == "queued"  # paused: nothing ran
+    assert main(["queue", "resume"]) == 0 and main(["queue", "run", "--until-empty"]) == 0
+    assert [JobQueue().get(i).state for i in (1, 2, 3)] == ["done", "cancelled", "done"]
+    assert main(["queue", "cancel", "1"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    assert main(["queue", "add", "caption", "--folder", str(tmp_path / "nope")]) == 2
