@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
-KINDS = ("generate",)
+KINDS = ("generate", "export", "finetune")  # generate: an engine.runner.Job; export: {model, quantize, force};
+# finetune: {kind, args} (a fine-tuner's command-line arguments; engine/finetune.py resumes from its checkpoint)
 MAX_GRID = 1000  # jobs in one grid submission
 
 SCHEMA = """
@@ -102,6 +103,10 @@ class QueueJob:
     @property
     def label(self) -> str:
         j = self.job
+        if self.kind == "export":
+            return f"export {j.get('model')}" + (f" ({j['quantize']})" if j.get("quantize") else "")
+        if self.kind == "finetune":
+            return f"finetune {j.get('kind')} {' '.join(map(str, j.get('args', [])))[:50]}"
         what = j.get("prompt") or j.get("image") or ""
         return f"{j.get('generator', '?')}: {str(what).replace(chr(10), ' ')[:60]}"
 
@@ -132,11 +137,12 @@ def _owner_alive(owner: str) -> bool:
         return True
 
 
-def payload_of(job) -> dict:
+def payload_of(job, kind: str = "generate") -> dict:
     """A Job (or a plain dict of its fields) as the JSON-ready payload the queue stores."""
     data = asdict(job) if is_dataclass(job) else dict(job)
-    if not data.get("generator"):
-        raise UsageError("A job needs a generator.")
+    need = {"generate": "generator", "export": "model", "finetune": "kind"}[kind]
+    if not data.get(need):
+        raise UsageError(f"A{'n' if kind == 'export' else ''} {kind} job needs a {need}.")
     if data.get("image") is not None:
         data["image"] = str(data["image"])
     return json.loads(json.dumps(data, default=str))
@@ -211,7 +217,7 @@ class JobQueue:
                front: bool = False, grid: Optional[int] = None, cell: Optional[dict] = None) -> int:
         if kind not in KINDS:
             raise UsageError(f"A queue job is one of {', '.join(KINDS)}, not {kind!r}.")
-        payload = payload_of(job)
+        payload = payload_of(job, kind)
         with self._tx() as conn:
             return self._insert(conn, kind, payload, source, pin, batch, front, grid, cell)
 
@@ -346,14 +352,17 @@ class JobQueue:
             return conn.execute("DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled')").rowcount
 
     # ----- the worker's side ----------------------------------------------------------------------
-    def claim(self, pin: str = "", batch: str = "") -> Optional[QueueJob]:
+    def claim(self, pin: str = "", batch: str = "", kinds: tuple = KINDS) -> Optional[QueueJob]:
         """Take the next queued job for this process (none while paused). A worker with a ``pin`` also takes the
-        jobs pinned to it; jobs pinned elsewhere are left alone. ``batch``: only that batch's jobs."""
+        jobs pinned to it; jobs pinned elsewhere are left alone. ``batch``: only that batch's jobs; ``kinds``: only
+        jobs of these kinds (the window runs generations only)."""
         with self._tx() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'paused'").fetchone()
             if row and row[0] == "1" and not batch:
                 return None
-            sql, args = "SELECT id FROM jobs WHERE state = 'queued' AND pin IN ('', ?)", [pin]
+            sql = (f"SELECT id FROM jobs WHERE state = 'queued' AND pin IN ('', ?)"
+                   f" AND kind IN ({','.join('?' * len(kinds))})")
+            args = [pin, *kinds]
             if batch:
                 sql += " AND batch = ?"
                 args.append(batch)

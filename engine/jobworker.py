@@ -8,6 +8,7 @@ as progress and hands to whoever listens to that job (the server streams them).
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -48,6 +49,8 @@ class InProcessExecutor:
     def __call__(self, qjob: QueueJob, token: CancelToken, report: Callable[[dict], None]) -> dict:
         from engine.runner import Job, prepare
 
+        if qjob.kind != "generate":
+            return run_other(qjob, self.host, self.store, report)
         prep = prepare(self.host, self.store, Job(**qjob.job))
         req = prep.request
         report(messages.message("prepared", seed=req.seed, device=req.device,
@@ -62,6 +65,26 @@ class InProcessExecutor:
         return finished_message(record)
 
 
+def run_other(qjob: QueueJob, host, store, report: Callable[[dict], None]) -> dict:
+    """An export or a fine-tune job, in this process. Neither writes a history row; a fine-tune killed midway
+    resumes from its last checkpoint when it runs again."""
+    j = qjob.job
+    if qjob.kind == "export":
+        from engine.onnx_export import export_model
+
+        manifest = export_model(host, store.get(j["model"]), quantize=j.get("quantize"), force=bool(j.get("force")),
+                                log=lambda m: report(messages.message("log", text=str(m))))
+        manifest = json.loads(json.dumps(manifest, default=str))
+        return messages.message("finished", recipe={"manifest": manifest}, files=[str(manifest.get("folder"))],
+                                history_id=None)
+    code = host.trainer(j["kind"], finetune=True).run([str(a) for a in j.get("args", [])])
+    if code:
+        from engine.errors import GenerationError
+
+        raise GenerationError(f"The fine-tune stopped with status {code}; see its log.")
+    return messages.message("finished", recipe={}, files=[], history_id=None)
+
+
 class ChildExecutor:
     """Runs queue jobs in a generation process (``engine.child.GenerationProcess``)."""
 
@@ -71,6 +94,15 @@ class ChildExecutor:
     def __call__(self, qjob: QueueJob, token: CancelToken, report: Callable[[dict], None]) -> dict:
         from engine.runner import Job
 
+        if qjob.kind == "export":  # in the generation process too: torch never enters the window's
+            j = qjob.job
+            manifest = self.process.export(j["model"], j.get("quantize"), bool(j.get("force")), report)
+            return messages.message("finished", recipe={"manifest": manifest}, files=[str(manifest.get("folder"))],
+                                    history_id=None)
+        if qjob.kind != "generate":
+            from engine.errors import UsageError
+
+            raise UsageError(f"A {qjob.kind} job runs from `studio queue run`, not in the window.")
         return self.process.run(Job(**qjob.job), token, report, queue_tag=qjob.tag)
 
 

@@ -1,6 +1,7 @@
 """`studio queue ...` and `studio batch ...`: the persistent job queue from the command line."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -34,6 +35,13 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2,...",
                    help="grid: one job per value of an option (at most two); a contact sheet at the end")
     x.add_argument("--json", action="store_true")
+    x = qsub.add_parser("export", help="queue an ONNX export (as `studio export-onnx`)")
+    x.add_argument("model")
+    x.add_argument("--quantize", choices=("int8",))
+    x.add_argument("--force", action="store_true")
+    x = qsub.add_parser("finetune", help="queue a LoRA fine-tune (as `studio finetune KIND ...`)")
+    x.add_argument("kind")
+    x.add_argument("args", nargs=argparse.REMAINDER)
     for verb, helptext in (("cancel", "cancel a job (a running one stops at its next step)"),
                            ("retry", "queue a failed or cancelled job again"),
                            ("front", "move a queued job to the front"), ("show", "one job in full")):
@@ -101,6 +109,18 @@ def cmd_queue(args) -> int:
         print(json.dumps(queue.get(args.id).to_dict(), indent=2, sort_keys=True, default=str))
     elif a == "add":
         return _add(queue, args)
+    elif a in ("export", "finetune"):
+        from engine.store import ModelStore
+        from studio.commands import _host
+
+        host = _host()
+        if a == "export":
+            ModelStore(host).get(args.model)  # an unknown model is refused now, not when the job runs
+            payload = {"model": args.model, "quantize": args.quantize, "force": args.force}
+        else:
+            host.trainer(args.kind, finetune=True)
+            payload = {"kind": args.kind, "args": list(args.args)}
+        print(f"queued job {queue.submit(payload, kind=a, source='cli')}")
     elif a == "cancel":
         print(f"job {args.id}: {queue.cancel(args.id)}")
     elif a == "retry":

@@ -218,3 +218,29 @@ def test_cli_queue_caption_folder_and_controls(studio_home, tmp_path, capsys):
     assert main(["queue", "cancel", "1"]) == 2
     assert "already finished" in capsys.readouterr().err
     assert main(["queue", "add", "caption", "--folder", str(tmp_path / "nope")]) == 2
+
+
+def test_export_and_finetune_jobs(studio_home, monkeypatch):
+    import engine.onnx_export
+
+    calls = []
+
+    def fake_export(host, entry, quantize=None, force=False, log=None):
+        calls.append((entry.name, quantize))
+        log("exporting")
+        return {"folder": "/tmp/x"}
+
+    monkeypatch.setattr(engine.onnx_export, "export_model", fake_export)
+    q = JobQueue()
+    e = q.submit({"model": "shakespeare-llama", "quantize": "int8"}, kind="export")
+    f = q.submit({"kind": "nope", "args": []}, kind="finetune")
+    g = q.submit(Job("text", prompt="KING:", options={"max_new_tokens": 1}))
+    with pytest.raises(UsageError, match="needs a model"):
+        q.submit({}, kind="export")
+    assert q.claim(kinds=("generate",)).id == g  # what the window takes: generations only
+    q.release(g)
+    _worker(q).run(until_empty=True)
+    assert calls == [("shakespeare-llama", "int8")] and q.get(e).state == "done"
+    assert q.get(e).label == "export shakespeare-llama (int8)"
+    assert q.get(f).state == "failed" and "Unknown fine-tuning kind" in q.get(f).error
+    assert q.get(g).state == "done"

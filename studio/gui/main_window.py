@@ -262,7 +262,7 @@ class MainWindow(DialogActions, QMainWindow):
         """Start the next queued job when this window runs none."""
         if self.task is not None or self._closing:
             return
-        qjob = self.queue.claim()
+        qjob = self.queue.claim(kinds=("generate",))  # exports and fine-tunes run from `studio queue run`
         if qjob is None:
             return
         from engine.runner import Job
