@@ -28,7 +28,8 @@ def routes() -> list:
             Route("/sdapi/v1/interrogate", interrogate, methods=["POST"]),
             Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
             Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
-            Route("/sdapi/v1/progress", progress, methods=["GET"])]
+            Route("/sdapi/v1/progress", progress, methods=["GET"]),
+            Route("/sdapi/v1/options", options, methods=["GET", "POST"])]
 
 
 def _sampler(name) -> str:
@@ -53,8 +54,33 @@ def _options(service, generator: str, body: dict) -> dict:
     return {k: v for k, v in pairs.items() if v is not None and k in have}
 
 
-def _model(body: dict):
-    return (body.get("override_settings") or {}).get("sd_model_checkpoint") or None
+def _model(body: dict, service=None):
+    """The request's checkpoint (override_settings), else the one chosen with POST /sdapi/v1/options."""
+    name = (body.get("override_settings") or {}).get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
+    return _strip_hash(name) if name else None
+
+
+def _strip_hash(title: str) -> str:
+    """A1111 clients send titles such as 'shapes-diffusion [83364ea40f]'; the name is before the hash."""
+    return title.split(" [", 1)[0].strip()
+
+
+async def options(request):
+    """The one A1111 option the studio has: ``sd_model_checkpoint``, the image model txt2img uses."""
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    if request.method == "POST":
+        body = await read_json(request)
+        if "sd_model_checkpoint" in body:
+            name = _strip_hash(str(body["sd_model_checkpoint"]))
+            image_generator(service, name)  # unknown or not an image model: refused now
+            service.a1111_model = name
+    current = getattr(service, "a1111_model", None)
+    if current is None:
+        entry = service.store.default_for("image") if service.has_generator("image") else None
+        current = entry.name if entry else ""
+    return JSONResponse({"sd_model_checkpoint": current})
 
 
 async def _images(request, service, body: dict, generator: str, model, image=None):
@@ -91,7 +117,7 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
 async def txt2img(request):
     service = request.app.state.service
     body = await read_json(request)
-    generator, model = image_generator(service, _model(body))
+    generator, model = image_generator(service, _model(body, service))
     return await _images(request, service, body, generator, model)
 
 
@@ -106,7 +132,7 @@ async def img2img(request):
     if not isinstance(inits, list) or not inits:
         raise UsageError("init_images must be a list holding one base64 image.")
     generator = makers[0]
-    model = _model(body)
+    model = _model(body, service)
     if model:
         generator, model = image_generator(service, model)
     return await _images(request, service, body, generator, model, image=str(save_input(inits[0])))

@@ -137,6 +137,9 @@ def test_webuiapi_txt2img_and_interrogate(server):
     assert again.image.tobytes() == result.image.tobytes()
     caption = api.interrogate(result.image)
     assert isinstance(caption.info, str) and caption.info.strip()
+    title = next(m for m in api.util_get_model_names() if m.startswith("shapes-diffusion"))
+    api.util_set_model(title)  # POST /sdapi/v1/options, as A1111 clients switch checkpoints
+    assert api.get_options()["sd_model_checkpoint"] == "shapes-diffusion"
     samplers = {s["name"] for s in api.get_samplers()}
     assert {"DDIM", "Euler"} <= samplers
     assert "progress" in api.get_progress()
