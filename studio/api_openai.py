@@ -11,9 +11,7 @@ from engine.errors import UsageError
 from studio.server import ClientGone, NotFound, Unsupported, read_json, run_job
 
 TEXT_GENERATORS = ("text", "chat")
-COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n", "user",
-                   "stream_options", "echo", "logprobs", "presence_penalty", "frequency_penalty", "best_of",
-                   "logit_bias", "suffix"}
+UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "logit_bias", "tools", "functions")  # refused when set
 
 
 def routes() -> list:
@@ -55,6 +53,11 @@ def _stop(value) -> str:
 
 
 def _text_options(body: dict, default_max: int) -> dict:
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False, 0, "", [], {}):
+            raise UsageError(f"{key} is not supported by this server; leave it out.")
+    if _number(body, "best_of", int, 1) != 1:
+        raise UsageError("best_of must be 1 here.")
     opts = {"max_new_tokens": _number(body, "max_tokens", int, default_max),
             "temperature": _number(body, "temperature", float, 1.0),
             "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop"))}

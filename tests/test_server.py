@@ -153,6 +153,10 @@ def test_bad_requests(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "logprobs": 5})
+    assert r.status_code == 400 and "logprobs is not supported" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json=["not", "an", "object"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0})
     assert r.status_code == 400 and "steps" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler a"})
