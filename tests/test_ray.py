@@ -80,3 +80,11 @@ def test_ray_address_that_does_not_answer_is_one_line(studio_home, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not answer" in err[0]
     assert JobQueue().list() == []  # nothing queued, nothing lost
+
+
+def test_serve_with_a_ray_address_that_does_not_answer(studio_home, capsys):
+    from studio.cli import main
+
+    assert main(["serve", "--port", "7998", "--ray", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not answer" in err[0]
