@@ -29,6 +29,7 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     x.add_argument("--seed", type=int)
     x.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    x.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat` (as `studio generate chat`)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     x.add_argument("--front", action="store_true", help="run it next")
     x.add_argument("--seeds", metavar="N,N,...", help="grid: one job per seed")
