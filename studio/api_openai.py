@@ -145,7 +145,9 @@ async def _respond(request, service, job, body: dict, kind: str, chat: bool):
         return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
                              "choices": [choice], "usage": _usage(r), "system_fingerprint": r.get("history_id")})
 
-    service.validate(job)  # a bad request is a 400 before the stream starts
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(service.validate, job)  # a bad request is a 400 before the stream starts
 
     async def events():
         import asyncio

@@ -42,6 +42,7 @@ class MainWindow(DialogActions, QMainWindow):
         self.replay_of = None  # the recipe a running generation replays
         self.replays: dict = {}  # queue job id -> the recipe it replays
         self.current_job = None  # the engine.jobqueue.QueueJob this window is running
+        self._reported_at = 0.0  # when its progress last went into the queue
         self.busy_kind = ""
         self._progress_t0 = None
         self._closing = False
@@ -297,9 +298,9 @@ class MainWindow(DialogActions, QMainWindow):
         """Progress into the queue (what the Queue tab, the CLI and the server show), at most 4 times a second;
         a cancel asked for elsewhere (`studio queue cancel`) stops the job here."""
         job = self.current_job
-        if job is None or (msg.at - getattr(job, "reported_at", 0.0) < 0.25 and msg.step != msg.total):
+        if job is None or (msg.at - self._reported_at < 0.25 and msg.step != msg.total):
             return
-        job.reported_at = msg.at
+        self._reported_at = msg.at
         if self.queue.report(job.id, msg.step, msg.total, msg.message) and self.token is not None:
             self.token.cancel()
 
