@@ -314,13 +314,29 @@ def cmd_batch(args) -> int:
         return _batch_on_ray(queue, batch, pool, host, store, ids, args.json, bool(errors))
     worker = _worker(queue, batch=batch)
     bar, failed = _BatchBar(len(ids)), 0
-    while (job := worker.run_one()) is not None:
-        bar.step()
-        failed += job.state != "done"
-        if job.state != "done":
-            print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
-        elif args.json:
-            _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+    from engine.jobworker import recover
+
+    reported: set = set()
+    last_recover = time.monotonic()
+    while True:  # another worker (the window, `studio queue run`) may take some of the batch's jobs too
+        ran = worker.run_one()
+        jobs = queue.list(batch=batch)
+        for job in jobs:
+            if job.state in ("done", "failed", "cancelled") and job.id not in reported:
+                reported.add(job.id)
+                bar.step()
+                failed += job.state != "done"
+                if job.state != "done":
+                    print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
+                elif args.json:
+                    _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+        if len(reported) == len(ids):
+            break
+        if ran is None:  # waiting on jobs another process runs; if it died, they come back to the queue
+            time.sleep(worker.poll)
+            if time.monotonic() - last_recover > 5:
+                recover(queue)
+                last_recover = time.monotonic()
     bar.done()
     print(f"batch {batch}: {len(ids) - failed} of {len(ids)} done", file=sys.stderr)
     return 1 if errors or failed else 0
