@@ -165,6 +165,11 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "could not be read" in r.json()["detail"]
     r = httpx.post(url + "/v1/completions", content=b"x" * (100 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    img2img = [g.info.id for g, _ in server.service.host.generators.values()
+               if g.info.makes == "image" and {"image", "text"} <= set(g.info.takes)]
+    if not img2img:  # until Stable Diffusion (#14) lands: a clear 501, not a crash
+        r = httpx.post(url + "/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["AAAA"]})
+        assert r.status_code == 501 and "image-to-image" in r.json()["detail"]
     for path in ("/api/plugins/install", "/api/models/import", "/sdapi/v1/extensions"):
         assert httpx.post(url + path, json={}).status_code == 404
     r = httpx.post(url + "/api/jobs", json={"generator": "text", "prompt": "x", "options": {"top_k": -1}})
