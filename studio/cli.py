@@ -138,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _FinetuneParser
     t.add_argument("kind", nargs="?", help="what to fine-tune (listed below)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="its own options (`studio finetune KIND --help`)")
+
+    from studio.queue_cli import add_parsers
+
+    add_parsers(sub, _Parser)
+    s = sub.add_parser("serve", help="a local API server (OpenAI and AUTOMATIC1111 compatible) over the queue")
+    s.add_argument("--host", default="127.0.0.1", help="the interface to listen on (anything but loopback needs "
+                                                       "--token)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--token", help="require this bearer token (default: $STUDIO_API_TOKEN)")
+    s.add_argument("--ray", metavar="ADDRESS", help="run the queue's jobs on a Ray cluster")
     return p
 
 

@@ -320,3 +320,22 @@ def cmd_finetune(args) -> int:
         raise UsageError("Say what to fine-tune: studio finetune KIND --model NAME --data PATH "
                          "(`studio finetune --help` lists the kinds).")
     return int(_host().trainer(args.kind, finetune=True).run(list(args.args)) or 0)
+
+
+# ----- queue, batch, serve ---------------------------------------------------------------------
+def cmd_queue(args) -> int:
+    from studio.queue_cli import cmd_queue as run
+
+    return run(args)
+
+
+def cmd_batch(args) -> int:
+    from studio.queue_cli import cmd_batch as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from studio.server import serve
+
+    return serve(args)

@@ -18,6 +18,7 @@ from studio.gui.error_banner import ErrorBanner
 from studio.gui.generator_panel import GeneratorPanel
 from studio.gui.history_panel import HistoryPanel
 from studio.gui.output_view import OutputView, kind_of
+from studio.gui.queue_panel import QueuePanel
 from studio.gui.session import Session
 from studio.gui.util import generator_icon, guard
 from studio.gui.worker import (Failure, Finished, PreparedMsg, PreviewMsg, ProgressMsg, StatusMsg, TextMsg,
@@ -39,6 +40,9 @@ class MainWindow(DialogActions, QMainWindow):
         self.task = None
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
+        self.replays: dict = {}  # queue job id -> the recipe it replays
+        self.current_job = None  # the engine.jobqueue.QueueJob this window is running
+        self._reported_at = 0.0  # when its progress last went into the queue
         self.busy_kind = ""
         self._progress_t0 = None
         self._closing = False
@@ -71,6 +75,14 @@ class MainWindow(DialogActions, QMainWindow):
         self.tabs.addTab(self.chat, "Conversation")
         self.tabs.addTab(self.output, "Output")
         self.tabs.addTab(self.history, "History")
+        from engine.jobqueue import JobQueue
+        from engine.jobworker import recover
+
+        self.queue = JobQueue()
+        recover(self.queue)  # jobs a dead studio was running are queued again
+        self.queue_panel = QueuePanel(self.queue)
+        self.tabs.addTab(self.queue_panel, "Queue")
+        self.queue_panel.changed.connect(self.on_queue_changed)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.generator_list)
         split.addWidget(scroll)
@@ -108,6 +120,7 @@ class MainWindow(DialogActions, QMainWindow):
         self.populate_generators(generator or self.gui_state.get("generator"))
         self.history.refresh()
         self.statusBar().showMessage(self._plugin_summary())
+        QTimer.singleShot(0, self.pump)  # jobs left in the queue by an earlier session
 
     # ----- menus -----------------------------------------------------------------------------
     def _menus(self) -> None:
@@ -229,33 +242,75 @@ class MainWindow(DialogActions, QMainWindow):
 
     @guard
     def generate(self) -> None:
-        if self.task is not None:
-            self.statusBar().showMessage("A generation is already running; cancel it first (Escape).", 4000)
-            return
+        self.submit()
+
+    def submit(self) -> int:
+        """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it."""
         job = self.panel.job()
-        info = self.panel.info
-        if "messages" in info.takes:
+        if "messages" in self.panel.info.takes:
             job.messages = [m.to_dict() for m in self.chat.to_send()]
-        self.chatting = "messages" in info.takes
+        self._remember()
+        job_id = self.queue.submit(job, source="gui")
+        if self.task is not None or self.queue.paused():
+            waiting = len(self.queue.list(states=("queued",)))
+            self.statusBar().showMessage(f"Queued as job {job_id} ({waiting} waiting"
+                                         + ("; the queue is paused)" if self.queue.paused() else ")"), 5000)
+        self.pump()
+        return job_id
+
+    @guard
+    def pump(self) -> None:
+        """Start the next queued job when this window runs none."""
+        if self.task is not None or self._closing:
+            return
+        qjob = self.queue.claim(kinds=("generate",))  # exports and fine-tunes run from `studio queue run`
+        if qjob is None:
+            return
+        from engine.runner import Job
+
+        qjob.tag = self.queue.tag(qjob.id)
+        self.current_job = qjob
+        job = Job(**qjob.job)
+        gen = self.session.host.generators.get(job.generator)
+        self.chatting = bool(gen) and "messages" in gen[0].info.takes
         self.banner.hide()
         self.token = CancelToken()
-        self.busy_kind = kind_of(info)
+        self.busy_kind = kind_of(gen[0].info) if gen else "text"
         self.output.begin(self.busy_kind, job.image or "")
         if self.chatting:
             self.chat.begin_answer()
         self.tabs.setCurrentWidget(self.chat if self.chatting else self.output)
         self.panel.set_busy(True)
+        self.panel.generate_button.setEnabled(True)  # Generate queues the next job meanwhile
         self.panel.show_progress(0, 0, None, "Preparing…")
         self._progress_t0 = None
-        self._remember()
-        self.replay_of = None  # replay() sets it after this returns
-        task = generation_task(self.session, job, self.token, self)
+        self.replay_of = self.replays.pop(qjob.id, None)
+        task = generation_task(self.session, job, self.token, self, queue_tag=qjob.tag)
         task.succeeded.connect(self.on_task_succeeded)
         task.failed.connect(self.on_task_failed)
         task.finished.connect(self.on_task_finished)
         self.task = task
         task.start()
         self.drain_timer.start()
+        self.queue_panel.refresh()
+
+    def _record_progress(self, msg) -> None:
+        """Progress into the queue (what the Queue tab, the CLI and the server show), at most 4 times a second;
+        a cancel asked for elsewhere (`studio queue cancel`) stops the job here."""
+        job = self.current_job
+        if job is None or (msg.at - self._reported_at < 0.25 and msg.step != msg.total):
+            return
+        self._reported_at = msg.at
+        if self.queue.report(job.id, msg.step, msg.total, msg.message) and self.token is not None:
+            self.token.cancel()
+
+    @guard
+    def on_queue_changed(self) -> None:
+        """A button of the Queue tab: a cancel of this window's job stops it; a resume starts the next."""
+        if self.current_job is not None and self.token is not None and \
+                self.queue.cancel_requested(self.current_job.id):
+            self.token.cancel()
+        self.pump()
 
     @guard
     def cancel(self) -> None:
@@ -292,6 +347,7 @@ class MainWindow(DialogActions, QMainWindow):
                 rate = (msg.at - self._progress_t0[0]) / (msg.step - self._progress_t0[1])
                 left = max(0.0, rate * (msg.total - msg.step))
             self.panel.show_progress(msg.step, msg.total, left, msg.message)
+            self._record_progress(msg)
         elif isinstance(msg, PreviewMsg):
             total = self.panel.progress.maximum()
             step = f"preview, step {msg.step}/{total}" if msg.step is not None else "preview"
@@ -307,6 +363,10 @@ class MainWindow(DialogActions, QMainWindow):
     def on_task_succeeded(self, done: Finished) -> None:
         self.drain()
         rec = done.record
+        if self.current_job is not None:
+            self.queue.finish(self.current_job.id, rec.history_id,
+                              {"files": [str(f) for f in rec.files], "text": rec.recipe.get("text"),
+                               "content_sha256": rec.recipe.get("content_sha256")})
         audio = rec.result.audio if rec.result.audio is not None else None
         self.output.show_result(rec.recipe, [str(f) for f in rec.files], done.qimage, audio)
         if self.chatting:
@@ -335,6 +395,13 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def on_task_failed(self, failure: Failure) -> None:
         self.drain()
+        if self.current_job is not None:
+            if failure.cancelled and self._closing:
+                self.queue.release(self.current_job.id)  # closing the window is not giving up the job
+            elif failure.cancelled:
+                self.queue.cancelled(self.current_job.id)
+            else:
+                self.queue.fail(self.current_job.id, failure.message, failure.error)
         if self.chatting:
             self.chat.abort_answer()
         if failure.cancelled:
@@ -353,12 +420,16 @@ class MainWindow(DialogActions, QMainWindow):
         self.drain()
         self.drain_timer.stop()
         task, self.task = self.task, None
+        self.current_job = None
         self.panel.set_busy(False)
         if self.chatting and self.chat.answer is not None:  # neither succeeded nor failed reached it
             self.chat.abort_answer()
         self.chatting = False
         if task is not None:
             task.deleteLater()
+        self.queue_panel.refresh()
+        if not self._closing:
+            QTimer.singleShot(0, self.pump)
 
     # ----- chat ------------------------------------------------------------------------------
     @guard
@@ -388,9 +459,9 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def replay(self, recipe: dict) -> None:
         self.load_recipe(recipe)
-        self.generate()
-        if self.task is not None:
-            self.replay_of = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        self.replays[self.submit()] = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        if self.current_job is not None and self.current_job.id in self.replays:
+            self.replay_of = self.replays.pop(self.current_job.id)
 
     @guard
     def caption_image(self, path: str) -> None:
