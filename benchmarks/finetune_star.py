@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=60, help="prompts of each kind to score")
     p.add_argument("--work", default="runs/star")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
     a = p.parse_args(argv)
     import torch
 
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", "image", "--model", "shapes-diffusion",
                            "--data", str(data), "--out", str(work / "run"), "--steps", str(a.steps), "--threads",
-                           str(a.threads), "--json"] + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
+                           str(a.threads), "--batch", str(a.batch), "--lr", str(a.lr), "--eval-every", "50",
+                           "--checkpoint-every", "25", "--json"] + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
                           env=env, capture_output=True, text=True)
     train_s = time.perf_counter() - t0
     if proc.returncode != 0:
