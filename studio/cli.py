@@ -19,6 +19,8 @@ log = logging.getLogger("studio")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
+        if "expected one argument" in message:
+            message += "; a value that starts with '-' is written as --option=VALUE"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -62,9 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
+    g.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat`: a JSON list of "
+                   "{\"role\", \"content\"} (or an object with a \"messages\" list)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
+
+    g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
+    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--system", metavar="TEXT", help="a system prompt")
+    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
 
     m = sub.add_parser("models", help="list, inspect, import and remove models")
     msub = m.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -127,18 +140,60 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _FinetuneParser
     t.add_argument("kind", nargs="?", help="what to fine-tune (listed below)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="its own options (`studio finetune KIND --help`)")
+
+    from studio.queue_cli import add_parsers
+
+    add_parsers(sub, _Parser)
+    s = sub.add_parser("serve", help="a local API server (OpenAI and AUTOMATIC1111 compatible) over the queue")
+    s.add_argument("--host", default="127.0.0.1", help="the interface to listen on (anything but loopback needs "
+                                                       "--token)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--token", help="require this bearer token (default: $STUDIO_API_TOKEN)")
+    s.add_argument("--ray", metavar="ADDRESS", help="run the queue's jobs on a Ray cluster")
     return p
+
+
+GLOBAL_FLAGS = ("--debug", "--safe-mode")
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set:
+    """Every option string, in any subcommand, that takes a value (``--prompt TEXT``)."""
+    found = set()
+    for action in parser._actions:  # argparse keeps no public list
+        if action.option_strings and action.nargs != 0:
+            found.update(action.option_strings)
+        for sub in (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) \
+                else ():
+            found |= _value_options(sub)
+    return found
+
+
+def split_global_flags(argv: list, parser: argparse.ArgumentParser) -> tuple:
+    """(the global flags given, argv without them). A flag counts anywhere on the line, but not where it is the
+    value of an option (``--prompt "--debug"`` is a prompt) nor after a trainer's own arguments begin."""
+    takes_value, flags, rest, value_next = _value_options(parser), set(), [], False
+    for i, arg in enumerate(argv):
+        if value_next:
+            rest.append(arg)
+            value_next = False
+        elif arg in GLOBAL_FLAGS and not any(a in ("train", "finetune") for a in rest[:1]):
+            flags.add(arg)
+        else:
+            rest.append(arg)
+            value_next = arg in takes_value
+    return flags, rest
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if "--safe-mode" in argv:  # accepted anywhere on the line, like --debug
+    parser = build_parser()
+    flags, argv = split_global_flags(argv, parser)
+    debug = "--debug" in flags
+    if "--safe-mode" in flags:  # accepted anywhere on the line, like --debug
         os.environ["STUDIO_SAFE_MODE"] = "1"
-    argv = [a for a in argv if a not in ("--debug", "--safe-mode")]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         if args.command in (None, "gui"):
             from studio.gui.app import run_gui
 

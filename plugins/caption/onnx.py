@@ -127,7 +127,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
 
     from plugins.caption.model import TorchCaptionRunner, load_caption_model
     from plugins.caption.pipeline import Preprocess
-    from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graph, replace_graphs
+    from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graphs, replace_graphs
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
     from engine.backends.decoders import decoder_parity, export_decoder, torch_stepper
@@ -187,9 +187,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing the weights to int8 and measuring exact match on {N_QUALITY} renders")
-        q_enc, q_dec = out_dir / "encoder.int8.onnx", out_dir / "decoder.int8.onnx"
-        quantize_graph(enc_path, q_enc)
-        quantize_graph(dec_path, q_dec)
+        q_enc, q_dec = quantize_graphs({"encoder": enc_path, "decoder": dec_path}).values()
         _, q_runner = check(q_enc, q_dec)
         from plugins.caption.tokenizer import load_tokenizer
 
