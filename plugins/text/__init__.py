@@ -42,8 +42,6 @@ def _pipeline(request, context):
     if model is None:
         raise UsageError("The text generator needs a model; pass one with --model.")
 
-    notes = []
-
     def load():
         folder = Path(model.path)
         cfg = read_config(folder)
@@ -55,19 +53,21 @@ def _pipeline(request, context):
                 raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
                                  "(`studio models merge-lora`) to run it on ONNX.")
             decoder, export = load_decoder(folder, model.hash, export=request.export)
-            notes.extend(export.notes)
+            notes = list(export.notes)
         else:
             from engine.nn.lora import apply_adapters
             from plugins.text.models import load_model
 
             net = apply_adapters(load_model(folder, model.family, request.device), request.adapters)
-            decoder = TorchDecoder(net, request.device)
+            decoder, notes = TorchDecoder(net, request.device), []
         bos = cfg.get("bos_token_id")
-        return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
+        pipe = TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
                             eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=family(model.family).add_bos)
+        pipe.load_notes = notes  # what opening it noticed; the first generation on it reports them
+        return pipe
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
     key = ("text", model.hash, request.device, request.backend, str(request.export or ""), adapters)
-    return context.cached(key, load), notes
+    return context.cached(key, load)
 
 
 CHAT_INFO = GeneratorInfo(
@@ -85,7 +85,8 @@ def generate(request, context):
     where = request.backend + (f", {Path(request.export).name}" if request.export else "")
     yield Progress(0, 1, f"loading {request.model.name if request.model else 'the model'} ({where})")
     t0 = time.perf_counter()
-    pipe, notes = _pipeline(request, context)
+    pipe = _pipeline(request, context)
+    notes = pipe.__dict__.pop("load_notes", [])
     load_s = time.perf_counter() - t0
     context.cancel.raise_if_cancelled()
     req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
