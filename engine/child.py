@@ -104,7 +104,8 @@ def serve() -> int:
         try:
             prep = prepare(host, store, Job(**msg["job"]))
             req = prep.request
-            send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "")
+            send(type="prepared", seed=req.seed, device=req.device, model=req.model.name if req.model else "",
+                 backend=req.backend)
 
             def on_event(event) -> None:
                 for m in messages.event_messages(event):
@@ -181,6 +182,9 @@ class GenerationProcess:
             if self.alive():
                 return
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            # this process keeps models loaded between generations, so repacking fp32 ONNX weights once at open
+            # pays back in faster prefill and decode (benchmarks/load_time.py --prepack); a CLI run does not
+            env.setdefault("STUDIO_ONNX_PREPACK", "1")
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             # its own session: Ctrl+C in the terminal reaches the window, which stops the child; a SIGINT that

@@ -163,9 +163,10 @@ class Request:
     options: dict = field(default_factory=dict)  # already resolved: every option present and valid
     seed: int = 0
     model: Optional[ModelRef] = None
-    backend: str = "torch"  # "torch" | "onnx"
+    backend: str = "torch"  # resolved: "torch" | "onnx"
     device: str = "cpu"  # resolved: "cpu" | "cuda"
     adapters: tuple = ()  # AdapterRef, applied in order (only for generators with info.takes_lora)
+    export: Optional[Path] = None  # with the onnx backend: the export folder the runner chose (open_export(export=))
     messages: tuple = ()  # engine.chat.Message (role, content), for generators that take "messages"
 
 

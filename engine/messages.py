@@ -8,7 +8,7 @@ A message is a dict with a ``type`` and its fields; between processes it travels
 type       fields                                  meaning
 =========  ======================================  ==============================================================
 ready      pid                                     a process is ready for requests
-prepared   seed, device, model                     a job was validated; its resolved seed, device and model
+prepared   seed, device, model, backend            a job was validated; its resolved seed, device, model, backend
 progress   step, total, message                    a generator's Progress event
 text       text                                    a streamed piece of text (a Partial)
 preview    png (base64)                            a preview image (a Partial)

@@ -6,6 +6,10 @@ Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` when quantized
 written into a temporary sibling folder and renamed into place at the end, so nothing half-written is left;
 an existing destination is replaced only if it is an earlier export (it holds this studio's manifest).
 
+Every graph's weights are moved to ``<graph>.data`` beside it, page-aligned (``backends.common.externalize``), so
+onnxruntime maps them at load; the manifest records each file's size, modification time and sha256, so a load
+hashes only files whose time changed (``engine.filecheck``).
+
 The exporter contract (its options and what it returns) is documented once, in ``engine/hookspecs.py``
 (``register_exporters``); the parity gate is ``Gate`` below, run once per export.
 """
@@ -18,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import ModelError, ParityError, UsageError
-from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, sha256_file
+from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export
+from engine.filecheck import stamp
 
 QUANTIZE = (None, "int8")
 
@@ -99,15 +104,17 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
             raise ModelError(f"The ONNX exporter of plugin {plugin} measured no parity figures; export refused.")
         failures = parity_failures(parity)
         options["gate"](parity)
+        from engine.backends.common import externalize
+
         for graph in result["graphs"].values():
             if not (tmp / graph["file"]).is_file():
                 raise ModelError(f"The ONNX exporter of plugin {plugin} did not write {graph['file']}.")
+            externalize(tmp / graph["file"])
             frozen = [i["name"] for i in graph.get("inputs", []) if i.get("shape") and isinstance(i["shape"][0], int)]
             if frozen:
                 raise ModelError(f"The exported graph {graph['file']} has a fixed batch size for input {frozen[0]}; "
                                  "the exporter froze an axis that must stay dynamic.")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        files = {p.name: stamp(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         from engine.backends.common import versions
 
         quant = None

@@ -23,7 +23,7 @@ from engine.store import ModelStore
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 10_000
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -33,12 +33,13 @@ class Job:
     prompt: Optional[str] = None
     image: Optional[str] = None
     model: Optional[str] = None
-    backend: str = "torch"
+    backend: str = "auto"  # "auto": ONNX on the CPU when the model has a gated export, else torch (choose_backend)
     device: str = "auto"
     seed: Optional[int] = None
     options: dict = field(default_factory=dict)  # raw values (strings from the CLI, typed from the GUI)
     loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
     messages: Optional[list] = None  # a conversation, [{"role", "content"}, ...], for generators that take one
+    export: Optional[str] = None  # with the onnx backend: the export folder to run (a replay's recorded one)
 
 
 @dataclass
@@ -64,6 +65,8 @@ def resolve_device(device: str, backend: str) -> str:
         return "cpu"
     if device == "cpu":
         return "cpu"
+    if device == "auto" and backend == "auto" and not _has_cuda_driver():
+        return "cpu"  # no NVIDIA driver: no need to import torch just to learn there is no GPU
     import torch
 
     if device == "cuda":
@@ -71,6 +74,47 @@ def resolve_device(device: str, backend: str) -> str:
             raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto.")
         return "cuda"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _has_cuda_driver() -> bool:
+    import os
+
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl") or os.name == "nt"
+
+
+def choose_backend(backend: str, device: str, entry, job: "Job", info) -> tuple:
+    """``(backend, device, export folder or None)`` for a job. ``auto``: torch on a CUDA GPU; on the CPU, ONNX when
+    the model has an export that passed its gate (the fastest such variant, ``runtime.choose_export``) and the
+    job uses nothing only torch runs (LoRA adapters); torch otherwise. ``torch``/``onnx`` force one."""
+    from engine.backends.runtime import choose_export
+
+    if entry is None:
+        return ("torch" if backend == "auto" else backend), "cpu", None
+    if backend == "auto":
+        device = resolve_device(device, "auto")
+        if device == "cpu" and entry.onnx and not job.loras:
+            export = choose_export(entry.path, gated_only=True, model_hash=entry.hash)
+            if export is not None:
+                return "onnx", "cpu", export
+        return "torch", (device if device == "cuda" else resolve_device(job.device, "torch")), None
+    device = resolve_device(device, backend)
+    if backend == "onnx":
+        if job.export == LEGACY_EXPORT:
+            return "onnx", "cpu", choose_export(entry.path, gated_only=False, legacy=True)
+        if job.export:
+            found = [f for f in _export_paths(entry) if f.name == job.export]
+            if not found:
+                raise UsageError(f"Model {entry.name} has no ONNX export {job.export!r} any more (the recipe ran "
+                                 f"on it); run `studio export-onnx {entry.name}` again or replay with another backend.")
+            return "onnx", "cpu", found[0]
+        return "onnx", "cpu", choose_export(entry.path, gated_only=False)
+    return backend, device, None
+
+
+def _export_paths(entry) -> list:
+    from engine.backends.runtime import export_folders
+
+    return export_folders(entry.path)
 
 
 SMALL_MODEL_BYTES = 64 << 20  # weights on disk; below this, torch runs on one CPU thread
@@ -147,14 +191,15 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     seed = job.seed if job.seed is not None else random.randrange(2**31)
     if not 0 <= seed < 2**63:
         raise UsageError(f"The seed must be a whole number from 0 to 2^63-1, not {seed}.")
-    device = resolve_device(job.device, job.backend) if info.families else "cpu"
-    if model is not None and job.backend == "torch" and device == "cpu":
+    backend, device, export = choose_backend(job.backend, job.device, entry if model is not None else None, job,
+                                             info)
+    if model is not None and backend == "torch" and device == "cpu":
         set_cpu_threads(entry.size_bytes)
     adapters = tuple(adapter_ref(spec) for spec in job.loras)
     if adapters and not info.takes_lora:
         raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
-                      backend=job.backend, device=device, adapters=adapters, messages=messages)
+                      backend=backend, device=device, adapters=adapters, messages=messages, export=export)
     return Prepared(job, generator, request, host.plugin_of(info.id))
 
 
@@ -194,6 +239,10 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
         "studio_version": engine.__version__,
         "created": time.time(),
     }
+    if req.export is not None:  # which export ran, so a replay runs the same one
+        recipe["onnx_export"] = Path(req.export).name
+    if prep.job.backend == "auto":
+        recipe["backend_chosen_by"] = "auto"
     if req.image is not None:
         recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
     if req.messages:
@@ -306,6 +355,9 @@ def _check_result(prep: Prepared, result: Result) -> None:
         raise GenerationError(f"Generator {prep.generator.info.id} says it makes {makes} but its result holds none.")
 
 
+LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
+
+
 def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
            **kw) -> tuple[Record, bool, list]:
     """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
@@ -321,7 +373,8 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
-              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []])
+              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],
+              export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
     record = execute(prepare(host, store, job), **kw)
     return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
 

@@ -43,7 +43,7 @@ def safe_mode() -> bool:
 class Settings:
     disabled_plugins: list = field(default_factory=list)
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = "auto"  # ONNX on the CPU when the model has a gated export, torch on a GPU (engine.runner)
     output_dir: str = ""  # empty: <home>/outputs
     gui: dict = field(default_factory=dict)  # window geometry, last-used options
 

@@ -53,8 +53,11 @@ def load_state_dict(folder, device: str = "cpu") -> dict:
     """All tensors of the folder's safetensors file(s) as a dict; ModelError on missing or corrupt files."""
     from safetensors.torch import load_file
 
+    from engine.filecheck import read_ahead
+
     state = {}
     for path in weight_files(folder):
+        read_ahead(path)  # the tensors are mapped; have the kernel read the file in order meanwhile
         try:
             part = load_file(str(path), device=device)
         except Exception as exc:  # safetensors raises its own error types and OSError
@@ -82,6 +85,31 @@ def read_shapes(folder) -> dict:
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             raise ModelError(f"Weight file {path} is corrupt or unreadable; re-download or re-export the model.") from None
     return shapes
+
+
+def no_init():
+    """A context in which torch's weight initialisers (``torch.nn.init.*_``) do nothing: a model built inside it
+    has uninitialised (allocated but never touched) parameters, for ``load_state_dict(..., assign=True)`` to
+    replace with the file's tensors. Saves randomly initialising a model that is about to be overwritten (and,
+    unlike building on the meta device, imports nothing more)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        init = torch.nn.init
+        names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+        saved = {n: getattr(init, n) for n in names}
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        try:
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(init, n, fn)
+
+    return ctx()
 
 
 def load_pickle(path, map_location="cpu"):

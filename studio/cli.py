@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
     g.add_argument("--model", metavar="NAME|PATH")
-    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    g.add_argument("--backend", choices=("auto", "torch", "onnx"), default=None,
+                   help="auto (the default): ONNX on the CPU when the model has an export that passed its gate, "
+                        "torch on a GPU or otherwise; torch or onnx force one")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",

@@ -100,6 +100,38 @@ def quantize_graph(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the .data file
+EXTERNAL_ALIGN = 4096  # each starts on a page boundary, so it can be mapped where it lies
+
+
+def externalize(path: Path) -> bool:
+    """Move a graph's weights into ``<graph>.data`` beside it, each page-aligned, so onnxruntime maps them from
+    the file instead of copying them out of the parsed graph (and the graph itself stays small to parse and
+    check). A graph that already keeps its weights outside, or has none, is left as it is; returns whether it
+    was rewritten."""
+    import onnx
+    from onnx import external_data_helper as edh
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    tensors = [t for t in edh._get_all_tensors(proto)]
+    if any(edh.uses_external_data(t) for t in tensors):
+        return False
+    big = [t for t in tensors if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES]
+    if not big:
+        return False
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        for t in big:
+            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+            offset = f.tell()
+            f.write(t.raw_data)
+            edh.set_external_data(t, data.name, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+    onnx.save_model(proto, str(path))
+    return True
+
+
 def quantize_graphs(paths: dict) -> dict:
     """Weight-only int8 copies of ``paths`` ({name: graph.onnx}) beside them, as {name: graph.int8.onnx}."""
     out = {}

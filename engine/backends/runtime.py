@@ -14,21 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import ModelError, UsageError
-from engine.outputs import sha256_file as _sha256_file
+from engine.filecheck import Check, check_file, sha256_file  # noqa: F401  (sha256_file: used by onnx_export)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "onnx.json"
 FORMAT = "genai-studio-onnx/1"
-_HASHES: dict = {}  # (path, mtime_ns, size) -> sha256, so a file is hashed once per process
-
-
-def sha256_file(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _HASHES:
-        _HASHES[key] = _sha256_file(path)
-    return _HASHES[key]
 
 
 def builtin_dir() -> Path:
@@ -95,12 +86,15 @@ def _plain_name(name: str) -> bool:
         and not os.path.isabs(name)
 
 
-def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> None:
-    """Every file the manifest names is a plain, non-symlinked file of the recorded size and sha256."""
+def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> list:
+    """Every file the manifest names is a plain, non-symlinked file of the recorded size and sha256. The sha256 is
+    computed only when the file's modification time differs from the one recorded at export (or none was
+    recorded); returns notes for the files that had to be hashed that way."""
     folder = Path(folder)
     if folder.is_symlink():
         raise ModelError(f"ONNX export folder {folder} is a symbolic link; only real export folders are loaded.")
     real = folder.resolve()
+    notes = []
     for name, meta in manifest["files"].items():
         if not _plain_name(name):
             raise ModelError(f"{folder / MANIFEST} names the file {name!r}, which is outside the export folder.")
@@ -116,12 +110,17 @@ def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> No
         if "bytes" in meta and path.stat().st_size != meta["bytes"]:
             raise ModelError(f"{path} has {path.stat().st_size} bytes but the manifest records {meta['bytes']} "
                              "(truncated or changed); export the model again.")
-        if verify_hashes and meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+        found = check_file(path, meta, verify_hashes)
+        if found is Check.CHANGED:
             raise ModelError(f"{path} does not match the sha256 in its manifest (corrupt or changed); "
                              "export the model again.")
+        if found is Check.VERIFIED and meta.get("mtime_ns") is not None:
+            notes.append(f"{name} in {folder.name} was touched since export (its time changed); its sha256 was "
+                         "checked and matches")
+    return notes
 
 
-def check_graph(path: Path, allowed: Optional[set] = None) -> None:
+def check_graph(path: Path, allowed: Optional[set] = None, checker: bool = True) -> None:
     """Parse a graph, refuse external data outside its folder or through symlinks, run ``onnx.checker``."""
     try:
         import onnx
@@ -148,6 +147,8 @@ def check_graph(path: Path, allowed: Optional[set] = None) -> None:
                 or target.resolve().parent != folder or (allowed is not None and location not in allowed)):
             raise ModelError(f"ONNX graph {path.name} refers to external data {location!r} outside its own "
                              "export folder; refusing to load it.")
+    if not checker:
+        return
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx.checker.ValidationError and friends
@@ -166,9 +167,15 @@ def default_threads(path: Optional[Path] = None) -> int:
     env = env_threads("STUDIO_ONNX_THREADS")
     if env > 0:
         return env
-    if path is not None and Path(path).is_file() and Path(path).stat().st_size < SMALL_GRAPH_BYTES:
+    if path is not None and Path(path).is_file() and _graph_bytes(Path(path)) < SMALL_GRAPH_BYTES:
         return 1
     return os.cpu_count() or 1
+
+
+def _graph_bytes(path: Path) -> int:
+    """A graph file's size with its external weights (``<graph>.data`` beside it)."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def session_options(threads: Optional[int] = None, path: Optional[Path] = None):
@@ -183,30 +190,48 @@ def session_options(threads: Optional[int] = None, path: Optional[Path] = None):
     return so
 
 
-def open_session(path: Path, threads: Optional[int] = None, check: bool = True, allowed: Optional[set] = None):
-    """An onnxruntime CPU session on a checked graph."""
+def _ort():
     try:
         import onnxruntime as ort
     except ImportError:
         raise ModelError("The ONNX backend needs onnxruntime; install it with `pip install onnxruntime`.") from None
-    if check:
-        check_graph(path, allowed)
+    return ort
+
+
+def new_session(path: Path, so):
+    """An onnxruntime CPU session; its failure as a ModelError."""
+    ort = _ort()
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, path),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load {Path(path).name} ({first[:200]}); export the model again.") from None
 
 
-class Export:
-    """An opened, checked export folder: its manifest and lazily created sessions by graph name."""
+def open_session(path: Path, threads: Optional[int] = None, check: bool = True, allowed: Optional[set] = None):
+    """An onnxruntime CPU session on a checked graph, optimized anew (``Export.session`` saves the optimized graph
+    once beside the export and reuses it)."""
+    _ort()
+    if check:
+        check_graph(path, allowed)
+    return new_session(path, session_options(threads, path))
 
-    def __init__(self, folder: Path, threads: Optional[int] = None, verify_hashes: bool = True):
+
+class Export:
+    """An opened, checked export folder: its manifest and lazily created sessions by graph name.
+
+    ``notes``: what a person may want to know about this load (files hashed because their time changed, the
+    optimized graph rebuilt or not saved); generators pass them on as warnings."""
+
+    def __init__(self, folder: Path, threads: Optional[int] = None, verify_hashes: bool = True,
+                 save_optimized: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        check_folder(self.folder, self.manifest, verify_hashes)
+        self.notes = check_folder(self.folder, self.manifest, verify_hashes)
+        for note in self.notes:
+            log.warning("%s", note)
         self.threads = threads
+        self.save_optimized = save_optimized
         self._sessions: dict = {}
 
     @property
@@ -220,27 +245,79 @@ class Export:
                 raise ModelError(f"ONNX export {self.folder} has no graph {name!r}; export the model again.")
             if graph["file"] not in self.manifest["files"]:
                 raise ModelError(f"ONNX export {self.folder}: graph {graph['file']} is not listed in its manifest.")
-            self._sessions[name] = open_session(self.folder / graph["file"], self.threads,
-                                                allowed=set(self.manifest["files"]))
+            path, allowed = self.folder / graph["file"], set(self.manifest["files"])
+            before = len(self.notes)
+            if self.save_optimized:
+                from engine.backends.optimized import optimized_session
+
+                self._sessions[name] = optimized_session(path, self.manifest, self.threads, allowed, self.notes)
+            else:
+                self._sessions[name] = open_session(path, self.threads, allowed=allowed)
+            for note in self.notes[before:]:
+                log.warning("%s", note)
         return self._sessions[name]
 
 
-def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: Optional[int] = None) -> Export:
-    """The preferred export of a model folder (fp32 before int8; ``STUDIO_ONNX_VARIANT=int8`` picks int8)."""
+SPEED_ORDER = ("int4", "int8", "fp32")  # fastest first (benchmarks/onnx_vs_torch.py: int8 3.2-3.5x torch fp32)
+
+
+def variant(folder: Path) -> str:
+    name = Path(folder).name
+    return next((v for v in SPEED_ORDER[:-1] if v in name), "fp32")
+
+
+def gate_passed(manifest: dict) -> bool:
+    """Whether the graphs of an export passed their gate: the parity gate for fp32 (and not kept by --force); for a
+    quantized export, its own gate's record (``quantization.gate.passed``), which older exports lack."""
+    if manifest.get("parity_passed") is not True or manifest.get("forced"):
+        return False
+    quant = manifest.get("quantization")
+    if not quant:
+        return True
+    gate = quant.get("gate") if isinstance(quant, dict) else None
+    return isinstance(gate, dict) and gate.get("passed") is True
+
+
+def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = False,
+                  model_hash: Optional[str] = None) -> Optional[Path]:
+    """The export folder a model runs on: the fastest variant (int4, int8, fp32) that passed its gate (and, given
+    ``model_hash``, was made from this version of the model); with ``gated_only`` None when none did, else the
+    fp32 one. ``STUDIO_ONNX_VARIANT`` (fp32, int8, int4) picks a variant. ``legacy``: the rule of recipes that
+    did not record their export (fp32 first)."""
     folders = export_folders(model_folder)
-    if not folders:  # the same condition engine.runner.prepare refuses as a usage error
-        raise UsageError(f"Model {Path(model_folder).name} has no ONNX export; run "
-                         f"`studio export-onnx {Path(model_folder).name}` first.")
     want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
     if want:
-        chosen = [f for f in folders if (("int8" in f.name) == (want == "int8"))]
-        folders = chosen or folders
-    export = Export(folders[0], threads)
-    recorded = export.manifest.get("model", {}).get("hash")
+        folders = [f for f in folders if variant(f) == want] or folders
+    if legacy or not folders:
+        return folders[0] if folders else None
+    gated = []
+    for f in folders:
+        try:
+            manifest = read_manifest(f)
+            recorded = (manifest.get("model") or {}).get("hash")
+            if gate_passed(manifest) and not (model_hash and recorded and recorded != model_hash):
+                gated.append(f)
+        except ModelError:
+            continue
+    if gated:
+        return min(gated, key=lambda f: SPEED_ORDER.index(variant(f)))
+    return None if gated_only else folders[0]
+
+
+def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: Optional[int] = None,
+                export: Optional[Path] = None) -> Export:
+    """The export ``export`` of a model folder (as the runner chose it: ``Request.export``), else the one
+    ``choose_export`` prefers. An export made from another version of the model is refused."""
+    folder = Path(export) if export is not None else choose_export(Path(model_folder))
+    if folder is None:  # the same condition engine.runner.prepare refuses as a usage error
+        raise UsageError(f"Model {Path(model_folder).name} has no ONNX export; run "
+                         f"`studio export-onnx {Path(model_folder).name}` first.")
+    opened = Export(folder, threads)
+    recorded = opened.manifest.get("model", {}).get("hash")
     if model_hash and recorded and recorded != model_hash:
-        raise ModelError(f"The ONNX export in {folders[0]} was made from another version of model "
+        raise ModelError(f"The ONNX export in {folder} was made from another version of model "
                          f"{Path(model_folder).name}; run `studio export-onnx {Path(model_folder).name} --force`.")
-    return export
+    return opened
 
 
 def read_json(path: Path) -> dict:

@@ -271,9 +271,10 @@ class GPT2LMHeadModel(nn.Module):
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
 
 
-def load_hf_state_dict(model: nn.Module, state: dict, prefix: str = "") -> None:
+def load_hf_state_dict(model: nn.Module, state: dict, prefix: str = "", assign: bool = False) -> None:
     """Copy a transformers state dict into ``model`` (strict): old causal-mask buffers are dropped, a missing
-    ``lm_head.weight`` is taken from the tied embeddings. ``prefix`` (e.g. ``"decoder."``) is stripped first."""
+    ``lm_head.weight`` is taken from the tied embeddings. ``prefix`` (e.g. ``"decoder."``) is stripped first.
+    ``assign``: the model takes the given tensors themselves (memory-mapped ones stay mapped)."""
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
@@ -282,6 +283,8 @@ def load_hf_state_dict(model: nn.Module, state: dict, prefix: str = "") -> None:
     if not any(k.startswith("transformer.") for k in state) and "wte.weight" in state:
         state = {("transformer." + k): v for k, v in state.items()}  # a bare GPT2Model checkpoint
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     if missing or unexpected:
         raise KeyError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if assign and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.transformer.wte.weight

@@ -30,9 +30,10 @@ def _pipeline(request, context):
     model = request.model
     if model is None:
         raise UsageError("The caption generator needs a model; pass one with --model.")
-    key = ("caption", model.hash, request.device, request.backend)
+    key = ("caption", model.hash, request.device, request.backend, str(request.export or ""))
     return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
-                                                                  backend=request.backend, model_hash=model.hash))
+                                                                  backend=request.backend, model_hash=model.hash,
+                                                                  export=request.export))
 
 
 def generate(request, context):

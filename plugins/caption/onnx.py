@@ -59,12 +59,13 @@ def light_config(cfg: dict) -> SimpleNamespace:
                            encoder=SimpleNamespace(image_size=cfg["image_size"]))
 
 
-def load_caption(model_folder, model_hash=None, threads=None, export_dir=None):
+def load_caption(model_folder, model_hash=None, threads=None, export_dir=None, export=None):
     """(OnnxCaptionRunner, light config) for a caption model folder's preferred export, or for ``export_dir``."""
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import Export, open_export
 
-    export = Export(Path(export_dir), threads) if export_dir else open_export(Path(model_folder), model_hash, threads)
+    export = Export(Path(export_dir), threads) if export_dir else open_export(Path(model_folder), model_hash, threads,
+                                                                              export)
     cfg = export.manifest["config"]
     runner = OnnxCaptionRunner(export.session("encoder"), OnnxDecoder(export.session("decoder"), cfg))
     return runner, light_config(cfg)

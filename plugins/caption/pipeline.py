@@ -68,23 +68,24 @@ class CaptionPipeline:
 
     @classmethod
     def from_export(cls, folder, export_dir=None, model_hash: str | None = None,
-                    threads: int | None = None) -> "CaptionPipeline":
+                    threads: int | None = None, export=None) -> "CaptionPipeline":
         """onnxruntime sessions in place of the torch model (plugins/caption/onnx.py): the model folder's registered
         export, or ``export_dir`` (an ``--out`` export, which the backend itself never opens)."""
         from plugins.caption.tokenizer import load_tokenizer
         from plugins.caption.onnx import load_caption
 
-        runner, config = load_caption(folder, model_hash, threads, export_dir)
+        runner, config = load_caption(folder, model_hash, threads, export_dir, export)
         return cls(runner, load_tokenizer(folder), config, Preprocess.from_folder(folder, config.encoder.image_size))
 
     @classmethod
     def from_folder(cls, folder, device: str = "cpu", backend: str = "torch",
-                    model_hash: str | None = None) -> "CaptionPipeline":
-        """``model_hash``: with the onnx backend, an export made from another version of the model is refused."""
+                    model_hash: str | None = None, export=None) -> "CaptionPipeline":
+        """``model_hash``: with the onnx backend, an export made from another version of the model is refused;
+        ``export``: the registered export folder to run (default: the preferred one)."""
         from plugins.caption.tokenizer import load_tokenizer
 
         if backend == "onnx":
-            return cls.from_export(folder, model_hash=model_hash)
+            return cls.from_export(folder, model_hash=model_hash, export=export)
         from plugins.caption.model import TorchCaptionRunner, load_caption_model
 
         model = load_caption_model(folder, device=device)

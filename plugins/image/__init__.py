@@ -43,7 +43,8 @@ def generate(request, context):
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    nets = context.cached(("image", ref.hash, request.device, request.backend, adapters), lambda: _load(request))
+    key = ("image", ref.hash, request.device, request.backend, str(request.export or ""), adapters)
+    nets = context.cached(key, lambda: _load(request))
     yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
 
 
@@ -54,7 +55,7 @@ def _load(request):
 
         if request.adapters:
             raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx to use them.")
-        return load_image_model(Path(ref.path), ref.hash)
+        return load_image_model(Path(ref.path), ref.hash, export=request.export)
     from engine.nn.lora import apply_adapters
     from plugins.image import model as image_model
     from plugins.image.pipeline import torch_nets

@@ -51,11 +51,12 @@ class OnnxDenoiser:
         return self.session.run(["out"], {k: v for k, v in feeds.items() if k in self.inputs})[0]
 
 
-def load_image_model(model_folder, model_hash=None, threads=None):
-    """plugins.image.pipeline.ImageNets on the onnxruntime sessions of the model's preferred export."""
+def load_image_model(model_folder, model_hash=None, threads=None, export=None):
+    """plugins.image.pipeline.ImageNets on the onnxruntime sessions of the model's export ``export`` (default: the
+    preferred one)."""
     from engine.backends.runtime import open_export
 
-    return export_nets(open_export(Path(model_folder), model_hash, threads), model_folder)
+    return export_nets(open_export(Path(model_folder), model_hash, threads, export), model_folder)
 
 
 def export_nets(export, model_folder):

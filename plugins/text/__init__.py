@@ -52,18 +52,22 @@ def _pipeline(request, context):
             if request.adapters:
                 raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
                                  "(`studio models merge-lora`) to run it on ONNX.")
-            decoder, _ = load_decoder(folder, model.hash)
+            decoder, export = load_decoder(folder, model.hash, export=request.export)
+            notes = list(export.notes)
         else:
             from engine.nn.lora import apply_adapters
             from plugins.text.models import load_model
 
             net = apply_adapters(load_model(folder, model.family, request.device), request.adapters)
-            decoder = TorchDecoder(net, request.device)
+            decoder, notes = TorchDecoder(net, request.device), []
         bos = cfg.get("bos_token_id")
-        return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
+        pipe = TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
                             eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=family(model.family).add_bos)
+        pipe.load_notes = notes  # what opening it noticed; the first generation on it reports them
+        return pipe
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    return context.cached(("text", model.hash, request.device, request.backend, adapters), load)
+    key = ("text", model.hash, request.device, request.backend, str(request.export or ""), adapters)
+    return context.cached(key, load)
 
 
 CHAT_INFO = GeneratorInfo(
@@ -78,9 +82,11 @@ def generate(request, context):
     from plugins.text.sampling import SamplingOptions
 
     opts = request.options
-    yield Progress(0, 1, "loading model")
+    where = request.backend + (f", {Path(request.export).name}" if request.export else "")
+    yield Progress(0, 1, f"loading {request.model.name if request.model else 'the model'} ({where})")
     t0 = time.perf_counter()
     pipe = _pipeline(request, context)
+    notes = pipe.__dict__.pop("load_notes", [])
     load_s = time.perf_counter() - t0
     context.cancel.raise_if_cancelled()
     req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
@@ -89,6 +95,7 @@ def generate(request, context):
     for event in pipe.run(request.prompt or "", req, context.cancel):
         if isinstance(event, Result):
             event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
+            event.warnings.extend(notes)
         yield event
 
 

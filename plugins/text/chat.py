@@ -35,7 +35,7 @@ def generate(request, context):
         raise UsageError("The chat generator needs a model; pass one with --model.")
     messages = chat.parse_messages(list(getattr(request, "messages", ()) or ()))
     opts = request.options
-    yield Progress(0, 1, "loading model")
+    yield Progress(0, 1, f"loading {request.model.name if request.model else 'the model'} ({request.backend})")
     t0 = time.perf_counter()
     template, tokenizer = _template(request, context)
     prompt = template.render(messages, add_generation_prompt=True)

@@ -301,11 +301,14 @@ class LlamaForCausalLM(nn.Module):
         return logits[:, -1].float(), past
 
 
-def load_hf_state_dict(model: LlamaForCausalLM, state: dict) -> None:
-    """Copy a transformers state dict (strict); a missing ``lm_head.weight`` is taken from tied embeddings."""
+def load_hf_state_dict(model: LlamaForCausalLM, state: dict, assign: bool = False) -> None:
+    """Copy a transformers state dict (strict); a missing ``lm_head.weight`` is taken from tied embeddings.
+    ``assign``: the model takes the given tensors themselves (memory-mapped ones stay mapped)."""
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if "lm_head.weight" not in state and model.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     if missing or unexpected:
         raise KeyError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if assign and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight

@@ -28,9 +28,14 @@ def read_config(folder) -> dict:
     return cfg
 
 
-def build_model(cfg: dict, family: str, device=None):
-    """An uninitialised model of the family for this config (``device="meta"`` allocates nothing)."""
+def build_model(cfg: dict, family: str, device=None, empty: bool = False):
+    """A randomly initialised model of the family for this config (``device="meta"`` allocates nothing;
+    ``empty``: parameters left uninitialised, for ``load_state_dict(..., assign=True)`` to replace)."""
+    import contextlib
+
     import torch
+
+    from engine.weights import no_init
 
     fam = BY_NAME.get(family) or BY_MODEL_TYPE.get(cfg.get("model_type"))
     if fam is None or cfg.get("model_type") != fam.model_type:
@@ -38,7 +43,7 @@ def build_model(cfg: dict, family: str, device=None):
                          f"run (it runs {', '.join(sorted(BY_MODEL_TYPE))}).")
     cfg = {**cfg, **dict(fam.settings)}
     try:
-        with torch.device(device or "cpu"):
+        with torch.device(device or "cpu"), (no_init() if empty else contextlib.nullcontext()):
             if fam.network == "llama":
                 from plugins.text.llama import LlamaConfig, LlamaForCausalLM
                 return LlamaForCausalLM(LlamaConfig.from_dict(cfg))
@@ -101,16 +106,16 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
     from engine.weights import load_state_dict
 
     cfg = read_config(folder)
-    model = build_model(cfg, family)
+    model = build_model(cfg, family, empty=True)  # no random initialisation: the weights are assigned below
     check_weights(folder, family, cfg, model)
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    state = load_state_dict(folder)
+    state = load_state_dict(folder)  # memory-mapped from the safetensors file(s); float32 ones are used in place
     if BY_NAME[family].network == "llama":
         from plugins.text.llama import load_hf_state_dict
     else:
         from engine.nn.gpt2 import load_hf_state_dict
     try:
-        load_hf_state_dict(model, {k: v.float() for k, v in state.items()})
+        load_hf_state_dict(model, {k: v.float() for k, v in state.items()}, assign=True)
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"Weights of {Path(folder).name} do not load: {exc}.") from None
     from engine.nn.cache import no_cudnn_attention_on_cuda

@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 
 
 # ----- runtime (no torch) ------------------------------------------------------------------------
-def load_decoder(model_folder, model_hash=None, threads=None):
-    """(OnnxDecoder, export) for a text model folder's preferred export."""
+def load_decoder(model_folder, model_hash=None, threads=None, export=None):
+    """(OnnxDecoder, export) for a text model folder's export ``export`` (default: the preferred one)."""
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_export
 
-    export = open_export(Path(model_folder), model_hash, threads)
+    export = open_export(Path(model_folder), model_hash, threads, export)
     return OnnxDecoder(export.session("decoder"), export.manifest["config"]), export
 
 

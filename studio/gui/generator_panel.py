@@ -14,7 +14,7 @@ from studio.gui.image_input import ImageInput
 from studio.gui.option_form import OptionForm
 from studio.gui.util import guard
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -31,6 +31,18 @@ CLOSE_WAIT_MS = 1800
 DRAIN_MS = 16  # how often worker messages reach the widgets (about 60 Hz)
 
 
+def loaded_note(recipe: dict) -> str:
+    """``; loaded <model> (<backend>) in 1.23 s`` from a recipe's timings, or that the model was already loaded."""
+    load_s = (recipe.get("timings") or {}).get("load_s")
+    model = (recipe.get("model") or {}).get("name")
+    if load_s is None or not model:
+        return ""
+    what = f"{model} ({recipe.get('backend', '')}{', ' + recipe['onnx_export'] if recipe.get('onnx_export') else ''})"
+    if load_s < 0.05:  # the generation process kept it loaded from an earlier generation
+        return f"; {what} was already loaded"
+    return f"; loaded {what} in {load_s:.2f} s"
+
+
 class MainWindow(DialogActions, QMainWindow):
     def __init__(self, session: Session | None = None, generator: str | None = None):
         super().__init__()
@@ -347,6 +359,8 @@ class MainWindow(DialogActions, QMainWindow):
                 rate = (msg.at - self._progress_t0[0]) / (msg.step - self._progress_t0[1])
                 left = max(0.0, rate * (msg.total - msg.step))
             self.panel.show_progress(msg.step, msg.total, left, msg.message)
+            if msg.message.startswith("loading"):  # what the generation process is opening, in the status bar
+                self.statusBar().showMessage(msg.message[:1].upper() + msg.message[1:] + "…")
             self._record_progress(msg)
         elif isinstance(msg, PreviewMsg):
             total = self.panel.progress.maximum()
@@ -356,7 +370,8 @@ class MainWindow(DialogActions, QMainWindow):
             self.panel.show_progress(0, 0, None, msg.text)
         elif isinstance(msg, PreparedMsg):
             self.panel.last_seed = msg.seed
-            where = f" on {msg.device}" + (f" with {msg.model}" if msg.model else "")
+            where = f" on {msg.device}" + (f" ({msg.backend})" if msg.model and msg.backend else "") + \
+                (f" with {msg.model}" if msg.model else "")
             self.panel.show_progress(0, 0, None, f"Running{where}, seed {msg.seed}…")
 
     @guard
@@ -376,7 +391,7 @@ class MainWindow(DialogActions, QMainWindow):
                     self.show_info(warning)
         self.panel.reset_progress(f"done in {rec.recipe.get('timings', {}).get('total_s', 0):.2f} s")
         self.panel.progress_label.setText(f"Saved {Path(rec.files[0]).name}" if rec.files else "")
-        self.statusBar().showMessage(f"Saved {rec.files[0]}" if rec.files else "Done", 8000)
+        self.statusBar().showMessage((f"Saved {rec.files[0]}" if rec.files else "Done") + loaded_note(rec.recipe), 8000)
         self.history.refresh()
         if self.replay_of is not None:
             self.say_how_replay_went(self.replay_of, rec.recipe)

@@ -17,7 +17,7 @@ class SettingsDialog(QDialog):
         self.device.setCurrentText(settings.device if settings.device in DEVICES else "auto")
         self.backend = QComboBox()
         self.backend.addItems(BACKENDS)
-        self.backend.setCurrentText(settings.backend if settings.backend in BACKENDS else "torch")
+        self.backend.setCurrentText(settings.backend if settings.backend in BACKENDS else "auto")
         self.output_dir = QLineEdit(settings.output_dir)
         self.output_dir.setPlaceholderText(str(settings.outputs))
         browse = QPushButton("Browse…")

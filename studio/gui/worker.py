@@ -122,6 +122,7 @@ class PreparedMsg:
     seed: int
     device: str
     model: str
+    backend: str = ""
 
 
 def _relay(report, last_step: list) -> Callable[[dict], None]:
@@ -130,7 +131,7 @@ def _relay(report, last_step: list) -> Callable[[dict], None]:
     def relay(msg: dict) -> None:
         kind = msg.get("type")
         if kind == "prepared":
-            report(PreparedMsg(msg["seed"], msg["device"], msg["model"]))
+            report(PreparedMsg(msg["seed"], msg["device"], msg["model"], msg.get("backend", "")))
         elif kind == "progress":
             last_step[0] = msg["step"]
             report(ProgressMsg(msg["step"], msg["total"], msg.get("message", ""), time.monotonic()))
@@ -167,7 +168,7 @@ def generation_task(session, job, token, parent=None, queue_tag: str = "") -> Ta
         req = prep.request
         relay = _relay(report, [None])
         relay(messages.message("prepared", seed=req.seed, device=req.device,
-                               model=req.model.name if req.model else ""))
+                               model=req.model.name if req.model else "", backend=req.backend))
 
         def on_event(event):
             for msg in messages.event_messages(event):
