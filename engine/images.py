@@ -66,6 +66,19 @@ def load_image(source: Source, max_pixels: int = MAX_PIXELS):
     return _to_rgb(image)
 
 
+def check_still(path) -> None:
+    """UsageError when the file at ``path`` is an animated image (a caption of its first frame would mislead)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    except (OSError, SyntaxError, ValueError):
+        return  # not readable: load_image says why
+    if frames > 1:
+        raise UsageError(f"Image {path} is animated ({frames} frames); caption a still image.")
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text.startswith("the ") else f"Image {text}"
 
