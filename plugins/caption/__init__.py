@@ -148,6 +148,7 @@ def register_architectures(register):
 @hookimpl
 def register_exporters(register):
     register("vision-encoder-decoder", lazy("plugins.caption.onnx", "export_caption"))
+    register("blip", lazy("plugins.caption.onnx", "export_caption"))
 
 
 @hookimpl

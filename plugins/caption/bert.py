@@ -43,6 +43,14 @@ class BertDecoderConfig:
     def n_layer(self) -> int:
         return self.num_hidden_layers
 
+    @property
+    def n_head(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_embd(self) -> int:
+        return self.hidden_size
+
     @classmethod
     def from_dict(cls, d: dict, encoder_hidden_size: int, type_vocab: bool, where: str) -> "BertDecoderConfig":
         try:
@@ -203,12 +211,14 @@ class BertLMHeadDecoder(nn.Module):
         return [layer.crossattention.self.kv(encoder_hidden_states) for layer in self.bert.encoder.layer]
 
     def forward(self, input_ids, past: Optional[KVCache] = None, cross=None, logits_to_keep: int = 0):
+        """(logits (B, T, V), past): GPT-2's calling convention (engine/nn/gpt2.py), so the shared decoder export
+        (engine/backends/decoders.py) traces it as it is. ``cross``: per layer (K, V), else ``past.cross``."""
+        if cross is None:
+            cross = past.cross
         T = input_ids.shape[1]
         start = past.length if past is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_position_embeddings")
         x = self.bert.embeddings(input_ids, start)
-        mask = causal_mask(T, start, x.device) if start > 0 else None
+        mask = causal_mask(T, start, x.device) if past is not None else None  # None for one new token
         is_causal = mask is None and T > 1
         for i, layer in enumerate(self.bert.encoder.layer):
             x = layer(x, past, cross[i], mask=mask, is_causal=is_causal)
@@ -216,12 +226,15 @@ class BertLMHeadDecoder(nn.Module):
             past.length = start + T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.cls.predictions(x)
+        return self.cls.predictions(x), past
 
     @torch.inference_mode()
     def step(self, input_ids, past: KVCache):
         """Last-position logits (B, V) as float32 and the cache (whose ``cross`` holds the image K/V)."""
-        return self(input_ids, past=past, cross=past.cross, logits_to_keep=1)[:, -1].float(), past
+        if past.length + input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past.length + input_ids.shape[1]} tokens exceeds max_position_embeddings")
+        logits, past = self(input_ids, past=past, logits_to_keep=1)
+        return logits[:, -1].float(), past
 
 
 def clean_bert_state(state: dict, prefix: str) -> dict:

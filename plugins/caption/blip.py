@@ -173,7 +173,7 @@ class BlipCaptionModel(nn.Module):
 
     def forward(self, pixel_values, decoder_input_ids):
         """Teacher-forced logits (B, T, V) (parity tests)."""
-        return self.text_decoder(decoder_input_ids, cross=self.text_decoder.cross_kv(self.encode(pixel_values)))
+        return self.text_decoder(decoder_input_ids, cross=self.text_decoder.cross_kv(self.encode(pixel_values)))[0]
 
 
 def clean_state(state: dict) -> dict:

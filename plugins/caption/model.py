@@ -133,7 +133,7 @@ class CaptionModel(nn.Module):
     def forward(self, pixel_values, decoder_input_ids):
         """Teacher-forced logits (B, T, V) without a cache (training, parity tests)."""
         if isinstance(self.decoder, BertLMHeadDecoder):
-            return self.decoder(decoder_input_ids, cross=self.decoder.cross_kv(self.encode(pixel_values)))
+            return self.decoder(decoder_input_ids, cross=self.decoder.cross_kv(self.encode(pixel_values)))[0]
         logits, _ = self.decoder(decoder_input_ids, encoder_hidden_states=self.encode(pixel_values), use_cache=False)
         return logits
 

@@ -144,14 +144,14 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
            "pad_token_id": mc.pad_token_id, "image_size": S}
     out_dir = Path(out_dir)
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    say(f"exporting the ViT encoder ({S}x{S}) and the GPT-2 decoder ({dec.n_layer} layers) to ONNX")
+    say(f"exporting the image encoder ({S}x{S}) and the text decoder ({dec.n_layer} layers) to ONNX")
     L = dec.n_layer
     example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
     enc_outs = ["encoder_hidden_states"] + kv_names(L, "cross")
     dyn = {"pixel_values": {0: "batch"}}
     dyn.update({n: {0: "batch"} for n in enc_outs})
     export_graph(encoder_wrapper(model), (example,), enc_path, ["pixel_values"], enc_outs, dyn)
-    n_tokens = mc.encoder.num_patches + 1 if hasattr(mc.encoder, "num_patches") else None
+    n_tokens = getattr(mc.encoder, "num_tokens", None) or mc.encoder.num_patches + 1
     export_decoder(model.decoder, cfg, dec_path, cross_shape=(dec.n_head, n_tokens or 2, dec.n_embd // dec.n_head))
 
     def check(enc_file, dec_file):
