@@ -270,8 +270,6 @@ def optimum_wrappers(model):
     model has one and compute the cross-attention keys and values themselves."""
     import torch
 
-    from engine.backends.common import ConcatCache
-
     image_encoder = getattr(model, "vision_model", None) or model.encoder
     proj = getattr(model, "enc_to_dec_proj", None)
     dec = model.decoder
@@ -285,40 +283,50 @@ def optimum_wrappers(model):
         def forward(self, pixel_values):
             return self.enc(pixel_values)
 
+    core = _decoder_core(dec, L)  # (input_ids, past k/v..., cross k/v...) -> (logits, present k/v...)
+
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.dec, self.proj = dec, proj
+            self.dec, self.proj, self.core = dec, proj, core
 
         def forward(self, input_ids, encoder_hidden_states):
             h = self.proj(encoder_hidden_states) if self.proj is not None else encoder_hidden_states
             cross = self.dec.cross_kv(h)
             B = input_ids.shape[0]
-            empty = [(k.new_zeros(B, k.shape[1], 0, k.shape[3]), k.new_zeros(B, k.shape[1], 0, k.shape[3]))
-                     for k, _ in cross]
-            cache = ConcatCache(empty, cross)
-            logits, _ = self.dec(input_ids, past=cache)
-            out = [logits.float()]
-            for (k, v), (ck, cv) in zip(cache.present, cross):
-                out += [k, v, ck, cv]
-            return tuple(out)
+            empty = [k.new_zeros(B, k.shape[1], 0, k.shape[3]) for k, _ in cross for _ in (0, 1)]
+            out = self.core(input_ids, *empty, *[t for kv in cross for t in kv])
+            flat = [out[0]]
+            for i, (ck, cv) in enumerate(cross):
+                flat += [out[1 + 2 * i], out[2 + 2 * i], ck, cv]
+            return tuple(flat)
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.dec = dec
+            self.core = core
 
         def forward(self, input_ids, *flat):
-            past = [(flat[4 * i], flat[4 * i + 1]) for i in range(L)]
-            cross = [(flat[4 * i + 2], flat[4 * i + 3]) for i in range(L)]
-            cache = ConcatCache(past, cross)
-            logits, _ = self.dec(input_ids, past=cache)
-            out = [logits.float()]
-            for k, v in cache.present:
-                out += [k, v]
-            return tuple(out)
+            past = [t for i in range(L) for t in (flat[4 * i], flat[4 * i + 1])]
+            cross = [t for i in range(L) for t in (flat[4 * i + 2], flat[4 * i + 3])]
+            return tuple(self.core(input_ids, *past, *cross))
 
     return Encoder().eval(), Decoder().eval(), DecoderWithPast().eval(), L
+
+
+def _decoder_core(dec, n_layers: int):
+    """The decoder as the shared export traces it: GPT-2's compact graph module when there is one (its generic
+    forward has Python branches on sequence lengths that torch.export cannot trace), else the generic wrapper."""
+    from engine.backends.decoders import decoder_wrapper
+
+    try:
+        from engine.nn import gpt2_graph
+
+        if gpt2_graph.GPT2DecoderGraph.supports(dec):
+            return gpt2_graph.GPT2DecoderGraph(dec, True).eval()
+    except (ImportError, AttributeError):
+        pass
+    return decoder_wrapper(dec, n_layers, True)
 
 
 def export_optimum_layout(model, folder: Path, out_dir: Path, image_size: int, say=lambda m: None) -> dict:
