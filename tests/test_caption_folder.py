@@ -84,3 +84,28 @@ def test_prompt_from_caption(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["prompt"] == caption and f"prompt from caption: {caption}" in err
     assert main(["generate", "image", "--prompt", "x", "--prompt-from-caption", str(scene)]) == 2
+
+
+def test_blip_onnx_export_optimum_layout_and_folder(tmp_path, blip_model, capsys):
+    """BLIP through the parity gate; the export holds Optimum's three graphs with their names; captions on
+    onnxruntime (folder, prefix, beam search) equal torch's."""
+    import onnx
+
+    assert main(["export-onnx", blip_model, "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["parity_passed"] and manifest["parity"]["optimum_greedy_captions"]["identical"] == "8/8"
+    folder = manifest["folder"]
+    names = {f: onnx.load(os.path.join(folder, f), load_external_data=False).graph
+             for f in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")}
+    assert [o.name for o in names["encoder_model.onnx"].output] == ["last_hidden_state"]
+    assert [i.name for i in names["decoder_model.onnx"].input] == ["input_ids", "encoder_hidden_states"]
+    assert "past_key_values.0.encoder.key" in [i.name for i in names["decoder_with_past_model.onnx"].input]
+    for side in ("config.json", "preprocessor_config.json", "tokenizer.json", "onnx.json"):
+        assert os.path.isfile(os.path.join(folder, side))
+    d = _folder(tmp_path / "set", 4)
+    texts = {}
+    for backend in ("torch", "onnx"):
+        assert main(["caption-folder", str(d), "--model", blip_model, "--backend", backend, "--overwrite",
+                     "--prefix", "a picture of", "--set", "num_beams=3", "--json"]) == 0
+        texts[backend] = [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()]
+    assert texts["torch"] == texts["onnx"] and len(texts["onnx"]) == 4
