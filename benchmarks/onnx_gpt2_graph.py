@@ -1,4 +1,4 @@
-"""The compact GPT-2 export (engine/nn/gpt2_graph.py) against the plain one, on the CPU.
+"""The GPT-2 export form (GPT2LMHeadModel.fuse_for_export) against the model traced as written, on the CPU.
 
     .venv/bin/python benchmarks/onnx_gpt2_graph.py [--rounds 6]
 
@@ -29,16 +29,16 @@ from onnx_vs_torch import decode_rate, median_seconds, median_turns  # noqa: E40
 
 @contextlib.contextmanager
 def plain_export(plain: bool):
-    """Within: export_decoder writes the traced model as written instead of the compact graph."""
-    from engine.nn import gpt2_graph
+    """Within: export_decoder traces the model as written instead of its export form (fuse_for_export)."""
+    from engine.nn.gpt2 import GPT2LMHeadModel
 
-    supports = gpt2_graph.GPT2DecoderGraph.supports
+    fuse = GPT2LMHeadModel.fuse_for_export
     if plain:
-        gpt2_graph.GPT2DecoderGraph.supports = staticmethod(lambda model: False)
+        GPT2LMHeadModel.fuse_for_export = lambda self: self
     try:
         yield
     finally:
-        gpt2_graph.GPT2DecoderGraph.supports = supports
+        GPT2LMHeadModel.fuse_for_export = fuse
 
 
 def optimized_nodes(path: Path) -> int:

@@ -55,11 +55,12 @@ What is measured, in one process:
   rounds, the backends taking turns.
 
 Exports are made by `engine.onnx_export.export_model` into a temporary folder, each through the parity gate.
-Llama decoders are exported through `plugins/text/llama_graph.py`, the same function rearranged into about 220
-graph nodes instead of about 450 (fused q/k/v/rotary and gate/up MatMuls, rotary tables, grouped-query
-attention without repeated K/V); GPT-2 decoders (the 124M model and the captioner's) through
-`engine/nn/gpt2_graph.py` (about 350 nodes instead of about 560 for 12 layers: one causal mask per call,
-`Gelu` and `LayerNormalization` as single operators, the attention scale folded into the weights).
+The exporters trace each network's own export form, a copy of the model configured at export time (no second
+forward pass is written by hand): `LlamaForCausalLM.fuse_for_export` (fused q/k/v and gate/up MatMuls, the
+attention scale folded into q, rotate_half as one small MatMul for q and k together, grouped-query attention
+without repeated K/V; about 270 nodes after onnxruntime's optimizations for the built-in model, against about 450
+traced as written) and `GPT2LMHeadModel.fuse_for_export` (one causal mask per call, `Gelu` and
+`LayerNormalization` as single operators, the attention scale folded into the weights).
 onnxruntime sessions: intra-op threads = `--threads` (default: all cores), inter-op 1, graph optimizations all,
 sequential execution; torch uses `torch.set_num_threads(--threads)`.
 
@@ -437,23 +438,20 @@ def main(argv=None) -> int:
         text.extend(r)
         notes.extend(n)
 
-    def image():
-        e = builtin.get("image")
+    def builtin_rows(generator, rows_fn, unit):
+        e = builtin.get(generator)
         if e is None:
-            notes.append("built-in image model: not installed, skipped")
+            notes.append(f"built-in {generator} model: not installed, skipped")
             return
-        r, n = image_rows(e, host, work, args.threads, log)
-        other.extend((a, b, f"{c:.3f} s/image") for a, b, c in r)
+        r, n = rows_fn(e, host, work, args.threads, log)
+        other.extend((a, b, unit(c)) for a, b, c in r)
         notes.extend(n)
 
+    def image():
+        builtin_rows("image", image_rows, lambda c: f"{c:.3f} s/image")
+
     def caption():
-        e = builtin.get("caption")
-        if e is None:
-            notes.append("built-in caption model: not installed, skipped")
-            return
-        r, n = caption_rows(e, host, work, args.threads, log)
-        other.extend((a, b, f"{c:.1f} ms/caption") for a, b, c in r)
-        notes.extend(n)
+        builtin_rows("caption", caption_rows, lambda c: f"{c:.1f} ms/caption")
 
     try:
         for name, fn in (("builtin-text", builtin_text), ("gpt2-124m", gpt2_124m), ("image", image),

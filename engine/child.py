@@ -203,9 +203,12 @@ class GenerationProcess:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            # its own session: Ctrl+C in the terminal reaches the window, which stops the child; a SIGINT that
+            # reached the child while it was still importing would print a traceback before it could ignore it
             self.proc = subprocess.Popen([sys.executable, "-m", "engine.child"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1,
-                                         stderr=subprocess.DEVNULL if sys.stderr is None else None)  # pythonw
+                                         stderr=subprocess.DEVNULL if sys.stderr is None else None,  # pythonw
+                                         start_new_session=os.name == "posix")
             self.events = queue.Queue()
             threading.Thread(target=self._pump, args=(self.proc, self.events), name="child-stdout",
                              daemon=True).start()

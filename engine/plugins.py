@@ -9,6 +9,7 @@ working.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -141,7 +142,8 @@ class PluginHost:
                 self._fail(status, crashed[plugin_check.key(cand)][0])
                 status.details = crashed[plugin_check.key(cand)][1]
                 continue
-            self._load_one(cand, status)
+            with contextlib.redirect_stdout(sys.stderr):  # a plugin that prints must not corrupt --json output
+                self._load_one(cand, status)
         return self
 
     def _fail(self, status: PluginStatus, message: str, exc: BaseException | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import engine
 from engine import outputs as out_mod
-from engine.errors import CancelledError, GenerationError, StudioError, UsageError
+from engine.errors import GenerationError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
@@ -81,16 +81,14 @@ def set_cpu_threads(model_bytes: int) -> int:
     else torch's own default (every core). Measured with the built-in text model (benchmarks/torch_threads.py):
     two threads are ~20 % faster on an idle machine but 3x slower when another program keeps one core busy
     (the GUI thread drawing tokens is such a program), so one thread is the safer default for small models."""
-    import os
 
     import torch
 
     if not _torch_default_threads:
         _torch_default_threads.append(torch.get_num_threads())
-    raw = os.environ.get("STUDIO_TORCH_THREADS", "").strip()
-    if raw and not raw.isdigit():
-        raise UsageError(f"STUDIO_TORCH_THREADS must be a whole number of threads, not {raw!r}.")
-    env = int(raw or 0)
+    from engine.state import env_threads
+
+    env = env_threads("STUDIO_TORCH_THREADS")
     n = env if env > 0 else 1 if model_bytes < SMALL_MODEL_BYTES else _torch_default_threads[0]
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
-from engine.errors import StateError
+from engine.errors import StateError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +78,20 @@ def save_settings(settings: Settings) -> None:
     ensure_dir(home())
     data = json.dumps(asdict(settings), indent=2).encode()
     atomic_write_bytes(settings_path(), data)
+
+
+def env_threads(name: str) -> int:
+    """A thread count from the environment variable ``name`` (0 when unset), at most the machine's cores: a larger
+    number only oversubscribes the CPU (and far larger ones crash native thread pools), so it is capped, with a
+    warning. UsageError for anything but a positive whole number."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return 0
+    cores = os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{name} must be a whole number of threads from 1 to {cores}, not {raw!r}.")
+    if int(raw) > cores:
+        logging.getLogger(__name__).warning("%s=%s is more than this machine's %d cores; using %d.", name, raw,
+                                            cores, cores)
+        return cores
+    return int(raw)

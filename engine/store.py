@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Optional
 
 from engine import state
-from engine.weights import find_weight_files
+from engine.weights import find_weight_files, load_pickle
 from engine.errors import ModelError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
 
 log = logging.getLogger(__name__)
+# files a model folder may hold as symbolic links (the Hugging Face cache links snapshots to blobs); other links
+# are left out of an import, since they may point anywhere
+LINKABLE = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+            "merges.txt", "vocab.txt", "special_tokens_map.json", "preprocessor_config.json", "chat_template.jinja",
+            "model.safetensors.index.json", "tokenizer.model", "added_tokens.json", "studio.json"}
 
 BUILTIN_DIR = state.BUILTIN_MODELS
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -203,9 +208,15 @@ class ModelStore:
         state.ensure_dir(self.user_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.user_dir))
         try:
+            links = []
             for item in source.iterdir():
-                if item.is_file() and item.suffix not in PICKLE_SUFFIXES:
-                    shutil.copy2(item, tmp / item.name)
+                if item.is_symlink() and not (item.name in LINKABLE or item.suffix == ".safetensors"):
+                    links.append(item.name)  # a link may point anywhere (notes.txt -> /etc/shadow): not copied
+                elif item.is_file() and item.suffix not in PICKLE_SUFFIXES:
+                    shutil.copy2(item, tmp / item.name)  # a model file linked into a snapshot (the HF cache) is read
+            if links:
+                log.warning("Left out %s: symbolic links other than the model's own files are not copied into the "
+                            "model store.", ", ".join(sorted(links)))
             if not find_weight_files(tmp):
                 _convert_pickles(source, tmp)
                 self.validate(tmp)
@@ -237,10 +248,7 @@ def _convert_pickles(source: Path, dest: Path) -> None:
     tensors = {}
     for path in sorted(source.iterdir()):
         if path.suffix in PICKLE_SUFFIXES:
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise ModelError(f"{path.name} could not be loaded safely ({exc}).") from None
+            data = load_pickle(path)
             if isinstance(data, dict) and "state_dict" in data:
                 data = data["state_dict"]
             if not isinstance(data, dict):

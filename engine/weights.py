@@ -82,3 +82,25 @@ def read_shapes(folder) -> dict:
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             raise ModelError(f"Weight file {path} is corrupt or unreadable; re-download or re-export the model.") from None
     return shapes
+
+
+def load_pickle(path, map_location="cpu"):
+    """A PyTorch pickle (a checkpoint, .pt/.bin/.ckpt weights) loaded the one safe way: ``weights_only=True``,
+    which builds tensors and plain containers and runs no code from the file. ModelError, in one line, for a file
+    that needs more than that (it may carry code) or that is damaged."""
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on its way to refusing
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path} does not exist.") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "unsupported" in ln]
+        why = (lines[0] if lines else type(exc).__name__)[:160]
+        raise ModelError(f"{path.name} was refused: it holds more than tensors and plain data, which could run code "
+                         f"when loaded, or it is damaged ({why}).") from None

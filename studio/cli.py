@@ -19,6 +19,8 @@ log = logging.getLogger("studio")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
+        if "expected one argument" in message:
+            message += "; a value that starts with '-' is written as --option=VALUE"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -150,15 +152,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+GLOBAL_FLAGS = ("--debug", "--safe-mode")
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set:
+    """Every option string, in any subcommand, that takes a value (``--prompt TEXT``)."""
+    found = set()
+    for action in parser._actions:  # argparse keeps no public list
+        if action.option_strings and action.nargs != 0:
+            found.update(action.option_strings)
+        for sub in (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) \
+                else ():
+            found |= _value_options(sub)
+    return found
+
+
+def split_global_flags(argv: list, parser: argparse.ArgumentParser) -> tuple:
+    """(the global flags given, argv without them). A flag counts anywhere on the line, but not where it is the
+    value of an option (``--prompt "--debug"`` is a prompt) nor after a trainer's own arguments begin."""
+    takes_value, flags, rest, value_next = _value_options(parser), set(), [], False
+    for i, arg in enumerate(argv):
+        if value_next:
+            rest.append(arg)
+            value_next = False
+        elif arg in GLOBAL_FLAGS and not any(a in ("train", "finetune") for a in rest[:1]):
+            flags.add(arg)
+        else:
+            rest.append(arg)
+            value_next = arg in takes_value
+    return flags, rest
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if "--safe-mode" in argv:  # accepted anywhere on the line, like --debug
+    parser = build_parser()
+    flags, argv = split_global_flags(argv, parser)
+    debug = "--debug" in flags
+    if "--safe-mode" in flags:  # accepted anywhere on the line, like --debug
         os.environ["STUDIO_SAFE_MODE"] = "1"
-    argv = [a for a in argv if a not in ("--debug", "--safe-mode")]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         if args.command in (None, "gui"):
             from studio.gui.app import run_gui
 

@@ -36,7 +36,7 @@ def test_history_write_is_a_transaction(studio_home):
 
 def test_corrupt_history_database_gives_a_clear_error(studio_home):
     (studio_home / "history.sqlite3").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StateError, match="move it aside"):
+    with pytest.raises(StateError, match="is damaged.*rename it"):
         History().list()
 
 

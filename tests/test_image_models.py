@@ -85,4 +85,4 @@ def test_clip_text_accepts_old_prefix_and_rejects_bad_act():
     old = {"text_model." + k: v for k, v in m.state_dict().items()}
     CLIPTextModel(cfg).load_state_dict(strip_prefix(old))
     with pytest.raises(ModelError):
-        CLIPTextConfig.from_dict({"hidden_act": "swish"})
+        CLIPTextConfig.from_dict({"hidden_act": "no-such-activation"})

@@ -1,8 +1,11 @@
-"""The export form of the GPT-2 decoder (engine/nn/gpt2_graph.py) computes what the model computes."""
+"""The export form of the GPT-2 decoder (GPT2LMHeadModel.fuse_for_export, traced through
+engine.backends.decoders.decoder_wrapper) computes what the model computes."""
+import copy
+
 import pytest
 import torch
 
-from engine.nn.gpt2_graph import GPT2DecoderGraph
+from engine.backends.decoders import decoder_wrapper
 from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
 
 
@@ -14,7 +17,7 @@ def test_matches_the_model_prefill_and_cached(cross, tied, by_layer):
     model = GPT2LMHeadModel(cfg).eval()
     for p in model.parameters():  # the init leaves biases and LayerNorms at 0/1: make every weight count
         p.data.add_(torch.randn_like(p) * 0.1)
-    graph = GPT2DecoderGraph(model, cross=cross).eval()
+    graph = decoder_wrapper(copy.deepcopy(model).fuse_for_export(), cfg.n_layer, cross)
     past = [torch.zeros(2, 4, 0, 4)] * 4
     enc = torch.randn(2, 7, 16)
     cache = model.new_cache()
@@ -30,11 +33,6 @@ def test_matches_the_model_prefill_and_cached(cross, tied, by_layer):
             assert torch.allclose(past[0], cache.k[0][:, :, :cache.length], atol=1e-6)
 
 
-def test_other_activations_export_the_plain_model():
-    assert not GPT2DecoderGraph.supports(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2,
-                                                                    activation_function="relu")))
-
-
 @pytest.mark.parametrize("cfg", [dict(n_inner=40, scale_attn_weights=False),
                                  dict(add_cross_attention=True, tie_word_embeddings=False)])
 def test_the_exported_graph_runs_in_onnxruntime_at_any_batch_with_beam_reorder(tmp_path, cfg):
@@ -42,7 +40,8 @@ def test_the_exported_graph_runs_in_onnxruntime_at_any_batch_with_beam_reorder(t
     import onnxruntime as ort
 
     from engine.backends.decoder import OnnxDecoder
-    from plugins.text.onnx import export_decoder, runtime_config
+    from engine.backends.decoders import export_decoder
+    from plugins.text.onnx import runtime_config
 
     torch.manual_seed(1)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=4, **cfg)).eval()

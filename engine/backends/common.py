@@ -1,8 +1,6 @@
 """Exporter helpers shared by the families (torch is imported inside functions only).
 
-``ConcatCache`` stands in for ``engine.nn.cache.KVCache`` while tracing: it takes the past keys/values as graph
-inputs and returns ``cat(past, new)`` so the exported decoder has ``past_key_values.*`` inputs and ``present.*``
-outputs with a dynamic past length. ``export_graph`` runs the TorchScript exporter with dynamic axes;
+``export_graph`` runs the TorchScript exporter with dynamic axes;
 ``graph_io`` reads names, shapes and types back from the written file; ``quantize_graph`` applies
 onnxruntime's weight-only int8 quantization (``MatMulNBits``).
 """
@@ -18,31 +16,6 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 DECODER_TOLERANCE = 1e-3  # max |logit difference|, fp32, over prefill and cached decode steps
-
-
-class ConcatCache:
-    """A traceable KV cache: ``update`` concatenates onto the past given as inputs and records the presents."""
-
-    def __init__(self, past, cross=None):
-        self.past = list(past)  # per layer (k, v): (B, n_kv, P, hs)
-        self.present = [None] * len(self.past)
-        self.cross = cross
-
-    @property
-    def length(self):
-        return self.past[0][0].shape[2]
-
-    @length.setter
-    def length(self, value):  # the model advances it after a call; the graph's outputs carry it instead
-        pass
-
-    def update(self, layer, k, v):
-        import torch
-
-        pk, pv = self.past[layer]
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        self.present[layer] = (k, v)
-        return k, v
 
 
 def kv_names(n_layers: int, prefix: str) -> list:
@@ -125,6 +98,15 @@ def quantize_graph(src: Path, dst: Path) -> None:
             quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
     finally:
         root.setLevel(level)
+
+
+def quantize_graphs(paths: dict) -> dict:
+    """Weight-only int8 copies of ``paths`` ({name: graph.onnx}) beside them, as {name: graph.int8.onnx}."""
+    out = {}
+    for name, path in paths.items():
+        out[name] = Path(path).with_suffix(".int8.onnx")
+        quantize_graph(Path(path), out[name])
+    return out
 
 
 def describe_graphs(paths: dict) -> tuple:

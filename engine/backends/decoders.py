@@ -14,13 +14,14 @@ import numpy as np
 from engine.backends.common import DECODER_TOLERANCE, max_abs
 
 PARITY_BATCH, PARITY_PROMPT, PARITY_STEPS = 2, 7, 6
+GELU_OPSET = 20  # the first opset with Gelu(approximate="tanh") as one operator
 
 
 def decoder_wrapper(model, n_layers: int, cross: bool = False):
     """A module whose forward takes flat tensors (ids, past k/v..., [cross k/v...]) and returns flat outputs."""
     import torch
 
-    from engine.backends.common import ConcatCache
+    from engine.nn.cache import TraceCache
 
     class DecoderGraph(torch.nn.Module):
         def __init__(self):
@@ -33,7 +34,7 @@ def decoder_wrapper(model, n_layers: int, cross: bool = False):
             if cross:
                 base = 2 * n_layers
                 cross_kv = [(flat[base + 2 * i], flat[base + 2 * i + 1]) for i in range(n_layers)]
-            cache = ConcatCache(past, cross_kv)
+            cache = TraceCache(past, cross_kv)
             logits, _ = self.model(input_ids, past=cache)
             out = [logits.float()]
             for k, v in cache.present:
@@ -67,15 +68,15 @@ def export_decoder(model, cfg: dict, path: Path, cross_shape=None, module=None) 
         cnames = kv_names(L, "cross")
         names += cnames
         dyn.update({n: {0: "batch", 2: "encoder_sequence"} for n in cnames})
-    from engine.nn import gpt2_graph
+    import copy
+
+    from engine.nn.gpt2 import GPT2LMHeadModel
 
     opset = OPSET
-    # the same functions in far fewer graph nodes
-    if module is not None:
-        pass
-    elif gpt2_graph.GPT2DecoderGraph.supports(model):
-        module, opset = gpt2_graph.GPT2DecoderGraph(model, cross_shape is not None).eval(), gpt2_graph.OPSET
-    else:
+    if module is None and isinstance(model, GPT2LMHeadModel):  # its export form: same function, fewer nodes
+        module = decoder_wrapper(copy.deepcopy(model).fuse_for_export(), L, cross_shape is not None)
+        opset = GELU_OPSET
+    elif module is None:
         module = decoder_wrapper(model, L, cross_shape is not None)
     export_graph(module, (ids, *flat), path, names, outs, dyn, opset)
 

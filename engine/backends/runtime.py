@@ -161,7 +161,9 @@ SMALL_GRAPH_BYTES = 64 << 20  # below this, one intra-op thread is faster (measu
 def default_threads(path: Optional[Path] = None) -> int:
     """``STUDIO_ONNX_THREADS`` when set; else 1 for small graphs (their per-operator work is too small to share
     out: one thread measured about 2x faster for the built-in models) and every core for larger ones."""
-    env = int(os.environ.get("STUDIO_ONNX_THREADS", 0) or 0)
+    from engine.state import env_threads
+
+    env = env_threads("STUDIO_ONNX_THREADS")
     if env > 0:
         return env
     if path is not None and Path(path).is_file() and Path(path).stat().st_size < SMALL_GRAPH_BYTES:

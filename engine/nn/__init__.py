@@ -1,2 +1,2 @@
-"""Network blocks used by more than one family: the KV cache (cache.py) and GPT-2 (gpt2.py, and its compact
-export form gpt2_graph.py), which the text and caption families both run."""
+"""Network blocks used by more than one family: the KV-cache protocol (cache.py), GPT-2 (gpt2.py: the text and
+caption families both run it) and LoRA adapters (lora.py)."""

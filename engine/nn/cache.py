@@ -1,7 +1,19 @@
-"""A key/value cache for decoder self-attention (and the cross-attention K/V computed once per prompt).
+"""The KV-cache protocol of every decoder, and its torch implementations.
 
-Buffers are preallocated and grow by doubling, so a decode step writes one column instead of re-concatenating
-the whole history. ``length`` is the number of positions already cached; the model advances it after each call.
+A cache holds, per layer, the keys and values of the positions seen so far:
+
+- ``cache.length``: how many positions are cached. It is read off what is stored (layer 0), never set by a
+  model: a model reads it once, before its layers run, as the position of its first new token.
+- ``cache.update(layer, k, v) -> (k_all, v_all)``: append this call's keys and values (B, n_kv, T, hs) to
+  ``layer`` and return all of that layer's keys and values so far. The only way a model changes a cache.
+- ``cache.cross``: per layer the (k, v) of an encoder's states for cross-attention, set once by whoever
+  encodes (``model.cross_kv``), or None.
+- ``cache.reorder(index)``: keep the batch rows ``index`` (beam search).
+
+``KVCache`` (below) preallocates buffers that grow by doubling, so a decode step writes one column instead of
+re-concatenating the history. ``TraceCache`` is the form an export traces: the past arrives as graph inputs,
+``update`` concatenates and records the presents (graph outputs). engine/backends/decoder.py's ``OnnxCache``
+holds the numpy arrays onnxruntime returns and reports ``length`` and ``reorder`` the same way.
 """
 from __future__ import annotations
 
@@ -21,12 +33,16 @@ class KVCache:
     def __init__(self, n_layers: int):
         self.k: list = [None] * n_layers  # per layer: (B, n_kv, capacity, hs)
         self.v: list = [None] * n_layers
+        self.lengths = [0] * n_layers  # positions stored per layer
         self.cross: list | None = None  # per layer: (k, v) each (B, nh, S_enc, hs), for encoder-decoder models
-        self.length = 0
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (B, n_kv, T, hs) at position ``length``; return all keys and values so far (views)."""
-        start, T = self.length, k.shape[2]
+        """Append k, v (B, n_kv, T, hs) after the layer's stored positions; return all of them so far (views)."""
+        start, T = self.lengths[layer], k.shape[2]
         end = start + T
         buf_k = self.k[layer]
         if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0]:
@@ -40,6 +56,7 @@ class KVCache:
             self.k[layer], self.v[layer] = new_k, new_v
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -48,6 +65,26 @@ class KVCache:
         self.v = [None if t is None else t.index_select(0, index) for t in self.v]
         if self.cross is not None:
             self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+
+
+class TraceCache:
+    """The cache an export traces: ``past`` (per layer (k, v), (B, n_kv, P, hs)) are graph inputs, ``update``
+    concatenates onto them and records the presents (graph outputs); ``length`` is P, read off the input."""
+
+    def __init__(self, past, cross=None):
+        self.past = list(past)
+        self.present = [None] * len(self.past)
+        self.cross = cross
+
+    @property
+    def length(self):
+        return self.past[0][0].shape[2]
+
+    def update(self, layer, k, v):
+        pk, pv = self.past[layer]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.present[layer] = (k, v)
+        return k, v
 
 
 def causal_mask(T: int, past: int, device) -> torch.Tensor | None:

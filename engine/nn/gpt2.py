@@ -26,7 +26,6 @@ For beam search, ``past.reorder(beam_index)`` selects batch rows of every buffer
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.nn.blocks import activation
 from engine.nn.cache import KVCache, causal_mask
 
 
@@ -66,20 +66,6 @@ class GPT2Config:
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-
-def activation(name: str):
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    if name == "relu":
-        return F.relu
-    if name in ("silu", "swish"):
-        return F.silu
-    if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    raise ValueError(f"unsupported activation_function {name!r}")
 
 
 class Conv1D(nn.Module):
@@ -125,6 +111,23 @@ class GPT2Attention(nn.Module):
         k, v = self.c_attn(encoder_hidden_states).split(self.n_embd, dim=2)
         return self._heads(k), self._heads(v)
 
+    def fuse_for_export(self) -> None:
+        """Fold the attention scale into the query weights (so the graph has no Mul for it) and attend with
+        plain MatMul/Softmax, which exports in fewer nodes than scaled_dot_product_attention."""
+        with torch.no_grad():
+            if self.is_cross_attention:
+                self.q_attn.weight.mul_(self.scaling)
+                self.q_attn.bias.mul_(self.scaling)
+            else:
+                self.c_attn.weight[:, :self.n_embd].mul_(self.scaling)
+                self.c_attn.bias[:self.n_embd].mul_(self.scaling)
+        self.scaling = 1.0
+        self.exported = True
+
+    def _attend(self, q, k, v, mask):
+        s = q @ k.transpose(2, 3)
+        return torch.softmax(s if mask is None else s + mask, dim=-1) @ v
+
     def forward(self, x, past: Optional[KVCache] = None, kv=None, mask=None):
         B, T, C = x.shape
         if self.is_cross_attention:
@@ -134,12 +137,13 @@ class GPT2Attention(nn.Module):
         else:
             q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, nh, T, hs)
-            start = 0
             if past is not None:
-                start = past.length
-                k, v = past.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
-            is_causal = mask is None and start == 0 and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+                k, v = past.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+            is_causal = mask is None and T > 1  # with a past, the model passes the mask (causal_mask)
+        if getattr(self, "exported", False):  # the export form: mask additive (T, P + T), or None across
+            y = self._attend(q, k, v, None if self.is_cross_attention else mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -189,14 +193,16 @@ class GPT2Model(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds n_positions={self.config.n_positions}")
         pos = torch.arange(start, start + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
-        mask = causal_mask(T, start, x.device) if start > 0 else None
+        if getattr(self, "exported", False):  # one additive causal mask per call (GPT2Attention._attend)
+            allowed = torch.arange(start + T, device=x.device)[None, :] <= pos[:, None]  # (T, P + T)
+            mask = torch.where(allowed, 0.0, float("-inf")).to(x.dtype)
+        else:
+            mask = causal_mask(T, start, x.device) if start > 0 else None
         cross_mask = None
         if encoder_attention_mask is not None:
             cross_mask = encoder_attention_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, S_enc)
         for i, block in enumerate(self.h):
             x = block(x, past=past, mask=mask, cross_kv=None if cross is None else cross[i], cross_mask=cross_mask)
-        if past is not None:
-            past.length = start + T
         return self.ln_f(x)
 
 
@@ -243,6 +249,17 @@ class GPT2LMHeadModel(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h), (past if use_cache else None)
+
+    def fuse_for_export(self) -> "GPT2LMHeadModel":
+        """Turn this model (a copy made for the export) into its export form: attention scales folded into the
+        weights, plain attention, one additive causal mask per call; with a tanh GELU the graph (opset 20) has
+        one Gelu node per layer. Computes the same function; returns self."""
+        for block in self.transformer.h:
+            block.attn.fuse_for_export()
+            if self.config.add_cross_attention:
+                block.crossattention.fuse_for_export()
+        self.transformer.exported = True
+        return self.eval()
 
     @torch.inference_mode()
     def step(self, input_ids, past=None):

@@ -222,8 +222,6 @@ class BertLMHeadDecoder(nn.Module):
         is_causal = mask is None and T > 1
         for i, layer in enumerate(self.bert.encoder.layer):
             x = layer(x, past, cross[i], mask=mask, is_causal=is_causal)
-        if past is not None:
-            past.length = start + T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.cls.predictions(x), past

@@ -126,7 +126,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
 
     from plugins.caption.model import TorchCaptionRunner, load_caption_model
     from plugins.caption.pipeline import Preprocess
-    from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graph, replace_graphs
+    from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graphs, replace_graphs
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
     from engine.backends.decoders import decoder_parity, export_decoder, torch_stepper
@@ -196,9 +196,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing the weights to int8 and measuring exact match on {N_QUALITY} renders")
-        q_enc, q_dec = out_dir / "encoder.int8.onnx", out_dir / "decoder.int8.onnx"
-        quantize_graph(enc_path, q_enc)
-        quantize_graph(dec_path, q_dec)
+        q_enc, q_dec = quantize_graphs({"encoder": enc_path, "decoder": dec_path}).values()
         _, q_runner = check(q_enc, q_dec)
         from plugins.caption.tokenizer import load_tokenizer
 
@@ -315,17 +313,15 @@ def optimum_wrappers(model):
 
 
 def _decoder_core(dec, n_layers: int):
-    """The decoder as the shared export traces it: GPT-2's compact graph module when there is one (its generic
-    forward has Python branches on sequence lengths that torch.export cannot trace), else the generic wrapper."""
+    """The decoder as the shared export traces it (engine/backends/decoders.py): GPT-2 in its export form (the
+    same function in fewer graph nodes), any other decoder as it is."""
+    import copy
+
     from engine.backends.decoders import decoder_wrapper
+    from engine.nn.gpt2 import GPT2LMHeadModel
 
-    try:
-        from engine.nn import gpt2_graph
-
-        if gpt2_graph.GPT2DecoderGraph.supports(dec):
-            return gpt2_graph.GPT2DecoderGraph(dec, True).eval()
-    except (ImportError, AttributeError):
-        pass
+    if isinstance(dec, GPT2LMHeadModel) and hasattr(dec, "fuse_for_export"):
+        dec = copy.deepcopy(dec).fuse_for_export()
     return decoder_wrapper(dec, n_layers, True)
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.nn.blocks import ACTIVATIONS, MLP, self_attention
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ViTConfig:
                 setattr(cfg, name, values[0])
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ModelError("The ViT encoder's hidden_size is not a multiple of num_attention_heads.")
-        if cfg.hidden_act not in _ACTS:
+        if cfg.hidden_act not in ACTIVATIONS:
             raise ModelError(f"The ViT encoder's activation {cfg.hidden_act!r} is not supported.")
         return cfg
 
@@ -69,13 +69,6 @@ class ViTConfig:
 
 
 ENCODER_TYPES = ("vit", "deit")
-_ACTS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -115,22 +108,7 @@ class ViTAttention(nn.Module):
         self.o_proj = nn.Linear(d, d)
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class ViTMLP(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.act = _ACTS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.o_proj(self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.n_head))
 
 
 class ViTLayer(nn.Module):
@@ -139,7 +117,7 @@ class ViTLayer(nn.Module):
         self.attention = ViTAttention(cfg)
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = ViTMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x):
         x = x + self.attention(self.layernorm_before(x))

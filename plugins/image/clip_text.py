@@ -11,9 +11,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.nn.blocks import ACTIVATIONS, MLP, self_attention
 
 
 @dataclass
@@ -35,8 +35,8 @@ class CLIPTextConfig:
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.hidden_act not in _ACTS:
-            raise ModelError(f"Text encoder activation {cfg.hidden_act!r} is not supported (use one of {sorted(_ACTS)}).")
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ModelError(f"Text encoder activation {cfg.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)}).")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ModelError("Text encoder hidden_size must be divisible by num_attention_heads.")
         return cfg
@@ -45,14 +45,6 @@ class CLIPTextConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["model_type"] = "clip_text_model"
         return d
-
-
-_ACTS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -74,22 +66,7 @@ class CLIPAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):  # (B, T, D)
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.act = _ACTS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.out_proj(self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.heads, causal=True))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -97,7 +74,7 @@ class CLIPEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = CLIPAttention(cfg)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x):

@@ -11,7 +11,6 @@ same picture on both backends (within the export's pixel tolerance).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
 
     from plugins.image.model import load
     from plugins.image.pipeline import TorchDenoiser, TorchTextEncoder
-    from engine.backends.common import describe_graphs, export_graph, quantize_graph, replace_graphs
+    from engine.backends.common import describe_graphs, export_graph, quantize_graphs, replace_graphs
     from engine.backends.runtime import open_session
 
     say = options.get("log") or (lambda m: None)
@@ -154,9 +153,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing the weights to int8 and scoring {N_QUALITY} images with the analyzer")
-        q_te, q_un = out_dir / "text_encoder.int8.onnx", out_dir / "unet.int8.onnx"
-        quantize_graph(te_path, q_te)
-        quantize_graph(un_path, q_un)
+        q_te, q_un = quantize_graphs({"text_encoder": te_path, "unet": un_path}).values()
         q_text, q_unet = OnnxTextEncoder(open_session(q_te)), OnnxDenoiser(open_session(q_un))
         result["quantization"] = {"quality": image_quality(loaded, (o_text, o_unet), (q_text, q_unet))}
         del o_text, o_unet, q_text, q_unet

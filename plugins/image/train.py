@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.weights import load_pickle
+
 log = logging.getLogger("studio.train.image")
 
 
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     tokenizer = shapes_tokenizer()
 
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_pickle(ckpt_path)
         config = ck["config"]
         hp = {**ck["args"], "steps": args.steps, "resumed_at": ck["args"].get("resumed_at", []) + [ck["step"]]}
         schedule = dict(hp.get("loss_weight_from_step", {"0": hp.get("loss_weight", "min_snr")}))
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         step, best, curve = ck["step"], ck["best"], ck["curve"]
         rng = np.random.default_rng([args.seed, step])
     elif args.init_from:
-        src = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        src = load_pickle(args.init_from)
         for mod, ema, key in ((unet, ema_unet, "unet"), (text, ema_text, "text")):
             for target, state in ((mod, src[key]), (ema, src["ema_" + key])):
                 target.load_state_dict(_adapt(target.state_dict(), state))

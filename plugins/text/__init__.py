@@ -11,6 +11,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
+from plugins.text.families import FAMILIES, family
 from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option, Progress, Result
 
 INFO = GeneratorInfo(
@@ -27,7 +28,7 @@ INFO = GeneratorInfo(
         Option("stop", "str", "", "Stop before any of these strings; separate several with |, write \\n for a "
                                   "new line"),
     ),
-    families=("llama", "gpt2"),
+    families=tuple(f.name for f in FAMILIES),
     prompt_required=False,
     takes_lora=True,
 )
@@ -60,7 +61,7 @@ def _pipeline(request, context):
             decoder = TorchDecoder(net, request.device)
         bos = cfg.get("bos_token_id")
         return TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
-                            eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=model.family == "llama")
+                            eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=family(model.family).add_bos)
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
     return context.cached(("text", model.hash, request.device, request.backend, adapters), load)
 
@@ -84,16 +85,12 @@ def generate(request, context):
         yield event
 
 
-def check_llama_folder(folder: Path) -> None:
-    from plugins.text.models import check_folder
+def _checker(name: str):
+    def check(folder: Path) -> None:
+        from plugins.text.models import check_folder
 
-    check_folder(folder, "llama")
-
-
-def check_gpt2_folder(folder: Path) -> None:
-    from plugins.text.models import check_folder
-
-    check_folder(folder, "gpt2")
+        check_folder(folder, name)
+    return check
 
 
 @hookimpl
@@ -103,16 +100,15 @@ def register_generators(register):
 
 @hookimpl
 def register_architectures(register):
-    register(Architecture(family="llama", generator="text", matches=lambda cfg: cfg.get("model_type") == "llama",
-                          check=check_llama_folder, needs_tokenizer=True, title="Llama"))
-    register(Architecture(family="gpt2", generator="text", matches=lambda cfg: cfg.get("model_type") == "gpt2",
-                          check=check_gpt2_folder, needs_tokenizer=True, title="GPT-2"))
+    for f in FAMILIES:
+        register(Architecture(family=f.name, generator="text", check=_checker(f.name), needs_tokenizer=True,
+                              title=f.title, matches=lambda cfg, t=f.model_type: cfg.get("model_type") == t))
 
 
 @hookimpl
 def register_exporters(register):
-    register("llama", lazy("plugins.text.onnx", "export_text"))
-    register("gpt2", lazy("plugins.text.onnx", "export_text"))
+    for f in FAMILIES:
+        register(f.name, lazy("plugins.text.onnx", "export_text"))
 
 
 @hookimpl

@@ -33,6 +33,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2), not on o
     mlp_bias: bool = False
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
@@ -51,6 +52,8 @@ class LlamaConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in cfg.items() if k in names}
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            raise ValueError("sliding-window attention is not supported yet")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"unsupported rope_type {rope_type!r}")
@@ -105,13 +108,18 @@ class LlamaRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R (hs, hs) with ``x @ R == rotate_half(x)``: one small MatMul in an exported graph instead of four nodes."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0  # first half of the output = -x2
+    r[torch.arange(half), torch.arange(half) + half] = 1.0  # second half = x1
+    return r
 
 
 class LlamaAttention(nn.Module):
@@ -120,29 +128,56 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         C, b = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
+        qkv = b or config.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=qkv)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=b)
 
+    def fuse_for_export(self) -> None:
+        """The export form of this layer, from the same weights: one projection for q, k and v (the attention
+        scale folded into q's rows), rotate_half as a small matrix, and grouped-query attention without
+        repeating K/V (the query heads that share a K/V head are stacked along the sequence axis). The separate
+        projections leave this copy of the model, so the graph stores each weight once."""
+        hs, scale = self.head_dim, self.head_dim ** -0.5
+        w = torch.cat([self.q_proj.weight * scale, self.k_proj.weight, self.v_proj.weight])
+        self.qkv = nn.Linear(w.shape[1], w.shape[0], bias=self.q_proj.bias is not None).to(w.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(w)
+            if self.q_proj.bias is not None:
+                self.qkv.bias.copy_(torch.cat([self.q_proj.bias * scale, self.k_proj.bias, self.v_proj.bias]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.register_buffer("rot", rotate_half_matrix(hs).to(w.dtype), persistent=False)
+
+    def _forward_export(self, x, cos, sin, past, mask):
+        """``mask``: additive (group * T, P + T), row g * T + t for position t of the query heads' group g."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv, self.head_dim
+        h = self.qkv(x)
+        qk = h[..., :(nh + nkv) * hs].reshape(B, T, nh + nkv, hs)
+        qk = qk * cos[:, None] + (qk @ self.rot) * sin[:, None]  # rotary positions for q and k at once
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, hs)
+        v = h[..., (nh + nkv) * hs:].reshape(B, T, nkv, hs).transpose(1, 2)
+        if past is not None:
+            k, v = past.update(self.layer_idx, k, v)
+        q = q.reshape(B, nkv, (nh // nkv) * T, hs)  # heads of a group share K/V: stacked along the sequence
+        y = torch.softmax(q @ k.transpose(2, 3) + mask, dim=-1) @ v  # (B, n_kv, group * T, hs)
+        return self.o_proj(y.reshape(B, nh, T, hs).transpose(1, 2).reshape(B, T, nh * hs))
+
     def forward(self, x, cos, sin, past: Optional[KVCache] = None, mask=None):
+        if hasattr(self, "qkv"):
+            return self._forward_export(x, cos, sin, past, mask)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        start = 0
         if past is not None:
-            start = past.length
-            k, v = past.update(self.layer_idx, k, v)  # (B, n_kv, start+T, hs)
-        gqa = self.n_kv != self.n_head
-        if gqa and _exporting():  # exporters get the plain form: each K/V head repeated for its query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
-                                           enable_gqa=gqa)
+            k, v = past.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -154,7 +189,20 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(C, H, bias=b)
         self.down_proj = nn.Linear(H, C, bias=b)
 
+    def fuse_for_export(self) -> None:
+        """gate and up in one projection (one MatMul in the graph); the separate ones leave this copy."""
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up = nn.Linear(w.shape[1], w.shape[0], bias=self.gate_proj.bias is not None).to(w.dtype)
+        with torch.no_grad():
+            self.gate_up.weight.copy_(w)
+            if self.gate_proj.bias is not None:
+                self.gate_up.bias.copy_(torch.cat([self.gate_proj.bias, self.up_proj.bias]))
+        del self.gate_proj, self.up_proj
+
     def forward(self, x):
+        if hasattr(self, "gate_up"):
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -182,18 +230,23 @@ class LlamaModel(nn.Module):
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.dropout = 0.0  # residual dropout, training only (not part of the transformers config)
+        self.exported = False  # set by LlamaForCausalLM.fuse_for_export
 
     def forward(self, input_ids, past: Optional[KVCache] = None):
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rotary_emb(torch.arange(start, start + T, device=x.device), x.dtype)
-        mask = causal_mask(T, start, x.device) if start > 0 else None
+        positions = torch.arange(T, device=x.device) + start
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        if self.exported:  # additive, one copy per query head of a group (LlamaAttention._forward_export)
+            allowed = torch.arange(start + T, device=x.device)[None, :] <= positions[:, None]  # (T, P + T)
+            group = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = torch.where(allowed, 0.0, float("-inf")).to(x.dtype).repeat(group, 1)
+        else:
+            mask = causal_mask(T, start, x.device) if start > 0 else None
         p = self.dropout if self.training else 0.0
         for layer in self.layers:
             x = layer(x, cos, sin, past=past, mask=mask, dropout=p)
-        if past is not None:
-            past.length = start + T
         return self.norm(x)
 
 
@@ -228,6 +281,18 @@ class LlamaForCausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h), (past if use_cache else None)
+
+    def fuse_for_export(self) -> "LlamaForCausalLM":
+        """Turn this model (a copy made for the export) into its export form: fused q/k/v and gate/up
+        projections, grouped-query attention without repeats (see LlamaAttention.fuse_for_export). It computes
+        the same function; the ONNX exporter traces it. Returns self."""
+        if self.config.head_dim % 2:
+            raise ValueError("rotary embeddings need an even head size")
+        for layer in self.model.layers:
+            layer.self_attn.fuse_for_export()
+            layer.mlp.fuse_for_export()
+        self.model.exported = True
+        return self.eval()
 
     @torch.inference_mode()
     def step(self, input_ids, past=None):

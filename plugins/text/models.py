@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.errors import ModelError
 from engine.tokenizer import load_tokenizer  # noqa: F401  (a model folder's tokenizer.json)
 
-MODEL_TYPES = {"llama": "llama", "gpt2": "gpt2"}
+from plugins.text.families import BY_MODEL_TYPE, BY_NAME
 
 
 def read_config(folder) -> dict:
@@ -32,13 +32,14 @@ def build_model(cfg: dict, family: str, device=None):
     """An uninitialised model of the family for this config (``device="meta"`` allocates nothing)."""
     import torch
 
-    family = family or cfg.get("model_type")
-    if cfg.get("model_type") != MODEL_TYPES.get(family):
+    fam = BY_NAME.get(family) or BY_MODEL_TYPE.get(cfg.get("model_type"))
+    if fam is None or cfg.get("model_type") != fam.model_type:
         raise ModelError(f"config.json has model_type {cfg.get('model_type')!r}, which the text generator does not "
-                         "run (it runs llama and gpt2 models).")
+                         f"run (it runs {', '.join(sorted(BY_MODEL_TYPE))}).")
+    cfg = {**cfg, **dict(fam.settings)}
     try:
         with torch.device(device or "cpu"):
-            if family == "llama":
+            if fam.network == "llama":
                 from plugins.text.llama import LlamaConfig, LlamaForCausalLM
                 return LlamaForCausalLM(LlamaConfig.from_dict(cfg))
             from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -64,7 +65,7 @@ def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> N
     found = read_shapes(folder)
     found = {k: v for k, v in found.items()
              if not k.endswith(gpt2.IGNORED_SUFFIXES) and not k.endswith("rotary_emb.inv_freq")}
-    if family == "gpt2" and found and not any(k.startswith("transformer.") for k in found):
+    if BY_NAME[family].network == "gpt2" and found and not any(k.startswith("transformer.") for k in found):
         found = {"transformer." + k: v for k, v in found.items()}
     optional = {"lm_head.weight"} if tied else set()
     missing = [k for k in expected if k not in found and k not in optional]
@@ -104,7 +105,7 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
     check_weights(folder, family, cfg, model)
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     state = load_state_dict(folder)
-    if family == "llama":
+    if BY_NAME[family].network == "llama":
         from plugins.text.llama import load_hf_state_dict
     else:
         from engine.nn.gpt2 import load_hf_state_dict

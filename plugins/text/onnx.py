@@ -40,8 +40,10 @@ def load_torch_model(folder, family: str):
 
 
 def runtime_config(model, family: str) -> dict:
+    from plugins.text.llama import LlamaForCausalLM
+
     c = model.config
-    if family == "llama":
+    if isinstance(model, LlamaForCausalLM):
         return {"family": family, "n_layers": c.num_hidden_layers, "n_kv_heads": c.num_key_value_heads,
                 "head_dim": c.head_dim, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
@@ -120,12 +122,18 @@ def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, int8_dec
 
 
 def compact_graph(model, family: str):
-    """The Llama decoder's compact export form (the same function in far fewer graph nodes), or None."""
-    from plugins.text.llama_graph import LlamaDecoderGraph
+    """What the exporter traces for a Llama: a copy of the model in its export form (fused projections,
+    grouped-query attention without repeats: LlamaForCausalLM.fuse_for_export), wrapped to take and give flat
+    tensors; None for the other families (engine.backends.decoders picks their form)."""
+    import copy
 
-    if family == "llama" and LlamaDecoderGraph.supports(model):
-        return LlamaDecoderGraph(model).eval()
-    return None
+    from engine.backends.decoders import decoder_wrapper
+
+    from plugins.text.llama import LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM):
+        return None
+    return decoder_wrapper(copy.deepcopy(model).fuse_for_export(), model.config.num_hidden_layers)
 
 
 # ----- the exporter ---------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     """Exporter registered for the llama and gpt2 families (see engine.onnx_export for the contract)."""
     import torch
 
-    from engine.backends.common import describe_graphs, quantize_graph, replace_graphs
+    from engine.backends.common import describe_graphs, quantize_graphs, replace_graphs
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
 
@@ -152,8 +160,7 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say("quantizing the weights to int8 and measuring the quality cost")
-        qpath = Path(out_dir) / "decoder.int8.onnx"
-        quantize_graph(path, qpath)
+        qpath = quantize_graphs({"decoder": path})["decoder"]
         int8 = OnnxDecoder(open_session(qpath), cfg)
         quality = text_quality(Path(model_ref.path), model_ref.studio, model, fp32, int8, cfg["vocab_size"],
                                cfg["max_positions"])

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.weights import load_pickle
+
 log = logging.getLogger("studio.train.text")
 BOS = "<|endoftext|>"
 
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     ckpt = work / "checkpoint.pt"
     if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_pickle(ckpt, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, best, tokens_seen, elapsed = state["step"], state["best"], state["tokens_seen"], state["elapsed"]

@@ -14,10 +14,23 @@ log = logging.getLogger(__name__)
 WARM_UP_AFTER_MS = 300  # start the generation process this long after the window shows
 
 
+def check_display() -> None:
+    """On Linux without a display, Qt aborts the process (SIGABRT) with advice to reinstall; say what to do
+    instead, before Qt is asked for one."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        from engine.errors import UsageError
+
+        raise UsageError("No display was found (DISPLAY and WAYLAND_DISPLAY are unset): run the studio on a desktop, "
+                         "or set QT_QPA_PLATFORM=offscreen to render the window with `studio gui --screenshot PNG`.")
+
+
 def application():
     """The QApplication (created once)."""
     from PySide6.QtWidgets import QApplication
 
+    check_display()
     import studio.gui.qtcompat  # noqa: F401 - guards against PySide6 6.12.0's reference leak before any call
     app = QApplication.instance()
     if app is None:

@@ -96,6 +96,34 @@ def sigmas_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
 
+class Scheduler:
+    """What every scheduler starts with: its config, the training alphas-cumprod, and no timesteps yet."""
+    init_noise_sigma = 1.0
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.config = cfg
+        self.alphas_cumprod = alphas_cumprod(cfg)
+        self.num_inference_steps = None
+
+    def spacing(self, default: str) -> str:
+        return self.config.timestep_spacing or default
+
+
+class DiscreteScheduler(Scheduler):
+    """DDPM and DDIM: integer timesteps (all of them until ``set_timesteps``), the model input as it is."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        super().__init__(cfg)
+        self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.timesteps = discrete_timesteps(self.config, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+
+    def scale_model_input(self, sample, timestep):
+        return sample
+
+
 def clip(x, r: float):
     return x.clip(-r, r)
 

@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
-                                             discrete_timesteps, to_float)
+from engine.diffusion.schedulers.common import (DiscreteScheduler, SchedulerConfig, StepOutput, clip,
+                                             to_float)
 
 
-class DDIMScheduler:
-    init_noise_sigma = 1.0
-
+class DDIMScheduler(DiscreteScheduler):
     def __init__(self, cfg: SchedulerConfig):
-        self.config = cfg
-        self.alphas_cumprod = alphas_cumprod(cfg)
+        super().__init__(cfg)
         self.final_alpha_cumprod = 1.0 if cfg.set_alpha_to_one else float(self.alphas_cumprod[0])
-        self.num_inference_steps = None
-        self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.timesteps = discrete_timesteps(self.config, num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-
-    def scale_model_input(self, sample, timestep):
-        return sample
 
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (deterministic, eta = 0)."""

@@ -3,26 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import (SchedulerConfig, StepOutput, alphas_cumprod, clip,
-                                             discrete_timesteps, randn_like, to_float)
+from engine.diffusion.schedulers.common import (DiscreteScheduler, StepOutput, clip,
+                                             randn_like, to_float)
 
 
-class DDPMScheduler:
-    init_noise_sigma = 1.0
-
-    def __init__(self, cfg: SchedulerConfig):
-        self.config = cfg
-        self.alphas_cumprod = alphas_cumprod(cfg)
-        self.timesteps = np.arange(cfg.num_train_timesteps)[::-1].copy()
-        self.num_inference_steps = None
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.timesteps = discrete_timesteps(self.config, num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-
-    def scale_model_input(self, sample, timestep):
-        return sample
-
+class DDPMScheduler(DiscreteScheduler):
     def _prev(self, t: int) -> int:
         idx = int(np.nonzero(self.timesteps == t)[0][0])
         return int(self.timesteps[idx + 1]) if idx + 1 < len(self.timesteps) else -1

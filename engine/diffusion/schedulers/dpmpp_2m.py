@@ -7,20 +7,13 @@ import math
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
+from engine.diffusion.schedulers.common import Scheduler, StepOutput, check_steps, sigmas_at
 
 
-class DPMSolverMultistepScheduler:
-    init_noise_sigma = 1.0
-
-    def __init__(self, cfg: SchedulerConfig):
-        self.config = cfg
-        self.alphas_cumprod = alphas_cumprod(cfg)
-        self.num_inference_steps = None
-
+class DPMSolverMultistepScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         T = check_steps(self.config, num_inference_steps)
-        spacing = self.config.timestep_spacing or "linspace"
+        spacing = self.spacing("linspace")
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_inference_steps + 1).round()[::-1][:-1]
         elif spacing == "leading":

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import SchedulerConfig, StepOutput, alphas_cumprod, check_steps, sigmas_at
+from engine.diffusion.schedulers.common import Scheduler, StepOutput, check_steps, sigmas_at
 
 
-class EulerDiscreteScheduler:
-    def __init__(self, cfg: SchedulerConfig):
-        self.config = cfg
-        self.alphas_cumprod = alphas_cumprod(cfg)
-        self.num_inference_steps = None
-
+class EulerDiscreteScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         T = check_steps(self.config, num_inference_steps)
-        spacing = self.config.timestep_spacing or "linspace"
+        spacing = self.spacing("linspace")
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_inference_steps, dtype=np.float32)[::-1]
         elif spacing == "leading":

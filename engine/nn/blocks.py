@@ -1,0 +1,45 @@
+"""Small transformer blocks that several families' networks share: activations by their config names, the
+two-layer MLP (``fc1``/``fc2``, as ViT and CLIP name it) and multi-head self-attention over q/k/v projections."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str):
+    """The activation a transformers config calls ``name``; ValueError for one the studio does not know."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation function {name!r}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))), with transformers' ViT/CLIP parameter names."""
+
+    def __init__(self, hidden: int, inner: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def self_attention(x, q_proj, k_proj, v_proj, n_head: int, causal: bool = False):
+    """Multi-head attention of x (B, T, D) over itself; returns (B, T, D) before the output projection."""
+    B, T, D = x.shape
+    q, k, v = (p(x).view(B, T, n_head, D // n_head).transpose(1, 2) for p in (q_proj, k_proj, v_proj))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, D)

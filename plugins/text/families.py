@@ -1,0 +1,29 @@
+"""The decoder families the text generator runs. Each is one of the networks of this package (``llama``: llama.py,
+``gpt2``: engine/nn/gpt2.py) with its own config.json ``model_type`` and a few settings, so a family that differs
+from one of them only in settings is one entry here. No torch at import: the plugin registers from this table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the store's family name
+    title: str
+    model_type: str  # config.json "model_type"
+    network: str  # "llama" | "gpt2"
+    settings: tuple = ()  # (key, value) pairs laid over config.json for the network (what the family implies)
+    add_bos: bool = True  # whether a prompt starts with the BOS token
+
+
+FAMILIES = (
+    Family("llama", "Llama", "llama", "llama"),
+    Family("gpt2", "GPT-2", "gpt2", "gpt2", add_bos=False),
+    Family("qwen2", "Qwen2 / Qwen2.5", "qwen2", "llama", settings=(("qkv_bias", True),), add_bos=False),
+)
+BY_NAME = {f.name: f for f in FAMILIES}
+BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
+
+
+def family(name: str) -> Family:
+    return BY_NAME[name]

@@ -1,0 +1,121 @@
+"""Fixes from the hostile test (issue #13) that one command shows: thread counts, no display, flags as values,
+plugins that print, file modes."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from plugin_samples import GOOD, drop
+
+
+def studio(*args, home, env=None, drop_env=()):
+    full = dict(os.environ, STUDIO_HOME=str(home), STUDIO_PLUGIN_CHECK="0", **(env or {}))
+    for name in drop_env:
+        full.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, env=full,
+                          timeout=300)
+
+
+def test_huge_thread_counts_are_capped_and_junk_refused(studio_home):
+    proc = studio("generate", "text", "--prompt", "A", "--set", "max_new_tokens=2", "--seed", "1", home=studio_home,
+                  env={"STUDIO_TORCH_THREADS": "100000"})
+    assert proc.returncode == 0 and "more than this machine's" in proc.stderr
+    proc = studio("generate", "text", "--prompt", "A", home=studio_home, env={"STUDIO_TORCH_THREADS": "-3"})
+    assert proc.returncode == 2 and "STUDIO_TORCH_THREADS must be a whole number" in proc.stderr
+
+
+def test_no_display_is_one_clear_line(studio_home):
+    if not sys.platform.startswith("linux"):
+        return
+    proc = studio("gui", home=studio_home, drop_env=("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"))
+    assert proc.returncode == 2 and "No display was found" in proc.stderr and "QT_QPA_PLATFORM=offscreen" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_global_flags_are_not_taken_out_of_values(studio_home):
+    proc = studio("generate", "text", "--prompt", "--debug", home=studio_home)
+    assert proc.returncode == 2 and "--option=VALUE" in proc.stderr and "Traceback" not in proc.stderr
+    proc = studio("generate", "text", "--prompt=--safe-mode", "--set", "max_new_tokens=2", "--seed", "1", "--json",
+                  home=studio_home)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["prompt"] == "--safe-mode"
+    listed = studio("--safe-mode", "plugins", "list", home=studio_home)
+    assert listed.returncode == 0
+
+
+def test_a_plugin_that_prints_does_not_corrupt_json(studio_home):
+    drop(studio_home, "chatty", "print('hello from a plugin')\n" + GOOD)
+    proc = studio("generators", "--json", home=studio_home)
+    assert proc.returncode == 0 and "hello from a plugin" in proc.stderr
+    assert "upper" in [g["id"] for g in json.loads(proc.stdout)]
+
+
+def test_outputs_follow_the_umask(studio_home, tmp_path):
+    old = os.umask(0o022)
+    try:
+        proc = studio("generate", "text", "--prompt", "A", "--set", "max_new_tokens=2", "--seed", "1", "--out",
+                      str(tmp_path / "a.txt"), home=studio_home)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+EVIL = '''
+import os, pickle
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+'''
+
+
+def test_training_commands_never_unpickle_code(studio_home, tmp_path):
+    """--init-from and --resume go through the one safe loader (weights_only=True): a crafted file is refused in
+    one line and its code never runs."""
+    import pickle
+    import types
+
+    marker = tmp_path / "ran"
+    mod = types.ModuleType("evil_mod")
+    exec(EVIL.format(marker=marker), mod.__dict__)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"unet": mod.Evil()}))
+    proc = studio("train", "image", "--out", str(tmp_path / "run"), "--init-from", str(evil), "--steps", "1",
+                  home=studio_home)
+    assert proc.returncode != 0 and not marker.exists()
+    assert "was refused" in proc.stderr and "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
+    (tmp_path / "a.txt").write_text("to be or not to be " * 50)
+    (tmp_path / "b.txt").write_text("that is the question " * 50)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "checkpoint.pt").write_bytes(evil.read_bytes())
+    proc = studio("train", "text", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--work", str(work),
+                  "--resume", "--steps", "1", "--holdout", "b.txt", "--vocab-size", "300", home=studio_home)
+    assert proc.returncode != 0 and not marker.exists() and "was refused" in proc.stderr
+
+
+def test_import_copies_no_symbolic_links(studio_home, tmp_path):
+    from onnx_fixtures import text_folder
+
+    folder = text_folder(tmp_path / "tiny", "llama")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy me")
+    (folder / "notes.txt").symlink_to(secret)
+    proc = studio("models", "import", str(folder), "--name", "tiny", home=studio_home)
+    assert proc.returncode == 0 and "Left out notes.txt" in proc.stderr
+    assert not (studio_home / "models" / "tiny" / "notes.txt").exists()
+
+
+def test_a_snapshot_of_links_imports(studio_home, tmp_path):
+    """The Hugging Face cache keeps a model's files as links from a snapshot folder to blobs: those import."""
+    from onnx_fixtures import text_folder
+
+    blobs = text_folder(tmp_path / "blobs", "llama")
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(f)
+    proc = studio("models", "import", str(snap), "--name", "linked", home=studio_home)
+    assert proc.returncode == 0, proc.stderr
+    stored = studio_home / "models" / "linked"
+    assert (stored / "model.safetensors").is_file() and not (stored / "model.safetensors").is_symlink()
