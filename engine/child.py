@@ -7,7 +7,8 @@ plugin that holds the GIL for seconds in C code stalls only that process, and to
 the window's process.
 
 Protocol: the messages of engine/messages.py, one JSON line each. Parent to child: ``{"host": {...}}`` first
-(PluginHost keyword arguments), then ``{"job": {...}}`` (an ``engine.runner.Job``), ``{"cancel": true}`` (cancels
+(PluginHost keyword arguments), then ``{"job": {...}}`` (an ``engine.runner.Job``; with ``"queue_tag"`` when it
+is a queue job), ``{"cancel": true}`` (cancels
 the running job), ``{"export": {"model", "quantize", "force"}}`` (an ONNX export), ``{"probe": true}`` or
 ``{"warm": "torch"}`` (import a library now, while nothing runs). Child to parent: ``ready``; for a job
 ``prepared``, ``progress``, ``text``, ``preview``, then ``finished`` or ``failed``; for an export ``log`` lines then
@@ -113,8 +114,14 @@ def serve() -> int:
                     send(**m)
 
             token.raise_if_cancelled()
-            record = execute(prep, Context(cancel=token, cache=cache), on_event,
-                             out_dir=state.load_settings().outputs, history=history)
+            context = Context(cancel=token, cache=cache)
+            if msg.get("queue_tag"):  # a queue job: its own output name, its history row tagged
+                from engine.jobworker import run_prepared
+
+                record = run_prepared(prep, msg["queue_tag"], context, on_event, history,
+                                      state.load_settings().outputs)
+            else:
+                record = execute(prep, context, on_event, out_dir=state.load_settings().outputs, history=history)
             send(type="finished", recipe=record.recipe, files=[str(f) for f in record.files],
                  history_id=record.history_id)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, never fatal here
@@ -236,9 +243,11 @@ class GenerationProcess:
         self.start()
         self._send({"warm": package})
 
-    def run(self, job, token, report: Callable[[dict], None]) -> dict:
-        """Run ``job`` (an engine.runner.Job); returns the ``finished`` message."""
-        return self._request({"job": asdict(job)}, report, token)
+    def run(self, job, token, report: Callable[[dict], None], queue_tag: str = "") -> dict:
+        """Run ``job`` (an engine.runner.Job); returns the ``finished`` message. ``queue_tag``: the job is the
+        queue's (engine/jobqueue.py), named and recorded as such."""
+        request = {"job": asdict(job), **({"queue_tag": queue_tag} if queue_tag else {})}
+        return self._request(request, report, token)
 
     def export(self, model: str, quantize, force: bool, report: Callable[[dict], None]) -> dict:
         """Export ``model`` to ONNX in the child; returns the manifest (``log`` messages go to ``report``)."""

@@ -86,7 +86,7 @@ class GeneratorInfo:
     id: str
     title: str
     description: str
-    takes: tuple  # subset of ("text", "image")
+    takes: tuple  # subset of ("text", "image", "messages"); "messages": a conversation (request.messages)
     makes: str  # "text" | "image" | "audio"
     options: tuple = ()
     families: tuple = ()  # model families it runs; empty means it needs no model
@@ -97,8 +97,9 @@ class GeneratorInfo:
     def __post_init__(self):
         if not self.id.replace("-", "_").isidentifier():
             raise ValueError(f"generator id {self.id!r} must be a short identifier such as 'text'")
-        if not set(self.takes) <= {"text", "image"} or not self.takes:
-            raise ValueError(f"generator {self.id!r}: takes must be a non-empty subset of ('text', 'image')")
+        if not set(self.takes) <= {"text", "image", "messages"} or not self.takes:
+            raise ValueError(f"generator {self.id!r}: takes must be a non-empty subset of ('text', 'image', "
+                             "'messages')")
         if self.makes not in ("text", "image", "audio"):
             raise ValueError(f"generator {self.id!r}: makes must be 'text', 'image' or 'audio'")
         names = [o.name for o in self.options]
@@ -165,6 +166,7 @@ class Request:
     backend: str = "torch"  # "torch" | "onnx"
     device: str = "cpu"  # resolved: "cpu" | "cuda"
     adapters: tuple = ()  # AdapterRef, applied in order (only for generators with info.takes_lora)
+    messages: tuple = ()  # engine.chat.Message (role, content), for generators that take "messages"
 
 
 class CancelToken:

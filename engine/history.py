@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sqlite3
 import time
 from contextlib import closing
@@ -52,7 +53,7 @@ END;
 MIGRATIONS = [V1]  # MIGRATIONS[v]: version v -> v + 1
 VERSION = len(MIGRATIONS)
 MAX_ID = 2 ** 63 - 1
-BUSY_TIMEOUT_S = 10  # how long a write waits for another process's transaction
+BUSY_TIMEOUT_S = 10  # how long a write waits for another process's transaction (STUDIO_HISTORY_TIMEOUT)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class History:
         state.ensure_dir(self.path.parent)
         conn = None
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            conn = sqlite3.connect(self.path, timeout=float(os.environ.get("STUDIO_HISTORY_TIMEOUT", BUSY_TIMEOUT_S)))
             conn.executescript(BASE)
             migrate(conn)
         except sqlite3.Error as exc:

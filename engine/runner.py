@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import engine
 from engine import outputs as out_mod
-from engine.errors import GenerationError, StudioError, UsageError
+from engine.errors import GenerationError, StateError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
@@ -38,6 +38,7 @@ class Job:
     seed: Optional[int] = None
     options: dict = field(default_factory=dict)  # raw values (strings from the CLI, typed from the GUI)
     loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
+    messages: Optional[list] = None  # a conversation, [{"role", "content"}, ...], for generators that take one
 
 
 @dataclass
@@ -112,6 +113,15 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
             raise UsageError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     elif prompt:
         raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}.")
+    messages = ()
+    if "messages" in info.takes:
+        from engine.chat import parse_messages
+
+        if job.messages is None:
+            raise UsageError(f"Generator {info.id} needs a conversation; pass --messages FILE.json.")
+        messages = parse_messages(job.messages)
+    elif job.messages:
+        raise UsageError(f"Generator {info.id} takes no conversation; give it a prompt instead.")
     image = None
     if "image" in info.takes:
         if not job.image:
@@ -123,7 +133,7 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         raise UsageError(f"Generator {info.id} takes no image.")
     model = None
     if info.families:
-        entry = store.get(job.model) if job.model else store.default_for(info.id)
+        entry = store.get(job.model) if job.model else store.default_for(info.id, info.families)
         if entry is None:
             raise UsageError(f"No model for generator {info.id} is installed; import one with `studio models import`.")
         if entry.family not in info.families:
@@ -144,7 +154,7 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     if adapters and not info.takes_lora:
         raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
-                      backend=job.backend, device=device, adapters=adapters)
+                      backend=job.backend, device=device, adapters=adapters, messages=messages)
     return Prepared(job, generator, request, host.plugin_of(info.id))
 
 
@@ -186,6 +196,8 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     }
     if req.image is not None:
         recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
+    if req.messages:
+        recipe["messages"] = [m.to_dict() for m in req.messages]
     if req.adapters:
         recipe["loras"] = [a.to_dict() for a in req.adapters]
     if result.text is not None:
@@ -212,25 +224,25 @@ def content_digest(result: Result) -> str:
     return h.hexdigest()
 
 
-def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
+def output_ext(result: Result) -> str:
+    return "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
+
+
+def write_result(result: Result, recipe: dict, out_path: Optional[Path] = None,
+                 out_dir: Optional[Path] = None) -> list[Path]:
+    """Write the output and its recipe: to ``out_path`` when the user named one (replacing it), else under a
+    fresh name in ``out_dir`` (time, generator, seed; never an existing file, even with another process writing
+    the same name at the same second). ``recipe["path"]`` is set to where it went."""
+    def parts(path: Path) -> list:
+        recipe["path"] = str(Path(path).resolve())
+        return out_mod.render(path, text=result.text if result.image is None and result.audio is None else None,
+                              image=result.image, audio=result.audio, recipe=recipe)
+
+    if out_path is not None:
+        return out_mod.save(parts(Path(out_path)))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
-    ext = "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
-    base = out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}"
-    path, n = base.with_suffix(f".{ext}"), 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}.{ext}"), n + 1
-    return path
-
-
-def write_result(result: Result, recipe: dict, path: Path) -> list[Path]:
-    if result.image is not None:
-        if path.suffix.lower() != ".png":
-            raise UsageError(f"Images are saved as .png; {path.name} has another suffix.")
-        return out_mod.write_png(path, result.image, recipe)
-    if result.audio is not None:
-        data, rate = result.audio
-        return out_mod.write_audio(path, data, rate, recipe)
-    return out_mod.write_text(path, result.text or "", recipe)
+    return out_mod.save_new(Path(out_dir), f"{stamp}-{recipe['generator']}-{recipe['seed']}", output_ext(result),
+                            parts)
 
 
 def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optional[Callable] = None,
@@ -269,14 +281,20 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     own = result.info.pop("timings", None)  # a generator may report its own split (load, steps, ...)
     timings = {**(own if isinstance(own, dict) else {}), "total_s": round(time.perf_counter() - started, 4)}
     recipe = recipe_of(prep, result, timings)
-    if out_path is None:
+    if out_path is None and out_dir is None:
         from engine import state
 
-        out_path = default_path(out_dir or state.load_settings().outputs, recipe, result)
-    recipe["path"] = str(Path(out_path).resolve())
-    files = write_result(result, recipe, Path(out_path))
+        out_dir = state.load_settings().outputs
+    files = write_result(result, recipe, out_path, out_dir)  # all or nothing, before the history row
     outputs = [{"path": str(p.resolve()), "sha256": out_mod.sha256_file(p)} for p in files]
-    history_id = (history or History()).add(recipe, outputs) if history is not False else None
+    history_id = None
+    if history is not False:
+        try:
+            history_id = (history or History()).add(recipe, outputs)
+        except StateError as exc:  # the output is saved and carries its recipe: say so, never lose it
+            recipe.setdefault("warnings", []).append(
+                f"{exc} The output was saved, with its recipe, as {', '.join(str(p) for p in files)}, but it is "
+                "not in the history.")
     recipe["history_id"] = history_id
     return Record(recipe, files, history_id, result)
 
@@ -302,7 +320,7 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
                              "--device cpu, knowing that the output may then differ.") from None
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
-              options=recipe.get("options", {}),
+              options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []])
     record = execute(prepare(host, store, job), **kw)
     return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
@@ -319,6 +337,14 @@ def replay_notes(original: dict, replayed: dict) -> list:
         if was_a.get("sha256") != now_a.get("sha256"):
             notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
                          f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
+    was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
+    now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
+    if was_t and now_t and was_t != now_t:
+        notes.append("the model's chat template has changed since, so the prompt and the output may differ")
+    reused = (original.get("info") or {}).get("reused_tokens") or 0
+    if reused and was == "cuda":
+        notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
+                     "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "

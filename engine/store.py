@@ -160,8 +160,11 @@ class ModelStore:
         known = ", ".join(e.name for e in entries) or "none"
         raise UsageError(f"Unknown model {name_or_path!r}; known models: {known} (or give a model folder path).")
 
-    def default_for(self, generator_id: str) -> Optional[ModelEntry]:
+    def default_for(self, generator_id: str, families: tuple = ()) -> Optional[ModelEntry]:
+        """The model a generator uses when none is named: its own, else one of the families it runs (``chat``
+        runs the ``text`` family's models)."""
         entries = [e for e in self.list() if e.generator == generator_id]
+        entries = entries or [e for e in self.list() if e.family in families]
         entries.sort(key=lambda e: (not e.builtin, not e.studio.get("default", False), e.name))
         return entries[0] if entries else None
 

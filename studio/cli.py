@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
+    g.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat`: a JSON list of "
+                   "{\"role\", \"content\"} (or an object with a \"messages\" list)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="caption options, e.g. num_beams=3 or max_new_tokens=30")
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+    g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
+    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--system", metavar="TEXT", help="a system prompt")
+    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
 
     m = sub.add_parser("models", help="list, inspect, import and remove models")
     msub = m.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -149,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _FinetuneParser
     t.add_argument("kind", nargs="?", help="what to fine-tune (listed below)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="its own options (`studio finetune KIND --help`)")
+
+    from studio.queue_cli import add_parsers
+
+    add_parsers(sub, _Parser)
+    s = sub.add_parser("serve", help="a local API server (OpenAI and AUTOMATIC1111 compatible) over the queue")
+    s.add_argument("--host", default="127.0.0.1", help="the interface to listen on (anything but loopback needs "
+                                                       "--token)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--token", help="require this bearer token (default: $STUDIO_API_TOKEN)")
+    s.add_argument("--ray", metavar="ADDRESS", help="run the queue's jobs on a Ray cluster")
     return p
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,12 +114,17 @@ def _jobs(args, settings) -> list:
             raise UsageError(f"Prompt file {args.prompt_file} has no non-empty lines.")
     images = args.image or [None]
     prompts = prompts or [None]
+    messages = None
+    if args.messages:
+        from engine.chat import load_messages_file
+
+        messages = [m.to_dict() for m in load_messages_file(args.messages)]
     jobs = []
     for p in prompts:
         for im in images:
             seed = None if args.seed is None else args.seed + len(jobs)
             jobs.append(Job(args.generator, prompt=p, image=im, model=args.model, backend=backend,
-                            device=device, seed=seed, options=options, loras=list(args.lora)))
+                            device=device, seed=seed, options=options, loras=list(args.lora), messages=messages))
     return jobs
 
 
@@ -136,7 +142,7 @@ def cmd_generate(args) -> int:
     if batch and out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
     prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
-    history = History()
+    history, unrecorded = History(), False
     for prep in prepared:
         bar = _ProgressBar()
         stream = not args.json and not batch and prep.generator.info.makes == "text" and sys.stdout.isatty()
@@ -149,7 +155,10 @@ def cmd_generate(args) -> int:
 
         out_path = out_dir = None
         if out is not None:
-            out_dir, out_path = (out, None) if batch or out.is_dir() else (None, out)
+            folder = batch or out.is_dir() or args.out.endswith(("/", os.sep))  # "newdir/": a folder to make
+            out_dir, out_path = (out, None) if folder else (None, out)
+            if out_path is not None and out_path.is_file():
+                print(f"studio: warning: replacing {out_path} (you named it with --out)", file=sys.stderr)
         record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history)
         bar.done()
         r = record.recipe
@@ -157,9 +166,13 @@ def cmd_generate(args) -> int:
             print(f"studio: warning: {warning}", file=sys.stderr)
         if args.json:
             keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
-                    "path", "width", "height", "prompt", "warnings", "history_id")
+                    "path", "width", "height", "prompt", "messages", "warnings", "history_id")
             obj = {k: r[k] for k in keys if k in r}
             obj["model"] = (r.get("model") or {}).get("name")
+            if "messages" in prep.generator.info.takes:
+                info = r.get("info", {})
+                obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
+                           template=info.get("template"))
             _print_json(obj)
         elif prep.generator.info.makes == "text":
             if stream:
@@ -169,7 +182,15 @@ def cmd_generate(args) -> int:
             print(f"saved {r['path']}", file=sys.stderr)
         else:
             print(r["path"])
-    return 0
+        if record.history_id is None:
+            unrecorded = True
+    return 1 if unrecorded else 0
+
+
+def cmd_chat(args) -> int:
+    from studio.chat_cli import run_chat
+
+    return run_chat(args)
 
 
 # ----- caption-folder --------------------------------------------------------------------------
@@ -376,3 +397,22 @@ def cmd_finetune(args) -> int:
         raise UsageError("Say what to fine-tune: studio finetune KIND --model NAME --data PATH "
                          "(`studio finetune --help` lists the kinds).")
     return int(_host().trainer(args.kind, finetune=True).run(list(args.args)) or 0)
+
+
+# ----- queue, batch, serve ---------------------------------------------------------------------
+def cmd_queue(args) -> int:
+    from studio.queue_cli import cmd_queue as run
+
+    return run(args)
+
+
+def cmd_batch(args) -> int:
+    from studio.queue_cli import cmd_batch as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from studio.server import serve
+
+    return serve(args)

@@ -42,7 +42,7 @@ def test_generate_text_json_and_history(plugins, tmp_path):
         assert key in obj
     assert obj["text"] == "HI HI" and obj["seed"] == 5 and obj["options"] == {"repeat": 2}
     assert out.read_text() == "HI HI"
-    assert json.loads(out.with_suffix(".json").read_text())["seed"] == 5
+    assert json.loads(out.with_name(out.name + ".json").read_text())["seed"] == 5
     listing = json.loads(studio("history", "list", "--json", check=0).stdout)
     assert listing[0]["prompt"] == "hi"
     replay = studio("history", "replay", str(listing[0]["id"]), check=0)

@@ -119,3 +119,64 @@ def test_a_snapshot_of_links_imports(studio_home, tmp_path):
     assert proc.returncode == 0, proc.stderr
     stored = studio_home / "models" / "linked"
     assert (stored / "model.safetensors").is_file() and not (stored / "model.safetensors").is_symlink()
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_concurrent_generations_never_share_a_file(studio_home, tmp_path):
+    """Eight processes, same generator, same seed, same second, same folder: eight outputs, each row's hash
+    matching its own file."""
+    drop(studio_home, "upper", GOOD)
+    out = tmp_path / "outs"
+    env = dict(os.environ, STUDIO_HOME=str(studio_home), STUDIO_PLUGIN_CHECK="0")
+    procs = [subprocess.Popen([sys.executable, "-m", "studio.cli", "generate", "upper", "--prompt", f"p{i}",
+                               "--seed", "42", "--out", str(out) + "/", "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(8)]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    paths = {r["path"] for r in results}
+    assert len(paths) == 8
+    rows = json.loads(studio("history", "list", "--json", "--limit", "20", home=studio_home).stdout)
+    assert len(rows) == 8
+    for row in rows:
+        for o in row["outputs"]:
+            assert _sha(o["path"]) == o["sha256"]
+        assert open(row["recipe"]["path"]).read() == row["recipe"]["text"]
+
+
+def test_named_outputs_keep_their_neighbours(studio_home, tmp_path):
+    drop(studio_home, "upper", GOOD)
+    (tmp_path / "notes.json").write_text('{"mine": true}')
+    proc = studio("generate", "upper", "--prompt", "a", "--out", str(tmp_path / "notes.txt"), home=studio_home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "notes.json").read_text()) == {"mine": True}
+    assert (tmp_path / "notes.txt.json").is_file()
+    again = studio("generate", "upper", "--prompt", "b", "--out", str(tmp_path / "notes.txt"), home=studio_home)
+    assert again.returncode == 0 and "replacing" in again.stderr and (tmp_path / "notes.txt").read_text() == "B"
+    (tmp_path / "x.txt.json").write_text("not a recipe")
+    refused = studio("generate", "upper", "--prompt", "c", "--out", str(tmp_path / "x.txt"), home=studio_home)
+    assert refused.returncode == 2 and "left alone" in refused.stderr and not (tmp_path / "x.txt").exists()
+    made = studio("generate", "upper", "--prompt", "d", "--out", str(tmp_path / "newdir") + "/", home=studio_home)
+    assert made.returncode == 0 and (tmp_path / "newdir").is_dir() and len(list((tmp_path / "newdir").iterdir())) == 2
+    (tmp_path / "afile").write_text("x")
+    under = studio("generate", "upper", "--prompt", "e", "--out", str(tmp_path / "afile" / "b.txt"), home=studio_home)
+    assert under.returncode == 2 and "a file of that name is in the way" in under.stderr
+
+
+def test_a_locked_history_still_shows_and_keeps_the_output(studio_home, tmp_path):
+    import sqlite3
+
+    drop(studio_home, "upper", GOOD)
+    studio("history", "list", home=studio_home)  # create the database
+    holder = sqlite3.connect(studio_home / "history.sqlite3")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        proc = studio("generate", "upper", "--prompt", "kept", "--out", str(tmp_path / "k.txt"), home=studio_home,
+                      env={"STUDIO_HISTORY_TIMEOUT": "0.2"})
+    finally:
+        holder.rollback()
+    assert proc.returncode == 1 and "KEPT" in proc.stdout and "busy" in proc.stderr
+    assert "not in the history" in proc.stderr and (tmp_path / "k.txt").read_text() == "KEPT"

@@ -7,6 +7,7 @@ import torch
 
 from engine.generators import Context, ModelRef, Partial, Request, Result
 from plugins import text as text_plugin
+from plugins.text.models import check_folder
 
 torch.set_num_threads(1)
 MODEL = Path(__file__).resolve().parent.parent / "resources" / "models" / "shakespeare-llama"
@@ -20,7 +21,7 @@ def test_shipped_model_records_its_score():
     assert studio["family"] == "llama" and studio["generator"] == "text"
     assert studio["scores"]["heldout_works"] == ["hamlet.txt", "tempest.txt", "sonnets.txt"]
     assert studio["scores"]["heldout_bpc"] <= REPORTED_BPC
-    text_plugin.check_llama_folder(MODEL)
+    check_folder(MODEL, "llama")
     assert (MODEL / "model.safetensors").stat().st_size < 20e6
 
 

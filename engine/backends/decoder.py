@@ -24,6 +24,10 @@ class OnnxCache:
     def batch(self) -> int:
         return int(self.kv[0][0].shape[0])
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` positions (the arrays are views; onnxruntime returns new ones each step)."""
+        self.kv = [(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
+
     def reorder(self, index) -> None:
         """Select batch rows (beam search)."""
         index = np.asarray(index, dtype=np.int64)

@@ -9,6 +9,8 @@ A cache holds, per layer, the keys and values of the positions seen so far:
 - ``cache.cross``: per layer the (k, v) of an encoder's states for cross-attention, set once by whoever
   encodes (``model.cross_kv``), or None.
 - ``cache.reorder(index)``: keep the batch rows ``index`` (beam search).
+- ``cache.truncate(n)``: keep the first ``n`` positions (a chat turn reusing the prefix it shares with the last
+  conversation); the next ``update`` writes after them.
 
 ``KVCache`` (below) preallocates buffers that grow by doubling, so a decode step writes one column instead of
 re-concatenating the history. ``TraceCache`` is the form an export traces: the past arrives as graph inputs,
@@ -58,6 +60,10 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` positions of every layer; later updates overwrite the rest of the buffers."""
+        self.lengths = [min(length, n) for length in self.lengths]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (for beam search): every buffer becomes ``buf[index]``."""

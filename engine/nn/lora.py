@@ -170,18 +170,20 @@ def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", ta
     return folder
 
 
-def save_kohya(model: nn.Module, path, spec: LoraSpec, component: str = "unet", name: str = "default",
+def save_kohya(model, path, spec: LoraSpec, component: str = "unet", name: str = "default",
                metadata: Optional[dict] = None) -> Path:
-    """kohya-ss's single file: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+    """kohya-ss's single file: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+    (``lora_te_`` for a text encoder). ``model``: one module (saved as ``component``), or {component: module}."""
     from safetensors.torch import save_file
 
-    prefix = KOHYA_PREFIXES[component]
     state = {}
-    for p, (A, B) in adapter_state(model, name).items():
-        key = prefix + p.replace(".", "_")
-        state[key + ".lora_down.weight"] = A.contiguous()
-        state[key + ".lora_up.weight"] = B.contiguous()
-        state[key + ".alpha"] = torch.tensor(float(spec.alpha))
+    for comp, module in (model.items() if isinstance(model, dict) else [(component, model)]):
+        prefix = KOHYA_PREFIXES[comp]
+        for p, (A, B) in adapter_state(module, name).items():
+            key = prefix + p.replace(".", "_")
+            state[key + ".lora_down.weight"] = A.contiguous()
+            state[key + ".lora_up.weight"] = B.contiguous()
+            state[key + ".alpha"] = torch.tensor(float(spec.alpha))
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
             "ss_network_alpha": str(spec.alpha), **(metadata or {})}
     path = Path(path)
@@ -231,10 +233,12 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
 
 
 def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -> Adapter:
+    """With several components, the layers' keys are ``component/path`` (see ``attach``)."""
     lookup = {}
     for component, paths in component_paths.items():
         prefix = KOHYA_PREFIXES.get(component, component)
-        lookup.update({prefix + p.replace(".", "_"): p for p in paths})
+        several = len(component_paths) > 1
+        lookup.update({prefix + p.replace(".", "_"): (f"{component}/{p}" if several else p) for p in paths})
     layers, ranks = {}, set()
     for k, down in tensors.items():
         if not k.endswith(".lora_down.weight"):
@@ -261,12 +265,17 @@ def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -
     return Adapter(layers, LoraSpec(rank, float(meta.get("ss_network_alpha", rank))), "kohya", source, meta)
 
 
-def attach(model: nn.Module, adapter: Adapter, weight: float = 1.0, name: str = "default") -> None:
-    """Add ``adapter`` to ``model`` (frozen, for generation) with its output scaled by ``weight``. UsageError,
-    naming the module, when a layer is missing or its shape does not fit."""
+def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") -> None:
+    """Add ``adapter`` to ``model`` (frozen, for generation) with its output scaled by ``weight``; ``model`` is
+    a module, or {component: module} for an adapter read with several components (keys ``component/path``).
+    UsageError, naming the module, when a layer is missing or its shape does not fit."""
     for path, (A, B, scale) in adapter.layers.items():
+        target = model
+        if isinstance(model, dict):
+            component, _, path = path.partition("/")
+            target = model[component]
         try:
-            layer = _layer(model, path)
+            layer = _layer(target, path)
         except AttributeError:
             raise UsageError(f"The LoRA {Path(adapter.source).name} adapts {path}, which this model does not have; "
                              "it was made for another base model.") from None
@@ -296,13 +305,18 @@ def base_state_dict(model: nn.Module) -> dict:
             if ".lora_A." not in k and ".lora_B." not in k}
 
 
-def apply_adapters(model: nn.Module, adapters, component_paths: Optional[dict] = None) -> nn.Module:
-    """Attach a request's adapters (``engine.generators.AdapterRef``: path and weight) to a loaded model, frozen,
-    in its own dtype; the model itself when there are none."""
+def apply_adapters(model, adapters):
+    """Attach a request's adapters (``engine.generators.AdapterRef``: path and weight) to a loaded model (one
+    module, or {"unet": ..., "text_encoder": ...}), frozen, in its own dtype; returns ``model``."""
+    modules = model if isinstance(model, dict) else {"unet": model, "text_encoder": model}
+    paths = {c: linear_paths(m) for c, m in modules.items()}
+    if not isinstance(model, dict):
+        paths = {"unet": paths["unet"]}  # one module: a kohya file's names map onto it whatever its prefix
     for i, ref in enumerate(adapters):
-        paths = component_paths or {"unet": linear_paths(model), "text_encoder": linear_paths(model)}
         attach(model, read_adapter(ref.path, paths), weight=ref.weight, name=f"adapter{i}")
-    return model.eval()
+    for m in modules.values():
+        m.eval()
+    return model
 
 
 def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict:

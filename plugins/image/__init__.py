@@ -30,6 +30,7 @@ INFO = GeneratorInfo(
     ),
     families=("shapes-diffusion",),
     prompt_required=False,
+    takes_lora=True,
 )
 
 
@@ -41,7 +42,8 @@ def generate(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    nets = context.cached(("image", ref.hash, request.device, request.backend), lambda: _load(request))
+    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
+    nets = context.cached(("image", ref.hash, request.device, request.backend, adapters), lambda: _load(request))
     yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
 
 
@@ -50,11 +52,16 @@ def _load(request):
     if request.backend == "onnx":
         from plugins.image.onnx import load_image_model
 
+        if request.adapters:
+            raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx to use them.")
         return load_image_model(Path(ref.path), ref.hash)
+    from engine.nn.lora import apply_adapters
     from plugins.image import model as image_model
     from plugins.image.pipeline import torch_nets
 
-    return torch_nets(image_model.load(Path(ref.path), request.device))
+    loaded = image_model.load(Path(ref.path), request.device)
+    apply_adapters({"unet": loaded.unet, "text_encoder": loaded.text_encoder}, request.adapters)
+    return torch_nets(loaded)
 
 
 def check(folder: Path) -> None:
@@ -88,3 +95,9 @@ def register_exporters(register):
 @hookimpl
 def register_trainers(register):
     register(Trainer("image", "Train the shapes text-to-image diffusion model", lazy("plugins.image.train", "main")))
+
+
+@hookimpl
+def register_finetuners(register):
+    register(Trainer("image", "LoRA on the shapes diffusion model from captioned images (kohya format)",
+                     lazy("plugins.image.finetune", "main")))

@@ -66,6 +66,13 @@ def _pipeline(request, context):
     return context.cached(("text", model.hash, request.device, request.backend, adapters), load)
 
 
+CHAT_INFO = GeneratorInfo(
+    id="chat", title="Chat", description="Talk with a language model in turns, in the model's own chat template.",
+    takes=("messages",), makes="text", options=INFO.options, families=INFO.families, prompt_required=False,
+    takes_lora=True,
+)
+
+
 def generate(request, context):
     from plugins.text.pipeline import TextRequest, parse_stop
     from plugins.text.sampling import SamplingOptions
@@ -96,6 +103,7 @@ def _checker(name: str):
 @hookimpl
 def register_generators(register):
     register(Generator(INFO, generate))
+    register(Generator(CHAT_INFO, lazy("plugins.text.chat", "generate")))
 
 
 @hookimpl

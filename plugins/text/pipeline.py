@@ -7,6 +7,7 @@ sequence. ``NoCacheDecoder`` wraps a decoder to recompute the whole sequence at 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -55,6 +56,45 @@ class TextRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     stop: tuple = ()  # stop strings
     seed: int = 0
+    stop_ids: tuple = ()  # token ids that end the answer besides EOS (a chat template's end of turn)
+    slide: bool = True  # when the context fills: slide the window (text) or stop (chat: nothing is cut silently)
+
+
+@dataclass
+class PrefixState:
+    """The token ids a decoder's cache holds and that cache, kept between generations (a conversation's turns):
+    a new prompt that starts with the same ids reuses their keys and values instead of reading them again."""
+    ids: list = field(default_factory=list)
+    past: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take(self, ids: list):
+        """(reused count, past truncated to it) for a new prompt ``ids``; (0, None) when nothing is shared.
+        At least one id is always left to feed (its logits start the answer). The cache is handed over: until
+        the generation puts its own back, a second one (another thread) starts from scratch."""
+        with self.lock:
+            n = 0
+            limit = min(len(self.ids), len(ids) - 1)
+            while n < limit and self.ids[n] == ids[n]:
+                n += 1
+            if n == 0 or self.past is None:
+                return 0, None
+            past, self.past, self.ids = self.past, None, []
+        return n, truncate_past(past, n)
+
+    def put(self, ids: list, past) -> None:
+        """Keep ``past``, the cache of ``ids``, for the next generation."""
+        with self.lock:
+            self.ids, self.past = list(ids), past
+
+
+def truncate_past(past, n: int):
+    """A decoder cache cut back to its first ``n`` positions: the cache protocol's ``truncate`` (engine/nn/cache.py),
+    or NoCacheDecoder's ids."""
+    if isinstance(past, np.ndarray):
+        return past[:, :n]
+    past.truncate(n)
+    return past
 
 
 def parse_stop(value: str) -> tuple:
@@ -122,7 +162,26 @@ class TextPipeline:
                             f"tokens with room to write; its first {dropped} tokens were left out.")
             log.warning(warnings[-1])
             ids = ids[-limit:]
+        return self.run_ids(ids, req, cancel, warnings=warnings)
+
+    def run_ids(self, ids: list, req: TextRequest, cancel=None, prefix: Optional[PrefixState] = None,
+                warnings: Optional[list] = None) -> Iterator:
+        """Generate after the prompt token ids ``ids`` (which fit the context). ``prefix``: the cache of the last
+        generation, reused for the ids this prompt shares with it, and given this one's when it ends (finished,
+        stopped or cancelled: the ids of the last step that completed and their cache)."""
+        reused, past = prefix.take(ids) if prefix is not None else (0, None)
+        latest: dict = {}  # updated after every decoder step that completes
+        try:
+            yield from self._decode(ids, req, cancel, reused, past, latest, warnings, prefix is not None)
+        finally:
+            if prefix is not None and latest:
+                prefix.put(latest["ids"], latest["past"])
+
+    def _decode(self, ids, req, cancel, reused, past, latest, warnings, report_reuse) -> Iterator:
+        warnings = list(warnings or [])
+        context = self.decoder.max_positions
         prompt_tokens = len(ids)
+        eos = self.eos | set(req.stop_ids)
         rng = np.random.default_rng(req.seed)
         all_ids = list(ids)
         new_ids: list = []
@@ -131,8 +190,9 @@ class TextPipeline:
         stopped_by = None
         t0 = time.perf_counter()
         longest_stop = max((len(x) for x in req.stop), default=0)
-        logits, past = self.decoder.step(np.array([ids], dtype=np.int64), None)
+        logits, past = self.decoder.step(np.array([ids[reused:]], dtype=np.int64), past)
         fed = len(ids)
+        latest.update(ids=list(ids), past=past)
         t_first = time.perf_counter()
         for _ in range(req.max_new_tokens):
             if cancel is not None:
@@ -140,7 +200,7 @@ class TextPipeline:
             tok = choose(logits[0], all_ids, req.sampling, rng)
             new_ids.append(tok)
             all_ids.append(tok)
-            if tok in self.eos:
+            if tok in eos:
                 stopped_by = "eos"
                 break
             text = self.decode(new_ids)
@@ -160,6 +220,11 @@ class TextPipeline:
                 emitted = ready
             if len(new_ids) == req.max_new_tokens:
                 break
+            if fed + 1 > context and not req.slide:
+                stopped_by = "context"
+                warnings.append(f"The answer reached the end of the model's context of {context} tokens and "
+                                "stopped there.")
+                break
             if fed + 1 > context:  # the context is full: slide the window and re-read the recent tokens
                 keep = all_ids[-(context * 3 // 4):]
                 logits, past = self.decoder.step(np.array([keep], dtype=np.int64), None)
@@ -167,6 +232,7 @@ class TextPipeline:
             else:
                 logits, past = self.decoder.step(np.array([[tok]], dtype=np.int64), past)
                 fed += 1
+            latest.update(ids=all_ids[-fed:], past=past)
         if stopped_by != "stop":
             text = self.decode(new_ids)
         if len(text) > len(emitted) and text.startswith(emitted):
@@ -177,4 +243,6 @@ class TextPipeline:
                 "tokens_per_second": round(n / max(t_end - t0, 1e-9), 2),
                 "prefill_seconds": round(t_first - t0, 4), "seconds": round(t_end - t0, 4),
                 "stopped_by": stopped_by or "max_new_tokens"}
+        if report_reuse:
+            info["reused_tokens"] = reused
         yield Result(text=text, token_ids=new_ids, warnings=warnings, info=info)

@@ -9,13 +9,16 @@ from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
+from engine import chat as chat_mod
 from engine.errors import UsageError
 from engine.generators import CancelToken
+from studio.gui.chat_view import ChatView
 from studio.gui.dialog_actions import DialogActions
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.generator_panel import GeneratorPanel
 from studio.gui.history_panel import HistoryPanel
 from studio.gui.output_view import OutputView, kind_of
+from studio.gui.queue_panel import QueuePanel
 from studio.gui.session import Session
 from studio.gui.util import generator_icon, guard
 from studio.gui.worker import (Failure, Finished, PreparedMsg, PreviewMsg, ProgressMsg, StatusMsg, TextMsg,
@@ -37,6 +40,9 @@ class MainWindow(DialogActions, QMainWindow):
         self.task = None
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
+        self.replays: dict = {}  # queue job id -> the recipe it replays
+        self.current_job = None  # the engine.jobqueue.QueueJob this window is running
+        self._reported_at = 0.0  # when its progress last went into the queue
         self.busy_kind = ""
         self._progress_t0 = None
         self._closing = False
@@ -62,10 +68,21 @@ class MainWindow(DialogActions, QMainWindow):
         scroll.setWidget(self.panel)
         scroll.setMinimumWidth(340)
         self.output = OutputView()
+        self.chat = ChatView()
+        self.chatting = False  # the running generation is a chat answer
         self.history = HistoryPanel(self.session.history)
         self.tabs = QTabWidget()
+        self.tabs.addTab(self.chat, "Conversation")
         self.tabs.addTab(self.output, "Output")
         self.tabs.addTab(self.history, "History")
+        from engine.jobqueue import JobQueue
+        from engine.jobworker import recover
+
+        self.queue = JobQueue()
+        recover(self.queue)  # jobs a dead studio was running are queued again
+        self.queue_panel = QueuePanel(self.queue)
+        self.tabs.addTab(self.queue_panel, "Queue")
+        self.queue_panel.changed.connect(self.on_queue_changed)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.generator_list)
         split.addWidget(scroll)
@@ -92,6 +109,10 @@ class MainWindow(DialogActions, QMainWindow):
         self.output.prompt_requested.connect(self.use_as_prompt)
         self.history.open_requested.connect(self.open_entry)
         self.history.load_requested.connect(self.load_recipe)
+        self.chat.send_requested.connect(self.generate)
+        self.chat.regenerate_requested.connect(self.regenerate_answer)
+        self.panel.model.currentIndexChanged.connect(self.on_chat_model_changed)
+        self.panel.form.changed.connect(self.on_chat_options_changed)
 
         s = self.session.settings
         self.panel.set_pickers(self.gui_state.get("backend", s.backend), self.gui_state.get("device", s.device))
@@ -99,6 +120,7 @@ class MainWindow(DialogActions, QMainWindow):
         self.populate_generators(generator or self.gui_state.get("generator"))
         self.history.refresh()
         self.statusBar().showMessage(self._plugin_summary())
+        QTimer.singleShot(0, self.pump)  # jobs left in the queue by an earlier session
 
     # ----- menus -----------------------------------------------------------------------------
     def _menus(self) -> None:
@@ -200,6 +222,13 @@ class MainWindow(DialogActions, QMainWindow):
             log.warning("Ignoring the remembered state of generator %s", gid)
         if self.task is None:
             self.output.set_kind(kind_of(info))
+        is_chat = "messages" in info.takes
+        self.tabs.setTabVisible(self.tabs.indexOf(self.chat), is_chat)
+        if is_chat:
+            self.on_chat_model_changed()
+            self.tabs.setCurrentWidget(self.chat)
+        elif self.tabs.currentWidget() is self.chat:
+            self.tabs.setCurrentWidget(self.output)
 
     def refresh_models(self) -> None:
         if self.panel.info is not None:
@@ -214,28 +243,75 @@ class MainWindow(DialogActions, QMainWindow):
 
     @guard
     def generate(self) -> None:
-        if self.task is not None:
-            self.statusBar().showMessage("A generation is already running; cancel it first (Escape).", 4000)
-            return
+        self.submit()
+
+    def submit(self) -> int:
+        """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it."""
         job = self.panel.job()
-        info = self.panel.info
+        if "messages" in self.panel.info.takes:
+            job.messages = [m.to_dict() for m in self.chat.to_send()]
+        self._remember()
+        job_id = self.queue.submit(job, source="gui")
+        if self.task is not None or self.queue.paused():
+            waiting = len(self.queue.list(states=("queued",)))
+            self.statusBar().showMessage(f"Queued as job {job_id} ({waiting} waiting"
+                                         + ("; the queue is paused)" if self.queue.paused() else ")"), 5000)
+        self.pump()
+        return job_id
+
+    @guard
+    def pump(self) -> None:
+        """Start the next queued job when this window runs none."""
+        if self.task is not None or self._closing:
+            return
+        qjob = self.queue.claim(kinds=("generate",))  # exports and fine-tunes run from `studio queue run`
+        if qjob is None:
+            return
+        from engine.runner import Job
+
+        qjob.tag = self.queue.tag(qjob.id)
+        self.current_job = qjob
+        job = Job(**qjob.job)
+        gen = self.session.host.generators.get(job.generator)
+        self.chatting = bool(gen) and "messages" in gen[0].info.takes
         self.banner.hide()
         self.token = CancelToken()
-        self.busy_kind = kind_of(info)
+        self.busy_kind = kind_of(gen[0].info) if gen else "text"
         self.output.begin(self.busy_kind, job.image or "")
-        self.tabs.setCurrentWidget(self.output)
+        if self.chatting:
+            self.chat.begin_answer()
+        self.tabs.setCurrentWidget(self.chat if self.chatting else self.output)
         self.panel.set_busy(True)
+        self.panel.generate_button.setEnabled(True)  # Generate queues the next job meanwhile
         self.panel.show_progress(0, 0, None, "Preparing…")
         self._progress_t0 = None
-        self._remember()
-        self.replay_of = None  # replay() sets it after this returns
-        task = generation_task(self.session, job, self.token, self)
+        self.replay_of = self.replays.pop(qjob.id, None)
+        task = generation_task(self.session, job, self.token, self, queue_tag=qjob.tag)
         task.succeeded.connect(self.on_task_succeeded)
         task.failed.connect(self.on_task_failed)
         task.finished.connect(self.on_task_finished)
         self.task = task
         task.start()
         self.drain_timer.start()
+        self.queue_panel.refresh()
+
+    def _record_progress(self, msg) -> None:
+        """Progress into the queue (what the Queue tab, the CLI and the server show), at most 4 times a second;
+        a cancel asked for elsewhere (`studio queue cancel`) stops the job here."""
+        job = self.current_job
+        if job is None or (msg.at - self._reported_at < 0.25 and msg.step != msg.total):
+            return
+        self._reported_at = msg.at
+        if self.queue.report(job.id, msg.step, msg.total, msg.message) and self.token is not None:
+            self.token.cancel()
+
+    @guard
+    def on_queue_changed(self) -> None:
+        """A button of the Queue tab: a cancel of this window's job stops it; a resume starts the next."""
+        if self.current_job is not None and self.token is not None and \
+                self.queue.cancel_requested(self.current_job.id):
+            self.token.cancel()
+        self.pump()
 
     @guard
     def cancel(self) -> None:
@@ -254,6 +330,8 @@ class MainWindow(DialogActions, QMainWindow):
         text = "".join(m.text for m in msgs if isinstance(m, TextMsg))
         if text:
             self.output.append_text(text)
+            if self.chatting:
+                self.chat.append_text(text)
         for kind in (StatusMsg, PreparedMsg, ProgressMsg, PreviewMsg):
             last = next((m for m in reversed(msgs) if isinstance(m, kind)), None)
             if last is not None:
@@ -270,6 +348,7 @@ class MainWindow(DialogActions, QMainWindow):
                 rate = (msg.at - self._progress_t0[0]) / (msg.step - self._progress_t0[1])
                 left = max(0.0, rate * (msg.total - msg.step))
             self.panel.show_progress(msg.step, msg.total, left, msg.message)
+            self._record_progress(msg)
         elif isinstance(msg, PreviewMsg):
             total = self.panel.progress.maximum()
             step = f"preview, step {msg.step}/{total}" if msg.step is not None else "preview"
@@ -285,8 +364,17 @@ class MainWindow(DialogActions, QMainWindow):
     def on_task_succeeded(self, done: Finished) -> None:
         self.drain()
         rec = done.record
+        if self.current_job is not None:
+            self.queue.finish(self.current_job.id, rec.history_id,
+                              {"files": [str(f) for f in rec.files], "text": rec.recipe.get("text"),
+                               "content_sha256": rec.recipe.get("content_sha256")})
         audio = rec.result.audio if rec.result.audio is not None else None
         self.output.show_result(rec.recipe, [str(f) for f in rec.files], done.qimage, audio)
+        if self.chatting:
+            self.chat.finish_answer(rec.recipe.get("text") or "")
+            for warning in rec.recipe.get("warnings", []):
+                if warning != chat_mod.FALLBACK_NOTE:  # that one shows above the conversation already
+                    self.show_info(warning)
         self.panel.reset_progress(f"done in {rec.recipe.get('timings', {}).get('total_s', 0):.2f} s")
         self.panel.progress_label.setText(f"Saved {Path(rec.files[0]).name}" if rec.files else "")
         self.statusBar().showMessage(f"Saved {rec.files[0]}" if rec.files else "Done", 8000)
@@ -308,6 +396,15 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def on_task_failed(self, failure: Failure) -> None:
         self.drain()
+        if self.current_job is not None:
+            if failure.cancelled and self._closing:
+                self.queue.release(self.current_job.id)  # closing the window is not giving up the job
+            elif failure.cancelled:
+                self.queue.cancelled(self.current_job.id)
+            else:
+                self.queue.fail(self.current_job.id, failure.message, failure.error)
+        if self.chatting:
+            self.chat.abort_answer()
         if failure.cancelled:
             self.panel.reset_progress("cancelled")
             self.panel.progress_label.setText("Cancelled.")
@@ -324,17 +421,48 @@ class MainWindow(DialogActions, QMainWindow):
         self.drain()
         self.drain_timer.stop()
         task, self.task = self.task, None
+        self.current_job = None
         self.panel.set_busy(False)
+        if self.chatting and self.chat.answer is not None:  # neither succeeded nor failed reached it
+            self.chat.abort_answer()
+        self.chatting = False
         if task is not None:
             task.deleteLater()
+        self.queue_panel.refresh()
+        if not self._closing:
+            QTimer.singleShot(0, self.pump)
+
+    # ----- chat ------------------------------------------------------------------------------
+    @guard
+    def regenerate_answer(self) -> None:
+        if self.task is not None:
+            return
+        self.chat.drop_last_answer()
+        self.generate()
+
+    @guard
+    def on_chat_model_changed(self, *args) -> None:
+        info = self.panel.info
+        if info is None or "messages" not in info.takes:
+            return
+        name = self.panel.model.currentData()
+        entry = None
+        if name:
+            entry = next((e for e in self.session.models_for(info) if e.name == name), None)
+        self.chat.set_model(entry, int(self.panel.form.values().get("max_new_tokens", 200)))
+
+    @guard
+    def on_chat_options_changed(self) -> None:
+        if self.panel.info is not None and "messages" in self.panel.info.takes:
+            self.chat.set_max_new_tokens(int(self.panel.form.values().get("max_new_tokens", 200)))
 
     # ----- hand-overs between generators -----------------------------------------------------
     @guard
     def replay(self, recipe: dict) -> None:
         self.load_recipe(recipe)
-        self.generate()
-        if self.task is not None:
-            self.replay_of = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        self.replays[self.submit()] = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        if self.current_job is not None and self.current_job.id in self.replays:
+            self.replay_of = self.replays.pop(self.current_job.id)
 
     @guard
     def caption_image(self, path: str) -> None:
@@ -366,6 +494,9 @@ class MainWindow(DialogActions, QMainWindow):
         self.select_generator(gid)
         info = self.panel.info
         skipped = self.panel.apply_recipe(recipe)
+        if "messages" in info.takes and recipe.get("messages"):
+            self.chat.show_recipe(recipe)
+            self.tabs.setCurrentWidget(self.chat)
         note = f"Loaded the recipe into {info.title}"
         if skipped:
             note += f"; skipped: {', '.join(map(str, skipped))}"
@@ -374,6 +505,9 @@ class MainWindow(DialogActions, QMainWindow):
     @guard
     def open_entry(self, entry) -> None:
         recipe = dict(entry.recipe)
+        if recipe.get("messages") and entry.generator in self.session.host.generators:
+            self.load_recipe(recipe)  # a conversation reopens in the chat view, ready to continue
+            return
         info = self.session.host.generators.get(entry.generator, (None,))[0]
         kind = kind_of(info.info) if info else ("image" if recipe.get("width") else "text")
         if not info and any(str(o.get("path", "")).endswith((".wav", ".flac")) for o in entry.outputs):

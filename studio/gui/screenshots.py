@@ -67,6 +67,21 @@ def _wait(app, window, timeout=300):
         app.processEvents()
 
 
+CHAT = ("A street in Verona, at night.", ("Who goes there?", "Speak, I pray thee: what news from Mantua?"))
+
+
+def chat_turns(app, window) -> None:
+    """A short conversation in the chat view (the built-in model), its second answer streamed in full."""
+    window.chat.clear()
+    window.chat.system.setPlainText(CHAT[0])
+    for line in CHAT[1]:
+        window.chat.input.setPlainText(line)
+        window.generate()
+        _wait(app, window)
+    window.chat.input.setPlainText("And what of Romeo?")
+    window.chat.update_meter()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "docs/img")
@@ -108,8 +123,11 @@ def main(argv=None) -> int:
         if "image" in info.takes:
             window.panel.image_input.set_path(str(last_image or sample))
         window.panel.seed.setText("7")
-        window.generate()
-        _wait(app, window)
+        if "messages" in info.takes:
+            chat_turns(app, window)
+        else:
+            window.generate()
+            _wait(app, window)
         if info.makes == "image" and window.output.image_file():
             last_image = window.output.image_file()
         written.append(grab_to(window, out / f"main-{gid}.png"))

@@ -145,11 +145,12 @@ def _relay(report, last_step: list) -> Callable[[dict], None]:
     return relay
 
 
-def generation_task(session, job, token, parent=None) -> Task:
+def generation_task(session, job, token, parent=None, queue_tag: str = "") -> Task:
     """A Task that prepares and executes ``job`` and relays its messages to the window. With a session process
-    (``engine.child``) the job runs there; else here, in this worker thread."""
+    (``engine.child``) the job runs there; else here, in this worker thread. ``queue_tag``: the job is the
+    queue's (its output name and history row say so)."""
     if session.process is not None:
-        return _child_generation_task(session, job, token, parent)
+        return _child_generation_task(session, job, token, parent, queue_tag)
     from engine import messages
     from engine.generators import Context
     from engine.runner import execute, prepare
@@ -174,20 +175,25 @@ def generation_task(session, job, token, parent=None) -> Task:
 
         context = Context(cancel=token, cache=session.cache)
         token.raise_if_cancelled()
-        record = execute(prep, context, on_event, out_dir=session.settings.outputs, history=session.history)
+        if queue_tag:
+            from engine.jobworker import run_prepared
+
+            record = run_prepared(prep, queue_tag, context, on_event, session.history, session.settings.outputs)
+        else:
+            record = execute(prep, context, on_event, out_dir=session.settings.outputs, history=session.history)
         qimage = pil_to_qimage(record.result.image) if record.result.image is not None else None
         return Finished(record, qimage)
 
     return Task(run, parent, name=f"generate-{job.generator}", buffered=True)
 
 
-def _child_generation_task(session, job, token, parent=None) -> Task:
+def _child_generation_task(session, job, token, parent=None, queue_tag: str = "") -> Task:
     from types import SimpleNamespace
 
     def run(report):
         if not session.process.alive():
             report(StatusMsg("Starting the generation process…"))
-        done = session.process.run(job, token, _relay(report, [None]))
+        done = session.process.run(job, token, _relay(report, [None]), queue_tag=queue_tag)
         record = SimpleNamespace(recipe=done["recipe"], files=done["files"], history_id=done.get("history_id"),
                                  result=SimpleNamespace(audio=None))  # the output view reads files itself
         return Finished(record, None)

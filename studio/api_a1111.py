@@ -1,0 +1,224 @@
+"""AUTOMATIC1111-compatible endpoints (/sdapi/v1/*): txt2img, img2img, interrogate, sd-models, samplers, progress.
+
+Fields the studio has no use for (hires fix, restore_faces, scripts, ...) are ignored, as A1111 clients send them
+all; the ones that map to a generator's options are validated by it (the CLI's messages).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from engine.errors import UsageError
+from studio.api_openai import _number, image_generator
+from studio.server import Unsupported, read_json, run_job
+
+SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler"}
+MAX_IMAGES = 16
+
+
+def routes() -> list:
+    from starlette.routing import Route
+
+    return [Route("/sdapi/v1/txt2img", txt2img, methods=["POST"]),
+            Route("/sdapi/v1/img2img", img2img, methods=["POST"]),
+            Route("/sdapi/v1/interrogate", interrogate, methods=["POST"]),
+            Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
+            Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
+            Route("/sdapi/v1/progress", progress, methods=["GET"]),
+            Route("/sdapi/v1/options", options, methods=["GET", "POST"])]
+
+
+def _sampler(name) -> str:
+    if not name:
+        return ""
+    key = str(name).strip().lower()
+    for ours, title in SAMPLERS.items():
+        if key in (ours, title.lower()):
+            return ours
+    raise UsageError(f"Sampler {name!r} is not available; use one of {', '.join(SAMPLERS.values())} "
+                     "(GET /sdapi/v1/samplers).")
+
+
+def _options(service, generator: str, body: dict) -> dict:
+    """The A1111 fields that the generator has options for."""
+    have = {o.name for o in service.host.generator(generator).info.options}
+    pairs = {"steps": _number(body, "steps", int), "guidance": _number(body, "cfg_scale", float),
+             "negative_prompt": body.get("negative_prompt") or None,
+             "sampler": _sampler(body.get("sampler_name") or body.get("sampler_index")) or None,
+             "width": _number(body, "width", int), "height": _number(body, "height", int),
+             "strength": _number(body, "denoising_strength", float)}
+    return {k: v for k, v in pairs.items() if v is not None and k in have}
+
+
+def _model(body: dict, service=None):
+    """The request's checkpoint (override_settings), else the one chosen with POST /sdapi/v1/options."""
+    name = (body.get("override_settings") or {}).get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
+    return _strip_hash(name) if name else None
+
+
+def _strip_hash(title: str) -> str:
+    """A1111 clients send titles such as 'shapes-diffusion [83364ea40f]'; the name is before the hash."""
+    return title.split(" [", 1)[0].strip()
+
+
+async def options(request):
+    """The one A1111 option the studio has: ``sd_model_checkpoint``, the image model txt2img uses."""
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    if request.method == "POST":
+        body = await read_json(request)
+        if "sd_model_checkpoint" in body:
+            name = _strip_hash(str(body["sd_model_checkpoint"]))
+            image_generator(service, name)  # unknown or not an image model: refused now
+            service.a1111_model = name
+    current = getattr(service, "a1111_model", None)
+    if current is None:
+        entry = service.store.default_for("image") if service.has_generator("image") else None
+        current = entry.name if entry else ""
+    return JSONResponse({"sd_model_checkpoint": current})
+
+
+async def _images(request, service, body: dict, generator: str, model, image=None):
+    from starlette.responses import JSONResponse
+
+    from engine.outputs import a1111_parameters
+    from engine.runner import Job
+
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise UsageError("prompt must be a string.")
+    count = _number(body, "batch_size", int, 1) * _number(body, "n_iter", int, 1)
+    if not 1 <= count <= MAX_IMAGES:
+        raise UsageError(f"batch_size x n_iter must be from 1 to {MAX_IMAGES}, not {count}.")
+    seed = _number(body, "seed", int, -1)
+    options = _options(service, generator, body)
+    images, seeds, infotexts = [], [], []
+    for i in range(count):
+        job = Job(generator, prompt=prompt, image=image, model=model, options=options,
+                  seed=None if seed < 0 else seed + i)
+        finished = await run_job(service, job, request)
+        recipe = finished["recipe"]
+        images.append(base64.b64encode(Path(finished["files"][0]).read_bytes()).decode("ascii"))
+        seeds.append(recipe["seed"])
+        infotexts.append(a1111_parameters(recipe))
+    info = {"prompt": prompt, "all_prompts": [prompt] * count, "seed": seeds[0], "all_seeds": seeds,
+            "sampler_name": SAMPLERS.get(recipe["options"].get("sampler", ""), ""), "steps": recipe["options"].get("steps"),
+            "cfg_scale": recipe["options"].get("guidance"), "width": recipe.get("width"),
+            "height": recipe.get("height"), "sd_model_name": (recipe.get("model") or {}).get("name"),
+            "infotexts": infotexts, "history_ids": [recipe.get("history_id")]}
+    return JSONResponse({"images": images, "parameters": body, "info": json.dumps(info)})
+
+
+async def txt2img(request):
+    service = request.app.state.service
+    body = await read_json(request)
+    generator, model = image_generator(service, _model(body, service))
+    return await _images(request, service, body, generator, model)
+
+
+async def img2img(request):
+    service = request.app.state.service
+    body = await read_json(request)
+    makers = [g.info.id for g, _ in service.host.generators.values()
+              if g.info.makes == "image" and "image" in g.info.takes and "text" in g.info.takes]
+    if not makers:
+        raise Unsupported("img2img needs an image-to-image generator (such as Stable Diffusion); none is installed.")
+    inits = body.get("init_images")
+    if not isinstance(inits, list) or not inits:
+        raise UsageError("init_images must be a list holding one base64 image.")
+    generator = makers[0]
+    model = _model(body, service)
+    if model:
+        generator, model = image_generator(service, model)
+    return await _images(request, service, body, generator, model, image=str(save_input(inits[0])))
+
+
+async def interrogate(request):
+    from starlette.responses import JSONResponse
+
+    from engine.runner import Job
+
+    service = request.app.state.service
+    body = await read_json(request)
+    if not service.has_generator("caption"):
+        raise Unsupported("Interrogate needs the caption generator, which is not installed.")
+    if not body.get("image"):
+        raise UsageError("image must be a base64-encoded image.")
+    finished = await run_job(service, Job("caption", image=str(save_input(body["image"]))), request)
+    return JSONResponse({"caption": finished["recipe"].get("text", "")})
+
+
+def save_input(data) -> Path:
+    """A base64 image (with or without a data: prefix) checked by Pillow and kept under the state folder by
+    content hash (so the recipe replays)."""
+    from PIL import Image
+
+    from engine import state
+    from engine.outputs import atomic_write_bytes
+
+    if not isinstance(data, str):
+        raise UsageError("An image must be a base64 string.")
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        raw = base64.b64decode(data, validate=False)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.verify()
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"The image could not be read ({type(exc).__name__}: {exc}).") from None
+    path = state.home() / "inputs" / (hashlib.sha256(raw).hexdigest() + ".png")
+    if not path.exists():
+        with Image.open(io.BytesIO(raw)) as im:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+async def sd_models(request):
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    makers = {g.info.id for g, _ in service.host.generators.values() if g.info.makes == "image"}
+    return JSONResponse([{"title": f"{e.name} [{e.hash[:10]}]", "model_name": e.name, "hash": e.hash[:10],
+                          "sha256": e.hash, "filename": str(e.path), "config": None}
+                         for e in service.store.list() if e.generator in makers])
+
+
+async def samplers(request):
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    choices = ()
+    if service.has_generator("image"):
+        for o in service.host.generator("image").info.options:
+            if o.name == "sampler":
+                choices = tuple(o.choices or ())
+    return JSONResponse([{"name": SAMPLERS.get(c, c), "aliases": [c], "options": {}} for c in choices or SAMPLERS])
+
+
+async def progress(request):
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    job = service.worker.current
+    queued = len(service.queue.list(states=("queued",)))
+    if job is None:
+        return JSONResponse({"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": "",
+                             "state": {"job": "", "job_count": queued, "sampling_step": 0, "sampling_steps": 0,
+                                       "interrupted": False, "skipped": False}})
+    now = service.queue.get(job.id)
+    import time
+
+    frac = now.progress
+    elapsed = time.time() - (now.started or time.time())
+    eta = elapsed / frac - elapsed if frac > 0 else 0.0
+    return JSONResponse({"progress": round(frac, 4), "eta_relative": round(eta, 2), "current_image": None,
+                         "textinfo": now.message,
+                         "state": {"job": f"job {now.id}", "job_count": queued + 1, "sampling_step": now.step,
+                                   "sampling_steps": now.total, "interrupted": now.cancel, "skipped": False}})

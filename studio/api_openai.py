@@ -1,0 +1,229 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions, /v1/images/generations."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from pathlib import Path
+
+from engine.errors import UsageError
+from studio.server import ClientGone, NotFound, Unsupported, read_json, run_job
+
+TEXT_GENERATORS = ("text", "chat")
+UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "logit_bias", "tools", "functions")  # refused when set
+
+
+def routes() -> list:
+    from starlette.routing import Route
+
+    return [Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/images/generations", images, methods=["POST"])]
+
+
+async def models(request):
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    data = [{"id": e.name, "object": "model", "created": 0, "owned_by": "studio", "generator": e.generator}
+            for e in service.store.list()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _number(body: dict, key: str, kind: type, default=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and float(value) != int(value)):
+        raise UsageError(f"{key} must be a {'whole number' if kind is int else 'number'}, not {value!r}.")
+    return kind(value)
+
+
+def _stop(value) -> str:
+    """OpenAI's ``stop`` (a string or up to 4) as the text generator's ``stop`` option (``|``-separated)."""
+    if value is None:
+        return ""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items) or len(items) > 4:
+        raise UsageError("stop must be a string or a list of at most 4 strings.")
+    esc = [s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n").replace("\t", "\\t") for s in items if s]
+    return "|".join(esc)
+
+
+def _text_options(body: dict, default_max: int) -> dict:
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False, 0, "", [], {}):
+            raise UsageError(f"{key} is not supported by this server; leave it out.")
+    if _number(body, "best_of", int, 1) != 1:
+        raise UsageError("best_of must be 1 here.")
+    opts = {"max_new_tokens": _number(body, "max_tokens", int, default_max),
+            "temperature": _number(body, "temperature", float, 1.0),
+            "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop"))}
+    if body.get("max_completion_tokens") is not None:
+        opts["max_new_tokens"] = _number(body, "max_completion_tokens", int)
+    if opts["temperature"] == 0:
+        opts["temperature"] = 0.0
+    n = _number(body, "n", int, 1)
+    if n != 1:
+        raise UsageError(f"n must be 1 here (one completion per request), not {n}.")
+    return opts
+
+
+def _finish_reason(recipe: dict) -> str:
+    return {"eos": "stop", "stop": "stop"}.get((recipe.get("info") or {}).get("stopped_by"), "length")
+
+
+def _usage(recipe: dict) -> dict:
+    info = recipe.get("info") or {}
+    p, c = int(info.get("prompt_tokens") or 0), int(info.get("new_tokens") or len(recipe.get("token_ids") or []))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+async def completions(request):
+    from engine.runner import Job
+
+    service = request.app.state.service
+    body = await read_json(request)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise UsageError("prompt must be one string (or a list holding one) here.")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise UsageError("prompt must be a string.")
+    model = service.check_model(body.get("model"), ("text",))
+    job = Job("text", prompt=prompt, model=model, seed=_number(body, "seed", int),
+              options=_text_options(body, 16))
+    return await _respond(request, service, job, body, "text_completion", chat=False)
+
+
+async def chat_completions(request):
+    from engine.runner import Job
+
+    service = request.app.state.service
+    body = await read_json(request)
+    if not service.has_generator("chat"):
+        raise Unsupported("Chat completions need the studio's chat generator, which is not installed in this "
+                          "version; use /v1/completions.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UsageError("messages must be a non-empty list of {role, content} objects.")
+    model = service.check_model(body.get("model"), TEXT_GENERATORS)
+    job = Job("chat", model=model, seed=_number(body, "seed", int), options=_text_options(body, 256),
+              **{"messages": [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                              for m in messages]})
+    return await _respond(request, service, job, body, "chat.completion", chat=True)
+
+
+async def _respond(request, service, job, body: dict, kind: str, chat: bool):
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created, model_name = int(time.time()), body.get("model") or job.generator
+
+    def chunk(piece=None, finish=None, role=False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [choice]}
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    if not body.get("stream"):
+        finished = await run_job(service, job, request)
+        r = finished["recipe"]
+        choice = ({"index": 0, "message": {"role": "assistant", "content": r.get("text", "")},
+                   "finish_reason": _finish_reason(r), "logprobs": None} if chat else
+                  {"text": r.get("text", ""), "index": 0, "logprobs": None, "finish_reason": _finish_reason(r)})
+        return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
+                             "choices": [choice], "usage": _usage(r), "system_fingerprint": r.get("history_id")})
+
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(service.validate, job)  # a bad request is a 400 before the stream starts
+
+    async def events():
+        import asyncio
+
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def on_message(msg):
+            if msg.get("type") == "text":
+                await out.put(_sse(chunk(msg["text"])))
+
+        if chat:
+            yield _sse(chunk(role=True))
+        task = asyncio.ensure_future(run_job(service, job, request, on_message))
+        try:
+            while not (task.done() and out.empty()):
+                try:
+                    yield await asyncio.wait_for(out.get(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+            try:
+                finished = task.result()
+            except ClientGone:
+                return
+            except Exception as exc:  # noqa: BLE001 - the stream has begun: the error is an event
+                yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+                return
+            final = chunk(finish=_finish_reason(finished["recipe"]))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                final["usage"] = _usage(finished["recipe"])
+            yield _sse(final)
+            yield _sse("[DONE]")
+        finally:
+            if not task.done():
+                task.cancel()  # the client went away: run_job cancels the queue job
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def images(request):
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    body = await read_json(request)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("prompt must be a non-empty string.")
+    if body.get("response_format", "b64_json") != "b64_json":
+        raise UsageError("Only response_format b64_json is served (this server keeps no public URLs).")
+    n = _number(body, "n", int, 1)
+    if not 1 <= n <= 8:
+        raise UsageError(f"n must be from 1 to 8, not {n}.")
+    generator, model = image_generator(service, body.get("model"))
+    seed = _number(body, "seed", int)
+    data = []
+    from engine.runner import Job
+
+    for i in range(n):
+        job = Job(generator, prompt=prompt, model=model, seed=None if seed is None else seed + i)
+        finished = await run_job(service, job, request)
+        png = Path(finished["files"][0]).read_bytes()
+        data.append({"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": prompt})
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def image_generator(service, model_name) -> tuple:
+    """(generator id, model) for an image request: the model's own generator, else the ``image`` generator."""
+    if model_name:
+        for entry in service.store.list():
+            if entry.name == model_name:
+                if service.host.generator(entry.generator).info.makes != "image":
+                    raise UsageError(f"Model {model_name} makes {service.host.generator(entry.generator).info.makes}, "
+                                     "not images.")
+                return entry.generator, model_name
+        if not service.has_generator(model_name):
+            raise NotFound(f"The model {model_name!r} does not exist here (GET /v1/models lists them).")
+        return model_name, None
+    if not service.has_generator("image"):
+        raise Unsupported("No image generator is installed.")
+    return "image", None

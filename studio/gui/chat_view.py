@@ -1,0 +1,361 @@
+"""The conversation view of the ``chat`` generator: a system prompt, the turns as blocks (copy, edit and continue
+from any turn, regenerate the last answer), the streamed answer, the message box and a context meter.
+
+The view holds the conversation as plain ``engine.chat.Message`` values; the main window turns it into a Job and
+streams the answer back with ``begin_answer`` / ``append_text`` / ``finish_answer`` / ``abort_answer``. The meter
+counts tokens with the model's own template and tokenizer (jinja2 and ``tokenizers``, no torch).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QProgressBar,
+                               QPushButton, QScrollArea, QVBoxLayout, QWidget)
+
+from engine import chat
+from engine.errors import StudioError, UsageError
+
+log = logging.getLogger(__name__)
+
+ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
+ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
+               "assistant": "background: #f1f3f4; border-radius: 8px;"}
+
+
+class TurnBlock(QFrame):
+    """One turn: who, the text, and Copy / Edit (Edit turns into "Continue from here" while editing)."""
+
+    copy_clicked = Signal(object)
+    continue_clicked = Signal(object)
+
+    def __init__(self, message: chat.Message, parent=None):
+        super().__init__(parent)
+        self.role = message.role
+        self.setStyleSheet(ROLE_STYLES.get(message.role, ""))
+        self.setObjectName(f"turn_{message.role}")
+        self.who = QLabel(f"<b>{ROLE_TITLES[message.role]}</b>")
+        self.text = QLabel(message.content)
+        self.text.setWordWrap(True)
+        self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.editor = QPlainTextEdit(message.content)
+        self.editor.setVisible(False)
+        self.editor.setMaximumHeight(120)
+        self.copy_button = QPushButton("Copy")
+        self.edit_button = QPushButton("Edit")
+        self.edit_button.setToolTip("Change this turn; the turns after it are left out when you continue")
+        top = QHBoxLayout()
+        top.addWidget(self.who, 1)
+        top.addWidget(self.copy_button)
+        top.addWidget(self.edit_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 4, 8, 6)
+        lay.addLayout(top)
+        lay.addWidget(self.text)
+        lay.addWidget(self.editor)
+        self.copy_button.clicked.connect(lambda: self.copy_clicked.emit(self))
+        self.edit_button.clicked.connect(self.on_edit)
+
+    @property
+    def content(self) -> str:
+        return self.text.text()
+
+    def set_content(self, text: str) -> None:
+        self.text.setText(text)
+        self.editor.setPlainText(text)
+
+    @property
+    def editing(self) -> bool:
+        return self.editor.isVisible()
+
+    def on_edit(self) -> None:
+        if not self.editing:
+            self.editor.setPlainText(self.content)
+            self.editor.setVisible(True)
+            self.text.setVisible(False)
+            self.edit_button.setText("Continue from here")
+            return
+        self.continue_clicked.emit(self)
+
+    def end_edit(self) -> None:
+        self.set_content(self.editor.toPlainText())
+        self.editor.setVisible(False)
+        self.text.setVisible(True)
+        self.edit_button.setText("Edit")
+
+
+class ChatView(QWidget):
+    """Signals: ``send_requested`` (generate the next answer), ``regenerate_requested``, ``changed`` (the
+    conversation or the message box changed: the meter is recounted)."""
+
+    send_requested = Signal()
+    regenerate_requested = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.template: Optional[chat.ChatTemplate] = None
+        self.tokenizer = None
+        self.context = 0
+        self.max_new_tokens = 200
+        self.turns: list = []  # TurnBlock
+        self.answer: Optional[TurnBlock] = None  # the block being streamed
+        self.pending_user: Optional[str] = None  # the message box's text while its answer is written
+
+        self.note = QLabel()
+        self.note.setObjectName("chat_note")
+        self.note.setWordWrap(True)
+        self.note.setStyleSheet("color: #8a5300;")
+        self.note.setVisible(False)
+        self.system = QPlainTextEdit()
+        self.system.setObjectName("system_prompt")
+        self.system.setPlaceholderText("System prompt (optional): who the model is, how it answers")
+        self.system.setMaximumHeight(60)
+        self.turn_area = QWidget()
+        self.turn_layout = QVBoxLayout(self.turn_area)
+        self.turn_layout.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(self.turn_area)
+        self.input = QPlainTextEdit()
+        self.input.setObjectName("chat_input")
+        self.input.setPlaceholderText("Write a message… (Ctrl+Return sends)")
+        self.input.setMaximumHeight(90)
+        self.send_button = QPushButton("Send")
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setToolTip("Write the last answer again")
+        self.new_button = QPushButton("New conversation")
+        self.meter = QProgressBar()
+        self.meter.setObjectName("context_meter")
+        self.meter.setTextVisible(True)
+        self.meter_label = QLabel()
+        self.meter_label.setObjectName("meter_label")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.send_button, 1)
+        buttons.addWidget(self.regenerate_button)
+        buttons.addWidget(self.new_button)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.note)
+        lay.addWidget(self.system)
+        lay.addWidget(self.scroll, 1)
+        lay.addWidget(self.input)
+        lay.addLayout(buttons)
+        lay.addWidget(self.meter)
+        lay.addWidget(self.meter_label)
+
+        self.recount_timer = QTimer(self)
+        self.recount_timer.setSingleShot(True)
+        self.recount_timer.setInterval(120)
+        self.recount_timer.timeout.connect(self.update_meter)
+        self.input.textChanged.connect(self.recount_timer.start)
+        self.system.textChanged.connect(self.recount_timer.start)
+        self.send_button.clicked.connect(self.send_requested)
+        self.regenerate_button.clicked.connect(self.regenerate_requested)
+        self.new_button.clicked.connect(self.clear)
+        self.update_meter()
+
+    # ----- the model -------------------------------------------------------------------------
+    def set_model(self, entry, max_new_tokens: int) -> None:
+        """Load the template and tokenizer of a model store entry (None: no model) for the meter."""
+        from engine.tokenizer import load_tokenizer
+
+        self.template, self.tokenizer, self.context = None, None, 0
+        self.max_new_tokens = max_new_tokens
+        note = ""
+        if entry is not None:
+            try:
+                self.template = chat.load_template(entry.path, entry.name)
+                self.tokenizer = load_tokenizer(entry.path)
+                self.context = chat.context_length(entry.config)
+                if self.template.fallback:
+                    note = chat.FALLBACK_NOTE
+            except StudioError as exc:
+                self.template = None
+                note = str(exc)
+        self.note.setText(note)
+        self.note.setVisible(bool(note))
+        self.update_meter()
+
+    def set_max_new_tokens(self, n: int) -> None:
+        self.max_new_tokens = n
+        self.update_meter()
+
+    # ----- the conversation ------------------------------------------------------------------
+    def messages(self) -> list:
+        """The conversation so far: the system prompt (when written) and every turn."""
+        out = [chat.Message("system", self.system.toPlainText())] if self.system.toPlainText().strip() else []
+        return out + [chat.Message(t.role, t.content) for t in self.turns if t is not self.answer]
+
+    def next_messages(self) -> list:
+        """The conversation to answer now: the turns plus the message box as a user turn (when written)."""
+        msgs = self.messages()
+        text = self.input.toPlainText()
+        if text.strip():
+            msgs.append(chat.Message("user", text))
+        if not msgs or msgs[-1].role != "user":
+            raise UsageError("Write a message first; the model answers the last user message.")
+        return msgs
+
+    def fit(self, messages=None) -> Optional[chat.Fit]:
+        if self.template is None or self.tokenizer is None:
+            return None
+        msgs = self.next_messages() if messages is None else messages
+        return chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens)
+
+    def to_send(self) -> list:
+        """The conversation to answer now; when it would not fit the context, the user sees which oldest turns
+        would be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking."""
+        messages = self.next_messages()
+        fit = self.fit(messages)
+        if fit is None or fit.fits:
+            return messages
+        kept, dropped = chat.drop_oldest(self.template, self.tokenizer, messages, fit.context, self.max_new_tokens)
+        if not self.ask_drop(fit, dropped):
+            raise UsageError(fit.describe() + " Nothing was sent; shorten the conversation or drop turns.")
+        self.drop(dropped)
+        return list(kept)
+
+    def ask_drop(self, fit: chat.Fit, dropped) -> bool:
+        """Ask whether to leave out the oldest turns (listed) or stop."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "The conversation is too long",
+                          fit.describe() + f"\n\nTo fit, the {len(dropped)} oldest messages would be left out "
+                          "(listed under Show Details).", parent=self)
+        box.setDetailedText("\n\n".join(f"{m.role}: {m.content}" for m in dropped))
+        drop = box.addButton(f"Drop {len(dropped)} oldest", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Stop", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        return box.clickedButton() is drop
+
+    def show_recipe(self, recipe: dict) -> None:
+        """A chat recipe from history: its conversation and its answer, ready to continue."""
+        messages = chat.parse_messages(recipe.get("messages") or [], need_user_last=False)
+        answer = [chat.Message("assistant", recipe["text"])] if recipe.get("text") is not None else []
+        self.set_conversation(list(messages) + answer)
+
+    def drop(self, dropped) -> None:
+        """Leave out turns (the oldest, after the user agreed): each dropped message removes its block."""
+        for m in dropped:
+            block = next((t for t in self.turns if t.role == m.role and t.content == m.content), None)
+            if block is not None:
+                self._remove(block)
+        self.update_meter()
+
+    def _add(self, message: chat.Message) -> TurnBlock:
+        block = TurnBlock(message)
+        block.copy_clicked.connect(self.copy_turn)
+        block.continue_clicked.connect(self.continue_from)
+        self.turn_layout.insertWidget(self.turn_layout.count() - 1, block)
+        self.turns.append(block)
+        bar = self.scroll.verticalScrollBar()
+        QTimer.singleShot(0, lambda: bar.setValue(bar.maximum()))
+        return block
+
+    def _remove(self, block: TurnBlock) -> None:
+        self.turns.remove(block)
+        self.turn_layout.removeWidget(block)
+        block.deleteLater()
+
+    def set_conversation(self, messages) -> None:
+        """Show a conversation (from history): a system message goes to the system prompt field."""
+        self.clear()
+        for m in messages:
+            if m.role == "system" and not self.turns:
+                self.system.setPlainText(m.content)
+            else:
+                self._add(m)
+        self.update_meter()
+
+    def clear(self) -> None:
+        for block in list(self.turns):
+            self._remove(block)
+        self.answer = None
+        self.system.clear()
+        self.update_meter()
+
+    def copy_turn(self, block: TurnBlock) -> None:
+        QApplication.clipboard().setText(block.content)
+
+    def continue_from(self, block: TurnBlock) -> None:
+        """An edited turn is kept; the turns after it are left out; after a user turn the model answers."""
+        if self.answer is not None:
+            return
+        block.end_edit()
+        for later in self.turns[self.turns.index(block) + 1:]:
+            self._remove(later)
+        self.update_meter()
+        if block.role == "user":
+            self.send_requested.emit()
+
+    # ----- an answer -------------------------------------------------------------------------
+    def begin_answer(self) -> None:
+        """The message box becomes a user turn (when written) and an empty model turn starts streaming."""
+        text = self.input.toPlainText()
+        self.pending_user = None
+        if text.strip():
+            self._add(chat.Message("user", text))
+            self.pending_user = text
+            self.input.clear()
+        self.answer = self._add(chat.Message("assistant", ""))
+        self.set_busy(True)
+
+    def append_text(self, text: str) -> None:
+        if self.answer is not None:
+            self.answer.set_content(self.answer.content + text)
+
+    def finish_answer(self, text: str) -> None:
+        if self.answer is not None:
+            self.answer.set_content(text)
+        self.answer, self.pending_user = None, None
+        self.set_busy(False)
+        self.update_meter()
+
+    def abort_answer(self) -> None:
+        """A failed or cancelled answer: its block goes, the message goes back into the box (nothing is lost)."""
+        if self.answer is not None:
+            self._remove(self.answer)
+        if self.pending_user is not None and self.turns and self.turns[-1].content == self.pending_user:
+            self._remove(self.turns[-1])
+            self.input.setPlainText(self.pending_user)
+        self.answer, self.pending_user = None, None
+        self.set_busy(False)
+        self.update_meter()
+
+    def drop_last_answer(self) -> None:
+        if not self.turns or self.turns[-1].role != "assistant":
+            raise UsageError("There is no answer to regenerate yet.")
+        self._remove(self.turns[-1])
+
+    def set_busy(self, busy: bool) -> None:
+        for w in (self.send_button, self.regenerate_button, self.new_button):
+            w.setEnabled(not busy)
+        for t in self.turns:
+            t.edit_button.setEnabled(not busy)
+
+    # ----- the meter -------------------------------------------------------------------------
+    def update_meter(self) -> None:
+        if self.template is None or self.tokenizer is None or not self.context:
+            self.meter.setRange(0, 1)
+            self.meter.setValue(0)
+            self.meter.setFormat("context: no model")
+            self.meter_label.setText("")
+            return
+        msgs = self.messages()
+        if self.input.toPlainText().strip():
+            msgs.append(chat.Message("user", self.input.toPlainText()))
+        try:
+            fit = chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens) if msgs \
+                else chat.Fit(0, self.context, chat.budget(self.context, self.max_new_tokens))
+        except StudioError as exc:
+            self.meter_label.setText(str(exc))
+            return
+        self.meter.setRange(0, self.context)
+        self.meter.setValue(min(fit.tokens, self.context))
+        self.meter.setFormat(f"{fit.tokens} / {self.context} tokens")
+        if fit.fits:
+            self.meter_label.setText(f"{fit.budget - fit.tokens} tokens left before the answer's room "
+                                     f"({self.context - fit.budget} kept for it)")
+            self.meter_label.setStyleSheet("")
+        else:
+            self.meter_label.setText(f"Over by {fit.tokens - fit.budget} tokens: the oldest turns would have to be "
+                                     "left out (you will be asked first).")
+            self.meter_label.setStyleSheet("color: #b00020;")

@@ -1,0 +1,296 @@
+"""`studio serve`: a local HTTP API (Starlette on uvicorn) that existing clients speak, over the studio's queue.
+
+OpenAI-compatible ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events when
+``stream``), ``/v1/images/generations``; AUTOMATIC1111-compatible ``/sdapi/v1/*``; the studio's own ``/api/jobs`` and
+``/api/history``. Every generation is a queue job (engine/jobqueue.py) recorded in the same history as the GUI's.
+Bound to 127.0.0.1 by default; any other interface needs a bearer token. Plugin install and model import have no
+route here. The endpoint code is in studio/api_openai.py and studio/api_a1111.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import threading
+from typing import Optional
+
+from engine.errors import ModelError, StudioError, UsageError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 32 << 20  # bytes; an image as base64 fits, a 100 MB upload does not
+LOOPBACK = ("localhost",)
+
+
+class NotFound(UsageError):
+    """An unknown model or job (HTTP 404)."""
+
+
+class Unsupported(StudioError):
+    """The endpoint needs a generator that is not installed (HTTP 501)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Service:
+    """What the endpoints share: the plugins, the models, the queue and the server's own queue worker."""
+
+    def __init__(self, ray_address: Optional[str] = None):
+        from engine.jobqueue import JobQueue
+        from engine.jobworker import InProcessExecutor, QueueWorker, recover
+        from engine.plugins import PluginHost
+        from engine.store import ModelStore
+
+        self.host = PluginHost().load()
+        self.store = ModelStore(self.host)
+        self.queue = JobQueue()
+        recover(self.queue)
+        self._lock = threading.Lock()
+        self._waiting: dict = {}  # job id -> (loop, asyncio.Queue)
+        executor = InProcessExecutor(self.host, self.store)
+        if ray_address:
+            from engine import state
+            from engine.history import History
+            from engine.raypool import RayExecutor, RayPool
+
+            executor = RayExecutor(RayPool(ray_address, store=self.store), self.queue, self.host, self.store,
+                                   History(), lambda: state.load_settings().outputs)
+        self.worker = QueueWorker(self.queue, executor, pin="api",
+                                  on_message=self._on_message).start()
+
+    def close(self) -> None:
+        self.worker.stop()
+
+    def _on_message(self, job_id: int, msg: dict) -> None:
+        with self._lock:
+            target = self._waiting.get(job_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, msg)
+
+    # ----- jobs ---------------------------------------------------------------------------------
+    def validate(self, job) -> None:
+        from engine.runner import prepare
+
+        prepare(self.host, self.store, job)
+
+    def submit(self, job, loop) -> tuple:
+        """Validate and queue a job for the server's own worker; returns (job id, its message queue)."""
+        self.validate(job)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # the worker's first message waits for the registration
+            job_id = self.queue.submit(job, source="api", pin="api")
+            self._waiting[job_id] = (loop, q)
+        self.worker.wake()
+        return job_id, q
+
+    def forget(self, job_id: int) -> None:
+        with self._lock:
+            self._waiting.pop(job_id, None)
+
+    def model_names(self, generator: Optional[str] = None) -> list:
+        return [e.name for e in self.store.list() if generator is None or e.generator == generator]
+
+    def check_model(self, name: Optional[str], generators: tuple) -> Optional[str]:
+        """A model name a client sent: None/empty means the default; an unknown one is a 404."""
+        if not name:
+            return None
+        for entry in self.store.list():
+            if entry.name == name and entry.generator in generators:
+                return name
+        if name in generators:  # the generator's id stands for its default model
+            return None
+        known = [n for g in generators for n in self.model_names(g)]
+        raise NotFound(f"The model {name!r} does not exist here; use one of {', '.join(known) or '(none installed)'} "
+                       "(GET /v1/models lists them).")
+
+    def has_generator(self, generator_id: str) -> bool:
+        return generator_id in self.host.generators
+
+
+async def run_job(service: Service, job, request=None, on_message=None) -> dict:
+    """Queue ``job`` and wait for it; returns the ``finished`` message. A client that goes away cancels it."""
+    from starlette.concurrency import run_in_threadpool
+
+    loop = asyncio.get_running_loop()
+    job_id, q = await run_in_threadpool(service.submit, job, loop)
+    try:
+        while True:
+            try:
+                msg = await asyncio.wait_for(q.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ClientGone() from None
+                continue
+            kind = msg.get("type")
+            if kind == "finished":
+                return msg
+            if kind == "failed":
+                from engine.messages import raise_failure
+
+                raise_failure(msg, "The generation failed.")
+            if kind == "cancelled":
+                from engine.errors import CancelledError
+
+                raise CancelledError("The job was cancelled.")
+            if on_message is not None:
+                await on_message(msg)
+    except BaseException:
+        _cancel_quietly(service, job_id)
+        raise
+    finally:
+        service.forget(job_id)
+
+
+def _cancel_quietly(service: Service, job_id: int) -> None:
+    try:
+        if service.queue.get(job_id).state in ("queued", "running"):
+            service.queue.cancel(job_id)
+    except StudioError:
+        pass
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its job ran (the job is cancelled)."""
+
+
+# ----- errors, auth, limits ------------------------------------------------------------------------
+def error_response(message: str, status: int, kind: str = "invalid_request_error", code: Optional[str] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code},
+                         "detail": message}, status_code=status)
+
+
+def status_of(exc: BaseException) -> tuple:
+    from engine.errors import CancelledError
+
+    if isinstance(exc, NotFound):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(exc, Unsupported):
+        return 501, "not_implemented", None
+    if isinstance(exc, CancelledError):
+        return 499, "cancelled", None
+    if isinstance(exc, (UsageError, ModelError)):
+        return 400, "invalid_request_error", None
+    return 500, "server_error", None
+
+
+async def read_json(request) -> dict:
+    body = await request.body()
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise UsageError("The request body must be a JSON object.")
+    return data
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: the bearer token (when one is set) and the body size limit, before any endpoint runs."""
+
+    def __init__(self, app, token: Optional[str], max_body: int):
+        self.app, self.token, self.max_body = app, token, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.token:
+            given = headers.get("authorization", "")
+            ok = given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), self.token.encode())
+            if not ok:
+                msg = ("A bearer token is required: send 'Authorization: Bearer <token>' with the token the server "
+                       "was started with." if not given else "The bearer token is wrong.")
+                return await error_response(msg, 401, "authentication_error", "invalid_api_key")(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._too_large(scope, receive, send)
+        seen = [0]
+
+        async def counted():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        msg = f"The request body is larger than the server's limit of {self.max_body >> 20} MB."
+        await error_response(msg, 413, code="body_too_large")(scope, receive, send)
+
+
+def create_app(token: Optional[str] = None, max_body: int = MAX_BODY, service: Optional[Service] = None):
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+
+    from studio import api_a1111, api_jobs, api_openai
+
+    holder: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.service = service or Service()
+        holder["service"] = app.state.service
+        try:
+            yield
+        finally:
+            app.state.service.close()
+
+    async def studio_error(request, exc):
+        status, kind, code = status_of(exc)
+        return error_response(str(exc), status, kind, code)
+
+    async def http_error(request, exc):
+        detail = exc.detail if isinstance(exc.detail, str) else "Not found."
+        if exc.status_code == 404:
+            detail = f"There is no endpoint {request.method} {request.url.path} on this server."
+        return error_response(detail, exc.status_code)
+
+    async def unexpected(request, exc):
+        log.exception("request failed")
+        return error_response(f"The server failed: {type(exc).__name__}: {exc}", 500, "server_error")
+
+    routes = api_openai.routes() + api_a1111.routes() + api_jobs.routes()
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={StudioError: studio_error, HTTPException: http_error, Exception: unexpected})
+    return Guard(app, token, max_body)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    token = args.token or os.environ.get("STUDIO_API_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise UsageError(f"Listening on {args.host} (not this machine only) needs a bearer token: pass --token or "
+                         "set STUDIO_API_TOKEN.")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"The port must be from 1 to 65535, not {args.port}.")
+    service = Service(args.ray) if args.ray else None  # joins the cluster now: a bad address is one line
+    print(f"studio serve: listening on http://{args.host}:{args.port} "
+          f"({'token required' if token else 'no token: this machine only'})", flush=True)
+    uvicorn.run(create_app(token, service=service), host=args.host, port=args.port, log_level="warning")
+    return 0

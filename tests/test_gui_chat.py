@@ -1,0 +1,139 @@
+"""Chat in the window with the built-in model: three turns, regenerate, edit turn 1 and continue, reopen from
+history; the context meter and the overflow warning at the edge (one token under, one over)."""
+from gui_helpers import wait_idle
+from engine import chat
+
+
+def _window(qtbot):
+    from studio.gui.main_window import MainWindow
+
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    w.select_generator("chat")
+    w.panel.form.set_values({"max_new_tokens": 24})
+    w.panel.seed.setText("5")
+    return w
+
+
+def _send(qtbot, w, text):
+    w.chat.input.setPlainText(text)
+    w.chat.send_button.click()
+    assert w.is_busy()
+    wait_idle(qtbot, w, timeout=60000)
+    assert not w.banner.isVisible()
+
+
+def _roles(w):
+    return [t.role for t in w.chat.turns]
+
+
+def test_three_turns_regenerate_edit_and_reopen(qtbot):
+    w = _window(qtbot)
+    assert w.tabs.currentWidget() is w.chat and w.chat.template is not None and not w.chat.note.isVisible()
+    w.chat.system.setPlainText("A street in Verona.")
+    for line in ("Who goes there?", "Speak, I pray thee.", "What news from Mantua?"):
+        _send(qtbot, w, line)
+    assert _roles(w) == ["user", "assistant"] * 3
+    answers = [t.content for t in w.chat.turns if t.role == "assistant"]
+    assert all(answers) and w.chat.input.toPlainText() == ""
+    assert w.output.recipe["generator"] == "chat"
+    assert w.output.recipe["messages"][0] == {"role": "system", "content": "A street in Verona."}
+    assert w.output.recipe["info"]["reused_tokens"] > 0  # earlier turns came from the cache
+
+    w.panel.seed.setText("6")  # regenerate the last answer with another seed
+    w.chat.regenerate_button.click()
+    wait_idle(qtbot, w, timeout=60000)
+    assert _roles(w) == ["user", "assistant"] * 3
+    assert w.output.recipe["messages"][-1]["content"] == "What news from Mantua?"
+
+    first = w.chat.turns[0]  # edit turn 1 and continue from there
+    first.edit_button.click()
+    assert first.editing
+    first.editor.setPlainText("Good morrow, cousin.")
+    first.edit_button.click()  # "Continue from here"
+    wait_idle(qtbot, w, timeout=60000)
+    assert _roles(w) == ["user", "assistant"]
+    assert w.chat.turns[0].content == "Good morrow, cousin."
+    assert [m["content"] for m in w.output.recipe["messages"]] == ["A street in Verona.", "Good morrow, cousin."]
+    _send(qtbot, w, "And what of Romeo?")
+    final = [(m.role, m.content) for m in w.chat.messages()]
+    assert len(final) == 5
+
+    w.chat.clear()  # reopen the conversation from history
+    w.history.refresh()
+    entry = w.session.history.list(limit=1)[0]
+    w.open_entry(entry)
+    assert [(m.role, m.content) for m in w.chat.messages()] == final
+    w.chat.turns[1].copy_button.click()
+    from PySide6.QtWidgets import QApplication
+    assert QApplication.clipboard().text() == final[2][1]
+
+
+def test_meter_and_overflow_warning_at_the_edge(qtbot, monkeypatch):
+    w = _window(qtbot)
+    w.panel.form.set_values({"max_new_tokens": 8})
+    qtbot.waitUntil(lambda: w.chat.max_new_tokens == 8)
+    w.chat.set_conversation([chat.Message("user", "Good morrow, sweet lord. " * 8),
+                             chat.Message("assistant", "Fair cousin, " * 8)])
+    budget = chat.budget(w.chat.context, 8)
+    # find a message whose conversation is exactly one token under the budget, then one over
+    words, fits_at = "", {}
+    for i in range(400):
+        words += "ay "
+        w.chat.input.setPlainText(words)
+        n = w.chat.fit().tokens
+        fits_at.setdefault(n, words)
+        if n > budget:
+            break
+    under, over = fits_at.get(budget - 1), fits_at.get(budget + 1)
+    assert under and over, sorted(fits_at)
+
+    w.chat.input.setPlainText(under)  # the meter follows typing
+    qtbot.waitUntil(lambda: w.chat.meter.value() == budget - 1)
+    assert "1 tokens left" in w.chat.meter_label.text()
+    w.chat.input.setPlainText(over)
+    qtbot.waitUntil(lambda: w.chat.meter.value() == budget + 1)
+    assert "Over by 1" in w.chat.meter_label.text()
+
+    asked = []
+    monkeypatch.setattr(w.chat, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or False)
+    w.chat.send_button.click()  # over by one: asked first, "Stop" sends nothing and keeps everything
+    assert len(asked) == 1 and not w.is_busy()
+    assert [m.role for m in asked[0][1]] == ["user", "assistant"]
+    assert len(w.chat.turns) == 2 and w.chat.input.toPlainText() == over
+    assert w.banner.isVisible()
+
+    w.chat.input.setPlainText(under)  # one under: no question
+    w.chat.send_button.click()
+    assert len(asked) == 1 and w.is_busy()
+    wait_idle(qtbot, w, timeout=60000)
+    assert len(w.chat.turns) == 4
+
+    monkeypatch.setattr(w.chat, "ask_drop", lambda fit, dropped: asked.append((fit, dropped)) or True)
+    w.chat.input.setPlainText("Speak again.")  # over now: the oldest turns are dropped, shown and asked about
+    w.chat.send_button.click()
+    assert len(asked) == 2
+    wait_idle(qtbot, w, timeout=60000)
+    sent = w.output.recipe["messages"]
+    assert sent[-1]["content"] == "Speak again." and len(sent) < 5
+    assert all(m["content"] != "Good morrow, sweet lord. " * 8 for m in sent)
+    assert w.chat.fit(w.chat.messages()[:-1]).fits
+
+
+def test_model_without_template_says_so_in_the_window(qtbot, studio_home):
+    import shutil
+
+    from engine.store import BUILTIN_DIR
+
+    folder = studio_home / "models" / "plain-llama"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    (folder / "tokenizer_config.json").unlink()
+    w = _window(qtbot)
+    assert not w.chat.note.isVisible()
+    w.panel.model.setCurrentIndex(w.panel.model.findData("plain-llama"))
+    assert w.chat.template.fallback and w.chat.note.isVisible() and "no chat template" in w.chat.note.text()
+    w.chat.input.setPlainText("Hello")
+    w.chat.update_meter()
+    assert w.chat.meter.value() > 0

@@ -1,0 +1,246 @@
+"""The persistent job queue: ordering, pause, cancel, retry, grids, and surviving a SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.errors import UsageError
+from engine.history import History
+from engine.jobqueue import JobQueue, TaggedHistory
+from engine.jobworker import InProcessExecutor, QueueWorker, recover
+from engine.plugins import PluginHost
+from engine.runner import Job
+from engine.store import ModelStore
+from tests.plugin_samples import GOOD, PIXELS, drop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SLOW = '''
+import time
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Option, Progress, Result
+
+INFO = GeneratorInfo(id="slow", title="Slow", description="Takes its time.", takes=("text",), makes="text",
+                     options=(Option("steps", "int", 20, "Steps", min=1, max=1000),))
+
+def generate(request, context):
+    n = request.options["steps"]
+    for i in range(n):
+        time.sleep(0.05)
+        context.cancel.raise_if_cancelled()
+        yield Progress(i + 1, n)
+    yield Result(text=f"{request.prompt} after {n} steps")
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+
+def _worker(queue, **kw):
+    host = PluginHost().load()
+    return QueueWorker(queue, InProcessExecutor(host, ModelStore(host)), **kw)
+
+
+def test_order_move_front_pause_cancel_retry(studio_home):
+    q = JobQueue()
+    ids = [q.submit(Job("upper", prompt=p)) for p in ("a", "b", "c", "d")]
+    assert [j.id for j in q.list()] == ids
+    q.move(ids[3], 1)
+    q.to_front(ids[2])
+    assert [j.id for j in q.list()] == [ids[2], ids[0], ids[3], ids[1]]
+    assert q.cancel(ids[1]) == "cancelled"
+    with pytest.raises(UsageError, match="already finished"):
+        q.cancel(ids[1])
+    with pytest.raises(UsageError, match="not waiting"):
+        q.move(ids[1], 0)
+    q.set_paused(True)
+    assert q.claim() is None
+    q.set_paused(False)
+    assert q.claim().id == ids[2]
+    q.retry(ids[1])
+    assert [j.id for j in q.list(states=("queued",))] == [ids[0], ids[3], ids[1]]
+    with pytest.raises(UsageError, match="no job 999"):
+        q.get(999)
+    # the queue is a file: another JobQueue (another process) sees the same
+    assert [j.id for j in JobQueue().list(states=("queued",))] == [ids[0], ids[3], ids[1]]
+
+
+def test_worker_runs_records_and_fails_cleanly(studio_home):
+    drop(studio_home, "good", GOOD)
+    q = JobQueue()
+    ok = q.submit(Job("upper", prompt="hi", options={"repeat": 2}))
+    bad = q.submit(Job("upper", prompt="hi", options={"repeat": 9}))
+    unknown = q.submit(Job("nope", prompt="hi"))
+    w = _worker(q)
+    assert w.run(until_empty=True) == 3
+    done = q.get(ok)
+    assert done.state == "done" and done.result["text"] == "HI HI"
+    assert History().get(done.history_id).recipe["queue_job"] == q.tag(ok)
+    assert q.get(bad).state == "failed" and "repeat" in q.get(bad).error
+    assert q.get(unknown).state == "failed" and q.get(unknown).error_type == "UsageError"
+    q.retry(bad)
+    assert q.get(bad).state == "queued"
+
+
+def test_cancel_running_job_from_another_handle(studio_home):
+    drop(studio_home, "slow", SLOW)
+    q = JobQueue()
+    a = q.submit(Job("slow", prompt="x", options={"steps": 200}))
+    b = q.submit(Job("slow", prompt="y", options={"steps": 1}))
+    w = _worker(q).start()
+    try:
+        deadline = time.monotonic() + 20
+        while q.get(a).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert JobQueue().cancel(a) == "cancelling"
+        while q.get(b).state != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert q.get(a).state == "cancelled"
+    assert q.get(b).state == "done"  # the queue went on
+    assert len(History().list()) == 1
+
+
+def test_grid_makes_every_cell_and_a_contact_sheet(studio_home):
+    from PIL import Image
+
+    drop(studio_home, "pixels", PIXELS)
+    q = JobQueue()
+    grid, ids = q.submit_grid(Job("pixels", prompt="p"), ["one", "two"], [1, 2, 3], {"size": [4, 8]})
+    assert len(ids) == 12
+    _worker(q).run(until_empty=True)
+    jobs = q.grid_jobs(grid)
+    assert all(j.state == "done" for j in jobs)
+    recipes = {(j.job["prompt"], j.job["seed"], j.job["options"]["size"]) for j in jobs}
+    assert len(recipes) == 12
+    sheet = q.grid(grid)["sheet"]
+    with Image.open(sheet) as im:
+        assert im.width == 2 * 160  # columns: the two sizes
+    with pytest.raises(UsageError, match="at most two"):
+        q.submit_grid(Job("pixels", prompt="p"), [], [], {"a": [1], "b": [2], "c": [3]})
+
+
+def test_recover_does_not_record_twice(studio_home):
+    """A job whose history row was written just before the process died is marked done, not run again."""
+    drop(studio_home, "good", GOOD)
+    q = JobQueue()
+    jid = q.submit(Job("upper", prompt="hi"))
+    claimed = q.claim()
+    with q._tx() as conn:  # as if claimed by a process that has since died
+        conn.execute("UPDATE jobs SET owner = 'nohost:1' WHERE id = ?", (jid,))
+    TaggedHistory(History(), q.tag(jid)).add({"generator": "upper", "prompt": "hi", "seed": 1}, [])
+    assert recover(q) == []
+    assert q.get(jid).state == "done" and q.get(jid).history_id is not None
+    assert claimed.id == jid and _worker(q).run(until_empty=True) == 0
+    assert len(History().list()) == 1
+
+
+def test_sigkill_with_three_queued_and_one_running(studio_home):
+    drop(studio_home, "slow", SLOW)
+    q = JobQueue()
+    ids = [q.submit(Job("slow", prompt=f"job{i}", seed=i, options={"steps": 30})) for i in range(4)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "studio.cli", "queue", "run"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            first = q.get(ids[0])
+            if first.state == "running" and first.step >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the worker never started the first job: " + proc.stderr.read1().decode())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [q.get(i).state for i in ids] == ["running", "queued", "queued", "queued"]
+    assert History().list() == []
+    partial = studio_home / "outputs" / f"queue-{q.token}-{ids[0]}-slow.txt"
+    partial.parent.mkdir(exist_ok=True)
+    partial.write_text("half")  # what a dying process could leave behind
+    assert recover(q) == [ids[0]]  # what the next studio does first
+    assert not partial.exists() and q.get(ids[0]).state == "queued"
+    out = subprocess.run(cmd + ["--until-empty"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [q.get(i).state for i in ids] == ["done"] * 4
+    assert q.get(ids[0]).attempts == 2
+    rows = History().list()
+    assert sorted(r.recipe["queue_job"] for r in rows) == sorted(q.tag(i) for i in ids)  # each exactly once
+    assert partial.read_text() == "job0 after 30 steps"
+
+
+def test_cli_batch_names_bad_lines_and_runs_the_others(studio_home, tmp_path, capsys):
+    from studio.cli import main
+
+    drop(studio_home, "good", GOOD)
+    jobfile = tmp_path / "jobs.jsonl"
+    jobfile.write_text('{"generator": "upper", "prompt": "one"}\n'
+                       '{not json\n'
+                       '\n'
+                       '{"generator": "upper", "prompt": "two", "options": {"repeat": 99}}\n'
+                       '{"generator": "upper", "prompt": "three", "colour": "red"}\n'
+                       '{"generator": "upper", "prompt": "four", "options": {"repeat": 2}}\n')
+    assert main(["batch", str(jobfile), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert len([line for line in err.splitlines() if " line " in line]) == 3  # one line per bad line
+    assert "line 2:" in err and "line 4:" in err and "repeat" in err and "line 5:" in err and "colour" in err
+    texts = [json.loads(line)["text"] for line in out.splitlines()]
+    assert texts == ["ONE", "FOUR FOUR"]
+    assert sorted(e.prompt for e in History().list()) == ["four", "one"]
+
+
+def test_cli_queue_caption_folder_and_controls(studio_home, tmp_path, capsys):
+    from PIL import Image
+
+    from studio.cli import main
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["queue", "add", "caption", "--folder", str(folder), "--set", "max_new_tokens=6"]) == 0
+    assert "queued job(s) 1, 2, 3" in capsys.readouterr().out
+    assert main(["queue", "pause"]) == 0 and main(["queue", "cancel", "2"]) == 0
+    assert main(["queue", "run", "--until-empty"]) == 0
+    assert JobQueue().get(1).state == "queued"  # paused: nothing ran
+    assert main(["queue", "resume"]) == 0 and main(["queue", "run", "--until-empty"]) == 0
+    assert [JobQueue().get(i).state for i in (1, 2, 3)] == ["done", "cancelled", "done"]
+    assert main(["queue", "cancel", "1"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    assert main(["queue", "add", "caption", "--folder", str(tmp_path / "nope")]) == 2
+
+
+def test_export_and_finetune_jobs(studio_home, monkeypatch):
+    import engine.onnx_export
+
+    calls = []
+
+    def fake_export(host, entry, quantize=None, force=False, log=None):
+        calls.append((entry.name, quantize))
+        log("exporting")
+        return {"folder": "/tmp/x"}
+
+    monkeypatch.setattr(engine.onnx_export, "export_model", fake_export)
+    q = JobQueue()
+    e = q.submit({"model": "shakespeare-llama", "quantize": "int8"}, kind="export")
+    f = q.submit({"kind": "nope", "args": []}, kind="finetune")
+    g = q.submit(Job("text", prompt="KING:", options={"max_new_tokens": 1}))
+    with pytest.raises(UsageError, match="needs a model"):
+        q.submit({}, kind="export")
+    assert q.claim(kinds=("generate",)).id == g  # what the window takes: generations only
+    q.release(g)
+    _worker(q).run(until_empty=True)
+    assert calls == [("shakespeare-llama", "int8")] and q.get(e).state == "done"
+    assert q.get(e).label == "export shakespeare-llama (int8)"
+    assert q.get(f).state == "failed" and "Unknown fine-tuning kind" in q.get(f).error
+    assert q.get(g).state == "done"

@@ -1,0 +1,237 @@
+"""`studio serve` driven by real, unmodified clients (openai, webuiapi) and by bad requests."""
+import base64
+import io
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, token=None, max_body=None):
+        import uvicorn
+
+        from studio.server import MAX_BODY, create_app
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(token, max_body=max_body or MAX_BODY)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def service(self):
+        return self.app.app.state.service
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("serve-home")
+    old = os.environ.get("STUDIO_HOME")
+    os.environ["STUDIO_HOME"] = str(home)
+    try:
+        with Server() as s:
+            yield s
+    finally:
+        if old is None:
+            os.environ.pop("STUDIO_HOME", None)
+        else:
+            os.environ["STUDIO_HOME"] = old
+
+
+@pytest.fixture
+def studio_home():  # the module's server has its own state folder; the autouse one would hide it
+    return None
+
+
+def test_openai_client_completions_streamed_and_not(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    models = [m.id for m in client.models.list()]
+    assert "shakespeare-llama" in models
+    done = client.completions.create(model="shakespeare-llama", prompt="ROMEO:", max_tokens=8, temperature=0, seed=1)
+    text = done.choices[0].text
+    assert text and done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="shakespeare-llama", prompt="ROMEO:", max_tokens=8, temperature=0, seed=1, stream=True)]
+    assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
+    stopped = client.completions.create(model="shakespeare-llama", prompt="ROMEO:", max_tokens=40, temperature=0,
+                                        seed=1, stop=[text.strip()[:3]])
+    assert stopped.choices[0].finish_reason == "stop" and text.strip()[:3] not in stopped.choices[0].text
+    # the same request through the CLI's path gives the same text: one generation path
+    from engine.history import History
+
+    rows = History().list(limit=50)
+    assert any(r.recipe.get("queue_job") and r.recipe.get("text") == text for r in rows)
+
+
+def test_openai_client_chat(server):
+    import openai
+
+    if not server.service.has_generator("chat"):
+        pytest.skip("the chat generator (issue #16) is not on this branch yet")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Speak, ROMEO."}]
+    done = client.chat.completions.create(model="shakespeare-llama", messages=messages, max_tokens=6, temperature=0)
+    text = done.choices[0].message.content
+    assert text and done.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(model="shakespeare-llama", messages=messages, max_tokens=6,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_chat_without_generator_is_a_clear_501(server):
+    if server.service.has_generator("chat"):
+        pytest.skip("the chat generator is installed")
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 501 and "chat generator" in r.json()["error"]["message"]
+
+
+def test_openai_client_image(server):
+    import openai
+    from PIL import Image
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    out = client.images.generate(prompt="a large red circle in the center on a blue background", n=1,
+                                 response_format="b64_json", extra_body={"seed": 3})
+    with Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))) as im:
+        assert im.size == (32, 32)
+
+
+def test_webuiapi_txt2img_and_interrogate(server):
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", steps=4)
+    assert any(m.startswith("shapes-diffusion") for m in api.util_get_model_names())
+    result = api.txt2img(prompt="a small green square in the top left on a white background", seed=5,
+                         cfg_scale=1.5, steps=4, sampler_name="DDIM")
+    assert result.image.size == (32, 32)
+    assert result.info["seed"] == 5 and result.info["sampler_name"] == "DDIM"
+    again = api.txt2img(prompt="a small green square in the top left on a white background", seed=5,
+                        cfg_scale=1.5, steps=4, sampler_name="DDIM")
+    assert again.image.tobytes() == result.image.tobytes()
+    caption = api.interrogate(result.image)
+    assert isinstance(caption.info, str) and caption.info.strip()
+    title = next(m for m in api.util_get_model_names() if m.startswith("shapes-diffusion"))
+    api.util_set_model(title)  # POST /sdapi/v1/options, as A1111 clients switch checkpoints
+    assert api.get_options()["sd_model_checkpoint"] == "shapes-diffusion"
+    samplers = {s["name"] for s in api.get_samplers()}
+    assert {"DDIM", "Euler"} <= samplers
+    assert "progress" in api.get_progress()
+
+
+def test_bad_requests(server):
+    url = server.url
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "logprobs": 5})
+    assert r.status_code == 400 and "logprobs is not supported" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json=["not", "an", "object"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0})
+    assert r.status_code == 400 and "steps" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler a"})
+    assert r.status_code == 400 and "Euler a" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/interrogate", json={"image": "bm90IGFuIGltYWdl"})
+    assert r.status_code == 400 and "could not be read" in r.json()["detail"]
+    r = httpx.post(url + "/v1/completions", content=b"x" * (100 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    img2img = [g.info.id for g, _ in server.service.host.generators.values()
+               if g.info.makes == "image" and {"image", "text"} <= set(g.info.takes)]
+    if not img2img:  # until Stable Diffusion (#14) lands: a clear 501, not a crash
+        r = httpx.post(url + "/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["AAAA"]})
+        assert r.status_code == 501 and "image-to-image" in r.json()["detail"]
+    for path in ("/api/plugins/install", "/api/models/import", "/sdapi/v1/extensions"):
+        assert httpx.post(url + path, json={}).status_code == 404
+    r = httpx.post(url + "/api/jobs", json={"generator": "text", "prompt": "x", "options": {"top_k": -1}})
+    assert r.status_code == 400 and "top_k" in r.json()["detail"]
+
+
+def test_client_disconnect_cancels_job_and_queue_goes_on(server):
+    queue = server.service.queue
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"prompt": "ROMEO:", "max_tokens": 2000, "stream": True, "seed": 1}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        latest = queue.list(states=("running", "cancelled", "done"))
+        mine = [j for j in latest if j.job.get("options", {}).get("max_new_tokens") == 2000]
+        if mine and mine[0].state == "cancelled":
+            break
+        time.sleep(0.1)
+    assert mine and mine[0].state == "cancelled"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 3})
+    assert r.status_code == 200
+
+
+def test_jobs_and_history_endpoints(server):
+    r = httpx.post(server.url + "/api/queue/pause")
+    assert r.json() == {"paused": True}
+    r = httpx.post(server.url + "/api/jobs", json={"generator": "text", "prompt": "KING:",
+                                                    "options": {"max_new_tokens": 2}})
+    assert r.status_code == 201
+    jid = r.json()["id"]
+    listed = httpx.get(server.url + "/api/jobs").json()
+    assert listed["paused"] and jid in [j["id"] for j in listed["jobs"]]
+    httpx.post(server.url + "/api/queue/resume")
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + f"/api/jobs/{jid}").json()["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    hid = httpx.get(server.url + f"/api/jobs/{jid}").json()["history_id"]
+    entry = httpx.get(server.url + f"/api/history/{hid}").json()
+    assert entry["prompt"] == "KING:" and entry["recipe"]["queue_job"].endswith(f":{jid}")
+    assert httpx.get(server.url + "/api/history/999999").status_code == 400
+
+
+def test_token_required_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    with Server(token="s3cret") as s:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong").models.list()
+        assert openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret").models.list().data
+
+
+def test_refuses_other_interface_without_token(tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    monkeypatch.delenv("STUDIO_API_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "7999"]) == 2
+    assert "needs a bearer token" in capsys.readouterr().err
