@@ -188,7 +188,8 @@ class ModelStore:
         if arch is None:
             kind = config.get("model_type", "not given")
             known = ", ".join(sorted(self.host.architectures)) or "none"
-            raise ModelError(f"{folder.name} is of an unknown model family (model_type {kind}); known families: {known}.")
+            raise ModelError(f"{folder.name} is of an unknown model family {kind!r} (config.json model_type); "
+                             f"supported: {known}.")
         if arch.needs_tokenizer and not (folder / "tokenizer.json").exists():
             raise ModelError(f"{folder.name} has no tokenizer.json, which a {arch.family} model needs.")
         if arch.check is not None and files:
