@@ -120,3 +120,27 @@ def test_unsupported_rope_type_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="longrope"):
         check_folder(folder, "llama")
+
+
+@pytest.mark.parametrize("case", ["qwen3", "mistral", "gemma2", "gemma3_text"])
+def test_export_form_computes_the_same(case, tmp_path):
+    """The form the ONNX exporter traces (LlamaForCausalLM.fuse_for_export: fused projections, additive masks,
+    stacked query groups) gives the same logits as the torch form, past the sliding window."""
+    import copy
+
+    from plugins.text.models import load_model
+
+    folder = tmp_path / case
+    save_tiny(case, folder)
+    ours = load_model(folder, case, "cpu", torch.float32)
+    fused = copy.deepcopy(ours).fuse_for_export()
+    ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, pa = ours(ids)
+        b, pb = fused(ids)
+        assert (a - b).abs().max() < 1e-4
+        for _ in range(12):
+            x = a[:, -1:].argmax(-1)
+            a, pa = ours(x, pa)
+            b, pb = fused(x, pb)
+            assert (a - b).abs().max() < 1e-4

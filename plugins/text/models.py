@@ -7,12 +7,15 @@ model; ``load_tokenizer(folder)`` the ``tokenizers.Tokenizer``. Problems raise `
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from engine.errors import ModelError
 from engine.tokenizer import load_tokenizer  # noqa: F401  (a model folder's tokenizer.json)
 
 from plugins.text.families import BY_MODEL_TYPE, BY_NAME
+
+log = logging.getLogger(__name__)
 
 
 def read_config(folder) -> dict:
@@ -150,6 +153,19 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
     from engine.nn.cache import no_cudnn_attention_on_cuda
     no_cudnn_attention_on_cuda(device)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def end_token_ids(folder, cfg: dict) -> list:
+    """The tokens that end generation: generation_config.json's eos_token_id when it gives one (it wins for
+    generation settings, with a log note when it differs from config.json's), else config.json's."""
+    from engine.store import read_generation_config
+
+    gen = token_ids(read_generation_config(folder), "eos_token_id")
+    base = token_ids(cfg, "eos_token_id")
+    if gen and base and set(gen) != set(base):
+        log.info("%s: generation_config.json ends generation at tokens %s, config.json says %s; using the "
+                 "generation config's.", Path(folder).name, gen, base)
+    return gen or base
 
 
 def token_ids(cfg: dict, key: str) -> list:
