@@ -235,6 +235,8 @@ class ModelStore:
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
         source = Path(source).expanduser()
+        if source.suffix.lower() == ".gguf" and source.is_file():
+            return self._import_gguf(source, name)
         name = name or source.name
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
@@ -265,6 +267,29 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self.get(name)
+
+    def _import_gguf(self, source: Path, name: Optional[str]) -> ModelEntry:
+        """A GGUF file: converted into a model folder (engine/gguf.py), which is then imported as any folder."""
+        from engine.gguf import gguf_to_folder
+
+        name = name or source.stem
+        if not NAME_RE.match(name):
+            raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64); "
+                             "pass --name.")
+        state.ensure_dir(self.user_dir)
+        work = Path(tempfile.mkdtemp(prefix=".gguf.", dir=self.user_dir))
+        try:
+            folder = work / name
+            folder.mkdir()
+            gguf_to_folder(source, folder)
+            entry = self.import_(folder, name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        studio_path = entry.path / "studio.json"
+        studio = read_json(studio_path, "")
+        studio["imported_from"] = str(source.resolve())
+        studio_path.write_text(json.dumps(studio, indent=2))
         return self.get(name)
 
     def remove(self, name: str) -> None:
