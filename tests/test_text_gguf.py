@@ -5,6 +5,8 @@ way llama.cpp's convert script does (the gguf package's writer; Llama's q/k rows
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +177,29 @@ def test_unsupported_architecture_and_quantization_are_named(bpe, tmp_path):
             store.import_(path)
     finally:
         ours.QUANT_TYPES = old
+
+
+VOCAB_DIRS = [p for p in (Path(__file__).parent / "data" / "ggml-vocab", Path(os.environ.get("STUDIO_GGML_VOCAB_DIR", "")))
+              if str(p) not in ("", ".")]
+
+
+def _vocab_file(name):
+    for d in VOCAB_DIRS:
+        if (d / f"ggml-vocab-{name}.gguf").is_file():
+            return d / f"ggml-vocab-{name}.gguf"
+    pytest.skip(f"ggml-vocab-{name}.gguf is not here (see tests/data/ggml-vocab/README.md)")
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "qwen2", "llama-bpe"])
+def test_llama_cpp_vocabularies_give_llama_cpp_ids(name):
+    """Real GGUF vocabularies: the rebuilt tokenizer.json gives llama.cpp's own expected ids for its test texts."""
+    from engine.gguf import _fields, read_gguf, tokenizer_from_metadata
+
+    path = _vocab_file(name)
+    tok = tokenizer_from_metadata(_fields(read_gguf(path)), path)
+    texts = path.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    wants = path.with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
+    pairs = list(zip(texts, wants))
+    assert len(pairs) > 40
+    for text, want in pairs:
+        assert tok.encode(text, add_special_tokens=False).ids == [int(x) for x in want.split()], text
