@@ -136,9 +136,11 @@ def tokenizer_from_metadata(meta: dict, path: Path):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_bpe(meta)
     if kind != "gpt2":
         raise ModelError(f"{path.name} has a {kind!r} tokenizer; the GGUF import rebuilds byte-level BPE (gpt2) "
-                         "tokenizers only so far.")
+                         "and SentencePiece BPE (llama) tokenizers only so far.")
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=
@@ -153,6 +155,37 @@ def tokenizer_from_metadata(meta: dict, path: Path):
     tok.decoder = decoders.ByteLevel()
     types = list(meta.get("tokenizer.ggml.token_type") or [])
     special = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty in (3, 4)]
+    if special:
+        tok.add_special_tokens(special)
+    return tok
+
+
+def _sentencepiece_bpe(meta: dict):
+    """SentencePiece BPE (tokenizer.ggml.model llama: Llama 2, Mistral, Phi-3): merges ranked by the merged
+    piece's score, byte fallback, spaces as U+2581 with one in front (as transformers' LlamaConverter builds it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, t in enumerate(tokens):
+        if types[i] != 1:
+            continue
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in vocab and b in vocab:
+                merges.append((-scores[i], vocab[a], vocab[b], a, b))
+    merges.sort()
+    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=tokens[unk], fuse_unk=True,
+                               byte_fallback=True))
+    prefix = [normalizers.Prepend("\u2581")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+    tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty in (2, 3, 4)]
     if special:
         tok.add_special_tokens(special)
     return tok

@@ -190,7 +190,7 @@ def _vocab_file(name):
     pytest.skip(f"ggml-vocab-{name}.gguf is not here (see tests/data/ggml-vocab/README.md)")
 
 
-@pytest.mark.parametrize("name", ["gpt-2", "qwen2", "llama-bpe"])
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3", "gpt-2", "qwen2", "llama-bpe"])
 def test_llama_cpp_vocabularies_give_llama_cpp_ids(name):
     """Real GGUF vocabularies: the rebuilt tokenizer.json gives llama.cpp's own expected ids for its test texts."""
     from engine.gguf import _fields, read_gguf, tokenizer_from_metadata
