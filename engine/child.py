@@ -78,7 +78,7 @@ def serve() -> int:
             if msg.get("cancel"):
                 current[0].cancel()
                 continue
-            if "job" in msg or "export" in msg:
+            if "job" in msg or "export" in msg or "caption_folder" in msg:
                 current[0] = CancelToken()
             jobs.put((msg, current[0]))
         jobs.put((None, None))  # the parent closed the pipe: finish
@@ -100,6 +100,9 @@ def serve() -> int:
             continue
         if "export" in msg:
             _export(host, store, msg["export"], send)
+            continue
+        if "caption_folder" in msg:
+            _caption_folder(host, store, history, cache, msg["caption_folder"], token, send)
             continue
         try:
             prep = prepare(host, store, Job(**msg["job"]))
@@ -154,6 +157,30 @@ def _export(host, store, request: dict, send) -> None:
         manifest = export_model(host, store.get(request["model"]), quantize=request.get("quantize"),
                                 force=bool(request.get("force")), log=lambda m: send(type="log", text=str(m)))
         send(type="exported", manifest=json.loads(json.dumps(manifest, default=str)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        send(**messages.failure(exc))
+
+
+def _caption_folder(host, store, history, cache, request: dict, token, send) -> None:
+    """``studio caption-folder`` in the child: a ``folder_item`` message per image, then ``captioned``."""
+    try:
+        from engine.caption_folder import caption_folder, plan_folder
+        from engine.generators import Context
+        from engine.runner import Job
+
+        plan = plan_folder(request["folder"], request.get("ext", ".txt"), bool(request.get("overwrite")),
+                           bool(request.get("recursive")))
+        send(type="log", text=f"{len(plan.todo)} image(s) to caption, {len(plan.kept)} caption file(s) kept")
+
+        def on_item(item, done, total) -> None:
+            send(type="folder_item", image=str(item.image), caption=item.caption,
+                 path=str(item.path) if item.path else "", note=item.note, history_id=item.history_id,
+                 done=done, total=total)
+
+        report = caption_folder(host, store, Job(**request["job"]), plan, int(request.get("batch_size", 8)),
+                                Context(cancel=token, cache=cache), on_item, history)
+        send(type="captioned", written=len(report.written), skipped=len(report.skipped), kept=report.kept,
+             cancelled=report.cancelled, seconds=round(report.seconds, 3))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         send(**messages.failure(exc))
 
@@ -230,6 +257,12 @@ class GenerationProcess:
         """Export ``model`` to ONNX in the child; returns the manifest (``log`` messages go to ``report``)."""
         return self._request({"export": {"model": model, "quantize": quantize, "force": force}}, report)["manifest"]
 
+    def caption_folder(self, request: dict, token, report: Callable[[dict], None]) -> dict:
+        """Caption a folder in the child (engine.caption_folder): ``folder_item`` messages go to ``report``; returns
+        the ``captioned`` summary. ``request``: folder, job (a Job as a dict), ext, overwrite, recursive,
+        batch_size."""
+        return self._request({"caption_folder": request}, report, token)
+
     def probe(self) -> dict:
         """``probe_libraries()`` as the child sees it (the libraries and device generations use)."""
         return self._request({"probe": True}, lambda m: None)["info"]
@@ -261,7 +294,7 @@ class GenerationProcess:
             except queue.Empty:
                 continue
             kind = msg.get("type")
-            if kind in ("finished", "exported", "probed"):
+            if kind in ("finished", "exported", "probed", "captioned"):
                 return msg
             if kind == "failed":
                 messages.raise_failure(msg, "The generation failed.")

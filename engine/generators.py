@@ -231,10 +231,16 @@ Event = Union[Progress, Partial, Result]
 GenerateFn = Callable[[Request, Context], Iterator[Event]]
 
 
+BatchFn = Callable[[list, Context], list]
+
+
 @dataclass(frozen=True)
 class Generator:
     info: GeneratorInfo
     generate: GenerateFn
+    # Optional: ``batch(requests, context) -> list`` runs requests that differ only in their input (same model,
+    # options, backend) in one pass, e.g. a folder of images; one Result or StudioError per request, in order.
+    batch: Optional[BatchFn] = None
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,19 @@ def load_image(source: Source, max_pixels: int = MAX_PIXELS):
     return _to_rgb(image)
 
 
+def check_still(path) -> None:
+    """UsageError when the file at ``path`` is an animated image (a caption of its first frame would mislead)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    except (OSError, SyntaxError, ValueError):
+        return  # not readable: load_image says why
+    if frames > 1:
+        raise UsageError(f"Image {path} is animated ({frames} frames); caption a still image.")
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text.startswith("the ") else f"Image {text}"
 
@@ -95,12 +108,32 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def to_pixel_values(image, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                    resample: int = 2, rescale: float = 1 / 255) -> np.ndarray:
-    """RGB PIL image -> float32 array (1, 3, size, size): resized (PIL filters are anti-aliased), rescaled, normalised."""
+def to_pixel_values(image, size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                    resample: int = 2, rescale: float | None = 1 / 255, crop=None,
+                    shortest_edge: int | None = None) -> np.ndarray:
+    """RGB PIL image -> float32 array (1, 3, H, W), in the order and arithmetic of transformers' image processors:
+    resize (to ``size`` = S or (H, W), or the short side to ``shortest_edge`` keeping the aspect ratio; PIL filters
+    on uint8, anti-aliased), center-crop to ``crop`` (H, W) when given, rescale in float64 then float32, normalise.
+    ``mean``/``std`` None: no normalisation; ``rescale`` None: no rescaling."""
     image = _to_rgb(image)
-    if image.size != (size, size):
-        image = image.resize((size, size), resample=resample)
-    x = np.asarray(image, dtype=np.float32) * rescale  # (H, W, 3)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    if shortest_edge:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(shortest_edge * long / short)
+        target = (shortest_edge, new_long) if w <= h else (new_long, shortest_edge)  # (W, H)
+    else:
+        hh, ww = (size, size) if isinstance(size, int) else size
+        target = (ww, hh)
+    if image.size != target:
+        image = image.resize(target, resample=resample)
+    x = np.asarray(image)  # (H, W, 3) uint8
+    if crop is not None:
+        ch, cw = crop
+        top, left = (x.shape[0] - ch) // 2, (x.shape[1] - cw) // 2
+        if top < 0 or left < 0:
+            raise UsageError(f"The image of {x.shape[1]} x {x.shape[0]} pixels is smaller than the crop of {cw} x {ch}.")
+        x = x[top:top + ch, left:left + cw]
+    x = (x.astype(np.float64) * rescale).astype(np.float32) if rescale is not None else x.astype(np.float32)
+    if mean is not None and std is not None:
+        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)

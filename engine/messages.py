@@ -15,6 +15,9 @@ preview    png (base64)                            a preview image (a Partial)
 log        text                                    a line of an export's or a check's log
 finished   recipe, files, history_id               a job is done and recorded
 exported   manifest                                an ONNX export is done
+folder_item image, caption, path, note, history_id,   one image of a folder captioned (or skipped: ``note``)
+           done, total
+captioned  written, skipped, kept, cancelled, seconds a folder captioning run is done
 probed     info                                    library versions and the device
 failed     message, details, cancelled, error      a request failed; ``error`` is the engine error's class name
 ok         index                                   the plugin check loaded its index-th plugin

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import engine
 from engine import outputs as out_mod
-from engine.errors import GenerationError, StateError, StudioError, UsageError
+from engine.errors import GenerationError, OptionError, StateError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
@@ -186,6 +186,14 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         if job.backend == "onnx" and not entry.onnx:
             raise UsageError(f"Model {entry.name} has no ONNX export; run `studio export-onnx {entry.name}` first.")
         model = entry.ref()
+        names = {o.name for o in info.options}
+        defaults = {k: v for k, v in entry.option_defaults().items() if k in names}
+        if defaults:  # the model's generation_config.json gives the defaults; what the job sets wins
+            try:
+                options = info.resolve_options({**defaults, **job.options})
+            except OptionError:  # a value outside the option's range: the generator's own default stays
+                options = info.resolve_options({**{k: v for k, v in defaults.items() if _fits(info, k, v)},
+                                                **job.options})
     elif job.model:
         raise UsageError(f"Generator {info.id} uses no model.")
     seed = job.seed if job.seed is not None else random.randrange(2**31)
@@ -201,6 +209,14 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
                       backend=backend, device=device, adapters=adapters, messages=messages, export=export)
     return Prepared(job, generator, request, host.plugin_of(info.id))
+
+
+def _fits(info, name: str, value) -> bool:
+    try:
+        info.option(name).parse(value)
+        return True
+    except OptionError:
+        return False
 
 
 def adapter_ref(spec: str) -> AdapterRef:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine import state
+from engine.tokenizer import has_tokenizer
 from engine.weights import find_weight_files, load_pickle
 from engine.errors import ModelError, UsageError
 from engine.generators import ModelRef
@@ -32,7 +33,8 @@ LINKABLE = {"config.json", "generation_config.json", "tokenizer.json", "tokenize
 BUILTIN_DIR = state.BUILTIN_MODELS
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HASHED_FILES = ("config.json", "tokenizer.json")
+HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+                "tokenizer_config.json")
 
 
 @dataclass
@@ -56,6 +58,11 @@ class ModelEntry:
 
         found = export_folders(self.path)
         return [str(p.relative_to(self.path)) if p.is_relative_to(self.path) else str(p) for p in found]
+
+    def option_defaults(self) -> dict:
+        """Generation settings of the folder's ``generation_config.json`` under the option names generators use
+        (max_new_tokens, temperature, top_k, top_p, repetition_penalty); greedy (do_sample false) is temperature 0."""
+        return generation_defaults(self.path)
 
     def ref(self) -> ModelRef:
         return ModelRef(self.name, self.path, self.family, self.hash, self.config, self.studio)
@@ -98,6 +105,30 @@ def content_hash(folder: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def read_generation_config(folder) -> dict:
+    """``generation_config.json`` as a dict; {} when absent or not a JSON object (with a log line)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        log.warning("%s is not valid JSON; the model's generation settings are ignored.", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def generation_defaults(folder) -> dict:
+    gen = read_generation_config(folder)
+    out = {k: gen[k] for k in GENERATION_KEYS if isinstance(gen.get(k), (int, float)) and not isinstance(gen[k], bool)}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -188,9 +219,11 @@ class ModelStore:
         if arch is None:
             kind = config.get("model_type", "not given")
             known = ", ".join(sorted(self.host.architectures)) or "none"
-            raise ModelError(f"{folder.name} is of an unknown model family (model_type {kind}); known families: {known}.")
-        if arch.needs_tokenizer and not (folder / "tokenizer.json").exists():
-            raise ModelError(f"{folder.name} has no tokenizer.json, which a {arch.family} model needs.")
+            raise ModelError(f"{folder.name} is of an unknown model family {kind!r} (config.json model_type); "
+                             f"supported: {known}.")
+        if arch.needs_tokenizer and not has_tokenizer(folder):
+            raise ModelError(f"{folder.name} has no tokenizer.json (nor vocab.json and merges.txt), which a "
+                             f"{arch.family} model needs.")
         if arch.check is not None and files:
             try:
                 arch.check(folder)
@@ -202,6 +235,8 @@ class ModelStore:
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
         source = Path(source).expanduser()
+        if source.suffix.lower() == ".gguf" and source.is_file():
+            return self._import_gguf(source, name)
         name = name or source.name
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
@@ -232,6 +267,29 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self.get(name)
+
+    def _import_gguf(self, source: Path, name: Optional[str]) -> ModelEntry:
+        """A GGUF file: converted into a model folder (engine/gguf.py), which is then imported as any folder."""
+        from engine.gguf import gguf_to_folder
+
+        name = name or source.stem
+        if not NAME_RE.match(name):
+            raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64); "
+                             "pass --name.")
+        state.ensure_dir(self.user_dir)
+        work = Path(tempfile.mkdtemp(prefix=".gguf.", dir=self.user_dir))
+        try:
+            folder = work / name
+            folder.mkdir()
+            gguf_to_folder(source, folder)
+            entry = self.import_(folder, name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        studio_path = entry.path / "studio.json"
+        studio = read_json(studio_path, "")
+        studio["imported_from"] = str(source.resolve())
+        studio_path.write_text(json.dumps(studio, indent=2))
         return self.get(name)
 
     def remove(self, name: str) -> None:

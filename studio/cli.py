@@ -70,6 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
 
+    g.add_argument("--prompt-from-caption", metavar="IMAGE",
+                   help="caption IMAGE (with --caption-model or the default captioner) and use it as the prompt")
+    g.add_argument("--caption-model", metavar="NAME", help="the captioner for --prompt-from-caption")
+
+    c = sub.add_parser("caption-folder", help="write a caption file beside every image of a folder "
+                                              "(kohya / AUTOMATIC1111 training convention)")
+    c.add_argument("folder")
+    c.add_argument("--model", metavar="NAME|PATH", help="the captioner (default: the caption generator's default)")
+    c.add_argument("--prefix", default="", metavar="TEXT", help="text every caption starts with (BLIP: 'a picture of')")
+    c.add_argument("--ext", default=".txt", help="caption file extension (default .txt)")
+    keep = c.add_mutually_exclusive_group()
+    keep.add_argument("--overwrite", action="store_true", help="replace existing caption files")
+    keep.add_argument("--skip-existing", action="store_true",
+                      help="keep existing caption files (the default; a stopped run resumes this way)")
+    c.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
+    c.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    c.add_argument("--backend", choices=("torch", "onnx"), default=None)
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="caption options, e.g. num_beams=3 or max_new_tokens=30")
+    c.add_argument("--json", action="store_true", help="print one JSON object per image")
+
     g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
     g.add_argument("--model", metavar="NAME|PATH")
     g.add_argument("--system", metavar="TEXT", help="a system prompt")

@@ -81,6 +81,22 @@ class _ProgressBar:
             sys.stderr.flush()
 
 
+def _prompt_from_caption(args, host, store, settings) -> str:
+    """``--prompt-from-caption IMAGE``: caption the image (recorded in history like any caption) -> the prompt."""
+    if args.prompt is not None or args.prompt_file:
+        raise UsageError("Give --prompt, --prompt-file or --prompt-from-caption, not several.")
+    if "caption" not in host.generators:
+        raise UsageError("No caption generator is installed, so --prompt-from-caption cannot describe the image.")
+    job = Job("caption", image=args.prompt_from_caption, model=args.caption_model,
+              backend=args.backend or settings.backend, device=args.device or settings.device)
+    record = execute(prepare(host, store, job), history=History())
+    text = (record.recipe.get("text") or "").strip()
+    if not text:
+        raise UsageError(f"The captioner gave an empty caption for {args.prompt_from_caption}; give --prompt.")
+    print(f"studio: prompt from caption: {text}", file=sys.stderr)
+    return text
+
+
 def _jobs(args, settings) -> list:
     options = _parse_sets(args.sets)
     backend = args.backend or settings.backend
@@ -116,6 +132,10 @@ def cmd_generate(args) -> int:
     host = _host()
     settings = state.load_settings()
     store = ModelStore(host)
+    if getattr(args, "caption_model", None) and not getattr(args, "prompt_from_caption", None):
+        raise UsageError("--caption-model goes with --prompt-from-caption.")
+    if getattr(args, "prompt_from_caption", None):
+        args.prompt = _prompt_from_caption(args, host, store, settings)
     jobs = _jobs(args, settings)
     batch = len(jobs) > 1
     out = Path(args.out).expanduser() if args.out else None
@@ -171,6 +191,63 @@ def cmd_chat(args) -> int:
     from studio.chat_cli import run_chat
 
     return run_chat(args)
+
+
+# ----- caption-folder --------------------------------------------------------------------------
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def cmd_caption_folder(args) -> int:
+    from engine.caption_folder import caption_folder, plan_folder
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be 1 or more.")
+    host = _host()
+    settings = state.load_settings()
+    store = ModelStore(host)
+    options = _parse_sets(args.sets)
+    if args.prefix:
+        options["prefix"] = args.prefix
+    plan = plan_folder(args.folder, args.ext, overwrite=args.overwrite, recursive=args.recursive)
+    job = Job("caption", model=args.model, backend=args.backend or settings.backend,
+              device=args.device or settings.device, options=options)
+    from dataclasses import replace
+
+    prepare(host, store, replace(job, image=str((plan.todo or plan.kept)[0])))  # model and options, before any work
+    if plan.kept:
+        print(f"studio: keeping {len(plan.kept)} existing caption file(s){'' if args.overwrite else ' (--overwrite replaces them)'}",
+              file=sys.stderr)
+    if not plan.todo:
+        print(f"studio: every image in {plan.folder} already has a caption; nothing to do.", file=sys.stderr)
+        return 0
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def on_item(item, done, total):
+        if item.note:
+            sys.stderr.write(("\r" + " " * 79 + "\r" if tty else "") + f"studio: skipped {item.image.name}: {item.note}\n")
+        if args.json and not item.note:
+            _print_json({"image": str(item.image), "caption": item.caption, "path": str(item.path),
+                         "history_id": item.history_id})
+        if tty:
+            elapsed = time.monotonic() - started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = (total - done) / rate if rate > 0 else 0.0
+            filled = int(30 * done / total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {rate:5.1f} img/s "
+                             f"{_clock(left)} left ")
+            sys.stderr.flush()
+
+    history = History()
+    report = caption_folder(host, store, job, plan, batch_size=args.batch_size, on_item=on_item, history=history)
+    if tty:
+        sys.stderr.write("\r" + " " * 79 + "\r")
+    rate = len(report.written) / report.seconds if report.seconds > 0 else 0.0
+    print(f"studio: wrote {len(report.written)} caption(s), skipped {len(report.skipped)}, kept {report.kept} "
+          f"in {report.seconds:.1f}s ({rate:.1f} images/s)", file=sys.stderr)
+    return 0
 
 
 # ----- models ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_registered_and_recognised():
     host = PluginHost(builtins=("plugins.caption",)).load()
     info = host.generator("caption").info
     assert info.takes == ("image",) and info.makes == "text"
-    assert {o.name for o in info.options} == {"max_new_tokens", "num_beams"}
+    assert {o.name for o in info.options} == {"max_new_tokens", "num_beams", "prefix"}
     arch = host.architecture_for({"model_type": "vision-encoder-decoder"})
     assert arch.family == "vision-encoder-decoder" and arch.generator == "caption"
 

@@ -157,7 +157,7 @@ def test_caption_export_and_pipeline_parity(tmp_path, host):
     entry = entry_for(folder, "vision-encoder-decoder", "caption")
     manifest = export_model(host, entry)
     assert manifest["parity_passed"] and manifest["parity"]["greedy_captions"]["identical"] == "8/8"
-    assert set(manifest["graphs"]) == {"encoder", "decoder"}
+    assert set(manifest["graphs"]) == {"encoder", "decoder", "encoder_model", "decoder_model", "decoder_with_past_model"}
     t = CaptionPipeline.from_folder(folder, backend="torch")
     o = CaptionPipeline.from_folder(folder, backend="onnx")
     rng = np.random.default_rng(3)

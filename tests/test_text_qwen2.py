@@ -66,18 +66,3 @@ def test_imports_generates_and_exports_through_the_gate(qwen, tmp_path):
     assert exported.returncode == 0, exported.stderr
     on_onnx = json.loads(studio(*args, "--backend", "onnx").stdout)
     assert on_onnx["token_ids"] == on_torch["token_ids"] and len(on_torch["token_ids"]) == 16
-
-
-def test_sliding_window_is_refused_by_name(qwen, tmp_path):
-    import shutil
-
-    from engine.errors import ModelError
-    from plugins.text.models import check_folder
-
-    folder = tmp_path / "sliding"
-    shutil.copytree(qwen[0], folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(use_sliding_window=True, sliding_window=16)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="sliding-window attention is not supported yet"):
-        check_folder(folder, "qwen2")

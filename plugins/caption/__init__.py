@@ -19,8 +19,10 @@ INFO = GeneratorInfo(
     options=(
         Option("max_new_tokens", "int", 20, "Longest caption, in tokens", min=1, max=256),
         Option("num_beams", "int", 1, "Beam search width (1 = greedy, streams words as they come)", min=1, max=16),
+        Option("prefix", "str", "", "Text the caption starts with, as BLIP's conditional captioning "
+                                    "('a picture of'); empty for none"),
     ),
-    families=("vision-encoder-decoder",),
+    families=("vision-encoder-decoder", "blip"),
 )
 
 
@@ -48,8 +50,9 @@ def generate(request, context):
     context.cancel.raise_if_cancelled()
     yield Progress(1, 2, "captioning")
     check = context.cancel.raise_if_cancelled
+    prefix = opts.get("prefix", "")
     if opts["num_beams"] == 1:
-        it = pipe.stream(pixels, opts["max_new_tokens"], check)
+        it = pipe.stream(pixels, opts["max_new_tokens"], check, prefix)
         while True:
             try:
                 piece = next(it)
@@ -58,28 +61,67 @@ def generate(request, context):
                 break
             yield Partial(text=piece)
     else:
-        out = pipe(pixels, opts["max_new_tokens"], opts["num_beams"], check)
+        out = pipe(pixels, opts["max_new_tokens"], opts["num_beams"], check, prefix)
     t2 = time.perf_counter()
     yield Progress(2, 2, "done")
+    yield _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": round(t2 - t1, 4)})
+
+
+def _result(out, opts, timings: dict) -> Result:
     warnings = [] if out.finished else [f"The caption was cut at max_new_tokens={opts['max_new_tokens']}."]
-    info = {"score": round(out.score, 6), "timings": {"load_s": round(t1 - t0, 4), "caption_s": round(t2 - t1, 4)}}
+    info = {"score": round(out.score, 6), "timings": timings}
     if out.beams:
         info["beams"] = [{"text": t, "score": round(s, 6)} for t, s in out.beams]
-    yield Result(text=out.text, token_ids=list(out.token_ids), warnings=warnings, info=info)
+    return Result(text=out.text, token_ids=list(out.token_ids), warnings=warnings, info=info)
+
+
+def generate_batch(requests: list, context) -> list:
+    """Caption several images with the same model and options in one pass (greedy: one batched decode; beam
+    search: one image after another). One Result, or the UsageError of an unreadable image, per request."""
+    import numpy as np
+
+    from engine.errors import StudioError
+    from engine.images import check_still
+
+    opts = requests[0].options
+    t0 = time.perf_counter()
+    pipe = _pipeline(requests[0], context)
+    t1 = time.perf_counter()
+    results, pixels, rows = [None] * len(requests), [], []
+    for i, request in enumerate(requests):
+        try:
+            check_still(request.image)
+            pixels.append(pipe.pixel_values(request.image))
+            rows.append(i)
+        except StudioError as exc:
+            results[i] = exc
+    check = context.cancel.raise_if_cancelled
+    if pixels and opts["num_beams"] == 1:
+        outs = pipe.caption_batch(np.concatenate(pixels), opts["max_new_tokens"], opts.get("prefix", ""), check)
+    else:
+        outs = [pipe(px, opts["max_new_tokens"], opts["num_beams"], check, opts.get("prefix", "")) for px in pixels]
+    each = round((time.perf_counter() - t1) / max(1, len(rows)), 4)
+    for i, out in zip(rows, outs):
+        results[i] = _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": each, "batch": len(rows)})
+    return results
 
 
 def check_folder(folder: Path) -> None:
-    """Weights and tokenizer agree with config.json; raises ModelError with a one-line reason."""
+    """Weights, tokenizer and image processor agree with config.json; raises ModelError with a one-line reason."""
     from plugins.caption.model import check_state_shapes, load_config
+    from plugins.caption.pipeline import Preprocess
     from plugins.caption.tokenizer import load_tokenizer
     from engine.weights import read_shapes
 
     folder = Path(folder)
     config = load_config(folder)
+    Preprocess.from_folder(folder, config.encoder.image_size)
     shapes = {k: v[0] for k, v in read_shapes(folder).items()}
     check_state_shapes(config, shapes, f"{folder.name}/model.safetensors")
     tok = load_tokenizer(folder)
     V = config.decoder.vocab_size
+    if getattr(tok, "get_vocab_size", None) is None:
+        return
     if tok.get_vocab_size() > V:
         raise ModelError(f"{folder.name}/tokenizer.json has {tok.get_vocab_size()} tokens but the decoder only {V}.")
     for name, value in (("decoder_start_token_id", config.decoder_start_token_id),
@@ -90,19 +132,24 @@ def check_folder(folder: Path) -> None:
 
 @hookimpl
 def register_generators(register):
-    register(Generator(INFO, generate))
+    register(Generator(INFO, generate, batch=generate_batch))
 
 
 @hookimpl
 def register_architectures(register):
     register(Architecture(family="vision-encoder-decoder", generator="caption",
                           matches=lambda cfg: cfg.get("model_type") == "vision-encoder-decoder",
-                          check=check_folder, needs_tokenizer=True, title="Vision encoder-decoder (ViT + GPT-2)"))
+                          check=check_folder, needs_tokenizer=True,
+                          title="Vision encoder-decoder (ViT or DeiT + GPT-2 or BERT)"))
+    register(Architecture(family="blip", generator="caption", matches=lambda cfg: cfg.get("model_type") == "blip",
+                          check=check_folder, needs_tokenizer=False,  # tokenizer.json or vocab.txt
+                          title="BLIP captioner"))
 
 
 @hookimpl
 def register_exporters(register):
     register("vision-encoder-decoder", lazy("plugins.caption.onnx", "export_caption"))
+    register("blip", lazy("plugins.caption.onnx", "export_caption"))
 
 
 @hookimpl

@@ -27,12 +27,18 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def greedy_tokens(runner, pixel_values, start_id: int, eos_id: int, max_new_tokens: int,
+def prompt_ids(start) -> list:
+    """The decoder's first input: a start id, or a list of ids (start token then a text prefix such as BLIP's
+    "a picture of")."""
+    return [int(start)] if np.isscalar(start) else [int(t) for t in start]
+
+
+def greedy_tokens(runner, pixel_values, start_id, eos_id: int, max_new_tokens: int,
                   check_cancel: Optional[Callable[[], None]] = None) -> Iterator[tuple]:
     """Yield ``(token id, log-probability)`` of the most likely token at each step, up to and including
-    ``eos_id``; ``check_cancel()`` runs before each step (it raises to stop)."""
+    ``eos_id``; ``check_cancel()`` runs before each step (it raises to stop). ``start_id``: an id or a prompt."""
     past = runner.start(runner.encode(pixel_values), 1)
-    ids = np.array([[start_id]], dtype=np.int64)
+    ids = np.array([prompt_ids(start_id)], dtype=np.int64)
     for _ in range(max_new_tokens):
         if check_cancel:
             check_cancel()
@@ -45,7 +51,36 @@ def greedy_tokens(runner, pixel_values, start_id: int, eos_id: int, max_new_toke
         ids = np.array([[tok]], dtype=np.int64)
 
 
-def greedy(runner, pixel_values, start_id: int, eos_id: int, max_new_tokens: int,
+def greedy_batch(runner, pixel_values, start_id, eos_id: int, max_new_tokens: int,
+                 check_cancel: Optional[Callable[[], None]] = None) -> list:
+    """Greedy captions of a batch of images (B, 3, H, W) at once, one Hypothesis each (the same tokens as
+    ``greedy`` on each image alone: every row has the same prompt length, so no padding or masks are needed;
+    a finished row keeps decoding the end token until all rows are done, and its extra steps are ignored)."""
+    B = len(pixel_values)
+    past = runner.start(runner.encode(pixel_values), B)
+    ids = np.tile(np.array([prompt_ids(start_id)], dtype=np.int64), (B, 1))
+    tokens = [[] for _ in range(B)]
+    totals = np.zeros(B)
+    live = np.ones(B, dtype=bool)
+    for _ in range(max_new_tokens):
+        if check_cancel:
+            check_cancel()
+        logits, past = runner.step(ids, past)
+        logp = log_softmax(logits)
+        best = np.argmax(logp, axis=-1)
+        for row in np.flatnonzero(live):
+            tok = int(best[row])
+            tokens[row].append(tok)
+            totals[row] += logp[row, tok]
+            live[row] = tok != eos_id
+        if not live.any():
+            break
+        ids = np.where(live, best, eos_id).astype(np.int64)[:, None]
+    return [Hypothesis(t, float(s) / max(1, len(t)), float(s), bool(t) and t[-1] == eos_id)
+            for t, s in zip(tokens, totals)]
+
+
+def greedy(runner, pixel_values, start_id, eos_id: int, max_new_tokens: int,
            check_cancel: Optional[Callable[[], None]] = None) -> Hypothesis:
     """The greedy caption as one hypothesis."""
     tokens, total = [], 0.0
@@ -56,7 +91,7 @@ def greedy(runner, pixel_values, start_id: int, eos_id: int, max_new_tokens: int
     return Hypothesis(tokens, total / max(1, len(tokens)), total, finished)
 
 
-def beam_search(runner, pixel_values, start_id: int, eos_id: int, max_new_tokens: int, num_beams: int,
+def beam_search(runner, pixel_values, start_id, eos_id: int, max_new_tokens: int, num_beams: int,
                 length_penalty: float = 1.0, check_cancel: Optional[Callable[[], None]] = None) -> list:
     """The ``num_beams`` best hypotheses, best first (score = log-probability / length ** length_penalty).
 
@@ -66,7 +101,7 @@ def beam_search(runner, pixel_values, start_id: int, eos_id: int, max_new_tokens
     """
     K = num_beams
     past = runner.start(runner.encode(pixel_values), K)
-    ids = np.full((K, 1), start_id, dtype=np.int64)
+    ids = np.tile(np.array([prompt_ids(start_id)], dtype=np.int64), (K, 1))
     seqs = [[] for _ in range(K)]
     sums = np.full(K, -np.inf)
     sums[0] = 0.0  # all beams start identical: only the first one may expand at step 0

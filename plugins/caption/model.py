@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from plugins.caption.bert import BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
 from plugins.caption.vit import ViTConfig, ViTModel, rename_legacy_keys
 from engine.errors import ModelError
 from engine.nn.cache import no_cudnn_attention_on_cuda
@@ -32,15 +33,19 @@ IGNORED_KEY_PARTS = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", 
 @dataclass
 class CaptionConfig:
     encoder: ViTConfig
-    decoder: GPT2Config
+    decoder: object  # GPT2Config or BertDecoderConfig
     decoder_start_token_id: int
     eos_token_id: int
     pad_token_id: int
     extra: dict = field(default_factory=dict)  # config.json as read
 
     @property
+    def decoder_width(self) -> int:
+        return self.decoder.n_embd if isinstance(self.decoder, GPT2Config) else self.decoder.hidden_size
+
+    @property
     def needs_projection(self) -> bool:
-        return self.encoder.hidden_size != self.decoder.n_embd
+        return self.encoder.hidden_size != self.decoder_width
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "CaptionConfig":
@@ -50,20 +55,30 @@ class CaptionConfig:
         if not isinstance(enc, dict) or not isinstance(dec, dict):
             raise ModelError("config.json of a vision-encoder-decoder model needs 'encoder' and 'decoder' sections.")
         encoder = ViTConfig.from_dict(enc)
-        if dec.get("model_type") != "gpt2":
-            raise ModelError(f"The caption decoder must be GPT-2 (model_type 'gpt2'), not {dec.get('model_type')!r}.")
+        kind = dec.get("model_type")
+        if kind not in DECODER_TYPES:
+            raise ModelError(f"The caption decoder {kind!r} is not supported; this studio runs GPT-2 and BERT "
+                             "decoders (RoBERTa, BART, TrOCR and others are not implemented).")
         if not dec.get("add_cross_attention", False):
-            raise ModelError("The GPT-2 decoder has no cross-attention (add_cross_attention is false in config.json).")
-        try:
-            decoder = GPT2Config.from_dict(dec)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"The decoder section of config.json is invalid ({exc}).") from None
-        if decoder.n_embd % decoder.n_head:
-            raise ModelError("The GPT-2 decoder's n_embd is not a multiple of n_head.")
-        cross = dec.get("cross_attention_hidden_size")
-        if cross is not None and cross != decoder.n_embd:
-            raise ModelError("The decoder's cross_attention_hidden_size differs from its n_embd, which GPT-2 "
-                             "cannot use; remove it so an enc_to_dec_proj layer is used instead.")
+            raise ModelError(f"The {kind} decoder has no cross-attention (add_cross_attention is false in config.json).")
+        if kind == "bert":
+            decoder = BertDecoderConfig.from_dict(dec, 0, type_vocab=True, where="BERT decoder")
+            decoder.encoder_hidden_size = decoder.hidden_size  # VisionEncoderDecoderModel projects to it
+            cross = dec.get("cross_attention_hidden_size")
+            if cross is not None and cross != decoder.hidden_size:
+                raise ModelError("The BERT decoder's cross_attention_hidden_size differs from its hidden_size, "
+                                 "which it cannot use; remove it so an enc_to_dec_proj layer is used instead.")
+        else:
+            try:
+                decoder = GPT2Config.from_dict(dec)
+            except (TypeError, ValueError) as exc:
+                raise ModelError(f"The decoder section of config.json is invalid ({exc}).") from None
+            if decoder.n_embd % decoder.n_head:
+                raise ModelError("The GPT-2 decoder's n_embd is not a multiple of n_head.")
+            cross = dec.get("cross_attention_hidden_size")
+            if cross is not None and cross != decoder.n_embd:
+                raise ModelError("The decoder's cross_attention_hidden_size differs from its n_embd, which GPT-2 "
+                                 "cannot use; remove it so an enc_to_dec_proj layer is used instead.")
 
         def token(name, *fallbacks):
             for source in (cfg, dec):
@@ -95,14 +110,18 @@ class CaptionConfig:
         }
 
 
+DECODER_TYPES = ("gpt2", "bert")
+
+
 class CaptionModel(nn.Module):
     def __init__(self, config: CaptionConfig):
         super().__init__()
         self.config = config
         self.encoder = ViTModel(config.encoder)
-        self.decoder = GPT2LMHeadModel(config.decoder)
+        bert = isinstance(config.decoder, BertDecoderConfig)
+        self.decoder = BertLMHeadDecoder(config.decoder) if bert else GPT2LMHeadModel(config.decoder)
         if config.needs_projection:
-            self.enc_to_dec_proj = nn.Linear(config.encoder.hidden_size, config.decoder.n_embd)
+            self.enc_to_dec_proj = nn.Linear(config.encoder.hidden_size, config.decoder_width)
 
     def encode(self, pixel_values):
         """(B, 3, H, W) -> encoder states (B, N+1, n_embd), projected to the decoder's width when needed."""
@@ -113,11 +132,26 @@ class CaptionModel(nn.Module):
 
     def forward(self, pixel_values, decoder_input_ids):
         """Teacher-forced logits (B, T, V) without a cache (training, parity tests)."""
+        if isinstance(self.decoder, BertLMHeadDecoder):
+            return self.decoder(decoder_input_ids, cross=self.decoder.cross_kv(self.encode(pixel_values)))[0]
         logits, _ = self.decoder(decoder_input_ids, encoder_hidden_states=self.encode(pixel_values), use_cache=False)
         return logits
 
 
-def _clean_state(state: dict) -> dict:
+def build_model(config):
+    """The torch network of a config: CaptionModel (vision-encoder-decoder) or BlipCaptionModel."""
+    from plugins.caption.blip import BlipCaptionModel, BlipConfig
+
+    return BlipCaptionModel(config) if isinstance(config, BlipConfig) else CaptionModel(config)
+
+
+def _clean_state(state: dict, config=None) -> dict:
+    from plugins.caption.blip import BlipConfig, clean_state
+
+    if isinstance(config, BlipConfig):
+        return clean_state(dict(state))
+    if config is not None and isinstance(config.decoder, BertDecoderConfig):
+        state = clean_bert_state(dict(state), "decoder.")
     out = {}
     for key, value in state.items():
         if key.endswith(IGNORED_KEY_PARTS) or key.startswith("encoder.pooler."):
@@ -133,14 +167,14 @@ def _clean_state(state: dict) -> dict:
 def expected_shapes(config: CaptionConfig) -> dict:
     """{parameter name: shape} of a model of this config (built on the meta device: no memory, no maths)."""
     with torch.device("meta"):
-        model = CaptionModel(config)
+        model = build_model(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_state_shapes(config: CaptionConfig, shapes: dict, where: str, model=None) -> None:
     """ModelError when the weights named in ``shapes`` ({name: shape}) do not fit ``config`` (or ``model``,
     when one is already built: that avoids a meta-device build, whose ops import torch._dynamo)."""
-    shapes = _clean_state(shapes)
+    shapes = _clean_state(shapes, config)
     want = expected_shapes(config) if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(want) - set(shapes))
     if missing:
@@ -154,10 +188,16 @@ def check_state_shapes(config: CaptionConfig, shapes: dict, where: str, model=No
             raise ModelError(f"{where}: weight {name} has shape {tuple(shapes[name])} but config.json needs {shape}.")
 
 
-def load_config(folder) -> CaptionConfig:
+def load_config(folder):
+    """CaptionConfig (vision-encoder-decoder) or BlipConfig (blip) of a model folder."""
+    from plugins.caption.blip import BlipConfig
+
     path = Path(folder) / "config.json"
     try:
-        return CaptionConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError
+        return BlipConfig.from_dict(cfg) if cfg.get("model_type") == "blip" else CaptionConfig.from_dict(cfg)
     except FileNotFoundError:
         raise ModelError(f"Model folder {folder} has no config.json.") from None
     except (ValueError, UnicodeDecodeError):
@@ -170,8 +210,8 @@ def load_caption_model(folder, device: str = "cpu", dtype: Optional[torch.dtype]
     from engine.weights import load_state_dict
 
     config = load_config(folder)
-    state = _clean_state(load_state_dict(folder))
-    model = CaptionModel(config)
+    state = _clean_state(load_state_dict(folder), config)
+    model = build_model(config)
     check_state_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, f"Model folder {folder}", model)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -145,14 +145,14 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
            "pad_token_id": mc.pad_token_id, "image_size": S}
     out_dir = Path(out_dir)
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    say(f"exporting the ViT encoder ({S}x{S}) and the GPT-2 decoder ({dec.n_layer} layers) to ONNX")
+    say(f"exporting the image encoder ({S}x{S}) and the text decoder ({dec.n_layer} layers) to ONNX")
     L = dec.n_layer
     example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
     enc_outs = ["encoder_hidden_states"] + kv_names(L, "cross")
     dyn = {"pixel_values": {0: "batch"}}
     dyn.update({n: {0: "batch"} for n in enc_outs})
     export_graph(encoder_wrapper(model), (example,), enc_path, ["pixel_values"], enc_outs, dyn)
-    n_tokens = mc.encoder.num_patches + 1 if hasattr(mc.encoder, "num_patches") else None
+    n_tokens = getattr(mc.encoder, "num_tokens", None) or mc.encoder.num_patches + 1
     export_decoder(model.decoder, cfg, dec_path, cross_shape=(dec.n_head, n_tokens or 2, dec.n_embd // dec.n_head))
 
     def check(enc_file, dec_file):
@@ -182,8 +182,18 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     parity["greedy_captions"] = {"max_abs_diff": float(differ), "tolerance": 0.0, "passed": differ == 0,
                                  "identical": f"{N_GREEDY_PARITY - differ}/{N_GREEDY_PARITY}",
                                  "inputs": f"{N_GREEDY_PARITY} rendered scenes, greedy decoding"}
+    layout = export_optimum_layout(model, folder, out_dir, S, say)
+    o_runner = layout.pop("runner")
+    parity["optimum_encoder"] = layout
+    differ = sum(greedy_ids(torch_runner, pre(im), cfg) != greedy_ids(o_runner, pre(im), cfg) for im in images)
+    parity["optimum_greedy_captions"] = {"max_abs_diff": float(differ), "tolerance": 0.0, "passed": differ == 0,
+                                         "identical": f"{N_GREEDY_PARITY - differ}/{N_GREEDY_PARITY}",
+                                         "inputs": f"{N_GREEDY_PARITY} rendered scenes, greedy decoding over "
+                                                   "encoder_model + decoder_model + decoder_with_past_model"}
+    del o_runner
     options.get("gate", lambda p: None)(parity)
-    graphs, opset = describe_graphs({"encoder": enc_path, "decoder": dec_path})
+    graphs, opset = describe_graphs({"encoder": enc_path, "decoder": dec_path,
+                                     **{f[:-5]: out_dir / f for f in OPTIMUM_FILES}})
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
     if options.get("quantize") == "int8":
         say(f"quantizing the weights to int8 and measuring exact match on {N_QUALITY} renders")
@@ -205,3 +215,165 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
         replace_graphs(((q_enc, enc_path), (q_dec, dec_path)))
         result["quantization"] = {"quality": quality}
     return result
+
+
+# ----- the layout Optimum's ORTModelForVision2Seq opens ------------------------------------------------------
+OPTIMUM_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
+
+
+def optimum_kv_names(n_layers: int, prefix: str, parts=("decoder", "encoder")) -> list:
+    return [f"{prefix}.{i}.{part}.{t}" for i in range(n_layers) for part in parts for t in ("key", "value")]
+
+
+class OptimumLayoutRunner:
+    """The runner interface of plugins/caption/decode.py over the three Optimum graphs: ``encoder_model``
+    (pixel_values -> last_hidden_state), ``decoder_model`` (first step: input_ids + encoder_hidden_states -> logits,
+    self- and cross-attention presents) and ``decoder_with_past_model`` (later steps)."""
+
+    def __init__(self, encoder, decoder, decoder_with_past, n_layers: int):
+        self.encoder, self.decoder, self.with_past, self.L = encoder, decoder, decoder_with_past, n_layers
+        self.first_outs = ["logits"] + optimum_kv_names(n_layers, "present")
+        self.past_names = optimum_kv_names(n_layers, "past_key_values")
+        self.next_outs = ["logits"] + optimum_kv_names(n_layers, "present", ("decoder",))
+
+    def encode(self, pixel_values):
+        x = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        return self.encoder.run(["last_hidden_state"], {"pixel_values": x})[0]
+
+    def start(self, state, batch: int = 1):
+        return {"states": state if state.shape[0] == batch else np.repeat(state, batch, axis=0), "kv": None}
+
+    def step(self, ids, past):
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if past["kv"] is None:
+            out = self.decoder.run(self.first_outs, {"input_ids": ids, "encoder_hidden_states": past["states"]})
+            past = {"states": past["states"], "kv": out[1:]}  # per layer: decoder k, v, encoder k, v
+        else:
+            out = self.with_past.run(self.next_outs, {"input_ids": ids, **dict(zip(self.past_names, past["kv"]))})
+            kv = list(past["kv"])
+            for i in range(self.L):
+                kv[4 * i], kv[4 * i + 1] = out[1 + 2 * i], out[2 + 2 * i]
+            past = {"states": past["states"], "kv": kv}
+        return np.ascontiguousarray(out[0][:, -1], dtype=np.float32), past
+
+    def reorder(self, past, index):
+        return {"states": past["states"][index],
+                "kv": None if past["kv"] is None else [a[index] for a in past["kv"]]}
+
+
+def optimum_wrappers(model):
+    """(encoder, decoder, decoder_with_past) torch modules with Optimum's inputs and outputs. The encoder gives the
+    image encoder's own last_hidden_state (as transformers' does); the decoders apply ``enc_to_dec_proj`` when the
+    model has one and compute the cross-attention keys and values themselves."""
+    import torch
+
+    image_encoder = getattr(model, "vision_model", None) or model.encoder
+    proj = getattr(model, "enc_to_dec_proj", None)
+    dec = model.decoder
+    L = len(dec.new_cache().k)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = image_encoder
+
+        def forward(self, pixel_values):
+            return self.enc(pixel_values)
+
+    core = _decoder_core(dec, L)  # (input_ids, past k/v..., cross k/v...) -> (logits, present k/v...)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec, self.proj, self.core = dec, proj, core
+
+        def forward(self, input_ids, encoder_hidden_states):
+            h = self.proj(encoder_hidden_states) if self.proj is not None else encoder_hidden_states
+            cross = self.dec.cross_kv(h)
+            B = input_ids.shape[0]
+            empty = [k.new_zeros(B, k.shape[1], 0, k.shape[3]) for k, _ in cross for _ in (0, 1)]
+            out = self.core(input_ids, *empty, *[t for kv in cross for t in kv])
+            flat = [out[0]]
+            for i, (ck, cv) in enumerate(cross):
+                flat += [out[1 + 2 * i], out[2 + 2 * i], ck, cv]
+            return tuple(flat)
+
+    class DecoderWithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core = core
+
+        def forward(self, input_ids, *flat):
+            past = [t for i in range(L) for t in (flat[4 * i], flat[4 * i + 1])]
+            cross = [t for i in range(L) for t in (flat[4 * i + 2], flat[4 * i + 3])]
+            return tuple(self.core(input_ids, *past, *cross))
+
+    return Encoder().eval(), Decoder().eval(), DecoderWithPast().eval(), L
+
+
+def _decoder_core(dec, n_layers: int):
+    """The decoder as the shared export traces it (engine/backends/decoders.py): GPT-2 in its export form (the
+    same function in fewer graph nodes), any other decoder as it is."""
+    import copy
+
+    from engine.backends.decoders import decoder_wrapper
+    from engine.nn.gpt2 import GPT2LMHeadModel
+
+    if isinstance(dec, GPT2LMHeadModel) and hasattr(dec, "fuse_for_export"):
+        dec = copy.deepcopy(dec).fuse_for_export()
+    return decoder_wrapper(dec, n_layers, True)
+
+
+def export_optimum_layout(model, folder: Path, out_dir: Path, image_size: int, say=lambda m: None) -> dict:
+    """Write the three Optimum graphs and the model's config, tokenizer and preprocessor files into ``out_dir``;
+    returns the parity figure: greedy captions over these graphs vs torch (and the encoder state difference)."""
+    import shutil
+
+    import torch
+
+    from engine.backends.common import export_graph
+    from engine.backends.runtime import open_session
+
+    out_dir = Path(out_dir)
+    enc, dec, dec_past, L = optimum_wrappers(model)
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(2, 3, image_size, image_size, generator=g)
+    say("writing the Optimum layout (encoder_model, decoder_model, decoder_with_past_model)")
+    export_graph(enc, (px,), out_dir / OPTIMUM_FILES[0], ["pixel_values"], ["last_hidden_state"],
+                 {"pixel_values": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"}})
+    with torch.inference_mode():
+        states = enc(px)
+    ids = torch.randint(0, 5, (2, 3), generator=g)
+    first_outs = ["logits"] + optimum_kv_names(L, "present")
+    dyn = {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
+           "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"},
+           "logits": {0: "batch_size", 1: "decoder_sequence_length"}}
+    for name in first_outs[1:]:
+        dyn[name] = {0: "batch_size", 2: "decoder_sequence_length" if ".decoder." in name
+                     else "encoder_sequence_length_out"}
+    export_graph(dec, (ids, states), out_dir / OPTIMUM_FILES[1], ["input_ids", "encoder_hidden_states"],
+                 first_outs, dyn)
+    with torch.inference_mode():
+        presents = dec(ids, states)[1:]
+    past_names = optimum_kv_names(L, "past_key_values")
+    next_outs = ["logits"] + optimum_kv_names(L, "present", ("decoder",))
+    dyn = {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
+           "logits": {0: "batch_size", 1: "decoder_sequence_length"}}
+    for name in past_names:
+        dyn[name] = {0: "batch_size", 2: "past_decoder_sequence_length" if ".decoder." in name
+                     else "encoder_sequence_length_out"}
+    for name in next_outs[1:]:
+        dyn[name] = {0: "batch_size", 2: "total_decoder_sequence_length"}
+    export_graph(dec_past, (ids[:, :2], *presents), out_dir / OPTIMUM_FILES[2], ["input_ids"] + past_names,
+                 next_outs, dyn)
+    for name in SIDE_FILES:
+        if (Path(folder) / name).is_file():
+            shutil.copy2(Path(folder) / name, out_dir / name)
+    runner = OptimumLayoutRunner(*(open_session(out_dir / f) for f in OPTIMUM_FILES), L)
+    o_states = runner.encode(px.numpy())
+    diff = max_abs(states.numpy(), o_states)
+    return {"max_abs_diff": float(f"{diff:.3g}"), "tolerance": ENCODER_TOLERANCE,
+            "passed": bool(diff <= ENCODER_TOLERANCE), "runner": runner,
+            "inputs": "2 random images; encoder last_hidden_state, then greedy captions compared by the caller"}

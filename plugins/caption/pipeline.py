@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from plugins.caption.decode import beam_search, greedy_tokens
+from plugins.caption.decode import beam_search, greedy_batch, greedy_tokens
 from engine.errors import ModelError
 
 
@@ -28,11 +28,50 @@ class CaptionOutput:
 
 @dataclass
 class Preprocess:
-    size: int
-    mean: tuple = (0.5, 0.5, 0.5)
-    std: tuple = (0.5, 0.5, 0.5)
+    """Image processor settings of ``preprocessor_config.json``, applied as transformers' (PIL) image processors
+    apply them: resize (square, or shortest edge), center crop, rescale, normalise (engine.images.to_pixel_values)."""
+    size: object  # int S, or (H, W)
+    mean: Optional[tuple] = (0.5, 0.5, 0.5)
+    std: Optional[tuple] = (0.5, 0.5, 0.5)
     resample: int = 2
-    rescale: float = 1 / 255
+    rescale: Optional[float] = 1 / 255
+    crop: Optional[tuple] = None  # (H, W) center crop after resizing
+    shortest_edge: Optional[int] = None
+
+    @property
+    def out_size(self) -> tuple:
+        if self.crop is not None:
+            return tuple(self.crop)
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, image_size: int, where: str = "preprocessor_config.json") -> "Preprocess":
+        def hw(value, name):
+            if isinstance(value, int):
+                return (value, value)
+            if isinstance(value, dict) and "height" in value and "width" in value:
+                return (int(value["height"]), int(value["width"]))
+            raise ModelError(f"{where}: {name} {value!r} is not a size this studio reads (an int or height/width).")
+
+        size, shortest = cfg.get("size", image_size), None
+        if isinstance(size, dict) and "shortest_edge" in size and "height" not in size:
+            shortest, size = int(size["shortest_edge"]), None
+            if not cfg.get("do_center_crop", False):
+                raise ModelError(f"{where} resizes by the shortest edge without a center crop; the encoder needs "
+                                 "a fixed size.")
+        elif cfg.get("do_resize", True):
+            size = hw(size, "size")
+        else:
+            size = (image_size, image_size)  # not resized: the image must already have the size (resized anyway)
+        crop = hw(cfg.get("crop_size", image_size), "crop_size") if cfg.get("do_center_crop", False) else None
+        norm = cfg.get("do_normalize", True)
+        pre = cls(size, tuple(cfg.get("image_mean", (0.5,) * 3)) if norm else None,
+                  tuple(cfg.get("image_std", (0.5,) * 3)) if norm else None, int(cfg.get("resample", 2)),
+                  float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None, crop, shortest)
+        if shortest is None and pre.out_size != (image_size, image_size):
+            raise ModelError(f"{where} makes images of {pre.out_size[1]} x {pre.out_size[0]} pixels but the encoder "
+                             f"takes {image_size} x {image_size}.")
+        return pre
 
     @classmethod
     def from_folder(cls, folder, image_size: int) -> "Preprocess":
@@ -44,20 +83,13 @@ class Preprocess:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise ModelError(f"{path} is not valid JSON; re-download or re-export the model.") from None
-        size = cfg.get("size", image_size)
-        if isinstance(size, dict):
-            size = size.get("height", size.get("shortest_edge", image_size))
-        if size != image_size:
-            raise ModelError(f"{path} resizes to {size} pixels but the encoder takes {image_size}.")
-        norm = cfg.get("do_normalize", True)
-        return cls(image_size, tuple(cfg.get("image_mean", (0.5,) * 3)) if norm else (0.0,) * 3,
-                   tuple(cfg.get("image_std", (0.5,) * 3)) if norm else (1.0,) * 3, int(cfg.get("resample", 2)),
-                   float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0)
+        return cls.from_dict(cfg, image_size, str(path))
 
     def __call__(self, image) -> np.ndarray:
         from engine.images import to_pixel_values
 
-        return to_pixel_values(image, self.size, self.mean, self.std, self.resample, self.rescale)
+        return to_pixel_values(image, self.size, self.mean, self.std, self.resample, self.rescale, self.crop,
+                               self.shortest_edge)
 
 
 class CaptionPipeline:
@@ -98,24 +130,49 @@ class CaptionPipeline:
 
         return self.preprocess(load_image(image))
 
-    def _limit(self, max_new_tokens: int) -> int:
-        return max(1, min(max_new_tokens, self.max_positions))
+    def prompt(self, prefix: str = "") -> list:
+        """The decoder's first ids: the start token, then the prefix's tokens (BLIP's "a picture of")."""
+        prefix = (prefix or "").strip()
+        ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+        if 1 + len(ids) >= self.max_positions:
+            from engine.errors import UsageError
+
+            raise UsageError(f"The caption prefix is {len(ids)} tokens long; this model reads at most "
+                             f"{self.max_positions - 2}.")
+        return [self.start_id] + list(ids)
+
+    def _limit(self, max_new_tokens: int, prompt_len: int = 1) -> int:
+        return max(1, min(max_new_tokens, self.max_positions - prompt_len))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True).strip()
 
-    def stream(self, image, max_new_tokens: int = 20, check_cancel: Optional[Callable[[], None]] = None
-               ) -> Iterator[str]:
-        """Greedy decoding; yields each new piece of text; returns (StopIteration.value) a CaptionOutput."""
+    def caption_batch(self, pixels: np.ndarray, max_new_tokens: int = 20, prefix: str = "",
+                      check_cancel: Optional[Callable[[], None]] = None) -> list:
+        """Greedy captions of a batch (B, 3, H, W) in one pass: a CaptionOutput per image."""
+        prompt = self.prompt(prefix)
+        hyps = greedy_batch(self.runner, pixels, prompt, self.eos_id, self._limit(max_new_tokens, len(prompt)),
+                            check_cancel)
+        out = []
+        for h in hyps:
+            ids = [t for t in h.tokens if t != self.eos_id]
+            out.append(CaptionOutput(self._decode(prompt[1:] + ids), ids, h.score, h.finished))
+        return out
+
+    def stream(self, image, max_new_tokens: int = 20, check_cancel: Optional[Callable[[], None]] = None,
+               prefix: str = "") -> Iterator[str]:
+        """Greedy decoding; yields each new piece of text (the prefix first); returns (StopIteration.value) a
+        CaptionOutput whose text starts with the prefix, as transformers decodes BLIP's output."""
         pixels = image if isinstance(image, np.ndarray) else self.pixel_values(image)
+        prompt = self.prompt(prefix)
         ids, total, text = [], 0.0, ""
-        for tok, logp in greedy_tokens(self.runner, pixels, self.start_id, self.eos_id,
-                                       self._limit(max_new_tokens), check_cancel):
+        for tok, logp in greedy_tokens(self.runner, pixels, prompt, self.eos_id,
+                                       self._limit(max_new_tokens, len(prompt)), check_cancel):
             total += logp
             if tok == self.eos_id:
-                return CaptionOutput(text, ids, total / (len(ids) + 1), True)
+                return CaptionOutput(text or self._decode(prompt[1:]), ids, total / (len(ids) + 1), True)
             ids.append(tok)
-            new = self._decode(ids)
+            new = self._decode(prompt[1:] + ids)
             piece = new[len(text):] if new.startswith(text) else new
             text = new
             if piece:
@@ -123,18 +180,19 @@ class CaptionPipeline:
         return CaptionOutput(text, ids, total / max(1, len(ids)), False)
 
     def __call__(self, image, max_new_tokens: int = 20, num_beams: int = 1,
-                 check_cancel: Optional[Callable[[], None]] = None) -> CaptionOutput:
+                 check_cancel: Optional[Callable[[], None]] = None, prefix: str = "") -> CaptionOutput:
         pixels = image if isinstance(image, np.ndarray) else self.pixel_values(image)
         if num_beams <= 1:
-            it = self.stream(pixels, max_new_tokens, check_cancel)
+            it = self.stream(pixels, max_new_tokens, check_cancel, prefix)
             while True:
                 try:
                     next(it)
                 except StopIteration as stop:
                     return stop.value
-        hyps = beam_search(self.runner, pixels, self.start_id, self.eos_id, self._limit(max_new_tokens), num_beams,
-                           check_cancel=check_cancel)
+        prompt = self.prompt(prefix)
+        hyps = beam_search(self.runner, pixels, prompt, self.eos_id, self._limit(max_new_tokens, len(prompt)),
+                           num_beams, check_cancel=check_cancel)
         best = hyps[0]
         ids = [t for t in best.tokens if t != self.eos_id]
-        return CaptionOutput(self._decode(ids), ids, best.logprob / max(1, len(best.tokens)), best.finished,
-                             beams=[(self._decode(h.tokens), h.score) for h in hyps])
+        return CaptionOutput(self._decode(prompt[1:] + ids), ids, best.logprob / max(1, len(best.tokens)),
+                             best.finished, beams=[(self._decode(prompt[1:] + h.tokens), h.score) for h in hyps])

@@ -1,7 +1,31 @@
 """Caption tokenizers: a word-level ``tokenizer.json`` for the shapes world, and loading any ``tokenizer.json``."""
 from __future__ import annotations
 
-from engine.tokenizer import load_tokenizer  # noqa: F401  (re-exported: tokenizer.json of a model folder)
+import json
+from pathlib import Path
+
+from engine.errors import ModelError
+from engine.tokenizer import load_tokenizer as load_tokenizer_json
+
+def load_tokenizer(folder):
+    """A model folder's ``tokenizer.json``, or a BERT WordPiece tokenizer from its ``vocab.txt`` (BLIP and BERT
+    folders saved without a fast tokenizer; lower-casing as ``tokenizer_config.json`` says, on by default)."""
+    folder = Path(folder)
+    vocab = folder / "vocab.txt"
+    if (folder / "tokenizer.json").is_file() or not vocab.is_file():
+        return load_tokenizer_json(folder)
+    from tokenizers import BertWordPieceTokenizer
+
+    lower = True
+    try:
+        lower = bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("do_lower_case", True))
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return BertWordPieceTokenizer(str(vocab), lowercase=lower)
+    except Exception:  # tokenizers raises a plain Exception subclass
+        raise ModelError(f"{vocab} is not a WordPiece vocabulary; re-download the model.") from None
+
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3

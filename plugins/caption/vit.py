@@ -29,13 +29,16 @@ class ViTConfig:
     patch_size: int = 4
     num_channels: int = 3
     qkv_bias: bool = True
+    distillation: bool = False  # DeiT: a distillation token after the class token
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
-        if d.get("model_type", "vit") != "vit":
-            raise ModelError(f"The caption encoder must be a ViT (model_type 'vit'), not {d.get('model_type')!r}.")
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        kind = d.get("model_type", "vit")
+        if kind not in ENCODER_TYPES:
+            raise ModelError(f"The caption encoder {kind!r} is not supported; this studio runs ViT and DeiT encoders "
+                             "(BEiT, Swin, ConvNeXt and others are not implemented).")
+        known = {f.name for f in fields(cls)} - {"distillation"}
+        cfg = cls(**{k: v for k, v in d.items() if k in known}, distillation=kind == "deit")
         for name in ("image_size", "patch_size"):
             if isinstance(getattr(cfg, name), (list, tuple)):
                 values = list(getattr(cfg, name))
@@ -49,8 +52,8 @@ class ViTConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(model_type="vit", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "distillation"}
+        d.update(model_type="deit" if self.distillation else "vit", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                  initializer_range=0.02, encoder_stride=self.patch_size, pooler_act="tanh",
                  pooler_output_size=self.hidden_size)
         return dict(sorted(d.items()))
@@ -58,6 +61,14 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Encoder states per image: the patches, the class token and DeiT's distillation token."""
+        return self.num_patches + 1 + int(self.distillation)
+
+
+ENCODER_TYPES = ("vit", "deit")
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -73,13 +84,17 @@ class ViTEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        if cfg.distillation:
+            self.distillation_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.patch_embeddings = ViTPatchEmbeddings(cfg)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
 
     def forward(self, pixel_values):
         x = self.patch_embeddings(pixel_values)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embeddings  # (B, N+1, D)
+        first = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if hasattr(self, "distillation_token"):
+            first.append(self.distillation_token.expand(x.shape[0], -1, -1))
+        return torch.cat(first + [x], dim=1) + self.position_embeddings  # (B, N+1 or N+2, D)
 
 
 class ViTAttention(nn.Module):

@@ -21,7 +21,7 @@ from engine.errors import UsageError
 from engine.finetune import Settings, Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj", "linear_1", "linear_2")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 

@@ -35,7 +35,7 @@ INFO = GeneratorInfo(
 
 
 def _pipeline(request, context):
-    from plugins.text.models import load_tokenizer, read_config, token_ids
+    from plugins.text.models import end_token_ids, load_tokenizer, read_config
     from plugins.text.pipeline import TextPipeline, TorchDecoder
 
     model = request.model
@@ -62,7 +62,7 @@ def _pipeline(request, context):
             decoder, notes = TorchDecoder(net, request.device), []
         bos = cfg.get("bos_token_id")
         pipe = TextPipeline(decoder, tokenizer, bos_token_id=bos if isinstance(bos, int) else None,
-                            eos_token_ids=token_ids(cfg, "eos_token_id"), add_bos=family(model.family).add_bos)
+                            eos_token_ids=end_token_ids(folder, cfg), add_bos=family(model.family).add_bos)
         pipe.load_notes = notes  # what opening it noticed; the first generation on it reports them
         return pipe
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)

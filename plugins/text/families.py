@@ -16,10 +16,17 @@ class Family:
     add_bos: bool = True  # whether a prompt starts with the BOS token
 
 
+GEMMA = (("norm_offset", True), ("embed_scale", True), ("sandwich_norms", True))
+
 FAMILIES = (
     Family("llama", "Llama", "llama", "llama"),
     Family("gpt2", "GPT-2", "gpt2", "gpt2", add_bos=False),
     Family("qwen2", "Qwen2 / Qwen2.5", "qwen2", "llama", settings=(("qkv_bias", True),), add_bos=False),
+    Family("qwen3", "Qwen3", "qwen3", "llama", settings=(("qk_norm", True),), add_bos=False),
+    Family("mistral", "Mistral", "mistral", "llama"),
+    Family("phi3", "Phi-3 / Phi-3.5", "phi3", "llama"),  # fused qkv_proj / gate_up_proj: split on load (models.py)
+    Family("gemma2", "Gemma 2", "gemma2", "llama", settings=GEMMA),
+    Family("gemma3_text", "Gemma 3 (text)", "gemma3_text", "llama", settings=GEMMA + (("qk_norm", True),)),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}

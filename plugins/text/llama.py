@@ -10,6 +10,7 @@ state dict loads by key copy (``load_hf_state_dict``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.nn.blocks import activation
 from engine.nn.cache import KVCache, causal_mask
 
 
@@ -39,26 +41,72 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    # the options that make the other decoder families (plugins/text/families.py says which family sets which)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotation (Qwen3, Gemma 3)
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    sandwich_norms: bool = False  # norms after attention and MLP too, and one before the MLP (Gemma 2 / 3)
+    query_pre_attn_scalar: Optional[float] = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    attn_logit_softcapping: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: Optional[float] = None  # the same on the logits
+    sliding_window: Optional[int] = None  # a sliding layer sees the keys at q - window < k <= q
+    layer_types: Optional[list] = None  # "full_attention" | "sliding_attention" per layer
+    rope: Optional[dict] = None  # rope parameters (rope_type, factor, ...); per layer type when keyed by type
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("layer_types does not give one type per layer")
+        bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ValueError(f"unsupported attention layer type {sorted(bad)[0]!r}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding layers without a sliding_window")
+        for params in rope_by_type(self).values():
+            rope_inv_freq(params, self)  # refuses unsupported rope types now rather than at the first prompt
+
+    @property
+    def scaling(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "LlamaConfig":
         """From a transformers ``config.json`` dict (``rope_parameters`` or the older top-level ``rope_theta``)."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"rope", "layer_types", "sliding_window"}
         kw = {k: v for k, v in cfg.items() if k in names}
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-            raise ValueError("sliding-window attention is not supported yet")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"unsupported rope_type {rope_type!r}")
-        if "rope_theta" in rope:
+        if cfg.get("hidden_activation"):  # Gemma's name for it
+            kw["hidden_act"] = cfg["hidden_activation"]
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor {cfg['partial_rotary_factor']}) "
+                             "are not supported")
+        n = int(cfg.get("num_hidden_layers", cls.num_hidden_layers))
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        types = cfg.get("layer_types")
+        if types is None and window:
+            if "max_window_layers" in cfg:  # Qwen2 / Qwen3: sliding from that layer on
+                types = ["sliding_attention" if i >= cfg["max_window_layers"] else "full_attention" for i in range(n)]
+            elif "sliding_window_pattern" in cfg or cfg.get("model_type", "").startswith("gemma"):
+                every = int(cfg.get("sliding_window_pattern", 2))  # Gemma 2 alternates; Gemma 3 says 6
+                types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+        if types is not None and "sliding_attention" not in types:
+            window = None
+        kw.update(sliding_window=window or None, layer_types=list(types) if types else None)
+        rope = cfg.get("rope_parameters") or dict(cfg.get("rope_scaling") or {})
+        if set(rope) & {"full_attention", "sliding_attention"}:  # one set of parameters per layer type (Gemma 3)
+            kw["rope"] = {k: dict(v) for k, v in rope.items()}
+        else:
+            rope = {"rope_theta": cfg.get("rope_theta", cls.rope_theta), **rope}
             kw["rope_theta"] = rope["rope_theta"]
+            kw["rope"] = rope
+            if cfg.get("rope_local_base_freq"):  # older Gemma 3 configs: the sliding layers' own theta
+                kw["rope"] = {"full_attention": rope,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
         return cls(**kw)
 
     def to_hf_dict(self) -> dict:
@@ -71,38 +119,83 @@ class LlamaConfig:
             "mlp_bias": self.mlp_bias, "model_type": "llama", "num_attention_heads": self.num_attention_heads,
             "num_hidden_layers": self.num_hidden_layers, "num_key_value_heads": self.num_key_value_heads,
             "pad_token_id": None, "pretraining_tp": 1, "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_parameters": self.rope or {"rope_theta": self.rope_theta, "rope_type": "default"},
             "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": "float16", "use_cache": True,
             "vocab_size": self.vocab_size,
         }
 
 
 class LlamaRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; ``offset`` (Gemma): scaled by (1 + weight) in float32, the weight starting at zero."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_by_type(config: LlamaConfig) -> dict:
+    """{layer type: rope parameters}: one set for all layers, or the per-type sets of the config (Gemma 3)."""
+    rope = config.rope or {"rope_theta": config.rope_theta}
+    if set(rope) & {"full_attention", "sliding_attention"}:
+        return {t: rope.get(t) or rope.get("full_attention") for t in ("full_attention", "sliding_attention")}
+    return {t: rope for t in ("full_attention", "sliding_attention")}
+
+
+def rope_inv_freq(params: dict, config: LlamaConfig, seq_len: int = 0) -> torch.Tensor:
+    """Rotary inverse frequencies as transformers computes them for ``default``, ``linear``, ``llama3`` and
+    ``dynamic`` (NTK, which depends on the sequence length once it passes max_position_embeddings)."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    d, base = config.head_dim, float(params.get("rope_theta", config.rope_theta))
+    if kind == "dynamic" and seq_len > config.max_position_embeddings:
+        f = float(params["factor"])
+        base = base * ((f * seq_len / config.max_position_embeddings) - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    if kind == "linear":
+        inv = inv / float(params["factor"])
+    elif kind == "llama3":
+        f, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
 
 
 class LlamaRotaryEmbedding(nn.Module):
     """cos/sin tables for the positions asked; the frequencies stay float32 whatever the model's dtype."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, params: Optional[dict] = None):
         super().__init__()
-        d = config.head_dim
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.config, self.params = config, params or {"rope_theta": config.rope_theta}
+        self.dynamic = self.params.get("rope_type", self.params.get("type")) == "dynamic"
+        self.inv_freq = rope_inv_freq(self.params, config)
         self._on = {}  # device -> inv_freq there (a plain attribute, so .to(dtype) leaves it float32)
 
     def forward(self, positions, dtype):  # positions (T,) -> cos, sin (T, hs)
         inv = self._on.get(positions.device)
         if inv is None:
             inv = self._on[positions.device] = self.inv_freq.to(positions.device)
+        if self.dynamic and positions.numel() and not torch.jit.is_tracing():  # NTK past the trained length
+            n = int(positions[-1]) + 1
+            if n > self.config.max_position_embeddings:
+                inv = rope_inv_freq(self.params, self.config, n).to(positions.device)
         freqs = positions.float()[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -122,24 +215,34 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     return r
 
 
+def softcap(x, cap: Optional[float]):
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scaling, self.cap = config.scaling, config.attn_logit_softcapping
         C, b = config.hidden_size, config.attention_bias
         qkv = b or config.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=qkv)
         self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=b)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, config.norm_offset)
+            self.k_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, config.norm_offset)
 
     def fuse_for_export(self) -> None:
         """The export form of this layer, from the same weights: one projection for q, k and v (the attention
-        scale folded into q's rows), rotate_half as a small matrix, and grouped-query attention without
-        repeating K/V (the query heads that share a K/V head are stacked along the sequence axis). The separate
-        projections leave this copy of the model, so the graph stores each weight once."""
-        hs, scale = self.head_dim, self.head_dim ** -0.5
+        scale folded into q's rows unless q is normalised per head), rotate_half as a small matrix, and
+        grouped-query attention without repeating K/V (the query heads that share a K/V head are stacked along
+        the sequence axis). The separate projections leave this copy of the model, so the graph stores each
+        weight once."""
+        hs = self.head_dim
+        scale = 1.0 if hasattr(self, "q_norm") else self.scaling
         w = torch.cat([self.q_proj.weight * scale, self.k_proj.weight, self.v_proj.weight])
         self.qkv = nn.Linear(w.shape[1], w.shape[0], bias=self.q_proj.bias is not None).to(w.dtype)
         with torch.no_grad():
@@ -155,6 +258,8 @@ class LlamaAttention(nn.Module):
         nh, nkv, hs = self.n_head, self.n_kv, self.head_dim
         h = self.qkv(x)
         qk = h[..., :(nh + nkv) * hs].reshape(B, T, nh + nkv, hs)
+        if hasattr(self, "q_norm"):
+            qk = torch.cat([self.q_norm(qk[:, :, :nh]) * self.scaling, self.k_norm(qk[:, :, nh:])], dim=2)
         qk = qk * cos[:, None] + (qk @ self.rot) * sin[:, None]  # rotary positions for q and k at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, hs)
@@ -162,22 +267,36 @@ class LlamaAttention(nn.Module):
         if past is not None:
             k, v = past.update(self.layer_idx, k, v)
         q = q.reshape(B, nkv, (nh // nkv) * T, hs)  # heads of a group share K/V: stacked along the sequence
-        y = torch.softmax(q @ k.transpose(2, 3) + mask, dim=-1) @ v  # (B, n_kv, group * T, hs)
+        y = torch.softmax(softcap(q @ k.transpose(2, 3), self.cap) + mask, dim=-1) @ v  # (B, n_kv, group*T, hs)
         return self.o_proj(y.reshape(B, nh, T, hs).transpose(1, 2).reshape(B, T, nh * hs))
 
     def forward(self, x, cos, sin, past: Optional[KVCache] = None, mask=None):
+        """``mask``: boolean (T, P + T), True where attention is allowed, or None for plain causal attention."""
         if hasattr(self, "qkv"):
             return self._forward_export(x, cos, sin, past, mask)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if past is not None:
             k, v = past.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if self.cap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scaling, enable_gqa=self.n_kv != self.n_head)
+        else:  # soft-capped scores (Gemma 2): written out, SDPA has no cap
+            group = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = softcap((q @ k.transpose(2, 3)) * self.scaling, self.cap)
+            if mask is None and T > 1:
+                mask = causal_mask(T, k.shape[2] - T, x.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -188,6 +307,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(C, H, bias=b)
         self.up_proj = nn.Linear(C, H, bias=b)
         self.down_proj = nn.Linear(H, C, bias=b)
+        self.act = activation(config.hidden_act)
 
     def fuse_for_export(self) -> None:
         """gate and up in one projection (one MatMul in the graph); the separate ones leave this copy."""
@@ -202,20 +322,29 @@ class LlamaMLP(nn.Module):
     def forward(self, x):
         if hasattr(self, "gate_up"):
             g, u = self.gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(g) * u)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(g) * u)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
+        C, eps, off = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(C, eps, off)
+        self.post_attention_layernorm = LlamaRMSNorm(C, eps, off)  # Llama: before the MLP; Gemma: after attention
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = LlamaRMSNorm(C, eps, off)
+            self.post_feedforward_layernorm = LlamaRMSNorm(C, eps, off)
 
     def forward(self, x, cos, sin, past=None, mask=None, dropout: float = 0.0):
         a = self.self_attn(self.input_layernorm(x), cos, sin, past=past, mask=mask)
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(F.dropout(a, dropout) if dropout else a)
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + (F.dropout(m, dropout) if dropout else m)
         x = x + (F.dropout(a, dropout) if dropout else a)
         m = self.mlp(self.post_attention_layernorm(x))
         return x + (F.dropout(m, dropout) if dropout else m)
@@ -227,26 +356,49 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
+        ropes = rope_by_type(config)
+        self.rotary_emb = LlamaRotaryEmbedding(config, ropes["full_attention"])
+        if ropes["sliding_attention"] is not ropes["full_attention"]:  # Gemma 3: the sliding layers' own theta
+            self.rotary_emb_local = LlamaRotaryEmbedding(config, ropes["sliding_attention"])
         self.dropout = 0.0  # residual dropout, training only (not part of the transformers config)
         self.exported = False  # set by LlamaForCausalLM.fuse_for_export
+
+    def _masks(self, T: int, start: int, positions, device, dtype) -> dict:
+        """{sliding: mask} for the layer kinds present: boolean (None: plain causal), or additive per query group
+        in the export form (LlamaAttention._forward_export)."""
+        window = self.config.sliding_window
+        kinds = {layer.sliding for layer in self.layers}
+        out = {}
+        for sliding in kinds:
+            if self.exported or sliding:
+                kpos = torch.arange(start + T, device=device)[None, :]
+                allowed = kpos <= positions[:, None]  # (T, P + T)
+                if sliding:
+                    allowed = allowed & (kpos > positions[:, None] - window)
+                if self.exported:
+                    group = self.config.num_attention_heads // self.config.num_key_value_heads
+                    out[sliding] = torch.where(allowed, 0.0, float("-inf")).to(dtype).repeat(group, 1)
+                else:
+                    out[sliding] = allowed
+            else:
+                out[sliding] = causal_mask(T, start, device) if start > 0 else None
+        return out
 
     def forward(self, input_ids, past: Optional[KVCache] = None):
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         positions = torch.arange(T, device=x.device) + start
         cos, sin = self.rotary_emb(positions, x.dtype)
-        if self.exported:  # additive, one copy per query head of a group (LlamaAttention._forward_export)
-            allowed = torch.arange(start + T, device=x.device)[None, :] <= positions[:, None]  # (T, P + T)
-            group = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = torch.where(allowed, 0.0, float("-inf")).to(x.dtype).repeat(group, 1)
-        else:
-            mask = causal_mask(T, start, x.device) if start > 0 else None
+        local = self.rotary_emb_local(positions, x.dtype) if hasattr(self, "rotary_emb_local") else (cos, sin)
+        masks = self._masks(T, start, positions, x.device, x.dtype)
         p = self.dropout if self.training else 0.0
         for layer in self.layers:
-            x = layer(x, cos, sin, past=past, mask=mask, dropout=p)
+            c, s = local if layer.sliding else (cos, sin)
+            x = layer(x, c, s, past=past, mask=masks[layer.sliding], dropout=p)
         return self.norm(x)
 
 
@@ -262,6 +414,8 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def _init(m):
+        if isinstance(m, LlamaRMSNorm) and m.offset:
+            nn.init.zeros_(m.weight)
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
@@ -280,7 +434,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, past=past if use_cache else None)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(h), (past if use_cache else None)
+        return softcap(self.lm_head(h), self.config.final_logit_softcapping), (past if use_cache else None)
 
     def fuse_for_export(self) -> "LlamaForCausalLM":
         """Turn this model (a copy made for the export) into its export form: fused q/k/v and gate/up

@@ -7,12 +7,15 @@ model; ``load_tokenizer(folder)`` the ``tokenizers.Tokenizer``. Problems raise `
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from engine.errors import ModelError
 from engine.tokenizer import load_tokenizer  # noqa: F401  (a model folder's tokenizer.json)
 
 from plugins.text.families import BY_MODEL_TYPE, BY_NAME
+
+log = logging.getLogger(__name__)
 
 
 def read_config(folder) -> dict:
@@ -39,8 +42,8 @@ def build_model(cfg: dict, family: str, device=None, empty: bool = False):
 
     fam = BY_NAME.get(family) or BY_MODEL_TYPE.get(cfg.get("model_type"))
     if fam is None or cfg.get("model_type") != fam.model_type:
-        raise ModelError(f"config.json has model_type {cfg.get('model_type')!r}, which the text generator does not "
-                         f"run (it runs {', '.join(sorted(BY_MODEL_TYPE))}).")
+        raise ModelError(f"Unknown model family {cfg.get('model_type')!r}; supported: "
+                         f"{', '.join(BY_MODEL_TYPE)}.")
     cfg = {**cfg, **dict(fam.settings)}
     try:
         with torch.device(device or "cpu"), (no_init() if empty else contextlib.nullcontext()):
@@ -51,6 +54,40 @@ def build_model(cfg: dict, family: str, device=None, empty: bool = False):
             return GPT2LMHeadModel(GPT2Config.from_dict(cfg))
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
         raise ModelError(f"config.json does not describe a valid {family} model ({exc}).") from None
+
+
+FUSED = ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")  # Phi-3's names for q/k/v and gate/up in one
+
+
+def split_fused(state: dict, cfg: dict) -> dict:
+    """Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` weights as the separate q/k/v and gate/up ones the network
+    has. ``state`` maps names to tensors, or to (shape, dtype) pairs as read from safetensors headers."""
+    if not any(k.endswith(FUSED) for k in state):
+        return state
+    nh = int(cfg["num_attention_heads"])
+    hs = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // nh)
+    nkv = int(cfg.get("num_key_value_heads") or nh)
+    out = {}
+    for k, v in state.items():
+        if k.endswith(FUSED[0]):
+            parts, names = (nh * hs, nkv * hs, nkv * hs), ("q_proj", "k_proj", "v_proj")
+        elif k.endswith(FUSED[1]):
+            half = (v[0][0] if isinstance(v, tuple) else v.shape[0]) // 2
+            parts, names = (half, half), ("gate_proj", "up_proj")
+        else:
+            out[k] = v
+            continue
+        base = k[: -len("qkv_proj.weight" if k.endswith(FUSED[0]) else "gate_up_proj.weight")]
+        if isinstance(v, tuple):  # (shape, dtype): the split shapes, or the fused one where it does not split
+            rows = v[0][0]
+            for n, r in zip(names, parts if sum(parts) == rows else (rows,) * len(names)):
+                out[base + n + ".weight"] = ((r,) + tuple(v[0][1:]), v[1])
+        else:
+            if sum(parts) != v.shape[0]:
+                raise ModelError(f"Weight {k} has {v.shape[0]} rows but config.json implies {sum(parts)}.")
+            for n, t in zip(names, v.split(parts)):
+                out[base + n + ".weight"] = t.contiguous()
+    return out
 
 
 def _expected(model) -> dict:
@@ -67,7 +104,7 @@ def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> N
     if model is None:  # a meta build allocates nothing, but its ops import torch._dynamo (seconds)
         model = build_model(cfg, family, device="meta")
     expected, tied = _expected(model)
-    found = read_shapes(folder)
+    found = split_fused(read_shapes(folder), cfg)
     found = {k: v for k, v in found.items()
              if not k.endswith(gpt2.IGNORED_SUFFIXES) and not k.endswith("rotary_emb.inv_freq")}
     if BY_NAME[family].network == "gpt2" and found and not any(k.startswith("transformer.") for k in found):
@@ -115,12 +152,25 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
     else:
         from engine.nn.gpt2 import load_hf_state_dict
     try:
-        load_hf_state_dict(model, {k: v.float() for k, v in state.items()}, assign=True)
+        load_hf_state_dict(model, {k: v.float() for k, v in split_fused(state, cfg).items()}, assign=True)
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"Weights of {Path(folder).name} do not load: {exc}.") from None
     from engine.nn.cache import no_cudnn_attention_on_cuda
     no_cudnn_attention_on_cuda(device)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def end_token_ids(folder, cfg: dict) -> list:
+    """The tokens that end generation: generation_config.json's eos_token_id when it gives one (it wins for
+    generation settings, with a log note when it differs from config.json's), else config.json's."""
+    from engine.store import read_generation_config
+
+    gen = token_ids(read_generation_config(folder), "eos_token_id")
+    base = token_ids(cfg, "eos_token_id")
+    if gen and base and set(gen) != set(base):
+        log.info("%s: generation_config.json ends generation at tokens %s, config.json says %s; using the "
+                 "generation config's.", Path(folder).name, gen, base)
+    return gen or base
 
 
 def token_ids(cfg: dict, key: str) -> list:

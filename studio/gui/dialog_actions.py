@@ -57,6 +57,12 @@ class DialogActions:
         self.refresh_models()
 
     @guard
+    def open_caption_folder(self) -> None:
+        from studio.gui.caption_folder_dialog import CaptionFolderDialog
+
+        CaptionFolderDialog(self.session, self).exec()
+
+    @guard
     def open_settings(self) -> None:
         from studio.gui.settings_dialog import SettingsDialog
 

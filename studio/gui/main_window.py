@@ -145,6 +145,7 @@ class MainWindow(DialogActions, QMainWindow):
         self._action(tools, "Plugins…", self.open_plugins)
         self._action(tools, "Models…", self.open_models)
         self._action(tools, "Export to ONNX…", self.open_export)
+        self._action(tools, "Caption a folder…", self.open_caption_folder)
         tools.addSeparator()
         self._action(tools, "Settings…", self.open_settings, "Ctrl+,")
         help_menu = bar.addMenu("&Help")

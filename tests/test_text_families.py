@@ -1,0 +1,146 @@
+"""The decoder families of plugins/text/families.py, each a config-driven variation of the one decoder in
+plugins/text/llama.py, checked against transformers' own classes on tiny random models saved by transformers:
+logits within 1e-4 and 32 greedy tokens identical (issue #15 item 1)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from onnx_fixtures import word_tokenizer
+
+V = 64
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+
+
+def _llama(**rope):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaConfig(**{**BASE, **rope}), LlamaForCausalLM
+
+
+def _cases():
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                              MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    return {
+        "qwen3": lambda: (Qwen3Config(**BASE, head_dim=8, tie_word_embeddings=True), Qwen3ForCausalLM),
+        "mistral": lambda: (MistralConfig(**BASE, sliding_window=7, tie_word_embeddings=False), MistralForCausalLM),
+        "phi3": lambda: (Phi3Config(**{**BASE, "num_key_value_heads": 4}, sliding_window=9), Phi3ForCausalLM),
+        "gemma2": lambda: (Gemma2Config(**BASE, head_dim=8, sliding_window=6, query_pre_attn_scalar=12,
+                                        attn_logit_softcapping=3.0, final_logit_softcapping=4.0), Gemma2ForCausalLM),
+        "gemma3_text": lambda: (Gemma3TextConfig(**BASE, head_dim=8, sliding_window=6, query_pre_attn_scalar=12,
+                                                 layer_types=["sliding_attention", "full_attention"]),
+                                Gemma3ForCausalLM),
+        "llama-rope-llama3": lambda: _llama(rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "llama-rope-linear": lambda: _llama(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                             "factor": 4.0}),
+        "llama-rope-dynamic": lambda: _llama(max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    }
+
+
+FAMILY = {"llama-rope-llama3": "llama", "llama-rope-linear": "llama", "llama-rope-dynamic": "llama"}
+CASES = ["qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "llama-rope-llama3", "llama-rope-linear",
+         "llama-rope-dynamic"]
+
+
+def save_tiny(case: str, folder, dtype=torch.float32, shard: str | None = None):
+    cfg, cls = _cases()[case]()
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.mul_(4.0) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.2)  # norms and biases count too
+    model = model.to(dtype)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    word_tokenizer(V).save(str(folder / "tokenizer.json"))
+    return model.float().eval()
+
+
+def greedy(ours, ids, n=32):
+    past, x, got = None, ids, []
+    for _ in range(n):
+        logits, past = ours.step(x, past)
+        x = logits.argmax(-1, keepdim=True)
+        got.append(int(x))
+    return got
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_family_matches_transformers(case, tmp_path):
+    from plugins.text.models import check_folder, load_model
+
+    folder = tmp_path / case
+    ref = save_tiny(case, folder)
+    family = FAMILY.get(case, case)
+    check_folder(folder, family)
+    ours = load_model(folder, family, "cpu", torch.float32)
+    ids = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ours(ids, use_cache=False)[0] - ref(input_ids=ids).logits).abs().max()
+        assert diff < 1e-4, diff
+        want = ref.generate(ids[:1, :5], max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert greedy(ours, ids[:1, :5]) == want[0, 5:].tolist()
+
+
+@pytest.mark.parametrize("case,dtype,shard", [("qwen3", torch.bfloat16, "20KB"), ("gemma2", torch.float16, None)])
+def test_half_precision_and_sharded_folders(case, dtype, shard, tmp_path):
+    from plugins.text.models import load_model
+
+    folder = tmp_path / case
+    ref = save_tiny(case, folder, dtype, shard)
+    if shard:
+        assert (folder / "model.safetensors.index.json").exists()
+    ours = load_model(folder, case, "cpu", torch.float32)
+    ids = torch.randint(2, V, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert greedy(ours, ids) == want[0, 5:].tolist()
+
+
+def test_unknown_model_type_names_it_and_lists_the_supported(tmp_path):
+    from engine.errors import ModelError
+    from plugins.text.models import build_model
+
+    with pytest.raises(ModelError, match=r"Unknown model family 'xyz'; supported: llama, gpt2, qwen2, .*gemma2"):
+        build_model({"model_type": "xyz"}, "nope")
+
+
+def test_unsupported_rope_type_is_named(tmp_path):
+    from engine.errors import ModelError
+    from plugins.text.models import check_folder
+
+    folder = tmp_path / "m"
+    save_tiny("llama-rope-linear", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="longrope"):
+        check_folder(folder, "llama")
+
+
+@pytest.mark.parametrize("case", ["qwen3", "mistral", "gemma2", "gemma3_text"])
+def test_export_form_computes_the_same(case, tmp_path):
+    """The form the ONNX exporter traces (LlamaForCausalLM.fuse_for_export: fused projections, additive masks,
+    stacked query groups) gives the same logits as the torch form, past the sliding window."""
+    import copy
+
+    from plugins.text.models import load_model
+
+    folder = tmp_path / case
+    save_tiny(case, folder)
+    ours = load_model(folder, case, "cpu", torch.float32)
+    fused = copy.deepcopy(ours).fuse_for_export()
+    ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, pa = ours(ids)
+        b, pb = fused(ids)
+        assert (a - b).abs().max() < 1e-4
+        for _ in range(12):
+            x = a[:, -1:].argmax(-1)
+            a, pa = ours(x, pa)
+            b, pb = fused(x, pb)
+            assert (a - b).abs().max() < 1e-4
