@@ -33,8 +33,8 @@ LINKABLE = {"config.json", "generation_config.json", "tokenizer.json", "tokenize
 BUILTIN_DIR = state.BUILTIN_MODELS
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
-                "tokenizer_config.json")
+# tokenizer_config.json is left out: the chat template of a built-in model may change without changing its hash
+HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt")
 
 
 @dataclass
