@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import ModelError, UsageError
-from engine.filecheck import Check, check_file, sha256_file  # noqa: F401  (sha256_file: used by onnx_export)
+from engine.filecheck import Check, check_file
 
 log = logging.getLogger(__name__)
 
