@@ -172,10 +172,12 @@ def migrate(conn: sqlite3.Connection) -> int:
                                     f"{VERSION}); update the studio")
     for v in range(version, VERSION):
         try:
-            conn.executescript("BEGIN;" + MIGRATIONS[v] + f"PRAGMA user_version = {v + 1};COMMIT;")
+            conn.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[v] + f"PRAGMA user_version = {v + 1};COMMIT;")
         except sqlite3.Error:
             if conn.in_transaction:
                 conn.rollback()
+            if conn.execute("PRAGMA user_version").fetchone()[0] > v:
+                continue  # another process migrated it first (two studios opening an old database at once)
             raise
     return version
 

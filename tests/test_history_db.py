@@ -74,3 +74,17 @@ def test_ids_out_of_range_are_plain_misses(tmp_path):
     for bad in (0, -1, 2 ** 70):
         with pytest.raises(UsageError, match="no generation"):
             h.get(bad)
+
+
+def test_processes_opening_an_old_database_together_migrate_it_once(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "history.sqlite3"
+    shutil.copy(V0, path)
+    code = ("import sys; from engine.history import History; "
+            "print(len(History(sys.argv[1]).list(limit=100)))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o[0].strip() for o in outs] == ["12"] * 6, [o[1][-300:] for o in outs]

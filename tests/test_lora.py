@@ -213,4 +213,4 @@ def test_generate_with_lora_replays_and_merges(tmp_path):
     bad = _cli(home, *args, "--lora", str(tmp_path / "missing.safetensors"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     bad = _cli(home, "generate", "image", "--prompt", "a small red circle", "--lora", str(tmp_path / "style"))
-    assert bad.returncode == 2 and "does not apply LoRA" in bad.stderr
+    assert bad.returncode == 2 and "which this model does not have" in bad.stderr

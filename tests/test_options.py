@@ -61,8 +61,11 @@ def test_cpu_threads_follow_model_size(monkeypatch):
         monkeypatch.delenv("STUDIO_TORCH_THREADS", raising=False)
         assert runner.set_cpu_threads(5 << 20) == 1 == torch.get_num_threads()  # a small model: one thread
         assert runner.set_cpu_threads(runner.SMALL_MODEL_BYTES) == 4 == torch.get_num_threads()
+        monkeypatch.setattr("os.cpu_count", lambda: 8)
         monkeypatch.setenv("STUDIO_TORCH_THREADS", "3")
         assert runner.set_cpu_threads(5 << 20) == 3 == torch.get_num_threads()
+        monkeypatch.setenv("STUDIO_TORCH_THREADS", "100000")  # capped at the cores (it crashed torch before)
+        assert runner.set_cpu_threads(5 << 20) == 8
         monkeypatch.setenv("STUDIO_TORCH_THREADS", "auto")
         with pytest.raises(UsageError, match="whole number"):
             runner.set_cpu_threads(5 << 20)

@@ -115,6 +115,14 @@ def _layer(model: nn.Module, path: str) -> LoraLayer:
     return wrapped
 
 
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def linear_paths(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if not isinstance(m, LoraLayer) and n
             and getattr(m, "weight", None) is not None and m.weight.dim() == 2
@@ -272,9 +280,14 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
     for path, (A, B, scale) in adapter.layers.items():
         target = model
         if isinstance(model, dict):
-            component, _, path = path.partition("/")
-            target = model[component]
+            if "/" in path:
+                component, _, path = path.partition("/")
+                target = model.get(component)
+            else:  # a PEFT file names plain paths: the component that has the layer
+                target = next((m for m in model.values() if _has(m, path)), None)
         try:
+            if target is None:
+                raise AttributeError(path)
             layer = _layer(target, path)
         except AttributeError:
             raise UsageError(f"The LoRA {Path(adapter.source).name} adapts {path}, which this model does not have; "
