@@ -52,13 +52,19 @@ def is_builtin(folder: Path) -> bool:
 
 def export_folders(model_folder: Path) -> list:
     """Export folders of a model: ``<model>/onnx*/`` and, for built-in models, ``$STUDIO_HOME/exports/<name>/onnx*/``.
-    fp32 exports come before int8 ones."""
+    fp32 exports come before quantized ones."""
     model_folder = Path(model_folder)
     found = [p.parent for p in model_folder.glob("onnx*/" + MANIFEST)]
     for p in (exports_home() / model_folder.name).glob("onnx*/" + MANIFEST):
         if is_builtin(model_folder) or _records_builtin(p):
             found.append(p.parent)
-    return sorted(found, key=lambda p: ("int8" in p.name, str(p)))
+    return sorted(found, key=lambda p: (variant(p) != "fp32", str(p)))
+
+
+def variant(folder: Path) -> str:
+    """"int8", "int4" or "fp32", from an export folder's name (onnx, onnx-int8, onnx-int4)."""
+    name = Path(folder).name
+    return next((v for v in ("int8", "int4") if v in name), "fp32")
 
 
 def _records_builtin(manifest_path: Path) -> bool:
@@ -226,14 +232,14 @@ class Export:
 
 
 def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: Optional[int] = None) -> Export:
-    """The preferred export of a model folder (fp32 before int8; ``STUDIO_ONNX_VARIANT=int8`` picks int8)."""
+    """The preferred export of a model folder (fp32 before quantized; ``STUDIO_ONNX_VARIANT=int8`` / ``int4`` / ``fp32`` picks one)."""
     folders = export_folders(model_folder)
     if not folders:  # the same condition engine.runner.prepare refuses as a usage error
         raise UsageError(f"Model {Path(model_folder).name} has no ONNX export; run "
                          f"`studio export-onnx {Path(model_folder).name}` first.")
     want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
     if want:
-        chosen = [f for f in folders if (("int8" in f.name) == (want == "int8"))]
+        chosen = [f for f in folders if variant(f) == want]
         folders = chosen or folders
     export = Export(folders[0], threads)
     recorded = export.manifest.get("model", {}).get("hash")

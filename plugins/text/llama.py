@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.cache import KVCache, causal_mask
+from engine.nn.cache import KVCache, additive_mask, causal_mask
 
 
 @dataclass
@@ -99,11 +99,11 @@ class LlamaRotaryEmbedding(nn.Module):
         self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         self._on = {}  # device -> inv_freq there (a plain attribute, so .to(dtype) leaves it float32)
 
-    def forward(self, positions, dtype):  # positions (T,) -> cos, sin (T, hs)
+    def forward(self, positions, dtype):  # positions (T,) or (B, T) -> cos, sin (T, hs) or (B, T, hs)
         inv = self._on.get(positions.device)
         if inv is None:
             inv = self._on[positions.device] = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * inv[None, :]
+        freqs = positions.float()[..., None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -150,12 +150,14 @@ class LlamaAttention(nn.Module):
         self.register_buffer("rot", rotate_half_matrix(hs).to(w.dtype), persistent=False)
 
     def _forward_export(self, x, cos, sin, past, mask):
-        """``mask``: additive (group * T, P + T), row g * T + t for position t of the query heads' group g."""
+        """``mask``: additive (group * T, P + T) or (B, 1, group * T, P + T), row g * T + t for position t of the
+        query heads' group g."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv, self.head_dim
         h = self.qkv(x)
         qk = h[..., :(nh + nkv) * hs].reshape(B, T, nh + nkv, hs)
-        qk = qk * cos[:, None] + (qk @ self.rot) * sin[:, None]  # rotary positions for q and k at once
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs) or (B, T, 1, hs): across the heads
+        qk = qk * cos + (qk @ self.rot) * sin  # rotary positions for q and k at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, hs)
         v = h[..., (nh + nkv) * hs:].reshape(B, T, nkv, hs).transpose(1, 2)
@@ -232,16 +234,20 @@ class LlamaModel(nn.Module):
         self.dropout = 0.0  # residual dropout, training only (not part of the transformers config)
         self.exported = False  # set by LlamaForCausalLM.fuse_for_export
 
-    def forward(self, input_ids, past: Optional[KVCache] = None):
+    def forward(self, input_ids, past: Optional[KVCache] = None, position_ids=None, attention_mask=None):
+        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional, are read by the export form
+        only (the exported graph's inputs of those names; a left-padded batch passes both)."""
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
         positions = torch.arange(T, device=x.device) + start
+        if self.exported and position_ids is not None:
+            positions = position_ids
         cos, sin = self.rotary_emb(positions, x.dtype)
         if self.exported:  # additive, one copy per query head of a group (LlamaAttention._forward_export)
-            allowed = torch.arange(start + T, device=x.device)[None, :] <= positions[:, None]  # (T, P + T)
             group = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = torch.where(allowed, 0.0, float("-inf")).to(x.dtype).repeat(group, 1)
+            mask = additive_mask(T, start, x.dtype, x.device, attention_mask)
+            mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, 1, group, 1)
         else:
             mask = causal_mask(T, start, x.device) if start > 0 else None
         p = self.dropout if self.training else 0.0
@@ -274,10 +280,12 @@ class LlamaForCausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def forward(self, input_ids, past: Optional[KVCache] = None, use_cache: bool = True, logits_to_keep: int = 0):
+    def forward(self, input_ids, past: Optional[KVCache] = None, use_cache: bool = True, logits_to_keep: int = 0,
+                position_ids=None, attention_mask=None):
         if past is None and use_cache:
             past = self.new_cache()
-        h = self.model(input_ids, past=past if use_cache else None)
+        h = self.model(input_ids, past=past if use_cache else None, position_ids=position_ids,
+                       attention_mask=attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h), (past if use_cache else None)
