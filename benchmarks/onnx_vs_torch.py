@@ -194,12 +194,12 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
             logits, past = model.step(torch.from_numpy(ids), past)
         return logits, past
 
-    steppers = {"torch fp32": (torch_step, bytes_per_token(exports[None][0] / "decoder.onnx"))}
+    steppers = {"torch fp32": (torch_step, bytes_per_token(graph_file(exports[None][0])))}
     for q in (None, "int8"):
         export = Export(exports[q][0], threads=threads)
         dec = OnnxDecoder(export.session("decoder"), export.manifest["config"])
         steppers[f"onnxruntime {'int8' if q else 'fp32'}"] = (lambda ids, past, dec=dec: dec.step(ids, past),
-                                                             bytes_per_token(exports[q][0] / "decoder.onnx"))
+                                                             bytes_per_token(graph_file(exports[q][0])))
     argmax = lambda l: int(l[0].argmax())  # noqa: E731
     for step, _ in steppers.values():
         decode_rate(step, prompt, 8, argmax)  # warm-up

@@ -56,7 +56,7 @@ def test_text_export_gate_manifest_and_greedy(tmp_path, host, family):
     manifest = export_model(host, entry)
     out = folder / "onnx"
     assert manifest["folder"] == str(out) and (out / "onnx.json").is_file()
-    assert json.loads((out / "onnx.json").read_text())["files"]["decoder.onnx"]["sha256"]
+    assert json.loads((out / "onnx.json").read_text())["files"]["model.onnx"]["sha256"]
     assert manifest["parity_passed"] and manifest["parity"]["decoder_logits"]["max_abs_diff"] <= 1e-3
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"} and manifest["opset"] >= 14
     io = {i["name"]: i["shape"] for i in manifest["graphs"]["decoder"]["inputs"]}
@@ -85,7 +85,9 @@ def test_int8_export_records_quality(tmp_path, host):
     assert "MatMulNBits" in q["method"] and q["bits"] == 8 and "greedy_int8_matches_fp32_for_tokens" in q["quality"]
     assert manifest["parity"]["decoder_logits_int8"]["passed"] and "decoder_logits_int8" in q["gate"]
     assert "bpc_onnx_int8" in q["quality"] or q["quality"]["heldout"].startswith("not measured")
-    assert sorted(p.name for p in (folder / "onnx-int8").iterdir()) == ["decoder.onnx", "onnx.json"]
+    assert sorted(p.name for p in (folder / "onnx-int8").iterdir()) == [
+        "config.json", "genai_config.json", "generation_config.json", "model.onnx", "onnx.json", "tokenizer.json",
+        "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -100,7 +102,7 @@ def test_int4_export_is_gated_against_fp32(tmp_path, host, family):
     gate = manifest["parity"]["decoder_logits_int4"]
     assert gate["passed"] and gate["top1_agreement"] >= gate["min_top1_agreement"]
     assert gate["max_abs_diff"] <= gate["tolerance"] and gate["against"] == "the fp32 ONNX graph"
-    graph = onnx.load(str(folder / "onnx-int4" / "decoder.onnx"))
+    graph = onnx.load(str(folder / "onnx-int4" / "model.onnx"))
     bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert bits == {4}
 

@@ -121,6 +121,9 @@ def test_onnxruntime_genai_generates_the_studio_tokens(exported):
 
 
 def test_optimum_ort_model_generates_the_studio_tokens(exported):
+    """Runs where Optimum is installed. optimum-onnx 0.1.0 (the release on PyPI) pins transformers < 4.58 and
+    huggingface-hub < 1, which the studio's test extra (transformers 5) cannot share, so it is not in the extra;
+    docs/onnx.md records the run made with it in a separate environment."""
     ortmod = pytest.importorskip("optimum.onnxruntime")
     family, folder, _ = exported
     model = ortmod.ORTModelForCausalLM.from_pretrained(str(folder / "onnx"), use_cache=True, use_io_binding=False)
