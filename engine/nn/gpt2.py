@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.blocks import activation
+from engine.nn.blocks import activation, tie_for_export
 from engine.nn.cache import KVCache, additive_mask, causal_mask
 
 
@@ -259,12 +259,14 @@ class GPT2LMHeadModel(nn.Module):
 
     def fuse_for_export(self) -> "GPT2LMHeadModel":
         """Turn this model (a copy made for the export) into its export form: attention scales folded into the
-        weights, plain attention, one additive causal mask per call; with a tanh GELU the graph (opset 20) has
+        weights, plain attention, one additive causal mask per call, the tied embedding stored once
+        (engine.nn.blocks.TiedTable); with a tanh GELU the graph (opset 20) has
         one Gelu node per layer. Computes the same function; returns self."""
         for block in self.transformer.h:
             block.attn.fuse_for_export()
             if self.config.add_cross_attention:
                 block.crossattention.fuse_for_export()
+        self.transformer.wte, self.lm_head = tie_for_export(self.transformer.wte, self.lm_head)  # stored once
         self.transformer.exported = True
         return self.eval()
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.nn.blocks import tie_for_export
 from engine.nn.cache import KVCache, additive_mask, causal_mask
 
 
@@ -292,13 +293,15 @@ class LlamaForCausalLM(nn.Module):
 
     def fuse_for_export(self) -> "LlamaForCausalLM":
         """Turn this model (a copy made for the export) into its export form: fused q/k/v and gate/up
-        projections, grouped-query attention without repeats (see LlamaAttention.fuse_for_export). It computes
+        projections, grouped-query attention without repeats (see LlamaAttention.fuse_for_export), a tied
+        embedding stored once (engine.nn.blocks.TiedTable). It computes
         the same function; the ONNX exporter traces it. Returns self."""
         if self.config.head_dim % 2:
             raise ValueError("rotary embeddings need an even head size")
         for layer in self.model.layers:
             layer.self_attn.fuse_for_export()
             layer.mlp.fuse_for_export()
+        self.model.embed_tokens, self.lm_head = tie_for_export(self.model.embed_tokens, self.lm_head)  # stored once
         self.model.exported = True
         return self.eval()
 
