@@ -85,6 +85,8 @@ def test_int8_export_records_quality(tmp_path, host):
     assert "MatMulNBits" in q["method"] and q["bits"] == 8 and "greedy_int8_matches_fp32_for_tokens" in q["quality"]
     assert manifest["parity"]["decoder_logits_int8"]["passed"] and "decoder_logits_int8" in q["gate"]
     assert "bpc_onnx_int8" in q["quality"] or q["quality"]["heldout"].startswith("not measured")
+    if "bpc_onnx_int8" in q["quality"]:
+        assert q["quality"]["top1_agreement_int8_vs_fp32"].split("/")[1].startswith("1000")
     assert sorted(p.name for p in (folder / "onnx-int8").iterdir()) == [
         "config.json", "genai_config.json", "generation_config.json", "model.onnx", "onnx.json", "tokenizer.json",
         "tokenizer_config.json"]

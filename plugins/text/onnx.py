@@ -92,6 +92,17 @@ def bits_per_char(logits_fn, ids: list, n_chars: int, context: int) -> float:
     return nats / math.log(2) / n_chars
 
 
+def top1_agreement(fp32_fn, q_fn, ids: list, context: int) -> tuple:
+    """(agreeing positions, positions): the quantized graph's top-1 token against the fp32 graph's at every position
+    of ``ids``, read in non-overlapping windows of ``context`` tokens."""
+    agree = total = 0
+    for start in range(0, len(ids), context):
+        window = np.array([ids[start:start + context]], dtype=np.int64)
+        agree += int((fp32_fn(window)[0].argmax(-1) == q_fn(window)[0].argmax(-1)).sum())
+        total += window.shape[1]
+    return agree, total
+
+
 def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, q_decoder, vocab: int, max_pos: int,
                  scheme: str = "int8", greedy_tokens: int = 32) -> dict:
     """Held-out bits per character under torch fp32, onnxruntime fp32 and the quantized graph (``scheme``),
@@ -111,6 +122,8 @@ def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, q_decode
         out.update({"heldout": f"first {len(text)} characters of {name}", "bpc_torch_fp32": round(bpc_t, 4),
                     "bpc_onnx_fp32": round(bpc_f, 4), f"bpc_onnx_{scheme}": round(bpc_q, 4),
                     f"bpc_cost_{scheme}": round(bpc_q - bpc_f, 4)})
+        agree, total = top1_agreement(lambda x: fp32_decoder(x)[0], lambda x: q_decoder(x)[0], ids[:1000], context)
+        out[f"top1_agreement_{scheme}_vs_fp32"] = f"{agree}/{total} tokens of {name}"
         prompt = np.array([ids[:16]], dtype=np.int64)
     else:
         out["heldout"] = "not measured (held-out text or tokenizer not found)"
