@@ -230,6 +230,15 @@ def test_caption_export_and_pipeline_parity(tmp_path, host):
         CaptionPipeline.from_folder(folder, backend="onnx", model_hash="0" * 64)
 
 
+def test_caption_int8_is_gated_against_fp32(tmp_path, host):
+    folder = caption_folder(tmp_path / "tiny-cap8")
+    manifest = export_model(host, entry_for(folder, "vision-encoder-decoder", "caption"), quantize="int8")
+    gate = manifest["parity"]["decoder_logits_int8"]
+    assert gate["passed"] and "renders" in gate["against"] and gate["top1_agreement"] >= 0.9
+    assert "decoder_logits_int8" in manifest["quantization"]["gate"]
+    assert "exact_match_onnx_int8" in manifest["quantization"]["quality"]
+
+
 def test_image_export_unet_within_tolerance(tmp_path, host):
     from plugins.image.model import load
     from plugins.image.onnx import load_image_model
