@@ -106,6 +106,12 @@ def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
     return best
 
 
+def graph_file(export_folder: Path, name: str = "decoder") -> Path:
+    """The file of graph ``name`` in an export folder, as its manifest names it (model.onnx for text exports)."""
+    man = json.loads((Path(export_folder) / "onnx.json").read_text(encoding="utf-8"))
+    return Path(export_folder) / man["graphs"][name]["file"]
+
+
 def bytes_per_token(graph_path: Path) -> int:
     """Bytes of initializers a decode step reads: all of them except tables used only by Gather (embeddings)."""
     import onnx
@@ -175,7 +181,7 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
 
     rows, notes = [], []
     exports = {}
-    for q in (None, "int8"):
+    for q in (None, "int8", "int4"):
         t = time.perf_counter()
         man = export_model(host, entry, out_dir=work / f"{name}-{q or 'fp32'}", quantize=q, log=log)
         exports[q] = (Path(man["folder"]), man)
@@ -183,8 +189,15 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
                      f"{man['parity']['decoder_logits']['max_abs_diff']:.2g} (tolerance "
                      f"{man['parity']['decoder_logits']['tolerance']:g})")
         if q:
-            notes.append(f"{name} int8 quality: {json.dumps(man['quantization']['quality'])}")
+            notes.append(f"{name} {q} quality: {json.dumps(man['quantization']['quality'])}; gate: "
+                         f"{json.dumps(man['parity'][f'decoder_logits_{q}'])}")
     model = load_torch_model(folder, family)
+    weights = sum(t.numel() * 4 for t in {id(t): t for t in model.parameters()}.values())  # each tensor once, fp32
+    fp32_file = graph_file(exports[None][0])
+    size, read = fp32_file.stat().st_size, bytes_per_token(fp32_file)
+    notes.append(f"{name}: lean export (#20): fp32 weights {weights / 1e6:.3f} MB; fp32 graph file "
+                 f"{size / 1e6:.3f} MB ({100 * (size / weights - 1):+.1f} %); bytes read per decode step "
+                 f"{read / 1e6:.3f} MB ({100 * (read / weights - 1):+.1f} %; Gather-only tables are not read whole)")
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.config.vocab_size, size=(1, 16)).astype(np.int64)
     n = min(tokens, (model.config.max_position_embeddings if family == "llama" else model.config.n_positions) - 17)
@@ -194,12 +207,12 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
             logits, past = model.step(torch.from_numpy(ids), past)
         return logits, past
 
-    steppers = {"torch fp32": (torch_step, bytes_per_token(exports[None][0] / "decoder.onnx"))}
-    for q in (None, "int8"):
+    steppers = {"torch fp32": (torch_step, bytes_per_token(graph_file(exports[None][0])))}
+    for q in (None, "int8", "int4"):
         export = Export(exports[q][0], threads=threads)
         dec = OnnxDecoder(export.session("decoder"), export.manifest["config"])
-        steppers[f"onnxruntime {'int8' if q else 'fp32'}"] = (lambda ids, past, dec=dec: dec.step(ids, past),
-                                                             bytes_per_token(exports[q][0] / "decoder.onnx"))
+        steppers[f"onnxruntime {q or 'fp32'}"] = (lambda ids, past, dec=dec: dec.step(ids, past),
+                                                             bytes_per_token(graph_file(exports[q][0])))
     argmax = lambda l: int(l[0].argmax())  # noqa: E731
     for step, _ in steppers.values():
         decode_rate(step, prompt, 8, argmax)  # warm-up

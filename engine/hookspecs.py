@@ -46,11 +46,13 @@ def register_exporters(register):
     (``engine.onnx_export.export_model``) calls ``export(model_ref, out_dir, options)`` with a fresh temporary
     ``out_dir`` and these ``options``:
 
-    - ``"quantize"``: None, or ``"int8"`` (weight-only int8 MatMuls);
+    - ``"quantize"``: None, ``"int8"`` or ``"int4"`` (weight-only MatMuls, ``engine.backends.common.QUANTIZATIONS``);
+      an exporter that quantizes returns ``"quantization"`` and gates the quantized graph against its fp32 graph
+      under its own parity name (e.g. ``decoder_logits_int8``), or the host refuses the export;
     - ``"log"``: ``log(text)`` shows a progress line to the user;
     - ``"gate"``: ``gate(parity)`` judges parity figures now and raises ``engine.errors.ParityError`` when they
       fail (unless the user forced the export). Optional: call it before slow work (quantizing) to stop early;
-      the host runs the gate on the returned figures itself, once.
+      the host runs the gate on the returned figures itself; each named figure is judged once.
 
     ``export`` writes its graphs into ``out_dir`` and returns a dict: ``"graphs"`` {name: {"file", "inputs",
     "outputs"}} (non-empty), ``"parity"`` {check: {"max_abs_diff", "tolerance", "passed", ...}} (non-empty: an

@@ -1,8 +1,8 @@
 """``studio export-onnx``: export a model through its family's registered exporter, gate it on parity with
 PyTorch, and write the manifest ``onnx.json`` beside the graphs.
 
-Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` when quantized) for user models, and
-``$STUDIO_HOME/exports/<model>/onnx[-int8]`` for built-in models (their folder is read-only). The export is
+Where: ``--out DIR``; else ``<model folder>/onnx`` (``onnx-int8`` / ``onnx-int4`` when quantized) for user models, and
+``$STUDIO_HOME/exports/<model>/onnx[-int8|-int4]`` for built-in models (their folder is read-only). The export is
 written into a temporary sibling folder and renamed into place at the end, so nothing half-written is left;
 an existing destination is replaced only if it is an earlier export (it holds this studio's manifest).
 
@@ -25,11 +25,11 @@ from engine.errors import ModelError, ParityError, UsageError
 from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export
 from engine.filecheck import stamp
 
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, "int8", "int4")
 
 
 def default_out_dir(entry, quantize: Optional[str]) -> Path:
-    name = "onnx-int8" if quantize == "int8" else "onnx"
+    name = f"onnx-{quantize}" if quantize else "onnx"
     if entry.builtin:
         return exports_home() / entry.name / name
     return Path(entry.path) / name
@@ -44,23 +44,29 @@ def parity_failures(parity: dict) -> list:
         diff, tol = fig.get("max_abs_diff"), fig.get("tolerance")
         failed = fig.get("passed") is False or (diff is not None and tol is not None and not diff <= tol)
         if failed:
-            bad.append(f"{name} differs by up to {diff:.3g} (tolerance {tol:g})")
+            phrase = f"{name} differs by up to {diff:.3g} (tolerance {tol:g})"
+            top1, floor = fig.get("top1_agreement"), fig.get("min_top1_agreement")
+            if top1 is not None and floor is not None:
+                phrase += f", top-1 agreement {top1:.0%} (at least {floor:.0%})"
+            bad.append(phrase)
     return bad
 
 
 class Gate:
     """The parity gate, run once per export by the host. An exporter may call it early (``options["gate"]``) to
-    stop before slow work such as quantizing; the host then does not run it again on the same figures."""
+    stop before slow work such as quantizing, and again for the quantized graphs' own figures; each named figure is
+    judged once (the host does not judge it again, so a --force warning prints once)."""
 
     def __init__(self, entry, force: bool, say: Callable):
         self.entry, self.force, self.say = entry, force, say
-        self.checked: list = []  # the figures already judged
+        self.judged: dict = {}  # name -> a copy of the figures already judged
 
     def __call__(self, parity: dict) -> None:
-        if any(parity is p or parity == p for p in self.checked):
-            return
-        self.checked.append(parity)
-        bad = parity_failures(parity)
+        import copy
+
+        fresh = {k: v for k, v in parity.items() if k not in self.judged or self.judged[k] != v}
+        self.judged.update(copy.deepcopy(fresh))
+        bad = parity_failures(fresh)
         if not bad:
             return
         if self.force:
@@ -75,7 +81,7 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
     """Export ``entry`` (a ModelEntry) and return its manifest (``manifest["folder"]`` is where it went)."""
     say = log or (lambda msg: None)
     if quantize not in QUANTIZE:
-        raise UsageError(f"Quantization must be int8 or none, not {quantize!r}.")
+        raise UsageError(f"Quantization must be int8, int4 or none, not {quantize!r}.")
     host.load()
     if entry.family not in host.exporters:
         known = ", ".join(sorted(host.exporters)) or "none"
@@ -118,10 +124,17 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
         from engine.backends.common import versions
 
         quant = None
-        if quantize == "int8":
-            from engine.backends.common import QUANTIZATION
+        if quantize:
+            from engine.backends.common import QUANTIZATIONS
 
-            quant = {**QUANTIZATION, "gate": "the parity gate ran on the fp32 graph before quantization"}
+            if not result.get("quantization"):
+                raise ModelError(f"The ONNX exporter of plugin {plugin} does not quantize the {entry.family} family "
+                                 f"to {quantize}; export it without --quantize or with another scheme.")
+            gated = sorted(k for k in parity if k.endswith(f"_{quantize}"))
+            quant = {**QUANTIZATIONS[quantize],
+                     "gate": (f"the {quantize} graph passed its own gate against fp32 (parity: {', '.join(gated)})"
+                              if gated else "the parity gate ran on the fp32 graph before quantization; the "
+                              f"{quantize} graph of this family has no gate of its own")}
             quant.update(result.get("quantization") or {})
         manifest = {
             "format": FORMAT,

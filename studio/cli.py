@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-onnx", help="export a model to ONNX, checked against PyTorch")
     e.add_argument("model")
     e.add_argument("--out", metavar="DIR")
-    e.add_argument("--quantize", choices=("int8",))
+    e.add_argument("--quantize", choices=("int8", "int4"))
     e.add_argument("--force", action="store_true", help="keep an export that fails the parity gate")
     e.add_argument("--json", action="store_true")
 

@@ -47,7 +47,10 @@ def _count_hashes(monkeypatch) -> list:
 
 def _run(session):
     ids = np.array([[1, 2, 3]], dtype=np.int64)
-    feeds = {i.name: (ids if i.name == "input_ids" else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32))
+    given = {"input_ids": ids, "attention_mask": np.ones((1, 3), np.int64),
+             "position_ids": np.arange(3, dtype=np.int64)[None]}
+    feeds = {i.name: given.get(i.name, None) if i.name in given else np.zeros((1, i.shape[1], 0, i.shape[3]),
+                                                                               np.float32)
              for i in session.get_inputs()}
     return session.run(["logits"], feeds)[0]
 
@@ -55,14 +58,14 @@ def _run(session):
 def test_export_keeps_weights_beside_the_graph_and_stamps_them(exported):
     folder = exported / "onnx"
     manifest = json.loads((folder / "onnx.json").read_text())
-    assert set(manifest["files"]) == {"decoder.onnx", "decoder.onnx.data"}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= set(manifest["files"])
     for name, meta in manifest["files"].items():
         st = (folder / name).stat()
         assert meta["bytes"] == st.st_size and meta["mtime_ns"] == st.st_mtime_ns and len(meta["sha256"]) == 64
     import onnx
     from onnx import external_data_helper as edh
 
-    proto = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     big = [t for t in proto.graph.initializer if np.prod(t.dims) * 4 >= 4096]
     assert big and all(edh.uses_external_data(t) for t in big)
     offsets = [int(e.value) for t in big for e in t.external_data if e.key == "offset"]
@@ -76,16 +79,16 @@ def test_unchanged_files_are_not_hashed(copy, monkeypatch):
 
 
 def test_touched_file_is_hashed_with_a_note(copy, monkeypatch):
-    data = copy / "onnx" / "decoder.onnx.data"
+    data = copy / "onnx" / "model.onnx.data"
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 5_000_000_000))
     seen = _count_hashes(monkeypatch)
     export = Export(copy / "onnx")
-    assert seen == ["decoder.onnx.data"]
-    assert any("decoder.onnx.data" in n and "sha256 was checked and matches" in n for n in export.notes)
+    assert seen == ["model.onnx.data"]
+    assert any("model.onnx.data" in n and "sha256 was checked and matches" in n for n in export.notes)
 
 
 def test_changed_file_of_the_same_size_is_refused(copy):
-    data = copy / "onnx" / "decoder.onnx.data"
+    data = copy / "onnx" / "model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -94,7 +97,7 @@ def test_changed_file_of_the_same_size_is_refused(copy):
 
 
 def test_changed_size_is_refused_without_hashing(copy, monkeypatch):
-    with open(copy / "onnx" / "decoder.onnx.data", "ab") as f:
+    with open(copy / "onnx" / "model.onnx.data", "ab") as f:
         f.write(b"\0")
     seen = _count_hashes(monkeypatch)
     with pytest.raises(ModelError, match="bytes"):
@@ -106,12 +109,12 @@ def test_optimized_graph_saved_once_and_reused(copy, monkeypatch):
     first = Export(copy / "onnx")
     expected = _run(first.session("decoder"))
     cache = copy / "onnx" / optimized.FOLDER
-    assert (cache / "decoder.onnx").is_file() and (cache / "decoder.onnx.json").is_file()
-    meta = json.loads((cache / "decoder.onnx.json").read_text())
+    assert (cache / "model.onnx").is_file() and (cache / "model.onnx.json").is_file()
+    meta = json.loads((cache / "model.onnx.json").read_text())
     import onnxruntime
 
     assert meta["onnxruntime"] == onnxruntime.__version__
-    stamp = (cache / "decoder.onnx").stat().st_mtime_ns
+    stamp = (cache / "model.onnx").stat().st_mtime_ns
 
     def no_check(*a, **k):
         raise AssertionError("the source graph was parsed and checked again")
@@ -119,12 +122,12 @@ def test_optimized_graph_saved_once_and_reused(copy, monkeypatch):
     monkeypatch.setattr(optimized, "check_graph", no_check)
     second = Export(copy / "onnx")
     np.testing.assert_allclose(_run(second.session("decoder")), expected, atol=1e-5)
-    assert second.notes == [] and (cache / "decoder.onnx").stat().st_mtime_ns == stamp
+    assert second.notes == [] and (cache / "model.onnx").stat().st_mtime_ns == stamp
 
 
 def test_optimized_graph_of_another_onnxruntime_is_rebuilt(copy):
     expected = _run(Export(copy / "onnx").session("decoder"))
-    meta_path = copy / "onnx" / optimized.FOLDER / "decoder.onnx.json"
+    meta_path = copy / "onnx" / optimized.FOLDER / "model.onnx.json"
     meta = json.loads(meta_path.read_text())
     meta["onnxruntime"] = "0.0.1"
     meta_path.write_text(json.dumps(meta))
@@ -136,7 +139,7 @@ def test_optimized_graph_of_another_onnxruntime_is_rebuilt(copy):
 
 def test_damaged_optimized_graph_is_rebuilt(copy):
     expected = _run(Export(copy / "onnx").session("decoder"))
-    opt = copy / "onnx" / optimized.FOLDER / "decoder.onnx"
+    opt = copy / "onnx" / optimized.FOLDER / "model.onnx"
     opt.write_bytes(b"garbage")
     export = Export(copy / "onnx")
     np.testing.assert_allclose(_run(export.session("decoder")), expected, atol=1e-5)
@@ -148,7 +151,7 @@ def test_disk_too_small_still_opens_with_a_note(copy, monkeypatch):
     export = Export(copy / "onnx")
     assert _run(export.session("decoder")).shape[-1] > 0
     assert any("could not be saved" in n and "slower" in n for n in export.notes)
-    assert not (copy / "onnx" / optimized.FOLDER / "decoder.onnx.json").exists()
+    assert not (copy / "onnx" / optimized.FOLDER / "model.onnx.json").exists()
 
 
 def test_torch_load_maps_weights_without_initialising(exported, monkeypatch):
@@ -176,13 +179,16 @@ def test_gate_and_choice_of_export(copy):
     manifest = json.loads((copy / "onnx" / "onnx.json").read_text())
     assert gate_passed(manifest)
     assert not gate_passed({**manifest, "forced": True})
-    assert not gate_passed({**manifest, "quantization": {"gate": "the parity gate ran on the fp32 graph"}})
-    assert gate_passed({**manifest, "quantization": {"gate": {"passed": True}}})
+    assert not gate_passed({**manifest, "quantization": {"bits": 8, "gate": "the parity gate ran on fp32 only"}})
+    gated = {**manifest, "quantization": {"bits": 8},
+             "parity": {**manifest["parity"], "decoder_logits_int8": {"passed": True}}}
+    assert gate_passed(gated)
+    assert not gate_passed({**gated, "parity": {**gated["parity"], "decoder_logits_int8": {"passed": False}}})
     int8 = copy / "onnx-int8"
     shutil.copytree(copy / "onnx", int8)
-    (int8 / "onnx.json").write_text(json.dumps({**manifest, "quantization": {"gate": {"passed": True}}}))
+    (int8 / "onnx.json").write_text(json.dumps(gated))
     assert choose_export(copy) == int8  # the faster variant, having passed its gate
-    (int8 / "onnx.json").write_text(json.dumps({**manifest, "quantization": {"gate": "not gated"}}))
+    (int8 / "onnx.json").write_text(json.dumps({**manifest, "quantization": {"bits": 8, "gate": "not gated"}}))
     assert choose_export(copy) == copy / "onnx"
     assert choose_export(copy, legacy=True) == copy / "onnx"
     assert choose_export(copy, gated_only=True, model_hash="another version") is None

@@ -56,7 +56,7 @@ def test_text_export_gate_manifest_and_greedy(tmp_path, host, family):
     manifest = export_model(host, entry)
     out = folder / "onnx"
     assert manifest["folder"] == str(out) and (out / "onnx.json").is_file()
-    assert json.loads((out / "onnx.json").read_text())["files"]["decoder.onnx"]["sha256"]
+    assert json.loads((out / "onnx.json").read_text())["files"]["model.onnx"]["sha256"]
     assert manifest["parity_passed"] and manifest["parity"]["decoder_logits"]["max_abs_diff"] <= 1e-3
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"} and manifest["opset"] >= 14
     io = {i["name"]: i["shape"] for i in manifest["graphs"]["decoder"]["inputs"]}
@@ -83,9 +83,68 @@ def test_int8_export_records_quality(tmp_path, host):
     assert manifest["folder"].endswith("onnx-int8")
     q = manifest["quantization"]
     assert "MatMulNBits" in q["method"] and q["bits"] == 8 and "greedy_int8_matches_fp32_for_tokens" in q["quality"]
+    assert manifest["parity"]["decoder_logits_int8"]["passed"] and "decoder_logits_int8" in q["gate"]
     assert "bpc_onnx_int8" in q["quality"] or q["quality"]["heldout"].startswith("not measured")
-    files = sorted(p.name for p in (folder / "onnx-int8").iterdir() if p.is_file())
-    assert files == ["decoder.onnx", "decoder.onnx.data", "onnx.json"]
+    if "bpc_onnx_int8" in q["quality"]:
+        assert q["quality"]["top1_agreement_int8_vs_fp32"].split("/")[1].startswith("1000")
+    assert sorted(p.name for p in (folder / "onnx-int8").iterdir() if p.is_file()) == [
+        "config.json", "genai_config.json", "generation_config.json", "model.onnx", "model.onnx.data", "onnx.json",
+        "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int4_export_is_gated_against_fp32(tmp_path, host, family):
+    import onnx
+
+    folder = text_folder(tmp_path / f"tiny-q4-{family}", family)
+    manifest = export_model(host, entry_for(folder, family, "text"), quantize="int4")
+    assert manifest["folder"].endswith("onnx-int4") and manifest["parity_passed"]
+    q = manifest["quantization"]
+    assert q["bits"] == 4 and q["block_size"] == 32 and "decoder_logits_int4" in q["gate"]
+    gate = manifest["parity"]["decoder_logits_int4"]
+    assert gate["passed"] and gate["top1_agreement"] >= gate["min_top1_agreement"]
+    assert gate["max_abs_diff"] <= gate["tolerance"] and gate["against"] == "the fp32 ONNX graph"
+    graph = onnx.load(str(folder / "onnx-int4" / "model.onnx"))
+    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
+
+
+def _break_scales(path):
+    """Scramble the scales of every MatMulNBits node: a quantized graph that runs but computes nonsense."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    scales = {n.input[2] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.name in scales:
+            arr = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array((arr * rng.normal(0, 3, arr.shape)).astype(arr.dtype), init.name))
+    onnx.save(model, str(path))
+
+
+def test_broken_quantized_graph_is_refused(tmp_path, host, monkeypatch):
+    import engine.backends.common as common
+
+    real = common.quantize_graph
+
+    def broken(src, dst, scheme="int8"):
+        real(src, dst, scheme)
+        _break_scales(dst)
+
+    monkeypatch.setattr(common, "quantize_graph", broken)
+    folder = text_folder(tmp_path / "tiny-qbad", "llama")
+    entry = entry_for(folder, "llama", "text")
+    with pytest.raises(ParityError, match="decoder_logits_int8 differs") as refused:
+        export_model(host, entry, quantize="int8")
+    assert "top-1 agreement" in refused.value.failures[0]
+    assert not (folder / "onnx-int8").exists() and not [p for p in folder.iterdir() if p.name.startswith(".")]
+    said = []
+    manifest = export_model(host, entry, quantize="int8", force=True, log=said.append)
+    assert not manifest["parity_passed"] and manifest["parity"]["decoder_logits"]["passed"]
+    assert manifest["parity"]["decoder_logits_int8"]["passed"] is False
+    assert len([m for m in said if "parity gate failed" in m]) == 1
 
 
 def test_builtin_exports_go_to_studio_home(tmp_path, host):
@@ -169,6 +228,15 @@ def test_caption_export_and_pipeline_parity(tmp_path, host):
     CaptionPipeline.from_folder(folder, backend="onnx", model_hash=entry.hash)  # the export's own model: fine
     with pytest.raises(ModelError, match="another version"):  # the model changed after the export
         CaptionPipeline.from_folder(folder, backend="onnx", model_hash="0" * 64)
+
+
+def test_caption_int8_is_gated_against_fp32(tmp_path, host):
+    folder = caption_folder(tmp_path / "tiny-cap8")
+    manifest = export_model(host, entry_for(folder, "vision-encoder-decoder", "caption"), quantize="int8")
+    gate = manifest["parity"]["decoder_logits_int8"]
+    assert gate["passed"] and "renders" in gate["against"] and gate["top1_agreement"] >= 0.9
+    assert "decoder_logits_int8" in manifest["quantization"]["gate"]
+    assert "exact_match_onnx_int8" in manifest["quantization"]["quality"]
 
 
 def test_image_export_unet_within_tolerance(tmp_path, host):

@@ -52,14 +52,14 @@ def test_good_export_opens(copy):
 
 
 def test_truncated_graph_refused(copy):
-    path = copy / "onnx" / "decoder.onnx"
+    path = copy / "onnx" / "model.onnx"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelError, match="truncated"):
         open_export(copy)
 
 
 def test_corrupt_graph_refused(copy, tmp_path):
-    path = copy / "onnx" / "decoder.onnx"
+    path = copy / "onnx" / "model.onnx"
     data = bytearray(path.read_bytes())
     data[100:200] = b"\xff" * 100
     path.write_bytes(bytes(data))
@@ -105,7 +105,7 @@ def test_external_data_outside_refused(tmp_path):
 
 
 def test_symlinked_graph_refused(copy, tmp_path):
-    path = copy / "onnx" / "decoder.onnx"
+    path = copy / "onnx" / "model.onnx"
     moved = tmp_path / "elsewhere.onnx"
     shutil.move(path, moved)
     os.symlink(moved, path)

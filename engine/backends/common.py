@@ -2,7 +2,7 @@
 
 ``export_graph`` runs the TorchScript exporter with dynamic axes;
 ``graph_io`` reads names, shapes and types back from the written file; ``quantize_graph`` applies
-onnxruntime's weight-only int8 quantization (``MatMulNBits``).
+onnxruntime's weight-only int8 / int4 quantization (``MatMulNBits``).
 """
 from __future__ import annotations
 
@@ -63,21 +63,28 @@ def graph_io(path: Path) -> dict:
 
 
 QUANT_BLOCK = 128
-QUANTIZATION = {"method": "onnxruntime MatMulNBitsQuantizer (weight-only)", "bits": 8, "block_size": QUANT_BLOCK,
-                "symmetric": True, "accuracy_level": 4, "op_types": ["MatMul"],
-                "why": "a decoder at batch 1 is bound by reading its weights: int8 weights read a quarter of the "
-                       "bytes, and accuracy level 4 multiplies in int8; benchmarks/onnx_vs_torch.py measured a "
-                       "124M GPT-2 at 3.2-3.5x torch fp32, where quantize_dynamic (QInt8) gave 2.1-2.3x"}
+QUANTIZATIONS = {
+    "int8": {"method": "onnxruntime MatMulNBitsQuantizer (weight-only)", "bits": 8, "block_size": QUANT_BLOCK,
+             "symmetric": True, "accuracy_level": 4, "op_types": ["MatMul"],
+             "why": "a decoder at batch 1 is bound by reading its weights: int8 weights read a quarter of the "
+                    "bytes, and accuracy level 4 multiplies in int8; benchmarks/onnx_vs_torch.py measured a "
+                    "124M GPT-2 at 3.2-3.5x torch fp32, where quantize_dynamic (QInt8) gave 2.1-2.3x"},
+    "int4": {"method": "onnxruntime MatMulNBitsQuantizer (weight-only)", "bits": 4, "block_size": 32,
+             "symmetric": True, "accuracy_level": 4, "op_types": ["MatMul"],
+             "why": "half the bytes of int8 (an eighth of fp32) for the MatMul weights; blocks of 32 keep the "
+                    "rounding error local, at the quality cost the export measures and the gate bounds"},
+}
+QUANTIZATION = QUANTIZATIONS["int8"]  # the default scheme
 
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: larger graphs keep their weights in a .data file
 
 
-def quantize_graph(src: Path, dst: Path) -> None:
-    """Weight-only int8 of every MatMul with a constant weight (``MatMulNBits``, bits 8): blocks of QUANT_BLOCK
-    values along the input dimension, one fp32 scale each; at accuracy level 4 onnxruntime quantizes the
-    activations to int8 on the fly for the multiply. A graph near protobuf's 2 GB limit is written with its
-    weights in ``<name>.data`` beside it (inside the export folder)."""
+def quantize_graph(src: Path, dst: Path, scheme: str = "int8") -> None:
+    """Weight-only quantization of every MatMul with a constant weight (``MatMulNBits``, QUANTIZATIONS[scheme]:
+    8 bits in blocks of 128 or 4 bits in blocks of 32 values along the input dimension, one fp32 scale each); at
+    accuracy level 4 onnxruntime quantizes the activations to int8 on the fly for the multiply. A graph near
+    protobuf's 2 GB limit is written with its weights in ``<name>.data`` beside it (inside the export folder)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -87,7 +94,7 @@ def quantize_graph(src: Path, dst: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = QUANTIZATION
+            q = QUANTIZATIONS[scheme]
             config = DefaultWeightOnlyQuantConfig(block_size=q["block_size"], is_symmetric=q["symmetric"],
                                                   accuracy_level=q["accuracy_level"], bits=q["bits"])
             quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=q["bits"], block_size=q["block_size"],
@@ -132,12 +139,12 @@ def externalize(path: Path) -> bool:
     return True
 
 
-def quantize_graphs(paths: dict) -> dict:
-    """Weight-only int8 copies of ``paths`` ({name: graph.onnx}) beside them, as {name: graph.int8.onnx}."""
+def quantize_graphs(paths: dict, scheme: str = "int8") -> dict:
+    """Weight-only quantized copies of ``paths`` ({name: graph.onnx}) beside them, as {name: graph.<scheme>.onnx}."""
     out = {}
     for name, path in paths.items():
-        out[name] = Path(path).with_suffix(".int8.onnx")
-        quantize_graph(Path(path), out[name])
+        out[name] = Path(path).with_suffix(f".{scheme}.onnx")
+        quantize_graph(Path(path), out[name], scheme)
     return out
 
 
@@ -152,7 +159,7 @@ def describe_graphs(paths: dict) -> tuple:
 
 
 def replace_graphs(pairs) -> None:
-    """Move each ``(src, dst)`` graph over its ``dst`` (the int8 graphs replace the fp32 ones)."""
+    """Move each ``(src, dst)`` graph over its ``dst`` (the quantized graphs replace the fp32 ones)."""
     for src, dst in pairs:
         dst.unlink()
         src.rename(dst)

@@ -37,8 +37,8 @@ class OnnxCache:
 
 
 class OnnxDecoder:
-    """Runs a decoder graph (``input_ids``, ``past_key_values.{i}.key/value`` [, ``cross.{i}.key/value``] ->
-    ``logits``, ``present.{i}.key/value``)."""
+    """Runs a decoder graph (``input_ids`` [, ``attention_mask``, ``position_ids``], ``past_key_values.{i}.key/value``
+    [, ``cross.{i}.key/value``] -> ``logits``, ``present.{i}.key/value``)."""
 
     def __init__(self, session, config: dict):
         self.session = session
@@ -52,6 +52,7 @@ class OnnxDecoder:
         self.cross_names = [f"cross.{i}.{t}" for i in range(self.n_layers) for t in ("key", "value")]
         inputs = {i.name for i in session.get_inputs()}
         self.has_cross = self.cross_names[0] in inputs
+        self.has_positions = "attention_mask" in inputs  # text exports: attention_mask and position_ids
         self.output_names = ["logits"] + [f"present.{i}.{t}" for i in range(self.n_layers) for t in ("key", "value")]
 
     def new_cache(self, batch: int = 1, cross: Optional[list] = None) -> OnnxCache:
@@ -72,6 +73,10 @@ class OnnxDecoder:
             raise ValueError(f"sequence of {past.length + ids.shape[1]} tokens exceeds the model's "
                              f"{self.max_positions} positions")
         feeds = {"input_ids": ids}
+        if self.has_positions:  # no padding: every slot attends, positions follow the cache
+            B, T, P = ids.shape[0], ids.shape[1], past.length
+            feeds["attention_mask"] = np.ones((B, P + T), dtype=np.int64)
+            feeds["position_ids"] = np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T)).copy()
         for i, (k, v) in enumerate(past.kv):
             feeds[self.past_names[2 * i]] = k
             feeds[self.past_names[2 * i + 1]] = v

@@ -43,13 +43,19 @@ def is_builtin(folder: Path) -> bool:
 
 def export_folders(model_folder: Path) -> list:
     """Export folders of a model: ``<model>/onnx*/`` and, for built-in models, ``$STUDIO_HOME/exports/<name>/onnx*/``.
-    fp32 exports come before int8 ones."""
+    fp32 exports come before quantized ones."""
     model_folder = Path(model_folder)
     found = [p.parent for p in model_folder.glob("onnx*/" + MANIFEST)]
     for p in (exports_home() / model_folder.name).glob("onnx*/" + MANIFEST):
         if is_builtin(model_folder) or _records_builtin(p):
             found.append(p.parent)
-    return sorted(found, key=lambda p: ("int8" in p.name, str(p)))
+    return sorted(found, key=lambda p: (variant(p) != "fp32", str(p)))
+
+
+def variant(folder: Path) -> str:
+    """"int8", "int4" or "fp32", from an export folder's name (onnx, onnx-int8, onnx-int4)."""
+    name = Path(folder).name
+    return next((v for v in ("int8", "int4") if v in name), "fp32")
 
 
 def _records_builtin(manifest_path: Path) -> bool:
@@ -268,14 +274,18 @@ def variant(folder: Path) -> str:
 
 def gate_passed(manifest: dict) -> bool:
     """Whether the graphs of an export passed their gate: the parity gate for fp32 (and not kept by --force); for a
-    quantized export, its own gate's record (``quantization.gate.passed``), which older exports lack."""
+    quantized export, its own gate against fp32 (parity checks named ``*_int8`` / ``*_int4``), which older
+    exports lack."""
     if manifest.get("parity_passed") is not True or manifest.get("forced"):
         return False
     quant = manifest.get("quantization")
     if not quant:
         return True
-    gate = quant.get("gate") if isinstance(quant, dict) else None
-    return isinstance(gate, dict) and gate.get("passed") is True
+    if not isinstance(quant, dict):
+        return False
+    scheme = "int4" if quant.get("bits") == 4 else "int8"
+    own = [v for k, v in (manifest.get("parity") or {}).items() if k.endswith("_" + scheme) and isinstance(v, dict)]
+    return bool(own) and all(v.get("passed") is True for v in own)
 
 
 def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = False,

@@ -43,3 +43,39 @@ def self_attention(x, q_proj, k_proj, v_proj, n_head: int, causal: bool = False)
     B, T, D = x.shape
     q, k, v = (p(x).view(B, T, n_head, D // n_head).transpose(1, 2) for p in (q_proj, k_proj, v_proj))
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, D)
+
+
+class TiedTable(nn.Module):
+    """A tied embedding / output table in an export form, stored once as (C, V): ``forward(h)`` is the output head
+    (``h @ table``, a MatMul on the stored table, no transposed copy), ``embed(ids)`` gathers the table's columns.
+    Exporting the two uses of one (V, C) weight as written makes the exporter fold a transposed second copy."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+
+    def forward(self, h):
+        return h @ self.table
+
+    def embed(self, ids):
+        return self.table.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, self.table.shape[0])
+
+
+class TiedEmbedding(nn.Module):
+    """The embedding side of a ``TiedTable`` (holds it, so the model's embedding attribute keeps working)."""
+
+    def __init__(self, tied: TiedTable):
+        super().__init__()
+        self.tied = tied
+
+    def forward(self, ids):
+        return self.tied.embed(ids)
+
+
+def tie_for_export(embedding: nn.Embedding, head: nn.Linear):
+    """(embedding, head) modules for an export form: a ``TiedTable`` when the head's weight is the embedding's
+    (each stored once), else the two unchanged."""
+    if head.weight is not embedding.weight or head.bias is not None:
+        return embedding, head
+    tied = TiedTable(head.weight)
+    return TiedEmbedding(tied), tied

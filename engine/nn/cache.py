@@ -100,3 +100,15 @@ def causal_mask(T: int, past: int, device) -> torch.Tensor | None:
     q = torch.arange(T, device=device)[:, None] + past
     kpos = torch.arange(past + T, device=device)[None, :]
     return kpos <= q
+
+
+def additive_mask(T: int, past, dtype, device, attention_mask=None) -> torch.Tensor:
+    """The export forms' additive attention mask: 0 where allowed, the dtype's lowest value elsewhere (not -inf,
+    so a row with nothing to attend to, such as a left-padding position, stays finite). Query t sits at slot
+    ``past + t``; it may see slots up to its own. Without ``attention_mask``: (T, past + T). With it ((B, past + T),
+    1 = a real token, 0 = padding, as onnxruntime-genai and Optimum pass it): (B, 1, T, past + T)."""
+    slots = torch.arange(past + T, device=device)
+    allowed = slots[None, :] <= (torch.arange(T, device=device) + past)[:, None]  # (T, P + T)
+    if attention_mask is not None:
+        allowed = (allowed[None] & attention_mask[:, None, :].to(torch.bool))[:, None]  # (B, 1, T, P + T)
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)

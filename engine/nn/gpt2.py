@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.blocks import activation
-from engine.nn.cache import KVCache, causal_mask
+from engine.nn.blocks import activation, tie_for_export
+from engine.nn.cache import KVCache, additive_mask, causal_mask
 
 
 @dataclass
@@ -186,16 +186,21 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([GPT2Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids, past=None, cross=None, encoder_attention_mask=None):
+    def forward(self, input_ids, past=None, cross=None, encoder_attention_mask=None, position_ids=None,
+                attention_mask=None):
+        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional, are read by the export form
+        only (the exported text graph's inputs of those names; a left-padded batch passes both)."""
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds n_positions={self.config.n_positions}")
+        exported = getattr(self, "exported", False)
         pos = torch.arange(start, start + T, device=input_ids.device)
+        if exported and position_ids is not None:
+            pos = position_ids
         x = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
-        if getattr(self, "exported", False):  # one additive causal mask per call (GPT2Attention._attend)
-            allowed = torch.arange(start + T, device=x.device)[None, :] <= pos[:, None]  # (T, P + T)
-            mask = torch.where(allowed, 0.0, float("-inf")).to(x.dtype)
+        if exported:  # one additive causal mask per call (GPT2Attention._attend)
+            mask = additive_mask(T, start, x.dtype, x.device, attention_mask)
         else:
             mask = causal_mask(T, start, x.device) if start > 0 else None
         cross_mask = None
@@ -231,7 +236,8 @@ class GPT2LMHeadModel(nn.Module):
         return [blk.crossattention.cross_kv(encoder_hidden_states) for blk in self.transformer.h]
 
     def forward(self, input_ids, past: Optional[KVCache] = None, encoder_hidden_states=None,
-                encoder_attention_mask=None, use_cache: bool = True, logits_to_keep: int = 0):
+                encoder_attention_mask=None, use_cache: bool = True, logits_to_keep: int = 0, position_ids=None,
+                attention_mask=None):
         if past is None and use_cache:
             past = self.new_cache()
         cross = None
@@ -245,19 +251,22 @@ class GPT2LMHeadModel(nn.Module):
         elif encoder_hidden_states is not None:
             raise ValueError("encoder_hidden_states given to a GPT-2 without add_cross_attention")
         h = self.transformer(input_ids, past=past if use_cache else None, cross=cross,
-                             encoder_attention_mask=encoder_attention_mask)
+                             encoder_attention_mask=encoder_attention_mask, position_ids=position_ids,
+                             attention_mask=attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h), (past if use_cache else None)
 
     def fuse_for_export(self) -> "GPT2LMHeadModel":
         """Turn this model (a copy made for the export) into its export form: attention scales folded into the
-        weights, plain attention, one additive causal mask per call; with a tanh GELU the graph (opset 20) has
+        weights, plain attention, one additive causal mask per call, the tied embedding stored once
+        (engine.nn.blocks.TiedTable); with a tanh GELU the graph (opset 20) has
         one Gelu node per layer. Computes the same function; returns self."""
         for block in self.transformer.h:
             block.attn.fuse_for_export()
             if self.config.add_cross_attention:
                 block.crossattention.fuse_for_export()
+        self.transformer.wte, self.lm_head = tie_for_export(self.transformer.wte, self.lm_head)  # stored once
         self.transformer.exported = True
         return self.eval()
 

@@ -130,7 +130,7 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graphs, replace_graphs
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
-    from engine.backends.decoders import decoder_parity, export_decoder, torch_stepper
+    from engine.backends.decoders import QUANT_PROMPTS, decoder_parity, export_decoder, quantized_parity, torch_stepper
 
     say = options.get("log") or (lambda m: None)
     torch.manual_seed(0)
@@ -195,22 +195,36 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
     graphs, opset = describe_graphs({"encoder": enc_path, "decoder": dec_path,
                                      **{f[:-5]: out_dir / f for f in OPTIMUM_FILES}})
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
-    if options.get("quantize") == "int8":
-        say(f"quantizing the weights to int8 and measuring exact match on {N_QUALITY} renders")
-        q_enc, q_dec = quantize_graphs({"encoder": enc_path, "decoder": dec_path}).values()
+    scheme = options.get("quantize")
+    if scheme:
+        say(f"quantizing the weights to {scheme}, gating them against fp32 and measuring exact match on "
+            f"{N_QUALITY} renders")
+        q_enc, q_dec = quantize_graphs({"encoder": enc_path, "decoder": dec_path}, scheme).values()
         _, q_runner = check(q_enc, q_dec)
         from plugins.caption.tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder)
         images, captions = render_set(N_QUALITY, S, seed=1234)
         pixels = [pre(im) for im in images]
+        batch = np.concatenate([np.asarray(p, dtype=np.float32).reshape(1, 3, S, S) for p in pixels[:QUANT_PROMPTS]])
+
+        def from_images(r):  # the decoder, started from its own encoder's states of fixed renders
+            state = r.encode(batch)
+            return lambda ids, c: r.decoder(ids, c if c is not None else r.start(state, QUANT_PROMPTS))
+
+        gate = {f"decoder_logits_{scheme}": quantized_parity(from_images(runner), from_images(q_runner),
+                                                             dec.vocab_size, scheme)}
+        gate[f"decoder_logits_{scheme}"]["against"] = "the fp32 ONNX encoder and decoder, on fixed renders"
+        options.get("gate", lambda p: None)(gate)
+        parity.update(gate)
         quality = {"renders": f"{N_QUALITY} fixed scenes (seed 1234), plain and anti-aliased alternately",
                    "exact_match_torch_fp32": round(exact_match(torch_runner, tok, pixels, captions, cfg), 4),
                    "exact_match_onnx_fp32": round(exact_match(runner, tok, pixels, captions, cfg), 4),
-                   "exact_match_onnx_int8": round(exact_match(q_runner, tok, pixels, captions, cfg), 4)}
-        quality["exact_match_cost_int8"] = round(quality["exact_match_onnx_fp32"] - quality["exact_match_onnx_int8"], 4)
+                   f"exact_match_onnx_{scheme}": round(exact_match(q_runner, tok, pixels, captions, cfg), 4)}
+        quality[f"exact_match_cost_{scheme}"] = round(quality["exact_match_onnx_fp32"]
+                                                      - quality[f"exact_match_onnx_{scheme}"], 4)
         same = sum(greedy_ids(runner, p, cfg) == greedy_ids(q_runner, p, cfg) for p in pixels[:20])
-        quality["int8_captions_identical_to_fp32"] = f"{same}/20"
+        quality[f"{scheme}_captions_identical_to_fp32"] = f"{same}/20"
         del runner, q_runner, enc_sess
         replace_graphs(((q_enc, enc_path), (q_dec, dec_path)))
         result["quantization"] = {"quality": quality}

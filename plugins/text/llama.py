@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.blocks import activation
-from engine.nn.cache import KVCache, causal_mask
+from engine.nn.blocks import activation, tie_for_export
+from engine.nn.cache import KVCache, additive_mask, causal_mask
 
 
 @dataclass
@@ -188,15 +188,15 @@ class LlamaRotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.params, config)
         self._on = {}  # device -> inv_freq there (a plain attribute, so .to(dtype) leaves it float32)
 
-    def forward(self, positions, dtype):  # positions (T,) -> cos, sin (T, hs)
+    def forward(self, positions, dtype):  # positions (T,) or (B, T) -> cos, sin (T, hs) or (B, T, hs)
         inv = self._on.get(positions.device)
         if inv is None:
             inv = self._on[positions.device] = self.inv_freq.to(positions.device)
         if self.dynamic and positions.numel() and not torch.jit.is_tracing():  # NTK past the trained length
-            n = int(positions[-1]) + 1
+            n = int(positions.max()) + 1
             if n > self.config.max_position_embeddings:
                 inv = rope_inv_freq(self.params, self.config, n).to(positions.device)
-        freqs = positions.float()[:, None] * inv[None, :]
+        freqs = positions.float()[..., None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -253,14 +253,16 @@ class LlamaAttention(nn.Module):
         self.register_buffer("rot", rotate_half_matrix(hs).to(w.dtype), persistent=False)
 
     def _forward_export(self, x, cos, sin, past, mask):
-        """``mask``: additive (group * T, P + T), row g * T + t for position t of the query heads' group g."""
+        """``mask``: additive (group * T, P + T) or (B, 1, group * T, P + T), row g * T + t for position t of the
+        query heads' group g."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv, self.head_dim
         h = self.qkv(x)
         qk = h[..., :(nh + nkv) * hs].reshape(B, T, nh + nkv, hs)
         if hasattr(self, "q_norm"):
             qk = torch.cat([self.q_norm(qk[:, :, :nh]) * self.scaling, self.k_norm(qk[:, :, nh:])], dim=2)
-        qk = qk * cos[:, None] + (qk @ self.rot) * sin[:, None]  # rotary positions for q and k at once
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs) or (B, T, 1, hs): across the heads
+        qk = qk * cos + (qk @ self.rot) * sin  # rotary positions for q and k at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh:].transpose(1, 2)  # (B, n_kv, T, hs)
         v = h[..., (nh + nkv) * hs:].reshape(B, T, nkv, hs).transpose(1, 2)
@@ -364,37 +366,41 @@ class LlamaModel(nn.Module):
         self.dropout = 0.0  # residual dropout, training only (not part of the transformers config)
         self.exported = False  # set by LlamaForCausalLM.fuse_for_export
 
-    def _masks(self, T: int, start: int, positions, device, dtype) -> dict:
-        """{sliding: mask} for the layer kinds present: boolean (None: plain causal), or additive per query group
-        in the export form (LlamaAttention._forward_export)."""
+    def _masks(self, T: int, start: int, positions, device, dtype, attention_mask=None) -> dict:
+        """{sliding: mask} for the layer kinds present: boolean (None: plain causal), or in the export form
+        additive per query group (LlamaAttention._forward_export), with ``attention_mask`` (B, P + T) when given."""
         window = self.config.sliding_window
         kinds = {layer.sliding for layer in self.layers}
         out = {}
         for sliding in kinds:
-            if self.exported or sliding:
-                kpos = torch.arange(start + T, device=device)[None, :]
-                allowed = kpos <= positions[:, None]  # (T, P + T)
+            slots = torch.arange(start + T, device=device)[None, :]
+            query = torch.arange(T, device=device)[:, None] + start
+            if self.exported:
+                group = self.config.num_attention_heads // self.config.num_key_value_heads
+                mask = additive_mask(T, start, dtype, device, attention_mask)
                 if sliding:
-                    allowed = allowed & (kpos > positions[:, None] - window)
-                if self.exported:
-                    group = self.config.num_attention_heads // self.config.num_key_value_heads
-                    out[sliding] = torch.where(allowed, 0.0, float("-inf")).to(dtype).repeat(group, 1)
-                else:
-                    out[sliding] = allowed
+                    mask = mask.masked_fill(slots <= query - window, torch.finfo(dtype).min)
+                out[sliding] = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, 1, group, 1)
+            elif sliding:
+                out[sliding] = (slots <= positions[:, None]) & (slots > positions[:, None] - window)  # (T, P + T)
             else:
                 out[sliding] = causal_mask(T, start, device) if start > 0 else None
         return out
 
-    def forward(self, input_ids, past: Optional[KVCache] = None):
+    def forward(self, input_ids, past: Optional[KVCache] = None, position_ids=None, attention_mask=None):
+        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional, are read by the export form
+        only (the exported graph's inputs of those names; a left-padded batch passes both)."""
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if self.config.embed_scale:
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         positions = torch.arange(T, device=x.device) + start
+        if self.exported and position_ids is not None:
+            positions = position_ids
         cos, sin = self.rotary_emb(positions, x.dtype)
         local = self.rotary_emb_local(positions, x.dtype) if hasattr(self, "rotary_emb_local") else (cos, sin)
-        masks = self._masks(T, start, positions, x.device, x.dtype)
+        masks = self._masks(T, start, positions, x.device, x.dtype, attention_mask if self.exported else None)
         p = self.dropout if self.training else 0.0
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)
@@ -428,23 +434,27 @@ class LlamaForCausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def forward(self, input_ids, past: Optional[KVCache] = None, use_cache: bool = True, logits_to_keep: int = 0):
+    def forward(self, input_ids, past: Optional[KVCache] = None, use_cache: bool = True, logits_to_keep: int = 0,
+                position_ids=None, attention_mask=None):
         if past is None and use_cache:
             past = self.new_cache()
-        h = self.model(input_ids, past=past if use_cache else None)
+        h = self.model(input_ids, past=past if use_cache else None, position_ids=position_ids,
+                       attention_mask=attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return softcap(self.lm_head(h), self.config.final_logit_softcapping), (past if use_cache else None)
 
     def fuse_for_export(self) -> "LlamaForCausalLM":
         """Turn this model (a copy made for the export) into its export form: fused q/k/v and gate/up
-        projections, grouped-query attention without repeats (see LlamaAttention.fuse_for_export). It computes
+        projections, grouped-query attention without repeats (see LlamaAttention.fuse_for_export), a tied
+        embedding stored once (engine.nn.blocks.TiedTable). It computes
         the same function; the ONNX exporter traces it. Returns self."""
         if self.config.head_dim % 2:
             raise ValueError("rotary embeddings need an even head size")
         for layer in self.model.layers:
             layer.self_attn.fuse_for_export()
             layer.mlp.fuse_for_export()
+        self.model.embed_tokens, self.lm_head = tie_for_export(self.model.embed_tokens, self.lm_head)  # stored once
         self.model.exported = True
         return self.eval()
 

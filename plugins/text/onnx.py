@@ -1,20 +1,26 @@
-"""ONNX export of the text decoders (Llama, GPT-2) and their onnxruntime runner.
+"""ONNX export of the text decoders (Llama and its families, GPT-2) and their onnxruntime runner.
 
-The exported graph ``decoder.onnx``: inputs ``input_ids`` (batch, sequence) int64 and
-``past_key_values.{i}.key/value`` (batch, n_kv, past_sequence, head_dim); outputs ``logits``
-(batch, sequence, vocab) float32 and ``present.{i}.key/value`` (batch, n_kv, past_sequence + sequence, head_dim).
-Prefill passes an empty past (past_sequence = 0). torch is imported inside the export functions only.
+The export folder is laid out so onnxruntime-genai and Optimum's ``ORTModelForCausalLM`` load it as it is:
+``model.onnx`` with inputs ``input_ids`` (batch, sequence) int64, ``attention_mask`` (batch, total_sequence) int64
+(1 = token, 0 = padding), ``position_ids`` (batch, sequence) int64 and ``past_key_values.{i}.key/value``
+(batch, n_kv, past_sequence, head_dim); outputs ``logits`` (batch, sequence, vocab) float32 and
+``present.{i}.key/value`` (batch, n_kv, total_sequence, head_dim). Prefill passes an empty past
+(past_sequence = 0). Beside it: ``genai_config.json``, ``config.json``, ``generation_config.json``,
+``tokenizer.json``, ``tokenizer_config.json`` and the studio's manifest ``onnx.json``.
+torch is imported inside the export functions only.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from engine.backends.decoders import decoder_parity, export_decoder, torch_stepper
+from engine.backends.decoders import decoder_parity, export_decoder, quantized_parity, torch_stepper
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,15 @@ def runtime_config(model, family: str) -> dict:
     c = model.config
     if isinstance(model, LlamaForCausalLM):
         return {"family": family, "n_layers": c.num_hidden_layers, "n_kv_heads": c.num_key_value_heads,
-                "head_dim": c.head_dim, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
+                "n_heads": c.num_attention_heads, "hidden_size": c.hidden_size, "head_dim": c.head_dim, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
-    return {"family": family, "n_layers": c.n_layer, "n_kv_heads": c.n_head, "head_dim": c.n_embd // c.n_head,
+    return {"family": family, "n_layers": c.n_layer, "n_kv_heads": c.n_head, "n_heads": c.n_head,
+            "hidden_size": c.n_embd, "head_dim": c.n_embd // c.n_head,
             "vocab_size": c.vocab_size, "max_positions": c.n_positions, "bos_token_id": c.bos_token_id,
             "eos_token_id": c.eos_token_id}
 
 
-# ----- quality of int8 -----------------------------------------------------------------------------
+# ----- quality of the quantized graphs -----------------------------------------------------------------------------
 def corpus_dir() -> Path:
     env = os.environ.get("STUDIO_SHAKESPEARE_DIR")
     if env:
@@ -85,9 +92,21 @@ def bits_per_char(logits_fn, ids: list, n_chars: int, context: int) -> float:
     return nats / math.log(2) / n_chars
 
 
-def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, int8_decoder, vocab: int, max_pos: int,
-                 greedy_tokens: int = 32) -> dict:
-    """Held-out bits per character under torch fp32, onnxruntime fp32 and int8, and greedy agreement."""
+def top1_agreement(fp32_fn, q_fn, ids: list, context: int) -> tuple:
+    """(agreeing positions, positions): the quantized graph's top-1 token against the fp32 graph's at every position
+    of ``ids``, read in non-overlapping windows of ``context`` tokens."""
+    agree = total = 0
+    for start in range(0, len(ids), context):
+        window = np.array([ids[start:start + context]], dtype=np.int64)
+        agree += int((fp32_fn(window)[0].argmax(-1) == q_fn(window)[0].argmax(-1)).sum())
+        total += window.shape[1]
+    return agree, total
+
+
+def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, q_decoder, vocab: int, max_pos: int,
+                 scheme: str = "int8", greedy_tokens: int = 32) -> dict:
+    """Held-out bits per character under torch fp32, onnxruntime fp32 and the quantized graph (``scheme``),
+    and for how many greedy tokens the quantized graph follows the fp32 one."""
     from tokenizers import Tokenizer
 
     out = {}
@@ -99,17 +118,19 @@ def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, int8_dec
         step = torch_stepper(torch_model)
         bpc_t = bits_per_char(lambda x: step(x, None)[0], ids, len(text), context)
         bpc_f = bits_per_char(lambda x: fp32_decoder(x)[0], ids, len(text), context)
-        bpc_q = bits_per_char(lambda x: int8_decoder(x)[0], ids, len(text), context)
+        bpc_q = bits_per_char(lambda x: q_decoder(x)[0], ids, len(text), context)
         out.update({"heldout": f"first {len(text)} characters of {name}", "bpc_torch_fp32": round(bpc_t, 4),
-                    "bpc_onnx_fp32": round(bpc_f, 4), "bpc_onnx_int8": round(bpc_q, 4),
-                    "bpc_cost_int8": round(bpc_q - bpc_f, 4)})
+                    "bpc_onnx_fp32": round(bpc_f, 4), f"bpc_onnx_{scheme}": round(bpc_q, 4),
+                    f"bpc_cost_{scheme}": round(bpc_q - bpc_f, 4)})
+        agree, total = top1_agreement(lambda x: fp32_decoder(x)[0], lambda x: q_decoder(x)[0], ids[:1000], context)
+        out[f"top1_agreement_{scheme}_vs_fp32"] = f"{agree}/{total} tokens of {name}"
         prompt = np.array([ids[:16]], dtype=np.int64)
     else:
         out["heldout"] = "not measured (held-out text or tokenizer not found)"
         prompt = np.random.default_rng(0).integers(0, vocab, size=(1, 16), dtype=np.int64)
     n = min(greedy_tokens, max_pos - prompt.shape[1])
     seqs = []
-    for dec in (fp32_decoder, int8_decoder):
+    for dec in (fp32_decoder, q_decoder):
         toks, (logits, past) = [], dec.step(prompt)
         for _ in range(n):
             t = int(logits[0].argmax())
@@ -117,7 +138,7 @@ def text_quality(folder: Path, studio: dict, torch_model, fp32_decoder, int8_dec
             logits, past = dec.step(np.array([[t]], dtype=np.int64), past)
         seqs.append(toks)
     same = next((i for i, (a, b) in enumerate(zip(*seqs)) if a != b), n)
-    out["greedy_int8_matches_fp32_for_tokens"] = f"{same}/{n}"
+    out[f"greedy_{scheme}_matches_fp32_for_tokens"] = f"{same}/{n}"
     return out
 
 
@@ -133,7 +154,81 @@ def compact_graph(model, family: str):
 
     if not isinstance(model, LlamaForCausalLM):
         return None
-    return decoder_wrapper(copy.deepcopy(model).fuse_for_export(), model.config.num_hidden_layers)
+    return decoder_wrapper(copy.deepcopy(model).fuse_for_export(), model.config.num_hidden_layers, positions=True)
+
+
+# ----- the files other runtimes read ------------------------------------------------------------------
+# onnxruntime-genai model types that run a plain decoder graph with separate past key/value inputs; anything else
+# (GPT-2 included: genai's "gpt2" type expects a combined past) runs as "llama", which is the same decoder loop
+GENAI_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text")
+
+
+def hf_config(folder: Path, model) -> dict:
+    """The model's transformers config.json (from its folder; written from the model for a studio-trained one)."""
+    path = Path(folder) / "config.json"
+    config = {}
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+    if "model_type" not in config and hasattr(model.config, "to_hf_dict"):
+        config = model.config.to_hf_dict()
+    config["use_cache"] = True
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float32"
+    return config
+
+
+def write_open_layout(folder: Path, out_dir: Path, model, cfg: dict, graph: str = "model.onnx") -> list:
+    """config.json, generation_config.json, tokenizer.json, tokenizer_config.json and genai_config.json beside
+    ``graph``: what onnxruntime-genai and Optimum read. Returns the names written."""
+    out_dir, folder = Path(out_dir), Path(folder)
+    config = hf_config(folder, model)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    written = ["config.json"]
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
+    if (folder / "generation_config.json").is_file():
+        gen = {**gen, **json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    written.append("generation_config.json")
+    eos = cfg["eos_token_id"]
+    pad = config.get("pad_token_id")
+    if (folder / "tokenizer.json").is_file():
+        shutil.copyfile(folder / "tokenizer.json", out_dir / "tokenizer.json")
+        written.append("tokenizer.json")
+        if (folder / "tokenizer_config.json").is_file():
+            shutil.copyfile(folder / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            name = (lambda i: tok.id_to_token(i) if isinstance(i, int) else None)
+            first = (lambda i: i[0] if isinstance(i, list) and i else i)
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg["max_positions"],
+                  "bos_token": name(first(cfg["bos_token_id"])), "eos_token": name(first(eos)),
+                  "clean_up_tokenization_spaces": False}
+            (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n", encoding="utf-8")
+        written.append("tokenizer_config.json")
+    mtype = config.get("model_type")
+    genai = {"model": {
+        "bos_token_id": cfg["bos_token_id"], "eos_token_id": eos,
+        "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+        "context_length": cfg["max_positions"], "vocab_size": cfg["vocab_size"],
+        "type": mtype if mtype in GENAI_TYPES else "llama",
+        "decoder": {
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "filename": graph, "head_size": cfg["head_dim"], "hidden_size": cfg["hidden_size"],
+            "num_attention_heads": cfg["n_heads"], "num_hidden_layers": cfg["n_layers"],
+            "num_key_value_heads": cfg["n_kv_heads"],
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                       "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                        "present_value_names": "present.%d.value"}}},
+        "search": {"do_sample": False, "num_beams": 1, "max_length": cfg["max_positions"], "min_length": 0,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
+                   "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0}}
+    (out_dir / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+    written.append("genai_config.json")
+    return written
 
 
 # ----- the exporter ---------------------------------------------------------------------------------
@@ -149,23 +244,31 @@ def export_text(model_ref, out_dir: Path, options: dict) -> dict:
     torch.manual_seed(0)
     model = load_torch_model(model_ref.path, model_ref.family)
     cfg = runtime_config(model, model_ref.family)
-    path = Path(out_dir) / "decoder.onnx"
+    path = Path(out_dir) / "model.onnx"
     say(f"exporting the {model_ref.family} decoder ({cfg['n_layers']} layers) to ONNX")
-    export_decoder(model, cfg, path, module=compact_graph(model, model_ref.family))
+    export_decoder(model, cfg, path, module=compact_graph(model, model_ref.family), positions=True)
     graphs, opset = describe_graphs({"decoder": path})
+    write_open_layout(Path(model_ref.path), out_dir, model, cfg, path.name)
     fp32 = OnnxDecoder(open_session(path), cfg)
     say("checking parity with PyTorch")
     parity = {"decoder_logits": decoder_parity(torch_stepper(model), fp32, cfg["vocab_size"])}
     options.get("gate", lambda p: None)(parity)
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
-    if options.get("quantize") == "int8":
-        say("quantizing the weights to int8 and measuring the quality cost")
-        qpath = quantize_graphs({"decoder": path})["decoder"]
-        int8 = OnnxDecoder(open_session(qpath), cfg)
-        quality = text_quality(Path(model_ref.path), model_ref.studio, model, fp32, int8, cfg["vocab_size"],
-                               cfg["max_positions"])
-        quality["int8_vs_torch_logits"] = decoder_parity(torch_stepper(model), int8, cfg["vocab_size"])["max_abs_diff"]
-        del fp32, int8
+    scheme = options.get("quantize")
+    if scheme:
+        say(f"quantizing the weights to {scheme} and gating the quantized graph against fp32")
+        qpath = quantize_graphs({"decoder": path}, scheme)["decoder"]
+        qdec = OnnxDecoder(open_session(qpath), cfg)
+        gate = {f"decoder_logits_{scheme}": quantized_parity(fp32, qdec, cfg["vocab_size"], scheme)}
+        options.get("gate", lambda p: None)(gate)  # refuse a quantized graph that drifts, before the slow part
+        parity.update(gate)
+        say(f"measuring the quality cost of {scheme}")
+        quality = text_quality(Path(model_ref.path), model_ref.studio, model, fp32, qdec, cfg["vocab_size"],
+                               cfg["max_positions"], scheme)
+        quality[f"{scheme}_vs_torch_logits"] = decoder_parity(torch_stepper(model), qdec,
+                                                              cfg["vocab_size"])["max_abs_diff"]
+        del fp32, qdec
         replace_graphs(((qpath, path),))
+        result["graphs"], _ = describe_graphs({"decoder": path})
         result["quantization"] = {"quality": quality}
     return result
