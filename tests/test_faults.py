@@ -74,7 +74,7 @@ def test_full_disk_at_a_step(home, tmp_path, generator, ext):
         r = gen(generator, "--out", f"{out}/", fault=f"{point}:enospc")
         TALLY.fault(f"ENOSPC at {point}")
         if point == "pending":  # the history could not be written: the output is saved and named in a warning
-            assert r.rc == 0 and "not recorded in the history" in r.stderr, r.stderr
+            assert r.rc == 1 and "not recorded in the history" in r.stderr, r.stderr
         else:
             assert r.rc == 1 and "disk is full" in r.stderr and "Nothing was saved" in r.stderr, r.stderr
         if generator != "pixels":
@@ -101,7 +101,7 @@ def test_busy_database(home, tmp_path):
     before = _prefill(out)
     r = gen("upper", "--out", f"{out}/", fault="pending:locked")
     TALLY.fault("busy database")
-    assert r.rc == 0 and "A FOX" in r.stdout and "not recorded in the history" in r.stderr, r.stderr
+    assert r.rc == 1 and "A FOX" in r.stdout and "not recorded in the history" in r.stderr, r.stderr
     F.check(TALLY, home, out, before, [r])
 
 
@@ -120,7 +120,7 @@ def test_really_locked_database(home, tmp_path, monkeypatch):
         conn.execute("ROLLBACK")
         conn.close()
     TALLY.fault("locked database")
-    assert r.rc == 0 and "busy" in r.stderr and "rename" not in r.stderr, r.stderr
+    assert r.rc == 1 and "busy" in r.stderr and "rename" not in r.stderr and "A FOX" in r.stdout, r.stderr
     F.check(TALLY, home, out, before, [r])
 
 
@@ -130,7 +130,7 @@ def test_damaged_database(home, tmp_path):
     (home / "history.sqlite3").write_bytes(b"this is not a database" * 100)
     r = gen("upper", "--out", f"{out}/")
     TALLY.fault("damaged database")
-    assert r.rc == 0 and "A FOX" in r.stdout and "damaged" in r.stderr, r.stderr
+    assert r.rc == 1 and "A FOX" in r.stdout and "damaged" in r.stderr, r.stderr
     listing = F.studio("history", "list")
     assert listing.rc == 1 and "damaged" in listing.stderr and "Traceback" not in listing.stderr
     TALLY.checks += 1
