@@ -80,6 +80,7 @@ def test_full_disk_at_a_step(home, tmp_path, generator, ext):
         if generator != "pixels":
             assert "A FOX" in r.stdout or generator == "text"  # the text is shown even when it was not saved
         F.check(TALLY, home, out, before, [r])
+        before = F.snapshot(out)  # what this run saved (and named) is the user's now
 
 
 def test_real_full_disk(home, tmp_path):
