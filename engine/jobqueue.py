@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from engine import state
-from engine.errors import StateError, UsageError
+from engine.errors import StateError, StudioError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -457,13 +457,19 @@ def recorded_history_id(history_path: Path, tag: str) -> Optional[int]:
     """The history row a queue job wrote (``recipe["queue_job"] == tag``), if any."""
     if not Path(history_path).exists():
         return None
+    from engine.history import History
+
+    try:  # first settle the saves of dead processes (a pending row is finished or removed; engine/commit.py)
+        History(Path(history_path))._connect().close()
+    except StudioError:
+        pass
     with closing(sqlite3.connect(history_path, timeout=30)) as conn:
         try:
-            row = conn.execute("SELECT id FROM generations WHERE json_extract(recipe, '$.queue_job') = ?",
-                               (tag,)).fetchone()
+            row = conn.execute("SELECT id FROM generations WHERE json_extract(recipe, '$.queue_job') = ? "
+                               "AND pending IS NULL", (tag,)).fetchone()
         except sqlite3.OperationalError:  # no JSON functions in this SQLite, or no table yet
             try:
-                row = conn.execute("SELECT id FROM generations WHERE recipe LIKE ?",
+                row = conn.execute("SELECT id FROM generations WHERE recipe LIKE ? AND pending IS NULL",
                                    (f'%"queue_job": "{tag}"%',)).fetchone()
             except sqlite3.OperationalError:
                 return None
@@ -486,3 +492,10 @@ class TaggedHistory:
     def add(self, recipe: dict, outputs: list) -> int:
         recipe["queue_job"] = self.tag
         return self.history.add(recipe, outputs)
+
+    def begin(self, recipe: dict, outputs: list, tmps: list, overwrite: bool = False) -> int:
+        """The pending row of engine/commit.py's save sequence, tagged like ``add``'s."""
+        return self.history.begin({**recipe, "queue_job": self.tag}, outputs, tmps, overwrite)
+
+    def __getattr__(self, name):  # set_pending, finish, abandon, list, ...: the history's own
+        return getattr(self.history, name)

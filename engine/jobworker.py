@@ -28,7 +28,9 @@ def run_prepared(prep, tag: str, context: Context, on_event: Optional[Callable],
     from engine.runner import execute
 
     path = output_path(out_dir, tag, prep.generator.info.id, prep.generator.info.makes)
-    return execute(prep, context, on_event, out_path=path, history=TaggedHistory(history, tag))
+    record = execute(prep, context, on_event, out_path=path, history=TaggedHistory(history, tag))
+    record.recipe["queue_job"] = tag
+    return record
 
 
 def finished_message(record) -> dict:

@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from engine.errors import StateError, UsageError
 
@@ -32,7 +31,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise StateError(f"Cannot write to {path.parent} ({exc.strerror}); choose a writable output folder.") from None
+        from engine.commit import _cannot
+
+        raise StateError(_cannot(path.parent, exc)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -46,7 +47,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise StateError(f"Cannot write {path} ({exc.strerror}).") from None
+            from engine.commit import _cannot
+
+            raise StateError(_cannot(path, exc)) from None
         raise
     return path
 
@@ -167,151 +170,50 @@ def read_png_recipe(path: Path) -> dict:
     return {}
 
 
-def sidecar(path: Path) -> Path:
-    """The recipe file beside a text or audio output: its full name plus ``.json`` (``notes.txt.json``), so it
-    can never be another file's (``notes.json``) or shared by two outputs (``hello.wav`` and ``hello.flac``)."""
-    return Path(path).with_name(Path(path).name + ".json")
-
-
-def render(path: Path, text=None, image=None, audio=None, recipe: Optional[dict] = None) -> list:
-    """The bytes of an output and its recipe file: [(path, bytes), ...], the output first. Nothing is written."""
+def sidecar_of(path: Path) -> Path:
+    """The recipe file beside a text or audio output: ``hello.wav.json`` (the whole name, so that ``notes.txt``
+    never touches an unrelated ``notes.json`` and ``hello.wav`` and ``hello.flac`` keep one recipe each)."""
     path = Path(path)
-    recipe_bytes = json.dumps(recipe or {}, indent=2, sort_keys=True).encode()
-    if image is not None:
-        if path.suffix.lower() != ".png":
-            raise UsageError(f"Images are saved as .png; {path.name} has another suffix.")
-        return [(path, png_bytes(image, recipe or {}))]
-    if audio is not None:
-        import soundfile as sf
-
-        data, rate = audio
-        fmt = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
-        if fmt is None:
-            raise UsageError(f"Audio can be saved as .wav or .flac, not {path.suffix or 'a file without a suffix'}.")
-        buf = io.BytesIO()
-        sf.write(buf, data, rate, format=fmt)
-        return [(path, buf.getvalue()), (sidecar(path), recipe_bytes)]
-    return [(path, (text or "").encode("utf-8")), (sidecar(path), recipe_bytes)]
+    return path.with_name(path.name + ".json")
 
 
-def _temp(folder: Path, data: bytes) -> Path:
-    """A complete, synced temporary file in ``folder`` with the umask's mode (the first half of every write)."""
-    fd, tmp = tempfile.mkstemp(prefix=".studio-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
-    return Path(tmp)
+def _recipe_bytes(recipe: dict) -> bytes:
+    return json.dumps(recipe, indent=2, sort_keys=True).encode()
 
 
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def text_files(path: Path, text: str, recipe: dict) -> list[tuple[Path, bytes]]:
+    return [(Path(path), text.encode("utf-8")), (sidecar_of(path), _recipe_bytes(recipe))]
 
 
-def _folder(folder: Path) -> Path:
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"Cannot make the folder {folder}: a file of that name is in the way.") from None
-    except NotADirectoryError:
-        raise UsageError(f"Cannot make the folder {folder}: part of that path is a file, not a folder.") from None
-    except OSError as exc:
-        raise StateError(f"Cannot make the folder {folder} ({exc.strerror}).") from None
-    return folder
+def png_files(path: Path, image, recipe: dict) -> list[tuple[Path, bytes]]:
+    return [(Path(path), png_bytes(image, recipe))]
 
 
-def save(parts: list, replace_named: bool = True) -> list[Path]:
-    """Write ``parts`` ([(path, bytes)], from ``render``) all or nothing: every file is first written completely
-    to a temporary file beside it, then moved into place; a failure (a full disk, say) removes what this call
-    wrote and leaves no partial file. The first path is the one the user named: it replaces an existing file
-    when ``replace_named``; the others (a recipe file) never replace a file that is not an earlier recipe."""
-    folder = _folder(Path(parts[0][0]).parent)
-    for i, (path, _) in enumerate(parts):  # every check before anything is replaced
-        path = Path(path)
-        if path.is_dir():
-            raise UsageError(f"{path} is a folder; name a file, or end the name with / to write into it.")
-        if i and path.exists() and not _is_recipe(path):
-            raise UsageError(f"{path} exists and is not a recipe the studio wrote; it is left alone, so the output "
-                             "was not saved. Choose another name.")
-        if i == 0 and path.exists() and not replace_named:
-            raise UsageError(f"{path} exists; choose another name.")
-    temps, placed = [], []
-    try:
-        for path, data in parts:
-            temps.append(_temp(folder, data))
-        for (path, _), tmp in reversed(list(zip(parts, temps))):  # the named file last: it may replace one
-            os.replace(tmp, path)
-            placed.append(Path(path))
-    except BaseException as exc:
-        for tmp in temps:
-            _unlink(tmp)
-        for path in placed:
-            _unlink(path)
-        if isinstance(exc, OSError):
-            raise StateError(f"Cannot write {parts[0][0]} ({exc.strerror}); nothing was saved.") from None
-        raise
-    return placed[::-1]
+def audio_files(path: Path, audio, sample_rate: int, recipe: dict) -> list[tuple[Path, bytes]]:
+    """WAV or FLAC (by suffix) through soundfile, with a JSON sidecar."""
+    import soundfile as sf
+
+    path = Path(path)
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"Audio can be saved as .wav or .flac, not {path.suffix or 'a file without a suffix'}.")
+    buf = io.BytesIO()
+    sf.write(buf, audio, sample_rate, format=fmt)
+    return [(path, buf.getvalue()), (sidecar_of(path), _recipe_bytes(recipe))]
 
 
-def save_new(folder: Path, stem: str, ext: str, make_parts) -> list[Path]:
-    """``save`` under the first free name ``stem.ext``, ``stem-1.ext``, ... in ``folder``: each candidate is
-    claimed with a hard link, which fails if the name exists, so two processes never get the same name and no
-    existing file is replaced. ``make_parts(path)`` renders the parts for a candidate name."""
-    folder = _folder(folder)
-    n = 0
-    while True:
-        path = folder / (f"{stem}.{ext}" if n == 0 else f"{stem}-{n}.{ext}")
-        n += 1
-        parts = make_parts(path)
-        if any(Path(p).exists() for p, _ in parts):
-            continue
-        temps, claimed = [], []
-        try:
-            for p, data in parts:
-                temps.append(_temp(folder, data))
-            for (p, _), tmp in zip(parts, temps):
-                os.link(tmp, p)  # atomic create-if-absent, with the whole content
-                claimed.append(Path(p))
-        except FileExistsError:
-            for p in claimed:
-                _unlink(p)
-            continue
-        except OSError as exc:
-            for p in claimed:
-                _unlink(p)
-            raise StateError(f"Cannot write into {folder} ({exc.strerror}); nothing was saved.") from None
-        finally:
-            for tmp in temps:
-                _unlink(tmp)
-        return claimed
-
-
-def _is_recipe(path: Path) -> bool:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and "generator" in data and "studio_version" in data
+def _write_all(files: list[tuple[Path, bytes]]) -> list[Path]:
+    return [atomic_write_bytes(p, data) for p, data in files]
 
 
 def write_text(path: Path, text: str, recipe: dict) -> list[Path]:
-    """Write ``text`` and its recipe file (``sidecar``). Returns both paths."""
-    return save(render(path, text=text, recipe=recipe))
+    """Write ``text`` and its recipe sidecar (``sidecar_of``). Returns both paths."""
+    return _write_all(text_files(path, text, recipe))
 
 
 def write_png(path: Path, image, recipe: dict) -> list[Path]:
-    return save(render(path, image=image, recipe=recipe))
+    return _write_all(png_files(path, image, recipe))
 
 
 def write_audio(path: Path, audio, sample_rate: int, recipe: dict) -> list[Path]:
-    """Write WAV or FLAC (by suffix) through soundfile, with its recipe file."""
-    return save(render(path, audio=(audio, sample_rate), recipe=recipe))
+    return _write_all(audio_files(path, audio, sample_rate, recipe))

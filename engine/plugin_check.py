@@ -35,6 +35,7 @@ from engine import messages, state
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 60  # a plugin that takes longer than this to import and register is treated as hung
+SAY_AFTER_S = 2  # a check that takes longer than this says which plugin it waits for
 ENV = "STUDIO_PLUGIN_CHECK"
 MARK = "[studio plugin check]"  # on the check process's stderr, before each plugin's own output
 MAX_FILES = 20000  # files looked at per plugin for its fingerprint
@@ -101,25 +102,55 @@ def _checks_path() -> Path:
     return state.home() / "plugin_checks.json"
 
 
-def verdicts() -> dict:
-    """``{key: {"name", "print", "error"?, "details"?}}`` as remembered (an unreadable file, or entry, is ignored:
-    those plugins are checked again)."""
+_MEMORY: dict = {}  # {state folder: verdicts} of this process, kept even when no file can hold them
+
+
+def _memory() -> dict:
+    return _MEMORY.setdefault(str(state.home()), {})
+
+
+def _fallback_path() -> Optional[Path]:
+    """Where verdicts go when the state folder is read-only: a private per-user folder in the temporary folder,
+    one file per state folder (so a read-only state folder does not mean a check, and its wait, every command)."""
+    import hashlib
+
+    folder = Path(tempfile.gettempdir()) / f"studio-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     try:
-        data = json.loads(_checks_path().read_text(encoding="utf-8"))
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.stat()
+        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+            return None  # not ours alone: not trusted
+    except OSError:
+        return None
+    return folder / f"plugin_checks-{hashlib.sha256(str(state.home()).encode()).hexdigest()[:16]}.json"
+
+
+def _read(path: Optional[Path]) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path else {}
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
+def verdicts() -> dict:
+    """``{key: {"name", "print", "error"?, "details"?}}`` as remembered (an unreadable file, or entry, is ignored:
+    those plugins are checked again): the state folder's file, else the fallback, and this process's own."""
+    data = _read(_checks_path()) or _read(_fallback_path())
+    return {**data, **_memory()}
+
+
 def _remember(fresh: dict) -> None:
     from engine.outputs import atomic_write_bytes
 
+    _memory().update(fresh)
     data = verdicts()
-    data.update(fresh)
-    try:
-        atomic_write_bytes(_checks_path(), json.dumps(data, indent=1, sort_keys=True).encode())
-    except Exception:  # noqa: BLE001 - not being able to remember only means checking again next time
-        pass
+    for path in (_checks_path(), _fallback_path()):
+        try:
+            atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+            return
+        except Exception:  # noqa: BLE001 - not being able to remember only means checking again next time
+            continue
 
 
 def forget_failure(name: str) -> None:
@@ -127,6 +158,9 @@ def forget_failure(name: str) -> None:
     or ticking it in the Plugins dialog: a user who thinks the crash or hang was a one-off can retry)."""
     from engine.outputs import atomic_write_bytes
 
+    memory = _memory()
+    for k in [k for k, v in memory.items() if v.get("name") == name and v.get("error")]:
+        del memory[k]
     data = verdicts()
     kept = {k: v for k, v in data.items() if not (v.get("name") == name and v.get("error"))}
     if len(kept) != len(data):
@@ -196,7 +230,7 @@ def _run(cands: list) -> Optional[tuple]:
         except OSError as exc:
             log.warning("The plugin check could not start (%s); new plugins load without it.", exc.strerror)
             return None
-        lines, hung = _read_lines(proc), False
+        lines, hung, told = _read_lines(proc), False, set()
         try:
             out, deadline = [], time.monotonic() + TIMEOUT_S
             while True:
@@ -209,6 +243,12 @@ def _run(cands: list) -> Optional[tuple]:
                     if time.monotonic() > deadline:
                         hung = True
                         break
+                    current = sum(1 for m in out if m["type"] == "ok")
+                    if deadline - time.monotonic() < TIMEOUT_S - SAY_AFTER_S and current not in told \
+                            and current < len(cands):
+                        told.add(current)  # say what the wait is for, once per plugin
+                        log.warning("Checking the new plugin %s in a test process before loading it (this waits "
+                                    "up to %d s if it hangs)...", cands[current].name, TIMEOUT_S)
                     continue
                 if line is None:
                     break

@@ -111,8 +111,12 @@ class PluginHost:
         return [c for c in (self.candidates() if candidates is None else candidates) if c.name not in disabled]
 
     def disabled(self) -> set:
+        """The plugins the settings disable; none in safe mode, which loads every built-in (so that a user who
+        disabled them all still gets a working studio to recover with)."""
         if self._disabled is not None:
             return set(self._disabled)
+        if self.safe_mode:
+            return set()
         return set(state.load_settings().disabled_plugins)
 
     # ----- loading ---------------------------------------------------------------------------

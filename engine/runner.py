@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import engine
+from engine import commit
 from engine import outputs as out_mod
 from engine.errors import GenerationError, OptionError, StateError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
@@ -260,7 +261,7 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     if prep.job.backend == "auto":
         recipe["backend_chosen_by"] = "auto"
     if req.image is not None:
-        recipe["image"] = {"path": str(req.image), "sha256": out_mod.sha256_file(req.image)}
+        recipe["image"] = keep_input(Path(req.image))
     if req.messages:
         recipe["messages"] = [m.to_dict() for m in req.messages]
     if req.adapters:
@@ -272,6 +273,50 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
         recipe["width"], recipe["height"] = result.image.size
     recipe["content_sha256"] = content_digest(result)
     return recipe
+
+
+def kept_input(digest: str, suffix: str) -> Path:
+    from engine import state
+
+    return state.home() / "inputs" / f"{digest}{suffix.lower()}"
+
+
+def keep_input(path: Path) -> dict:
+    """An input file as the recipe holds it: its absolute path and sha256, and a copy in the state folder
+    addressed by that hash (``inputs/<sha256><suffix>``), so that a replay works from any folder and after the
+    original moved. A copy that cannot be made only means the replay needs the original."""
+    digest = out_mod.sha256_file(path)
+    entry = {"path": str(path.resolve()), "sha256": digest}
+    copy = kept_input(digest, path.suffix)
+    try:
+        if not copy.is_file():
+            out_mod.atomic_write_bytes(copy, path.read_bytes())
+        entry["kept"] = str(copy)
+    except (OSError, StudioError) as exc:
+        log.warning("The input %s was not kept in the state folder (%s); replays will need the original.", path, exc)
+    return entry
+
+
+def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
+    """The file a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
+    ``notes`` says which, and why."""
+    if not recorded:
+        return None
+    path, digest = Path(recorded.get("path", "")), recorded.get("sha256")
+    found = out_mod.sha256_file(path) if path.is_file() else None
+    if digest is None or found == digest:
+        return str(path)
+    kept = Path(recorded["kept"]) if recorded.get("kept") else kept_input(digest, path.suffix)
+    if kept.is_file() and out_mod.sha256_file(kept) == digest:
+        why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
+        notes.append(f"the input {path} {why}; the copy the studio kept of the original was used")
+        return str(kept)
+    if found is None:
+        raise UsageError(f"The input {path} of this recipe is missing and the studio kept no copy of it "
+                         f"(sha256 {digest[:12]}); put the file back at that path to replay.")
+    notes.append(f"the input {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
+                 f"original was kept, so the output may differ")
+    return str(path)
 
 
 def content_digest(result: Result) -> str:
@@ -289,32 +334,37 @@ def content_digest(result: Result) -> str:
     return h.hexdigest()
 
 
-def output_ext(result: Result) -> str:
-    return "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
-
-
-def write_result(result: Result, recipe: dict, out_path: Optional[Path] = None,
-                 out_dir: Optional[Path] = None) -> list[Path]:
-    """Write the output and its recipe: to ``out_path`` when the user named one (replacing it), else under a
-    fresh name in ``out_dir`` (time, generator, seed; never an existing file, even with another process writing
-    the same name at the same second). ``recipe["path"]`` is set to where it went."""
-    def parts(path: Path) -> list:
-        recipe["path"] = str(Path(path).resolve())
-        return out_mod.render(path, text=result.text if result.image is None and result.audio is None else None,
-                              image=result.image, audio=result.audio, recipe=recipe)
-
-    if out_path is not None:
-        return out_mod.save(parts(Path(out_path)))
+def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
+    """``<time>-<generator>-<seed>.<ext>`` in ``out_dir``; engine.commit adds a number when the name is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
-    return out_mod.save_new(Path(out_dir), f"{stamp}-{recipe['generator']}-{recipe['seed']}", output_ext(result),
-                            parts)
+    ext = "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
+    return out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}.{ext}"
+
+
+def renderer(result: Result, recipe: dict) -> Callable:
+    """path -> [(path, bytes)]: the files of this result under that name (the recipe inside says the path)."""
+    if result.image is not None:
+        def render(path: Path) -> list:
+            if path.suffix.lower() != ".png":
+                raise UsageError(f"Images are saved as .png; {path.name} has another suffix.")
+            return out_mod.png_files(path, result.image, {**recipe, "path": str(path.resolve())})
+    elif result.audio is not None:
+        def render(path: Path) -> list:
+            data, rate = result.audio
+            return out_mod.audio_files(path, data, rate, {**recipe, "path": str(path.resolve())})
+    else:
+        def render(path: Path) -> list:
+            return out_mod.text_files(path, result.text or "", {**recipe, "path": str(path.resolve())})
+    return render
 
 
 def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optional[Callable] = None,
             out_path: Optional[Path] = None, out_dir: Optional[Path] = None,
-            history: "History | bool | None" = None) -> Record:
+            history: "History | bool | None" = None, overwrite: bool = False) -> Record:
     """Run a prepared job to its Result, then write its output and history row.
 
+    Files and row are saved together by engine.commit (a crash leaves both or neither); an existing file is
+    replaced only with ``overwrite``, else the output takes the next free numbered name and a warning says so.
     ``on_event`` sees every Progress and Partial. ``history``: a History to record in (default: the state
     folder's), or False to record nothing. A generator that raises anything but a StudioError is
     reported as a GenerationError naming its plugin; the host never crashes on plugin code.
@@ -350,18 +400,21 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
         from engine import state
 
         out_dir = state.load_settings().outputs
-    files = write_result(result, recipe, out_path, out_dir)  # all or nothing, before the history row
-    outputs = [{"path": str(p.resolve()), "sha256": out_mod.sha256_file(p)} for p in files]
-    history_id = None
-    if history is not False:
-        try:
-            history_id = (history or History()).add(recipe, outputs)
-        except StateError as exc:  # the output is saved and carries its recipe: say so, never lose it
-            recipe.setdefault("warnings", []).append(
-                f"{exc} The output was saved, with its recipe, as {', '.join(str(p) for p in files)}, but it is "
-                "not in the history.")
-    recipe["history_id"] = history_id
-    return Record(recipe, files, history_id, result)
+    if out_path is None:
+        out_path = default_path(Path(out_dir), recipe, result)
+    try:
+        saved = commit.save(renderer(result, recipe), Path(out_path), recipe,
+                            None if history is False else (history or History()), overwrite=overwrite)
+    except StudioError as exc:
+        exc.result_text = result.text  # the CLI still shows generated text that could not be saved
+        raise
+    recipe["path"] = str(saved.files[0])
+    recipe["warnings"] += saved.notes
+    if saved.unrecorded:
+        recipe["warnings"].append(f"not recorded in the history: {saved.unrecorded} The output is saved at "
+                                  f"{saved.files[0]}.")
+    recipe["history_id"] = saved.history_id
+    return Record(recipe, saved.files, saved.history_id, result)
 
 
 def _check_result(prep: Prepared, result: Result) -> None:
@@ -386,13 +439,16 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
         except UsageError:
             raise UsageError("This recipe was made on cuda, but PyTorch sees no CUDA GPU here; replay it with "
                              "--device cpu, knowing that the output may then differ.") from None
-    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=(recipe.get("image") or {}).get("path"),
+    input_notes: list = []
+    image = replay_input(recipe.get("image"), input_notes)
+    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image,
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],
               export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
     record = execute(prepare(host, store, job), **kw)
-    return record, record.recipe["content_sha256"] == recipe.get("content_sha256"), replay_notes(recipe, record.recipe)
+    same = record.recipe["content_sha256"] == recipe.get("content_sha256")
+    return record, same, input_notes + replay_notes(recipe, record.recipe)
 
 
 def replay_notes(original: dict, replayed: dict) -> list:

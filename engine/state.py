@@ -56,8 +56,31 @@ def settings_path() -> Path:
     return home() / "settings.json"
 
 
+SETTING_CHOICES = {"device": ("auto", "cpu", "cuda"), "backend": ("torch", "onnx")}
+_warned: set = set()  # each problem of a settings file is told once per process, not at every read
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def _setting_problem(name: str, value) -> str:
+    """Why ``value`` cannot be setting ``name`` ("" when it can)."""
+    default = getattr(Settings(), name)
+    if name in SETTING_CHOICES and value not in SETTING_CHOICES[name]:
+        return f"is {value!r}, not one of {', '.join(SETTING_CHOICES[name])}"
+    if not isinstance(value, type(default)):
+        return f"is {value!r}, not a {type(default).__name__}"
+    if name == "disabled_plugins" and not all(isinstance(v, str) for v in value):
+        return "holds something other than plugin names"
+    return ""
+
+
 def load_settings() -> Settings:
-    """Read settings; a missing file gives defaults, a corrupt one gives defaults and a warning (it is kept aside)."""
+    """Read settings; a missing file gives defaults, a corrupt one (or a bad value in it) gives defaults for what is
+    wrong and one warning that names settings.json."""
     path = settings_path()
     if not path.exists():
         return Settings()
@@ -65,11 +88,20 @@ def load_settings() -> Settings:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not an object")
-        known = {k: v for k, v in data.items() if k in Settings.__dataclass_fields__}
-        return Settings(**known)
     except (ValueError, TypeError, OSError) as exc:
-        log.warning("Settings file %s is unreadable (%s); using defaults.", path, exc)
+        _warn_once(f"Settings file {path} is unreadable ({exc}); using defaults (fix or delete the file).")
         return Settings()
+    known = {}
+    for name, value in data.items():
+        if name not in Settings.__dataclass_fields__:
+            continue
+        problem = _setting_problem(name, value)
+        if problem:
+            _warn_once(f"In the settings file {path}, {name} {problem}; using {getattr(Settings(), name)!r} "
+                       f"instead (fix or delete the file).")
+        else:
+            known[name] = value
+    return Settings(**known)
 
 
 def save_settings(settings: Settings) -> None:
@@ -77,7 +109,11 @@ def save_settings(settings: Settings) -> None:
 
     ensure_dir(home())
     data = json.dumps(asdict(settings), indent=2).encode()
-    atomic_write_bytes(settings_path(), data)
+    try:
+        atomic_write_bytes(settings_path(), data)
+    except StateError as exc:
+        raise StateError(f"Cannot save the settings: {str(exc).rstrip('.')} (the state folder {home()}); make it "
+                         "writable, or set STUDIO_HOME to a writable folder.") from None
 
 
 def env_threads(name: str) -> int:

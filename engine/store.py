@@ -19,7 +19,7 @@ from typing import Optional
 from engine import state
 from engine.tokenizer import has_tokenizer
 from engine.weights import find_weight_files, load_pickle
-from engine.errors import ModelError, UsageError
+from engine.errors import ModelError, StateError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
 
@@ -49,6 +49,7 @@ class ModelEntry:
     title: str = ""
     config: dict = field(default_factory=dict)
     studio: dict = field(default_factory=dict)
+    changed: str = ""  # a note when the files are no longer the ones imported (their hash then is the new one)
 
     @property
     def onnx(self) -> list:
@@ -71,7 +72,7 @@ class ModelEntry:
         return {
             "name": self.name, "family": self.family, "generator": self.generator, "builtin": self.builtin,
             "hash": self.hash, "size_bytes": self.size_bytes, "title": self.title, "path": str(self.path),
-            "onnx": self.onnx, "scores": self.studio.get("scores", {}),
+            "onnx": self.onnx, "scores": self.studio.get("scores", {}), "changed": self.changed,
         }
 
 
@@ -131,6 +132,12 @@ def generation_defaults(folder) -> dict:
     return out
 
 
+def fingerprint(folder: Path) -> dict:
+    """{file name: [size, mtime_ns]} of the hashed files: a cheap sign that the content may have changed."""
+    files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + find_weight_files(folder)
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -160,10 +167,16 @@ class ModelStore:
         files = find_weight_files(folder)
         key = (str(folder), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
         if key not in self._hashes:
-            self._hashes[key] = studio.get("hash") if (not builtin and studio.get("hash")) else content_hash(folder)
+            recorded = studio.get("hash") if not builtin else None
+            same = recorded and studio.get("fingerprint") == fingerprint(folder)  # unchanged size and mtime
+            self._hashes[key] = recorded if same else content_hash(folder)
+        digest, changed = self._hashes[key], ""
+        if not builtin and studio.get("hash") and digest != studio["hash"]:
+            changed = (f"the files of {folder.name} changed after it was imported (hash {studio['hash'][:12]} at "
+                       f"import, {digest[:12]} now)")
         size = sum(f.stat().st_size for f in files)
-        return ModelEntry(folder.name, folder, family, generator, builtin, self._hashes[key], size,
-                          studio.get("title", folder.name), config, studio)
+        return ModelEntry(folder.name, folder, family, generator, builtin, digest, size,
+                          studio.get("title", folder.name), config, studio, changed)
 
     def list(self) -> list[ModelEntry]:
         out = []
@@ -260,10 +273,15 @@ class ModelStore:
                 self.validate(tmp)
             studio = read_json(tmp / "studio.json", "") if (tmp / "studio.json").exists() else {}
             studio.update({"family": arch.family, "generator": arch.generator, "hash": content_hash(tmp),
-                           "imported_from": str(source.resolve())})
+                           "fingerprint": fingerprint(tmp), "imported_from": str(source.resolve())})
             studio.setdefault("title", name)
             (tmp / "studio.json").write_text(json.dumps(studio, indent=2))
-            tmp.rename(self.user_dir / name)
+            try:
+                tmp.rename(self.user_dir / name)
+            except OSError as exc:
+                raise StateError(f"Cannot import as {name}: {self.user_dir / name} already exists and is not a model "
+                                 f"the studio lists ({exc.strerror}); pass --name to choose another name, or move "
+                                 "that folder away.") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

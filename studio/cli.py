@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat`: a JSON list of "
                    "{\"role\", \"content\"} (or an object with a \"messages\" list)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
-    g.add_argument("--out", metavar="PATH", help="output file (a folder for batch input)")
+    g.add_argument("--out", metavar="PATH", help="output file, or a folder (ending in /, made when missing; always a "
+                   "folder for batch input)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     g.add_argument("--json", action="store_true", help="print one JSON object per generation")
 
     g.add_argument("--prompt-from-caption", metavar="IMAGE",
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = hsub.add_parser("replay")
     x.add_argument("id", type=int)
     x.add_argument("--out", metavar="PATH")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--device", choices=("auto", "cpu", "cuda"), help="replay on this device instead of the recipe's own")
 
     t = sub.add_parser("train", help="train a model family (the kinds come from plugins; `studio train --help`)")

@@ -6,9 +6,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from engine import state
-from engine.errors import ModelError, UsageError
+from engine.errors import ModelError, StudioError, UsageError
 from engine.generators import Progress
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled
@@ -128,6 +129,23 @@ def _jobs(args, settings) -> list:
     return jobs
 
 
+def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Optional[Path], bool]:
+    """(--out as a path, whether it is a folder), checked before any work: a trailing slash or an existing folder
+    is a folder (made when missing); an existing file is replaced only with --overwrite."""
+    if not given:
+        return None, False
+    out = Path(given).expanduser()
+    is_dir = batch or given.endswith(("/", os.sep)) or out.is_dir()
+    for parent in [out, *out.parents] if is_dir else list(out.parents):
+        if parent.exists() and not parent.is_dir():
+            if parent == out:
+                raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
+            raise UsageError(f"--out {given}: {parent} is a file, so nothing can be saved inside it.")
+    if not is_dir and out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
+    return out, is_dir
+
+
 def cmd_generate(args) -> int:
     host = _host()
     settings = state.load_settings()
@@ -138,9 +156,7 @@ def cmd_generate(args) -> int:
         args.prompt = _prompt_from_caption(args, host, store, settings)
     jobs = _jobs(args, settings)
     batch = len(jobs) > 1
-    out = Path(args.out).expanduser() if args.out else None
-    if batch and out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
+    out, out_is_dir = _out_target(args.out, batch, getattr(args, "overwrite", False))
     prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
     history, unrecorded = History(), False
     for prep in prepared:
@@ -155,11 +171,16 @@ def cmd_generate(args) -> int:
 
         out_path = out_dir = None
         if out is not None:
-            folder = batch or out.is_dir() or args.out.endswith(("/", os.sep))  # "newdir/": a folder to make
-            out_dir, out_path = (out, None) if folder else (None, out)
+            out_dir, out_path = (out, None) if out_is_dir else (None, out)
             if out_path is not None and out_path.is_file():
-                print(f"studio: warning: replacing {out_path} (you named it with --out)", file=sys.stderr)
-        record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history)
+                print(f"studio: warning: replacing {out_path} (--overwrite)", file=sys.stderr)
+        try:
+            record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history,
+                             overwrite=getattr(args, "overwrite", False))
+        except StudioError as exc:
+            if getattr(exc, "result_text", None) and not stream:
+                print(exc.result_text)  # generated, but not saved: the text is not lost
+            raise
         bar.done()
         r = record.recipe
         for warning in r.get("warnings", []):
@@ -281,6 +302,8 @@ def cmd_models(args) -> int:
                 print(f"{key}: {data[key]}")
             for key, value in entry.studio.get("scores", {}).items():
                 print(f"score {key}: {value}")
+            if entry.changed:
+                print(f"changed: {entry.changed}")
     elif args.action == "import":
         entry = store.import_(Path(args.path), name=args.name, trust=args.trust)
         print(f"imported {entry.name} ({entry.family}, hash {entry.hash[:12]}) into {entry.path}")
@@ -367,8 +390,10 @@ def cmd_history(args) -> int:
     elif args.action == "replay":
         entry = history.get(args.id)
         host = _host()
+        out, out_is_dir = _out_target(args.out, False, args.overwrite)
         record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device,
-                                     out_path=Path(args.out) if args.out else None, history=history)
+                                     out_path=None if out_is_dir else out, out_dir=out if out_is_dir else None,
+                                     history=history, overwrite=args.overwrite)
         for note in notes:
             print(f"studio: warning: {note}", file=sys.stderr)
         print(record.recipe["path"])

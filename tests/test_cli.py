@@ -9,9 +9,9 @@ import pytest
 from plugin_samples import GOOD, PIXELS, RAISING_GENERATE, BROKEN_IMPORT, drop
 
 
-def studio(*args, env=None, check=None):
+def studio(*args, env=None, check=None, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+                          env={**os.environ, **(env or {})}, timeout=120, cwd=cwd)
     if check is not None:
         assert proc.returncode == check, proc.stderr
     return proc

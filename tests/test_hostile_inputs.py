@@ -154,16 +154,20 @@ def test_named_outputs_keep_their_neighbours(studio_home, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "notes.json").read_text()) == {"mine": True}
     assert (tmp_path / "notes.txt.json").is_file()
-    again = studio("generate", "upper", "--prompt", "b", "--out", str(tmp_path / "notes.txt"), home=studio_home)
+    refused = studio("generate", "upper", "--prompt", "b", "--out", str(tmp_path / "notes.txt"), home=studio_home)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and (tmp_path / "notes.txt").read_text() == "A"
+    again = studio("generate", "upper", "--prompt", "b", "--out", str(tmp_path / "notes.txt"), "--overwrite",
+                   home=studio_home)
     assert again.returncode == 0 and "replacing" in again.stderr and (tmp_path / "notes.txt").read_text() == "B"
     (tmp_path / "x.txt.json").write_text("not a recipe")
-    refused = studio("generate", "upper", "--prompt", "c", "--out", str(tmp_path / "x.txt"), home=studio_home)
-    assert refused.returncode == 2 and "left alone" in refused.stderr and not (tmp_path / "x.txt").exists()
+    moved = studio("generate", "upper", "--prompt", "c", "--out", str(tmp_path / "x.txt"), home=studio_home)
+    assert moved.returncode == 0 and "x-1.txt instead" in moved.stderr and not (tmp_path / "x.txt").exists()
+    assert (tmp_path / "x.txt.json").read_text() == "not a recipe" and (tmp_path / "x-1.txt").read_text() == "C"
     made = studio("generate", "upper", "--prompt", "d", "--out", str(tmp_path / "newdir") + "/", home=studio_home)
     assert made.returncode == 0 and (tmp_path / "newdir").is_dir() and len(list((tmp_path / "newdir").iterdir())) == 2
     (tmp_path / "afile").write_text("x")
     under = studio("generate", "upper", "--prompt", "e", "--out", str(tmp_path / "afile" / "b.txt"), home=studio_home)
-    assert under.returncode == 2 and "a file of that name is in the way" in under.stderr
+    assert under.returncode == 2 and "is a file, so nothing can be saved inside it" in under.stderr
 
 
 def test_a_locked_history_still_shows_and_keeps_the_output(studio_home, tmp_path):
@@ -179,4 +183,4 @@ def test_a_locked_history_still_shows_and_keeps_the_output(studio_home, tmp_path
     finally:
         holder.rollback()
     assert proc.returncode == 1 and "KEPT" in proc.stdout and "busy" in proc.stderr
-    assert "not in the history" in proc.stderr and (tmp_path / "k.txt").read_text() == "KEPT"
+    assert "not recorded in the history" in proc.stderr and (tmp_path / "k.txt").read_text() == "KEPT"

@@ -46,10 +46,17 @@ def grab_to(widget, path) -> Path:
 
     for _ in range(5):
         QApplication.processEvents()
+    from engine.errors import StateError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"Cannot save the screenshot: cannot make the folder {path.parent} ({exc.strerror}); "
+                         "choose another --screenshot path.") from None
     if not widget.grab().save(str(path)):
-        raise OSError(f"could not write {path}")
+        raise StateError(f"Cannot save the screenshot as {path}: the folder is not writable or the name does not "
+                         "end in .png; choose another --screenshot path.")
     return path
 
 

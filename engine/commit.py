@@ -1,0 +1,194 @@
+"""Saving a generation: its files and its history row, so that a crash at any point leaves both or neither.
+
+The sequence (each step named for fault injection, see ``fault``):
+
+1. ``pending``: the history row is inserted as *pending*, naming the final paths, their sha256, the temporary
+   files and this process's id. A pending row is never listed.
+2. ``tmp``: each file is written to a hidden temporary file in its folder (fsync, mode from the umask).
+3. ``link``: each temporary file is hard-linked to its final name, which fails if the name exists (two
+   processes never write the same file; an existing file is replaced only when the caller says ``overwrite``).
+   A name taken meanwhile moves the whole set to the next free number and the row is updated first.
+4. ``done``: the row stops being pending (an earlier row whose file ``--overwrite`` replaced gets ``replaced_by``
+   on that output); 5. ``cleanup``: the temporary names are removed.
+
+A process that dies between 1 and 4 leaves a pending row whose process is gone. The next command that opens
+the history (``History.recover``) finishes it when every final file is in place with its hash (for an
+``overwrite``, after putting complete temporary files in place), and otherwise removes what it had written and
+the row. When the history cannot be written at all (busy, damaged, read-only),
+the files are still saved, and the caller is told so (``Saved.unrecorded``).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.errors import StateError
+
+Render = Callable[[Path], "list[tuple[Path, bytes]]"]  # primary path -> [(path, bytes)] (the primary first)
+
+
+def fault(point: str) -> None:
+    """Fault injection for the reliability tests: ``STUDIO_FAULT=point:action[,point:action]``, where action is
+    ``kill`` (SIGKILL this process), ``enospc`` (a full disk) or ``locked`` (a busy database). Unset in normal use."""
+    spec = os.environ.get("STUDIO_FAULT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        where, _, action = item.partition(":")
+        if where != point:
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if action == "locked":
+            import sqlite3
+
+            raise sqlite3.OperationalError("database is locked")
+
+
+@dataclass
+class Saved:
+    files: list  # final paths, the primary first
+    outputs: list  # [{"path", "sha256"}]
+    history_id: Optional[int]
+    unrecorded: str = ""  # why the history has no row for these files ("" when it has one)
+    notes: list = field(default_factory=list)
+
+
+def numbered(path: Path, n: int) -> Path:
+    return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def _mode() -> int:
+    from engine.outputs import _umask
+
+    return 0o666 & ~_umask()
+
+
+def _tmp_names(planned) -> list:
+    return [p.parent / f".{p.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" for p, _ in planned]
+
+
+def _write_tmp(tmp: Path, data: bytes) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode())
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _outputs(planned) -> list:
+    return [{"path": str(p), "sha256": hashlib.sha256(data).hexdigest()} for p, data in planned]
+
+
+def _plan(render: Render, path: Path, start: int, search: bool) -> tuple[int, list]:
+    """The first number from ``start`` whose names are all free (only ``start`` when not ``search``)."""
+    n = start
+    while True:
+        planned = [(Path(p).resolve(), data) for p, data in render(numbered(path, n))]
+        if not search or not any(p.exists() or p.is_symlink() for p, _ in planned):
+            return n, planned
+        n += 1
+
+
+def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = False) -> Saved:
+    """Write the files ``render`` gives for ``path`` (or the next free numbered name) and record them in
+    ``history`` (a History, or None for no record), in the order described above."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(_cannot(path.parent, exc)) from None
+    notes = []
+    n, planned = _plan(render, path, 0, not overwrite)
+    if n and not overwrite:
+        notes.append(f"{path} exists; saved as {planned[0][0].name} instead")
+    row, unrecorded = None, ""
+    tmps = _tmp_names(planned)
+    every_tmp = list(tmps)  # all temporary names ever used, so that cleanup and recovery find each one
+    if history is not None:
+        try:
+            fault("pending")
+            row = history.begin(recipe | {"path": str(planned[0][0])}, _outputs(planned), every_tmp, overwrite)
+        except StateError as exc:
+            unrecorded = str(exc)
+        except Exception as exc:  # noqa: BLE001 - an injected fault, or sqlite beyond History's own handling
+            unrecorded = f"the history could not be written ({exc})"
+    linked: list = []
+    try:
+        for (p, data), tmp in zip(planned, tmps):
+            _write_tmp(tmp, data)
+            fault("tmp")
+        while True:
+            try:
+                for (p, _), tmp in zip(planned, tmps):
+                    if overwrite:
+                        os.replace(tmp, p)
+                        os.link(p, tmp)  # the temporary name stays until the row is done, as in the link case
+                    else:
+                        os.link(tmp, p)  # fails when the name exists: never replaces another file
+                    linked.append(p)
+                    fault("link")
+                break
+            except FileExistsError:  # another process took a name meanwhile: the next free number
+                for p in linked:
+                    _unlink(p)
+                linked = []
+                n, replanned = _plan(render, path, n + 1, True)
+                notes.append(f"{planned[0][0].name} was taken by another process meanwhile; saved as "
+                             f"{replanned[0][0].name} instead")
+                planned, tmps = replanned, _tmp_names(replanned)
+                every_tmp += tmps
+                if row is not None:
+                    history.set_pending(row, _outputs(planned), every_tmp, path=str(planned[0][0]))
+                for (p, data), tmp in zip(planned, tmps):
+                    _write_tmp(tmp, data)
+        fault("done")
+        if row is not None:
+            history.finish(row)
+    except BaseException as exc:
+        for p in linked:
+            _unlink(p)
+        for tmp in every_tmp:
+            _unlink(tmp)
+        if row is not None:
+            try:
+                history.abandon(row)
+            except StateError:
+                pass  # the next command's recovery removes it
+        if isinstance(exc, OSError):
+            raise StateError(_cannot(planned[0][0], exc) + " Nothing was saved.") from None
+        raise
+    for tmp in every_tmp:
+        _unlink(tmp)
+    fault("cleanup")
+    return Saved([p for p, _ in planned], _outputs(planned), row, unrecorded, notes)
+
+
+def _cannot(path: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"Cannot write {path}: the disk is full ({exc.strerror}); free some space or choose another folder."
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"Cannot write {path}: a part of that path is a file, not a folder."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Cannot write {path} ({exc.strerror}); choose a writable folder."
+    return f"Cannot write {path} ({exc.strerror or exc})."
