@@ -186,3 +186,33 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
                   adapter=str(out / "adapter"), steps_done=settings.steps)
     (out / "finetune.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe
+
+
+def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
+    """What ``studio finetune KIND`` does once a family has built its task from parsed options ``a`` (steps, lr,
+    batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per
+    logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter folder)."""
+    import sys
+
+    from engine.generators import CancelToken
+
+    def report(e: dict) -> None:
+        if a.json:
+            print(json.dumps(e), flush=True)
+        elif "step" in e:
+            val = f"  val {e['val_loss']:.4f}" if "val_loss" in e else ""
+            print(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}{val}  {e['seconds_per_step']:.3f} s/step  "
+                  f"{e['eta_s']:.0f} s left", file=sys.stderr, flush=True)
+        elif "message" in e:
+            print(e["message"], file=sys.stderr)
+
+    try:
+        recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
+                                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
+                     out, resume=a.resume, cancel=CancelToken(), report=report)
+    except KeyboardInterrupt:
+        raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
+    adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]
+    print(json.dumps({"adapter": adapter, "final_loss": recipe["final_loss"],
+                      "final_val_loss": recipe["final_val_loss"]}) if a.json else adapter)
+    return 0

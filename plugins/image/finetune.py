@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.finetune import Settings, Task
+from engine.finetune import Task, run_command
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
@@ -177,9 +177,6 @@ def main(argv=None) -> int:
     import torch
 
     from engine import state
-    from engine.errors import StudioError
-    from engine.finetune import run
-    from engine.generators import CancelToken
     from engine.plugins import PluginHost
     from engine.store import ModelStore
 
@@ -203,21 +200,4 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
           f"{len(pairs)} images{note}; run folder {out}", file=sys.stderr)
 
-    def report(e: dict) -> None:
-        if a.json:
-            print(json.dumps(e), flush=True)
-        elif "step" in e:
-            val = f"  val {e['val_loss']:.4f}" if "val_loss" in e else ""
-            print(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}{val}  {e['seconds_per_step']:.3f} s/step  "
-                  f"{e['eta_s']:.0f} s left", file=sys.stderr, flush=True)
-
-    try:
-        recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
-                                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
-                     out, resume=a.resume, cancel=CancelToken(), report=report)
-    except KeyboardInterrupt:
-        raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
-    adapter = str(Path(recipe["adapter"]) / "adapter.safetensors")
-    print(json.dumps({"adapter": adapter, "final_loss": recipe["final_loss"],
-                      "final_val_loss": recipe["final_val_loss"]}) if a.json else adapter)
-    return 0
+    return run_command(task, a, out, "adapter.safetensors")

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from engine.errors import StudioError, UsageError
-from engine.finetune import Settings, Task
+from engine.errors import UsageError
+from engine.finetune import Task, run_command
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
@@ -176,8 +176,6 @@ def main(argv=None) -> int:
     import torch
 
     from engine import state
-    from engine.generators import CancelToken
-    from engine.finetune import run
     from engine.plugins import PluginHost
     from engine.store import ModelStore
 
@@ -198,22 +196,4 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
           f"{len(task.train):,} training tokens; run folder {out}", file=sys.stderr)
 
-    def report(e: dict) -> None:
-        if a.json:
-            print(json.dumps(e), flush=True)
-        elif "step" in e:
-            val = f"  val {e['val_loss']:.4f}" if "val_loss" in e else ""
-            print(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}{val}  {e['seconds_per_step']:.3f} s/step  "
-                  f"{e['eta_s']:.0f} s left", file=sys.stderr, flush=True)
-        elif "message" in e:
-            print(e["message"], file=sys.stderr)
-
-    try:
-        recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
-                                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
-                     out, resume=a.resume, cancel=CancelToken(), report=report)
-    except KeyboardInterrupt:
-        raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
-    print(json.dumps({"adapter": recipe["adapter"], "final_loss": recipe["final_loss"],
-                      "final_val_loss": recipe["final_val_loss"]}) if a.json else recipe["adapter"])
-    return 0
+    return run_command(task, a, out)
