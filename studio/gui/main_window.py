@@ -1,4 +1,5 @@
-"""The main window: generator list, generator panel, output view and history, menus, drag and drop."""
+"""The main window: generator list, generator panel, output view, history and queue, menus, running jobs.
+Recipes and drag and drop are studio/gui/recipe_actions.py."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QMessageBox, QScrollArea, QSplitter,
+from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QScrollArea, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
 from engine import chat as chat_mod
@@ -19,6 +20,7 @@ from studio.gui.generator_panel import GeneratorPanel
 from studio.gui.history_panel import HistoryPanel
 from studio.gui.output_view import OutputView, kind_of
 from studio.gui.queue_panel import QueuePanel
+from studio.gui.recipe_actions import RecipeActions
 from studio.gui.session import Session
 from studio.gui.util import generator_icon, guard
 from studio.gui.worker import (Failure, Finished, PreparedMsg, PreviewMsg, ProgressMsg, StatusMsg, TextMsg,
@@ -43,7 +45,7 @@ def loaded_note(recipe: dict) -> str:
     return f"; loaded {what} in {load_s:.2f} s"
 
 
-class MainWindow(DialogActions, QMainWindow):
+class MainWindow(RecipeActions, DialogActions, QMainWindow):
     def __init__(self, session: Session | None = None, generator: str | None = None):
         super().__init__()
         self.session = session or Session()
@@ -498,92 +500,6 @@ class MainWindow(DialogActions, QMainWindow):
 
     # ----- recipes and history ---------------------------------------------------------------
     @guard
-    def load_recipe(self, recipe: dict) -> None:
-        """Put a recipe's generator, prompt, seed, options and model back into the form."""
-        gid = recipe.get("generator")
-        if recipe.get("source") == "a1111" or not gid:
-            gid = self.session.find_generator("image", "text") if recipe.get("source") == "a1111" else gid
-        if not gid or gid not in self.session.host.generators:
-            raise UsageError(f"This recipe needs generator {recipe.get('generator') or 'image'!r}, "
-                             "which is not installed.")
-        self.select_generator(gid)
-        info = self.panel.info
-        skipped = self.panel.apply_recipe(recipe)
-        if "messages" in info.takes and recipe.get("messages"):
-            self.chat.show_recipe(recipe)
-            self.tabs.setCurrentWidget(self.chat)
-        note = f"Loaded the recipe into {info.title}"
-        if skipped:
-            note += f"; skipped: {', '.join(map(str, skipped))}"
-        self.statusBar().showMessage(note + ".", 8000)
-
-    @guard
-    def open_entry(self, entry) -> None:
-        recipe = dict(entry.recipe)
-        if recipe.get("messages") and entry.generator in self.session.host.generators:
-            self.load_recipe(recipe)  # a conversation reopens in the chat view, ready to continue
-            return
-        info = self.session.host.generators.get(entry.generator, (None,))[0]
-        kind = kind_of(info.info) if info else ("image" if recipe.get("width") else "text")
-        if not info and any(str(o.get("path", "")).endswith((".wav", ".flac")) for o in entry.outputs):
-            kind = "audio"
-        self.output.begin(kind, (recipe.get("image") or {}).get("path", ""))
-        self.output.show_result(recipe, [o["path"] for o in entry.outputs if Path(o["path"]).exists()])
-        missing = [o["path"] for o in entry.outputs if not Path(o["path"]).exists()]
-        if missing:
-            self.show_info(f"Output file {Path(missing[0]).name} is gone; the recipe is still in the history.")
-        self.tabs.setCurrentWidget(self.output)
-
-    # ----- drag and drop ---------------------------------------------------------------------
-    def dragEnterEvent(self, event) -> None:
-        if event.mimeData().hasUrls():
-            event.acceptProposedAction()
-
-    def dropEvent(self, event) -> None:
-        self.handle_drop(event.mimeData())
-        event.acceptProposedAction()
-
-    @guard
-    def handle_drop(self, mime) -> None:
-        """A dropped image: offer to load its recipe (studio or A1111 PNG), else use it as the input image."""
-        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
-        if not files:
-            raise UsageError("Drop an image file (PNG, JPEG, ...) onto the window.")
-        path = Path(files[0])
-        if not path.is_file():
-            raise UsageError(f"{path.name} is not a file.")
-        recipe = {}
-        if path.suffix.lower() == ".png":
-            from engine.outputs import read_png_recipe
-
-            recipe = read_png_recipe(path)  # UsageError when unreadable
-        from studio.gui.image_input import read_image
-
-        read_image(path)  # raises a clear UsageError for unreadable or non-image files
-        if recipe and self.ask_load_recipe(path, recipe):
-            self.load_recipe(recipe)
-            return
-        info = self.panel.info
-        if info is not None and "image" in info.takes:
-            self.panel.image_input.set_path(str(path))
-            return
-        gid = self.session.find_generator("text", "image")
-        if gid is not None and not recipe:
-            self.select_generator(gid)
-            self.panel.image_input.set_path(str(path))
-            self.statusBar().showMessage(f"{path.name} is the input of {self.panel.info.title}.", 6000)
-        elif not recipe:
-            self.show_info(f"{path.name} carries no studio or A1111 recipe, and no generator takes an image.")
-
-    def ask_load_recipe(self, path: Path, recipe: dict) -> bool:
-        prompt = (recipe.get("prompt") or "")[:120]
-        text = (f"{path.name} carries a recipe"
-                + (f" from {recipe['generator']}" if recipe.get("generator") else " (A1111 parameters)")
-                + f":\n\nprompt: {prompt}\nseed: {recipe.get('seed')}\n\nLoad its prompt, seed and options?")
-        answer = QMessageBox.question(self, "Load recipe?", text,
-                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-        return answer == QMessageBox.StandardButton.Yes
-
     # ----- persistence and closing -----------------------------------------------------------
     def _restore_geometry(self) -> None:
         geo = self.gui_state.get("geometry")
