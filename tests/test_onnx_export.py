@@ -9,6 +9,7 @@ import torch
 
 from engine.errors import ParityError, ModelError, UsageError
 from engine.onnx_export import export_model
+from tests.decoder_checks import greedy
 from tests.onnx_fixtures import caption_folder, entry_for, exporter_host, image_folder, text_folder
 
 torch.set_num_threads(1)
@@ -24,27 +25,6 @@ def _home(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def host():
     return exporter_host()
-
-
-def _greedy_torch(model, prompt, n):
-    with torch.inference_mode():
-        logits, past = model.step(torch.tensor(prompt))
-        out = []
-        for _ in range(n):
-            t = int(logits[0].argmax())
-            out.append(t)
-            logits, past = model.step(torch.tensor([[t]]), past)
-    return out
-
-
-def _greedy_onnx(decoder, prompt, n):
-    logits, past = decoder.step(np.array(prompt))
-    out = []
-    for _ in range(n):
-        t = int(logits[0].argmax())
-        out.append(t)
-        logits, past = decoder.step(np.array([[t]]), past)
-    return out
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -67,7 +47,7 @@ def test_text_export_gate_manifest_and_greedy(tmp_path, host, family):
     decoder, _ = load_decoder(folder, entry.hash)
     model = load_torch_model(folder, family)
     prompt = [[3, 5, 7, 11]]
-    assert _greedy_onnx(decoder, prompt, 24) == _greedy_torch(model, prompt, 24)
+    assert greedy(decoder.step, np.array(prompt), 24) == greedy(model.step, torch.tensor(prompt), 24)
     # batch 3 with a longer prompt also matches (dynamic batch and sequence axes)
     ids = np.random.default_rng(1).integers(0, 64, size=(3, 9))
     with torch.inference_mode():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.onnx_export import export_model
+from tests.decoder_checks import greedy
 from tests.onnx_fixtures import entry_for, exporter_host, text_folder
 
 torch.set_num_threads(1)
@@ -46,16 +47,7 @@ def _studio_greedy(folder, family):
     from plugins.text.onnx import load_torch_model
 
     model = load_torch_model(folder, family)
-    with torch.inference_mode():
-        logits, past = model.step(torch.tensor([PROMPT]))
-        out = []
-        for _ in range(NEW):
-            t = int(logits[0].argmax())
-            out.append(t)
-            if t == EOS:  # the other runtimes stop after the end token
-                break
-            logits, past = model.step(torch.tensor([[t]]), past)
-    return out
+    return greedy(model.step, torch.tensor([PROMPT]), NEW, stop=EOS)  # the other runtimes stop after the end
 
 
 def test_files_and_graph_names(exported):

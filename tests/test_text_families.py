@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from decoder_checks import greedy
 from onnx_fixtures import word_tokenizer
 
 V = 64
@@ -60,15 +61,6 @@ def save_tiny(case: str, folder, dtype=torch.float32, shard: str | None = None):
     return model.float().eval()
 
 
-def greedy(ours, ids, n=32):
-    past, x, got = None, ids, []
-    for _ in range(n):
-        logits, past = ours.step(x, past)
-        x = logits.argmax(-1, keepdim=True)
-        got.append(int(x))
-    return got
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_family_matches_transformers(case, tmp_path):
     from plugins.text.models import check_folder, load_model
@@ -83,7 +75,7 @@ def test_family_matches_transformers(case, tmp_path):
         diff = (ours(ids, use_cache=False)[0] - ref(input_ids=ids).logits).abs().max()
         assert diff < 1e-4, diff
         want = ref.generate(ids[:1, :5], max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    assert greedy(ours, ids[:1, :5]) == want[0, 5:].tolist()
+    assert greedy(ours.step, ids[:1, :5]) == want[0, 5:].tolist()
 
 
 @pytest.mark.parametrize("case,dtype,shard", [("qwen3", torch.bfloat16, "20KB"), ("gemma2", torch.float16, None)])
@@ -98,7 +90,7 @@ def test_half_precision_and_sharded_folders(case, dtype, shard, tmp_path):
     ids = torch.randint(2, V, (1, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    assert greedy(ours, ids) == want[0, 5:].tolist()
+    assert greedy(ours.step, ids) == want[0, 5:].tolist()
 
 
 def test_unknown_model_type_names_it_and_lists_the_supported(tmp_path):

@@ -2,6 +2,7 @@
 import torch
 import transformers
 
+from decoder_checks import assert_cache_matches, assert_logits_match, greedy
 from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel, load_hf_state_dict
 
 torch.set_num_threads(1)
@@ -17,39 +18,13 @@ def _pair(**kw):
 
 
 def test_logits_match():
-    for kw in ({}, {"tie_word_embeddings": False, "activation_function": "gelu", "scale_attn_by_inverse_layer_idx": True}):
-        ref, ours = _pair(**kw)
-        ids = torch.randint(0, 97, (2, 11))
-        with torch.no_grad():
-            a = ref(ids).logits
-            b, _ = ours(ids, use_cache=False)
-        assert (a - b).abs().max() < 1e-4, kw
+    variants = ({}, {"tie_word_embeddings": False, "activation_function": "gelu",
+                     "scale_attn_by_inverse_layer_idx": True})
+    assert_logits_match(_pair, variants, 97, (2, 11))
 
 
 def test_cache_matches_full_forward():
-    _, ours = _pair()
-    ids = torch.randint(0, 97, (1, 20))
-    with torch.no_grad():
-        full, _ = ours(ids, use_cache=False)
-        logits, past = ours(ids[:, :7])
-        parts = [logits]
-        l2, past = ours(ids[:, 7:12], past=past)  # several tokens with a past: explicit causal mask
-        parts.append(l2)
-        for t in range(12, 20):
-            lt, past = ours(ids[:, t:t + 1], past=past)
-            parts.append(lt)
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
-
-
-def _greedy(step, ids, n, **kw):
-    past, out = None, []
-    x = ids
-    for _ in range(n):
-        logits, past = step(x, past, **kw)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(nxt))
-        x = nxt
-    return out
+    assert_cache_matches(_pair()[1], 97, cuts=(7, 12))
 
 
 def test_greedy_32_tokens_match_transformers_generate():
@@ -58,7 +33,7 @@ def test_greedy_32_tokens_match_transformers_generate():
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32,
                             pad_token_id=0)[0, 5:].tolist()
-        got = _greedy(lambda x, p: ours(x, past=p), ids, 32)
+        got = greedy(lambda x, p: ours(x, past=p), ids, 32)
     assert got == want
 
 
