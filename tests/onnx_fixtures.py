@@ -107,3 +107,23 @@ def image_folder(folder: Path, seed: int = 0) -> Path:
     save(folder, config, unet, text, shapes_tokenizer(),
          {"generator": "image", "family": "shapes-diffusion", "title": folder.name})
     return folder
+
+
+def exported_text(base: Path, family: str) -> Path:
+    """A tiny text model of ``family`` in ``base/tiny``, exported to ONNX (one onnxruntime thread)."""
+    import os
+
+    from engine.onnx_export import export_model
+
+    os.environ["STUDIO_ONNX_THREADS"] = "1"
+    folder = text_folder(base / "tiny", family)
+    export_model(exporter_host(), entry_for(folder, family, "text"))
+    return folder
+
+
+def copy_of(folder: Path, dest: Path) -> Path:
+    """A copy of a model folder (copy2 keeps the files' times, as a move or backup would)."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    return dest

@@ -12,24 +12,17 @@ from engine import filecheck
 from engine.backends import optimized
 from engine.backends.runtime import Export, choose_export, gate_passed, open_export
 from engine.errors import ModelError
-from engine.onnx_export import export_model
-from tests.onnx_fixtures import entry_for, exporter_host, text_folder
+from tests.onnx_fixtures import copy_of, exported_text
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    os.environ["STUDIO_ONNX_THREADS"] = "1"
-    base = tmp_path_factory.mktemp("loadtime")
-    folder = text_folder(base / "tiny", "llama")
-    export_model(exporter_host(), entry_for(folder, "llama", "text"))
-    return folder
+    return exported_text(tmp_path_factory.mktemp("loadtime"), "llama")
 
 
 @pytest.fixture
 def copy(exported, tmp_path):
-    dst = tmp_path / "tiny"
-    shutil.copytree(exported, dst)  # copy2 keeps the files' times, as a move or backup would
-    return dst
+    return copy_of(exported, tmp_path / "tiny")
 
 
 def _count_hashes(monkeypatch) -> list:

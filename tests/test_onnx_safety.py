@@ -12,8 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine.errors import ModelError
 from engine.backends.runtime import Export, check_graph, open_export
-from engine.onnx_export import export_model
-from tests.onnx_fixtures import entry_for, exporter_host, text_folder
+from tests.onnx_fixtures import copy_of, exported_text
 
 
 def _tiny_graph(path, external_location=None):
@@ -32,18 +31,12 @@ def _tiny_graph(path, external_location=None):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    os.environ["STUDIO_ONNX_THREADS"] = "1"
-    base = tmp_path_factory.mktemp("safety")
-    folder = text_folder(base / "tiny", "gpt2")
-    export_model(exporter_host(), entry_for(folder, "gpt2", "text"))
-    return folder
+    return exported_text(tmp_path_factory.mktemp("safety"), "gpt2")
 
 
 @pytest.fixture
 def copy(exported, tmp_path):
-    dst = tmp_path / "tiny"
-    shutil.copytree(exported, dst)
-    return dst
+    return copy_of(exported, tmp_path / "tiny")
 
 
 def test_good_export_opens(copy):
