@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from plugin_samples import generator_plugin
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "studio-hello" / "studio_hello"
 
-PREVIEW = '''
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
+PREVIEW = generator_plugin('''
 
 INFO = GeneratorInfo(id="preview", title="Preview", description="Denoises a gradient, with previews.",
                      takes=("text",), makes="image",
@@ -34,15 +34,10 @@ def generate(request, context):
         yield Partial(image=Image.new("RGB", (8, 8), (30 * i % 256, 0, 0)))
     yield Result(image=Image.new("RGB", (8, 8), ((request.seed * 7) % 256, 100, 200)))
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
-SLOW = '''
+SLOW = generator_plugin('''
 import time
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
 
 INFO = GeneratorInfo(id="slow", title="Slow", description="Sleeps between steps.", takes=("text",), makes="text",
                      options=(Option("steps", "int", 200, "Steps", min=1, max=10000),))
@@ -56,14 +51,9 @@ def generate(request, context):
         yield Partial(text=".")
     yield Result(text="." * n)
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
-CAPTIONER = '''
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Partial, Progress, Result
+CAPTIONER = generator_plugin('''
 
 INFO = GeneratorInfo(id="describe", title="Describe", description="Says the size of an image.",
                      takes=("image",), makes="text")
@@ -77,10 +67,7 @@ def generate(request, context):
         yield Partial(text=(" " if i else "") + word)
     yield Result(text=text, token_ids=[])
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
 
 def install_plugins(home: Path, hello: bool = True, **sources) -> None:
@@ -117,3 +104,9 @@ def wait_idle(qtbot, window, timeout=5000) -> None:
 def gui_home(studio_home):
     install_plugins(studio_home, preview=PREVIEW, slow=SLOW, describe=CAPTIONER)
     return studio_home
+
+
+def as_user_models(source: Path, home: Path) -> Path:
+    """The model folders under ``source``, copied in as the user models of the state folder ``home``."""
+    shutil.copytree(source, home / "models")
+    return home / "models"

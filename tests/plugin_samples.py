@@ -1,8 +1,15 @@
 """Source text of small test plugins, written into the drop-in folder by tests."""
 
-GOOD = '''
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
+
+def generator_plugin(body: str) -> str:
+    """A plugin's source: the usual imports, ``body`` (which defines INFO and generate), and the hook that
+    registers them."""
+    return ("from engine import hookimpl\n"
+            "from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result\n"
+            + body + "\n@hookimpl\ndef register_generators(register):\n    register(Generator(INFO, generate))\n")
+
+
+GOOD = generator_plugin('''
 
 INFO = GeneratorInfo(id="upper", title="Upper", description="Upper-cases the prompt.", takes=("text",),
                      makes="text", options=(Option("repeat", "int", 1, "Repeat count", min=1, max=5),))
@@ -14,10 +21,7 @@ def generate(request, context):
         yield Partial(text=ch)
     yield Result(text=text, token_ids=[ord(c) for c in text])
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
 BROKEN_IMPORT = '''
 import this_module_does_not_exist
@@ -39,9 +43,7 @@ def register_generators(register):
     register({"id": "not-a-generator"})
 '''
 
-RAISING_GENERATE = '''
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Progress
+RAISING_GENERATE = generator_plugin('''
 
 INFO = GeneratorInfo(id="crash", title="Crash", description="Raises while generating.", takes=("text",), makes="text")
 
@@ -49,14 +51,9 @@ def generate(request, context):
     yield Progress(1, 2)
     raise ValueError("model exploded")
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
-PIXELS = '''
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Option, Progress, Partial, Result
+PIXELS = generator_plugin('''
 
 INFO = GeneratorInfo(id="pixels", title="Pixels", description="A seeded noise image.", takes=("text",), makes="image",
                      options=(Option("size", "int", 8, "Side in pixels", min=2, max=64),))
@@ -71,10 +68,7 @@ def generate(request, context):
     yield Progress(1, 1)
     yield Result(image=im)
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
 
 def drop(home, name, source):

@@ -1,10 +1,9 @@
 """The built-in generators in the window, on tiny random models: text streams, image previews, caption, export."""
-import shutil
 import time
 
 import pytest
 
-from gui_helpers import wait_idle
+from gui_helpers import as_user_models, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +20,7 @@ def model_source(tmp_path_factory):
 @pytest.fixture
 def models(studio_home, model_source):
     """The tiny random models, as user models of this test's state folder."""
-    shutil.copytree(model_source, studio_home / "models")
-    return studio_home / "models"
+    return as_user_models(model_source, studio_home)
 
 
 def _window(qtbot):

@@ -1,10 +1,10 @@
 """The window's folder page: a grid fills with thumbnails and captions (in the generation process and in-process),
 captions are editable (the edit rewrites the caption file), existing captions are kept, cancel keeps what is done."""
-import shutil
 
 import pytest
 
 import caption_refs as R
+from gui_helpers import as_user_models
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,7 @@ def blip_source(tmp_path_factory):
 
 @pytest.fixture
 def models(studio_home, blip_source):
-    shutil.copytree(blip_source, studio_home / "models")
-    return studio_home / "models"
+    return as_user_models(blip_source, studio_home)
 
 
 @pytest.mark.parametrize("isolate", [True, False], ids=["in-the-generation-process", "in-process"])

@@ -29,17 +29,9 @@ def _home(tmp_path, monkeypatch):
 def exported(request, tmp_path_factory):
     family = request.param
     folder = text_folder(tmp_path_factory.mktemp("open") / f"tiny-{family}", family)
-    import os
-
-    old = os.environ.get("STUDIO_HOME")
-    os.environ["STUDIO_HOME"] = str(folder.parent / "home")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_HOME", str(folder.parent / "home"))
         manifest = export_model(exporter_host(), entry_for(folder, family, "text"))
-    finally:
-        if old is None:
-            os.environ.pop("STUDIO_HOME", None)
-        else:
-            os.environ["STUDIO_HOME"] = old
     return family, folder, manifest
 
 

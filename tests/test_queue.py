@@ -15,14 +15,12 @@ from engine.jobworker import InProcessExecutor, QueueWorker, recover
 from engine.plugins import PluginHost
 from engine.runner import Job
 from engine.store import ModelStore
-from tests.plugin_samples import GOOD, PIXELS, drop
+from tests.plugin_samples import GOOD, PIXELS, drop, generator_plugin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SLOW = '''
+SLOW = generator_plugin('''
 import time
-from engine import hookimpl
-from engine.generators import Generator, GeneratorInfo, Option, Progress, Result
 
 INFO = GeneratorInfo(id="slow", title="Slow", description="Takes its time.", takes=("text",), makes="text",
                      options=(Option("steps", "int", 20, "Steps", min=1, max=1000),))
@@ -35,10 +33,7 @@ def generate(request, context):
         yield Progress(i + 1, n)
     yield Result(text=f"{request.prompt} after {n} steps")
 
-@hookimpl
-def register_generators(register):
-    register(Generator(INFO, generate))
-'''
+''')
 
 
 def _worker(queue, **kw):

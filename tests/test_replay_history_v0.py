@@ -18,26 +18,19 @@ RECIPES = json.loads((DATA / "recipes.json").read_text())
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """A host, store and state folder with ONNX exports of the three built-in models."""
-    import os
 
     from engine.onnx_export import export_model
     from engine.plugins import PluginHost
     from engine.store import ModelStore
 
     home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("STUDIO_HOME")
-    os.environ["STUDIO_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_HOME", str(home))
         host = PluginHost(safe_mode=True, disabled=[]).load()
         store = ModelStore(host)
         for name in sorted({r["model"]["name"] for r in RECIPES}):
             export_model(host, store.get(name))
         yield host, store, home
-    finally:
-        if old is None:
-            os.environ.pop("STUDIO_HOME", None)
-        else:
-            os.environ["STUDIO_HOME"] = old
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r['generator']}-{r['backend']}-{r['seed']}")

@@ -48,19 +48,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import os
-
-    home = tmp_path_factory.mktemp("serve-home")
-    old = os.environ.get("STUDIO_HOME")
-    os.environ["STUDIO_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_HOME", str(tmp_path_factory.mktemp("serve-home")))
         with Server() as s:
             yield s
-    finally:
-        if old is None:
-            os.environ.pop("STUDIO_HOME", None)
-        else:
-            os.environ["STUDIO_HOME"] = old
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ tokens; broken folders raise ModelError."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -83,19 +82,20 @@ def test_untied_llama_folder(tmp_path):
         assert (_hf("llama", path)(x).logits - load_model(path, "llama")(x, use_cache=False)[0]).abs().max() < 1e-4
 
 
-def _copy(src: Path, dst: Path) -> Path:
+def _copy(src: Path, dst: Path, **config) -> Path:
+    """A copy of a model folder, with ``config`` changed in its config.json."""
     import shutil
 
     shutil.copytree(src, dst)
+    if config:
+        path = dst / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
     return dst
 
 
 def test_wrong_shapes(folder, tmp_path):
     family, path = folder
-    bad = _copy(path, tmp_path / "bad")
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["hidden_size" if family == "llama" else "n_embd"] = 64
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = _copy(path, tmp_path / "bad", **{"hidden_size" if family == "llama" else "n_embd": 64})
     with pytest.raises(ModelError, match="shape"):
         check_folder(bad, family)
 
@@ -115,10 +115,7 @@ def test_missing_keys(folder, tmp_path):
 
 def test_unknown_model_type(folder, tmp_path):
     family, path = folder
-    bad = _copy(path, tmp_path / "bad")
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "mamba"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = _copy(path, tmp_path / "bad", model_type="mamba")
     with pytest.raises(ModelError, match="Unknown model family .mamba.; supported: llama, gpt2, qwen2"):
         check_folder(bad, family)
 
