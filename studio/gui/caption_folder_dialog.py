@@ -11,13 +11,13 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QPixmap
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                               QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QFormLayout, QLabel, QLineEdit, QListWidget,
+                               QListWidgetItem)
 
 from engine.errors import UsageError
 from engine.generators import CancelToken
 from studio.gui.error_banner import ErrorBanner
-from studio.gui.util import guard
+from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, row
 from studio.gui.worker import Task
 
 THUMB = 96
@@ -36,8 +36,7 @@ class CaptionFolderDialog(QDialog):
         self.banner = ErrorBanner()
         self.folder = QLineEdit(folder)
         self.folder.setPlaceholderText("A folder of training images")
-        browse = QPushButton("Choose…")
-        browse.clicked.connect(self.choose_folder)
+        browse = button("Choose…", self.choose_folder)
         self.model = QComboBox()
         try:
             for e in session.store.list():
@@ -52,10 +51,7 @@ class CaptionFolderDialog(QDialog):
         self.prefix.setPlaceholderText("optional, e.g. a picture of (BLIP)")
         self.overwrite = QCheckBox("Replace existing caption files (hand-written ones too)")
         self.recursive = QCheckBox("Include subfolders")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("idle")
+        self.progress = idle_progress()
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.grid = QListWidget()
@@ -66,34 +62,19 @@ class CaptionFolderDialog(QDialog):
         self.grid.setResizeMode(QListWidget.ResizeMode.Adjust)
         self.grid.setEditTriggers(QListWidget.EditTrigger.DoubleClicked | QListWidget.EditTrigger.EditKeyPressed)
         self.grid.itemChanged.connect(self.on_edited)
-        self.start_button = QPushButton("Caption")
-        self.cancel_button = QPushButton("Cancel")
+        self.start_button = button("Caption", self.start)
+        self.cancel_button = button("Cancel", self.cancel)
         self.cancel_button.setEnabled(False)
-        self.close_button = QPushButton("Close")
-        row = QHBoxLayout()
-        row.addWidget(self.folder, 1)
-        row.addWidget(browse)
+        self.close_button = button("Close", self.accept)
         form = QFormLayout()
-        form.addRow("Folder", row)
+        form.addRow("Folder", row((self.folder, 1), browse))
         form.addRow("Captioner", self.model)
         form.addRow("Backend", self.backend)
         form.addRow("Prefix", self.prefix)
         form.addRow("", self.overwrite)
         form.addRow("", self.recursive)
-        buttons = QHBoxLayout()
-        buttons.addStretch(1)
-        for b in (self.start_button, self.cancel_button, self.close_button):
-            buttons.addWidget(b)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.banner)
-        lay.addLayout(form)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.status)
-        lay.addWidget(self.grid, 1)
-        lay.addLayout(buttons)
-        self.start_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.close_button.clicked.connect(self.accept)
+        column(self, self.banner, form, self.progress, self.status, (self.grid, 1),
+               row(None, self.start_button, self.cancel_button, self.close_button))
         if self.model.count() == 0:
             self.start_button.setEnabled(False)
             self.status.setText("There is no caption model yet; import one (BLIP or a vision encoder-decoder).")
@@ -101,9 +82,7 @@ class CaptionFolderDialog(QDialog):
 
     @guard
     def choose_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Folder of images", self.folder.text())
-        if path:
-            self.folder.setText(path)
+        choose_folder_into(self, "Folder of images", self.folder)
 
     def request(self) -> dict:
         from dataclasses import asdict

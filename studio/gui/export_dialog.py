@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QFontDatabase, QTextCursor
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit,
-                               QProgressBar, QPushButton, QVBoxLayout)
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDialog, QFormLayout, QLabel, QPlainTextEdit
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
-from studio.gui.util import guard
+from studio.gui.util import button, column, guard, idle_progress, monospace, row
 from studio.gui.worker import Task
 
 PASS_KEYS = ("passed", "ok", "pass")
@@ -82,43 +81,24 @@ class ExportDialog(QDialog):
             self.model.setCurrentIndex(max(0, self.model.findData(model)))
         self.int8 = QCheckBox("Also quantise to int8 (smaller, faster on CPU, slightly less exact)")
         self.force = QCheckBox("Keep the export even if it fails the parity gate")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("idle")
+        self.progress = idle_progress()
         self.result = QLabel()
         self.result.setObjectName("export_result")
         self.result.setWordWrap(True)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.parity = QLabel()
         self.parity.setObjectName("export_parity")
-        self.parity.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
-        self.parity.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        monospace(self.parity).setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.parity.setWordWrap(True)
-        self.log = QPlainTextEdit()
-        self.log.setReadOnly(True)
-        self.log.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
-        self.log.setPlaceholderText("Export log and parity figures appear here.")
-        self.export_button = QPushButton("Export")
-        self.close_button = QPushButton("Close")
+        self.log = monospace(QPlainTextEdit(), "Export log and parity figures appear here.")
+        self.export_button = button("Export", self.start)
+        self.close_button = button("Close", self.accept)
         form = QFormLayout()
         form.addRow("Model", self.model)
         form.addRow("", self.int8)
         form.addRow("", self.force)
-        row = QHBoxLayout()
-        row.addStretch(1)
-        row.addWidget(self.export_button)
-        row.addWidget(self.close_button)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.banner)
-        lay.addLayout(form)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.result)
-        lay.addWidget(self.parity)
-        lay.addWidget(self.log, 1)
-        lay.addLayout(row)
-        self.export_button.clicked.connect(self.start)
-        self.close_button.clicked.connect(self.accept)
+        column(self, self.banner, form, self.progress, self.result, self.parity, (self.log, 1),
+               row(None, self.export_button, self.close_button))
         self.model.setEnabled(self.model.count() > 0)
         self.export_button.setEnabled(self.model.count() > 0)
         if self.model.count() == 0:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QFontDatabase
-from PySide6.QtWidgets import (QHBoxLayout, QLineEdit, QListView, QPlainTextEdit, QPushButton, QSplitter,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QLineEdit, QListView, QPlainTextEdit, QSplitter, QWidget
 
 from engine.errors import UsageError
 from studio.gui.history_model import THUMB, EntryRole, HistoryModel
 from studio.gui.recipe_dialog import recipe_text
-from studio.gui.util import guard
+from studio.gui.util import button, column, guard, monospace, row
 
 
 class HistoryPanel(QWidget):
@@ -28,37 +26,22 @@ class HistoryPanel(QWidget):
         self.list.setUniformItemSizes(False)
         self.list.setSpacing(2)
         self.list.setWordWrap(True)
-        self.recipe = QPlainTextEdit()
-        self.recipe.setReadOnly(True)
-        self.recipe.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
-        self.recipe.setPlaceholderText("Select a generation to see its full recipe.")
-        self.open_button = QPushButton("Open")
-        self.load_button = QPushButton("Load recipe")
-        self.delete_button = QPushButton("Delete")
-        self.refresh_button = QPushButton("Refresh")
-        buttons = QHBoxLayout()
-        for b in (self.open_button, self.load_button, self.delete_button):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
-        buttons.addWidget(self.refresh_button)
+        self.recipe = monospace(QPlainTextEdit(), "Select a generation to see its full recipe.")
+        self.open_button = button("Open", self.open_current)
+        self.load_button = button("Load recipe", self.load_current)
+        self.delete_button = button("Delete", self.delete_current)
+        self.refresh_button = button("Refresh", self.refresh)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.list)
         split.addWidget(self.recipe)
         split.setSizes([300, 160])
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.search)
-        lay.addWidget(split, 1)
-        lay.addLayout(buttons)
+        column(self, self.search, (split, 1), row(self.open_button, self.load_button, self.delete_button, None,
+                                                  self.refresh_button), margins=(0, 0, 0, 0))
         self._debounce = QTimer(self, singleShot=True, interval=200)
         self._debounce.timeout.connect(self.refresh)
         self.search.textChanged.connect(self._debounce.start)
         self.list.selectionModel().currentChanged.connect(self.on_current)
         self.list.doubleClicked.connect(self.open_current)
-        self.open_button.clicked.connect(self.open_current)
-        self.load_button.clicked.connect(self.load_current)
-        self.delete_button.clicked.connect(self.delete_current)
-        self.refresh_button.clicked.connect(self.refresh)
         self._update_buttons()
 
     def set_history(self, history) -> None:
@@ -70,9 +53,9 @@ class HistoryPanel(QWidget):
         current = self.current()
         self.model.refresh(self.search.text().strip())
         if current is not None:
-            for row, e in enumerate(self.model.entries):
+            for i, e in enumerate(self.model.entries):
                 if e.id == current.id:
-                    self.list.setCurrentIndex(self.model.index(row))
+                    self.list.setCurrentIndex(self.model.index(i))
         self._update_buttons()
 
     def current(self):

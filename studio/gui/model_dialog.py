@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QMessageBox, QPushButton,
-                               QVBoxLayout)
+from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.model_table import ModelTableModel
-from studio.gui.util import row_table, guard
+from studio.gui.util import button, column, guard, row, row_table
 from studio.gui.worker import Task
 
 
@@ -25,21 +24,11 @@ class ModelDialog(QDialog):
         self.banner = ErrorBanner()
         self.model = ModelTableModel()
         self.table = row_table(self.model)
-        self.import_button = QPushButton("Import folder…")
-        self.remove_button = QPushButton("Remove")
-        self.close_button = QPushButton("Close")
-        row = QHBoxLayout()
-        row.addWidget(self.import_button)
-        row.addWidget(self.remove_button)
-        row.addStretch(1)
-        row.addWidget(self.close_button)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.banner)
-        lay.addWidget(self.table, 1)
-        lay.addLayout(row)
-        self.import_button.clicked.connect(self.on_import)
-        self.remove_button.clicked.connect(self.on_remove)
-        self.close_button.clicked.connect(self.accept)
+        self.import_button = button("Import folder…", self.on_import)
+        self.remove_button = button("Remove", self.on_remove)
+        self.close_button = button("Close", self.accept)
+        column(self, self.banner, (self.table, 1),
+               row(self.import_button, self.remove_button, None, self.close_button))
         self.resize(820, 380)
         self.refresh()
 

@@ -13,7 +13,7 @@ from engine.errors import UsageError
 from studio.gui.audio_player import make_player
 from studio.gui.image_canvas import ImageCanvas
 from studio.gui.recipe_dialog import RecipeDialog
-from studio.gui.util import guard
+from studio.gui.util import button, column, guard, row
 from studio.gui.waveform import Waveform
 
 KINDS = ("text", "image", "caption", "audio")
@@ -74,29 +74,16 @@ class OutputView(QWidget):
         self.info = QLabel()
         self.info.setObjectName("output_info")
         self.info.setWordWrap(True)
-        self.save_button = QPushButton("Save as…")
-        self.copy_button = QPushButton("Copy")
-        self.recipe_button = QPushButton("Recipe")
-        self.replay_button = QPushButton("Replay")
-        self.caption_button = QPushButton("Caption this image")
-        self.prompt_button = QPushButton("Use as prompt")
-        actions = QHBoxLayout()
-        for b in (self.save_button, self.copy_button, self.recipe_button, self.replay_button, self.caption_button,
-                  self.prompt_button):
-            actions.addWidget(b)
-        actions.addStretch(1)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.stack, 1)
-        lay.addWidget(self.info)
-        lay.addLayout(actions)
+        self.save_button = button("Save as…", self.save_as)
+        self.copy_button = button("Copy", self.copy)
+        self.recipe_button = button("Recipe", self.show_recipe)
+        self.replay_button = button("Replay", self.on_replay)
+        self.caption_button = button("Caption this image", self.on_caption)
+        self.prompt_button = button("Use as prompt", self.on_use_as_prompt)
+        column(self, (self.stack, 1), self.info, row(self.save_button, self.copy_button, self.recipe_button,
+                                                     self.replay_button, self.caption_button, self.prompt_button,
+                                                     None), margins=(0, 0, 0, 0))
 
-        self.save_button.clicked.connect(self.save_as)
-        self.copy_button.clicked.connect(self.copy)
-        self.recipe_button.clicked.connect(self.show_recipe)
-        self.replay_button.clicked.connect(self.on_replay)
-        self.caption_button.clicked.connect(self.on_caption)
-        self.prompt_button.clicked.connect(self.on_use_as_prompt)
         self.play_button.clicked.connect(self.play)
         self.stop_button.clicked.connect(self.stop)
         self.can_caption = False

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QDialog, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit,
-                               QPushButton, QVBoxLayout)
+from PySide6.QtWidgets import QDialog, QFileDialog, QLabel, QMessageBox, QPlainTextEdit
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.plugin_model import PluginTableModel
-from studio.gui.util import row_table, guard
+from studio.gui.util import button, column, guard, row, row_table
 from studio.gui.worker import Task
 
 
@@ -28,27 +27,13 @@ class PluginDialog(QDialog):
         self.details.setPlaceholderText("Select a plugin to see its location and, for a failed one, the full error.")
         self.details.setMaximumHeight(150)
         self.note = QLabel("Enabling or disabling takes effect when the plugins are reloaded.")
-        self.install_folder = QPushButton("Install from folder…")
-        self.install_wheel = QPushButton("Install wheel…")
-        self.reload_button = QPushButton("Reload plugins")
-        self.close_button = QPushButton("Close")
-        row = QHBoxLayout()
-        row.addWidget(self.install_folder)
-        row.addWidget(self.install_wheel)
-        row.addStretch(1)
-        row.addWidget(self.reload_button)
-        row.addWidget(self.close_button)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.banner)
-        lay.addWidget(self.table, 1)
-        lay.addWidget(self.details)
-        lay.addWidget(self.note)
-        lay.addLayout(row)
+        self.install_folder = button("Install from folder…", self.on_install_folder)
+        self.install_wheel = button("Install wheel…", self.on_install_wheel)
+        self.reload_button = button("Reload plugins", self.on_reload)
+        self.close_button = button("Close", self.accept)
+        column(self, self.banner, (self.table, 1), self.details, self.note,
+               row(self.install_folder, self.install_wheel, None, self.reload_button, self.close_button))
         self.table.selectionModel().currentRowChanged.connect(self.on_row)
-        self.install_folder.clicked.connect(self.on_install_folder)
-        self.install_wheel.clicked.connect(self.on_install_wheel)
-        self.reload_button.clicked.connect(self.on_reload)
-        self.close_button.clicked.connect(self.accept)
         self.resize(860, 440)
 
     def show_error(self, message: str, details: str = "") -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QTimer, QUrl, Qt, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPushButton,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QAbstractItemView, QLabel, QListWidget, QListWidgetItem, QWidget
 
 from engine.errors import UsageError
-from studio.gui.util import guard
+from studio.gui.util import button, column, guard, row
 
 REFRESH_MS = 500
 JobIdRole = Qt.ItemDataRole.UserRole + 1
@@ -47,27 +46,14 @@ class QueuePanel(QWidget):
         self.queue = queue
         self.list = JobList()
         self.status = QLabel()
-        self.pause_button = QPushButton("Pause queue")
-        self.cancel_button = QPushButton("Cancel")
-        self.retry_button = QPushButton("Retry")
-        self.front_button = QPushButton("Move to front")
-        self.open_button = QPushButton("Open output")
-        self.clear_button = QPushButton("Clear finished")
-        buttons = QHBoxLayout()
-        for b in (self.pause_button, self.cancel_button, self.retry_button, self.front_button, self.open_button,
-                  self.clear_button):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.status)
-        lay.addWidget(self.list, 1)
-        lay.addLayout(buttons)
-        self.pause_button.clicked.connect(self.toggle_pause)
-        self.cancel_button.clicked.connect(self.cancel_selected)
-        self.retry_button.clicked.connect(self.retry_selected)
-        self.front_button.clicked.connect(self.front_selected)
-        self.open_button.clicked.connect(self.open_selected)
-        self.clear_button.clicked.connect(self.clear_finished)
+        self.pause_button = button("Pause queue", self.toggle_pause)
+        self.cancel_button = button("Cancel", self.cancel_selected)
+        self.retry_button = button("Retry", self.retry_selected)
+        self.front_button = button("Move to front", self.front_selected)
+        self.open_button = button("Open output", self.open_selected)
+        self.clear_button = button("Clear finished", self.clear_finished)
+        column(self, self.status, (self.list, 1), row(self.pause_button, self.cancel_button, self.retry_button,
+                                                        self.front_button, self.open_button, self.clear_button, None))
         self.list.reordered.connect(self.reorder)
         self.list.itemDoubleClicked.connect(lambda item: self.open_selected())
         self._snapshot = None
@@ -128,29 +114,25 @@ class QueuePanel(QWidget):
             self.queue.move(job_id, index)
         self._done()
 
-    @guard
     def toggle_pause(self) -> None:
-        self.queue.set_paused(not self.queue.paused())
-        self._done()
+        self._change(lambda: self.queue.set_paused(not self.queue.paused()))
 
-    @guard
     def cancel_selected(self) -> None:
-        self.queue.cancel(self._need_selection())
-        self._done()
+        self._change(lambda: self.queue.cancel(self._need_selection()))
 
-    @guard
     def retry_selected(self) -> None:
-        self.queue.retry(self._need_selection())
-        self._done()
+        self._change(lambda: self.queue.retry(self._need_selection()))
 
-    @guard
     def front_selected(self) -> None:
-        self.queue.to_front(self._need_selection())
-        self._done()
+        self._change(lambda: self.queue.to_front(self._need_selection()))
+
+    def clear_finished(self) -> None:
+        self._change(self.queue.clear)
 
     @guard
-    def clear_finished(self) -> None:
-        self.queue.clear()
+    def _change(self, action) -> None:
+        """Run one change to the queue (errors show in the window), then refresh and tell the window."""
+        action()
         self._done()
 
     @guard

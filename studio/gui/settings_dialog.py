@@ -1,11 +1,10 @@
 """Settings: default device, backend and output folder (engine.state.Settings)."""
 from __future__ import annotations
 
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
-                               QLineEdit, QPushButton, QVBoxLayout)
+from PySide6.QtWidgets import QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLineEdit
 
 from studio.gui.generator_panel import BACKENDS, DEVICES
-from studio.gui.util import guard
+from studio.gui.util import button, choose_folder_into, column, guard, row
 
 
 class SettingsDialog(QDialog):
@@ -20,28 +19,19 @@ class SettingsDialog(QDialog):
         self.backend.setCurrentText(settings.backend if settings.backend in BACKENDS else "auto")
         self.output_dir = QLineEdit(settings.output_dir)
         self.output_dir.setPlaceholderText(str(settings.outputs))
-        browse = QPushButton("Browse…")
-        browse.clicked.connect(self.on_browse)
-        out_row = QHBoxLayout()
-        out_row.addWidget(self.output_dir, 1)
-        out_row.addWidget(browse)
         form = QFormLayout()
         form.addRow("Default device", self.device)
         form.addRow("Default backend", self.backend)
-        form.addRow("Output folder", out_row)
+        form.addRow("Output folder", row((self.output_dir, 1), button("Browse…", self.on_browse)))
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        lay.addWidget(buttons)
+        column(self, form, buttons)
         self.resize(520, 160)
 
     @guard
     def on_browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Output folder", self.output_dir.text())
-        if path:
-            self.output_dir.setText(path)
+        choose_folder_into(self, "Output folder", self.output_dir)
 
     def apply(self, settings) -> None:
         settings.device = self.device.currentText()

@@ -6,7 +6,8 @@ import inspect
 import logging
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt
-from PySide6.QtGui import QColor, QFont, QIcon, QImage, QPainter, QPixmap
+from PySide6.QtGui import QColor, QFont, QFontDatabase, QIcon, QImage, QPainter, QPixmap
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLayout, QProgressBar, QPushButton, QVBoxLayout
 
 from engine.errors import describe_exception
 
@@ -140,3 +141,76 @@ class RowsTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
             return self.COLUMNS[section]
         return None
+
+
+# ----- building layouts ---------------------------------------------------------------------------------------
+def row(*items) -> QHBoxLayout:
+    """A horizontal layout of widgets and layouts, in order: ``None`` adds a stretch, ``(item, n)`` gives the item
+    stretch ``n``."""
+    return _fill(QHBoxLayout(), items)
+
+
+def column(parent, *items, margins=None) -> QVBoxLayout:
+    """The vertical layout of ``parent``, filled as ``row`` fills a row; ``margins`` = (left, top, right, bottom)."""
+    lay = QVBoxLayout(parent)
+    if margins is not None:
+        lay.setContentsMargins(*margins)
+    return _fill(lay, items)
+
+
+def _fill(lay, items):
+    for item in items:
+        item, stretch = item if isinstance(item, tuple) else (item, 0)
+        if item is None:
+            lay.addStretch(1)
+        elif isinstance(item, QLayout):
+            lay.addLayout(item, stretch)
+        else:
+            lay.addWidget(item, stretch)
+    return lay
+
+
+def idle_progress() -> QProgressBar:
+    """A progress bar at rest, reading "idle"."""
+    bar = QProgressBar()
+    bar.setRange(0, 1)
+    bar.setValue(0)
+    bar.setFormat("idle")
+    return bar
+
+
+def monospace(widget, placeholder: str = ""):
+    """``widget`` (a text view) read-only, in the system's fixed-width font, with a placeholder text."""
+    widget.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+    if hasattr(widget, "setReadOnly"):
+        widget.setReadOnly(True)
+    if placeholder:
+        widget.setPlaceholderText(placeholder)
+    return widget
+
+
+def dropped_files(mime, what: str) -> list:
+    """The local files of a drop; UsageError("``what``") when it holds none."""
+    from engine.errors import UsageError
+
+    files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
+    if not files:
+        raise UsageError(what)
+    return files
+
+
+def choose_folder_into(parent, title: str, line_edit) -> None:
+    """Ask for a folder (starting at the line edit's text) and put the choice into the line edit."""
+    path = QFileDialog.getExistingDirectory(parent, title, line_edit.text())
+    if path:
+        line_edit.setText(path)
+
+
+def button(text: str, slot=None, tip: str = "") -> QPushButton:
+    """A push button, its ``clicked`` connected to ``slot``."""
+    b = QPushButton(text)
+    if slot is not None:
+        b.clicked.connect(slot)
+    if tip:
+        b.setToolTip(tip)
+    return b
