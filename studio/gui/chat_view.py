@@ -11,8 +11,8 @@ import logging
 from typing import Optional
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QApplication, QFrame, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QProgressBar,
-                               QPushButton, QScrollArea, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QFrame, QLabel, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton,
+                               QScrollArea, QVBoxLayout, QWidget)
 
 from engine import chat
 from engine.errors import StudioError, UsageError
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
+from studio.gui.util import button, column, row
 
 
 class TurnBlock(QFrame):
@@ -42,20 +43,11 @@ class TurnBlock(QFrame):
         self.editor = QPlainTextEdit(message.content)
         self.editor.setVisible(False)
         self.editor.setMaximumHeight(120)
-        self.copy_button = QPushButton("Copy")
-        self.edit_button = QPushButton("Edit")
-        self.edit_button.setToolTip("Change this turn; the turns after it are left out when you continue")
-        top = QHBoxLayout()
-        top.addWidget(self.who, 1)
-        top.addWidget(self.copy_button)
-        top.addWidget(self.edit_button)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(8, 4, 8, 6)
-        lay.addLayout(top)
-        lay.addWidget(self.text)
-        lay.addWidget(self.editor)
-        self.copy_button.clicked.connect(lambda: self.copy_clicked.emit(self))
-        self.edit_button.clicked.connect(self.on_edit)
+        self.copy_button = button("Copy", lambda: self.copy_clicked.emit(self))
+        self.edit_button = button("Edit", self.on_edit,
+                                  "Change this turn; the turns after it are left out when you continue")
+        column(self, row((self.who, 1), self.copy_button, self.edit_button), self.text, self.editor,
+               margins=(8, 4, 8, 6))
 
     @property
     def content(self) -> str:
@@ -130,18 +122,8 @@ class ChatView(QWidget):
         self.meter.setTextVisible(True)
         self.meter_label = QLabel()
         self.meter_label.setObjectName("meter_label")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.send_button, 1)
-        buttons.addWidget(self.regenerate_button)
-        buttons.addWidget(self.new_button)
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.note)
-        lay.addWidget(self.system)
-        lay.addWidget(self.scroll, 1)
-        lay.addWidget(self.input)
-        lay.addLayout(buttons)
-        lay.addWidget(self.meter)
-        lay.addWidget(self.meter_label)
+        column(self, self.note, self.system, (self.scroll, 1), self.input,
+               row((self.send_button, 1), self.regenerate_button, self.new_button), self.meter, self.meter_label)
 
         self.recount_timer = QTimer(self)
         self.recount_timer.setSingleShot(True)

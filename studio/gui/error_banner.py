@@ -1,12 +1,13 @@
 """An error/status banner at the top of the window, with "Details" on demand."""
 from __future__ import annotations
 
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout
+from PySide6.QtWidgets import QFrame, QLabel, QPlainTextEdit, QPushButton
 
 STYLES = {
     "error": "QFrame#banner { background: #fde2e1; border: 1px solid #e0a3a0; border-radius: 4px; }",
     "info": "QFrame#banner { background: #e3eefc; border: 1px solid #a6c1e8; border-radius: 4px; }",
 }
+from studio.gui.util import column, row
 
 
 class ErrorBanner(QFrame):
@@ -24,14 +25,8 @@ class ErrorBanner(QFrame):
         self.details.setReadOnly(True)
         self.details.setMaximumHeight(160)
         self.details.hide()
-        row = QHBoxLayout()
-        row.addWidget(self.label, 1)
-        row.addWidget(self.details_button)
-        row.addWidget(self.close_button)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(8, 6, 8, 6)
-        lay.addLayout(row)
-        lay.addWidget(self.details)
+        column(self, row((self.label, 1), self.details_button, self.close_button), self.details,
+               margins=(8, 6, 8, 6))
         self.details_button.toggled.connect(self.details.setVisible)
         self.close_button.clicked.connect(self.hide)
         self.kind = ""

@@ -5,14 +5,14 @@ from pathlib import Path
 
 from PySide6.QtCore import QRegularExpression, Qt, Signal
 from PySide6.QtGui import QRegularExpressionValidator
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QPlainTextEdit, QPushButton,
+                               QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
 from engine.runner import Job
 from studio.gui.image_input import ImageInput
 from studio.gui.option_form import OptionForm
-from studio.gui.util import guard
+from studio.gui.util import button, column, guard, idle_progress, row
 
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,49 +64,27 @@ class GeneratorPanel(QWidget):
         self.reuse_seed.setText("Last")
         self.reuse_seed.setToolTip("Reuse the last seed")
         self.last_seed = None
-        seed_row = QHBoxLayout()
-        seed_row.addWidget(self.seed, 1)
-        seed_row.addWidget(self.random_seed)
-        seed_row.addWidget(self.reuse_seed)
         rf = QFormLayout(self.run_box)
         rf.addRow("Model", self.model)
         rf.addRow("Backend", self.backend)
         rf.addRow("Device", self.device)
-        rf.addRow("Seed", seed_row)
+        rf.addRow("Seed", row((self.seed, 1), self.random_seed, self.reuse_seed))
 
         self.generate_button = QPushButton("Generate")
         self.generate_button.setObjectName("generate")
         self.generate_button.setToolTip("Generate (Ctrl+Return)")
         self.generate_button.setDefault(True)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Cancel (Escape)")
+        self.cancel_button = button("Cancel", self.cancel_clicked, "Cancel (Escape)")
         self.cancel_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.generate_button, 1)
-        buttons.addWidget(self.cancel_button)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+        self.progress = idle_progress()
         self.progress.setTextVisible(True)
-        self.progress.setFormat("idle")
         self.progress_label = QLabel()
 
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.title)
-        lay.addWidget(self.description)
-        lay.addWidget(self.prompt_label)
-        lay.addWidget(self.prompt)
-        lay.addWidget(self.image_label)
-        lay.addWidget(self.image_input)
-        lay.addWidget(self.options_box)
-        lay.addWidget(self.run_box)
-        lay.addStretch(1)
-        lay.addLayout(buttons)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.progress_label)
+        column(self, self.title, self.description, self.prompt_label, self.prompt, self.image_label,
+               self.image_input, self.options_box, self.run_box, None,
+               row((self.generate_button, 1), self.cancel_button), self.progress, self.progress_label)
 
         self.generate_button.clicked.connect(self.generate_clicked)
-        self.cancel_button.clicked.connect(self.cancel_clicked)
         self.reset_button.clicked.connect(self.form.reset)
         self.random_seed.clicked.connect(self.seed.clear)
         self.reuse_seed.clicked.connect(self.on_reuse_seed)

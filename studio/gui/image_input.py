@@ -5,11 +5,11 @@ from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QImageReader
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QLabel, QSizePolicy, QWidget
 
 from engine.errors import UsageError
 from studio.gui.image_canvas import ImageCanvas
-from studio.gui.util import guard
+from studio.gui.util import button, column, dropped_files, guard, row
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif);;All files (*)"
 
@@ -35,19 +35,10 @@ class ImageInput(QWidget):
         self.canvas.setMaximumHeight(200)
         self.name = QLabel("No image")
         self.name.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # long names never widen
-        self.browse = QPushButton("Browse…")
-        self.clear_button = QPushButton("Clear")
-        row = QHBoxLayout()
-        row.addWidget(self.name, 1)
-        row.addWidget(self.browse)
-        row.addWidget(self.clear_button)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.canvas)
-        lay.addLayout(row)
+        self.browse = button("Browse…", self.on_browse)
+        self.clear_button = button("Clear", self.clear)
+        column(self, self.canvas, row((self.name, 1), self.browse, self.clear_button), margins=(0, 0, 0, 0))
         self.setAcceptDrops(True)
-        self.browse.clicked.connect(self.on_browse)
-        self.clear_button.clicked.connect(self.clear)
 
     @guard
     def on_browse(self) -> None:
@@ -81,7 +72,4 @@ class ImageInput(QWidget):
 
     @guard
     def drop_mime(self, mime) -> None:
-        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
-        if not files:
-            raise UsageError("Only image files can be dropped here.")
-        self.set_path(files[0])
+        self.set_path(dropped_files(mime, "Only image files can be dropped here.")[0])

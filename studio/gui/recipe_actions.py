@@ -8,7 +8,7 @@ from PySide6.QtWidgets import QMessageBox
 
 from engine.errors import UsageError
 from studio.gui.output_view import kind_of
-from studio.gui.util import guard
+from studio.gui.util import dropped_files, guard
 
 
 class RecipeActions:
@@ -60,10 +60,7 @@ class RecipeActions:
     @guard
     def handle_drop(self, mime) -> None:
         """A dropped image: offer to load its recipe (studio or A1111 PNG), else use it as the input image."""
-        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
-        if not files:
-            raise UsageError("Drop an image file (PNG, JPEG, ...) onto the window.")
-        path = Path(files[0])
+        path = Path(dropped_files(mime, "Drop an image file (PNG, JPEG, ...) onto the window.")[0])
         if not path.is_file():
             raise UsageError(f"{path.name} is not a file.")
         recipe = {}
