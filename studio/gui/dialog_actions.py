@@ -9,13 +9,20 @@ class DialogActions:
     """Mixed into MainWindow; uses its ``session``, ``panel``, ``task``, ``populate_generators``,
     ``refresh_models`` and ``_plugin_summary``."""
 
+    def _exec(self, module: str, name: str, *args, **signals):
+        """Run the dialog ``studio.gui.<module>.<name>(*args or (session,), self)`` modally, its ``signals``
+        connected to slots; return it with what ``exec`` returned."""
+        import importlib
+
+        cls = getattr(importlib.import_module(f"studio.gui.{module}"), name)
+        dlg = cls(*(args or (self.session,)), self)
+        for signal, slot in signals.items():
+            getattr(dlg, signal).connect(slot)
+        return dlg, dlg.exec()
+
     @guard
     def open_plugins(self) -> None:
-        from studio.gui.plugin_dialog import PluginDialog
-
-        dlg = PluginDialog(self.session, self)
-        dlg.plugins_changed.connect(self.reload_plugins)
-        dlg.exec()
+        self._exec("plugin_dialog", "PluginDialog", plugins_changed=self.reload_plugins)
 
     @guard
     def reload_plugins(self) -> None:
@@ -42,32 +49,21 @@ class DialogActions:
 
     @guard
     def open_models(self) -> None:
-        from studio.gui.model_dialog import ModelDialog
-
-        dlg = ModelDialog(self.session, self)
-        dlg.models_changed.connect(self.refresh_models)
-        dlg.exec()
+        self._exec("model_dialog", "ModelDialog", models_changed=self.refresh_models)
 
     @guard
     def open_export(self) -> None:
-        from studio.gui.export_dialog import ExportDialog
-
-        dlg = ExportDialog(self.session, self)
-        dlg.exec()
+        self._exec("export_dialog", "ExportDialog")
         self.refresh_models()
 
     @guard
     def open_caption_folder(self) -> None:
-        from studio.gui.caption_folder_dialog import CaptionFolderDialog
-
-        CaptionFolderDialog(self.session, self).exec()
+        self._exec("caption_folder_dialog", "CaptionFolderDialog")
 
     @guard
     def open_settings(self) -> None:
-        from studio.gui.settings_dialog import SettingsDialog
-
-        dlg = SettingsDialog(self.session.settings, self)
-        if dlg.exec():
+        dlg, accepted = self._exec("settings_dialog", "SettingsDialog", self.session.settings)
+        if accepted:
             dlg.apply(self.session.settings)
             self.session.save_settings()
             self.panel.set_pickers(self.session.settings.backend, self.session.settings.device)

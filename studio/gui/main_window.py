@@ -483,24 +483,24 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
 
     @guard
     def caption_image(self, path: str) -> None:
-        gid = self.session.find_generator("text", "image")
-        if gid is None:
-            raise UsageError("No caption generator is installed.")
-        self.select_generator(gid)
+        self._switch_to("text", "image", "caption")
         self.panel.image_input.set_path(path)
         self.generate()
 
     @guard
     def use_as_prompt(self, text: str) -> None:
-        gid = self.session.find_generator("image", "text")
-        if gid is None:
-            raise UsageError("No image generator is installed.")
-        self.select_generator(gid)
+        self._switch_to("image", "text", "image")
         self.panel.prompt.setPlainText(text.strip())
 
-    # ----- recipes and history ---------------------------------------------------------------
-    @guard
+    def _switch_to(self, makes: str, takes: str, what: str) -> None:
+        """Select the first generator that makes ``makes`` from ``takes``; UsageError when none is installed."""
+        gid = self.session.find_generator(makes, takes)
+        if gid is None:
+            raise UsageError(f"No {what} generator is installed.")
+        self.select_generator(gid)
+
     # ----- persistence and closing -----------------------------------------------------------
+    @guard
     def _restore_geometry(self) -> None:
         geo = self.gui_state.get("geometry")
         if geo:
