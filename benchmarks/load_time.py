@@ -98,18 +98,13 @@ def make_folder(folder: Path, cfg: dict) -> Path:
 
 
 def drop_cache(paths: list) -> None:
+    from engine import filecheck
+
     for base in paths:
         base = Path(base)
         files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
         for p in files:
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+            filecheck.advise(p, "POSIX_FADV_DONTNEED")
 
 
 def run_child(env: dict, model: str, backend: str, out: Path) -> dict:

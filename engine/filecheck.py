@@ -42,12 +42,18 @@ def read_ahead(path: Path) -> None:
     """Ask the kernel to start reading a whole file into the page cache in the background, sequentially: a
     memory-mapped weight file is otherwise read page by page, in whatever order the first computation touches it
     (measured: a cold first token took longer than with a runtime that reads the file at open). Best effort."""
+    advise(path, "POSIX_FADV_WILLNEED")
+
+
+def advise(path: Path, advice: str) -> None:
+    """``posix_fadvise`` a whole file (``advice``: the os constant's name); nothing where the platform lacks it or
+    the file cannot be opened. Best effort."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, 0, 0, getattr(os, advice))
         finally:
             os.close(fd)
     except OSError:

@@ -27,3 +27,21 @@ def hello_plugin(studio_home):
     dest = studio_home / "plugins" / "studio_hello"
     shutil.copytree(EXAMPLE_PLUGIN / "studio_hello", dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def exported_tiny(request, tmp_path_factory):
+    """A tiny random text model exported to ONNX, once per test module; its family is the module's
+    ``EXPORT_FAMILY`` (llama when not set)."""
+    from tests.onnx_fixtures import exported_text
+
+    family = getattr(request.module, "EXPORT_FAMILY", "llama")
+    return exported_text(tmp_path_factory.mktemp(f"exported-{family}"), family)
+
+
+@pytest.fixture
+def copy(exported_tiny, tmp_path):
+    """A fresh copy of ``exported_tiny`` for a test to change or damage."""
+    from tests.onnx_fixtures import copy_of
+
+    return copy_of(exported_tiny, tmp_path / "tiny")

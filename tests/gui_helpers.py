@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_samples import generator_plugin
+from plugin_samples import SLOW, generator_plugin
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -33,23 +33,6 @@ def generate(request, context):
         yield Progress(i + 1, n, "denoising")
         yield Partial(image=Image.new("RGB", (8, 8), (30 * i % 256, 0, 0)))
     yield Result(image=Image.new("RGB", (8, 8), ((request.seed * 7) % 256, 100, 200)))
-
-''')
-
-SLOW = generator_plugin('''
-import time
-
-INFO = GeneratorInfo(id="slow", title="Slow", description="Sleeps between steps.", takes=("text",), makes="text",
-                     options=(Option("steps", "int", 200, "Steps", min=1, max=10000),))
-
-def generate(request, context):
-    n = request.options["steps"]
-    for i in range(n):
-        context.cancel.raise_if_cancelled()
-        time.sleep(0.02)
-        yield Progress(i + 1, n)
-        yield Partial(text=".")
-    yield Result(text="." * n)
 
 ''')
 

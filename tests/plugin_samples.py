@@ -77,3 +77,21 @@ def drop(home, name, source):
     path = folder / f"{name}.py"
     path.write_text(source)
     return path
+
+
+SLOW = generator_plugin('''
+import time
+
+INFO = GeneratorInfo(id="slow", title="Slow", description="Sleeps between steps.", takes=("text",), makes="text",
+                     options=(Option("steps", "int", 200, "Steps", min=1, max=10000),
+                              Option("delay", "float", 0.02, "Seconds per step", min=0.0, max=1.0)))
+
+def generate(request, context):
+    n = request.options["steps"]
+    for i in range(n):
+        context.cancel.raise_if_cancelled()
+        time.sleep(request.options["delay"])
+        yield Progress(i + 1, n)
+        yield Partial(text=".")
+    yield Result(text=f"{request.prompt} after {n} steps")
+''')

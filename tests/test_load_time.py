@@ -12,17 +12,8 @@ from engine import filecheck
 from engine.backends import optimized
 from engine.backends.runtime import Export, choose_export, gate_passed, open_export
 from engine.errors import ModelError
-from tests.onnx_fixtures import copy_of, exported_text
 
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return exported_text(tmp_path_factory.mktemp("loadtime"), "llama")
-
-
-@pytest.fixture
-def copy(exported, tmp_path):
-    return copy_of(exported, tmp_path / "tiny")
+EXPORT_FAMILY = "llama"
 
 
 def _count_hashes(monkeypatch) -> list:
@@ -48,8 +39,8 @@ def _run(session):
     return session.run(["logits"], feeds)[0]
 
 
-def test_export_keeps_weights_beside_the_graph_and_stamps_them(exported):
-    folder = exported / "onnx"
+def test_export_keeps_weights_beside_the_graph_and_stamps_them(exported_tiny):
+    folder = exported_tiny / "onnx"
     manifest = json.loads((folder / "onnx.json").read_text())
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= set(manifest["files"])
     for name, meta in manifest["files"].items():
@@ -147,7 +138,7 @@ def test_disk_too_small_still_opens_with_a_note(copy, monkeypatch):
     assert not (copy / "onnx" / optimized.FOLDER / "model.onnx.json").exists()
 
 
-def test_torch_load_maps_weights_without_initialising(exported, monkeypatch):
+def test_torch_load_maps_weights_without_initialising(exported_tiny, monkeypatch):
     import torch
 
     from plugins.text.models import load_model
@@ -157,10 +148,10 @@ def test_torch_load_maps_weights_without_initialising(exported, monkeypatch):
 
     monkeypatch.setattr(torch.nn.init, "normal_", refuse)
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", refuse)
-    model = load_model(exported, "llama")
+    model = load_model(exported_tiny, "llama")
     from safetensors.torch import load_file
 
-    ref = load_file(str(exported / "model.safetensors"))
+    ref = load_file(str(exported_tiny / "model.safetensors"))
     for name, p in model.state_dict().items():
         if name in ref:
             assert torch.equal(p, ref[name].float()), name

@@ -12,7 +12,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine.errors import ModelError
 from engine.backends.runtime import Export, check_graph, open_export
-from tests.onnx_fixtures import copy_of, exported_text
 
 
 def _tiny_graph(path, external_location=None):
@@ -29,14 +28,7 @@ def _tiny_graph(path, external_location=None):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return exported_text(tmp_path_factory.mktemp("safety"), "gpt2")
-
-
-@pytest.fixture
-def copy(exported, tmp_path):
-    return copy_of(exported, tmp_path / "tiny")
+EXPORT_FAMILY = "gpt2"
 
 
 def test_good_export_opens(copy):

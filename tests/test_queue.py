@@ -15,25 +15,9 @@ from engine.jobworker import InProcessExecutor, QueueWorker, recover
 from engine.plugins import PluginHost
 from engine.runner import Job
 from engine.store import ModelStore
-from tests.plugin_samples import GOOD, PIXELS, drop, generator_plugin
+from tests.plugin_samples import GOOD, PIXELS, SLOW, drop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SLOW = generator_plugin('''
-import time
-
-INFO = GeneratorInfo(id="slow", title="Slow", description="Takes its time.", takes=("text",), makes="text",
-                     options=(Option("steps", "int", 20, "Steps", min=1, max=1000),))
-
-def generate(request, context):
-    n = request.options["steps"]
-    for i in range(n):
-        time.sleep(0.05)
-        context.cancel.raise_if_cancelled()
-        yield Progress(i + 1, n)
-    yield Result(text=f"{request.prompt} after {n} steps")
-
-''')
 
 
 def _worker(queue, **kw):
@@ -85,8 +69,8 @@ def test_worker_runs_records_and_fails_cleanly(studio_home):
 def test_cancel_running_job_from_another_handle(studio_home):
     drop(studio_home, "slow", SLOW)
     q = JobQueue()
-    a = q.submit(Job("slow", prompt="x", options={"steps": 200}))
-    b = q.submit(Job("slow", prompt="y", options={"steps": 1}))
+    a = q.submit(Job("slow", prompt="x", options={"steps": 200, "delay": 0.05}))
+    b = q.submit(Job("slow", prompt="y", options={"steps": 1, "delay": 0.05}))
     w = _worker(q).start()
     try:
         deadline = time.monotonic() + 20
@@ -139,7 +123,7 @@ def test_recover_does_not_record_twice(studio_home):
 def test_sigkill_with_three_queued_and_one_running(studio_home):
     drop(studio_home, "slow", SLOW)
     q = JobQueue()
-    ids = [q.submit(Job("slow", prompt=f"job{i}", seed=i, options={"steps": 30})) for i in range(4)]
+    ids = [q.submit(Job("slow", prompt=f"job{i}", seed=i, options={"steps": 30, "delay": 0.05})) for i in range(4)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "studio.cli", "queue", "run"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

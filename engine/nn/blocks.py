@@ -1,5 +1,5 @@
 """Small transformer blocks that several families' networks share: activations by their config names, the
-two-layer MLP (``fc1``/``fc2``, as ViT and CLIP name it) and multi-head self-attention over q/k/v projections."""
+two-layer MLP (``fc1``/``fc2``, as ViT and CLIP name it), the pre-norm layer of CLIP and BLIP, and multi-head self-attention over q/k/v projections."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +36,22 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class PreNormLayer(nn.Module):
+    """A pre-norm transformer layer under CLIP's and BLIP's parameter names: ``x + self_attn(layer_norm1(x))``,
+    then ``+ mlp(layer_norm2(x))``; ``attn`` is the family's attention module."""
+
+    def __init__(self, attn: nn.Module, hidden: int, inner: int, act: str, eps: float):
+        super().__init__()
+        self.self_attn = attn
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = MLP(hidden, inner, act)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 def self_attention(x, q_proj, k_proj, v_proj, n_head: int, causal: bool = False):

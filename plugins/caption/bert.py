@@ -16,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.nn.blocks import ACTIVATIONS as ACTS
 from engine.nn.cache import KVCache, causal_mask
 
-ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.nn.blocks import PreNormLayer
 from plugins.caption.bert import ACTS, BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
 
 
@@ -93,30 +94,6 @@ class BlipAttention(nn.Module):
         return self.projection(y.transpose(1, 2).reshape(B, T, C))
 
 
-class BlipMLP(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
-        super().__init__()
-        self.act = ACTS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class BlipEncoderLayer(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
-        super().__init__()
-        self.self_attn = BlipAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = BlipMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class BlipEmbeddings(nn.Module):
     def __init__(self, cfg: BlipVisionConfig):
         super().__init__()
@@ -134,7 +111,8 @@ class BlipEmbeddings(nn.Module):
 class BlipEncoder(nn.Module):
     def __init__(self, cfg: BlipVisionConfig):
         super().__init__()
-        self.layers = nn.ModuleList([BlipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        sizes = (cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(PreNormLayer(BlipAttention(cfg), *sizes) for _ in range(cfg.num_hidden_layers))
 
 
 class BlipVisionModel(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ModelError
-from engine.nn.blocks import ACTIVATIONS, MLP, self_attention
+from engine.nn.blocks import ACTIVATIONS, PreNormLayer, self_attention
 
 
 @dataclass
@@ -69,23 +69,11 @@ class CLIPAttention(nn.Module):
         return self.out_proj(self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.heads, causal=True))
 
 
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPEncoder(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        sizes = (cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(PreNormLayer(CLIPAttention(cfg), *sizes) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPTextModel(nn.Module):

@@ -11,24 +11,24 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QPixmap
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QFormLayout, QLabel, QLineEdit, QListWidget,
-                               QListWidgetItem)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem
 
 from engine.errors import UsageError
 from engine.generators import CancelToken
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, row
-from studio.gui.worker import Task
+from studio.gui.task_dialog import TaskDialog
 
 THUMB = 96
 PATH_ROLE = Qt.ItemDataRole.UserRole
 
 
-class CaptionFolderDialog(QDialog):
+class CaptionFolderDialog(TaskDialog):
+    WAIT_MS = 10000
+
     def __init__(self, session, parent=None, folder: str = ""):
         super().__init__(parent)
         self.session = session
-        self.task = None
         self.token = None
         self.started = 0.0
         self.summary = None
@@ -133,14 +133,14 @@ class CaptionFolderDialog(QDialog):
             return {"written": len(rep.written), "skipped": len(rep.skipped), "kept": rep.kept,
                     "cancelled": rep.cancelled, "seconds": rep.seconds}
 
-        self.task = Task(run, self, name="caption-folder")
-        self.task.message.connect(self.on_message)
-        self.task.succeeded.connect(self.on_done)
-        self.task.failed.connect(self.on_failed)
-        self.task.finished.connect(self._task_done)
-        self.start_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.task.start()
+        self.start_task(run, "caption-folder", self.on_done, self.on_failed, self.on_message)
+
+    def set_busy(self, busy: bool) -> None:
+        self.start_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def stop_task(self) -> None:
+        self.cancel()
 
     def cancel(self) -> None:
         if self.token is not None:
@@ -200,15 +200,3 @@ class CaptionFolderDialog(QDialog):
         self.progress.setFormat("cancelled" if failure.cancelled else "failed")
         self.banner.show_message(failure.message, failure.details, "error")
 
-    def _task_done(self) -> None:
-        self.start_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        if self.task is not None:
-            self.task.deleteLater()
-        self.task = None
-
-    def done(self, result: int) -> None:
-        if self.task is not None:
-            self.cancel()
-            self.task.wait(10000)
-        super().done(result)

@@ -5,12 +5,12 @@ import json
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QCheckBox, QComboBox, QDialog, QFormLayout, QLabel, QPlainTextEdit
+from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QPlainTextEdit
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.util import button, column, guard, idle_progress, monospace, row
-from studio.gui.worker import Task
+from studio.gui.task_dialog import TaskDialog
 
 PASS_KEYS = ("passed", "ok", "pass")
 
@@ -63,11 +63,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
-class ExportDialog(QDialog):
+class ExportDialog(TaskDialog):
     def __init__(self, session, parent=None, model: str = ""):
         super().__init__(parent)
         self.session = session
-        self.task = None
         self.manifest = None
         self.setWindowTitle("Export to ONNX")
         self.banner = ErrorBanner()
@@ -141,12 +140,10 @@ class ExportDialog(QDialog):
                 raise UsageError(f"ONNX export is not available in this installation ({exc}).") from None
             return export_model(host, entry, quantize=quantize, force=force, log=lambda m: report(str(m)))
 
-        self.task = Task(run, self, name="export-onnx")
-        self.task.message.connect(self.log.appendPlainText)
-        self.task.succeeded.connect(self.on_done)
-        self.task.failed.connect(self.on_failed)
-        self.task.finished.connect(self._task_done)
-        self.task.start()
+        self.start_task(run, "export-onnx", self.on_done, self.on_failed, self.log.appendPlainText)
+
+    def set_busy(self, busy: bool) -> None:
+        self.export_button.setEnabled(not busy)
 
     @guard
     def on_done(self, manifest) -> None:
@@ -187,13 +184,3 @@ class ExportDialog(QDialog):
         self.result.setStyleSheet("color: #c5221f; font-weight: bold;")
         self.show_error(failure.message, failure.details)
 
-    def _task_done(self) -> None:
-        self.export_button.setEnabled(True)
-        if self.task is not None:
-            self.task.deleteLater()
-        self.task = None
-
-    def done(self, result: int) -> None:
-        if self.task is not None:
-            self.task.wait(3000)
-        super().done(result)

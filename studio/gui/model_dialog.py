@@ -4,22 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox
+from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.model_table import ModelTableModel
 from studio.gui.util import button, column, guard, row, row_table
-from studio.gui.worker import Task
+from studio.gui.task_dialog import TaskDialog
 
 
-class ModelDialog(QDialog):
+class ModelDialog(TaskDialog):
     models_changed = Signal()
 
     def __init__(self, session, parent=None):
         super().__init__(parent)
         self.session = session
-        self.task = None
         self.setWindowTitle("Models")
         self.banner = ErrorBanner()
         self.model = ModelTableModel()
@@ -55,24 +54,17 @@ class ModelDialog(QDialog):
             raise UsageError("An import is already running.")
         store = self.session.store
         self.banner.show_message(f"Importing {Path(path).name}… (checking and copying the weights)", kind="info")
-        self.import_button.setEnabled(False)
-        self.task = Task(lambda report: store.import_(Path(path), name=name), self, name="import-model")
-        self.task.succeeded.connect(self._imported)
-        self.task.failed.connect(lambda f: self.show_error(f"Import failed: {f.message}", f.details))
-        self.task.finished.connect(self._task_done)
-        self.task.start()
+        self.start_task(lambda report: store.import_(Path(path), name=name), "import-model", self._imported,
+                        lambda f: self.show_error(f"Import failed: {f.message}", f.details))
+
+    def set_busy(self, busy: bool) -> None:
+        self.import_button.setEnabled(not busy)
 
     @guard
     def _imported(self, entry) -> None:
         self.banner.show_message(f"Imported {entry.name} ({entry.family}).", kind="info")
         self.refresh()
         self.models_changed.emit()
-
-    def _task_done(self) -> None:
-        self.import_button.setEnabled(True)
-        if self.task is not None:
-            self.task.deleteLater()
-        self.task = None
 
     @guard
     def on_remove(self) -> None:
@@ -91,7 +83,3 @@ class ModelDialog(QDialog):
         self.models_changed.emit()
         self.banner.show_message(f"Removed {name}.", kind="info")
 
-    def done(self, result: int) -> None:
-        if self.task is not None:
-            self.task.wait(3000)
-        super().done(result)

@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QDialog, QFileDialog, QLabel, QMessageBox, QPlainTextEdit
+from PySide6.QtWidgets import QFileDialog, QLabel, QMessageBox, QPlainTextEdit
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.plugin_model import PluginTableModel
 from studio.gui.util import button, column, guard, row, row_table
-from studio.gui.worker import Task
+from studio.gui.task_dialog import TaskDialog
 
 
-class PluginDialog(QDialog):
+class PluginDialog(TaskDialog):
+    WAIT_MS = 2000
+
     plugins_changed = Signal()  # ask the main window to build a fresh PluginHost
 
     def __init__(self, session, parent=None):
         super().__init__(parent)
         self.session = session
-        self.task = None
         self.setWindowTitle("Plugins")
         self.banner = ErrorBanner()
         self.model = PluginTableModel(session.host, self)
@@ -103,31 +104,17 @@ class PluginDialog(QDialog):
     def _start(self, work, doing: str, done, name: str) -> None:
         """Run ``work`` in a worker thread with the buttons disabled; ``done(result)`` on success."""
         self.banner.show_message(f"{doing}…", kind="info")
-        self._set_busy(True)
-        self.task = Task(work, self, name=name)
-        self.task.succeeded.connect(done)
-        self.task.failed.connect(lambda f: self.show_error(f"{doing} failed: {f.message}", f.details))
-        self.task.finished.connect(self._task_done)
-        self.task.start()
+        self.start_task(work, name, done, lambda f: self.show_error(f"{doing} failed: {f.message}", f.details))
 
     @guard
     def _installed(self, source: str) -> None:
         self.reload()
         self.banner.show_message(f"Installed {source}; the plugins were reloaded.", kind="info")
 
-    def _task_done(self) -> None:
-        self._set_busy(False)
-        if self.task is not None:
-            self.task.deleteLater()
-        self.task = None
-
-    def _set_busy(self, busy: bool) -> None:
+    def set_busy(self, busy: bool) -> None:
         for b in (self.install_folder, self.install_wheel, self.reload_button):
             b.setEnabled(not busy)
 
-    def done(self, result: int) -> None:
-        if self.task is not None:
-            self.task.wait(2000)
+    def before_close(self) -> None:
         if self.model.pending:
             self.plugins_changed.emit()  # apply enable/disable now rather than at the next start
-        super().done(result)
