@@ -93,5 +93,5 @@ def generate(request, context):
         time.sleep(request.options["delay"])
         yield Progress(i + 1, n)
         yield Partial(text=".")
-    yield Result(text=f"{request.prompt} after {n} steps")
+    yield Result(text="." * n)
 ''')

@@ -165,7 +165,7 @@ def test_export_dialog_reports_parity(qtbot, gui_home, monkeypatch):
     w = make_window(qtbot, isolate=False)  # the fakes live in this process
     dlg = ExportDialog(w.session, w, model="tiny")
     qtbot.addWidget(dlg)
-    dlg.int8.setChecked(True)
+    dlg.quantize.setCurrentIndex(dlg.quantize.findData("int8"))
     dlg.export_button.click()
     wait_task(qtbot, dlg)
     assert seen == {"name": "tiny", "quantize": "int8", "force": False}

@@ -127,6 +127,33 @@ def test_broken_quantized_graph_is_refused(tmp_path, host, monkeypatch):
     assert len([m for m in said if "parity gate failed" in m]) == 1
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_image_quantized_graphs_are_gated_by_relative_error(tmp_path, host, scheme):
+    folder = image_folder(tmp_path / f"tiny-img-{scheme}")
+    manifest = export_model(host, entry_for(folder, "shapes-diffusion", "image"), quantize=scheme)
+    for name in (f"text_encoder_{scheme}", f"unet_{scheme}"):
+        gate = manifest["parity"][name]
+        assert gate["passed"] and 0 < gate["relative_error"] <= gate["tolerance"], gate
+        assert name in manifest["quantization"]["gate"]
+    assert f"analyzer_cost_{scheme}" in manifest["quantization"]["quality"]
+
+
+def test_broken_quantized_image_graph_is_refused(tmp_path, host, monkeypatch):
+    import engine.backends.common as common
+
+    real = common.quantize_graph
+
+    def broken(src, dst, scheme="int8"):
+        real(src, dst, scheme)
+        _break_scales(dst)
+
+    monkeypatch.setattr(common, "quantize_graph", broken)
+    folder = image_folder(tmp_path / "tiny-img-bad")
+    with pytest.raises(ParityError, match="_int8 differs"):
+        export_model(host, entry_for(folder, "shapes-diffusion", "image"), quantize="int8")
+    assert not (folder / "onnx-int8").exists() and not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
 def test_builtin_exports_go_to_studio_home(tmp_path, host):
     from engine.backends.runtime import export_folders
 
@@ -215,7 +242,7 @@ def test_caption_int8_is_gated_against_fp32(tmp_path, host):
     manifest = export_model(host, entry_for(folder, "vision-encoder-decoder", "caption"), quantize="int8")
     gate = manifest["parity"]["decoder_logits_int8"]
     assert gate["passed"] and "renders" in gate["against"] and gate["top1_agreement"] >= 0.9
-    assert "decoder_logits_int8" in manifest["quantization"]["gate"]
+    assert "decoder_logits_int8" in manifest["quantization"]["gate"] and manifest["parity"]["encoder_int8"]["passed"]
     assert "exact_match_onnx_int8" in manifest["quantization"]["quality"]
 
 

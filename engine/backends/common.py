@@ -172,6 +172,23 @@ def max_abs(a, b) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+# Quantized encoders and U-Nets: the largest relative error ||q - f|| / ||f|| of an output over the fixed parity
+# inputs, against the fp32 graph (figures measured on the built-in model: docs/benchmarks_onnx.md).
+QUANT_REL_TOLERANCE = {"int8": 0.05, "int4": 0.15}
+
+
+def relative_gate(pairs, scheme: str, inputs: str) -> dict:
+    """Gate figures of a quantized graph from ``pairs`` of (fp32 output, quantized output) arrays."""
+    err = 0.0
+    for ref, got in pairs:
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12)))
+    tol = QUANT_REL_TOLERANCE[scheme]
+    return {"against": "the fp32 ONNX graph", "scheme": scheme, "relative_error": float(f"{err:.3g}"),
+            "max_abs_diff": float(f"{err:.3g}"), "tolerance": tol, "passed": bool(err <= tol),
+            "rule": f"||quantized - fp32|| / ||fp32|| <= {tol:g} for every output", "inputs": inputs}
+
+
 def versions() -> dict:
     import onnx
     import onnxruntime

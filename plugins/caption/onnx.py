@@ -127,7 +127,8 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
 
     from plugins.caption.model import TorchCaptionRunner, load_caption_model
     from plugins.caption.pipeline import Preprocess
-    from engine.backends.common import describe_graphs, export_graph, kv_names, quantize_graphs, replace_graphs
+    from engine.backends.common import (describe_graphs, export_graph, kv_names, quantize_graphs, relative_gate,
+                                        replace_graphs)
     from engine.backends.decoder import OnnxDecoder
     from engine.backends.runtime import open_session
     from engine.backends.decoders import QUANT_PROMPTS, decoder_parity, export_decoder, quantized_parity, torch_stepper
@@ -212,7 +213,10 @@ def export_caption(model_ref, out_dir: Path, options: dict) -> dict:
             state = r.encode(batch)
             return lambda ids, c: r.decoder(ids, c if c is not None else r.start(state, QUANT_PROMPTS))
 
-        gate = {f"decoder_logits_{scheme}": quantized_parity(from_images(runner), from_images(q_runner),
+        kv = [pair for ref, got in zip(runner.encode(batch), q_runner.encode(batch)) for pair in zip(ref, got)]
+        gate = {f"encoder_{scheme}": relative_gate(kv, scheme, f"cross-attention keys and values of {QUANT_PROMPTS} "
+                                                               "fixed renders"),
+                f"decoder_logits_{scheme}": quantized_parity(from_images(runner), from_images(q_runner),
                                                              dec.vocab_size, scheme)}
         gate[f"decoder_logits_{scheme}"]["against"] = "the fp32 ONNX encoder and decoder, on fixed renders"
         options.get("gate", lambda p: None)(gate)

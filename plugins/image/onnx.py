@@ -81,7 +81,7 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
 
     from plugins.image.model import load
     from plugins.image.pipeline import TorchDenoiser, TorchTextEncoder
-    from engine.backends.common import describe_graphs, export_graph, quantize_graphs, replace_graphs
+    from engine.backends.common import describe_graphs, export_graph, quantize_graphs, relative_gate, replace_graphs
     from engine.backends.runtime import open_session
 
     say = options.get("log") or (lambda m: None)
@@ -152,11 +152,20 @@ def export_image(model_ref, out_dir: Path, options: dict) -> dict:
     options.get("gate", lambda p: None)(parity)
     graphs, opset = describe_graphs({"text_encoder": te_path, "unet": un_path})
     result = {"graphs": graphs, "parity": parity, "config": cfg, "opset": opset}
-    if options.get("quantize") == "int8":
-        say(f"quantizing the weights to int8 and scoring {N_QUALITY} images with the analyzer")
-        q_te, q_un = quantize_graphs({"text_encoder": te_path, "unet": un_path}).values()
+    scheme = options.get("quantize")
+    if scheme:
+        say(f"quantizing the weights to {scheme}, gating them against fp32 and scoring {N_QUALITY} images with the "
+            "analyzer")
+        q_te, q_un = quantize_graphs({"text_encoder": te_path, "unet": un_path}, scheme).values()
         q_text, q_unet = OnnxTextEncoder(open_session(q_te)), OnnxDenoiser(open_session(q_un))
-        result["quantization"] = {"quality": image_quality(loaded, (o_text, o_unet), (q_text, q_unet))}
+        qh, qp = q_text(pids)
+        gate = {f"text_encoder_{scheme}": relative_gate([(oh, qh), (op, qp)], scheme, f"{len(prompts)} prompts"),
+                f"unet_{scheme}": relative_gate([(o_unet(x, float(t), oh, op), q_unet(x, float(t), oh, op))
+                                                 for t in PARITY_TIMESTEPS], scheme,
+                                                f"batch 3 at timesteps {list(PARITY_TIMESTEPS)}, fp32 text states")}
+        options.get("gate", lambda p: None)(gate)
+        parity.update(gate)
+        result["quantization"] = {"quality": image_quality(loaded, (o_text, o_unet), (q_text, q_unet), scheme)}
         del o_text, o_unet, q_text, q_unet
         replace_graphs(((q_te, te_path), (q_un, un_path)))
     return result
@@ -200,14 +209,14 @@ def analyzer_score(images, captions) -> float:
     return sum(analyze(im) == parse_caption(c) for im, c in zip(images, captions)) / max(1, len(captions))
 
 
-def image_quality(loaded, fp32_nets, int8_nets, steps: int = 20) -> dict:
+def image_quality(loaded, fp32_nets, q_nets, scheme: str = "int8", steps: int = 20) -> dict:
     from engine.shapes import caption, sample_scene
 
     captions = [caption(sample_scene(np.random.default_rng(i))) for i in range(N_QUALITY)]
     a = generate(loaded, fp32_nets, captions, steps, seed=3)
-    b = generate(loaded, int8_nets, captions, steps, seed=3)
+    b = generate(loaded, q_nets, captions, steps, seed=3)
     return {"captions": f"{N_QUALITY} scenes (seeds 0-{N_QUALITY - 1}), {steps} dpmpp_2m steps, guidance 3",
             "analyzer_all_five_onnx_fp32": round(analyzer_score(a, captions), 4),
-            "analyzer_all_five_onnx_int8": round(analyzer_score(b, captions), 4),
-            "analyzer_cost_int8": round(analyzer_score(a, captions) - analyzer_score(b, captions), 4),
-            "max_pixel_diff_int8_vs_fp32": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())}
+            f"analyzer_all_five_onnx_{scheme}": round(analyzer_score(b, captions), 4),
+            f"analyzer_cost_{scheme}": round(analyzer_score(a, captions) - analyzer_score(b, captions), 4),
+            f"max_pixel_diff_{scheme}_vs_fp32": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())}

@@ -1,4 +1,5 @@
-"""The ONNX export dialog: pick a model, optional int8, progress, then parity figures and the output folder."""
+"""The ONNX export dialog: pick a model, optional int8 or int4 weights, progress, then parity figures and the output
+folder."""
 from __future__ import annotations
 
 import json
@@ -78,7 +79,13 @@ class ExportDialog(TaskDialog):
             self.banner.show_message(f"Listing models failed: {exc}")
         if model:
             self.model.setCurrentIndex(max(0, self.model.findData(model)))
-        self.int8 = QCheckBox("Also quantise to int8 (smaller, faster on CPU, slightly less exact)")
+        self.quantize = QComboBox()
+        for label, scheme in (("none (fp32: exact)", None), ("int8 weights (smaller, faster on the CPU, slightly "
+                                                             "less exact)", "int8"),
+                              ("int4 weights (smallest, least exact)", "int4")):
+            self.quantize.addItem(label, scheme)
+        self.quantize.setToolTip("Quantized graphs are compared with the fp32 graph and refused when they differ "
+                                 "by more than their stated tolerance")
         self.force = QCheckBox("Keep the export even if it fails the parity gate")
         self.progress = idle_progress()
         self.result = QLabel()
@@ -94,7 +101,7 @@ class ExportDialog(TaskDialog):
         self.close_button = button("Close", self.accept)
         form = QFormLayout()
         form.addRow("Model", self.model)
-        form.addRow("", self.int8)
+        form.addRow("Quantize", self.quantize)
         form.addRow("", self.force)
         column(self, self.banner, form, self.progress, self.result, self.parity, (self.log, 1),
                row(None, self.export_button, self.close_button))
@@ -116,7 +123,7 @@ class ExportDialog(TaskDialog):
             raise UsageError("Choose a model to export.")
         entry = self.session.store.get(name)
         host = self.session.host
-        quantize = "int8" if self.int8.isChecked() else None
+        quantize = self.quantize.currentData()
         force = self.force.isChecked()
         self.banner.hide()
         self.manifest = None
