@@ -104,7 +104,9 @@ def _break_scales(path):
     onnx.save(model, str(path))
 
 
-def test_broken_quantized_graph_is_refused(tmp_path, host, monkeypatch):
+@pytest.fixture
+def broken_quantizer(monkeypatch):
+    """Quantization that writes graphs with scrambled scales."""
     import engine.backends.common as common
 
     real = common.quantize_graph
@@ -114,6 +116,9 @@ def test_broken_quantized_graph_is_refused(tmp_path, host, monkeypatch):
         _break_scales(dst)
 
     monkeypatch.setattr(common, "quantize_graph", broken)
+
+
+def test_broken_quantized_graph_is_refused(tmp_path, host, broken_quantizer):
     folder = text_folder(tmp_path / "tiny-qbad", "llama")
     entry = entry_for(folder, "llama", "text")
     with pytest.raises(ParityError, match="decoder_logits_int8 differs") as refused:
@@ -138,16 +143,7 @@ def test_image_quantized_graphs_are_gated_by_relative_error(tmp_path, host, sche
     assert f"analyzer_cost_{scheme}" in manifest["quantization"]["quality"]
 
 
-def test_broken_quantized_image_graph_is_refused(tmp_path, host, monkeypatch):
-    import engine.backends.common as common
-
-    real = common.quantize_graph
-
-    def broken(src, dst, scheme="int8"):
-        real(src, dst, scheme)
-        _break_scales(dst)
-
-    monkeypatch.setattr(common, "quantize_graph", broken)
+def test_broken_quantized_image_graph_is_refused(tmp_path, host, broken_quantizer):
     folder = image_folder(tmp_path / "tiny-img-bad")
     with pytest.raises(ParityError, match="_int8 differs"):
         export_model(host, entry_for(folder, "shapes-diffusion", "image"), quantize="int8")
