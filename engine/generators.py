@@ -86,20 +86,24 @@ class GeneratorInfo:
     id: str
     title: str
     description: str
-    takes: tuple  # subset of ("text", "image", "messages"); "messages": a conversation (request.messages)
+    takes: tuple  # subset of ("text", "image", "mask", "messages"); "messages": a conversation (request.messages);
+    # "mask": an inpainting mask beside the image (request.mask, white = repaint), always optional
     makes: str  # "text" | "image" | "audio"
     options: tuple = ()
     families: tuple = ()  # model families it runs; empty means it needs no model
     icon: Optional[str] = None  # a path, or None for a default icon
     prompt_required: bool = True  # for generators that take text
     takes_lora: bool = False  # whether request.adapters (LoRA files, `--lora FILE[:WEIGHT]`) are applied
+    image_required: bool = True  # for generators that take "image": False when they also work without one
 
     def __post_init__(self):
         if not self.id.replace("-", "_").isidentifier():
             raise ValueError(f"generator id {self.id!r} must be a short identifier such as 'text'")
-        if not set(self.takes) <= {"text", "image", "messages"} or not self.takes:
+        if not set(self.takes) <= {"text", "image", "mask", "messages"} or not self.takes:
             raise ValueError(f"generator {self.id!r}: takes must be a non-empty subset of ('text', 'image', "
-                             "'messages')")
+                             "'mask', 'messages')")
+        if "mask" in self.takes and "image" not in self.takes:
+            raise ValueError(f"generator {self.id!r}: a generator that takes a mask must take an image too")
         if self.makes not in ("text", "image", "audio"):
             raise ValueError(f"generator {self.id!r}: makes must be 'text', 'image' or 'audio'")
         names = [o.name for o in self.options]
@@ -160,6 +164,7 @@ class AdapterRef:
 class Request:
     prompt: Optional[str] = None
     image: Optional[Path] = None
+    mask: Optional[Path] = None  # an inpainting mask for ``image`` (white = repaint), for generators taking "mask"
     options: dict = field(default_factory=dict)  # already resolved: every option present and valid
     seed: int = 0
     model: Optional[ModelRef] = None

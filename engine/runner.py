@@ -33,6 +33,7 @@ class Job:
     generator: str
     prompt: Optional[str] = None
     image: Optional[str] = None
+    mask: Optional[str] = None  # an inpainting mask for the image (white = repaint)
     model: Optional[str] = None
     backend: str = "auto"  # "auto": ONNX on the CPU when the model has a gated export, else torch (choose_backend)
     device: str = "auto"
@@ -167,15 +168,12 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         messages = parse_messages(job.messages)
     elif job.messages:
         raise UsageError(f"Generator {info.id} takes no conversation; give it a prompt instead.")
-    image = None
-    if "image" in info.takes:
-        if not job.image:
-            raise UsageError(f"Generator {info.id} needs an image; pass --image PATH.")
-        image = Path(job.image).expanduser()
-        if not image.is_file():
-            raise UsageError(f"Image {job.image} does not exist or is not a file.")
-    elif job.image:
-        raise UsageError(f"Generator {info.id} takes no image.")
+    image = _input_file(job.image, "image", "Image", info)
+    if image is None and "image" in info.takes and info.image_required:
+        raise UsageError(f"Generator {info.id} needs an image; pass --image PATH.")
+    mask = _input_file(job.mask, "mask", "Mask", info)
+    if mask is not None and image is None:
+        raise UsageError("A mask applies to an input image; pass --image PATH with --mask.")
     model = None
     if info.families:
         entry = store.get(job.model) if job.model else store.default_for(info.id, info.families)
@@ -207,9 +205,21 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     adapters = tuple(adapter_ref(spec) for spec in job.loras)
     if adapters and not info.takes_lora:
         raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
-    request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
+    request = Request(prompt=prompt, image=image, mask=mask, options=options, seed=seed, model=model,
                       backend=backend, device=device, adapters=adapters, messages=messages, export=export)
     return Prepared(job, generator, request, host.plugin_of(info.id))
+
+
+def _input_file(path, kind: str, title: str, info) -> Optional[Path]:
+    """The job's ``kind`` input ("image" or "mask") as an existing file, or None when not given."""
+    if not path:
+        return None
+    if kind not in info.takes:
+        raise UsageError(f"Generator {info.id} takes no {kind}.")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{title} {path} does not exist or is not a file.")
+    return path
 
 
 def _fits(info, name: str, value) -> bool:
@@ -262,6 +272,8 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
         recipe["backend_chosen_by"] = "auto"
     if req.image is not None:
         recipe["image"] = keep_input(Path(req.image))
+    if req.mask is not None:
+        recipe["mask"] = keep_input(Path(req.mask))
     if req.messages:
         recipe["messages"] = [m.to_dict() for m in req.messages]
     if req.adapters:
@@ -441,7 +453,8 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
                              "--device cpu, knowing that the output may then differ.") from None
     input_notes: list = []
     image = replay_input(recipe.get("image"), input_notes)
-    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image,
+    mask = replay_input(recipe.get("mask"), input_notes)
+    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image, mask=mask,
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],

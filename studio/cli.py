@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt")
     g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
+    g.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
     g.add_argument("--model", metavar="NAME|PATH")
     g.add_argument("--backend", choices=("auto", "torch", "onnx"), default=None,
                    help="auto (the default): ONNX on the CPU when the model has an export that passed its gate, "

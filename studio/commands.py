@@ -124,8 +124,9 @@ def _jobs(args, settings) -> list:
     for p in prompts:
         for im in images:
             seed = None if args.seed is None else args.seed + len(jobs)
-            jobs.append(Job(args.generator, prompt=p, image=im, model=args.model, backend=backend,
-                            device=device, seed=seed, options=options, loras=list(args.lora), messages=messages))
+            jobs.append(Job(args.generator, prompt=p, image=im, mask=getattr(args, "mask", None), model=args.model,
+                            backend=backend, device=device, seed=seed, options=options, loras=list(args.lora),
+                            messages=messages))
     return jobs
 
 

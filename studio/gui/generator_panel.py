@@ -99,6 +99,8 @@ class GeneratorPanel(QWidget):
         self.prompt.setVisible(takes_text)
         self.image_label.setVisible(takes_image)
         self.image_input.setVisible(takes_image)
+        self.image_input.set_mask_enabled("mask" in info.takes)
+        self.image_label.setText("Input image" if info.image_required else "Input image (optional)")
         self.form.set_options(info.options)
         self.options_box.setVisible(bool(info.options))
         self.set_models(models, default_model)
@@ -140,9 +142,10 @@ class GeneratorPanel(QWidget):
                 raise UsageError(f"{info.title} needs a prompt; write one in the prompt box.")
             prompt = None
         image = self.image_input.path or None if "image" in info.takes else None
-        if "image" in info.takes and not image:
+        if "image" in info.takes and info.image_required and not image:
             raise UsageError(f"{info.title} needs an input image; drop one on the image box or click Browse.")
-        return Job(info.id, prompt=prompt, image=image, model=self.model.currentData() or None,
+        mask = self.image_input.mask_path() if image and "mask" in info.takes else None
+        return Job(info.id, prompt=prompt, image=image, mask=mask, model=self.model.currentData() or None,
                    backend=self.backend.currentText(), device=self.device.currentText(), seed=self.seed_value(),
                    options=self.form.values())
 
@@ -182,6 +185,9 @@ class GeneratorPanel(QWidget):
         image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
         if image and "image" in self.info.takes and Path(image).exists():
             self.image_input.set_path(image)
+            mask = (recipe.get("mask") or {}).get("path") if isinstance(recipe.get("mask"), dict) else None
+            if mask and "mask" in self.info.takes and Path(mask).exists():
+                self.image_input.canvas.load_mask(mask)
         return skipped
 
     def set_pickers(self, backend: str, device: str) -> None:

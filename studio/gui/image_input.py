@@ -1,14 +1,15 @@
-"""The image input of generators that take an image: a drop target with a Browse button."""
+"""The image input of generators that take an image: a drop target with a Browse button, and for generators that
+take an inpainting mask, a brush to paint it over the image."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QImageReader
-from PySide6.QtWidgets import QFileDialog, QLabel, QSizePolicy, QWidget
+from PySide6.QtWidgets import QFileDialog, QLabel, QSizePolicy, QSlider, QWidget
 
 from engine.errors import UsageError
-from studio.gui.image_canvas import ImageCanvas
+from studio.gui.mask_canvas import MaskCanvas
 from studio.gui.util import button, column, dropped_files, guard, row
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif);;All files (*)"
@@ -30,15 +31,48 @@ class ImageInput(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.path = ""
-        self.canvas = ImageCanvas(placeholder="Drop an image here\nor click Browse")
+        self.canvas = MaskCanvas(placeholder="Drop an image here\nor click Browse")
         self.canvas.setMinimumHeight(120)
         self.canvas.setMaximumHeight(200)
         self.name = QLabel("No image")
         self.name.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # long names never widen
         self.browse = button("Browse…", self.on_browse)
         self.clear_button = button("Clear", self.clear)
-        column(self, self.canvas, row((self.name, 1), self.browse, self.clear_button), margins=(0, 0, 0, 0))
+        self.paint_button = button("Paint mask", tip="Paint the part to repaint (drag; the right button erases)")
+        self.paint_button.setCheckable(True)
+        self.paint_button.toggled.connect(self.on_paint)
+        self.brush = QSlider(Qt.Orientation.Horizontal)
+        self.brush.setRange(1, 30)
+        self.brush.setValue(8)
+        self.brush.setToolTip("Brush size")
+        self.brush.valueChanged.connect(lambda v: setattr(self.canvas, "brush", v / 100))
+        self.clear_mask_button = button("Clear mask", self.canvas.clear_mask)
+        self.mask_row = QWidget()
+        lay = row(self.paint_button, (self.brush, 1), self.clear_mask_button)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.mask_row.setLayout(lay)
+        self.mask_row.hide()
+        column(self, self.canvas, row((self.name, 1), self.browse, self.clear_button), self.mask_row,
+               margins=(0, 0, 0, 0))
         self.setAcceptDrops(True)
+
+    def set_mask_enabled(self, enabled: bool) -> None:
+        """Show the mask brush (for generators that take an inpainting mask)."""
+        self.mask_row.setVisible(enabled)
+        if not enabled:
+            self.paint_button.setChecked(False)
+
+    def on_paint(self, on: bool) -> None:
+        self.canvas.painting = on
+        self.canvas.setCursor(Qt.CursorShape.CrossCursor if on else Qt.CursorShape.ArrowCursor)
+
+    def mask_path(self) -> str | None:
+        """The painted mask saved as a PNG under the state folder, or None when none is painted."""
+        if self.mask_row.isHidden():
+            return None
+        from engine import state
+
+        return self.canvas.save_mask(state.home() / "inputs" / "masks")
 
     @guard
     def on_browse(self) -> None:

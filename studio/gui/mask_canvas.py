@@ -1,0 +1,102 @@
+"""The input image with an inpainting mask painted over it (shown as white paint at 60 %): drag to paint (white in
+the mask: repaint), with the right button to erase. The mask has the image's size and is written as a grey-scale PNG
+for the generation."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from PySide6.QtCore import QPointF, Qt
+from PySide6.QtGui import QColor, QImage, QPainter
+
+from studio.gui.image_canvas import ImageCanvas
+
+
+class MaskCanvas(ImageCanvas):
+    def __init__(self, parent=None, placeholder: str = ""):
+        super().__init__(parent, placeholder)
+        self.mask = QImage()
+        self.painting = False  # whether mouse drags paint the mask
+        self.brush = 0.08  # brush radius as a share of the image's longer side
+
+    def set_image(self, image: QImage, caption: str = "") -> None:
+        super().set_image(image, caption)
+        self.clear_mask()
+
+    def clear_mask(self) -> None:
+        if self.image.isNull():
+            self.mask = QImage()
+        else:
+            self.mask = QImage(self.image.size(), QImage.Format.Format_Grayscale8)
+            self.mask.fill(0)
+        self.update()
+
+    def load_mask(self, path) -> None:
+        """A mask from a file (a recipe's), scaled to the image; grey values kept."""
+        mask = QImage(str(path))
+        if mask.isNull() or self.image.isNull():
+            return
+        self.mask = mask.convertToFormat(QImage.Format.Format_Grayscale8).scaled(self.image.size())
+        self.update()
+
+    def has_mask(self) -> bool:
+        if self.mask.isNull():
+            return False
+        return any(v for v in self.mask.constBits().tobytes())
+
+    def paint_at(self, pos: QPointF, erase: bool = False) -> None:
+        """Paint (or erase) a round brush at ``pos`` in widget coordinates."""
+        rect = self.target_rect()
+        if self.mask.isNull() or rect.isEmpty():
+            return
+        x = (pos.x() - rect.x()) * self.image.width() / rect.width()
+        y = (pos.y() - rect.y()) * self.image.height() / rect.height()
+        r = max(1.0, self.brush * max(self.image.width(), self.image.height()))
+        p = QPainter(self.mask)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing, False)
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(QColor(0, 0, 0) if erase else QColor(255, 255, 255))
+        p.drawEllipse(QPointF(x, y), r, r)
+        p.end()
+        self.update()
+
+    def mousePressEvent(self, event) -> None:
+        if self.painting:
+            self.paint_at(event.position(), event.button() == Qt.MouseButton.RightButton)
+
+    def mouseMoveEvent(self, event) -> None:
+        if self.painting and event.buttons() & (Qt.MouseButton.LeftButton | Qt.MouseButton.RightButton):
+            self.paint_at(event.position(), bool(event.buttons() & Qt.MouseButton.RightButton))
+
+    def paintEvent(self, event) -> None:
+        super().paintEvent(event)
+        if self.mask.isNull() or not self.has_mask():
+            return
+        overlay = QImage(self.mask.size(), QImage.Format.Format_ARGB32)
+        overlay.fill(QColor(255, 255, 255))
+        overlay.setAlphaChannel(_alpha_of(self.mask))
+        p = QPainter(self)
+        p.drawImage(self.target_rect(), overlay)
+        p.end()
+
+    def save_mask(self, folder: Path) -> str | None:
+        """The painted mask as a PNG in ``folder`` (named by its content), or None when nothing is painted."""
+        if not self.has_mask():
+            return None
+        data = self.mask.constBits().tobytes()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"mask-{hashlib.sha256(data).hexdigest()[:16]}.png"
+        if not path.exists() and not self.mask.save(str(path), "PNG"):
+            raise OSError(f"cannot write {path}")
+        return str(path)
+
+
+def _alpha_of(mask: QImage) -> QImage:
+    """A mask's grey values as an alpha channel scaled to 60 % (so the image shows through the paint)."""
+    alpha = mask.copy()
+    p = QPainter(alpha)
+    p.setCompositionMode(QPainter.CompositionMode.CompositionMode_Multiply)
+    p.fillRect(alpha.rect(), QColor(153, 153, 153))
+    p.end()
+    return alpha

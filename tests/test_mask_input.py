@@ -1,0 +1,92 @@
+"""Inpainting masks (issue #14 item 4): a generator that takes "mask" gets request.mask beside an optional image;
+the mask is checked, kept in the recipe by content and used again by a replay; the window paints it with a brush."""
+import pytest
+from PIL import Image
+
+from engine.errors import UsageError
+from engine.plugins import PluginHost
+from engine.runner import Job, execute, prepare, replay
+from engine.store import ModelStore
+from plugin_samples import drop, generator_plugin
+
+INPAINT = generator_plugin('''
+INFO = GeneratorInfo(id="inpaint", title="Inpaint", description="Paints the masked part red.",
+                     takes=("text", "image", "mask"), makes="image", image_required=False, prompt_required=False)
+
+def generate(request, context):
+    from PIL import Image
+    if request.image is None:
+        yield Result(image=Image.new("RGB", (8, 8), (0, 0, 255)))
+        return
+    image = Image.open(request.image).convert("RGB")
+    if request.mask is not None:
+        mask = Image.open(request.mask).convert("L").resize(image.size)
+        image.paste(Image.new("RGB", image.size, (255, 0, 0)), (0, 0), mask)
+    yield Result(image=image)
+''')
+
+
+@pytest.fixture
+def studio(studio_home, tmp_path):
+    drop(studio_home, "inpaint", INPAINT)
+    host = PluginHost(builtins=()).load()
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(image)
+    m = Image.new("L", (8, 8), 0)
+    m.paste(255, (0, 0, 4, 8))  # the left half
+    m.save(mask)
+    return host, ModelStore(host), image, mask
+
+
+def test_mask_reaches_the_generator_and_the_recipe_and_replays(studio):
+    host, store, image, mask = studio
+    record = execute(prepare(host, store, Job("inpaint", image=str(image), mask=str(mask), seed=1)))
+    out = record.result.image
+    assert out.getpixel((1, 1)) == (255, 0, 0) and out.getpixel((6, 6)) == (0, 255, 0)
+    assert record.recipe["mask"]["sha256"] and record.recipe["image"]["sha256"]
+    Image.new("L", (8, 8), 0).save(mask)  # the user's mask file changes after the generation
+    again, same, notes = replay(host, store, record.recipe)
+    assert same and any("copy the studio kept" in n for n in notes)
+
+
+def test_image_optional_and_bad_masks_refused(studio, tmp_path):
+    host, store, image, mask = studio
+    record = execute(prepare(host, store, Job("inpaint", prompt="a cat", seed=1)))  # no image: text to image
+    assert record.result.image.getpixel((0, 0)) == (0, 0, 255) and "mask" not in record.recipe
+    with pytest.raises(UsageError, match="pass --image PATH with --mask"):
+        prepare(host, store, Job("inpaint", mask=str(mask)))
+    with pytest.raises(UsageError, match="Mask .* does not exist"):
+        prepare(host, store, Job("inpaint", image=str(image), mask=str(tmp_path / "missing.png")))
+
+
+def test_generators_without_mask_refuse_one(studio_home, tmp_path):
+    from plugin_samples import PIXELS
+
+    drop(studio_home, "pixels", PIXELS)
+    host = PluginHost(builtins=()).load()
+    mask = tmp_path / "m.png"
+    Image.new("L", (4, 4)).save(mask)
+    with pytest.raises(UsageError, match="takes no mask"):
+        prepare(host, ModelStore(host), Job("pixels", prompt="x", image=None, mask=str(mask)))
+
+
+def test_window_paints_a_mask_for_generators_that_take_one(qtbot, studio_home, tmp_path):
+    from PySide6.QtCore import Qt
+
+    from gui_helpers import install_plugins, make_window
+
+    install_plugins(studio_home, inpaint=INPAINT)
+    w = make_window(qtbot, generator="inpaint", isolate=False)
+    panel = w.panel
+    assert panel.image_input.mask_row.isVisibleTo(panel) and "optional" in panel.image_label.text()
+    assert panel.job().image is None  # the image is optional for this generator
+    src = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(src)
+    panel.image_input.set_path(src)
+    assert panel.job().mask is None  # nothing painted yet
+    panel.image_input.paint_button.setChecked(True)
+    canvas = panel.image_input.canvas
+    rect = canvas.target_rect()
+    qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=rect.center())
+    job = panel.job()
+    assert job.mask and Image.open(job.mask).getpixel((8, 8)) == 255 and Image.open(job.mask).getpixel((0, 0)) == 0
