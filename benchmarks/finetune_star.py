@@ -72,6 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="also adapt the text encoder (--no-text-encoder: the U-Net only)")
+    p.add_argument("--prior", type=int, default=0, help="render this many original scenes as prior-preservation "
+                                                         "images mixed into the batches (0: none)")
+    p.add_argument("--prior-share", type=float, default=0.5)
     a = p.parse_args(argv)
     import torch
 
@@ -85,12 +90,22 @@ def main(argv=None) -> int:
     for i, sc in enumerate(star_scenes(32, seed=1)):
         Image.fromarray(S.render(sc, 32, antialias=i % 2 == 1)).save(data / f"star{i:02d}.png")
         (data / f"star{i:02d}.txt").write_text(S.caption(sc))
+    extra = [] if a.text_encoder else ["--no-text-encoder"]
+    if a.prior:
+        prior = work / "prior"
+        prior.mkdir(exist_ok=True)
+        rng = np.random.default_rng(3)
+        for i in range(a.prior):
+            sc = S.sample_scene(rng)
+            Image.fromarray(S.render(sc, 32, antialias=i % 2 == 1)).save(prior / f"scene{i:03d}.png")
+            (prior / f"scene{i:03d}.txt").write_text(S.caption(sc))
+        extra += ["--prior-data", str(prior), "--prior-share", str(a.prior_share)]
     env = dict(os.environ, STUDIO_HOME=str(work / "home"), STUDIO_PLUGIN_CHECK="0")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", "image", "--model", "shapes-diffusion",
                            "--data", str(data), "--out", str(work / "run"), "--steps", str(a.steps), "--threads",
                            str(a.threads), "--batch", str(a.batch), "--lr", str(a.lr), "--eval-every", "50",
-                           "--checkpoint-every", "25", "--json"] + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
+                           "--checkpoint-every", "25", "--json"] + extra + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
                           env=env, capture_output=True, text=True)
     train_s = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -106,6 +121,7 @@ def main(argv=None) -> int:
         rows[name] = {"star prompts": score(draw(stars, lora), stars),
                       "original prompts": score(draw(originals, lora), originals)}
     print(json.dumps({"train_seconds": round(train_s, 1), "steps": a.steps, "threads": a.threads,
+                      "text_encoder": a.text_encoder, "prior_images": a.prior, "prior_share": a.prior_share,
                       "loss_first": log[0]["loss"] if log else None, "loss_last": log[-1]["loss"] if log else None,
                       "val_curve": [(e["step"], e["val_loss"]) for e in log if "val_loss" in e],
                       "scores": rows}, indent=1))

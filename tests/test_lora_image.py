@@ -86,3 +86,35 @@ def test_finetune_image_trains_saves_and_generates(tmp_path):
     assert json.loads(made.stdout)["path"].endswith(".png")
     onnx = studio("generate", "image", "--prompt", "a red star", "--backend", "onnx", "--lora", adapter)
     assert onnx.returncode != 0 and "Traceback" not in onnx.stderr
+
+
+def test_unet_only_with_prior_preservation(tmp_path):
+    """--no-text-encoder adapts the U-Net alone; --prior-data mixes captioned images of what the model knows into
+    the batches (recorded in the adapter's recipe)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from engine import shapes as S
+
+    rng = np.random.default_rng(1)
+    for folder, kind in (("stars", "star"), ("prior", None)):
+        (tmp_path / folder).mkdir()
+        for i in range(4):
+            sc = S.sample_scene(rng)
+            if kind:
+                sc = S.Scene(sc.size, sc.colour, kind, sc.position, sc.background)
+            Image.fromarray(S.render(sc, 32)).save(tmp_path / folder / f"{i}.png")
+            (tmp_path / folder / f"{i}.txt").write_text(S.caption(sc))
+    env = dict(os.environ, STUDIO_HOME=str(tmp_path / "home"), STUDIO_PLUGIN_CHECK="0")
+    run = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", "image", "--model", "shapes-diffusion",
+                          "--data", str(tmp_path / "stars"), "--prior-data", str(tmp_path / "prior"),
+                          "--no-text-encoder", "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "4",
+                          "--eval-every", "2", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    adapter = Path(json.loads(run.stdout.splitlines()[-1])["adapter"])
+    with safe_open(str(adapter), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    recipe = json.loads((adapter.parent / "studio_adapter.json").read_text())["recipe"]
+    assert recipe["data"]["prior_images"] == 4 and recipe["data"]["text_encoder"] is False

@@ -37,6 +37,12 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions trained as empty (guidance)")
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="also adapt the text encoder (--no-text-encoder: the U-Net only, which leaves every other "
+                        "prompt's conditioning as it was)")
+    p.add_argument("--prior-data", help="a folder of captioned images of what the model already draws, mixed into "
+                                        "every batch so that it does not forget them (prior preservation)")
+    p.add_argument("--prior-share", type=float, default=0.5, help="share of each batch drawn from --prior-data")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -66,7 +72,7 @@ def read_pairs(folder: Path) -> tuple:
 
 
 class ImageTask(Task):
-    def __init__(self, entry, pairs: list, a, device: str = "cpu"):
+    def __init__(self, entry, pairs: list, a, device: str = "cpu", prior: list = ()):
         import hashlib
 
         import numpy as np
@@ -81,14 +87,19 @@ class ImageTask(Task):
         self.entry, self.a = entry, a
         self.loaded = M.load(Path(entry.path), device)
         cfg = self.loaded.cfg
-        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS + TEXT_TARGETS)
-        self.paths = (wrap(self.loaded.unet, LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS), seed=a.seed)
-                      + wrap(self.loaded.text_encoder, LoraSpec(a.rank, a.alpha, a.dropout, TEXT_TARGETS),
-                             seed=a.seed + 1))
+        text = getattr(a, "text_encoder", True)
+        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS + (TEXT_TARGETS if text else ()))
+        self.paths = wrap(self.loaded.unet, LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS), seed=a.seed)
+        if text:
+            self.paths += wrap(self.loaded.text_encoder, LoraSpec(a.rank, a.alpha, a.dropout, TEXT_TARGETS),
+                               seed=a.seed + 1)
+        else:
+            for p in self.loaded.text_encoder.parameters():
+                p.requires_grad_(False)
         self.model = torch.nn.ModuleDict({"unet": self.loaded.unet, "text_encoder": self.loaded.text_encoder})
         S, enc = cfg.sample_size, self.loaded.prompt_encoder
         images, ids, unknown, h = [], [], set(), hashlib.sha256()
-        for path, caption in pairs:
+        for path, caption in list(pairs) + list(prior):
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 if im.size != (S, S):
@@ -99,9 +110,11 @@ class ImageTask(Task):
             ids.append(e.ids)
             h.update(path.name.encode() + b"\0" + caption.encode() + b"\0" + images[-1].tobytes())
         rng = np.random.default_rng(a.seed)
-        order = rng.permutation(len(images))
-        n_val = max(1, int(round(len(images) * a.val_fraction))) if len(images) > 1 else 0
-        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < len(images) else order
+        n = len(pairs)
+        order = rng.permutation(n)
+        n_val = max(1, int(round(n * a.val_fraction))) if n > 1 else 0
+        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+        self.prior_idx = np.arange(n, len(images))  # the prior images: trained on, never validated
         self.x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         self.ids = torch.tensor(ids)
         self.empty = torch.tensor(enc.encode("").ids)
@@ -110,7 +123,9 @@ class ImageTask(Task):
         self.unknown = sorted(unknown)
         self.recipe = {"kind": "image", "base_model": {"name": entry.name, "hash": entry.hash,
                                                        "family": entry.family},
-                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": len(images),
+                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n,
+                                "prior_images": len(prior), "prior_share": a.prior_share if prior else 0.0,
+                                "text_encoder": bool(text),
                                 "sha256": h.hexdigest(), "unknown_words": self.unknown,
                                 "train": int(len(self.train_idx)), "val": int(len(self.val_idx))},
                        "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "layers": len(self.paths),
@@ -139,7 +154,11 @@ class ImageTask(Task):
     def batch(self, rng):
         import torch
 
-        idx = torch.from_numpy(rng.choice(self.train_idx, size=self.a.batch))
+        idx = rng.choice(self.train_idx, size=self.a.batch)
+        if len(self.prior_idx):  # prior preservation: a share of the batch from the prior images
+            take = rng.random(self.a.batch) < self.a.prior_share
+            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        idx = torch.from_numpy(idx)
         t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
         noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.x0.shape[1:])).astype("float32"))
         drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)
@@ -167,7 +186,10 @@ class ImageTask(Task):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_kohya({"unet": self.loaded.unet, "text_encoder": self.loaded.text_encoder},
+        modules = {"unet": self.loaded.unet}
+        if getattr(self.a, "text_encoder", True):
+            modules["text_encoder"] = self.loaded.text_encoder
+        save_kohya(modules,
                    folder / "adapter.safetensors", self.spec,
                    metadata={"ss_base_model": self.entry.name, "studio_base_model_hash": self.entry.hash})
         (folder / "studio_adapter.json").write_text(json.dumps({"recipe": self.recipe}, indent=2) + "\n")
@@ -193,8 +215,16 @@ def main(argv=None) -> int:
     if missing:
         raise UsageError(f"{len(missing)} image(s) in {a.data} have no same-named .txt caption ({missing[0]}, ...); "
                          "write them first, for example with `studio caption-folder`.")
+    prior = []
+    if a.prior_data:
+        prior, missing = read_pairs(Path(a.prior_data))
+        if missing:
+            raise UsageError(f"{len(missing)} image(s) in {a.prior_data} have no same-named .txt caption "
+                             f"({missing[0]}, ...).")
+        if not 0 < a.prior_share < 1:
+            raise UsageError("--prior-share must be between 0 and 1.")
     out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).name}"
-    task = ImageTask(entry, pairs, a)
+    task = ImageTask(entry, pairs, a, prior=prior)
     note = f"; unknown words (learned as the unknown token): {', '.join(task.unknown)}" if task.unknown else ""
     print(f"fine-tuning {entry.name}: LoRA rank {a.rank} on {len(task.paths)} layers, "
           f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
