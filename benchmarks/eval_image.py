@@ -75,14 +75,11 @@ def main(argv=None) -> int:
     pooled = class_vector(hidden, pooled, ids, loaded.cfg.class_labels)
     x2 = torch.cat([torch.randn(2, 3, S, S), torch.from_numpy(coord_maps(S, C)).expand(2, -1, -1, -1)], 1)
 
+    from benchmarks.onnx_vs_torch import median_seconds
+
     def best_of(fn, reps=30):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        fn()  # warm-up
+        return median_seconds(fn, reps)
 
     one = best_of(lambda: den(x2[:1], 500.0, hidden[1:], pooled[1:]))
     batched = best_of(lambda: den(x2, 500.0, hidden, pooled))

@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QFileDialog, QMessageBox
+from PySide6.QtWidgets import QMessageBox
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.model_table import ModelTableModel
-from studio.gui.util import button, column, guard, row, row_table
+from studio.gui.util import button, column, guard, row, row_table, with_folder
 from studio.gui.task_dialog import TaskDialog
 
 
@@ -44,9 +44,7 @@ class ModelDialog(TaskDialog):
 
     @guard
     def on_import(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Model folder (config.json, model.safetensors, ...)")
-        if path:
-            self.import_folder(path)
+        with_folder(self, "Model folder (config.json, model.safetensors, ...)", self.import_folder)
 
     @guard
     def import_folder(self, path: str, name: str | None = None) -> None:

@@ -7,7 +7,7 @@ from PySide6.QtWidgets import QFileDialog, QLabel, QMessageBox, QPlainTextEdit
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.plugin_model import PluginTableModel
-from studio.gui.util import button, column, guard, row, row_table
+from studio.gui.util import button, column, guard, row, row_table, with_folder
 from studio.gui.task_dialog import TaskDialog
 
 
@@ -69,9 +69,7 @@ class PluginDialog(TaskDialog):
 
     @guard
     def on_install_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Plugin package folder (with a pyproject.toml)")
-        if path:
-            self.install(path)
+        with_folder(self, "Plugin package folder (with a pyproject.toml)", self.install)
 
     @guard
     def on_install_wheel(self) -> None:

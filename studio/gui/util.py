@@ -199,11 +199,16 @@ def dropped_files(mime, what: str) -> list:
     return files
 
 
+def with_folder(parent, title: str, then, start: str = "") -> None:
+    """Ask for a folder (starting at ``start``) and call ``then(path)`` with the choice, unless the user cancels."""
+    path = QFileDialog.getExistingDirectory(parent, title, start)
+    if path:
+        then(path)
+
+
 def choose_folder_into(parent, title: str, line_edit) -> None:
     """Ask for a folder (starting at the line edit's text) and put the choice into the line edit."""
-    path = QFileDialog.getExistingDirectory(parent, title, line_edit.text())
-    if path:
-        line_edit.setText(path)
+    with_folder(parent, title, line_edit.setText, line_edit.text())
 
 
 def button(text: str, slot=None, tip: str = "") -> QPushButton:
