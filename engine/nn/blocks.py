@@ -54,6 +54,16 @@ class PreNormLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+class PreNormEncoder(nn.Module):
+    """``layers``: ``cfg.num_hidden_layers`` PreNormLayers, each with ``attention(cfg)`` (CLIP's and BLIP's
+    ``encoder``); the family's model runs them."""
+
+    def __init__(self, cfg, attention):
+        super().__init__()
+        sizes = (cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(PreNormLayer(attention(cfg), *sizes) for _ in range(cfg.num_hidden_layers))
+
+
 def self_attention(x, q_proj, k_proj, v_proj, n_head: int, causal: bool = False):
     """Multi-head attention of x (B, T, D) over itself; returns (B, T, D) before the output projection."""
     B, T, D = x.shape

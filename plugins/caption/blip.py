@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ModelError
-from engine.nn.blocks import PreNormLayer
+from engine.nn.blocks import PreNormEncoder
 from plugins.caption.bert import ACTS, BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
 
 
@@ -108,19 +108,12 @@ class BlipEmbeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_embedding
 
 
-class BlipEncoder(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
-        super().__init__()
-        sizes = (cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(PreNormLayer(BlipAttention(cfg), *sizes) for _ in range(cfg.num_hidden_layers))
-
-
 class BlipVisionModel(nn.Module):
     def __init__(self, cfg: BlipVisionConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = BlipEmbeddings(cfg)
-        self.encoder = BlipEncoder(cfg)
+        self.encoder = PreNormEncoder(cfg, BlipAttention)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, N+1, D)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ModelError
-from engine.nn.blocks import ACTIVATIONS, PreNormLayer, self_attention
+from engine.nn.blocks import ACTIVATIONS, PreNormEncoder, self_attention
 
 
 @dataclass
@@ -69,13 +69,6 @@ class CLIPAttention(nn.Module):
         return self.out_proj(self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.heads, causal=True))
 
 
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        sizes = (cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(PreNormLayer(CLIPAttention(cfg), *sizes) for _ in range(cfg.num_hidden_layers))
-
-
 class CLIPTextModel(nn.Module):
     """transformers 5 layout: ``embeddings.*``, ``encoder.layers.*``, ``final_layer_norm.*``.
 
@@ -86,7 +79,7 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = PreNormEncoder(cfg, CLIPAttention)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids):
