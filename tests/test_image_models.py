@@ -6,8 +6,8 @@ from transformers import CLIPTextConfig as RefCLIPConfig
 from transformers import CLIPTextModel as RefCLIP
 
 from engine.errors import ModelError
-from plugins.image.clip_text import CLIPTextConfig, CLIPTextModel, strip_prefix
-from plugins.image.unet import UNet2DConditionModel, UNetConfig
+from engine.nn.clip_text import CLIPTextConfig, CLIPTextModel, strip_prefix
+from engine.nn.unet import UNet2DConditionModel, UNetConfig
 
 torch.set_num_threads(1)
 

@@ -34,9 +34,9 @@ class ImageModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageModelConfig":
-        from plugins.image.clip_text import CLIPTextConfig
+        from engine.nn.clip_text import CLIPTextConfig
         from engine.diffusion.schedulers import SchedulerConfig
-        from plugins.image.unet import UNetConfig
+        from engine.nn.unet import UNetConfig
         if d.get("model_type") != MODEL_TYPE:
             raise ModelError(f"config.json model_type must be {MODEL_TYPE!r}, not {d.get('model_type')!r}.")
         for key in ("unet", "text_encoder", "scheduler", "sample_size"):
@@ -70,8 +70,8 @@ def read_config(folder: Path) -> ImageModelConfig:
 
 def build(cfg: ImageModelConfig):
     """Fresh (randomly initialised) U-Net and text encoder."""
-    from plugins.image.clip_text import CLIPTextModel
-    from plugins.image.unet import UNet2DConditionModel
+    from engine.nn.clip_text import CLIPTextModel
+    from engine.nn.unet import UNet2DConditionModel
     return UNet2DConditionModel(cfg.unet), CLIPTextModel(cfg.text)
 
 
@@ -81,7 +81,7 @@ def _read_weights(folder: Path) -> dict:
 
 
 def split_state_dict(sd: dict):
-    from plugins.image.clip_text import strip_prefix
+    from engine.nn.clip_text import strip_prefix
     unet = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
     text = strip_prefix({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")})
     return unet, text
