@@ -129,26 +129,28 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: Optional[int], groups: int, eps: float,
                  output_scale_factor: float = 1.0, scale_shift: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.scale_shift = scale_shift
-        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels if scale_shift else out_channels)
+        self.time_emb_proj = (nn.Linear(temb_channels, 2 * out_channels if scale_shift else out_channels)
+                              if temb_channels else None)  # None: the VAE's blocks, which take no time
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
-    def forward(self, x, temb):  # x: (B, Cin, H, W), temb: (B, T)
+    def forward(self, x, temb=None):  # x: (B, Cin, H, W), temb: (B, T)
         h = self.conv1(F.silu(self.norm1(x)))
-        t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        if self.scale_shift:  # FiLM: the embedding scales and shifts the normalised features
-            scale, shift = t.chunk(2, dim=1)
+        if self.time_emb_proj is None:
+            h = self.norm2(h)
+        elif self.scale_shift:  # FiLM: the embedding scales and shifts the normalised features
+            scale, shift = self.time_emb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
+            h = self.norm2(h + self.time_emb_proj(F.silu(temb))[:, :, None, None])
         h = self.conv2(F.silu(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
