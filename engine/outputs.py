@@ -76,7 +76,9 @@ def a1111_parameters(recipe: dict) -> str:
     if "steps" in opts:
         fields.append(f"Steps: {opts['steps']}")
     if "sampler" in opts:
-        fields.append(f"Sampler: {opts['sampler']}")
+        from engine.diffusion.schedulers.common import A1111_NAMES
+
+        fields.append(f"Sampler: {A1111_NAMES.get(opts['sampler'], opts['sampler'])}")
     if "guidance" in opts:
         fields.append(f"CFG scale: {opts['guidance']}")
     fields.append(f"Seed: {recipe.get('seed')}")
@@ -130,7 +132,10 @@ def parse_a1111_parameters(text: str) -> dict:
                 except ValueError:
                     pass
             elif key == "Sampler":
-                out["options"]["sampler"] = value
+                from engine.diffusion.schedulers.common import A1111_NAMES
+
+                ours = {v.lower(): k for k, v in A1111_NAMES.items()}
+                out["options"]["sampler"] = ours.get(value.lower(), value)
     return out
 
 

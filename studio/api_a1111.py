@@ -12,11 +12,11 @@ import io
 import json
 from pathlib import Path
 
+from engine.diffusion.schedulers.common import A1111_NAMES as SAMPLERS  # ours -> A1111's names
 from engine.errors import UsageError
 from studio.api_openai import _number, image_generator
 from studio.server import Unsupported, read_json, run_job
 
-SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler"}
 MAX_IMAGES = 16
 
 

@@ -81,6 +81,10 @@ def test_png_metadata_round_trip(tmp_path):
     assert a1111["prompt"] == "a small red circle"
     assert a1111["seed"] == 7
     assert a1111["options"] == {"steps": 20, "guidance": 3.5, "sampler": "dpmpp_2m", "negative_prompt": "blue"}
+    assert "Sampler: DPM++ 2M," in im.text["parameters"]  # A1111's own name, as civitai and A1111 read it
+    for name, ours in (("DPM++ 2M Karras", "dpmpp_2m_karras"), ("Euler a", "euler_a"), ("DDIM", "ddim")):
+        text = f"a cat\nSteps: 20, Sampler: {name}, CFG scale: 7, Seed: 1, Size: 512x512"
+        assert outputs.parse_a1111_parameters(text)["options"]["sampler"] == ours
 
 
 def test_a1111_only_png_is_read(tmp_path):

@@ -12,7 +12,7 @@ from engine.errors import ModelError, UsageError
 from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")  # = engine.diffusion.schedulers.SAMPLERS, which imports numpy
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a")  # = engine's SAMPLERS (numpy)
 
 INFO = GeneratorInfo(
     id="image",
@@ -24,7 +24,8 @@ INFO = GeneratorInfo(
         Option("steps", "int", 20, "Denoising steps (more is slower; 20 suits dpmpp_2m)", min=1, max=1000),
         Option("guidance", "float", 1.5, "Classifier-free guidance scale (1 = none; higher follows the prompt "
                "more closely)", min=0.0, max=30.0),
-        Option("sampler", "str", "dpmpp_2m", "Sampler: ddpm, ddim, dpmpp_2m (DPM-Solver++ 2M) or euler",
+        Option("sampler", "str", "dpmpp_2m", "Sampler: ddpm, ddim, dpmpp_2m (DPM-Solver++ 2M), dpmpp_2m_karras, "
+               "euler or euler_a (Euler ancestral)",
                choices=SAMPLERS),
         Option("negative_prompt", "str", "", "What to steer away from (replaces the empty prompt in guidance)"),
     ),

@@ -108,6 +108,15 @@ class Scheduler:
     def spacing(self, default: str) -> str:
         return self.config.timestep_spacing or default
 
+    def start_at(self, index: int) -> None:
+        """Begin sampling at step ``index`` of the schedule (img2img: the first steps are skipped)."""
+        self.step_index = index
+
+    def add_noise(self, x0, noise, index: int):
+        """``x0`` noised to the level of step ``index`` (img2img's start, inpainting's kept region): in sigma
+        space (x0 + sigma noise) for the samplers that work there; the variance-preserving schedulers override."""
+        return x0 + noise * float(self.sigmas[index])
+
 
 class DiscreteScheduler(Scheduler):
     """DDPM and DDIM: integer timesteps (all of them until ``set_timesteps``), the model input as it is."""
@@ -122,6 +131,13 @@ class DiscreteScheduler(Scheduler):
 
     def scale_model_input(self, sample, timestep):
         return sample
+
+    def start_at(self, index: int) -> None:
+        self.timesteps = self.timesteps[index:]
+
+    def add_noise(self, x0, noise, index: int):
+        a = float(self.alphas_cumprod[int(self.timesteps[index])])
+        return (a ** 0.5) * x0 + ((1 - a) ** 0.5) * noise
 
 
 def clip(x, r: float):
@@ -141,7 +157,10 @@ def to_float(x) -> float:
     return float(x.item() if hasattr(x, "item") else x)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a")
+# AUTOMATIC1111's names for them (its `parameters` PNG chunk and its API)
+A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+               "euler": "Euler", "euler_a": "Euler a"}
 
 
 def make_scheduler(name: str, cfg: SchedulerConfig):
@@ -152,10 +171,10 @@ def make_scheduler(name: str, cfg: SchedulerConfig):
     if name == "ddim":
         from engine.diffusion.schedulers.ddim import DDIMScheduler
         return DDIMScheduler(cfg)
-    if name == "dpmpp_2m":
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
         from engine.diffusion.schedulers.dpmpp_2m import DPMSolverMultistepScheduler
-        return DPMSolverMultistepScheduler(cfg)
-    if name == "euler":
-        from engine.diffusion.schedulers.euler import EulerDiscreteScheduler
-        return EulerDiscreteScheduler(cfg)
+        return DPMSolverMultistepScheduler(cfg, karras=name.endswith("karras"))
+    if name in ("euler", "euler_a"):
+        from engine.diffusion.schedulers.euler import EulerAncestralScheduler, EulerDiscreteScheduler
+        return (EulerAncestralScheduler if name == "euler_a" else EulerDiscreteScheduler)(cfg)
     raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")

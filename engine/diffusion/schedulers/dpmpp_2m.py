@@ -1,6 +1,8 @@
 """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2, midpoint), as diffusers'
 DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) with its defaults
-(linspace spacing, lower_order_final, final sigma 0)."""
+(linspace spacing, lower_order_final, final sigma 0); with ``karras=True`` the sigmas of Karras et al. 2022
+(rho 7) between the schedule's ends and the timesteps read back from them (diffusers' use_karras_sigmas: "DPM++ 2M
+Karras" in AUTOMATIC1111)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,10 @@ from engine.diffusion.schedulers.common import Scheduler, StepOutput, check_step
 
 
 class DPMSolverMultistepScheduler(Scheduler):
+    def __init__(self, cfg, karras: bool = False):
+        super().__init__(cfg)
+        self.karras = karras
+
     def set_timesteps(self, num_inference_steps: int) -> None:
         T = check_steps(self.config, num_inference_steps)
         spacing = self.spacing("linspace")
@@ -23,6 +29,9 @@ class DPMSolverMultistepScheduler(Scheduler):
             ts = np.arange(T, 0, -T / num_inference_steps).round() - 1
         self.timesteps = ts.astype(np.int64).copy()
         self.sigmas = sigmas_at(self.alphas_cumprod, self.timesteps)  # sigma = sqrt((1 - a) / a)
+        if self.karras:
+            self.timesteps, self.sigmas = karras_schedule(self.alphas_cumprod, num_inference_steps,
+                                                          self.config.beta_schedule != "squaredcos_cap_v2")
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None, None]
         self.lower_order_nums = 0
@@ -30,6 +39,10 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def scale_model_input(self, sample, timestep):
         return sample
+
+    def add_noise(self, x0, noise, index: int):
+        alpha, sigma = self._alpha_sigma(float(self.sigmas[index]))
+        return alpha * x0 + sigma * noise
 
     @staticmethod
     def _alpha_sigma(sigma: float):
@@ -67,3 +80,23 @@ class DPMSolverMultistepScheduler(Scheduler):
             self.lower_order_nums += 1
         self.step_index += 1
         return StepOutput(prev, x0)
+
+
+def karras_schedule(alphas_cumprod: np.ndarray, n: int, rounded: bool = True) -> tuple:
+    """(timesteps (n,) int64, sigmas (n + 1,) float32 ending in 0): n Karras sigmas (rho 7) from the largest to the
+    smallest training sigma, and the timestep whose log-sigma each one interpolates to (rounded, or cut to an
+    integer for the cosine schedule, as diffusers does)."""
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    log_sigmas = np.log(sigmas)
+    rho = 7.0
+    lo, hi = float(sigmas[0]) ** (1 / rho), float(sigmas[-1]) ** (1 / rho)
+    karras = (hi + np.linspace(0, 1, n) * (lo - hi)) ** rho
+    ts = []
+    for s in karras:
+        d = np.log(max(s, 1e-10)) - log_sigmas
+        low = min(int(np.cumsum(d >= 0).argmax()), len(log_sigmas) - 2)
+        w = np.clip((log_sigmas[low] - np.log(max(s, 1e-10))) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+        ts.append((1 - w) * low + w * (low + 1))
+    ts = np.array(ts)
+    return ((np.round(ts) if rounded else ts).astype(np.int64),
+            np.concatenate([karras, [0.0]]).astype(np.float32))

@@ -1,10 +1,12 @@
 """Euler sampling of the probability-flow ODE in sigma space (Karras et al. 2022, alg. 2 without churn),
-as diffusers' EulerDiscreteScheduler (linspace spacing, linear sigma interpolation)."""
+as diffusers' EulerDiscreteScheduler (linspace spacing, linear sigma interpolation); and its ancestral variant
+("Euler a"), as diffusers' EulerAncestralDiscreteScheduler: each step goes down to sigma_down and adds fresh
+noise of sigma_up, drawn from the sampling generator (so a seed replays exactly)."""
 from __future__ import annotations
 
 import numpy as np
 
-from engine.diffusion.schedulers.common import Scheduler, StepOutput, check_steps, sigmas_at
+from engine.diffusion.schedulers.common import Scheduler, StepOutput, check_steps, randn_like, sigmas_at
 
 
 class EulerDiscreteScheduler(Scheduler):
@@ -33,13 +35,31 @@ class EulerDiscreteScheduler(Scheduler):
         sigma = float(self.sigmas[self.step_index])
         return sample / ((sigma ** 2 + 1) ** 0.5)
 
+    def x0(self, model_output, sample, sigma: float):
+        if self.config.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)  # v_prediction
+
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         sigma = float(self.sigmas[self.step_index])
-        if self.config.prediction_type == "epsilon":
-            x0 = sample - sigma * model_output
-        else:  # v_prediction
-            x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-        derivative = (sample - x0) / sigma
-        prev = sample + derivative * (float(self.sigmas[self.step_index + 1]) - sigma)
+        x0 = self.x0(model_output, sample, sigma)
+        prev = sample + (sample - x0) / sigma * (float(self.sigmas[self.step_index + 1]) - sigma)
+        self.step_index += 1
+        return StepOutput(prev, x0)
+
+
+class EulerAncestralScheduler(EulerDiscreteScheduler):
+    @property
+    def init_noise_sigma(self) -> float:  # diffusers' ancestral scheduler: sqrt(sigma_max^2 + 1) unless linspace
+        s = float(self.sigmas.max())
+        return s if (self.config.timestep_spacing or "linspace") in ("linspace", "trailing") else (s * s + 1) ** 0.5
+
+    def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
+        sigma, sigma_to = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
+        x0 = self.x0(model_output, sample, sigma)
+        sigma_up = (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5
+        sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+        prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        prev = prev + randn_like(model_output, generator) * sigma_up
         self.step_index += 1
         return StepOutput(prev, x0)
