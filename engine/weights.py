@@ -132,3 +132,19 @@ def load_pickle(path, map_location="cpu"):
         why = (lines[0] if lines else type(exc).__name__)[:160]
         raise ModelError(f"{path.name} was refused: it holds more than tensors and plain data, which could run code "
                          f"when loaded, or it is damaged ({why}).") from None
+
+
+def match_state_dict(module, sd: dict, what: str) -> None:
+    """ModelError unless ``sd`` has exactly ``module``'s tensor names and shapes (``what`` names the part)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise ModelError(f"The {what} weights lack {len(missing)} tensors (first: {missing[0]}); the file does not "
+                         "match its config.")
+    extra = sorted(set(sd) - set(own))
+    if extra:
+        raise ModelError(f"The {what} weights have {len(extra)} unexpected tensors (first: {extra[0]}).")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ModelError(f"Weight {what}.{k} has shape {tuple(sd[k].shape)} but the config implies "
+                             f"{tuple(v.shape)}.")

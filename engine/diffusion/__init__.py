@@ -106,19 +106,28 @@ class NumpyArrays:
 
 
 def sample_steps(xp, denoise: Callable, shape: tuple, scheduler_cfg, settings: SampleSettings, generator,
-                 noise=None) -> Iterator:
+                 noise=None, start: Callable = None, after_step: Callable = None, clip: bool = True) -> Iterator:
     """Denoise a batch of ``shape`` from noise, one scheduler step per iteration.
 
     ``denoise(x, t)`` -> the model output for ``x`` (2B with guidance, unconditional half first; else B) at
     timestep ``t`` (a float). Yields ``(i, n, x0_estimate)`` after step i of n, then ``(n, n, x)`` with the
-    result clipped to [-1, 1]. ``noise``: the initial standard-normal noise, else drawn from ``generator``
-    (which the stochastic samplers keep drawing from)."""
+    result clipped to [-1, 1] (unless ``clip`` is False: latents). ``noise``: the initial standard-normal
+    noise, else drawn from ``generator`` (which the stochastic samplers keep drawing from).
+    ``start(scheduler) -> (x, begin)``: begin part-way through the schedule from ``x`` (img2img: an image noised
+    to step ``begin``, ``scheduler.add_noise``); ``after_step(index, x) -> x`` runs after each step, ``index``
+    being the next step's (inpainting: the kept region put back, noised to that step)."""
     sched = make_scheduler(settings.sampler, scheduler_cfg)
     sched.set_timesteps(settings.steps)
     guided = settings.guidance != 1.0
-    x = (xp.noise(shape, generator) if noise is None else noise) * xp.scalar(sched.init_noise_sigma)
-    n = len(sched.timesteps)
-    for i, t in enumerate(sched.timesteps):
+    begin = 0
+    if start is not None:
+        x, begin = start(sched)
+        sched.start_at(begin)
+    else:
+        x = (xp.noise(shape, generator) if noise is None else noise) * xp.scalar(sched.init_noise_sigma)
+    timesteps = list(sched.timesteps)[begin:]
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
         xin = xp.f32(sched.scale_model_input(x, t))
         out = denoise(xp.cat([xin, xin]) if guided else xin, float(t))
         if guided:
@@ -127,8 +136,10 @@ def sample_steps(xp, denoise: Callable, shape: tuple, scheduler_cfg, settings: S
             out = u + xp.scalar(settings.guidance) * (c - u)
         step = sched.step(out, t, x, generator=generator)
         x = xp.f32(step.prev_sample)
+        if after_step is not None:
+            x = after_step(begin + i + 1, x)
         yield i + 1, n, step.pred_original_sample
-    yield n, n, xp.clip(x)
+    yield n, n, xp.clip(x) if clip else x
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

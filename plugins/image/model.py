@@ -87,21 +87,6 @@ def split_state_dict(sd: dict):
     return unet, text
 
 
-def _match(module, sd: dict, what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    if missing:
-        raise ModelError(f"The {what} weights lack {len(missing)} tensors (first: {missing[0]}); the file does not "
-                         "match config.json.")
-    extra = sorted(set(sd) - set(own))
-    if extra:
-        raise ModelError(f"The {what} weights have {len(extra)} unexpected tensors (first: {extra[0]}).")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ModelError(f"Weight {what}.{k} has shape {tuple(sd[k].shape)} but config.json implies "
-                             f"{tuple(v.shape)}.")
-
-
 def check_folder(folder: Path) -> None:
     """Validate config, weights (names and shapes) and tokenizer; ModelError on the first problem."""
     import torch
@@ -113,9 +98,11 @@ def check_folder(folder: Path) -> None:
 
 
 def _check_built(folder: Path, cfg, unet, text) -> None:
+    from engine.weights import match_state_dict
+
     u, t = split_state_dict(_read_weights(folder))
-    _match(unet, u, "unet")
-    _match(text, t, "text_encoder")
+    match_state_dict(unet, u, "unet")
+    match_state_dict(text, t, "text_encoder")
     from plugins.image.tokenizer import PromptEncoder
     enc = PromptEncoder.from_file(folder / "tokenizer.json", cfg.text.max_position_embeddings)
     if enc.tokenizer.get_vocab_size() > cfg.text.vocab_size:

@@ -133,7 +133,7 @@ class DiscreteScheduler(Scheduler):
         return sample
 
     def start_at(self, index: int) -> None:
-        self.timesteps = self.timesteps[index:]
+        """Nothing to do: these schedulers step by the timestep's value."""
 
     def add_noise(self, x0, noise, index: int):
         a = float(self.alphas_cumprod[int(self.timesteps[index])])

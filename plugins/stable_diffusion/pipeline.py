@@ -1,0 +1,215 @@
+"""Stable Diffusion on the shared sampling loop (engine.diffusion.sample_steps): text to image, img2img (``image``
+and ``strength``) and inpainting (``image`` and ``mask``: the 9-channel inpainting U-Net, or an ordinary U-Net with
+the kept region put back after every step), in latent space, decoded by the VAE.
+
+Random numbers come from one generator seeded by the recipe's seed, drawn in the order diffusers' pipelines draw
+them (the image's latent sample, the initial noise, the masked image's latent sample, then the ancestral
+samplers' noise), so a seed gives diffusers' picture and a replay gives the same one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+
+from engine.diffusion import SampleSettings
+from engine.errors import UsageError
+
+DEFAULTS = {"steps": 25, "guidance": 7.5, "sampler": "dpmpp_2m_karras"}
+MAX_PIXELS = 2048 * 2048
+# A cheap preview: latents to RGB by a fixed linear map (the "approximate" previews of A1111 and ComfyUI).
+PREVIEW = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+                   dtype=np.float32)
+
+
+def check_size(width: int, height: int) -> None:
+    """UsageError before anything loads for a size the U-Net cannot take or memory cannot hold."""
+    for name, v in (("width", width), ("height", height)):
+        if v % 8 or v < 8:
+            raise UsageError(f"The {name} must be a multiple of 8 pixels, not {v}.")
+    if width * height > MAX_PIXELS:
+        raise UsageError(f"{width} x {height} is larger than {MAX_PIXELS // 2048} x 2048 pixels; choose a smaller "
+                         "size (and upscale afterwards).")
+
+
+def default_size(cfg: dict) -> int:
+    """512 for SD 1.x, 768 for SD 2.x v-prediction: the VAE's sample size in the config when it is one of them."""
+    size = (cfg.get("vae") or {}).get("sample_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if cfg.get("prediction_type") == "v_prediction" or (cfg.get("scheduler") or {}).get("prediction_type") == \
+            "v_prediction":
+        return 768
+    return int(size) if isinstance(size, int) and size in (256, 512, 768, 1024) else 512
+
+
+def encode_text(sd, texts: list):
+    """(B, 77, D) CLIP hidden states of ``texts`` (each cut to 75 tokens), and the words cut off."""
+    import torch
+
+    rows, cut = [], 0
+    for text in texts:
+        ids, lost = sd.tokenizer.encode77(text)
+        rows.append(ids)
+        cut = max(cut, lost)
+    with torch.no_grad():
+        hidden, _ = sd.text_encoder(torch.tensor(rows, device=sd.device))
+    return hidden.float().cpu(), cut
+
+
+def pixels(image, width: int, height: int):
+    """(1, 3, H, W) float32 in [-1, 1] from a PIL image, resized (Lanczos) to the output size."""
+    import torch
+    from PIL import Image
+
+    im = image.convert("RGB")
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.LANCZOS)
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(a.transpose(2, 0, 1)[None] * 2.0 - 1.0)
+
+
+def mask_pixels(mask, width: int, height: int):
+    """(1, 1, H, W) of 0 (keep) and 1 (repaint) from a mask image (white = repaint), as diffusers binarizes it."""
+    import torch
+    from PIL import Image
+
+    m = mask.convert("L")
+    if m.size != (width, height):
+        m = m.resize((width, height), Image.Resampling.LANCZOS)
+    a = (np.asarray(m, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
+    return torch.from_numpy(a[None, None])
+
+
+def vae_sample(sd, x, generator):
+    """Latents of images ``x`` drawn from the VAE's distribution with ``generator``, times the scaling factor."""
+    import torch
+
+    with torch.no_grad():
+        mean, logvar = sd.vae.encode(x.to(sd.device))
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return ((mean + torch.exp(0.5 * logvar) * noise) * sd.vae.config.scaling_factor).float().cpu()
+
+
+def decode(sd, latents, tiled: bool = False):
+    """Images (B, 3, H, W) in [-1, 1] from latents (the scaling factor undone)."""
+    import torch
+
+    z = (latents / sd.vae.config.scaling_factor).to(sd.device)
+    with torch.no_grad():
+        x = sd.vae.decode_tiled(z) if tiled else sd.vae.decode(z)
+    return x.float().cpu().clamp(-1, 1)
+
+
+def preview(x0) -> np.ndarray:
+    """(H/8, W/8, 3) uint8: a linear map of the latent estimate to colours."""
+    rgb = np.tensordot(np.asarray(x0[0], dtype=np.float32).transpose(1, 2, 0), PREVIEW, axes=1)
+    return np.round((np.clip(rgb, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def sample(sd, prompt: str, negative: str, settings: SampleSettings, seed: int, width: int, height: int,
+           image=None, mask=None, strength: float = 1.0) -> Iterator:
+    """The sampling loop's events ``(i, n, x0 latents)``, then ``(n, n, latents)``; ``image``/``mask`` PIL images."""
+    import torch
+
+    from engine.diffusion import TorchArrays, sample_steps
+
+    xp = TorchArrays()
+    gen = xp.generator(seed)
+    cond, _ = encode_text(sd, [prompt])
+    guided = settings.guidance != 1.0
+    context = torch.cat([encode_text(sd, [negative])[0], cond]) if guided else cond
+    f = sd.vae.factor  # 8 for Stable Diffusion's VAE
+    shape = (1, sd.unet.config.out_channels, height // f, width // f)
+    extra = noise = None  # extra: the inpainting U-Net's mask and masked-image latents
+    start = after = None
+    if image is not None:
+        x = pixels(image, width, height)
+        m = mask_pixels(mask, width, height) if mask is not None else None
+        inpaint, box = m is not None, {}
+        pure = inpaint and strength >= 1.0  # inpainting at full strength starts from pure noise
+        image_latents = None if pure and sd.inpainting else vae_sample(sd, x, gen)
+        noise = xp.noise(shape, gen)
+        start, after = _start(box, pure, image_latents, noise, settings.steps, strength), None
+        if inpaint:
+            masked = vae_sample(sd, x * (m < 0.5), gen)
+            small = torch.nn.functional.interpolate(m, size=shape[2:])
+            if sd.inpainting:
+                extra = torch.cat([small, masked], dim=1)
+                extra = torch.cat([extra, extra]) if guided else extra
+            else:
+                after = _blend(box, small, image_latents, noise, settings.steps)
+    elif mask is not None:
+        raise UsageError("A mask needs an input image to paint into; give --image too.")
+
+    unet, dtype = sd.unet, sd.dtype
+
+    def denoise(x, t: float):
+        x = x if extra is None else torch.cat([x, extra], dim=1)
+        with torch.no_grad():
+            out = unet(x.to(sd.device, dtype), torch.tensor([t] * len(x), device=sd.device), context.to(sd.device,
+                                                                                                          dtype))
+        return out.float().cpu()
+
+    return sample_steps(xp, denoise, shape, sd.scheduler, settings, gen, noise=noise, start=start, after_step=after,
+                        clip=False)
+
+
+def _start(box: dict, pure: bool, image_latents, noise, steps: int, strength: float):
+    """``start`` for the loop: pure noise (inpainting at full strength), else the image's latents noised to the
+    step that ``strength`` leaves (diffusers' img2img: the last int(steps x strength) steps run)."""
+    def start(sched):
+        box["sched"] = sched
+        if pure:
+            return noise * sched.init_noise_sigma, 0
+        begin = steps - min(int(steps * strength), steps)
+        return sched.add_noise(image_latents, noise, begin), begin
+    return start
+
+
+def _blend(box: dict, mask, image_latents, noise, steps: int):
+    """``after_step`` for inpainting with an ordinary U-Net: the kept region (mask 0) put back, noised to the
+    next step's level (clean after the last step)."""
+    def after(index, latents):
+        kept = image_latents if index >= steps else box["sched"].add_noise(image_latents, noise, index)
+        return (1 - mask) * kept + mask * latents
+    return after
+
+
+def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel=None) -> Iterator:
+    """Progress / Partial events and one Result."""
+    from PIL import Image
+
+    from engine.diffusion import to_uint8
+    from engine.generators import Partial, Progress, Result
+
+    width, height = int(options["width"] or default_size(sd.cfg)), int(options["height"] or default_size(sd.cfg))
+    check_size(width, height)
+    strength = float(options.get("strength", 1.0)) if image is not None else 1.0
+    settings = SampleSettings(int(options["steps"]), float(options["guidance"]), options["sampler"])
+    negative = options.get("negative_prompt", "") or ""
+    t0 = time.perf_counter()
+    yield Progress(0, settings.steps, "encoding the prompt")
+    steps = sample(sd, prompt or "", negative, settings, seed, width, height, image, mask, strength)
+    every = max(1, settings.steps // 8)
+    latents = None
+    for k, (i, n, latents) in enumerate(steps):
+        if k == n:
+            break
+        yield Progress(i, n, f"step {i}/{n}")
+        if i % every == 0 and i < n:
+            yield Partial(image=Image.fromarray(preview(latents.numpy())).resize((width, height)))
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+    yield Progress(settings.steps, settings.steps, "decoding")
+    tiled = width * height > 768 * 768
+    out = Image.fromarray(to_uint8(decode(sd, latents, tiled).numpy())[0])
+    _, cut = encode_text(sd, [prompt or ""])
+    warnings = [f"The prompt is {cut} tokens longer than the 75 the text encoder reads; the end was cut off."] \
+        if cut else []
+    mode = "inpaint" if mask is not None else ("img2img" if image is not None else "txt2img")
+    yield Result(image=out, warnings=warnings, info={
+        "mode": mode, "width": width, "height": height, "steps": settings.steps, "sampler": settings.sampler,
+        "guidance": settings.guidance, "strength": strength if image is not None else None,
+        "negative_prompt": negative, "vae_tiled": tiled, "seconds": round(time.perf_counter() - t0, 4)})

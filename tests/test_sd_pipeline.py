@@ -1,0 +1,101 @@
+"""Stable Diffusion against diffusers (issue #14) on tiny random pipelines saved by diffusers: text to image,
+img2img and inpainting (the 9-channel U-Net and masked blending), SD 1.x and SD 2.x v-prediction, five samplers,
+fp16 and sharded folders; images within 1e-3 per pixel of StableDiffusion(Img2Img|Inpaint)Pipeline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+
+from engine.diffusion import SampleSettings  # noqa: E402
+from sd_fixtures import save_pipeline  # noqa: E402
+
+SIZE = 32
+SAMPLERS = {"ddim": lambda c: diffusers.DDIMScheduler.from_config(c),
+            "euler": lambda c: diffusers.EulerDiscreteScheduler.from_config(c),
+            "euler_a": lambda c: diffusers.EulerAncestralDiscreteScheduler.from_config(c),
+            "dpmpp_2m": lambda c: diffusers.DPMSolverMultistepScheduler.from_config(c),
+            "dpmpp_2m_karras": lambda c: diffusers.DPMSolverMultistepScheduler.from_config(c, use_karras_sigmas=True)}
+_CACHE = {}
+
+
+def studio_model(tmp_path_factory, variant="sd1", **kw):
+    """(diffusers pipeline, the studio's loaded model of the same folder), made once per variant."""
+    key = (variant, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        from plugins.stable_diffusion.folder import convert
+        from plugins.stable_diffusion.model import load
+
+        root = tmp_path_factory.mktemp(f"sd-{variant}")
+        pipe = save_pipeline(root / "pipe", variant, **kw)
+        (root / "studio").mkdir()
+        convert(root / "pipe", root / "studio")
+        pipe.saved_scheduler = json.loads((root / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+        _CACHE[key] = (pipe, load(root / "studio"))
+    return _CACHE[key]
+
+
+def ours(sd, settings, seed=3, prompt="a red cat", negative="a dog", **kw):
+    from plugins.stable_diffusion.pipeline import decode, sample
+
+    latents = None
+    for _, _, latents in sample(sd, prompt, negative, settings, seed, SIZE, SIZE, **kw):
+        pass
+    return (decode(sd, latents).numpy().transpose(0, 2, 3, 1) + 1) / 2
+
+
+def reference(pipe_cls, pipe, sampler, steps=4, guidance=7.5, seed=3, **kw):
+    p = pipe_cls(**pipe.components)
+    p.scheduler = SAMPLERS[sampler](pipe.saved_scheduler)  # as from_pretrained reads it from the folder
+    p.set_progress_bar_config(disable=True)
+    return p(["a red cat"], negative_prompt=["a dog"], num_inference_steps=steps, guidance_scale=guidance,
+             height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images
+
+
+def scene():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 4:20] = 255
+    return image, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("variant", ["sd1", "sd2-v"])
+def test_text_to_image_matches_diffusers(tmp_path_factory, sampler, variant):
+    pipe, sd = studio_model(tmp_path_factory, variant)
+    want = reference(diffusers.StableDiffusionPipeline, pipe, sampler)
+    got = ours(sd, SampleSettings(4, 7.5, sampler))
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m_karras"])
+def test_img2img_matches_diffusers(tmp_path_factory, sampler):
+    pipe, sd = studio_model(tmp_path_factory)
+    image, _ = scene()
+    want = reference(diffusers.StableDiffusionImg2ImgPipeline, pipe, sampler, steps=6, image=image, strength=0.6)
+    got = ours(sd, SampleSettings(6, 7.5, sampler), image=image, strength=0.6)
+    assert np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("variant,strength", [("inpaint", 1.0), ("inpaint", 0.7), ("sd1", 1.0)])
+def test_inpainting_matches_diffusers(tmp_path_factory, variant, strength):
+    pipe, sd = studio_model(tmp_path_factory, variant)
+    assert sd.inpainting == (variant == "inpaint")
+    image, mask = scene()
+    want = reference(diffusers.StableDiffusionInpaintPipeline, pipe, "euler_a", steps=5, image=image,
+                     mask_image=mask, strength=strength)
+    got = ours(sd, SampleSettings(5, 7.5, "euler_a"), image=image, mask=mask, strength=strength)
+    assert np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("kw", [{"fp16": True}, {"shard": "100KB"}])
+def test_fp16_and_sharded_folders(tmp_path_factory, kw):
+    pipe, sd = studio_model(tmp_path_factory, "sd1", **kw)
+    if kw.get("fp16"):  # the studio computes in fp32 from the fp16 weights; so does the reference, upcast
+        pipe = pipe.to(torch.float32)
+    want = reference(diffusers.StableDiffusionPipeline, pipe, "ddim")
+    assert np.abs(ours(sd, SampleSettings(4, 7.5, "ddim")) - want).max() < 1e-3
