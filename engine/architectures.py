@@ -35,3 +35,21 @@ class Architecture:
             raise ValueError("architecture family must be a non-empty string")
         if not callable(self.matches):
             raise ValueError(f"architecture {self.family!r}: matches must be callable")
+
+
+@dataclass(frozen=True)
+class Importer:
+    """A way into the model store for something that is not a studio model folder (a diffusers pipeline folder, a
+    single-file checkpoint, ...): ``detect(path) -> bool`` says whether ``path`` is one (cheaply, no torch);
+    ``convert(path, dest, trust) -> None`` writes a model folder an Architecture recognises into the empty folder
+    ``dest`` (``trust``: the user allowed pickle files), raising ``engine.errors.ModelError`` with a one-line
+    reason. The store then checks and imports ``dest`` as any folder; nothing is imported when either fails."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    convert: Callable[[Path, Path, bool], None]
+    title: str = ""
+
+    def __post_init__(self):
+        if not self.name or not callable(self.detect) or not callable(self.convert):
+            raise ValueError("an importer needs a name and callable detect and convert")

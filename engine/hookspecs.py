@@ -39,6 +39,17 @@ def register_architectures(register):
 
 
 @hookspec
+def register_importers(register):
+    """Add ways to import models that are not studio model folders (``studio models import PATH``).
+
+    Called once when the plugin host loads. Call ``register(importer)`` with an
+    ``engine.architectures.Importer``: the store asks each importer's ``detect(path)`` in turn, and the first
+    that says yes converts ``path`` into a temporary model folder (``convert(path, dest, trust)``), which is then
+    checked and imported like any folder. Returns nothing.
+    """
+
+
+@hookspec
 def register_exporters(register):
     """Add ONNX exporters for model families (``studio export-onnx``).
 

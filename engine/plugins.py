@@ -24,16 +24,16 @@ import pluggy
 
 import engine
 from engine import hookspecs, state
-from engine.architectures import Architecture
+from engine.architectures import Architecture, Importer
 from engine.errors import UsageError
 from engine.generators import Generator, GeneratorInfo, Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption")
+DEFAULT_PLUGINS = ("plugins.text", "plugins.image", "plugins.caption", "plugins.stable_diffusion")
 ENTRY_POINT_GROUP = "studio.plugins"
 HOOKS = ("register_generators", "register_architectures", "register_exporters", "register_trainers",
-         "register_finetuners")
+         "register_finetuners", "register_importers")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class PluginHost:
         self.exporters: dict[str, tuple[Callable, str]] = {}
         self.trainers: dict[str, tuple[Trainer, str]] = {}
         self.finetuners: dict[str, tuple[Trainer, str]] = {}
+        self.importers: dict[str, tuple[Importer, str]] = {}
         self._loaded = False
 
     # ----- discovery -------------------------------------------------------------------------
@@ -177,7 +178,8 @@ class PluginHost:
         if not any(getattr(pm.hook, h).get_hookimpls() for h in HOOKS):
             self._fail(status, f"Plugin {cand.name} implements none of the studio hooks ({', '.join(HOOKS)}).")
             return
-        staged = {"generators": {}, "architectures": {}, "exporters": {}, "trainers": {}, "finetuners": {}}
+        staged = {"generators": {}, "architectures": {}, "exporters": {}, "trainers": {}, "finetuners": {},
+                  "importers": {}}
         try:
             for hook in HOOKS:
                 for impl in getattr(pm.hook, hook).get_hookimpls():
@@ -195,6 +197,7 @@ class PluginHost:
         self.exporters.update(staged["exporters"])
         self.trainers.update(staged["trainers"])
         self.finetuners.update(staged["finetuners"])
+        self.importers.update(staged["importers"])
         status.generators = sorted(staged["generators"])
 
     def _registrar(self, hook: str, plugin: str, staged: dict) -> Callable:
@@ -227,6 +230,13 @@ class PluginHost:
                     owner = known.get(trainer.kind, (None, plugin))[1]
                     raise _Invalid(f"{what[:-1]} {trainer.kind!r} is already registered by plugin {owner}")
                 staged[what][trainer.kind] = (trainer, plugin)
+        elif hook == "register_importers":
+            def register(importer):
+                if not isinstance(importer, Importer):
+                    raise _Invalid("register_importers expects engine.architectures.Importer objects")
+                if importer.name in self.importers or importer.name in staged["importers"]:
+                    raise _Invalid(f"importer {importer.name!r} is already registered")
+                staged["importers"][importer.name] = (importer, plugin)
         else:
             def register(family, export):
                 if not isinstance(family, str) or not callable(export):
@@ -249,6 +259,17 @@ class PluginHost:
             known = ", ".join(sorted(found)) or "none"
             raise UsageError(f"Unknown {what} kind {kind!r}; the installed ones are: {known}.")
         return found[kind][0]
+
+    def importer_for(self, path) -> Optional[Importer]:
+        """The first registered importer whose ``detect`` recognises ``path`` (a broken one is skipped)."""
+        self.load()
+        for importer, plugin in self.importers.values():
+            try:
+                if importer.detect(path):
+                    return importer
+            except Exception as exc:  # noqa: BLE001 - a plugin's detect must not break importing
+                log.warning("Importer %s of plugin %s failed on %s: %s", importer.name, plugin, path, exc)
+        return None
 
     def plugin_of(self, gid: str) -> str:
         self.load()

@@ -250,6 +250,10 @@ class ModelStore:
         source = Path(source).expanduser()
         if source.suffix.lower() == ".gguf" and source.is_file():
             return self._import_gguf(source, name)
+        importer = self.host.importer_for(source)
+        if importer is not None:
+            return self._import_converted(source, name or source.stem if source.is_file() else name or source.name,
+                                          lambda dest: importer.convert(source, dest, trust))
         name = name or source.name
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
@@ -291,16 +295,22 @@ class ModelStore:
         """A GGUF file: converted into a model folder (engine/gguf.py), which is then imported as any folder."""
         from engine.gguf import gguf_to_folder
 
-        name = name or source.stem
+        return self._import_converted(source, name or source.stem, lambda dest: gguf_to_folder(source, dest))
+
+    def _import_converted(self, source: Path, name: str, convert) -> ModelEntry:
+        """Import what ``convert(dest)`` writes into a scratch folder (removed afterwards, also on failure), with
+        ``source`` recorded as where it came from."""
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64); "
                              "pass --name.")
+        if any(e.name == name for e in self.list()):
+            raise UsageError(f"A model called {name!r} already exists; pass --name to choose another.")
         state.ensure_dir(self.user_dir)
-        work = Path(tempfile.mkdtemp(prefix=".gguf.", dir=self.user_dir))
+        work = Path(tempfile.mkdtemp(prefix=".convert.", dir=self.user_dir))
         try:
             folder = work / name
             folder.mkdir()
-            gguf_to_folder(source, folder)
+            convert(folder)
             entry = self.import_(folder, name)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -99,3 +99,51 @@ def test_fp16_and_sharded_folders(tmp_path_factory, kw):
         pipe = pipe.to(torch.float32)
     want = reference(diffusers.StableDiffusionPipeline, pipe, "ddim")
     assert np.abs(ours(sd, SampleSettings(4, 7.5, "ddim")) - want).max() < 1e-3
+
+
+def test_import_generate_replay_and_refusals(tmp_path, studio_home):
+    """`studio models import` of a diffusers folder, then txt2img / img2img / inpainting through the runner, a
+    replay that gives the same picture, and one-line refusals of what cannot be imported."""
+    import subprocess
+    import sys
+
+    from engine.errors import ModelError, UsageError
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare, replay
+    from engine.store import ModelStore
+
+    save_pipeline(tmp_path / "tiny-sd", "sd1")
+    host = PluginHost(safe_mode=True, disabled=[]).load()
+    store = ModelStore(host)
+    entry = store.import_(tmp_path / "tiny-sd")
+    assert entry.family == "stable-diffusion" and entry.generator == "sd" and entry.config["in_channels"] == 4
+    image, mask = scene()
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    base = dict(model="tiny-sd", prompt="a red cat", seed=5, options={"width": 32, "height": 32, "steps": 3,
+                                                                        "sampler": "euler_a"})
+    for extra, mode in (({}, "txt2img"), ({"image": str(tmp_path / "in.png")}, "img2img"),
+                        ({"image": str(tmp_path / "in.png"), "mask": str(tmp_path / "mask.png")}, "inpaint")):
+        record = execute(prepare(host, store, Job("sd", **base, **extra)))
+        assert record.result.image.size == (32, 32) and record.result.info["mode"] == mode
+    again, same, _ = replay(host, store, record.recipe)
+    assert same  # the inpainting recipe (image and mask kept by content) replays to the same picture
+    with pytest.raises(UsageError, match="multiple of 8"):
+        prepare_and_run = execute(prepare(host, store, Job("sd", model="tiny-sd", options={"width": 30})))
+        del prepare_and_run
+    # refusals, each one line, nothing imported half
+    (tmp_path / "no-unet").mkdir()
+    (tmp_path / "no-unet" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ModelError, match="has no unet/ folder"):
+        store.import_(tmp_path / "no-unet")
+    (tmp_path / "xl").mkdir()
+    (tmp_path / "xl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(ModelError, match="SDXL pipeline"):
+        store.import_(tmp_path / "xl")
+    assert [e.name for e in store.list() if not e.builtin] == ["tiny-sd"]
+    cli = subprocess.run([sys.executable, "-m", "studio.cli", "generate", "sd", "--model", "tiny-sd", "--prompt",
+                          "a cat", "--set", "width=32", "--set", "height=32", "--set", "steps=2", "--image",
+                          str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout.splitlines()[-1])["path"].endswith(".png")

@@ -177,7 +177,7 @@ def _blend(box: dict, mask, image_latents, noise, steps: int):
     return after
 
 
-def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel=None) -> Iterator:
+def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel=None, notes=()) -> Iterator:
     """Progress / Partial events and one Result."""
     from PIL import Image
 
@@ -206,8 +206,8 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
     tiled = width * height > 768 * 768
     out = Image.fromarray(to_uint8(decode(sd, latents, tiled).numpy())[0])
     _, cut = encode_text(sd, [prompt or ""])
-    warnings = [f"The prompt is {cut} tokens longer than the 75 the text encoder reads; the end was cut off."] \
-        if cut else []
+    warnings = list(notes) + ([f"The prompt is {cut} tokens longer than the 75 the text encoder reads; the end was "
+                               "cut off."] if cut else [])
     mode = "inpaint" if mask is not None else ("img2img" if image is not None else "txt2img")
     yield Result(image=out, warnings=warnings, info={
         "mode": mode, "width": width, "height": height, "steps": settings.steps, "sampler": settings.sampler,

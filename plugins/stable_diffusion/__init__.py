@@ -1,0 +1,117 @@
+"""Built-in plugin: Stable Diffusion 1.x and 2.x from the checkpoints people have (a diffusers pipeline folder),
+with text to image, img2img and inpainting in one generator, ``sd``.
+
+No torch at import: the model loads at the first generation and is cached by the host's context.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import hookimpl
+from engine.architectures import Architecture, Importer
+from engine.errors import ModelError, UsageError
+from engine.generators import Generator, GeneratorInfo, Option, lazy
+from plugins.stable_diffusion.layout import MODEL_TYPE
+
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # engine.diffusion's (numpy)
+
+INFO = GeneratorInfo(
+    id="sd",
+    title="Stable Diffusion",
+    description="Draw an image from a prompt with a Stable Diffusion checkpoint; give an input image to change it "
+                "(img2img) and paint a mask to redraw part of it (inpainting).",
+    takes=("text", "image", "mask"),
+    makes="image",
+    image_required=False,
+    prompt_required=False,
+    options=(
+        Option("width", "int", 0, "Width in pixels, a multiple of 8 (0: the model's own size, 512 for SD 1.x, 768 "
+               "for SD 2.x v-prediction)", min=0, max=2048),
+        Option("height", "int", 0, "Height in pixels, a multiple of 8 (0: the model's own size)", min=0, max=2048),
+        Option("steps", "int", 25, "Denoising steps", min=1, max=200),
+        Option("guidance", "float", 7.5, "CFG scale: how closely to follow the prompt (1 = not at all)", min=0.0,
+               max=30.0),
+        Option("sampler", "str", "dpmpp_2m_karras", "Sampler: dpmpp_2m_karras (A1111's DPM++ 2M Karras), "
+               "euler_a (Euler a), euler, dpmpp_2m, ddim or ddpm", choices=SAMPLERS),
+        Option("negative_prompt", "str", "", "What to steer away from"),
+        Option("strength", "float", 0.75, "With an input image: how much to change it (0 = keep, 1 = redraw)",
+               min=0.0, max=1.0),
+    ),
+    families=("stable-diffusion",),
+)
+
+
+def generate(request, context):
+    from PIL import Image
+
+    from plugins.stable_diffusion.pipeline import check_size, run
+
+    ref = request.model
+    if ref is None:
+        raise UsageError("Stable Diffusion needs a model; import one with `studio models import FOLDER`.")
+    opts = request.options
+    check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
+    if request.backend == "onnx":
+        raise UsageError("Stable Diffusion runs on the torch backend so far; pass --backend torch.")
+    key = ("sd", ref.hash, request.device)
+    sd = context.cached(key, lambda: _load(Path(ref.path), request.device))
+    image = _open(request.image, "input image") if request.image else None
+    mask = _open(request.mask, "mask") if request.mask else None
+    notes = []
+    if image is not None and mask is not None and mask.size != image.size:
+        notes.append(f"The mask is {mask.size[0]}x{mask.size[1]} and the image {image.size[0]}x{image.size[1]}; "
+                     "the mask was resized to the image.")
+        mask = mask.resize(image.size, Image.Resampling.LANCZOS)
+    yield from run(sd, request.prompt or "", opts, request.seed, image, mask, context.cancel, notes)
+
+
+def _open(path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"The {what} {Path(path).name} cannot be read as an image ({exc}).") from None
+
+
+def _load(folder: Path, device: str):
+    from plugins.stable_diffusion.model import load
+
+    return load(folder, device)
+
+
+def check(folder: Path) -> None:
+    from plugins.stable_diffusion.model import check_folder
+
+    try:
+        check_folder(Path(folder))
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unexpected in a user's folder is still a model problem
+        raise ModelError(f"The Stable Diffusion folder {folder} cannot be used ({exc}).") from None
+
+
+def _detect_pipeline(path: Path) -> bool:
+    from plugins.stable_diffusion.folder import detect
+
+    return detect(path)
+
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_architectures(register):
+    register(Architecture(family="stable-diffusion", generator="sd",
+                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE, check=check,
+                          needs_tokenizer=True, title="Stable Diffusion 1.x / 2.x (U-Net, VAE, CLIP text encoder)"))
+
+
+@hookimpl
+def register_importers(register):
+    register(Importer("diffusers-sd", _detect_pipeline, lazy("plugins.stable_diffusion.folder", "convert"),
+                      title="a diffusers Stable Diffusion pipeline folder (model_index.json)"))
