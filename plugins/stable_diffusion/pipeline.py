@@ -44,18 +44,20 @@ def default_size(cfg: dict) -> int:
     return int(size) if isinstance(size, int) and size in (256, 512, 768, 1024) else 512
 
 
-def encode_text(sd, texts: list):
-    """(B, 77, D) CLIP hidden states of ``texts`` (each cut to 75 tokens), and the words cut off."""
+def encode_text(sd, prompt: str, negative: str):
+    """(prompt, negative prompt) CLIP hidden states (1, 77 k, D) with A1111 emphasis and 75-token chunks
+    (plugins/stable_diffusion/prompts.py), and k - 1."""
     import torch
 
-    rows, cut = [], 0
-    for text in texts:
-        ids, lost = sd.tokenizer.encode77(text)
-        rows.append(ids)
-        cut = max(cut, lost)
-    with torch.no_grad():
-        hidden, _ = sd.text_encoder(torch.tensor(rows, device=sd.device))
-    return hidden.float().cpu(), cut
+    from plugins.stable_diffusion.prompts import encode_prompts
+
+    def encode(ids):
+        with torch.no_grad():
+            hidden, _ = sd.text_encoder(torch.from_numpy(ids).to(sd.device))
+        return hidden.float().cpu().numpy()
+
+    pos, neg, extra = encode_prompts(prompt, negative, sd.tokenizer, encode)
+    return torch.from_numpy(pos), torch.from_numpy(neg), extra
 
 
 def pixels(image, width: int, height: int):
@@ -117,9 +119,9 @@ def sample(sd, prompt: str, negative: str, settings: SampleSettings, seed: int, 
 
     xp = TorchArrays()
     gen = xp.generator(seed)
-    cond, _ = encode_text(sd, [prompt])
+    cond, uncond, _ = encode_text(sd, prompt, negative)
     guided = settings.guidance != 1.0
-    context = torch.cat([encode_text(sd, [negative])[0], cond]) if guided else cond
+    context = torch.cat([uncond, cond]) if guided else cond
     f = sd.vae.factor  # 8 for Stable Diffusion's VAE
     shape = (1, sd.unet.config.out_channels, height // f, width // f)
     extra = noise = None  # extra: the inpainting U-Net's mask and masked-image latents
@@ -205,9 +207,7 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
     yield Progress(settings.steps, settings.steps, "decoding")
     tiled = width * height > 768 * 768
     out = Image.fromarray(to_uint8(decode(sd, latents, tiled).numpy())[0])
-    _, cut = encode_text(sd, [prompt or ""])
-    warnings = list(notes) + ([f"The prompt is {cut} tokens longer than the 75 the text encoder reads; the end was "
-                               "cut off."] if cut else [])
+    warnings = list(notes)
     mode = "inpaint" if mask is not None else ("img2img" if image is not None else "txt2img")
     yield Result(image=out, warnings=warnings, info={
         "mode": mode, "width": width, "height": height, "steps": settings.steps, "sampler": settings.sampler,

@@ -1,6 +1,6 @@
 """CLIP's byte-level BPE tokenizer from ``vocab.json`` + ``merges.txt`` through the ``tokenizers`` library, as
 transformers' CLIPTokenizerFast builds it: NFC, runs of white space made one space, lower case, CLIP's word split,
-``</w>`` ending each word; prompts are 77 tokens: start, up to 75 tokens, end, then padding."""
+``</w>`` ending each word. prompts.py frames the ids into 77-token chunks."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ from pathlib import Path
 
 from engine.errors import ModelError
 
-CONTEXT = 77
 WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -41,10 +40,3 @@ class ClipTokenizer:
     def tokens(self, text: str) -> list:
         """The ids of ``text`` without the start and end tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode77(self, text: str) -> tuple:
-        """(77 ids: start, the first 75 tokens, end, padding; how many tokens were cut off)."""
-        ids = self.tokens(text)
-        body = ids[:CONTEXT - 2]
-        row = [self.bos] + body + [self.eos]
-        return row + [self.pad] * (CONTEXT - len(row)), len(ids) - len(body)
