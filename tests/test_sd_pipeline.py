@@ -147,3 +147,86 @@ def test_import_generate_replay_and_refusals(tmp_path, studio_home):
                          capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout.splitlines()[-1])["path"].endswith(".png")
+
+
+def _kohya_file(path, unet, text, rng):
+    """A kohya-format LoRA on some U-Net attention and feed-forward layers and a 1x1-convolution proj_in (the keys
+    AUTOMATIC1111 and kohya's trainer write)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+
+    def add(prefix, path, w, rank=4, alpha=2.0):
+        key = prefix + path.replace(".", "_")
+        out, inp = w.shape[0], w.shape[1]
+        down = torch.from_numpy(rng.standard_normal((rank, inp)).astype(np.float32) * 0.3)
+        up = torch.from_numpy(rng.standard_normal((out, rank)).astype(np.float32) * 0.3)
+        if w.dim() == 4:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        tensors.update({key + ".lora_down.weight": down, key + ".lora_up.weight": up,
+                        key + ".alpha": torch.tensor(alpha)})
+
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn1.to_out.0", "ff.net.2", "proj_in")):
+            add("lora_unet_", name, module.weight)
+    save_file(tensors, str(path))
+
+
+def test_lora_files_match_diffusers(tmp_path):
+    """A kohya LoRA (with a 1x1-convolution layer) and a diffusers/PEFT LoRA on the U-Net and the text encoder,
+    each at weight 0.8 and both at once, give diffusers' load_lora_weights images within 1e-3."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from engine.generators import AdapterRef
+    from engine.nn.lora import apply_adapters
+    from plugins.stable_diffusion.folder import convert
+    from plugins.stable_diffusion.model import load
+
+    pipe = save_pipeline(tmp_path / "pipe", "sd1")
+    (tmp_path / "studio").mkdir()
+    convert(tmp_path / "pipe", tmp_path / "studio")
+    rng = np.random.default_rng(0)
+    kohya = tmp_path / "style.safetensors"
+    _kohya_file(kohya, pipe.unet, pipe.text_encoder, rng)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v", "proj_out"]))
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), pipe.text_encoder)
+    with torch.no_grad():
+        for name, p in list(pipe.unet.named_parameters()) + list(pipe.text_encoder.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    peft_file = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    for files in ([kohya], [peft_file], [kohya, peft_file]):
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", safety_checker=None)
+        ref.saved_scheduler = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+        for i, f in enumerate(files):
+            ref.load_lora_weights(str(f), adapter_name=f"a{i}")
+        ref.set_adapters([f"a{i}" for i in range(len(files))], adapter_weights=[0.8] * len(files))
+        want = reference(diffusers.StableDiffusionPipeline, ref, "ddim")
+        sd = load(tmp_path / "studio")
+        apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder},
+                       [AdapterRef(f.name, f, "", 0.8) for f in files])
+        got = ours(sd, SampleSettings(4, 7.5, "ddim"))
+        base = ours(load(tmp_path / "studio"), SampleSettings(4, 7.5, "ddim"))
+        assert np.abs(got - want).max() < 1e-3 and np.abs(got - base).max() > 1e-2, [f.name for f in files]
+
+
+def test_lora_for_another_model_is_refused(tmp_path, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from engine.errors import UsageError
+    from engine.generators import AdapterRef
+    from engine.nn.lora import apply_adapters
+
+    _, sd = studio_model(tmp_path_factory, "sd2-v")
+    bad = tmp_path / "other.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
+               torch.zeros(4, 320), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+               ".lora_up.weight": torch.zeros(320, 4)}, str(bad))
+    with pytest.raises(UsageError, match="attn1.to_q|another base model"):
+        apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder}, [AdapterRef("o", bad, "", 1.0)])

@@ -57,7 +57,8 @@ class LoraLayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.conv1d = not isinstance(base, nn.Linear)  # GPT-2's Conv1D: weight is (in, out)
+        self.conv2d = isinstance(base, nn.Conv2d)  # a 1x1 convolution (SD 1.x's proj_in/out): linear on channels
+        self.conv1d = not isinstance(base, nn.Linear) and not self.conv2d  # GPT-2's Conv1D: weight is (in, out)
         w = base.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
         self.lora_A = nn.ParameterDict()
@@ -87,13 +88,18 @@ class LoraLayer(nn.Module):
     def delta(self, name: str) -> torch.Tensor:
         """scale * B @ A in the base weight's layout."""
         d = self.scales[name] * (self.lora_B[name] @ self.lora_A[name])
-        return d.t() if self.conv1d else d
+        return d.t() if self.conv1d else (d[:, :, None, None] if self.conv2d else d)
 
     def forward(self, x):
         y = self.base(x)
         for name in self.lora_A:
             a, b = self.lora_A[name], self.lora_B[name]
-            y = y + self.scales[name] * (self.drop[name](x).to(a.dtype) @ a.t() @ b.t()).to(y.dtype)
+            h = self.drop[name](x).to(a.dtype)
+            if self.conv2d:  # channels first: (B, C, H, W)
+                d = torch.einsum("bchw,rc,or->bohw", h, a, b)
+            else:
+                d = h @ a.t() @ b.t()
+            y = y + self.scales[name] * d.to(y.dtype)
         return y
 
 
@@ -108,8 +114,9 @@ def _layer(model: nn.Module, path: str) -> LoraLayer:
     module = getattr(parent, child)
     if isinstance(module, LoraLayer):
         return module
-    if not hasattr(module, "weight") or module.weight is None or module.weight.dim() != 2:
-        raise UsageError(f"LoRA needs a linear layer, and {path} is a {type(module).__name__}.")
+    if not _adaptable(module):
+        raise UsageError(f"LoRA needs a linear layer (or a 1x1 convolution), and {path} is a "
+                         f"{type(module).__name__}.")
     wrapped = LoraLayer(module)
     setattr(parent, child, wrapped)
     return wrapped
@@ -123,10 +130,17 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
+def _adaptable(m: nn.Module) -> bool:
+    """A linear layer, GPT-2's Conv1D, or a 1x1 convolution without groups."""
+    if getattr(m, "weight", None) is None:
+        return False
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
+    return m.weight.dim() == 2 and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+
+
 def linear_paths(model: nn.Module) -> list:
-    return [n for n, m in model.named_modules() if not isinstance(m, LoraLayer) and n
-            and getattr(m, "weight", None) is not None and m.weight.dim() == 2
-            and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+    return [n for n, m in model.named_modules() if not isinstance(m, LoraLayer) and n and _adaptable(m)]
 
 
 def wrap(model: nn.Module, spec: LoraSpec, name: str = "default", seed: int = 0) -> list:
@@ -232,12 +246,24 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
     for k, v in tensors.items():
         m = pattern.match(k)
         if m:
-            found.setdefault(m.group(1), {})[m.group(2)] = v
+            found.setdefault(_component_path(m.group(1)), {})[m.group(2)] = v
     layers = {p: (ab["A"], ab["B"], scale) for p, ab in found.items() if set(ab) == {"A", "B"}}
     if not layers:
         raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
     spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
     return Adapter(layers, spec, "peft", source, config)
+
+
+def _component_path(path: str) -> str:
+    """diffusers' LoRA files name the pipeline component first (``unet.down_blocks...``,
+    ``text_encoder.text_model.encoder...``): those become ``component/path`` (see ``attach``)."""
+    for component in ("unet", "text_encoder"):
+        if path.startswith(component + "."):
+            rest = path[len(component) + 1:]
+            if component == "text_encoder" and rest.startswith("text_model."):
+                rest = rest[len("text_model."):]
+            return f"{component}/{rest}"
+    return path
 
 
 def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -> Adapter:
@@ -246,7 +272,11 @@ def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -
     for component, paths in component_paths.items():
         prefix = KOHYA_PREFIXES.get(component, component)
         several = len(component_paths) > 1
-        lookup.update({prefix + p.replace(".", "_"): (f"{component}/{p}" if several else p) for p in paths})
+        for p in paths:
+            key = f"{component}/{p}" if several else p
+            lookup[prefix + p.replace(".", "_")] = key
+            if component == "text_encoder":  # kohya names the CLIP text encoder's layers under text_model
+                lookup[prefix + "text_model_" + p.replace(".", "_")] = key
     layers, ranks = {}, set()
     for k, down in tensors.items():
         if not k.endswith(".lora_down.weight"):
@@ -278,6 +308,8 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
     a module, or {component: module} for an adapter read with several components (keys ``component/path``).
     UsageError, naming the module, when a layer is missing or its shape does not fit."""
     for path, (A, B, scale) in adapter.layers.items():
+        if A.dim() == 4 and A.shape[2:] == (1, 1) and B.shape[2:] == (1, 1):  # PEFT's 1x1-convolution LoRA
+            A, B = A[:, :, 0, 0], B[:, :, 0, 0]
         target = model
         if isinstance(model, dict):
             if "/" in path:
@@ -285,6 +317,8 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
                 target = model.get(component)
             else:  # a PEFT file names plain paths: the component that has the layer
                 target = next((m for m in model.values() if _has(m, path)), None)
+        elif "/" in path:  # a component-prefixed file on a one-module model
+            path = path.partition("/")[2]
         try:
             if target is None:
                 raise AttributeError(path)
@@ -342,6 +376,8 @@ def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict
                              "it was made for another base model.")
         w = state[key]
         delta = (weight * scale) * (B.float() @ A.float())
+        if w.dim() == 4:  # a 1x1 convolution
+            delta = delta[:, :, None, None]
         if adapter.meta.get("fan_in_fan_out"):  # PEFT's flag for GPT-2's Conv1D (weights stored in x out)
             delta = delta.t()
         if tuple(w.shape) != tuple(delta.shape):

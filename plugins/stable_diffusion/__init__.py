@@ -38,6 +38,7 @@ INFO = GeneratorInfo(
                min=0.0, max=1.0),
     ),
     families=("stable-diffusion",),
+    takes_lora=True,
 )
 
 
@@ -53,8 +54,9 @@ def generate(request, context):
     check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
     if request.backend == "onnx":
         raise UsageError("Stable Diffusion runs on the torch backend so far; pass --backend torch.")
-    key = ("sd", ref.hash, request.device)
-    sd = context.cached(key, lambda: _load(Path(ref.path), request.device))
+    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
+    key = ("sd", ref.hash, request.device, adapters)
+    sd = context.cached(key, lambda: _load(Path(ref.path), request.device, request.adapters))
     image = _open(request.image, "input image") if request.image else None
     mask = _open(request.mask, "mask") if request.mask else None
     notes = []
@@ -76,10 +78,17 @@ def _open(path, what: str):
         raise UsageError(f"The {what} {Path(path).name} cannot be read as an image ({exc}).") from None
 
 
-def _load(folder: Path, device: str):
+def _load(folder: Path, device: str, adapters=()):
+    """The model with the request's LoRA files (kohya or diffusers/PEFT format, several, each with its weight)
+    on its U-Net and text encoder."""
     from plugins.stable_diffusion.model import load
 
-    return load(folder, device)
+    sd = load(folder, device)
+    if adapters:
+        from engine.nn.lora import apply_adapters
+
+        apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder}, adapters)
+    return sd
 
 
 def check(folder: Path) -> None:
