@@ -120,15 +120,7 @@ def register_architectures(register):
                           needs_tokenizer=True, title="Stable Diffusion 1.x / 2.x (U-Net, VAE, CLIP text encoder)"))
 
 
-def _detect_single_file(path: Path) -> bool:
-    from plugins.stable_diffusion.single_file import detect
-
-    return detect(path)
-
-
 @hookimpl
 def register_importers(register):
     register(Importer("diffusers-sd", _detect_pipeline, lazy("plugins.stable_diffusion.folder", "convert"),
                       title="a diffusers Stable Diffusion pipeline folder (model_index.json)"))
-    register(Importer("ldm-single-file", _detect_single_file, lazy("plugins.stable_diffusion.single_file", "convert"),
-                      title="a single-file Stable Diffusion checkpoint (.safetensors / .ckpt, A1111 and civitai)"))
