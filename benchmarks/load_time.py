@@ -169,6 +169,54 @@ print("RESULT " + json.dumps({"first_token_s": time.time() - t_spawn, "load_s": 
     return res
 
 
+LLAMA_CPP_CHILD = r"""
+import json, sys, time
+t_spawn = float(sys.argv[1]); from llama_cpp import Llama
+t0 = time.time(); c0 = time.process_time()
+model = Llama(model_path=sys.argv[2], n_threads=int(sys.argv[3]), n_ctx=64, verbose=False)
+load, load_cpu = time.time() - t0, time.process_time() - c0
+model.eval([1, 2, 3, 4, 5, 6])
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print("RESULT " + json.dumps({"first_token_s": time.time() - t_spawn, "load_s": load, "load_cpu_s": load_cpu,
+      "rss_mb": hwm}))
+"""
+
+
+def peer_llama_cpp(folder: Path, work: Path, threads: int, rounds: int, src: str, log) -> dict:
+    """llama.cpp (llama-cpp-python) on the same model: an F32 GGUF made by llama.cpp's own converter (the
+    vendor/llama.cpp of the llama-cpp-python sdist, ``--llama-cpp-src``), then load and first-token times."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"error": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    gguf = work / f"gguf-{folder.name}-f32.gguf"
+    if not gguf.is_file():
+        if not src or not (Path(src) / "convert_hf_to_gguf.py").is_file():
+            return {"error": "no llama.cpp converter: pass --llama-cpp-src (vendor/llama.cpp of its sdist)"}
+        from benchmarks.llm_peers import CONVERT
+
+        log(f"llama.cpp's converter on {folder.name}")
+        proc = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(folder), "--outfile", str(gguf),
+                               "--outtype", "f32"], capture_output=True, text=True)
+        if proc.returncode != 0 or not gguf.is_file():
+            tail = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()][-1:] or ["no output"]
+            return {"error": f"its converter failed: {tail[0][:200]}"}
+    res = {"cold": [], "warm": []}
+    for _ in range(rounds):
+        for kind in ("cold", "warm"):
+            if kind == "cold":
+                drop_cache([gguf])
+            t = time.time()
+            proc = subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, repr(t), str(gguf), str(threads)],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                return {"error": f"it did not run: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+            res[kind].append(json.loads(line[0][7:]))
+    res["export_mb"] = gguf.stat().st_size / 2**20
+    return res
+
+
 PREPACK_CHILD = r"""
 import json, sys, time
 import numpy as np, onnxruntime as ort
@@ -224,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "load_time"))
     p.add_argument("--peers", action="store_true")
+    p.add_argument("--llama-cpp-src", default="", help="with --peers: vendor/llama.cpp of the llama-cpp-python "
+                   "sdist, whose convert_hf_to_gguf.py makes the GGUF files")
     p.add_argument("--prepack", action="store_true", help="also time the 336M fp32 export with and without "
                    "onnxruntime's weight prepacking: open, a 64-token prefill and a decode step")
     p.add_argument("--json", default="", help="also write the raw figures to this file")
@@ -295,6 +345,10 @@ def main(argv=None) -> int:
         if args.peers and name == "llama-336m":
             log("onnxruntime-genai on llama-336m")
             results[name]["ort_genai"] = peer_ort_genai(work / "src" / name, work, args.threads, args.rounds, log)
+        if args.peers and name != "builtin":
+            log(f"llama.cpp on {name}")
+            results[name]["llama_cpp"] = peer_llama_cpp(work / "src" / name, work, args.threads, args.rounds,
+                                                        args.llama_cpp_src, log)
     if args.prepack and "llama-336m" in folders:
         results["_prepack"] = prepack_rows(folders["llama-336m"][1], args.threads, args.rounds, log)
     report = render(results, args)
@@ -329,12 +383,14 @@ def render(results: dict, args) -> str:
             size = res["weights_mb"] if b == "torch" else next(
                 (v for k, v in res["exports"].items() if ("int8" in k) == (b == "onnx-int8")), res["weights_mb"])
             row(name, b, size, kinds)
-        peer = res.get("ort_genai")
-        if peer is not None:
+        for key, label in (("ort_genai", "onnxruntime-genai fp32"), ("llama_cpp", "llama.cpp F32 GGUF")):
+            peer = res.get(key)
+            if peer is None:
+                continue
             if "error" in peer:
-                lines.append(f"| {name} | onnxruntime-genai | not measured: {peer['error']} | | | | | | | | |")
+                lines.append(f"| {name} | {label} | not measured: {peer['error']} | | | | | | | | |")
             else:
-                row(name, "onnxruntime-genai fp32", peer["export_mb"], peer)
+                row(name, label, peer["export_mb"], peer)
     pre = results.get("_prepack")
     if pre:
         lines += ["", "llama-336m fp32, the saved optimized graph opened with and without onnxruntime's weight "
