@@ -244,12 +244,18 @@ def test_refusals(tmp_path):
     assert not detect(tmp_path / "lora.safetensors")
 
 
-def test_store_import_records_autov2(tmp_path, studio_home):
-    """`studio models import FILE.safetensors` goes through the importer; studio.json holds the AutoV2 hash."""
+def test_store_import_records_autov2(tmp_path, studio_home, capsys):
+    """`studio models import FILE.safetensors` goes through the importer; studio.json holds the AutoV2 hash, which
+    `models list` shows and a generated PNG carries as A1111's "Model hash"."""
     import hashlib
+    from argparse import Namespace
+
+    from PIL import Image
 
     from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
     from engine.store import ModelStore
+    from studio.commands import cmd_models
 
     unet, vae, text = tiny_pipeline("sd1")
     path = _write(to_ldm(unet, vae, text, False), tmp_path / "tiny-ldm.safetensors")
@@ -259,6 +265,13 @@ def test_store_import_records_autov2(tmp_path, studio_home):
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     assert entry.studio["autov2"] == sha[:10] and entry.studio["sha256"] == sha
     assert entry.studio["imported_from"] == str(path.resolve())
+    cmd_models(Namespace(action="list", json=False))
+    assert sha[:10] in capsys.readouterr().out
+    record = execute(prepare(store.host, store, Job("sd", model="tiny-ldm", prompt="a cat", seed=1,
+                                                    options={"width": 32, "height": 32, "steps": 2})))
+    png = [f for f in record.files if str(f).endswith(".png")][0]
+    with Image.open(png) as im:
+        assert f"Model hash: {sha[:10]}," in im.text["parameters"]
 
 
 def test_shipped_vocabulary_matches_transformers(tmp_path):
