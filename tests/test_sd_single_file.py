@@ -30,13 +30,14 @@ def tiny_pipeline(variant):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=1, max_position_embeddings=77,
                                         hidden_act="gelu" if sd2 else "quick_gelu")).eval()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=9 if variant == "inpaint" else 4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, cross_attention_dim=64, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(1, 1) if sd2 else 8,
-        use_linear_projection=sd2, upcast_attention=sd2).eval()
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+    unet = diffusers.UNet2DConditionModel(  # three levels and two layers, as SD's four and two
+        sample_size=8, in_channels=9 if variant == "inpaint" else 4, out_channels=4, block_out_channels=(32, 32, 64),
+        layers_per_block=2, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(1, 1, 1) if sd2 else 8, use_linear_projection=sd2, upcast_attention=sd2).eval()
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                                  up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4,
                                   layers_per_block=1).eval()
     with torch.no_grad():
         for module in (unet, vae, text):
@@ -58,12 +59,17 @@ def to_ldm(unet, vae, text, sd2):
     heads = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-             "mid_block.resnets.1": "middle_block.2", "down_blocks.0.resnets.0": "input_blocks.1.0",
-             "down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
-             "down_blocks.1.resnets.0": "input_blocks.3.0", "up_blocks.0.resnets.0": "output_blocks.0.0",
-             "up_blocks.0.resnets.1": "output_blocks.1.0", "up_blocks.0.upsamplers.0.conv": "output_blocks.1.1.conv",
-             "up_blocks.1.resnets.0": "output_blocks.2.0", "up_blocks.1.attentions.0": "output_blocks.2.1",
-             "up_blocks.1.resnets.1": "output_blocks.3.0", "up_blocks.1.attentions.1": "output_blocks.3.1"}
+             "mid_block.resnets.1": "middle_block.2"}
+    n, per = len(unet.config.block_out_channels), unet.config.layers_per_block + 1  # LDM counts the downsampler
+    for b in range(n):
+        for j in range(per):
+            heads[f"down_blocks.{b}.resnets.{j}"] = f"input_blocks.{1 + b * per + j}.0"
+            heads[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{1 + b * per + j}.1"
+            heads[f"up_blocks.{b}.resnets.{j}"] = f"output_blocks.{b * per + j}.0"
+            heads[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{b * per + j}.1"
+        heads[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{(b + 1) * per}.0.op"
+        attn = unet.config.up_block_types[b].startswith("CrossAttn")
+        heads[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{(b + 1) * per - 1}.{2 if attn else 1}.conv"
     for key, value in unet.state_dict().items():
         head = max((h for h in heads if key.startswith(h + ".")), key=len)
         rest = key[len(head) + 1:]
