@@ -201,47 +201,34 @@ class PluginHost:
         status.generators = sorted(staged["generators"])
 
     def _registrar(self, hook: str, plugin: str, staged: dict) -> Callable:
-        if hook == "register_generators":
-            def register(generator):
-                if not isinstance(generator, Generator) or not isinstance(generator.info, GeneratorInfo):
-                    raise _Invalid("register_generators expects engine.generators.Generator objects")
-                if not callable(generator.generate):
-                    raise _Invalid(f"generator {generator.info.id!r} has no callable generate")
-                gid = generator.info.id
-                if gid in self.generators or gid in staged["generators"]:
-                    owner = self.generators.get(gid, (None, plugin))[1]
-                    raise _Invalid(f"generator id {gid!r} is already registered by plugin {owner}")
-                staged["generators"][gid] = (generator, plugin)
-        elif hook == "register_architectures":
-            def register(arch):
-                if not isinstance(arch, Architecture):
-                    raise _Invalid("register_architectures expects engine.architectures.Architecture objects")
-                if arch.family in self.architectures or arch.family in staged["architectures"]:
-                    raise _Invalid(f"model family {arch.family!r} is already registered")
-                staged["architectures"][arch.family] = (arch, plugin)
-        elif hook in ("register_trainers", "register_finetuners"):
-            what = hook.split("_", 1)[1]  # "trainers" | "finetuners"
+        what = hook.split("_", 1)[1]  # "generators", "architectures", "trainers", "finetuners", "importers"
+        kinds = {"generators": (Generator, lambda g: g.info.id, "generator id"),
+                 "architectures": (Architecture, lambda a: a.family, "model family"),
+                 "trainers": (Trainer, lambda t: t.kind, "trainer"), "finetuners": (Trainer, lambda t: t.kind,
+                                                                                     "finetuner"),
+                 "importers": (Importer, lambda i: i.name, "importer")}
+        if what in kinds:
+            cls, key_of, noun = kinds[what]
 
-            def register(trainer):
-                if not isinstance(trainer, Trainer) or not callable(trainer.run):
-                    raise _Invalid(f"{hook} expects engine.generators.Trainer objects")
-                known = getattr(self, what)
-                if trainer.kind in known or trainer.kind in staged[what]:
-                    owner = known.get(trainer.kind, (None, plugin))[1]
-                    raise _Invalid(f"{what[:-1]} {trainer.kind!r} is already registered by plugin {owner}")
-                staged[what][trainer.kind] = (trainer, plugin)
-        elif hook == "register_importers":
-            def register(importer):
-                if not isinstance(importer, Importer):
-                    raise _Invalid("register_importers expects engine.architectures.Importer objects")
-                if importer.name in self.importers or importer.name in staged["importers"]:
-                    raise _Invalid(f"importer {importer.name!r} is already registered")
-                staged["importers"][importer.name] = (importer, plugin)
-        else:
-            def register(family, export):
-                if not isinstance(family, str) or not callable(export):
-                    raise _Invalid("register_exporters expects (family: str, export: callable)")
-                staged["exporters"][family] = (export, plugin)
+            def register(obj):
+                if not isinstance(obj, cls):
+                    raise _Invalid(f"{hook} expects {cls.__module__}.{cls.__name__} objects")
+                if what == "generators" and (not isinstance(obj.info, GeneratorInfo) or not callable(obj.generate)):
+                    raise _Invalid(f"generator {getattr(obj.info, 'id', '?')!r} has no GeneratorInfo or no callable "
+                                   "generate")
+                if cls is Trainer and not callable(obj.run):
+                    raise _Invalid(f"{hook} expects engine.generators.Trainer objects with a callable run")
+                key, known = key_of(obj), getattr(self, what)
+                if key in known or key in staged[what]:
+                    owner = known.get(key, (None, plugin))[1]
+                    raise _Invalid(f"{noun} {key!r} is already registered by plugin {owner}")
+                staged[what][key] = (obj, plugin)
+            return register
+
+        def register(family, export):  # register_exporters
+            if not isinstance(family, str) or not callable(export):
+                raise _Invalid("register_exporters expects (family: str, export: callable)")
+            staged["exporters"][family] = (export, plugin)
         return register
 
     # ----- queries ---------------------------------------------------------------------------

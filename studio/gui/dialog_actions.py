@@ -57,6 +57,20 @@ class DialogActions:
         self.refresh_models()
 
     @guard
+    def open_finetune(self) -> None:
+        self._exec("finetune_dialog", "FinetuneDialog", use_adapter=self.use_finetuned)
+
+    @guard
+    def use_finetuned(self, generator: str, model: str, adapter: str) -> None:
+        """A finished fine-tune's adapter, selected in its generator (with the base model it was made on)."""
+        self.select_generator(generator)
+        idx = self.panel.model.findData(model)
+        if idx >= 0:
+            self.panel.model.setCurrentIndex(idx)
+        self.panel.loras.add(adapter)
+        self.statusBar().showMessage(f"LoRA {adapter} selected for {generator}.", 8000)
+
+    @guard
     def open_caption_folder(self) -> None:
         self._exec("caption_folder_dialog", "CaptionFolderDialog")
 

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
 from engine.errors import UsageError
 from engine.runner import Job
 from studio.gui.image_input import ImageInput
+from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
 from studio.gui.util import button, column, guard, idle_progress, row
 
@@ -44,6 +45,10 @@ class GeneratorPanel(QWidget):
         ob = QVBoxLayout(self.options_box)
         ob.addWidget(self.form)
         ob.addWidget(self.reset_button, 0, Qt.AlignmentFlag.AlignRight)
+
+        self.lora_box = QGroupBox("LoRA adapters")
+        self.loras = LoraList()
+        QVBoxLayout(self.lora_box).addWidget(self.loras)
 
         self.run_box = QGroupBox("Model and run")
         self.model = QComboBox()
@@ -81,7 +86,7 @@ class GeneratorPanel(QWidget):
         self.progress_label = QLabel()
 
         column(self, self.title, self.description, self.prompt_label, self.prompt, self.image_label,
-               self.image_input, self.options_box, self.run_box, None,
+               self.image_input, self.options_box, self.lora_box, self.run_box, None,
                row((self.generate_button, 1), self.cancel_button), self.progress, self.progress_label)
 
         self.generate_button.clicked.connect(self.generate_clicked)
@@ -103,6 +108,7 @@ class GeneratorPanel(QWidget):
         self.image_label.setText("Input image" if info.image_required else "Input image (optional)")
         self.form.set_options(info.options)
         self.options_box.setVisible(bool(info.options))
+        self.lora_box.setVisible(info.takes_lora)
         self.set_models(models, default_model)
 
     def set_models(self, models: list, default_model: str = "") -> None:
@@ -147,7 +153,7 @@ class GeneratorPanel(QWidget):
         mask = self.image_input.mask_path() if image and "mask" in info.takes else None
         return Job(info.id, prompt=prompt, image=image, mask=mask, model=self.model.currentData() or None,
                    backend=self.backend.currentText(), device=self.device.currentText(), seed=self.seed_value(),
-                   options=self.form.values())
+                   options=self.form.values(), loras=self.loras.specs() if info.takes_lora else [])
 
     def state(self) -> dict:
         """What to remember between sessions for this generator."""
@@ -182,6 +188,8 @@ class GeneratorPanel(QWidget):
                 skipped.append(f"model {model} (not installed)")
         if recipe.get("backend"):
             self.set_pickers(recipe["backend"], self.device.currentText())
+        if self.info.takes_lora:
+            self.loras.set_specs(recipe.get("loras"))
         image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
         if image and "image" in self.info.takes and Path(image).exists():
             self.image_input.set_path(image)

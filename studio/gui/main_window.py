@@ -148,6 +148,7 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
         self._action(tools, "Models…", self.open_models)
         self._action(tools, "Export to ONNX…", self.open_export)
         self._action(tools, "Caption a folder…", self.open_caption_folder)
+        self._action(tools, "Fine-tune (LoRA)…", self.open_finetune)
         tools.addSeparator()
         self._action(tools, "Settings…", self.open_settings, "Ctrl+,")
         help_menu = bar.addMenu("&Help")

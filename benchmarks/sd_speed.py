@@ -1,0 +1,158 @@
+"""Stable Diffusion speed on the CPU: the studio's torch pipeline against diffusers on the same weights and threads.
+
+    .venv/bin/python benchmarks/sd_speed.py [--size 512] [--steps 3] [--threads 2] [--rounds 2] [--small]
+
+Random weights of real SD 1.5 size (U-Net 860M, VAE 84M, CLIP ViT-L text encoder 123M; the configs below are SD
+1.5's), built by diffusers and transformers into a temporary folder, imported through the studio's importer. Each
+runtime draws one image of --size x --size with --steps DPM++ 2M steps and guidance 7.5; the runs take turns,
+--rounds times each, in fresh processes (so each process's peak resident memory is its own). Printed: seconds per
+U-Net step (the median step of the run), seconds per image (text encoding, steps and VAE decode), peak RSS.
+``--small`` uses a quarter-width model (for a quick check; not the recorded figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def build(folder: Path, small: bool) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sd_fixtures import clip_vocab
+
+    unet, vae, text = dict(UNET), dict(VAE), dict(TEXT)
+    if small:
+        unet.update(block_out_channels=(64, 128, 256, 256), cross_attention_dim=192)
+        vae.update(block_out_channels=(32, 64, 128, 128))
+        text.update(hidden_size=192, intermediate_size=768, num_attention_heads=4)
+    torch.manual_seed(0)
+    clip_vocab(folder.parent / "tok")
+    tok = CLIPTokenizer(str(folder.parent / "tok" / "vocab.json"), str(folder.parent / "tok" / "merges.txt"),
+                        model_max_length=77)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae), unet=UNet2DConditionModel(**unet),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                                  **text)),
+        tokenizer=tok, scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                             beta_end=0.012),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def child(runtime: str, folder: str, size: int, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    step_times = []
+    if runtime == "diffusers":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        last = [time.perf_counter()]
+
+        def on_step(p, i, t, kw):
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            return kw
+
+        t0 = time.perf_counter()
+        last[0] = t0
+        with torch.inference_mode():
+            pipe("a red cat on a blue sofa", num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                 generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
+        total = time.perf_counter() - t0
+        step_times = step_times[1:] or step_times  # the first includes text encoding
+    else:
+        from engine.diffusion import SampleSettings
+        from plugins.stable_diffusion.model import load
+        from plugins.stable_diffusion.pipeline import decode, sample
+
+        sd = load(Path(folder))
+        t0 = last = time.perf_counter()
+        latents = None
+        with torch.inference_mode():
+            for i, n, latents in sample(sd, "a red cat on a blue sofa", "", SampleSettings(steps, 7.5, "dpmpp_2m"), 1,
+                                        size, size):
+                now = time.perf_counter()
+                if i <= n and i > 0 and now - last > 0:
+                    step_times.append(now - last)
+                last = now
+            decode(sd, latents, tiled=size * size > 768 * 768)
+        total = time.perf_counter() - t0
+        step_times = step_times[1:-1] or step_times
+    step_times.sort()
+    return {"runtime": runtime, "step_s": step_times[len(step_times) // 2], "image_s": total,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--child", nargs=2, metavar=("RUNTIME", "FOLDER"))
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child[0], a.child[1], a.size, a.steps, a.threads)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="sd-speed-"))
+    build(work / "pipe", a.small)
+    os.environ.setdefault("STUDIO_HOME", str(work / "home"))
+    from plugins.stable_diffusion.folder import convert
+
+    (work / "studio").mkdir()
+    convert(work / "pipe", work / "studio")
+    folders = {"diffusers": work / "pipe", "studio": work / "studio"}
+    runs = {"diffusers": [], "studio": []}
+    for _ in range(a.rounds):
+        for runtime in ("studio", "diffusers"):
+            out = subprocess.run([sys.executable, __file__, "--child", runtime, str(folders[runtime]), "--size",
+                                  str(a.size), "--steps", str(a.steps), "--threads", str(a.threads)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"the {runtime} run failed:\n{out.stderr[-3000:]}")
+            runs[runtime].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    load = os.getloadavg()
+    print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {'quarter-width' if a.small else 'SD 1.5'}"
+          f"-sized random weights, {a.size} x {a.size}, {a.steps} DPM++ 2M steps, guidance 7.5, {a.threads} threads, "
+          f"{a.rounds} rounds taking turns, load average {load[0]:.1f} at the end\n")
+    print("| runtime | s per U-Net step (best round's median) | s per image (best round) | peak RSS MB |\n|---|---|---|---|")
+    best = {}
+    for runtime, rs in runs.items():
+        best[runtime] = min(rs, key=lambda r: r["image_s"])
+        print(f"| {runtime} | {min(r['step_s'] for r in rs):.2f} | {best[runtime]['image_s']:.2f} | "
+              f"{max(r['peak_rss_mb'] for r in rs):.0f} |")
+    ratio = min(r["step_s"] for r in runs["diffusers"]) / min(r["step_s"] for r in runs["studio"])
+    print(f"\nstudio vs diffusers, U-Net step: {ratio:.2f}x (above 1: the studio is faster)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
