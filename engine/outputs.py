@@ -85,8 +85,8 @@ def a1111_parameters(recipe: dict) -> str:
     if recipe.get("width"):
         fields.append(f"Size: {recipe['width']}x{recipe['height']}")
     model = recipe.get("model") or {}
-    if model.get("hash"):
-        fields.append(f"Model hash: {model['hash'][:10]}")
+    if model.get("autov2") or model.get("hash"):  # A1111's AutoV2 of the checkpoint file when it was imported as one
+        fields.append(f"Model hash: {model.get('autov2') or model['hash'][:10]}")
     if model.get("name"):
         fields.append(f"Model: {model['name']}")
     lines.append(", ".join(fields))

@@ -249,13 +249,24 @@ def adapter_ref(spec: str) -> AdapterRef:
     return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight)
 
 
+def _model_of(ref) -> Optional[dict]:
+    """The recipe's model: name, the studio's hash, family, and the AutoV2 hash of an imported checkpoint file
+    (A1111's and civitai's "Model hash") when the import recorded one."""
+    if ref is None:
+        return None
+    model = {"name": ref.name, "hash": ref.hash, "family": ref.family}
+    if ref.studio.get("autov2"):
+        model["autov2"] = ref.studio["autov2"]
+    return model
+
+
 def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     req = prep.request
     recipe = {
         "generator": prep.generator.info.id,
         "plugin": prep.plugin,
         "prompt": req.prompt,
-        "model": {"name": req.model.name, "hash": req.model.hash, "family": req.model.family} if req.model else None,
+        "model": _model_of(req.model),
         "backend": req.backend,
         "device": req.device,
         "seed": req.seed,

@@ -73,6 +73,7 @@ class ModelEntry:
             "name": self.name, "family": self.family, "generator": self.generator, "builtin": self.builtin,
             "hash": self.hash, "size_bytes": self.size_bytes, "title": self.title, "path": str(self.path),
             "onnx": self.onnx, "scores": self.studio.get("scores", {}), "changed": self.changed,
+            "autov2": self.studio.get("autov2", ""),
         }
 
 

@@ -290,8 +290,8 @@ def cmd_models(args) -> int:
             _print_json([e.to_dict() for e in entries])
         else:
             _table([(e.name, e.family, e.generator, "built-in" if e.builtin else "user", _size(e.size_bytes),
-                     e.hash[:12], ",".join(e.onnx) or "-") for e in entries],
-                   ["NAME", "FAMILY", "GENERATOR", "SOURCE", "SIZE", "HASH", "ONNX"])
+                     e.hash[:12], e.studio.get("autov2") or "-", ",".join(e.onnx) or "-") for e in entries],
+                   ["NAME", "FAMILY", "GENERATOR", "SOURCE", "SIZE", "HASH", "AUTOV2", "ONNX"])
     elif args.action == "info":
         entry = store.get(args.name)
         data = entry.to_dict()
@@ -301,6 +301,8 @@ def cmd_models(args) -> int:
         else:
             for key in ("name", "title", "family", "generator", "builtin", "path", "hash", "size_bytes", "onnx"):
                 print(f"{key}: {data[key]}")
+            if data["autov2"]:
+                print(f"autov2: {data['autov2']} (A1111's model hash of {entry.studio.get('source_file', 'the file')})")
             for key, value in entry.studio.get("scores", {}).items():
                 print(f"score {key}: {value}")
             if entry.changed:

@@ -108,6 +108,12 @@ def _detect_pipeline(path: Path) -> bool:
     return detect(path)
 
 
+def _detect_single_file(path: Path) -> bool:
+    from plugins.stable_diffusion.single_file import detect
+
+    return detect(path)
+
+
 @hookimpl
 def register_generators(register):
     register(Generator(INFO, generate))
@@ -124,3 +130,5 @@ def register_architectures(register):
 def register_importers(register):
     register(Importer("diffusers-sd", _detect_pipeline, lazy("plugins.stable_diffusion.folder", "convert"),
                       title="a diffusers Stable Diffusion pipeline folder (model_index.json)"))
+    register(Importer("sd-single-file", _detect_single_file, lazy("plugins.stable_diffusion.single_file", "convert"),
+                      title="a single-file Stable Diffusion 1.x/2.x checkpoint (.safetensors, or .ckpt with --trust)"))
