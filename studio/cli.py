@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("generator")
     g.add_argument("--prompt")
     g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="run N inputs at once (generators that batch, such as text and caption; default 1)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
     g.add_argument("--model", metavar="NAME|PATH")
     g.add_argument("--backend", choices=("auto", "torch", "onnx"), default=None,

@@ -156,9 +156,28 @@ def cmd_generate(args) -> int:
         args.prompt = _prompt_from_caption(args, host, store, settings)
     jobs = _jobs(args, settings)
     batch = len(jobs) > 1
+    size = getattr(args, "batch_size", None)
+    size = 1 if size is None else size
+    if size < 1:
+        raise UsageError("--batch-size must be 1 or more.")
     out, out_is_dir = _out_target(args.out, batch, getattr(args, "overwrite", False))
     prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
+    if size > 1 and prepared[0].generator.batch is None:
+        raise UsageError(f"Generator {prepared[0].generator.info.id} runs one input at a time; leave out "
+                         "--batch-size.")
     history, unrecorded = History(), False
+    if size > 1 and batch:  # several inputs at once: no streaming, each output saved as it would be alone
+        from engine.runner import execute_batch
+
+        for start in range(0, len(prepared), size):
+            chunk = prepared[start:start + size]
+            for prep, record in zip(chunk, execute_batch(chunk, out_dir=out, history=history)):
+                if isinstance(record, StudioError):  # that input failed; the others are kept
+                    print(f"studio: error: {prep.job.prompt or prep.job.image}: {record}", file=sys.stderr)
+                    unrecorded = True
+                else:
+                    unrecorded |= _report(args, prep, record, stream=False)
+        return 1 if unrecorded else 0
     for prep in prepared:
         bar = _ProgressBar()
         stream = not args.json and not batch and prep.generator.info.makes == "text" and sys.stdout.isatty()
@@ -182,30 +201,34 @@ def cmd_generate(args) -> int:
                 print(exc.result_text)  # generated, but not saved: the text is not lost
             raise
         bar.done()
-        r = record.recipe
-        for warning in r.get("warnings", []):
-            print(f"studio: warning: {warning}", file=sys.stderr)
-        if args.json:
-            keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
-                    "path", "width", "height", "prompt", "messages", "warnings", "history_id")
-            obj = {k: r[k] for k in keys if k in r}
-            obj["model"] = (r.get("model") or {}).get("name")
-            if "messages" in prep.generator.info.takes:
-                info = r.get("info", {})
-                obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
-                           template=info.get("template"))
-            _print_json(obj)
-        elif prep.generator.info.makes == "text":
-            if stream:
-                print()
-            else:
-                print(r.get("text", ""))
-            print(f"saved {r['path']}", file=sys.stderr)
-        else:
-            print(r["path"])
-        if record.history_id is None:
-            unrecorded = True
+        unrecorded |= _report(args, prep, record, stream)
     return 1 if unrecorded else 0
+
+
+def _report(args, prep, record, stream: bool) -> bool:
+    """Print one generation as `generate` does (JSON line, text, or path); True when it is not in the history."""
+    r = record.recipe
+    for warning in r.get("warnings", []):
+        print(f"studio: warning: {warning}", file=sys.stderr)
+    if args.json:
+        keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
+                "path", "width", "height", "prompt", "messages", "warnings", "history_id")
+        obj = {k: r[k] for k in keys if k in r}
+        obj["model"] = (r.get("model") or {}).get("name")
+        if "messages" in prep.generator.info.takes:
+            info = r.get("info", {})
+            obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
+                       template=info.get("template"))
+        _print_json(obj)
+    elif prep.generator.info.makes == "text":
+        if stream:
+            print()
+        else:
+            print(r.get("text", ""))
+        print(f"saved {r['path']}", file=sys.stderr)
+    else:
+        print(r["path"])
+    return record.history_id is None
 
 
 def cmd_chat(args) -> int:
