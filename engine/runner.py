@@ -188,14 +188,9 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         if job.backend == "onnx" and not entry.onnx:
             raise UsageError(f"Model {entry.name} has no ONNX export; run `studio export-onnx {entry.name}` first.")
         model = entry.ref()
-        names = {o.name for o in info.options}
-        defaults = {k: v for k, v in entry.option_defaults().items() if k in names}
+        defaults = model_option_defaults(info, entry)
         if defaults:  # the model's generation_config.json gives the defaults; what the job sets wins
-            try:
-                options = info.resolve_options({**defaults, **job.options})
-            except OptionError:  # a value outside the option's range: the generator's own default stays
-                options = info.resolve_options({**{k: v for k, v in defaults.items() if _fits(info, k, v)},
-                                                **job.options})
+            options = info.resolve_options({**defaults, **job.options})
     elif job.model:
         raise UsageError(f"Generator {info.id} uses no model.")
     seed = job.seed if job.seed is not None else random.randrange(2**31)
@@ -211,6 +206,16 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     request = Request(prompt=prompt, image=image, options=options, seed=seed, model=model,
                       backend=backend, device=device, adapters=adapters, messages=messages, export=export)
     return Prepared(job, generator, request, host.plugin_of(info.id))
+
+
+def model_option_defaults(info, entry) -> dict:
+    """The option defaults a model brings for a generator (its ``generation_config.json``: temperature, top_k,
+    ...), parsed; a value outside the option's range is left out (the generator's own default stays). What the
+    GUI's option form and `studio generate GENERATOR --help` show as the defaults for that model."""
+    if entry is None:
+        return {}
+    names = {o.name for o in info.options}
+    return {k: info.option(k).parse(v) for k, v in entry.option_defaults().items() if k in names and _fits(info, k, v)}
 
 
 def _fits(info, name: str, value) -> bool:

@@ -426,6 +426,36 @@ def cmd_history(args) -> int:
 
 
 # ----- training --------------------------------------------------------------------------------
+def option_lines(generator: str, model: Optional[str] = None) -> str:
+    """The options of a generator as `generate GENERATOR --help` lists them: name, type, default, range, help; a
+    default that the model's generation_config.json gives is marked. The model: ``model``, else the default one."""
+    from engine.runner import model_option_defaults
+
+    host = _host()
+    if generator not in host.generators:
+        return f"(no generator {generator!r} is installed; `studio generators` lists them)"
+    info = host.generator(generator).info
+    entry = None
+    if info.families:
+        store = ModelStore(host)
+        try:
+            entry = store.get(model) if model else store.default_for(info.id, info.families)
+        except StudioError:
+            entry = None
+    ours = model_option_defaults(info, entry)
+    head = f"options of {info.id} (--set NAME=VALUE)"
+    if entry is not None:
+        head += f", defaults for model {entry.name}" + (" (* from its generation_config.json)" if ours else "")
+    rows = [head + ":"]
+    for o in info.options:
+        default = ours.get(o.name, o.default)
+        span = f" [{o.min:g}..{o.max:g}]" if o.min is not None and o.max is not None else ""
+        choices = f" {{{', '.join(map(str, o.choices))}}}" if o.choices else ""
+        mark = "*" if o.name in ours else ""
+        rows.append(f"  {o.name:<20} {o.type:<5} default {default!r}{mark}{span}{choices}  {o.help}")
+    return "\n".join(rows)
+
+
 def trainer_lines(finetune: bool = False) -> str:
     host = _host()
     found = host.finetuners if finetune else host.trainers
