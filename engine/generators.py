@@ -243,8 +243,9 @@ BatchFn = Callable[[list, Context], list]
 class Generator:
     info: GeneratorInfo
     generate: GenerateFn
-    # Optional: ``batch(requests, context) -> list`` runs requests that differ only in their input (same model,
-    # options, backend) in one pass, e.g. a folder of images; one Result or StudioError per request, in order.
+    # Optional: ``batch(requests, context) -> list`` runs requests that differ only in their input and seed (same
+    # model, options, backend) in one pass, e.g. a folder of images or a file of prompts; one Result or StudioError
+    # per request, in order.
     batch: Optional[BatchFn] = None
 
 

@@ -4,6 +4,7 @@ The CLI and the GUI both call ``prepare`` then ``execute``; nothing here knows a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -185,14 +186,9 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         if job.backend == "onnx" and not entry.onnx:
             raise UsageError(f"Model {entry.name} has no ONNX export; run `studio export-onnx {entry.name}` first.")
         model = entry.ref()
-        names = {o.name for o in info.options}
-        defaults = {k: v for k, v in entry.option_defaults().items() if k in names}
+        defaults = model_option_defaults(info, entry)
         if defaults:  # the model's generation_config.json gives the defaults; what the job sets wins
-            try:
-                options = info.resolve_options({**defaults, **job.options})
-            except OptionError:  # a value outside the option's range: the generator's own default stays
-                options = info.resolve_options({**{k: v for k, v in defaults.items() if _fits(info, k, v)},
-                                                **job.options})
+            options = info.resolve_options({**defaults, **job.options})
     elif job.model:
         raise UsageError(f"Generator {info.id} uses no model.")
     seed = job.seed if job.seed is not None else random.randrange(2**31)
@@ -220,6 +216,16 @@ def _input_file(path, kind: str, title: str, info) -> Optional[Path]:
     if not path.is_file():
         raise UsageError(f"{title} {path} does not exist or is not a file.")
     return path
+
+
+def model_option_defaults(info, entry) -> dict:
+    """The option defaults a model brings for a generator (its ``generation_config.json``: temperature, top_k,
+    ...), parsed; a value outside the option's range is left out (the generator's own default stays). What the
+    GUI's option form and `studio generate GENERATOR --help` show as the defaults for that model."""
+    if entry is None:
+        return {}
+    names = {o.name for o in info.options}
+    return {k: info.option(k).parse(v) for k, v in entry.option_defaults().items() if k in names and _fits(info, k, v)}
 
 
 def _fits(info, name: str, value) -> bool:
@@ -395,7 +401,7 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     context = context or Context()
     started = time.perf_counter()
     result = None
-    try:
+    with _plugin_code(prep, "failed"):
         for event in prep.generator.generate(prep.request, context):
             if isinstance(event, Result):
                 result = event
@@ -406,18 +412,66 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
                 raise GenerationError(f"Generator {prep.generator.info.id} yielded {type(event).__name__}, "
                                       "which is not an event.")
             context.cancel.raise_if_cancelled()
+    if result is None:
+        raise GenerationError(f"Generator {prep.generator.info.id} finished without a result.")
+    context.cancel.raise_if_cancelled()
+    return _save(prep, result, round(time.perf_counter() - started, 4), out_path, out_dir, history, overwrite)
+
+
+@contextlib.contextmanager
+def _plugin_code(prep: Prepared, failed: str):
+    """Anything but a StudioError that the generator's code raises becomes a GenerationError naming its plugin."""
+    try:
+        yield
     except StudioError:
         raise
     except Exception as exc:  # noqa: BLE001 - plugin code
         log.debug("generator raised", exc_info=True)
-        raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) failed: "
+        raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) {failed}: "
                               f"{type(exc).__name__}: {exc}") from exc
-    if result is None:
-        raise GenerationError(f"Generator {prep.generator.info.id} finished without a result.")
+
+
+def execute_batch(preps: list, context: Optional[Context] = None, out_dir: Optional[Path] = None,
+                  history: "History | bool | None" = None) -> list:
+    """Run prepared jobs of one generator that differ only in their input and seed (same model, backend, options)
+    through the generator's ``batch`` function in one pass, then save each output and history row as ``execute``
+    does. One Record, or the StudioError of that job, per job, in order."""
+    context = context or Context()
+    gen = preps[0].generator
+    if gen.batch is None:
+        raise UsageError(f"Generator {gen.info.id} runs one input at a time; leave out --batch-size.")
+    if len({_batch_key(p) for p in preps}) > 1:
+        raise UsageError("A batch runs one model with one backend and the same options; these jobs differ.")
+    started = time.perf_counter()
+    with _plugin_code(preps[0], "failed on a batch"):
+        results = list(gen.batch([p.request for p in preps], context))
+    if len(results) != len(preps):
+        raise GenerationError(f"Generator {gen.info.id} returned {len(results)} results for {len(preps)} inputs.")
     context.cancel.raise_if_cancelled()
+    each = round((time.perf_counter() - started) / len(preps), 4)
+    out = []
+    for prep, result in zip(preps, results):
+        if isinstance(result, StudioError):
+            out.append(result)
+        elif not isinstance(result, Result):
+            out.append(GenerationError(f"Generator {gen.info.id} returned {type(result).__name__} for an input "
+                                       "of a batch, not a result."))
+        else:
+            out.append(_save(prep, result, each, None, out_dir, history, False))
+    return out
+
+
+def _batch_key(prep: Prepared) -> tuple:
+    r = prep.request
+    return (prep.generator.info.id, r.model.hash if r.model else None, r.backend, r.device, str(r.export or ""),
+            repr(sorted(r.options.items())), tuple((a.sha256, a.weight) for a in r.adapters))
+
+
+def _save(prep: Prepared, result: Result, total_s: float, out_path, out_dir, history, overwrite: bool) -> Record:
+    """Write a result's output and history row (engine.commit) and return its Record."""
     _check_result(prep, result)
     own = result.info.pop("timings", None)  # a generator may report its own split (load, steps, ...)
-    timings = {**(own if isinstance(own, dict) else {}), "total_s": round(time.perf_counter() - started, 4)}
+    timings = {**(own if isinstance(own, dict) else {}), "total_s": total_s}
     recipe = recipe_of(prep, result, timings)
     if out_path is None and out_dir is None:
         from engine import state

@@ -38,6 +38,32 @@ class _FinetuneParser(_Parser):
         return super().format_help() + "\nfine-tuners:\n" + trainer_lines(finetune=True) + "\n"
 
 
+class _GenerateParser(_Parser):
+    help_for: tuple = ()  # (generator id, model name or None) seen on the line, set by main before parsing
+
+    def format_help(self):  # the generator's options, with the defaults the chosen model's files give
+        if not self.help_for:
+            return super().format_help()
+        from studio.commands import option_lines
+
+        return super().format_help() + "\n" + option_lines(*self.help_for) + "\n"
+
+
+def _help_for(argv: list) -> tuple:
+    """(generator, --model) of a `generate GENERATOR ... --help` line; () otherwise."""
+    if "generate" not in argv or not {"-h", "--help"} & set(argv):
+        return ()
+    rest = argv[argv.index("generate") + 1:]
+    gen = next((a for a in rest if not a.startswith("-")), None)
+    model = None
+    for i, a in enumerate(rest):
+        if a == "--model" and i + 1 < len(rest):
+            model = rest[i + 1]
+        elif a.startswith("--model="):
+            model = a.split("=", 1)[1]
+    return (gen, model) if gen else ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
     p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
@@ -51,10 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generators", help="list the installed generators")
     g.add_argument("--json", action="store_true")
 
-    g = sub.add_parser("generate", help="generate content")
+    g = sub.add_parser("generate", help="generate content (`studio generate GENERATOR --help [--model NAME]`: its "
+                                         "options and their defaults for that model)")
+    g.__class__ = _GenerateParser
     g.add_argument("generator")
     g.add_argument("--prompt")
     g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="run N inputs at once (generators that batch, such as text and caption; default 1)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
     g.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
     g.add_argument("--model", metavar="NAME|PATH")
@@ -219,6 +249,7 @@ def main(argv=None) -> int:
         os.environ["STUDIO_SAFE_MODE"] = "1"
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        _GenerateParser.help_for = _help_for(argv)
         args = parser.parse_args(argv)
         if args.command in (None, "gui"):
             from studio.gui.app import run_gui

@@ -157,9 +157,28 @@ def cmd_generate(args) -> int:
         args.prompt = _prompt_from_caption(args, host, store, settings)
     jobs = _jobs(args, settings)
     batch = len(jobs) > 1
+    size = getattr(args, "batch_size", None)
+    size = 1 if size is None else size
+    if size < 1:
+        raise UsageError("--batch-size must be 1 or more.")
     out, out_is_dir = _out_target(args.out, batch, getattr(args, "overwrite", False))
     prepared = [prepare(host, store, job) for job in jobs]  # validate everything before any work
+    if size > 1 and prepared[0].generator.batch is None:
+        raise UsageError(f"Generator {prepared[0].generator.info.id} runs one input at a time; leave out "
+                         "--batch-size.")
     history, unrecorded = History(), False
+    if size > 1 and batch:  # several inputs at once: no streaming, each output saved as it would be alone
+        from engine.runner import execute_batch
+
+        for start in range(0, len(prepared), size):
+            chunk = prepared[start:start + size]
+            for prep, record in zip(chunk, execute_batch(chunk, out_dir=out, history=history)):
+                if isinstance(record, StudioError):  # that input failed; the others are kept
+                    print(f"studio: error: {prep.job.prompt or prep.job.image}: {record}", file=sys.stderr)
+                    unrecorded = True
+                else:
+                    unrecorded |= _report(args, prep, record, stream=False)
+        return 1 if unrecorded else 0
     for prep in prepared:
         bar = _ProgressBar()
         stream = not args.json and not batch and prep.generator.info.makes == "text" and sys.stdout.isatty()
@@ -183,30 +202,34 @@ def cmd_generate(args) -> int:
                 print(exc.result_text)  # generated, but not saved: the text is not lost
             raise
         bar.done()
-        r = record.recipe
-        for warning in r.get("warnings", []):
-            print(f"studio: warning: {warning}", file=sys.stderr)
-        if args.json:
-            keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
-                    "path", "width", "height", "prompt", "messages", "warnings", "history_id")
-            obj = {k: r[k] for k in keys if k in r}
-            obj["model"] = (r.get("model") or {}).get("name")
-            if "messages" in prep.generator.info.takes:
-                info = r.get("info", {})
-                obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
-                           template=info.get("template"))
-            _print_json(obj)
-        elif prep.generator.info.makes == "text":
-            if stream:
-                print()
-            else:
-                print(r.get("text", ""))
-            print(f"saved {r['path']}", file=sys.stderr)
-        else:
-            print(r["path"])
-        if record.history_id is None:
-            unrecorded = True
+        unrecorded |= _report(args, prep, record, stream)
     return 1 if unrecorded else 0
+
+
+def _report(args, prep, record, stream: bool) -> bool:
+    """Print one generation as `generate` does (JSON line, text, or path); True when it is not in the history."""
+    r = record.recipe
+    for warning in r.get("warnings", []):
+        print(f"studio: warning: {warning}", file=sys.stderr)
+    if args.json:
+        keys = ("generator", "model", "backend", "device", "seed", "options", "timings", "text", "token_ids",
+                "path", "width", "height", "prompt", "messages", "warnings", "history_id")
+        obj = {k: r[k] for k in keys if k in r}
+        obj["model"] = (r.get("model") or {}).get("name")
+        if "messages" in prep.generator.info.takes:
+            info = r.get("info", {})
+            obj.update(role="assistant", stopped_by=info.get("stopped_by"), prompt_tokens=info.get("prompt_tokens"),
+                       template=info.get("template"))
+        _print_json(obj)
+    elif prep.generator.info.makes == "text":
+        if stream:
+            print()
+        else:
+            print(r.get("text", ""))
+        print(f"saved {r['path']}", file=sys.stderr)
+    else:
+        print(r["path"])
+    return record.history_id is None
 
 
 def cmd_chat(args) -> int:
@@ -406,6 +429,36 @@ def cmd_history(args) -> int:
 
 
 # ----- training --------------------------------------------------------------------------------
+def option_lines(generator: str, model: Optional[str] = None) -> str:
+    """The options of a generator as `generate GENERATOR --help` lists them: name, type, default, range, help; a
+    default that the model's generation_config.json gives is marked. The model: ``model``, else the default one."""
+    from engine.runner import model_option_defaults
+
+    host = _host()
+    if generator not in host.generators:
+        return f"(no generator {generator!r} is installed; `studio generators` lists them)"
+    info = host.generator(generator).info
+    entry = None
+    if info.families:
+        store = ModelStore(host)
+        try:
+            entry = store.get(model) if model else store.default_for(info.id, info.families)
+        except StudioError:
+            entry = None
+    ours = model_option_defaults(info, entry)
+    head = f"options of {info.id} (--set NAME=VALUE)"
+    if entry is not None:
+        head += f", defaults for model {entry.name}" + (" (* from its generation_config.json)" if ours else "")
+    rows = [head + ":"]
+    for o in info.options:
+        default = ours.get(o.name, o.default)
+        span = f" [{o.min:g}..{o.max:g}]" if o.min is not None and o.max is not None else ""
+        choices = f" {{{', '.join(map(str, o.choices))}}}" if o.choices else ""
+        mark = "*" if o.name in ours else ""
+        rows.append(f"  {o.name:<20} {o.type:<5} default {default!r}{mark}{span}{choices}  {o.help}")
+    return "\n".join(rows)
+
+
 def trainer_lines(finetune: bool = False) -> str:
     host = _host()
     found = host.finetuners if finetune else host.trainers

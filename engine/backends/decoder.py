@@ -59,8 +59,14 @@ class OnnxDecoder:
         empty = np.zeros((batch, self.n_kv, 0, self.head_dim), dtype=np.float32)
         return OnnxCache([(empty, empty) for _ in range(self.n_layers)], cross)
 
-    def __call__(self, input_ids, past: Optional[OnnxCache] = None):
-        """All-position logits (B, T, V) float32 and the extended cache."""
+    @property
+    def pads(self) -> bool:
+        """Whether a left-padded batch can run (the graph takes ``attention_mask`` and ``position_ids``)."""
+        return self.has_positions
+
+    def __call__(self, input_ids, past: Optional[OnnxCache] = None, attention_mask=None, position_ids=None):
+        """All-position logits (B, T, V) float32 and the extended cache. A left-padded batch passes
+        ``attention_mask`` (B, P + T), 1 = a real token, and ``position_ids`` (B, T)."""
         ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -73,10 +79,17 @@ class OnnxDecoder:
             raise ValueError(f"sequence of {past.length + ids.shape[1]} tokens exceeds the model's "
                              f"{self.max_positions} positions")
         feeds = {"input_ids": ids}
-        if self.has_positions:  # no padding: every slot attends, positions follow the cache
+        if attention_mask is not None and not self.has_positions:
+            raise ValueError("this export has no attention_mask input, so it cannot run a padded batch; export the "
+                             "model again")
+        if self.has_positions:  # without a mask: no padding, every slot attends, positions follow the cache
             B, T, P = ids.shape[0], ids.shape[1], past.length
-            feeds["attention_mask"] = np.ones((B, P + T), dtype=np.int64)
-            feeds["position_ids"] = np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T)).copy()
+            if attention_mask is None:
+                feeds["attention_mask"] = np.ones((B, P + T), dtype=np.int64)
+                feeds["position_ids"] = np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T)).copy()
+            else:
+                feeds["attention_mask"] = np.ascontiguousarray(attention_mask, dtype=np.int64)
+                feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
         for i, (k, v) in enumerate(past.kv):
             feeds[self.past_names[2 * i]] = k
             feeds[self.past_names[2 * i + 1]] = v
@@ -90,7 +103,13 @@ class OnnxDecoder:
         kv = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.n_layers)]
         return out[0], OnnxCache(kv, past.cross)
 
-    def step(self, input_ids, past: Optional[OnnxCache] = None):
+    def step(self, input_ids, past: Optional[OnnxCache] = None, attention_mask=None, position_ids=None):
         """Decoding interface: last-position logits (B, V) float32 and the updated cache."""
-        logits, past = self(input_ids, past)
+        logits, past = self(input_ids, past, attention_mask, position_ids)
         return np.ascontiguousarray(logits[:, -1], dtype=np.float32), past
+
+    @staticmethod
+    def reorder(past: OnnxCache, index) -> OnnxCache:
+        """Keep the batch rows ``index`` of ``past`` (a batch dropping its finished rows)."""
+        past.reorder(index)
+        return past

@@ -8,7 +8,7 @@ A cache holds, per layer, the keys and values of the positions seen so far:
   ``layer`` and return all of that layer's keys and values so far. The only way a model changes a cache.
 - ``cache.cross``: per layer the (k, v) of an encoder's states for cross-attention, set once by whoever
   encodes (``model.cross_kv``), or None.
-- ``cache.reorder(index)``: keep the batch rows ``index`` (beam search).
+- ``cache.reorder(index)``: keep the batch rows ``index`` (beam search, a batch dropping its finished rows).
 - ``cache.truncate(n)``: keep the first ``n`` positions (a chat turn reusing the prefix it shares with the last
   conversation); the next ``update`` writes after them.
 
@@ -65,8 +65,12 @@ class KVCache:
         """Keep the first ``n`` positions of every layer; later updates overwrite the rest of the buffers."""
         self.lengths = [min(length, n) for length in self.lengths]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (for beam search): every buffer becomes ``buf[index]``."""
+    def reorder(self, index) -> None:
+        """Select batch rows (beam search; a batch dropping its finished rows): every buffer becomes ``buf[index]``.
+        ``index``: a tensor or a list of row numbers."""
+        if not isinstance(index, torch.Tensor):
+            ref = next((t for t in self.k if t is not None), None)
+            index = torch.as_tensor(index, dtype=torch.long, device=None if ref is None else ref.device)
         self.k = [None if t is None else t.index_select(0, index) for t in self.k]
         self.v = [None if t is None else t.index_select(0, index) for t in self.v]
         if self.cross is not None:
@@ -100,6 +104,17 @@ def causal_mask(T: int, past: int, device) -> torch.Tensor | None:
     q = torch.arange(T, device=device)[:, None] + past
     kpos = torch.arange(past + T, device=device)[None, :]
     return kpos <= q
+
+
+def padded_mask(T: int, past: int, device, attention_mask) -> torch.Tensor:
+    """Boolean (B, 1, T, past + T) mask of a left-padded batch for the eager (SDPA) forms, True where attention is
+    allowed: query t (slot ``past + t``) sees the real tokens (``attention_mask`` (B, past + T), 1 = real, 0 =
+    padding) up to its own slot. A padding query sees only itself, so no row is empty: an empty row is NaN in
+    SDPA, and a NaN key or value of a padding slot would reach the real rows (0 x NaN) in any dtype."""
+    slots = torch.arange(past + T, device=device)
+    query = (torch.arange(T, device=device) + past)[:, None]
+    real = attention_mask.to(device=device, dtype=torch.bool)[:, None, :]  # (B, 1, P + T)
+    return (((slots[None, :] <= query)[None] & real) | (slots[None, :] == query)[None])[:, None]
 
 
 def additive_mask(T: int, past, dtype, device, attention_mask=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.nn.blocks import activation, tie_for_export
-from engine.nn.cache import KVCache, additive_mask, causal_mask
+from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 
 @dataclass
@@ -188,19 +188,21 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids, past=None, cross=None, encoder_attention_mask=None, position_ids=None,
                 attention_mask=None):
-        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional, are read by the export form
-        only (the exported text graph's inputs of those names; a left-padded batch passes both)."""
+        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional: a left-padded batch passes both
+        (the exported text graph's inputs of those names)."""
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds n_positions={self.config.n_positions}")
         exported = getattr(self, "exported", False)
         pos = torch.arange(start, start + T, device=input_ids.device)
-        if exported and position_ids is not None:
+        if position_ids is not None:
             pos = position_ids
         x = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
         if exported:  # one additive causal mask per call (GPT2Attention._attend)
             mask = additive_mask(T, start, x.dtype, x.device, attention_mask)
+        elif attention_mask is not None:  # a left-padded batch
+            mask = padded_mask(T, start, x.device, attention_mask)
         else:
             mask = causal_mask(T, start, x.device) if start > 0 else None
         cross_mask = None
@@ -271,9 +273,11 @@ class GPT2LMHeadModel(nn.Module):
         return self.eval()
 
     @torch.inference_mode()
-    def step(self, input_ids, past=None):
-        """Decoding interface: last-position logits (B, V) as float32, and the updated cache."""
-        logits, past = self(input_ids, past=past, logits_to_keep=1)
+    def step(self, input_ids, past=None, attention_mask=None, position_ids=None):
+        """Decoding interface: last-position logits (B, V) as float32, and the updated cache. A left-padded batch
+        passes ``attention_mask`` (B, P + T) and ``position_ids`` (B, T)."""
+        logits, past = self(input_ids, past=past, logits_to_keep=1, attention_mask=attention_mask,
+                            position_ids=position_ids)
         return logits[:, -1].float(), past
 
 

@@ -77,11 +77,16 @@ CHAT_INFO = GeneratorInfo(
 )
 
 
-def generate(request, context):
+def _text_request(request):
     from plugins.text.pipeline import TextRequest, parse_stop
     from plugins.text.sampling import SamplingOptions
 
     opts = request.options
+    return TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
+                       stop=parse_stop(opts.get("stop", "")), seed=request.seed)
+
+
+def generate(request, context):
     where = request.backend + (f", {Path(request.export).name}" if request.export else "")
     yield Progress(0, 1, f"loading {request.model.name if request.model else 'the model'} ({where})")
     t0 = time.perf_counter()
@@ -89,14 +94,31 @@ def generate(request, context):
     notes = pipe.__dict__.pop("load_notes", [])
     load_s = time.perf_counter() - t0
     context.cancel.raise_if_cancelled()
-    req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
-                      stop=parse_stop(opts.get("stop", "")), seed=request.seed)
+    req = _text_request(request)
     yield Progress(0, req.max_new_tokens, "writing")
     for event in pipe.run(request.prompt or "", req, context.cancel):
         if isinstance(event, Result):
             event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
             event.warnings.extend(notes)
         yield event
+
+
+def generate_batch(requests: list, context) -> list:
+    """Several prompts with the same model, backend and options (each with its own seed) as one left-padded batch
+    (plugins.text.pipeline); each gets the tokens it gets alone. One Result per request, in order."""
+    t0 = time.perf_counter()
+    pipe = _pipeline(requests[0], context)
+    notes = pipe.__dict__.pop("load_notes", [])
+    load_s = time.perf_counter() - t0
+    results = [None] * len(requests)
+    events = pipe.run_batch([r.prompt or "" for r in requests], [_text_request(r) for r in requests],
+                            context.cancel)
+    for i, event in events:
+        if isinstance(event, Result):
+            event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
+            event.warnings.extend(notes)
+            results[i] = event
+    return results
 
 
 def _checker(name: str):
@@ -109,7 +131,7 @@ def _checker(name: str):
 
 @hookimpl
 def register_generators(register):
-    register(Generator(INFO, generate))
+    register(Generator(INFO, generate, batch=generate_batch))
     register(Generator(CHAT_INFO, lazy("plugins.text.chat", "generate")))
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.nn.blocks import activation, tie_for_export
-from engine.nn.cache import KVCache, additive_mask, causal_mask
+from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 
 @dataclass
@@ -273,9 +273,12 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.reshape(B, nh, T, hs).transpose(1, 2).reshape(B, T, nh * hs))
 
     def forward(self, x, cos, sin, past: Optional[KVCache] = None, mask=None):
-        """``mask``: boolean (T, P + T), True where attention is allowed, or None for plain causal attention."""
+        """``mask``: boolean (T, P + T) or (B, 1, T, P + T) (a padded batch), True where attention is allowed, or
+        None for plain causal attention. ``cos``/``sin``: (T, hs), or (B, T, hs) for per-row positions."""
         if hasattr(self, "qkv"):
             return self._forward_export(x, cos, sin, past, mask)
+        if cos.dim() == 3:  # (B, T, hs) -> (B, 1, T, hs): the same across the heads
+            cos, sin = cos[:, None], sin[:, None]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -367,8 +370,9 @@ class LlamaModel(nn.Module):
         self.exported = False  # set by LlamaForCausalLM.fuse_for_export
 
     def _masks(self, T: int, start: int, positions, device, dtype, attention_mask=None) -> dict:
-        """{sliding: mask} for the layer kinds present: boolean (None: plain causal), or in the export form
-        additive per query group (LlamaAttention._forward_export), with ``attention_mask`` (B, P + T) when given."""
+        """{sliding: mask} for the layer kinds present: boolean (None: plain causal; (B, 1, T, P + T) for a padded
+        batch, ``attention_mask`` (B, P + T)), or in the export form additive per query group
+        (LlamaAttention._forward_export), with ``attention_mask`` when given."""
         window = self.config.sliding_window
         kinds = {layer.sliding for layer in self.layers}
         out = {}
@@ -381,6 +385,9 @@ class LlamaModel(nn.Module):
                 if sliding:
                     mask = mask.masked_fill(slots <= query - window, torch.finfo(dtype).min)
                 out[sliding] = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, 1, group, 1)
+            elif attention_mask is not None:  # a left-padded batch; a window counts slots (a row's are contiguous)
+                mask = padded_mask(T, start, device, attention_mask)
+                out[sliding] = mask & (slots > query - window) | (slots == query) if sliding else mask
             elif sliding:
                 out[sliding] = (slots <= positions[:, None]) & (slots > positions[:, None] - window)  # (T, P + T)
             else:
@@ -388,19 +395,19 @@ class LlamaModel(nn.Module):
         return out
 
     def forward(self, input_ids, past: Optional[KVCache] = None, position_ids=None, attention_mask=None):
-        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional, are read by the export form
-        only (the exported graph's inputs of those names; a left-padded batch passes both)."""
+        """``position_ids`` (B, T) and ``attention_mask`` (B, P + T), both optional: a left-padded batch passes both
+        (the exported graph's inputs of those names)."""
         B, T = input_ids.shape
         start = past.length if past is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if self.config.embed_scale:
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         positions = torch.arange(T, device=x.device) + start
-        if self.exported and position_ids is not None:
+        if position_ids is not None:
             positions = position_ids
         cos, sin = self.rotary_emb(positions, x.dtype)
         local = self.rotary_emb_local(positions, x.dtype) if hasattr(self, "rotary_emb_local") else (cos, sin)
-        masks = self._masks(T, start, positions, x.device, x.dtype, attention_mask if self.exported else None)
+        masks = self._masks(T, start, positions, x.device, x.dtype, attention_mask)
         p = self.dropout if self.training else 0.0
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)
@@ -459,9 +466,11 @@ class LlamaForCausalLM(nn.Module):
         return self.eval()
 
     @torch.inference_mode()
-    def step(self, input_ids, past=None):
-        """Decoding interface: last-position logits (B, V) as float32, and the updated cache."""
-        logits, past = self(input_ids, past=past, logits_to_keep=1)
+    def step(self, input_ids, past=None, attention_mask=None, position_ids=None):
+        """Decoding interface: last-position logits (B, V) as float32, and the updated cache. A left-padded batch
+        passes ``attention_mask`` (B, P + T) and ``position_ids`` (B, T)."""
+        logits, past = self(input_ids, past=past, logits_to_keep=1, attention_mask=attention_mask,
+                            position_ids=position_ids)
         return logits[:, -1].float(), past
 
 

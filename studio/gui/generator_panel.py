@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
                                QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
-from engine.runner import Job
+from engine.runner import Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
@@ -92,6 +92,7 @@ class GeneratorPanel(QWidget):
         self.generate_button.clicked.connect(self.generate_clicked)
         self.reset_button.clicked.connect(self.form.reset)
         self.random_seed.clicked.connect(self.seed.clear)
+        self.model.currentIndexChanged.connect(self.apply_model_defaults)
         self.reuse_seed.clicked.connect(self.on_reuse_seed)
 
     # ----- configuration ---------------------------------------------------------------------
@@ -112,6 +113,7 @@ class GeneratorPanel(QWidget):
         self.set_models(models, default_model)
 
     def set_models(self, models: list, default_model: str = "") -> None:
+        self._entries = {e.name: e for e in models}
         self.model.clear()
         needs_model = bool(self.info and self.info.families)
         for e in models:
@@ -123,9 +125,16 @@ class GeneratorPanel(QWidget):
             self.model.addItem("(no model installed: import one in Models…)", "")
         idx = self.model.findData(default_model) if default_model else -1
         self.model.setCurrentIndex(max(idx, 0))
+        self.apply_model_defaults()
         self.model.setEnabled(needs_model and bool(models))
         self.backend.setEnabled(needs_model)
         self.device.setEnabled(needs_model)
+
+    def apply_model_defaults(self) -> None:
+        """The chosen model's option defaults (its generation_config.json) shown in the form."""
+        entry = getattr(self, "_entries", {}).get(self.model.currentData() or "")
+        if self.info is not None:
+            self.form.set_defaults(model_option_defaults(self.info, entry))
 
     def set_busy(self, busy: bool) -> None:
         self.generate_button.setEnabled(not busy)

@@ -83,6 +83,7 @@ class OptionForm(QWidget):
         while self.layout_.rowCount():
             self.layout_.removeRow(0)
         self.options = {o.name: o for o in options}
+        self.defaults = {o.name: o.default for o in options}  # the chosen model's defaults (set_defaults)
         self.editors = {}
         for opt in options:
             editor = self._editor(opt)
@@ -164,6 +165,20 @@ class OptionForm(QWidget):
                 skipped.append(name)
         return skipped
 
+    def set_defaults(self, overrides: dict) -> None:
+        """The defaults a model brings (engine.runner.model_option_defaults) over the generator's own: an option
+        still at the old default moves to the new one, one the person changed stays; the tooltip says whose."""
+        new = {o.name: overrides.get(o.name, o.default) for o in self.options.values()}
+        current = self.values()
+        for name, opt in self.options.items():
+            editor = self.editors[name]
+            if current[name] == self.defaults.get(name) and new[name] != current[name]:
+                self._set(opt, editor, new[name])
+            tip = opt.help + (f" (this model's default: {new[name]!r}, from its generation_config.json)"
+                              if name in overrides else "")
+            editor.setToolTip(tip)
+        self.defaults = new
+
     def reset(self) -> None:
         for name, opt in self.options.items():
-            self._set(opt, self.editors[name], opt.default)
+            self._set(opt, self.editors[name], self.defaults.get(name, opt.default))
