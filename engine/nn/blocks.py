@@ -38,6 +38,25 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class CausalLM(nn.Module):
+    """What the decoders' language-model classes share (GPT-2's, and the Llama family's)."""
+
+    @torch.inference_mode()
+    def step(self, input_ids, past=None, attention_mask=None, position_ids=None):
+        """Decoding interface: last-position logits (B, V) as float32, and the updated cache. A left-padded batch
+        passes ``attention_mask`` (B, P + T) and ``position_ids`` (B, T)."""
+        logits, past = self(input_ids, past=past, logits_to_keep=1, attention_mask=attention_mask,
+                            position_ids=position_ids)
+        return logits[:, -1].float(), past
+
+
+def load_strict(model: nn.Module, state: dict, assign: bool = False) -> None:
+    """``model.load_state_dict`` that names the first missing and unexpected keys in a KeyError."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    if missing or unexpected:
+        raise KeyError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
 class PreNormLayer(nn.Module):
     """A pre-norm transformer layer under CLIP's and BLIP's parameter names: ``x + self_attn(layer_norm1(x))``,
     then ``+ mlp(layer_norm2(x))``; ``attn`` is the family's attention module."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.blocks import activation, tie_for_export
+from engine.nn.blocks import CausalLM, activation, load_strict, tie_for_export
 from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 
@@ -213,7 +213,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -272,14 +272,6 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer.exported = True
         return self.eval()
 
-    @torch.inference_mode()
-    def step(self, input_ids, past=None, attention_mask=None, position_ids=None):
-        """Decoding interface: last-position logits (B, V) as float32, and the updated cache. A left-padded batch
-        passes ``attention_mask`` (B, P + T) and ``position_ids`` (B, T)."""
-        logits, past = self(input_ids, past=past, logits_to_keep=1, attention_mask=attention_mask,
-                            position_ids=position_ids)
-        return logits[:, -1].float(), past
-
 
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
 
@@ -296,8 +288,6 @@ def load_hf_state_dict(model: nn.Module, state: dict, prefix: str = "", assign: 
     if not any(k.startswith("transformer.") for k in state) and "wte.weight" in state:
         state = {("transformer." + k): v for k, v in state.items()}  # a bare GPT2Model checkpoint
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
-    if missing or unexpected:
-        raise KeyError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    load_strict(model, state, assign)
     if assign and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.transformer.wte.weight

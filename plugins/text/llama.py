@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.nn.blocks import activation, tie_for_export
+from engine.nn.blocks import CausalLM, activation, load_strict, tie_for_export
 from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 
@@ -415,7 +415,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -465,14 +465,6 @@ class LlamaForCausalLM(nn.Module):
         self.model.exported = True
         return self.eval()
 
-    @torch.inference_mode()
-    def step(self, input_ids, past=None, attention_mask=None, position_ids=None):
-        """Decoding interface: last-position logits (B, V) as float32, and the updated cache. A left-padded batch
-        passes ``attention_mask`` (B, P + T) and ``position_ids`` (B, T)."""
-        logits, past = self(input_ids, past=past, logits_to_keep=1, attention_mask=attention_mask,
-                            position_ids=position_ids)
-        return logits[:, -1].float(), past
-
 
 def load_hf_state_dict(model: LlamaForCausalLM, state: dict, assign: bool = False) -> None:
     """Copy a transformers state dict (strict); a missing ``lm_head.weight`` is taken from tied embeddings.
@@ -480,8 +472,6 @@ def load_hf_state_dict(model: LlamaForCausalLM, state: dict, assign: bool = Fals
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if "lm_head.weight" not in state and model.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
-    if missing or unexpected:
-        raise KeyError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    load_strict(model, state, assign)
     if assign and model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
