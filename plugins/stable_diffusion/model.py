@@ -95,12 +95,13 @@ def load(folder: Path, device: str = "cpu") -> LoadedSD:
 
     folder = Path(folder)
     cfg = read_config(folder)
-    modules = build(cfg)
+    with torch.device("meta"):  # no random initialisation, no second copy: the modules take the loaded tensors
+        modules = build(cfg)
     parts = read_weights(folder)
     dtype = torch.float16 if device == "cuda" else torch.float32
     for name, module in modules.items():
         match_state_dict(module, parts[name], name)
-        module.load_state_dict({k: v.float() for k, v in parts[name].items()})
+        module.load_state_dict({k: v.float() for k, v in parts.pop(name).items()}, assign=True)
         module.to(device=device, dtype=torch.float32 if name == "vae" else dtype).eval()  # the VAE stays fp32
     tok = ClipTokenizer(folder, (cfg.get("tokenizer") or {}).get("pad_token", "<|endoftext|>"))
     return LoadedSD(cfg, modules["unet"], modules["vae"], modules["text_encoder"], tok,
