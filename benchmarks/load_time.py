@@ -41,8 +41,8 @@ LLAMA_336M = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voc
               "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "attention_bias": False,
               "mlp_bias": False, "torch_dtype": "float32"}
 GPT2_124M = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_positions": 1024,
-             "n_embd": 768, "n_layer": 12, "n_head": 12, "activation_function": "gelu_new", "bos_token_id": 0,
-             "eos_token_id": 0, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "torch_dtype": "float32"}
+             "n_embd": 768, "n_layer": 12, "n_head": 12, "n_ctx": 1024, "activation_function": "gelu_new",
+             "bos_token_id": 0, "eos_token_id": 0, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "torch_dtype": "float32"}
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -125,6 +125,23 @@ def export_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name != "onnx.json") / 2**20
 
 
+def peer_rounds(child: str, args: list, files: Path, rounds: int) -> dict:
+    """A peer runtime's {"cold": [...], "warm": [...]} figures: ``child`` (a script printing ``RESULT {json}``,
+    given its spawn time and ``args``) in fresh processes, cold (``files`` dropped from the page cache) and warm."""
+    res = {"cold": [], "warm": []}
+    for _ in range(rounds):
+        for kind in ("cold", "warm"):
+            if kind == "cold":
+                drop_cache([files])
+            t = time.time()
+            proc = subprocess.run([sys.executable, "-c", child, repr(t), *args], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                return {"error": f"it did not run: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+            res[kind].append(json.loads(line[0][7:]))
+    return res
+
+
 def peer_ort_genai(folder: Path, work: Path, threads: int, rounds: int, log) -> dict:
     """onnxruntime-genai on the same model: its model builder (fp32, cpu), then load and first-token times."""
     try:
@@ -154,17 +171,9 @@ print("RESULT " + json.dumps({"first_token_s": time.time() - t_spawn, "load_s": 
     cfg = json.loads(cfg_path.read_text())
     cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    res = {"cold": [], "warm": []}
-    for _ in range(rounds):
-        for kind in ("cold", "warm"):
-            if kind == "cold":
-                drop_cache([out])
-            t = time.time()
-            proc = subprocess.run([sys.executable, "-c", child, repr(t), str(out)], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                return {"error": f"it did not run: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
-            res[kind].append(json.loads(line[0][7:]))
+    res = peer_rounds(child, [str(out)], out, rounds)
+    if "error" in res:
+        return res
     res["export_mb"] = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".onnx", ".data")) / 2**20
     return res
 
@@ -201,18 +210,9 @@ def peer_llama_cpp(folder: Path, work: Path, threads: int, rounds: int, src: str
         if proc.returncode != 0 or not gguf.is_file():
             tail = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()][-1:] or ["no output"]
             return {"error": f"its converter failed: {tail[0][:200]}"}
-    res = {"cold": [], "warm": []}
-    for _ in range(rounds):
-        for kind in ("cold", "warm"):
-            if kind == "cold":
-                drop_cache([gguf])
-            t = time.time()
-            proc = subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, repr(t), str(gguf), str(threads)],
-                                  capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                return {"error": f"it did not run: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
-            res[kind].append(json.loads(line[0][7:]))
+    res = peer_rounds(LLAMA_CPP_CHILD, [str(gguf), str(threads)], gguf, rounds)
+    if "error" in res:
+        return res
     res["export_mb"] = gguf.stat().st_size / 2**20
     return res
 

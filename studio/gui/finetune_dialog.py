@@ -41,7 +41,8 @@ def preview_items(folder: Path) -> list:
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in IMAGES:
             cap = p.with_suffix(".txt")
-            out.append((p, cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else "(no caption)"))
+            text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else "(no caption)"
+            out.append((p, text))
         elif p.suffix.lower() == ".txt" and not any(p.with_suffix(s).exists() for s in IMAGES):
             out.append((p, p.read_text(encoding="utf-8", errors="replace")[:300]))
         if len(out) >= PREVIEW_ITEMS:
