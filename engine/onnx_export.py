@@ -120,7 +120,8 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
             if frozen:
                 raise ModelError(f"The exported graph {graph['file']} has a fixed batch size for input {frozen[0]}; "
                                  "the exporter froze an axis that must stay dynamic.")
-        files = {p.name: stamp(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        files = {p.relative_to(tmp).as_posix(): stamp(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and p.relative_to(tmp).as_posix() != MANIFEST}  # Optimum's layout has subfolders
         from engine.backends.common import versions
 
         quant = None

@@ -44,7 +44,7 @@ def ours(sd, settings, seed=3, prompt="a red cat", negative="a dog", **kw):
     latents = None
     for _, _, latents in sample(sd, prompt, negative, settings, seed, SIZE, SIZE, **kw):
         pass
-    return (decode(sd, latents).numpy().transpose(0, 2, 3, 1) + 1) / 2
+    return (decode(sd, latents).transpose(0, 2, 3, 1) + 1) / 2
 
 
 def reference(pipe_cls, pipe, sampler, steps=4, guidance=7.5, seed=3, **kw):

@@ -114,27 +114,47 @@ EXTERNAL_ALIGN = 4096  # each starts on a page boundary, so it can be mapped whe
 def externalize(path: Path) -> bool:
     """Move a graph's weights into ``<graph>.data`` beside it, each page-aligned, so onnxruntime maps them from
     the file instead of copying them out of the parsed graph (and the graph itself stays small to parse and
-    check). A graph that already keeps its weights outside, or has none, is left as it is; returns whether it
-    was rewritten."""
+    check). Weights already outside in other files (the exporter writes one file per tensor for a model over
+    protobuf's 2 GB) are gathered into that one file, streamed, and their files removed. A graph already laid out
+    this way, or with no weights, is left as it is; returns whether it was rewritten."""
     import onnx
     from onnx import external_data_helper as edh
 
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
+    data = path.with_name(path.name + ".data")
     tensors = [t for t in edh._get_all_tensors(proto)]
-    if any(edh.uses_external_data(t) for t in tensors):
+    outside = {t.name: {e.key: e.value for e in t.external_data} for t in tensors if edh.uses_external_data(t)}
+    if outside and {i.get("location") for i in outside.values()} == {data.name}:
         return False
-    big = [t for t in tensors if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES]
+    big = [t for t in tensors
+           if t.name in outside or (t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES)]
     if not big:
         return False
-    data = path.with_name(path.name + ".data")
-    with open(data, "wb") as f:
+    tmp = data.with_name(data.name + ".partial")
+    with open(tmp, "wb") as f:
         for t in big:
             f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
             offset = f.tell()
-            f.write(t.raw_data)
-            edh.set_external_data(t, data.name, offset, len(t.raw_data))
-            t.ClearField("raw_data")
+            if t.name in outside:
+                info = outside[t.name]
+                with open(path.parent / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    size = int(info["length"]) if "length" in info else -1
+                    payload = src.read(size)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+            else:
+                payload = t.raw_data
+                t.ClearField("raw_data")
+            f.write(payload)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    for location in {i["location"] for i in outside.values()} - {data.name}:
+        (path.parent / location).unlink(missing_ok=True)
+    tmp.replace(data)
     onnx.save_model(proto, str(path))
     return True
 

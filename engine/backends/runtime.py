@@ -92,6 +92,12 @@ def _plain_name(name: str) -> bool:
         and not os.path.isabs(name)
 
 
+def _export_name(name: str) -> bool:
+    """A file name in an export: ``file`` or ``component/file`` (Optimum's per-component folders), plain parts."""
+    parts = str(name).split("/")
+    return len(parts) <= 2 and all(_plain_name(p) for p in parts)
+
+
 def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> list:
     """Every file the manifest names is a plain, non-symlinked file of the recorded size and sha256. The sha256 is
     computed only when the file's modification time differs from the one recorded at export (or none was
@@ -102,14 +108,14 @@ def check_folder(folder: Path, manifest: dict, verify_hashes: bool = True) -> li
     real = folder.resolve()
     notes = []
     for name, meta in manifest["files"].items():
-        if not _plain_name(name):
+        if not _export_name(name):
             raise ModelError(f"{folder / MANIFEST} names the file {name!r}, which is outside the export folder.")
         path = folder / name
-        if path.is_symlink():
+        if path.is_symlink() or path.parent.is_symlink():
             raise ModelError(f"{path} is a symbolic link; an export may only hold its own files.")
         if not path.is_file():
             raise ModelError(f"ONNX export {folder} lacks the file {name} named in its manifest; export again.")
-        if path.resolve().parent != real:
+        if path.resolve().parent != (real / name).parent:
             raise ModelError(f"{path} lies outside the export folder; export the model again.")
         if not isinstance(meta, dict):
             raise ModelError(f"{folder / MANIFEST} has a damaged entry for {name}; export the model again.")
@@ -247,11 +253,13 @@ class Export:
     def session(self, name: str):
         if name not in self._sessions:
             graph = self.graphs.get(name)
-            if not isinstance(graph, dict) or not _plain_name(str(graph.get("file", ""))):
+            if not isinstance(graph, dict) or not _export_name(str(graph.get("file", ""))):
                 raise ModelError(f"ONNX export {self.folder} has no graph {name!r}; export the model again.")
             if graph["file"] not in self.manifest["files"]:
                 raise ModelError(f"ONNX export {self.folder}: graph {graph['file']} is not listed in its manifest.")
-            path, allowed = self.folder / graph["file"], set(self.manifest["files"])
+            path = self.folder / graph["file"]
+            sub = os.path.dirname(graph["file"])  # external data may only be files of the graph's own folder
+            allowed = {os.path.basename(f) for f in self.manifest["files"] if os.path.dirname(f) == sub}
             before = len(self.notes)
             if self.save_optimized:
                 from engine.backends.optimized import optimized_session

@@ -70,6 +70,10 @@ class TorchArrays:
     def broadcast(self, x, shape):
         return x.expand(*shape)
 
+    def like(self, a: np.ndarray, ref):
+        """``a`` as a tensor on ``ref``'s device, in its dtype."""
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(ref.device, ref.dtype)
+
 
 class NumpyArrays:
     """numpy float32 arrays (what onnxruntime sessions take and give)."""
@@ -103,6 +107,9 @@ class NumpyArrays:
 
     def broadcast(self, x, shape):
         return np.broadcast_to(x, shape)
+
+    def like(self, a: np.ndarray, ref):
+        return np.asarray(a, dtype=ref.dtype)
 
 
 def sample_steps(xp, denoise: Callable, shape: tuple, scheduler_cfg, settings: SampleSettings, generator,

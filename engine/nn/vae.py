@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -175,37 +174,8 @@ class AutoencoderKL(nn.Module):
     def decode_tiled(self, z, tile: int | None = None, overlap: float = 0.25):
         """``decode`` in overlapping tiles of ``tile`` latents (default: the config's sample size / factor), the
         seams blended linearly over ``overlap`` of a tile; the same result as diffusers' tiled decoding."""
-        tile = tile or self.config.sample_size // self.factor
-        if z.shape[-1] <= tile and z.shape[-2] <= tile:
-            return self.decode(z)
-        step = int(tile * (1 - overlap))
-        out_tile = tile * self.factor
-        blend = int(out_tile * overlap)
-        keep = out_tile - blend
-        rows = [[self.decode(z[:, :, i:i + tile, j:j + tile]) for j in range(0, z.shape[3], step)]
-                for i in range(0, z.shape[2], step)]
-        out_rows = []
-        for i, row in enumerate(rows):
-            parts = []
-            for j, t in enumerate(row):
-                if i > 0:
-                    t = _blend(rows[i - 1][j], t, blend, dim=2)
-                if j > 0:
-                    t = _blend(row[j - 1], t, blend, dim=3)
-                row[j] = t  # the next row and the next tile blend with this tile as blended
-                parts.append(t[:, :, :keep, :keep])
-            out_rows.append(torch.cat(parts, dim=3))
-        return torch.cat(out_rows, dim=2)
+        from engine.diffusion import TorchArrays
+        from engine.diffusion.tiles import decode_tiled
 
-
-def _blend(a, b, extent: int, dim: int):
-    """``b`` with its first ``extent`` rows (dim 2) or columns (dim 3) faded in from the end of ``a``."""
-    extent = min(a.shape[dim], b.shape[dim], extent)
-    if extent <= 0:
-        return b
-    w = torch.arange(extent, dtype=b.dtype, device=b.device) / extent
-    shape = [1, 1, 1, 1]
-    shape[dim] = extent
-    w = w.view(shape)
-    head = a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + b.narrow(dim, 0, extent) * w
-    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
+        return decode_tiled(TorchArrays(), self.decode, z, tile or self.config.sample_size // self.factor,
+                            self.factor, overlap)

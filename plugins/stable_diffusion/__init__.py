@@ -52,11 +52,9 @@ def generate(request, context):
         raise UsageError("Stable Diffusion needs a model; import one with `studio models import FOLDER`.")
     opts = request.options
     check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
-    if request.backend == "onnx":
-        raise UsageError("Stable Diffusion runs on the torch backend so far; pass --backend torch.")
     adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    key = ("sd", ref.hash, request.device, adapters)
-    sd = context.cached(key, lambda: _load(Path(ref.path), request.device, request.adapters))
+    key = ("sd", ref.hash, request.device, request.backend, str(request.export or ""), adapters)
+    sd = context.cached(key, lambda: _load(request))
     image = _open(request.image, "input image") if request.image else None
     mask = _open(request.mask, "mask") if request.mask else None
     notes = []
@@ -78,17 +76,26 @@ def _open(path, what: str):
         raise UsageError(f"The {what} {Path(path).name} cannot be read as an image ({exc}).") from None
 
 
-def _load(folder: Path, device: str, adapters=()):
-    """The model with the request's LoRA files (kohya or diffusers/PEFT format, several, each with its weight)
-    on its U-Net and text encoder."""
-    from plugins.stable_diffusion.model import load
+def _load(request):
+    """The model's networks on the request's backend: onnxruntime sessions of its export (no torch), or torch
+    modules with the request's LoRA files (kohya or diffusers/PEFT format, several, each with its weight) on the
+    U-Net and text encoder."""
+    folder = Path(request.model.path)
+    if request.backend == "onnx":
+        from plugins.stable_diffusion.onnx import load_onnx
 
-    sd = load(folder, device)
-    if adapters:
+        if request.adapters:
+            raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx to use them.")
+        return load_onnx(folder, request.model.hash, request.export)
+    from plugins.stable_diffusion.model import load
+    from plugins.stable_diffusion.pipeline import torch_nets
+
+    sd = load(folder, request.device)
+    if request.adapters:
         from engine.nn.lora import apply_adapters
 
-        apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder}, adapters)
-    return sd
+        apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder}, request.adapters)
+    return torch_nets(sd)
 
 
 def check(folder: Path) -> None:
@@ -117,6 +124,11 @@ def _detect_single_file(path: Path) -> bool:
 @hookimpl
 def register_generators(register):
     register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_exporters(register):
+    register("stable-diffusion", lazy("plugins.stable_diffusion.onnx", "export_sd"))
 
 
 @hookimpl

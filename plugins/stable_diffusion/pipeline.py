@@ -9,7 +9,8 @@ samplers' noise), so a seed gives diffusers' picture and a replay gives the same
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,64 +45,112 @@ def default_size(cfg: dict) -> int:
     return int(size) if isinstance(size, int) and size in (256, 512, 768, 1024) else 512
 
 
-def encode_text(sd, prompt: str, negative: str):
-    """(prompt, negative prompt) CLIP hidden states (1, 77 k, D) with A1111 emphasis and 75-token chunks
-    (plugins/stable_diffusion/prompts.py), and k - 1."""
+@dataclass
+class SDNets:
+    """One Stable Diffusion model on one backend, as the sampling loop needs it. ``xp`` is the loop's array adapter
+    (engine.diffusion.TorchArrays or NumpyArrays); ``text(ids)`` maps (n, 77) int64 numpy ids to (n, 77, D) numpy
+    hidden states; ``unet(x, t, context)``, ``vae_encode(x) -> (mean, std)`` and ``vae_decode(z)`` take and give
+    ``xp`` arrays. ``torch_nets`` (below) and ``plugins.stable_diffusion.onnx.onnx_nets`` build one."""
+    xp: object
+    cfg: dict
+    tokenizer: object
+    scheduler: object  # engine.diffusion.schedulers.SchedulerConfig
+    text: Callable
+    unet: Callable
+    vae_encode: Callable
+    vae_decode: Callable
+    in_channels: int
+    out_channels: int
+    factor: int  # pixels per latent along a side (8)
+    scaling_factor: float
+    tile: int  # latents per side of a tile for tiled decoding
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+
+def torch_nets(sd) -> SDNets:
+    """SDNets of a loaded model (plugins.stable_diffusion.model.LoadedSD) on its device and dtype."""
     import torch
 
-    from plugins.stable_diffusion.prompts import encode_prompts
+    from engine.diffusion import TorchArrays
 
-    def encode(ids):
+    def text(ids):
         with torch.no_grad():
             hidden, _ = sd.text_encoder(torch.from_numpy(ids).to(sd.device))
         return hidden.float().cpu().numpy()
 
-    pos, neg, extra = encode_prompts(prompt, negative, sd.tokenizer, encode)
-    return torch.from_numpy(pos), torch.from_numpy(neg), extra
+    def unet(x, t, context):
+        with torch.no_grad():
+            out = sd.unet(x.to(sd.device, sd.dtype), torch.tensor([t] * len(x), device=sd.device),
+                          context.to(sd.device, sd.dtype))
+        return out.float().cpu()
+
+    def vae_encode(x):
+        with torch.no_grad():
+            mean, logvar = sd.vae.encode(x.to(sd.device))
+        return mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
+
+    def vae_decode(z):
+        with torch.no_grad():
+            return sd.vae.decode(z.to(sd.device)).float().cpu()
+
+    vae = sd.vae
+    return SDNets(TorchArrays(), sd.cfg, sd.tokenizer, sd.scheduler, text, unet, vae_encode, vae_decode,
+                  sd.unet.config.in_channels, sd.unet.config.out_channels, vae.factor, vae.config.scaling_factor,
+                  vae.config.sample_size // vae.factor)
 
 
-def pixels(image, width: int, height: int):
+def nets_of(sd) -> SDNets:
+    return sd if isinstance(sd, SDNets) else torch_nets(sd)
+
+
+def encode_text(nets: SDNets, prompt: str, negative: str):
+    """(prompt, negative prompt) CLIP hidden states (1, 77 k, D) with A1111 emphasis and 75-token chunks
+    (plugins/stable_diffusion/prompts.py), as ``nets.xp`` arrays, and k - 1."""
+    from plugins.stable_diffusion.prompts import encode_prompts
+
+    pos, neg, extra = encode_prompts(prompt, negative, nets.tokenizer, nets.text)
+    return nets.xp.from_numpy(pos), nets.xp.from_numpy(neg), extra
+
+
+def pixels(image, width: int, height: int) -> np.ndarray:
     """(1, 3, H, W) float32 in [-1, 1] from a PIL image, resized (Lanczos) to the output size."""
-    import torch
     from PIL import Image
 
     im = image.convert("RGB")
     if im.size != (width, height):
         im = im.resize((width, height), Image.Resampling.LANCZOS)
     a = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(a.transpose(2, 0, 1)[None] * 2.0 - 1.0)
+    return np.ascontiguousarray(a.transpose(2, 0, 1)[None] * 2.0 - 1.0)
 
 
-def mask_pixels(mask, width: int, height: int):
+def mask_pixels(mask, width: int, height: int) -> np.ndarray:
     """(1, 1, H, W) of 0 (keep) and 1 (repaint) from a mask image (white = repaint), as diffusers binarizes it."""
-    import torch
     from PIL import Image
 
     m = mask.convert("L")
     if m.size != (width, height):
         m = m.resize((width, height), Image.Resampling.LANCZOS)
-    a = (np.asarray(m, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
-    return torch.from_numpy(a[None, None])
+    return (np.asarray(m, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)[None, None]
 
 
-def vae_sample(sd, x, generator):
+def vae_sample(nets: SDNets, x, generator):
     """Latents of images ``x`` drawn from the VAE's distribution with ``generator``, times the scaling factor."""
-    import torch
-
-    with torch.no_grad():
-        mean, logvar = sd.vae.encode(x.to(sd.device))
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return ((mean + torch.exp(0.5 * logvar) * noise) * sd.vae.config.scaling_factor).float().cpu()
+    mean, std = nets.vae_encode(x)
+    noise = nets.xp.noise(tuple(mean.shape), generator)
+    return (mean + std * noise) * nets.xp.scalar(nets.scaling_factor)
 
 
-def decode(sd, latents, tiled: bool = False):
-    """Images (B, 3, H, W) in [-1, 1] from latents (the scaling factor undone)."""
-    import torch
+def decode(sd, latents, tiled: bool = False) -> np.ndarray:
+    """Images (B, 3, H, W) in [-1, 1] (numpy) from latents (the scaling factor undone)."""
+    from engine.diffusion.tiles import decode_tiled
 
-    z = (latents / sd.vae.config.scaling_factor).to(sd.device)
-    with torch.no_grad():
-        x = sd.vae.decode_tiled(z) if tiled else sd.vae.decode(z)
-    return x.float().cpu().clamp(-1, 1)
+    nets = nets_of(sd)
+    z = latents / nets.xp.scalar(nets.scaling_factor)
+    x = decode_tiled(nets.xp, nets.vae_decode, z, nets.tile, nets.factor) if tiled else nets.vae_decode(z)
+    return np.clip(nets.xp.to_numpy(x), -1, 1)
 
 
 def preview(x0) -> np.ndarray:
@@ -112,49 +161,48 @@ def preview(x0) -> np.ndarray:
 
 def sample(sd, prompt: str, negative: str, settings: SampleSettings, seed: int, width: int, height: int,
            image=None, mask=None, strength: float = 1.0) -> Iterator:
-    """The sampling loop's events ``(i, n, x0 latents)``, then ``(n, n, latents)``; ``image``/``mask`` PIL images."""
-    import torch
+    """The sampling loop's events ``(i, n, x0 latents)``, then ``(n, n, latents)``; ``image``/``mask`` PIL images;
+    ``sd`` an SDNets (either backend) or a loaded torch model."""
+    from engine.diffusion import sample_steps
 
-    from engine.diffusion import TorchArrays, sample_steps
-
-    xp = TorchArrays()
+    nets = nets_of(sd)
+    xp = nets.xp
     gen = xp.generator(seed)
-    cond, uncond, _ = encode_text(sd, prompt, negative)
+    cond, uncond, _ = encode_text(nets, prompt, negative)
     guided = settings.guidance != 1.0
-    context = torch.cat([uncond, cond]) if guided else cond
-    f = sd.vae.factor  # 8 for Stable Diffusion's VAE
-    shape = (1, sd.unet.config.out_channels, height // f, width // f)
+    context = xp.cat([uncond, cond]) if guided else cond
+    f = nets.factor  # 8 for Stable Diffusion's VAE
+    shape = (1, nets.out_channels, height // f, width // f)
     extra = noise = None  # extra: the inpainting U-Net's mask and masked-image latents
     start = after = None
     if image is not None:
-        x = pixels(image, width, height)
-        m = mask_pixels(mask, width, height) if mask is not None else None
+        x = xp.from_numpy(pixels(image, width, height))
+        m = xp.from_numpy(mask_pixels(mask, width, height)) if mask is not None else None
         inpaint, box = m is not None, {}
         pure = inpaint and strength >= 1.0  # inpainting at full strength starts from pure noise
-        image_latents = None if pure and sd.inpainting else vae_sample(sd, x, gen)
+        image_latents = None if pure and nets.inpainting else vae_sample(nets, x, gen)
         noise = xp.noise(shape, gen)
         start, after = _start(box, pure, image_latents, noise, settings.steps, strength), None
         if inpaint:
-            masked = vae_sample(sd, x * (m < 0.5), gen)
-            small = torch.nn.functional.interpolate(m, size=shape[2:])
-            if sd.inpainting:
-                extra = torch.cat([small, masked], dim=1)
-                extra = torch.cat([extra, extra]) if guided else extra
+            masked = vae_sample(nets, x * (m < 0.5), gen)
+            small = m[:, :, ::f, ::f]  # nearest-neighbour downsampling by the exact factor (as torch's interpolate)
+            if nets.inpainting:
+                extra = xp.cat([small, masked], axis=1)
+                extra = xp.cat([extra, extra]) if guided else extra
             else:
                 after = _blend(box, small, image_latents, noise, settings.steps)
     elif mask is not None:
         raise UsageError("A mask needs an input image to paint into; give --image too.")
-
-    unet, dtype = sd.unet, sd.dtype
+    if nets.inpainting and extra is None:  # no mask on an inpainting U-Net: all masked, over grey (as A1111)
+        mean, _ = nets.vae_encode(xp.from_numpy(np.zeros((1, 3, height, width), np.float32)))
+        extra = xp.cat([xp.from_numpy(np.ones((1, 1) + shape[2:], np.float32)),
+                        mean * xp.scalar(nets.scaling_factor)], axis=1)
+        extra = xp.cat([extra, extra]) if guided else extra
 
     def denoise(x, t: float):
-        x = x if extra is None else torch.cat([x, extra], dim=1)
-        with torch.no_grad():
-            out = unet(x.to(sd.device, dtype), torch.tensor([t] * len(x), device=sd.device), context.to(sd.device,
-                                                                                                          dtype))
-        return out.float().cpu()
+        return nets.unet(x if extra is None else xp.cat([x, extra], axis=1), t, context)
 
-    return sample_steps(xp, denoise, shape, sd.scheduler, settings, gen, noise=noise, start=start, after_step=after,
+    return sample_steps(xp, denoise, shape, nets.scheduler, settings, gen, noise=noise, start=start, after_step=after,
                         clip=False)
 
 
@@ -186,6 +234,7 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
     from engine.diffusion import to_uint8
     from engine.generators import Partial, Progress, Result
 
+    sd = nets_of(sd)
     width, height = int(options["width"] or default_size(sd.cfg)), int(options["height"] or default_size(sd.cfg))
     check_size(width, height)
     strength = float(options.get("strength", 1.0)) if image is not None else 1.0
@@ -201,12 +250,12 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
             break
         yield Progress(i, n, f"step {i}/{n}")
         if i % every == 0 and i < n:
-            yield Partial(image=Image.fromarray(preview(latents.numpy())).resize((width, height)))
+            yield Partial(image=Image.fromarray(preview(sd.xp.to_numpy(latents))).resize((width, height)))
         if cancel is not None:
             cancel.raise_if_cancelled()
     yield Progress(settings.steps, settings.steps, "decoding")
     tiled = width * height > 768 * 768
-    out = Image.fromarray(to_uint8(decode(sd, latents, tiled).numpy())[0])
+    out = Image.fromarray(to_uint8(decode(sd, latents, tiled))[0])
     warnings = list(notes)
     mode = "inpaint" if mask is not None else ("img2img" if image is not None else "txt2img")
     yield Result(image=out, warnings=warnings, info={
