@@ -26,7 +26,7 @@ import engine
 from engine import hookspecs, state
 from engine.architectures import Architecture
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer
+from engine.generators import Generator, GeneratorInfo, Option, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ class PluginHost:
             def register(trainer):
                 if not isinstance(trainer, Trainer) or not callable(trainer.run):
                     raise _Invalid(f"{hook} expects engine.generators.Trainer objects")
+                if not all(isinstance(o, Option) for o in trainer.options):
+                    raise _Invalid(f"{what[:-1]} {trainer.kind!r}: options must be engine.generators.Option objects")
                 known = getattr(self, what)
                 if trainer.kind in known or trainer.kind in staged[what]:
                     owner = known.get(trainer.kind, (None, plugin))[1]

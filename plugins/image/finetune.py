@@ -18,11 +18,21 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.finetune import Task, run_command
+from engine.finetune import Task, add_options, lora_options, run_command
+from engine.generators import Option
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+OPTIONS = lora_options(steps=400, lr=2e-3, batch=16, rank=8, alpha=8.0, dropout=0.0, every=100) + (
+    Option("caption_dropout", "float", 0.1, "share of captions trained as empty (what guidance needs)", min=0.0,
+           max=1.0),
+    Option("val_fraction", "float", 0.1, "share of the images held out for validation", min=0.0, max=0.9),
+    Option("sample_steps", "int", 12, "denoising steps of the sample images drawn at each evaluation (0: none)",
+           min=0, max=1000),
+)
 
 
 def parse_args(argv):
@@ -30,18 +40,7 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="base model (from `studio models list`)")
     p.add_argument("--data", required=True, help="a folder of images with same-named .txt captions")
     p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=8.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions trained as empty (guidance)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    add_options(p, OPTIONS)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -88,6 +87,7 @@ class ImageTask(Task):
         self.model = torch.nn.ModuleDict({"unet": self.loaded.unet, "text_encoder": self.loaded.text_encoder})
         S, enc = cfg.sample_size, self.loaded.prompt_encoder
         images, ids, unknown, h = [], [], set(), hashlib.sha256()
+        self.captions = [caption for _, caption in pairs]
         for path, caption in pairs:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -161,6 +161,22 @@ class ImageTask(Task):
             tt = torch.full((len(idx),), int(t))
             total += float(self._loss(torch.from_numpy(idx), tt, noise, torch.zeros(len(idx), dtype=torch.bool)))
         return total / 8
+
+    def sample(self):
+        """Up to four images in a row, for the first captions of the dataset (held-out ones first) with fixed seeds,
+        so the same prompts show the adapter's progress at every evaluation; None with --sample-steps 0."""
+        import numpy as np
+        from PIL import Image
+
+        from engine.diffusion import SampleSettings
+        from plugins.image.pipeline import generate_images, torch_nets
+
+        if not getattr(self.a, "sample_steps", 0):
+            return None
+        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
+        captions = [self.captions[i] for i in order[:4]]
+        images = generate_images(torch_nets(self.loaded), captions, SampleSettings(steps=self.a.sample_steps), seed=0)
+        return Image.fromarray(np.concatenate(list(images), axis=1))
 
     def save(self, folder: Path) -> None:
         from engine.nn.lora import save_kohya
