@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
+from engine.datasets import read_pairs
 from engine.finetune import Task, add_options, lora_options, run_command
 from engine.generators import Option
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -44,24 +44,6 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
-
-
-def read_pairs(folder: Path) -> tuple:
-    """([(image path, caption)], [images without a caption]); UsageError for an empty or missing folder."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder; give a folder of images with same-named .txt captions.")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise UsageError(f"{folder} holds no images (.png, .jpg, .webp).")
-    pairs, missing = [], []
-    for img in images:
-        cap = img.with_suffix(".txt")
-        if cap.is_file():
-            pairs.append((img, cap.read_text(encoding="utf-8").strip()))
-        else:
-            missing.append(img.name)
-    return pairs, missing
 
 
 class ImageTask(Task):

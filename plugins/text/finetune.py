@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
+from engine.datasets import read_documents
 from engine.finetune import Task, add_options, lora_options, run_command
 from engine.generators import Option
 
@@ -39,28 +40,6 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
     return p.parse_args(argv)
-
-
-def read_documents(path: Path) -> dict:
-    """{name: text} of a .txt file or of the .txt files in a folder; UsageError when there is no text."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    else:
-        raise UsageError(f"{path} does not exist; give a folder of .txt files or one .txt file.")
-    docs = {}
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{f} cannot be read as UTF-8 text ({exc}).") from None
-        if text.strip():
-            docs[str(f.relative_to(path) if path.is_dir() else f.name)] = text
-    if not docs:
-        raise UsageError(f"{path} holds no text to train on (no non-empty .txt files).")
-    return docs
 
 
 def fingerprint(docs: dict) -> str:

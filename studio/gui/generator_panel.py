@@ -5,8 +5,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QRegularExpression, Qt, Signal
 from PySide6.QtGui import QRegularExpressionValidator
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
 from engine.runner import Job
@@ -68,11 +68,24 @@ class GeneratorPanel(QWidget):
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.random_seed)
         seed_row.addWidget(self.reuse_seed)
+        self.adapters = QLineEdit()
+        self.adapters.setObjectName("adapters")
+        self.adapters.setPlaceholderText("none")
+        self.adapters.setToolTip("LoRA adapters to apply: .safetensors files or PEFT folders, separated by ';', each "
+                                 "with an optional :WEIGHT (1 when left out), e.g. star.safetensors:0.8")
+        self.add_adapter_button = QToolButton()
+        self.add_adapter_button.setText("Add…")
+        self.add_adapter_button.setToolTip("Add a LoRA file (.safetensors)")
+        adapter_row = QHBoxLayout()
+        adapter_row.addWidget(self.adapters, 1)
+        adapter_row.addWidget(self.add_adapter_button)
         rf = QFormLayout(self.run_box)
         rf.addRow("Model", self.model)
+        rf.addRow("LoRA", adapter_row)
         rf.addRow("Backend", self.backend)
         rf.addRow("Device", self.device)
         rf.addRow("Seed", seed_row)
+        self.run_form = rf
 
         self.generate_button = QPushButton("Generate")
         self.generate_button.setObjectName("generate")
@@ -110,6 +123,7 @@ class GeneratorPanel(QWidget):
         self.reset_button.clicked.connect(self.form.reset)
         self.random_seed.clicked.connect(self.seed.clear)
         self.reuse_seed.clicked.connect(self.on_reuse_seed)
+        self.add_adapter_button.clicked.connect(self.on_add_adapter)
 
     # ----- configuration ---------------------------------------------------------------------
     def set_generator(self, info, models: list, default_model: str = "") -> None:
@@ -123,6 +137,7 @@ class GeneratorPanel(QWidget):
         self.image_input.setVisible(takes_image)
         self.form.set_options(info.options)
         self.options_box.setVisible(bool(info.options))
+        self.run_form.setRowVisible(1, info.takes_lora)  # the LoRA row
         self.set_models(models, default_model)
 
     def set_models(self, models: list, default_model: str = "") -> None:
@@ -166,12 +181,31 @@ class GeneratorPanel(QWidget):
             raise UsageError(f"{info.title} needs an input image; drop one on the image box or click Browse.")
         return Job(info.id, prompt=prompt, image=image, model=self.model.currentData() or None,
                    backend=self.backend.currentText(), device=self.device.currentText(), seed=self.seed_value(),
-                   options=self.form.values())
+                   options=self.form.values(), loras=self.lora_specs() if info.takes_lora else [])
+
+    # ----- adapters --------------------------------------------------------------------------
+    def lora_specs(self) -> list:
+        """The LoRA field as ``PATH[:WEIGHT]`` strings (engine.runner.adapter_ref reads them)."""
+        return [part.strip() for part in self.adapters.text().split(";") if part.strip()]
+
+    def add_adapter(self, path: str, weight: float = 1.0) -> None:
+        """Append an adapter (a file or a PEFT folder) unless it is there already."""
+        spec = str(path) if weight == 1.0 else f"{path}:{weight:g}"
+        specs = self.lora_specs()
+        if not any(s == spec or s.rsplit(":", 1)[0] == str(path) for s in specs):
+            self.adapters.setText("; ".join(specs + [spec]))
+
+    @guard
+    def on_add_adapter(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Add a LoRA adapter", "",
+                                              "LoRA (*.safetensors);;All files (*)")
+        if path:
+            self.add_adapter(path)
 
     def state(self) -> dict:
         """What to remember between sessions for this generator."""
         return {"options": self.form.values(), "model": self.model.currentData() or "",
-                "seed": self.seed.text(), "prompt": self.prompt.toPlainText()}
+                "seed": self.seed.text(), "prompt": self.prompt.toPlainText(), "loras": self.adapters.text()}
 
     def restore(self, saved: dict) -> None:
         self.form.set_values(saved.get("options") or {})
@@ -182,6 +216,7 @@ class GeneratorPanel(QWidget):
         self.seed.setText(seed if seed.isdigit() else "")
         if saved.get("prompt") is not None:
             self.prompt.setPlainText(saved["prompt"])
+        self.adapters.setText(str(saved.get("loras") or ""))
 
     def apply_recipe(self, recipe: dict) -> list:
         """Put a recipe's prompt, options, seed, model, backend and input image into the form.
@@ -201,6 +236,13 @@ class GeneratorPanel(QWidget):
                 skipped.append(f"model {model} (not installed)")
         if recipe.get("backend"):
             self.set_pickers(recipe["backend"], self.device.currentText())
+        if self.info.takes_lora:
+            self.adapters.clear()
+            for a in recipe.get("loras") or []:
+                if Path(a.get("path", "")).exists():
+                    self.add_adapter(a["path"], float(a.get("weight", 1.0)))
+                else:
+                    skipped.append(f"LoRA {a.get('name') or a.get('path')} (not found)")
         image = (recipe.get("image") or {}).get("path") if isinstance(recipe.get("image"), dict) else None
         if image and "image" in self.info.takes and Path(image).exists():
             self.image_input.set_path(image)

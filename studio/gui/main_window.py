@@ -52,6 +52,7 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
         self.setWindowTitle("GenAI Studio")
         self.setAcceptDrops(True)
         self.task = None
+        self.finetune_page = None  # Tools > Fine-tune… (studio/gui/finetune_page.py), made when first opened
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
         self.replays: dict = {}  # queue job id -> the recipe it replays
@@ -148,6 +149,7 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
         self._action(tools, "Models…", self.open_models)
         self._action(tools, "Export to ONNX…", self.open_export)
         self._action(tools, "Caption a folder…", self.open_caption_folder)
+        self._action(tools, "Fine-tune…", self.open_finetune)
         tools.addSeparator()
         self._action(tools, "Settings…", self.open_settings, "Ctrl+,")
         help_menu = bar.addMenu("&Help")
@@ -532,6 +534,8 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
                 self.token.cancel()
                 if not self.task.wait(CLOSE_WAIT_MS):
                     log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
+            if getattr(self, "finetune_page", None) is not None:
+                self.finetune_page.stop()  # paused with a checkpoint: Resume continues it
             if self.persist:
                 self.save_state()
             self.session.close()
