@@ -17,8 +17,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPixmap
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                               QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSplitter, QStackedWidget,
-                               QVBoxLayout, QWidget)
+                               QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSizePolicy, QSplitter,
+                               QStackedWidget, QVBoxLayout, QWidget)
 
 from engine import state
 from engine.errors import UsageError
@@ -28,7 +28,9 @@ from studio.gui.finetune_process import FinetuneProcess, command_args
 from studio.gui.option_form import OptionForm
 from studio.gui.util import guard
 
-TRAIN_PEN = pg.mkPen("#2f6fdf", width=1.5)
+TRAIN_PEN = pg.mkPen("#9bb8ee", width=1)
+MEAN_PEN = pg.mkPen("#2456b8", width=2)
+SMOOTH = 10  # the training curve's running mean, over this many steps (one batch's loss is noisy)
 VAL_PEN = pg.mkPen("#e0762b", width=2)
 SAMPLE_SCALE = 4  # the shapes model's 32-pixel samples, shown 4x with nearest-neighbour pixels
 
@@ -59,7 +61,7 @@ class FinetunePage(QWidget):
         self.process.failed.connect(self.on_failed)
         self.run = None  # the current run: kind, model, data, options, folder
         self.adapter = ""
-        self.points: dict = {"train": ([], []), "val": ([], [])}
+        self.points: dict = {"train": ([], []), "val": ([], []), "mean": []}
 
         self.banner = ErrorBanner()
         self.finetuner = QComboBox()
@@ -101,13 +103,17 @@ class FinetunePage(QWidget):
         self.plot.setMinimumHeight(240)
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.setLabel("bottom", "step")
-        self.plot.setLabel("left", "loss")
+        self.plot.setLabel("left", "loss (log scale)")
+        self.plot.setLogMode(y=True)  # a diffusion loss spikes, a text loss falls by decades: both stay readable
+        self.plot.getAxis("left").enableAutoSIPrefix(False)
         self.plot.addLegend(offset=(-10, 10))
         self.train_curve = self.plot.plot([], [], pen=TRAIN_PEN, name="training")
+        self.mean_curve = self.plot.plot([], [], pen=MEAN_PEN, name=f"training, mean of {SMOOTH} steps")
         self.val_curve = self.plot.plot([], [], pen=VAL_PEN, symbol="o", symbolSize=7, symbolBrush="#e0762b",
                                         name="validation")
         self.stats = QLabel("Not started.")
         self.stats.setObjectName("finetune_stats")
+        self.stats.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
@@ -147,7 +153,7 @@ class FinetunePage(QWidget):
         buttons.addWidget(self.use_button)
         self.run_label = QLabel()
         self.run_label.setObjectName("run_folder")
-        self.run_label.setWordWrap(True)
+        self.run_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # long paths never widen
         self.run_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         right = QWidget()
         rl = QVBoxLayout(right)
@@ -327,9 +333,9 @@ class FinetunePage(QWidget):
 
     # ----- what the process reports ------------------------------------------------------------
     def _reset_plot(self) -> None:
-        self.points = {"train": ([], []), "val": ([], [])}
-        self.train_curve.setData([], [])
-        self.val_curve.setData([], [])
+        self.points = {"train": ([], []), "val": ([], []), "mean": []}
+        for curve in (self.train_curve, self.mean_curve, self.val_curve):
+            curve.setData([], [])
 
     def _add_point(self, e: dict) -> None:
         self.points["train"][0].append(e["step"])
@@ -337,14 +343,19 @@ class FinetunePage(QWidget):
         if "val_loss" in e:
             self.points["val"][0].append(e["step"])
             self.points["val"][1].append(e["val_loss"])
-        self.train_curve.setData(*self.points["train"])
+        steps, losses = self.points["train"]
+        self.train_curve.setData(steps, losses)
+        window = losses[-SMOOTH:]
+        self.points["mean"].append(sum(window) / len(window))
+        self.mean_curve.setData(steps, self.points["mean"])
         self.val_curve.setData(*self.points["val"])
 
     @guard
     def on_progress(self, e: dict) -> None:
         if "step" not in e:
-            if e.get("message"):
-                self.stats.setText(e["message"][:1].upper() + e["message"][1:])
+            if e.get("message"):  # "fine-tuning MODEL: LoRA rank ... ; run folder F" (the folder shows below)
+                text = e["message"].split("; run folder ")[0]
+                self.stats.setText(text[:1].upper() + text[1:])
             return
         self._add_point(e)
         step, total = e["step"], e["total"]
