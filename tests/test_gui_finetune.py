@@ -150,6 +150,13 @@ def test_image_samples_appear(window, qtbot, tmp_path):
     assert page.adapter.endswith("adapter.safetensors")
     page.use_button.click()
     assert window.current_generator_id() == "image" and window.panel.lora_specs() == [page.adapter]
+    window.panel.prompt.setPlainText("a large red star in the center on a blue background")
+    window.panel.form.set_values({"steps": 2})
+    window.panel.set_pickers("torch", "cpu")
+    window.generate()
+    qtbot.waitUntil(lambda: window.task is None, timeout=60_000)
+    assert not window.banner.isVisible(), window.banner.message()
+    assert [Path(a["path"]) for a in window.output.recipe["loras"]] == [Path(page.adapter).resolve()]
 
 
 def test_bad_datasets_show_one_sentence_and_the_window_stays(window, qtbot, tmp_path):
