@@ -8,11 +8,13 @@ as one that never stopped.
 Files in the run folder ``out``:
   ``checkpoint/``   the last complete checkpoint (adapter tensors, optimizer state, step), replaced atomically
   ``log.jsonl``     one line per logged step: step, loss, val_loss (when evaluated), seconds per step
+  ``samples/``      the image samples of each evaluation (``step-000050.png``), for families that draw them
   ``adapter/``      the finished adapter (the family's format), written at the end
   ``finetune.json`` the recipe: base model and hash, dataset fingerprint, hyper-parameters, seed, result
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -55,7 +57,7 @@ class Task:
     def val_loss(self) -> float:  # on the fixed validation split
         raise NotImplementedError
 
-    def sample(self) -> Optional[str]:  # a fixed-seed sample to watch progress (text), or None
+    def sample(self):  # a fixed-seed sample to watch progress: text, a PIL image (saved under samples/), or None
         return None
 
     def save(self, folder: Path) -> None:  # the adapter in its standard format
@@ -109,11 +111,21 @@ def _load_checkpoint(out: Path, task: Task, opt) -> tuple:
     return state["step"], state["history"]
 
 
+def _save_sample(out: Path, step: int, image) -> Path:
+    path = out / "samples" / f"step-{step:06d}.png"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=None,
         report: Callable[[dict], None] = lambda e: None) -> dict:
     """Train ``task`` for ``settings.steps`` steps; returns the finished recipe (also ``out/finetune.json``).
 
-    ``report`` sees {"step", "total", "loss", "val_loss"?, "seconds_per_step", "eta_s", "sample"?} as it goes.
+    ``report`` sees {"step", "total", "loss", "val_loss"?, "seconds_per_step", "eta_s", "sample"? (text),
+    "sample_image"? (a PNG's path)} as it goes.
     A loss that is not finite stops the run and keeps the last good checkpoint (StudioError); so does a full
     disk while checkpointing. ``cancel`` (an engine CancelToken) stops it after the current step, checkpointed."""
     import numpy as np
@@ -164,8 +176,10 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
                 with torch.no_grad():
                     event["val_loss"] = round(float(task.val_loss()), 6)
                     sample = task.sample()
-                if sample is not None:
+                if isinstance(sample, str):
                     event["sample"] = sample
+                elif sample is not None:  # an image: saved beside the log, its path reported
+                    event["sample_image"] = str(_save_sample(out, done, sample))
             history.append({k: event[k] for k in ("step", "loss", "val_loss") if k in event})
             logf.write(json.dumps(event) + "\n")
             logf.flush()
@@ -188,11 +202,46 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
     return recipe
 
 
+def lora_options(steps: int, lr: float, batch: int, rank: int, alpha: float, dropout: float, every: int) -> tuple:
+    """The options every LoRA fine-tuner shares, with a family's defaults (engine.generators.Option: the GUI's
+    fine-tune page renders them; ``add_options`` makes them the command's flags)."""
+    from engine.generators import Option
+
+    return (
+        Option("rank", "int", rank, "LoRA rank r: the adapter's size (a larger rank learns more and overfits sooner)",
+               min=1, max=1024),
+        Option("alpha", "float", alpha, "LoRA alpha: the adapter's output is scaled by alpha / rank", min=0.0),
+        Option("dropout", "float", dropout, "dropout on the adapter's input (against overfitting a small dataset)",
+               min=0.0, max=0.9),
+        Option("steps", "int", steps, "optimizer steps to train", min=1),
+        Option("lr", "float", lr, "peak learning rate (a short warm-up, then a cosine decay to a tenth)", min=1e-8),
+        Option("batch", "int", batch, "training samples per step", min=1, max=4096),
+        Option("eval_every", "int", every, "measure the validation loss (and draw a sample) every N steps", min=1),
+        Option("checkpoint_every", "int", every, "save a resumable checkpoint every N steps", min=1),
+        Option("seed", "int", 0, "seed of the adapter's first weights, the batches and the dropout", min=0),
+        Option("threads", "int", 0, "torch CPU threads (0: torch's default)", min=0, max=1024),
+    )
+
+
+def add_options(parser, options) -> None:
+    """Each Option as the flag ``--name-with-dashes`` of an argparse parser, with its default and help."""
+    for o in options:
+        flag = "--" + o.name.replace("_", "-")
+        if o.type == "bool":  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[o.type], default=o.default,
+                                choices=o.choices, help=o.help)
+
+
 def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     """What ``studio finetune KIND`` does once a family has built its task from parsed options ``a`` (steps, lr,
     batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per
-    logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter folder)."""
+    logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter folder).
+    SIGTERM stops it after the current step with a checkpoint there (what the GUI's Pause sends)."""
+    import signal
     import sys
+    import threading
 
     from engine.generators import CancelToken
 
@@ -206,10 +255,13 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
         elif "message" in e:
             print(e["message"], file=sys.stderr)
 
+    token = CancelToken()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: token.cancel())
     try:
         recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
                                     checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
-                     out, resume=a.resume, cancel=CancelToken(), report=report)
+                     out, resume=a.resume, cancel=token, report=report)
     except KeyboardInterrupt:
         raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
     adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]

@@ -256,6 +256,10 @@ class Trainer:
     kind: str
     title: str
     run: Callable[[list], int]
+    # For a fine-tuner, what the GUI's fine-tune page needs, as data (``run`` stays the whole command):
+    options: tuple = ()  # Option: its hyper-parameters; each is also the command's ``--name-with-dashes`` flag
+    data: str = ""  # what its --data is: "text" (.txt files or one file) | "images" (images + same-named .txt)
+    generator: str = ""  # the generator whose models it fine-tunes and that applies the adapter it makes
 
 
 def lazy(module: str, name: str) -> Callable:

@@ -92,5 +92,10 @@ def register_finetuners(register):
     Called once when the plugin host loads. Call ``register(trainer)`` with an
     ``engine.generators.Trainer(kind, title, run)``, exactly as for ``register_trainers``;
     ``engine.finetune.run`` drives a family's ``engine.finetune.Task`` (checkpoints,
-    resume, stop on NaN). A kind must be unique across plugins. Returns nothing.
+    resume, stop on NaN). For the GUI's fine-tune page also give ``options`` (its
+    hyper-parameters as ``engine.generators.Option``; each is the command's
+    ``--name-with-dashes`` flag; ``engine.finetune.lora_options`` has the shared ones),
+    ``data`` ("text" or "images": what ``--data`` holds) and ``generator`` (whose models it
+    fine-tunes and which applies its adapter); the page runs ``studio finetune KIND ...
+    --json``. A kind must be unique across plugins. Returns nothing.
     """

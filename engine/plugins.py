@@ -26,7 +26,7 @@ import engine
 from engine import hookspecs, state
 from engine.architectures import Architecture, Importer
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer
+from engine.generators import Generator, GeneratorInfo, Option, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,8 @@ class PluginHost:
                                    "generate")
                 if cls is Trainer and not callable(obj.run):
                     raise _Invalid(f"{hook} expects engine.generators.Trainer objects with a callable run")
+                if cls is Trainer and not all(isinstance(o, Option) for o in obj.options):
+                    raise _Invalid(f"{noun} {obj.kind!r}: options must be engine.generators.Option objects")
                 key, known = key_of(obj), getattr(self, what)
                 if key in known or key in staged[what]:
                     owner = known.get(key, (None, plugin))[1]

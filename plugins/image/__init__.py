@@ -101,5 +101,7 @@ def register_trainers(register):
 
 @hookimpl
 def register_finetuners(register):
+    from plugins.image.finetune import OPTIONS  # plain data; the module imports torch only when it runs
+
     register(Trainer("image", "LoRA on the shapes diffusion model from captioned images (kohya format)",
-                     lazy("plugins.image.finetune", "main")))
+                     lazy("plugins.image.finetune", "main"), options=OPTIONS, data="images", generator="image"))

@@ -18,11 +18,26 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.finetune import Task, run_command
+from engine.datasets import read_pairs
+from engine.finetune import Task, add_options, lora_options, run_command
+from engine.generators import Option
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+OPTIONS = lora_options(steps=400, lr=2e-3, batch=16, rank=8, alpha=8.0, dropout=0.0, every=100) + (
+    Option("caption_dropout", "float", 0.1, "share of captions trained as empty (what guidance needs)", min=0.0,
+           max=1.0),
+    Option("val_fraction", "float", 0.1, "share of the images held out for validation", min=0.0, max=0.9),
+    Option("sample_steps", "int", 12, "denoising steps of the sample images drawn at each evaluation (0: none)",
+           min=0, max=1000),
+    Option("text_encoder", "bool", True, "also adapt the text encoder (off: the U-Net only, which leaves every "
+           "other prompt's conditioning as it was)"),
+    Option("prior_data", "str", "", "a folder of captioned images of what the model already draws, mixed into "
+           "every batch so that it does not forget them (prior preservation; empty: none)"),
+    Option("prior_share", "float", 0.5, "share of each batch drawn from the prior images", min=0.0, max=1.0),
+)
 
 
 def parse_args(argv):
@@ -30,45 +45,10 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="base model (from `studio models list`)")
     p.add_argument("--data", required=True, help="a folder of images with same-named .txt captions")
     p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=8.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions trained as empty (guidance)")
-    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
-                   help="also adapt the text encoder (--no-text-encoder: the U-Net only, which leaves every other "
-                        "prompt's conditioning as it was)")
-    p.add_argument("--prior-data", help="a folder of captioned images of what the model already draws, mixed into "
-                                        "every batch so that it does not forget them (prior preservation)")
-    p.add_argument("--prior-share", type=float, default=0.5, help="share of each batch drawn from --prior-data")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    add_options(p, OPTIONS)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
-
-
-def read_pairs(folder: Path) -> tuple:
-    """([(image path, caption)], [images without a caption]); UsageError for an empty or missing folder."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder; give a folder of images with same-named .txt captions.")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise UsageError(f"{folder} holds no images (.png, .jpg, .webp).")
-    pairs, missing = [], []
-    for img in images:
-        cap = img.with_suffix(".txt")
-        if cap.is_file():
-            pairs.append((img, cap.read_text(encoding="utf-8").strip()))
-        else:
-            missing.append(img.name)
-    return pairs, missing
 
 
 class ImageTask(Task):
@@ -99,6 +79,7 @@ class ImageTask(Task):
         self.model = torch.nn.ModuleDict({"unet": self.loaded.unet, "text_encoder": self.loaded.text_encoder})
         S, enc = cfg.sample_size, self.loaded.prompt_encoder
         images, ids, unknown, h = [], [], set(), hashlib.sha256()
+        self.captions = [caption for _, caption in pairs]
         for path, caption in list(pairs) + list(prior):
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -180,6 +161,22 @@ class ImageTask(Task):
             tt = torch.full((len(idx),), int(t))
             total += float(self._loss(torch.from_numpy(idx), tt, noise, torch.zeros(len(idx), dtype=torch.bool)))
         return total / 8
+
+    def sample(self):
+        """Up to four images in a row, for the first captions of the dataset (held-out ones first) with fixed seeds,
+        so the same prompts show the adapter's progress at every evaluation; None with --sample-steps 0."""
+        import numpy as np
+        from PIL import Image
+
+        from engine.diffusion import SampleSettings
+        from plugins.image.pipeline import generate_images, torch_nets
+
+        if not getattr(self.a, "sample_steps", 0):
+            return None
+        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
+        captions = [self.captions[i] for i in order[:4]]
+        images = generate_images(torch_nets(self.loaded), captions, SampleSettings(steps=self.a.sample_steps), seed=0)
+        return Image.fromarray(np.concatenate(list(images), axis=1))
 
     def save(self, folder: Path) -> None:
         from engine.nn.lora import save_kohya

@@ -156,5 +156,7 @@ def register_trainers(register):
 
 @hookimpl
 def register_finetuners(register):
+    from plugins.text.finetune import OPTIONS  # plain data; the module imports torch only when it runs
+
     register(Trainer("text", "LoRA on a text model from a folder of .txt files (PEFT format)",
-                     lazy("plugins.text.finetune", "main")))
+                     lazy("plugins.text.finetune", "main"), options=OPTIONS, data="text", generator="text"))

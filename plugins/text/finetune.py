@@ -16,9 +16,19 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.finetune import Task, run_command
+from engine.datasets import read_documents
+from engine.finetune import Task, add_options, lora_options, run_command
+from engine.generators import Option
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+
+
+OPTIONS = lora_options(steps=300, lr=2e-3, batch=8, rank=8, alpha=16.0, dropout=0.05, every=50) + (
+    Option("targets", "str", DEFAULT_TARGETS, "comma-separated names of the layers to adapt"),
+    Option("context", "int", 128, "tokens per training window", min=2),
+    Option("val_fraction", "float", 0.1, "the share of each document's end held out for validation", min=0.0,
+           max=0.9),
+)
 
 
 def parse_args(argv):
@@ -26,44 +36,10 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="base model (a name from `studio models list`, or a folder)")
     p.add_argument("--data", required=True, help="a folder of .txt files, or one .txt file")
     p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input")
-    p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated layer names to adapt")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--context", type=int, default=128, help="tokens per training window")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_options(p, OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
     return p.parse_args(argv)
-
-
-def read_documents(path: Path) -> dict:
-    """{name: text} of a .txt file or of the .txt files in a folder; UsageError when there is no text."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    else:
-        raise UsageError(f"{path} does not exist; give a folder of .txt files or one .txt file.")
-    docs = {}
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{f} cannot be read as UTF-8 text ({exc}).") from None
-        if text.strip():
-            docs[str(f.relative_to(path) if path.is_dir() else f.name)] = text
-    if not docs:
-        raise UsageError(f"{path} holds no text to train on (no non-empty .txt files).")
-    return docs
 
 
 def fingerprint(docs: dict) -> str:

@@ -57,22 +57,38 @@ class DialogActions:
         self.refresh_models()
 
     @guard
-    def open_finetune(self) -> None:
-        self._exec("finetune_dialog", "FinetuneDialog", use_adapter=self.use_finetuned)
+    def open_caption_folder(self) -> None:
+        self._exec("caption_folder_dialog", "CaptionFolderDialog")
 
     @guard
-    def use_finetuned(self, generator: str, model: str, adapter: str) -> None:
-        """A finished fine-tune's adapter, selected in its generator (with the base model it was made on)."""
+    def open_finetune(self) -> None:
+        """The fine-tune page, a window of its own that keeps its run while hidden."""
+        from PySide6.QtCore import Qt
+
+        from studio.gui.finetune_page import FinetunePage
+
+        page = getattr(self, "finetune_page", None)
+        if page is None:
+            page = FinetunePage(self.session, self)
+            page.setWindowFlag(Qt.WindowType.Window)
+            page.resize(1180, 780)
+            page.use_adapter.connect(self.use_finetuned_adapter)
+            self.finetune_page = page
+        page.show()
+        page.raise_()
+        page.activateWindow()
+
+    @guard
+    def use_finetuned_adapter(self, generator: str, model: str, adapter: str) -> None:
+        """The fine-tune page's "Use this adapter": its generator, base model and adapter, in this window."""
         self.select_generator(generator)
         idx = self.panel.model.findData(model)
         if idx >= 0:
             self.panel.model.setCurrentIndex(idx)
         self.panel.loras.add(adapter)
-        self.statusBar().showMessage(f"LoRA {adapter} selected for {generator}.", 8000)
-
-    @guard
-    def open_caption_folder(self) -> None:
-        self._exec("caption_folder_dialog", "CaptionFolderDialog")
+        self.raise_()
+        self.activateWindow()
+        self.show_info(f"Using the adapter {adapter} on {model}: write a prompt and Generate.")
 
     @guard
     def open_settings(self) -> None:

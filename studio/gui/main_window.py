@@ -52,6 +52,7 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
         self.setWindowTitle("GenAI Studio")
         self.setAcceptDrops(True)
         self.task = None
+        self.finetune_page = None  # Tools > Fine-tune (LoRA)… (studio/gui/finetune_page.py), made when first opened
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
         self.replays: dict = {}  # queue job id -> the recipe it replays
@@ -533,6 +534,8 @@ class MainWindow(RecipeActions, DialogActions, QMainWindow):
                 self.token.cancel()
                 if not self.task.wait(CLOSE_WAIT_MS):
                     log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
+            if getattr(self, "finetune_page", None) is not None:
+                self.finetune_page.stop()  # paused with a checkpoint: Resume continues it
             if self.persist:
                 self.save_state()
             self.session.close()

@@ -11,8 +11,11 @@ INT_LIMIT = 2**31 - 1
 SLIDER_STEPS = 1000
 
 
+LABELS = {"lr": "Learning rate"}
+
+
 def label_for(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+    return LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
 class FloatField(QWidget):
@@ -23,10 +26,12 @@ class FloatField(QWidget):
         self.spin = QDoubleSpinBox()
         lo = opt.min if opt.min is not None else -1e9
         hi = opt.max if opt.max is not None else 1e9
+        small = abs(opt.default) if opt.default and abs(opt.default) < 0.01 else 0  # a learning rate: 2e-3
+        digits = -math.floor(math.log10(small)) if small else 0
+        self.spin.setDecimals(digits + 3 if small else 3)
         self.spin.setRange(lo, hi)
-        self.spin.setDecimals(3)
         span = hi - lo if opt.min is not None and opt.max is not None else 10.0
-        self.spin.setSingleStep(_nice_step(span))
+        self.spin.setSingleStep(10.0 ** -(digits + 1) if small else _nice_step(span))
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         self.slider = None

@@ -1,4 +1,5 @@
-"""Render the documentation screenshots: ``python -m studio.gui.screenshots docs/img``.
+"""Render the documentation screenshots: ``python -m studio.gui.screenshots docs/img``; the fine-tune page (a real
+LoRA run, a minute or two on a CPU): ``python -m studio.gui.screenshots --finetune docs/screenshots/finetune_page.png``.
 
 Uses a temporary STUDIO_HOME with the example plugin (and, for the plugin manager picture, a deliberately broken
 drop-in plugin). Built-in generators run when they have a model; when the
@@ -82,10 +83,48 @@ def chat_turns(app, window) -> None:
     window.chat.update_meter()
 
 
+def finetune_page(app, window, home: Path, png: Path, steps: int = 160, shoot_at: int = 120) -> Path:
+    """The fine-tune page part-way through a real run: the star LoRA of the shapes model on 32 star scenes, the
+    loss plotted, the samples of the last evaluation shown; the run is paused once the picture is taken."""
+    import numpy as np
+    from PIL import Image
+
+    from engine import shapes as S
+
+    data = home / "stars"
+    data.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(32):
+        base = S.sample_scene(rng)
+        scene = S.Scene(base.size, base.colour, "star", base.position, base.background)
+        Image.fromarray(S.render(scene, 32, antialias=i % 2 == 1)).save(data / f"star{i:02d}.png")
+        (data / f"star{i:02d}.txt").write_text(S.caption(scene))
+    window.open_finetune()
+    page = window.finetune_page
+    page.finetuner.setCurrentIndex(page.finetuner.findData("image"))
+    page.set_dataset(str(data))
+    page.form.set_values({"steps": steps, "batch": 8, "eval_every": 20, "checkpoint_every": 40, "lr": 3e-3})
+    page.start()
+    end = time.monotonic() + 900
+    while page.busy() and (len(page.points["train"][0]) < shoot_at or page.points["train"][0][-1] % 20 > 3) \
+            and time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.01)
+    from studio.gui.app import grab_to
+
+    page.resize(1180, 780)
+    path = grab_to(page, png)
+    page.stop()
+    return path
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    only_finetune = argv[:1] == ["--finetune"]  # `--finetune PNG`: just the fine-tune page
+    argv = argv[1:] if only_finetune else argv
     out = Path(argv[0] if argv else "docs/img")
-    out.mkdir(parents=True, exist_ok=True)
+    if not only_finetune:
+        out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     home = Path(tempfile.mkdtemp(prefix="studio-shots-"))
     os.environ["STUDIO_HOME"] = str(home)
@@ -105,6 +144,12 @@ def main(argv=None) -> int:
     window = MainWindow(session)
     window.resize(1280, 800)
     window.show()
+    if only_finetune:
+        window.persist = False
+        print(finetune_page(app, window, home, out if argv else Path("docs/screenshots/finetune_page.png")))
+        window.close()
+        shutil.rmtree(home, ignore_errors=True)
+        return 0
     written = []
     sample = home / "sample.png"
     from PIL import Image
