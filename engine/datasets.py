@@ -53,3 +53,13 @@ def read_pairs(folder: Path) -> tuple:
         else:
             missing.append(img.name)
     return pairs, missing
+
+
+def captioned_images(folder: Path) -> list:
+    """[(image path, caption)] of a folder in which every image has its caption; UsageError naming the count of
+    images without one (a fine-tuner on the command line refuses rather than guess)."""
+    pairs, missing = read_pairs(folder)
+    if missing:
+        raise UsageError(f"{len(missing)} image(s) in {folder} have no same-named .txt caption ({missing[0]}, ...); "
+                         "write them first, for example with `studio caption-folder`.")
+    return pairs

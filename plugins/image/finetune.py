@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.datasets import read_pairs
+from engine.datasets import captioned_images
 from engine.finetune import Task, add_options, lora_options, run_command
 from engine.generators import Option
 
@@ -208,16 +208,10 @@ def main(argv=None) -> int:
     if entry.family != "shapes-diffusion":
         raise UsageError(f"{entry.name} is a {entry.family} model; `studio finetune image` fine-tunes the shapes "
                          "diffusion family.")
-    pairs, missing = read_pairs(Path(a.data))
-    if missing:
-        raise UsageError(f"{len(missing)} image(s) in {a.data} have no same-named .txt caption ({missing[0]}, ...); "
-                         "write them first, for example with `studio caption-folder`.")
+    pairs = captioned_images(Path(a.data))
     prior = []
     if a.prior_data:
-        prior, missing = read_pairs(Path(a.prior_data))
-        if missing:
-            raise UsageError(f"{len(missing)} image(s) in {a.prior_data} have no same-named .txt caption "
-                             f"({missing[0]}, ...).")
+        prior = captioned_images(Path(a.prior_data))
         if not 0 < a.prior_share < 1:
             raise UsageError("--prior-share must be between 0 and 1.")
     out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).name}"

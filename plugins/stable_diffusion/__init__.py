@@ -10,7 +10,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture, Importer
 from engine.errors import ModelError, UsageError
-from engine.generators import Generator, GeneratorInfo, Option, lazy
+from engine.generators import Generator, GeneratorInfo, Option, Trainer, lazy
 from plugins.stable_diffusion.layout import MODEL_TYPE
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # engine.diffusion's (numpy)
@@ -124,6 +124,15 @@ def _detect_single_file(path: Path) -> bool:
 @hookimpl
 def register_generators(register):
     register(Generator(INFO, generate))
+
+
+@hookimpl
+def register_finetuners(register):
+    from plugins.stable_diffusion.finetune import OPTIONS  # plain data; the module imports torch only when it runs
+
+    register(Trainer("sd", "LoRA on a Stable Diffusion model from captioned images (kohya format)",
+                     lazy("plugins.stable_diffusion.finetune", "main"), options=OPTIONS, data="images",
+                     generator="sd"))
 
 
 @hookimpl
