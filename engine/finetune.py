@@ -234,6 +234,113 @@ def add_options(parser, options) -> None:
                                 choices=o.choices, help=o.help)
 
 
+class DenoiserTask(Task):
+    """A diffusion family's task: ``self.x0`` (N, C, H, W) training targets (pixels or latents), index arrays
+    ``train_idx``, ``val_idx`` and ``prior_idx`` (prior-preservation samples, trained on, never validated; may be
+    empty), ``acp`` (alpha-bar per training timestep) and ``self.a`` (batch, caption_dropout, prior_share); the family
+    writes ``_loss(idx, t, noise, drop)`` (drop: the captions trained as empty)."""
+    prior_idx = ()
+
+    def adapt(self, unet, text_encoder, unet_targets: tuple, text_targets: tuple) -> None:
+        """LoRA on the U-Net, and on the text encoder when ``self.a.text_encoder`` (else it stays frozen): sets
+        ``spec`` (for saving), ``paths`` and ``model``."""
+        import torch
+
+        from engine.nn.lora import LoraSpec, wrap
+
+        a, text = self.a, bool(getattr(self.a, "text_encoder", True))
+        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, unet_targets + (text_targets if text else ()))
+        self.paths = wrap(unet, LoraSpec(a.rank, a.alpha, a.dropout, unet_targets), seed=a.seed)
+        if text:
+            self.paths += wrap(text_encoder, LoraSpec(a.rank, a.alpha, a.dropout, text_targets), seed=a.seed + 1)
+        else:
+            for p in text_encoder.parameters():
+                p.requires_grad_(False)
+        self.model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+
+    def _loss(self, idx, t, noise, drop):
+        raise NotImplementedError
+
+    def batch(self, rng):
+        import torch
+
+        idx = rng.choice(self.train_idx, size=self.a.batch)
+        if len(self.prior_idx):  # prior preservation: a share of the batch from the prior images
+            take = rng.random(self.a.batch) < self.a.prior_share
+            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
+        noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.x0.shape[1:])).astype("float32"))
+        drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)
+        return torch.from_numpy(idx), t, noise, drop
+
+    def loss(self, batch):
+        return self._loss(*batch)
+
+    def val_loss(self) -> float:
+        """The loss on the held-out images at 8 fixed timesteps and noises (the same at every evaluation)."""
+        import numpy as np
+        import torch
+
+        idx = self.val_idx if len(self.val_idx) else self.train_idx[:1]
+        rng = np.random.default_rng(12345)
+        total = 0.0
+        for t in np.linspace(50, len(self.acp) - 50, 8).astype(int):
+            noise = torch.from_numpy(rng.standard_normal((len(idx), *self.x0.shape[1:])).astype("float32"))
+            total += float(self._loss(torch.from_numpy(idx), torch.full((len(idx),), int(t)), noise,
+                                      torch.zeros(len(idx), dtype=torch.bool)))
+        return total / 8
+
+
+def parse_command(kind: str, description: str, data_help: str, options, argv) -> "argparse.Namespace":
+    """The arguments of ``studio finetune KIND``: --model, --data, --out, the fine-tuner's options, --resume and
+    --json, checked (rank, steps, batch at least 1; lr above 0)."""
+    import sys
+
+    p = argparse.ArgumentParser(prog=f"studio finetune {kind}", description=description)
+    p.add_argument("--model", required=True, help="base model (a name from `studio models list`)")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
+    add_options(p, options)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0:
+        raise UsageError("--rank, --steps and --batch must be at least 1 and --lr above 0.")
+    return a
+
+
+def base_model(a, fits: Callable, wanted: str):
+    """The store's entry for ``--model`` when ``fits(entry)``, else a UsageError saying it fine-tunes ``wanted``;
+    sets torch's threads from ``--threads``."""
+    import torch
+
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    entry = ModelStore(PluginHost().load()).get(a.model)
+    if not fits(entry):
+        raise UsageError(f"{entry.name} is a {entry.family} model; this fine-tuner needs {wanted}.")
+    return entry
+
+
+def run_folder(a, entry) -> Path:
+    from engine import state
+
+    return Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).stem}"
+
+
+def start(task: Task, a, out: Path, what: str, adapter_file: str = "") -> int:
+    """Say what is about to train (on stderr), then ``run_command``."""
+    import sys
+
+    trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    print(f"fine-tuning {a.model}: LoRA rank {a.rank} on {len(task.paths)} layers, {trainable:,} trainable "
+          f"parameters; {what}; run folder {out}", file=sys.stderr)
+    return run_command(task, a, out, adapter_file)
+
+
 def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     """What ``studio finetune KIND`` does once a family has built its task from parsed options ``a`` (steps, lr,
     batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per

@@ -40,6 +40,21 @@ class MLP(nn.Module):
 
 class CausalLM(nn.Module):
     """What the decoders' language-model classes share (GPT-2's, and the Llama family's)."""
+    n_layers = 0  # set by add_head
+    max_positions = 0
+
+    def add_head(self, width: int, vocab: int, embedding: nn.Embedding, tie: bool, n_layers: int,
+                 max_positions: int) -> None:
+        """The language-model head (tied to ``embedding`` when ``tie``), and the sizes the decoding loop asks."""
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = embedding.weight
+        self.n_layers, self.max_positions = n_layers, max_positions
+
+    def new_cache(self):
+        from engine.nn.cache import KVCache
+
+        return KVCache(self.n_layers)
 
     @torch.inference_mode()
     def step(self, input_ids, past=None, attention_mask=None, position_ids=None):

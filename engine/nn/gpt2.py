@@ -218,20 +218,12 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        else:
+        self.add_head(config.n_embd, config.vocab_size, self.transformer.wte, config.tie_word_embeddings,
+                      config.n_layer, config.n_positions)
+        if not config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         nn.init.normal_(self.transformer.wte.weight, std=0.02)
         nn.init.normal_(self.transformer.wpe.weight, std=0.01)
-
-    @property
-    def max_positions(self) -> int:
-        return self.config.n_positions
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
 
     def cross_kv(self, encoder_hidden_states) -> list:
         """Per layer (K, V) of the encoder states for cross-attention; store them in ``past.cross``."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine import hookimpl
 from engine.architectures import Architecture
-from engine.errors import ModelError, UsageError
+from engine.errors import UsageError
 from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
@@ -66,17 +66,6 @@ def _load(request):
     return torch_nets(loaded)
 
 
-def check(folder: Path) -> None:
-    """Config, weight names and shapes, and tokenizer of a text-to-image folder; ModelError on a problem."""
-    from plugins.image.model import check_folder
-    try:
-        check_folder(Path(folder))
-    except ModelError:
-        raise
-    except Exception as e:  # anything unexpected in a user's folder is still a model problem
-        raise ModelError(f"The model folder {folder} cannot be used ({e}).") from None
-
-
 @hookimpl
 def register_generators(register):
     register(Generator(INFO, generate))
@@ -85,7 +74,8 @@ def register_generators(register):
 @hookimpl
 def register_architectures(register):
     register(Architecture(family="shapes-diffusion", generator="image",
-                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE, check=check,
+                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE,
+                          check=lazy("plugins.image.model", "check_folder"),
                           needs_tokenizer=True, title="Text-to-image diffusion (U-Net + CLIP text encoder)"))
 
 

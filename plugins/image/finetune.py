@@ -12,14 +12,12 @@ that token means in this position, which is how the studio's star demonstration 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from engine.errors import UsageError
 from engine.datasets import captioned_images
-from engine.finetune import Task, add_options, lora_options, run_command
+from engine.finetune import DenoiserTask, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
@@ -41,17 +39,11 @@ OPTIONS = lora_options(steps=400, lr=2e-3, batch=16, rank=8, alpha=8.0, dropout=
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="studio finetune image", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="base model (from `studio models list`)")
-    p.add_argument("--data", required=True, help="a folder of images with same-named .txt captions")
-    p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    add_options(p, OPTIONS)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--json", action="store_true")
-    return p.parse_args(argv)
+    return parse_command("image", __doc__.split("\n")[0], "a folder of images with same-named .txt captions",
+                         OPTIONS, argv)
 
 
-class ImageTask(Task):
+class ImageTask(DenoiserTask):
     def __init__(self, entry, pairs: list, a, device: str = "cpu", prior: list = ()):
         import hashlib
 
@@ -60,7 +52,6 @@ class ImageTask(Task):
         from PIL import Image
 
         from engine.diffusion.schedulers.common import alphas_cumprod
-        from engine.nn.lora import LoraSpec, wrap
         from plugins.image import model as M
         from plugins.image.pipeline import coord_maps
 
@@ -68,15 +59,7 @@ class ImageTask(Task):
         self.loaded = M.load(Path(entry.path), device)
         cfg = self.loaded.cfg
         text = getattr(a, "text_encoder", True)
-        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS + (TEXT_TARGETS if text else ()))
-        self.paths = wrap(self.loaded.unet, LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS), seed=a.seed)
-        if text:
-            self.paths += wrap(self.loaded.text_encoder, LoraSpec(a.rank, a.alpha, a.dropout, TEXT_TARGETS),
-                               seed=a.seed + 1)
-        else:
-            for p in self.loaded.text_encoder.parameters():
-                p.requires_grad_(False)
-        self.model = torch.nn.ModuleDict({"unet": self.loaded.unet, "text_encoder": self.loaded.text_encoder})
+        self.adapt(self.loaded.unet, self.loaded.text_encoder, UNET_TARGETS, TEXT_TARGETS)
         S, enc = cfg.sample_size, self.loaded.prompt_encoder
         images, ids, unknown, h = [], [], set(), hashlib.sha256()
         self.captions = [caption for _, caption in pairs]
@@ -132,36 +115,6 @@ class ImageTask(Task):
         w = ((snr.clamp(max=5.0) + 1.0) / (snr + 1)).float()
         return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
 
-    def batch(self, rng):
-        import torch
-
-        idx = rng.choice(self.train_idx, size=self.a.batch)
-        if len(self.prior_idx):  # prior preservation: a share of the batch from the prior images
-            take = rng.random(self.a.batch) < self.a.prior_share
-            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
-        idx = torch.from_numpy(idx)
-        t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
-        noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.x0.shape[1:])).astype("float32"))
-        drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)
-        return idx, t, noise, drop
-
-    def loss(self, batch):
-        return self._loss(*batch)
-
-    def val_loss(self) -> float:
-        """The loss on the held-out images at 8 fixed timesteps and noises (the same every evaluation)."""
-        import numpy as np
-        import torch
-
-        idx = self.val_idx if len(self.val_idx) else self.train_idx[:1]
-        rng = np.random.default_rng(12345)
-        total = 0.0
-        for t in np.linspace(50, len(self.acp) - 50, 8).astype(int):
-            noise = torch.from_numpy(rng.standard_normal((len(idx), *self.x0.shape[1:])).astype("float32"))
-            tt = torch.full((len(idx),), int(t))
-            total += float(self._loss(torch.from_numpy(idx), tt, noise, torch.zeros(len(idx), dtype=torch.bool)))
-        return total / 8
-
     def sample(self):
         """Up to four images in a row, for the first captions of the dataset (held-out ones first) with fixed seeds,
         so the same prompts show the adapter's progress at every evaluation; None with --sample-steps 0."""
@@ -193,32 +146,14 @@ class ImageTask(Task):
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from engine import state
-    from engine.plugins import PluginHost
-    from engine.store import ModelStore
-
-    a = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0:
-        raise UsageError("--rank, --steps and --batch must be at least 1 and --lr above 0.")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    entry = ModelStore(PluginHost().load()).get(a.model)
-    if entry.family != "shapes-diffusion":
-        raise UsageError(f"{entry.name} is a {entry.family} model; `studio finetune image` fine-tunes the shapes "
-                         "diffusion family.")
+    a = parse_args(argv)
+    entry = base_model(a, lambda e: e.family == "shapes-diffusion", "the shapes diffusion model")
     pairs = captioned_images(Path(a.data))
     prior = []
     if a.prior_data:
         prior = captioned_images(Path(a.prior_data))
         if not 0 < a.prior_share < 1:
             raise UsageError("--prior-share must be between 0 and 1.")
-    out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).name}"
     task = ImageTask(entry, pairs, a, prior=prior)
     note = f"; unknown words (learned as the unknown token): {', '.join(task.unknown)}" if task.unknown else ""
-    print(f"fine-tuning {entry.name}: LoRA rank {a.rank} on {len(task.paths)} layers, "
-          f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
-          f"{len(pairs)} images{note}; run folder {out}", file=sys.stderr)
-
-    return run_command(task, a, out, "adapter.safetensors")
+    return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}", "adapter.safetensors")

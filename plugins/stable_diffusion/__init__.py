@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine import hookimpl
 from engine.architectures import Architecture, Importer
-from engine.errors import ModelError, UsageError
+from engine.errors import UsageError
 from engine.generators import Generator, GeneratorInfo, Option, Trainer, lazy
 from plugins.stable_diffusion.layout import MODEL_TYPE
 
@@ -98,17 +98,6 @@ def _load(request):
     return torch_nets(sd)
 
 
-def check(folder: Path) -> None:
-    from plugins.stable_diffusion.model import check_folder
-
-    try:
-        check_folder(Path(folder))
-    except ModelError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything unexpected in a user's folder is still a model problem
-        raise ModelError(f"The Stable Diffusion folder {folder} cannot be used ({exc}).") from None
-
-
 def _detect_pipeline(path: Path) -> bool:
     from plugins.stable_diffusion.folder import detect
 
@@ -143,7 +132,8 @@ def register_exporters(register):
 @hookimpl
 def register_architectures(register):
     register(Architecture(family="stable-diffusion", generator="sd",
-                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE, check=check,
+                          matches=lambda cfg: cfg.get("model_type") == MODEL_TYPE,
+                          check=lazy("plugins.stable_diffusion.model", "check_folder"),
                           needs_tokenizer=True, title="Stable Diffusion 1.x / 2.x (U-Net, VAE, CLIP text encoder)"))
 
 

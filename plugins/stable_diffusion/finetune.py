@@ -12,14 +12,11 @@ and diffusers' ``load_lora_weights`` read, and ``studio generate sd --lora`` app
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from engine.datasets import captioned_images
-from engine.errors import UsageError
-from engine.finetune import Task, add_options, lora_options, run_command
+from engine.finetune import DenoiserTask, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -38,14 +35,8 @@ OPTIONS = lora_options(steps=400, lr=1e-4, batch=1, rank=8, alpha=8.0, dropout=0
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="studio finetune sd", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="base model (from `studio models list`)")
-    p.add_argument("--data", required=True, help="a folder of images with same-named .txt captions")
-    p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    add_options(p, OPTIONS)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--json", action="store_true")
-    return p.parse_args(argv)
+    return parse_command("sd", __doc__.split("\n")[0], "a folder of images with same-named .txt captions", OPTIONS,
+                         argv)
 
 
 def square(im, size: int):
@@ -58,7 +49,7 @@ def square(im, size: int):
     return im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
 
 
-class SDTask(Task):
+class SDTask(DenoiserTask):
     def __init__(self, entry, pairs: list, a, device: str = "cpu"):
         import hashlib
 
@@ -67,7 +58,6 @@ class SDTask(Task):
         from PIL import Image
 
         from engine.diffusion.schedulers.common import alphas_cumprod
-        from engine.nn.lora import LoraSpec, wrap
         from plugins.stable_diffusion.model import load
         from plugins.stable_diffusion.pipeline import check_size, default_size, pixels
         from plugins.stable_diffusion.prompts import chunks
@@ -78,16 +68,7 @@ class SDTask(Task):
         check_size(size, size)
         self.size = size
         text = bool(a.text_encoder)
-        targets = UNET_TARGETS + (TEXT_TARGETS if text else ())
-        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, targets)
-        self.paths = wrap(self.sd.unet, LoraSpec(a.rank, a.alpha, a.dropout, UNET_TARGETS), seed=a.seed)
-        if text:
-            self.paths += wrap(self.sd.text_encoder, LoraSpec(a.rank, a.alpha, a.dropout, TEXT_TARGETS),
-                               seed=a.seed + 1)
-        else:
-            for p in self.sd.text_encoder.parameters():
-                p.requires_grad_(False)
-        self.model = torch.nn.ModuleDict({"unet": self.sd.unet, "text_encoder": self.sd.text_encoder})
+        self.adapt(self.sd.unet, self.sd.text_encoder, UNET_TARGETS, TEXT_TARGETS)
         tok = self.sd.tokenizer
 
         def ids_of(caption: str) -> list:
@@ -109,7 +90,7 @@ class SDTask(Task):
         order = rng.permutation(n)
         n_val = max(1, int(round(n * a.val_fraction))) if n > 1 else 0
         self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
-        self.z0 = torch.stack(latents)
+        self.x0 = torch.stack(latents)
         self.ids = torch.tensor(ids)
         self.empty = torch.tensor(ids_of(""))
         self.acp = torch.from_numpy(alphas_cumprod(self.sd.scheduler).astype(np.float64))
@@ -126,39 +107,13 @@ class SDTask(Task):
         import torch
         import torch.nn.functional as F
 
-        z0 = self.z0[idx]
+        z0 = self.x0[idx]
         ids = torch.where(drop[:, None], self.empty[None], self.ids[idx])
         a = self.acp[t].float()[:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * z0 if self.v_pred else noise
         hidden, _ = self.sd.text_encoder(ids)
         return F.mse_loss(self.sd.unet(zt, t.float(), hidden), target)
-
-    def batch(self, rng):
-        import torch
-
-        idx = torch.from_numpy(rng.choice(self.train_idx, size=self.a.batch))
-        t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
-        noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.z0.shape[1:])).astype("float32"))
-        drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)
-        return idx, t, noise, drop
-
-    def loss(self, batch):
-        return self._loss(*batch)
-
-    def val_loss(self) -> float:
-        """The loss on the held-out images at 8 fixed timesteps and noises (the same at every evaluation)."""
-        import numpy as np
-        import torch
-
-        idx = self.val_idx if len(self.val_idx) else self.train_idx[:1]
-        rng = np.random.default_rng(12345)
-        total = 0.0
-        for t in np.linspace(50, len(self.acp) - 50, 8).astype(int):
-            noise = torch.from_numpy(rng.standard_normal((len(idx), *self.z0.shape[1:])).astype("float32"))
-            total += float(self._loss(torch.from_numpy(idx), torch.full((len(idx),), int(t)), noise,
-                                      torch.zeros(len(idx), dtype=torch.bool)))
-        return total / 8
 
     def sample(self):
         """Up to two images side by side for the first captions (held-out first), fixed seeds; None when
@@ -198,25 +153,10 @@ class SDTask(Task):
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from engine import state
-    from engine.plugins import PluginHost
-    from engine.store import ModelStore
-
-    a = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0:
-        raise UsageError("--rank, --steps and --batch must be at least 1 and --lr above 0.")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    entry = ModelStore(PluginHost().load()).get(a.model)
-    if entry.family != "stable-diffusion":
-        raise UsageError(f"{entry.name} is a {entry.family} model; `studio finetune sd` fine-tunes Stable Diffusion "
-                         "models (import one with `studio models import`).")
+    a = parse_args(argv)
+    entry = base_model(a, lambda e: e.family == "stable-diffusion",
+                       "a Stable Diffusion model (import one with `studio models import`)")
     pairs = captioned_images(Path(a.data))
-    out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).name}"
     task = SDTask(entry, pairs, a)
-    print(f"fine-tuning {entry.name}: LoRA rank {a.rank} on {len(task.paths)} layers, "
-          f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
-          f"{len(pairs)} images at {task.size} x {task.size}; run folder {out}", file=sys.stderr)
-    return run_command(task, a, out, "adapter.safetensors")
+    return start(task, a, run_folder(a, entry), f"{len(pairs)} images at {task.size} x {task.size}",
+                 "adapter.safetensors")

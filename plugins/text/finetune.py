@@ -9,15 +9,13 @@ The adapter is saved in PEFT's layout (``adapter_model.safetensors`` + ``adapter
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from engine.errors import UsageError
 from engine.datasets import read_documents
-from engine.finetune import Task, add_options, lora_options, run_command
+from engine.finetune import Task, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -32,14 +30,10 @@ OPTIONS = lora_options(steps=300, lr=2e-3, batch=8, rank=8, alpha=16.0, dropout=
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="studio finetune text", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="base model (a name from `studio models list`, or a folder)")
-    p.add_argument("--data", required=True, help="a folder of .txt files, or one .txt file")
-    p.add_argument("--out", help="run folder (default: $STUDIO_HOME/finetunes/<model>-<data name>)")
-    add_options(p, OPTIONS)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
-    return p.parse_args(argv)
+    a = parse_command("text", __doc__.split("\n")[0], "a folder of .txt files, or one .txt file", OPTIONS, argv)
+    if not 0 <= a.val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1).")
+    return a
 
 
 def fingerprint(docs: dict) -> str:
@@ -149,27 +143,7 @@ class TextTask(Task):
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from engine import state
-    from engine.plugins import PluginHost
-    from engine.store import ModelStore
-
-    a = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0 or not 0 <= a.val_fraction < 1:
-        raise UsageError("--rank, --steps and --batch must be at least 1, --lr above 0 and --val-fraction in [0, 1).")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    host = PluginHost().load()
-    entry = ModelStore(host).get(a.model)
-    if entry.generator != "text":
-        raise UsageError(f"{entry.name} is a {entry.generator or entry.family} model; `studio finetune text` needs a "
-                         "text model.")
-    docs = read_documents(Path(a.data))
-    out = Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).stem}"
-    task = TextTask(entry, docs, a)
-    print(f"fine-tuning {entry.name}: LoRA rank {a.rank} on {len(task.paths)} layers, "
-          f"{sum(p.numel() for p in task.model.parameters() if p.requires_grad):,} trainable parameters; "
-          f"{len(task.train):,} training tokens; run folder {out}", file=sys.stderr)
-
-    return run_command(task, a, out)
+    a = parse_args(argv)
+    entry = base_model(a, lambda e: e.generator == "text", "a text model")
+    task = TextTask(entry, read_documents(Path(a.data)), a)
+    return start(task, a, run_folder(a, entry), f"{len(task.train):,} training tokens")

@@ -420,9 +420,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.add_head(config.hidden_size, config.vocab_size, self.model.embed_tokens, config.tie_word_embeddings,
+                      config.num_hidden_layers, config.max_position_embeddings)
         self.apply(self._init)
 
     @staticmethod
@@ -433,13 +432,6 @@ class LlamaForCausalLM(CausalLM):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-
-    @property
-    def max_positions(self) -> int:
-        return self.config.max_position_embeddings
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
 
     def forward(self, input_ids, past: Optional[KVCache] = None, use_cache: bool = True, logits_to_keep: int = 0,
                 position_ids=None, attention_mask=None):

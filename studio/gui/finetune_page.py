@@ -26,7 +26,7 @@ from studio.gui.dataset_preview import DatasetPreview
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.finetune_process import FinetuneProcess, command_args
 from studio.gui.option_form import OptionForm
-from studio.gui.util import guard
+from studio.gui.util import button, guard
 
 TRAIN_PEN = pg.mkPen("#9bb8ee", width=1)
 MEAN_PEN = pg.mkPen("#2456b8", width=2)
@@ -131,21 +131,15 @@ class FinetunePage(QWidget):
         self.samples = QStackedWidget()
         self.samples.addWidget(self.sample_image)
         self.samples.addWidget(self.sample_text)
-        self.start_button = QPushButton("Start")
-        self.start_button.setObjectName("start")
+        self.start_button = button("Start", self.start, name="start")
         self.start_button.setDefault(True)
-        self.pause_button = QPushButton("Pause")
-        self.pause_button.setObjectName("pause")
-        self.pause_button.setToolTip("Stop after the current step, with a checkpoint there; Resume continues")
-        self.resume_button = QPushButton("Resume")
-        self.resume_button.setObjectName("resume")
-        self.resume_button.setToolTip("Continue the last run from its checkpoint")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setObjectName("cancel")
-        self.cancel_button.setToolTip("Stop at once; the last periodic checkpoint stays, so Resume still works")
-        self.use_button = QPushButton("Use this adapter")
-        self.use_button.setObjectName("use_adapter")
-        self.use_button.setToolTip("Open the generator with the base model and this adapter selected")
+        self.pause_button = button("Pause", self.pause, "Stop after the current step, with a checkpoint there; Resume "
+                                   "continues", "pause")
+        self.resume_button = button("Resume", self.resume, "Continue the last run from its checkpoint", "resume")
+        self.cancel_button = button("Cancel", self.cancel, "Stop at once; the last periodic checkpoint stays, so Resume "
+                                    "still works", "cancel")
+        self.use_button = button("Use this adapter", self.on_use_adapter, "Open the generator with the base model and "
+                                 "this adapter selected", "use_adapter")
         buttons = QHBoxLayout()
         for b in (self.start_button, self.pause_button, self.resume_button, self.cancel_button):
             buttons.addWidget(b)
@@ -179,11 +173,6 @@ class FinetunePage(QWidget):
         self.browse.clicked.connect(self.on_browse)
         self.data.editingFinished.connect(self.refresh_preview)
         self.defaults.clicked.connect(self.form.reset)
-        self.start_button.clicked.connect(self.start)
-        self.pause_button.clicked.connect(self.pause)
-        self.resume_button.clicked.connect(self.resume)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.use_button.clicked.connect(self.on_use_adapter)
         self.populate()
         self._buttons()
 

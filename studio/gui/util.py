@@ -211,11 +211,13 @@ def choose_folder_into(parent, title: str, line_edit) -> None:
     with_folder(parent, title, line_edit.setText, line_edit.text())
 
 
-def button(text: str, slot=None, tip: str = "") -> QPushButton:
-    """A push button, its ``clicked`` connected to ``slot``."""
+def button(text: str, slot=None, tip: str = "", name: str = "") -> QPushButton:
+    """A push button, its ``clicked`` connected to ``slot`` (``name``: its object name, which tests find it by)."""
     b = QPushButton(text)
     if slot is not None:
         b.clicked.connect(slot)
     if tip:
         b.setToolTip(tip)
+    if name:
+        b.setObjectName(name)
     return b
