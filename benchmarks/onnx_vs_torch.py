@@ -112,6 +112,21 @@ def graph_file(export_folder: Path, name: str = "decoder") -> Path:
     return Path(export_folder) / man["graphs"][name]["file"]
 
 
+def export_bytes(graph_path: Path) -> int:
+    """A graph's file and its weights file beside it."""
+    data = graph_path.with_name(graph_path.name + ".data")
+    return graph_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def initializer_bytes(graph_path: Path) -> int:
+    """Bytes of the graph's weights as stored, each initializer once."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_path))
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
 def bytes_per_token(graph_path: Path) -> int:
     """Bytes of initializers a decode step reads: all of them except tables used only by Gather (embeddings)."""
     import onnx
@@ -201,8 +216,16 @@ def text_rows(name: str, folder: Path, family: str, entry, host, work: Path, tok
     model = load_torch_model(folder, family)
     weights = sum(t.numel() * 4 for t in {id(t): t for t in model.parameters()}.values())  # each tensor once, fp32
     fp32_file = graph_file(exports[None][0])
-    size, read = fp32_file.stat().st_size, bytes_per_token(fp32_file)
-    notes.append(f"{name}: lean export (#20): fp32 weights {weights / 1e6:.3f} MB; fp32 graph file "
+    size, read = export_bytes(fp32_file), bytes_per_token(fp32_file)
+    for q in ("int8", "int4"):
+        if q in exports:
+            g = graph_file(exports[q][0])
+            stored, total = initializer_bytes(g), export_bytes(g)
+            notes.append(f"{name} {q}: weights as stored (quantized blocks and scales, the rest fp32, each tensor "
+                         f"once) {stored / 1e6:.3f} MB; graph + data files {total / 1e6:.3f} MB "
+                         f"({100 * (total / stored - 1):+.1f} %; the data file alone "
+                         f"{100 * (g.with_name(g.name + '.data').stat().st_size / stored - 1):+.1f} %)")
+    notes.append(f"{name}: lean export (#20): fp32 weights {weights / 1e6:.3f} MB; fp32 graph + data files "
                  f"{size / 1e6:.3f} MB ({100 * (size / weights - 1):+.1f} %); bytes read per decode step "
                  f"{read / 1e6:.3f} MB ({100 * (read / weights - 1):+.1f} %; Gather-only tables are not read whole)")
     rng = np.random.default_rng(0)

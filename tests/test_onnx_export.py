@@ -85,8 +85,37 @@ def test_int4_export_is_gated_against_fp32(tmp_path, host, family):
     assert gate["passed"] and gate["top1_agreement"] >= gate["min_top1_agreement"]
     assert gate["max_abs_diff"] <= gate["tolerance"] and gate["against"] == "the fp32 ONNX graph"
     graph = onnx.load(str(folder / "onnx-int4" / "model.onnx"))
-    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert bits == {4}
+    bits = {n.input[1]: a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"}
+    gathered = {n.input[0] for n in graph.graph.node if n.op_type == "Gather"}
+    assert set(bits.values()) <= {4, 8} and 4 in bits.values()
+    assert all(b == 4 or name in gathered for name, b in bits.items())  # 8 bits only for a tied embedding/head
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_exports_store_each_weight_once(tmp_path, host, family, scheme):
+    """A tied embedding / output table is stored once, quantized: no fp32 copy for the Gather beside the head's
+    quantized copy, and the weights file is the weights as stored plus page alignment."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = text_folder(tmp_path / f"tiny-{scheme}-{family}", family)
+    export_model(host, entry_for(folder, family, "text"), quantize=scheme)
+    path = folder / f"onnx-{scheme}" / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    assert tables and not _tied(graph)  # the embedding reads the head's quantized table (or its own, untied)
+    stored = sum(a.nbytes for a in inits.values())
+    data = path.with_name("model.onnx.data").stat().st_size
+    assert data <= stored + 4096 * len(inits)
+
+
+def _tied(graph) -> set:
+    """fp32 tables that a Gather reads and whose quantized copy a MatMulNBits reads (the duplication to avoid)."""
+    q = {n.input[1][:-3] for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].endswith(("_Q8", "_Q4"))}
+    return {n.input[0] for n in graph.node if n.op_type == "Gather"} & q
 
 
 def _break_scales(path):
