@@ -13,7 +13,9 @@ and DDIM, and prints the largest difference per pixel (0-1 scale) for each.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,7 @@ def main() -> int:
     from test_sd_pipeline import scene
 
     work = Path(tempfile.mkdtemp(prefix="sd-optimum-"))
+    atexit.register(shutil.rmtree, work, True)  # the models and exports take gigabytes
     image, mask = scene()
     image.save(work / "in.png")
     mask.save(work / "mask.png")

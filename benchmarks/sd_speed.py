@@ -16,9 +16,11 @@ printed too.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -178,6 +180,7 @@ def main() -> int:
         print(json.dumps(child(a.child[0], a.child[1], a.size, a.steps, a.threads)))
         return 0
     work = Path(tempfile.mkdtemp(prefix="sd-speed-"))
+    atexit.register(shutil.rmtree, work, True)  # the models and exports take gigabytes
     build(work / "pipe", a.small)
     os.environ.setdefault("STUDIO_HOME", str(work / "home"))
     from engine.plugins import PluginHost
