@@ -36,6 +36,20 @@ class Architecture:
         if not callable(self.matches):
             raise ValueError(f"architecture {self.family!r}: matches must be callable")
 
+    def verify(self, folder: Path) -> None:
+        """Run ``check`` on ``folder``: anything it raises reaches the caller as one ModelError line (a family's
+        check may meet any kind of damage in a user's folder)."""
+        from engine.errors import ModelError
+
+        if self.check is None:
+            return
+        try:
+            self.check(Path(folder))
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{Path(folder).name} does not load as a {self.family} model: {exc}") from None
+
 
 @dataclass(frozen=True)
 class Importer:

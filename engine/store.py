@@ -238,13 +238,8 @@ class ModelStore:
         if arch.needs_tokenizer and not has_tokenizer(folder):
             raise ModelError(f"{folder.name} has no tokenizer.json (nor vocab.json and merges.txt), which a "
                              f"{arch.family} model needs.")
-        if arch.check is not None and files:
-            try:
-                arch.check(folder)
-            except ModelError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise ModelError(f"{folder.name} does not load as a {arch.family} model: {exc}") from None
+        if files:
+            arch.verify(folder)
         return arch
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:

@@ -108,7 +108,7 @@ def _copy(folder, tmp_path):
 
 def test_check_accepts_good_folder(folder):
     import plugins.image as plugin
-    plugin.check(folder)
+    _image_architecture().verify(folder)
 
 
 @pytest.mark.parametrize("damage", ["no_config", "bad_type", "missing_tensor", "wrong_shape", "bad_tokenizer",
@@ -140,7 +140,7 @@ def test_bad_folder_raises_model_error(folder, tmp_path, damage):
     elif damage == "corrupt_weights":
         (d / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError) as info:
-        plugin.check(d)
+        _image_architecture().verify(d)
     assert str(info.value).strip() and "\n" not in str(info.value)
 
 
@@ -157,3 +157,10 @@ def test_torch_noise_replica_matches_torch_randn(seed):
     for shape in [(1, 3, 32, 32), (2, 3, 16, 16), (5, 7)]:  # successive draws follow the same stream
         want = torch.randn(shape, generator=g).numpy()
         assert np.abs(r.standard_normal(shape) - want).max() < 2e-6
+
+
+def _image_architecture():
+    """The shapes family's Architecture as the host registers it (its ``verify`` is what the store runs)."""
+    from engine.plugins import PluginHost
+
+    return PluginHost(safe_mode=True, disabled=[]).load().architectures["shapes-diffusion"][0]
