@@ -154,7 +154,7 @@ class TaskActions:
             self.say_how_replay_went(self.replay_of, rec.recipe)
 
     def say_how_replay_went(self, original: dict, replayed: dict) -> None:
-        from engine.runner import replay_notes
+        from engine.replay import replay_notes
 
         if not original.get("content_sha256"):
             return
