@@ -9,7 +9,7 @@ from engine import outputs as out_mod
 from engine.errors import UsageError
 from engine.plugins import PluginHost
 from engine.recipe import kept_input
-from engine.runner import Job, Record, execute, prepare, resolve_device
+from engine.runner import LEGACY_EXPORT, Job, Record, execute, prepare, resolve_device
 from engine.store import ModelStore
 
 
@@ -33,9 +33,6 @@ def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
     notes.append(f"the input {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
                  f"original was kept, so the output may differ")
     return str(path)
-
-
-LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
 
 
 def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 10_000
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
+LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
 
 
 @dataclass
