@@ -152,7 +152,7 @@ def _run_batch(gen, preps: list, context: Context) -> list:
 
 
 def _write(prep, image: Path, result: Result, plan: FolderPlan, seconds: float, history) -> FolderItem:
-    from engine.runner import recipe_of
+    from engine.recipe import recipe_of
 
     own = result.info.pop("timings", None)
     recipe = recipe_of(prep, result, {**(own if isinstance(own, dict) else {}), "total_s": seconds})

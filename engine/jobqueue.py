@@ -15,19 +15,17 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import secrets
-import socket
 import sqlite3
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from engine import state
-from engine.errors import StateError, StudioError, UsageError
+from engine import jobsave, state
+from engine.errors import StateError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +114,6 @@ class QueueJob:
         return d
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's claim cannot be checked; a restart here takes it back
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) is dead
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def payload_of(job, kind: str = "generate") -> dict:
     """A Job (or a plain dict of its fields) as the JSON-ready payload the queue stores."""
     data = asdict(job) if is_dataclass(job) else dict(job)
@@ -151,7 +128,7 @@ def payload_of(job, kind: str = "generate") -> dict:
 class JobQueue:
     def __init__(self, path: Optional[Path] = None):
         self.path = Path(path) if path else state.home() / "queue.sqlite3"
-        self.owner = _owner()
+        self.owner = jobsave.owner_id()
         self._local = threading.local()
         with self._tx():
             pass
@@ -416,32 +393,8 @@ class JobQueue:
         return [_job(r) for r in conn.execute("SELECT * FROM jobs WHERE grid = ? ORDER BY id", (int(grid_id),))]
 
     def recover(self, history_path: Path, out_dir: Path) -> list:
-        """Put back the jobs whose worker process died while running them. A job whose history row exists was
-        finished (marked done, not run again); otherwise its partial output is deleted and it is queued again
-        in its old place. Returns the ids put back."""
-        token, again = self.token, []
-        with self._tx() as conn:
-            rows = conn.execute("SELECT id, owner FROM jobs WHERE state = 'running'").fetchall()
-            for job_id, owner in rows:
-                if owner and owner != self.owner and _owner_alive(owner):
-                    continue
-                recorded = recorded_history_id(history_path, f"{token}:{job_id}")
-                if recorded is not None:
-                    conn.execute("UPDATE jobs SET state = 'done', finished = ?, owner = '', history_id = ?,"
-                                 " message = 'done (recorded before a restart)' WHERE id = ?",
-                                 (time.time(), recorded, job_id))
-                    continue
-                for partial in Path(out_dir).glob(f"queue-{token}-{job_id}-*"):
-                    try:
-                        partial.unlink()
-                    except OSError:
-                        log.warning("could not delete the partial output %s", partial)
-                conn.execute("UPDATE jobs SET state = 'queued', owner = '', cancel = 0, step = 0, total = 0,"
-                             " message = 'put back after a restart' WHERE id = ?", (job_id,))
-                again.append(job_id)
-        if again:
-            log.info("queue: jobs %s were running when the studio stopped; they are queued again", again)
-        return again
+        """Put back the jobs whose worker process died while running them (engine.jobsave.recover)."""
+        return jobsave.recover(self, history_path, out_dir)
 
 
 def _job(row) -> QueueJob:
@@ -451,51 +404,3 @@ def _job(row) -> QueueJob:
     d["cell"] = json.loads(d["cell"]) if d["cell"] else {}
     d["cancel"] = bool(d["cancel"])
     return QueueJob(**d)
-
-
-def recorded_history_id(history_path: Path, tag: str) -> Optional[int]:
-    """The history row a queue job wrote (``recipe["queue_job"] == tag``), if any."""
-    if not Path(history_path).exists():
-        return None
-    from engine.history import History
-
-    try:  # first settle the saves of dead processes (a pending row is finished or removed; engine/commit.py)
-        History(Path(history_path))._connect().close()
-    except StudioError:
-        pass
-    with closing(sqlite3.connect(history_path, timeout=30)) as conn:
-        try:
-            row = conn.execute("SELECT id FROM generations WHERE json_extract(recipe, '$.queue_job') = ? "
-                               "AND pending IS NULL", (tag,)).fetchone()
-        except sqlite3.OperationalError:  # no JSON functions in this SQLite, or no table yet
-            try:
-                row = conn.execute("SELECT id FROM generations WHERE recipe LIKE ? AND pending IS NULL",
-                                   (f'%"queue_job": "{tag}"%',)).fetchone()
-            except sqlite3.OperationalError:
-                return None
-    return int(row[0]) if row else None
-
-
-def output_path(out_dir: Path, tag: str, generator: str, makes: str) -> Path:
-    """The output file of a queue job: fixed by the job, so a restart finds (and discards) a partial one."""
-    token, _, job_id = tag.partition(":")
-    ext = {"image": "png", "audio": "wav"}.get(makes, "txt")
-    return Path(out_dir) / f"queue-{token}-{job_id}-{generator}.{ext}"
-
-
-class TaggedHistory:
-    """A history that marks each row it adds with the queue job that made it (what ``recover`` looks for)."""
-
-    def __init__(self, history, tag: str):
-        self.history, self.tag = history, tag
-
-    def add(self, recipe: dict, outputs: list) -> int:
-        recipe["queue_job"] = self.tag
-        return self.history.add(recipe, outputs)
-
-    def begin(self, recipe: dict, outputs: list, tmps: list, overwrite: bool = False) -> int:
-        """The pending row of engine/commit.py's save sequence, tagged like ``add``'s."""
-        return self.history.begin({**recipe, "queue_job": self.tag}, outputs, tmps, overwrite)
-
-    def __getattr__(self, name):  # set_pending, finish, abandon, list, ...: the history's own
-        return getattr(self.history, name)

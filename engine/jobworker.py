@@ -18,7 +18,8 @@ from typing import Callable, Optional
 from engine import messages, state
 from engine.errors import CancelledError, StudioError, describe_exception
 from engine.generators import CancelToken, Context
-from engine.jobqueue import JobQueue, QueueJob, TaggedHistory, output_path
+from engine.jobqueue import JobQueue, QueueJob
+from engine.jobsave import TaggedHistory, output_path
 
 log = logging.getLogger(__name__)
 

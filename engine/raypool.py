@@ -199,7 +199,7 @@ class RayPool:
 def record(queue, job_id: int, result: dict, history, out_dir: Path) -> dict:
     """Write a Ray worker's result on this machine: the output under the queue job's name and the history row
     tagged with the job. Returns the ``finished`` message (the caller marks the job done)."""
-    from engine.jobqueue import TaggedHistory, output_path
+    from engine.jobsave import TaggedHistory, output_path
     from engine.outputs import atomic_write_bytes, sha256_file
 
     recipe = dict(result["recipe"])

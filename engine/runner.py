@@ -1,11 +1,12 @@
 """Running a generation: validate the job, resolve model/seed/device, drive the generator, write outputs and history.
 
+What a run records is engine.recipe; running a recipe again is engine.replay.
+
 The CLI and the GUI both call ``prepare`` then ``execute``; nothing here knows about either.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -13,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import engine
 from engine import commit
 from engine import outputs as out_mod
 from engine.errors import GenerationError, OptionError, StateError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
+from engine.recipe import recipe_of
 from engine.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 10_000
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
+LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
 
 
 @dataclass
@@ -255,114 +257,6 @@ def adapter_ref(spec: str) -> AdapterRef:
     return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight)
 
 
-def _model_of(ref) -> Optional[dict]:
-    """The recipe's model: name, the studio's hash, family, and the AutoV2 hash of an imported checkpoint file
-    (A1111's and civitai's "Model hash") when the import recorded one."""
-    if ref is None:
-        return None
-    model = {"name": ref.name, "hash": ref.hash, "family": ref.family}
-    if ref.studio.get("autov2"):
-        model["autov2"] = ref.studio["autov2"]
-    return model
-
-
-def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
-    req = prep.request
-    recipe = {
-        "generator": prep.generator.info.id,
-        "plugin": prep.plugin,
-        "prompt": req.prompt,
-        "model": _model_of(req.model),
-        "backend": req.backend,
-        "device": req.device,
-        "seed": req.seed,
-        "options": dict(req.options),
-        "timings": timings,
-        "warnings": list(result.warnings),
-        "info": dict(result.info),
-        "studio_version": engine.__version__,
-        "created": time.time(),
-    }
-    if req.export is not None:  # which export ran, so a replay runs the same one
-        recipe["onnx_export"] = Path(req.export).name
-    if prep.job.backend == "auto":
-        recipe["backend_chosen_by"] = "auto"
-    if req.image is not None:
-        recipe["image"] = keep_input(Path(req.image))
-    if req.mask is not None:
-        recipe["mask"] = keep_input(Path(req.mask))
-    if req.messages:
-        recipe["messages"] = [m.to_dict() for m in req.messages]
-    if req.adapters:
-        recipe["loras"] = [a.to_dict() for a in req.adapters]
-    if result.text is not None:
-        recipe["text"] = result.text
-        recipe["token_ids"] = list(result.token_ids or [])
-    if result.image is not None:
-        recipe["width"], recipe["height"] = result.image.size
-    recipe["content_sha256"] = content_digest(result)
-    return recipe
-
-
-def kept_input(digest: str, suffix: str) -> Path:
-    from engine import state
-
-    return state.home() / "inputs" / f"{digest}{suffix.lower()}"
-
-
-def keep_input(path: Path) -> dict:
-    """An input file as the recipe holds it: its absolute path and sha256, and a copy in the state folder
-    addressed by that hash (``inputs/<sha256><suffix>``), so that a replay works from any folder and after the
-    original moved. A copy that cannot be made only means the replay needs the original."""
-    digest = out_mod.sha256_file(path)
-    entry = {"path": str(path.resolve()), "sha256": digest}
-    copy = kept_input(digest, path.suffix)
-    try:
-        if not copy.is_file():
-            out_mod.atomic_write_bytes(copy, path.read_bytes())
-        entry["kept"] = str(copy)
-    except (OSError, StudioError) as exc:
-        log.warning("The input %s was not kept in the state folder (%s); replays will need the original.", path, exc)
-    return entry
-
-
-def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
-    """The file a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
-    ``notes`` says which, and why."""
-    if not recorded:
-        return None
-    path, digest = Path(recorded.get("path", "")), recorded.get("sha256")
-    found = out_mod.sha256_file(path) if path.is_file() else None
-    if digest is None or found == digest:
-        return str(path)
-    kept = Path(recorded["kept"]) if recorded.get("kept") else kept_input(digest, path.suffix)
-    if kept.is_file() and out_mod.sha256_file(kept) == digest:
-        why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
-        notes.append(f"the input {path} {why}; the copy the studio kept of the original was used")
-        return str(kept)
-    if found is None:
-        raise UsageError(f"The input {path} of this recipe is missing and the studio kept no copy of it "
-                         f"(sha256 {digest[:12]}); put the file back at that path to replay.")
-    notes.append(f"the input {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
-                 f"original was kept, so the output may differ")
-    return str(path)
-
-
-def content_digest(result: Result) -> str:
-    """A hash of the generated content itself (text, pixels or samples), used by replay to compare outputs."""
-    h = hashlib.sha256()
-    if result.text is not None:
-        h.update(b"text\0" + result.text.encode())
-    if result.image is not None:
-        h.update(b"image\0" + repr((result.image.mode, result.image.size)).encode() + result.image.tobytes())
-    if result.audio is not None:
-        import numpy as np
-
-        data, rate = result.audio
-        h.update(b"audio\0" + str(rate).encode() + np.ascontiguousarray(data).tobytes())
-    return h.hexdigest()
-
-
 def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
     """``<time>-<generator>-<seed>.<ext>`` in ``out_dir``; engine.commit adds a number when the name is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
@@ -499,57 +393,3 @@ def _check_result(prep: Prepared, result: Result) -> None:
     ok = {"text": result.text is not None, "image": result.image is not None, "audio": result.audio is not None}[makes]
     if not ok:
         raise GenerationError(f"Generator {prep.generator.info.id} says it makes {makes} but its result holds none.")
-
-
-LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
-
-
-def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
-           **kw) -> tuple[Record, bool, list]:
-    """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
-    notes)."""
-    model = recipe.get("model") or {}
-    recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
-    if device is None and recorded == "cuda" and backend != "onnx":
-        try:
-            resolve_device("cuda", backend)
-        except UsageError:
-            raise UsageError("This recipe was made on cuda, but PyTorch sees no CUDA GPU here; replay it with "
-                             "--device cpu, knowing that the output may then differ.") from None
-    input_notes: list = []
-    image = replay_input(recipe.get("image"), input_notes)
-    mask = replay_input(recipe.get("mask"), input_notes)
-    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image, mask=mask,
-              model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
-              options=recipe.get("options", {}), messages=recipe.get("messages"),
-              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],
-              export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
-    record = execute(prepare(host, store, job), **kw)
-    same = record.recipe["content_sha256"] == recipe.get("content_sha256")
-    return record, same, input_notes + replay_notes(recipe, record.recipe)
-
-
-def replay_notes(original: dict, replayed: dict) -> list:
-    """Why a replay may not give the original output: another device, or a changed model."""
-    notes = []
-    was, now = original.get("device", "auto"), replayed.get("device")
-    if was != "auto" and now and now != was:
-        notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
-                     f"(float16 on a GPU), so the output may differ")
-    for was_a, now_a in zip(original.get("loras") or [], replayed.get("loras") or []):
-        if was_a.get("sha256") != now_a.get("sha256"):
-            notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
-                         f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
-    was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
-    now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
-    if was_t and now_t and was_t != now_t:
-        notes.append("the model's chat template has changed since, so the prompt and the output may differ")
-    reused = (original.get("info") or {}).get("reused_tokens") or 0
-    if reused and was == "cuda":
-        notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
-                     "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
-    old, new = original.get("model") or {}, replayed.get("model") or {}
-    if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
-        notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
-                     f"so the output may differ")
-    return notes

@@ -13,7 +13,8 @@ from engine.errors import ModelError, StudioError, UsageError
 from engine.generators import Progress
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled
-from engine.runner import Job, execute, prepare, replay
+from engine.replay import replay
+from engine.runner import Job, execute, prepare
 from engine.store import ModelStore
 
 

@@ -11,7 +11,8 @@ from engine.errors import UsageError
 from engine.generators import Context
 from engine.history import History
 from engine.plugins import PluginHost
-from engine.runner import Job, execute, prepare, replay
+from engine.replay import replay
+from engine.runner import Job, execute, prepare
 from engine.store import ModelStore
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24}

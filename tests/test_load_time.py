@@ -197,7 +197,7 @@ def _generate(folder, backend="auto", **kw):
 
 
 def test_auto_runs_the_gated_export_on_the_cpu_and_replays_it(copy):
-    from engine.runner import replay
+    from engine.replay import replay
 
     host, store, record = _generate(copy)
     assert record.recipe["backend"] == "onnx" and record.recipe["onnx_export"] == "onnx"
@@ -217,7 +217,7 @@ def test_auto_without_export_runs_torch(copy):
 
 def test_replay_of_a_removed_export_says_so(copy):
     from engine.errors import UsageError
-    from engine.runner import replay
+    from engine.replay import replay
 
     host, store, record = _generate(copy)
     recipe = {**record.recipe, "onnx_export": "onnx-int4"}

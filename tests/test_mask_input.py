@@ -5,7 +5,8 @@ from PIL import Image
 
 from engine.errors import UsageError
 from engine.plugins import PluginHost
-from engine.runner import Job, execute, prepare, replay
+from engine.replay import replay
+from engine.runner import Job, execute, prepare
 from engine.store import ModelStore
 from plugin_samples import drop, generator_plugin
 

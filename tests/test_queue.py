@@ -10,7 +10,8 @@ import pytest
 
 from engine.errors import UsageError
 from engine.history import History
-from engine.jobqueue import JobQueue, TaggedHistory
+from engine.jobqueue import JobQueue
+from engine.jobsave import TaggedHistory
 from engine.jobworker import InProcessExecutor, QueueWorker, recover
 from engine.plugins import PluginHost
 from engine.runner import Job

@@ -2,7 +2,7 @@
 import numpy as np
 from safetensors.numpy import save_file
 
-from engine.runner import replay_notes
+from engine.replay import replay_notes
 from engine.store import ModelStore
 from test_store import make_folder, store  # noqa: F401 - the fixture
 

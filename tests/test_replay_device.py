@@ -9,7 +9,8 @@ def test_a_cuda_recipe_on_a_machine_without_cuda(monkeypatch):
 
     from engine.history import History
     from engine.plugins import PluginHost
-    from engine.runner import Job, execute, prepare, replay
+    from engine.replay import replay
+    from engine.runner import Job, execute, prepare
     from engine.store import ModelStore
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

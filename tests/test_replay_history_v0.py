@@ -36,7 +36,7 @@ def studio(tmp_path_factory):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r['generator']}-{r['backend']}-{r['seed']}")
 def test_old_recipe_replays_identical(studio, recipe, tmp_path, monkeypatch):
     from engine.history import History
-    from engine.runner import replay
+    from engine.replay import replay
 
     host, store, home = studio
     monkeypatch.setenv("STUDIO_HOME", str(home))

@@ -109,7 +109,8 @@ def test_import_generate_replay_and_refusals(tmp_path, studio_home):
 
     from engine.errors import ModelError, UsageError
     from engine.plugins import PluginHost
-    from engine.runner import Job, execute, prepare, replay
+    from engine.replay import replay
+    from engine.runner import Job, execute, prepare
     from engine.store import ModelStore
 
     save_pipeline(tmp_path / "tiny-sd", "sd1")

@@ -1,0 +1,106 @@
+"""The recipe of a generation: what ran (generator, model, options, seed, backend, inputs) and a hash of what it
+made, as written beside each output and into the history; ``engine.replay`` reads it back."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import engine
+from engine import outputs as out_mod
+from engine.errors import StudioError
+from engine.generators import Result
+
+if TYPE_CHECKING:
+    from engine.runner import Prepared
+
+log = logging.getLogger(__name__)
+
+
+def _model_of(ref) -> Optional[dict]:
+    """The recipe's model: name, the studio's hash, family, and the AutoV2 hash of an imported checkpoint file
+    (A1111's and civitai's "Model hash") when the import recorded one."""
+    if ref is None:
+        return None
+    model = {"name": ref.name, "hash": ref.hash, "family": ref.family}
+    if ref.studio.get("autov2"):
+        model["autov2"] = ref.studio["autov2"]
+    return model
+
+
+def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
+    req = prep.request
+    recipe = {
+        "generator": prep.generator.info.id,
+        "plugin": prep.plugin,
+        "prompt": req.prompt,
+        "model": _model_of(req.model),
+        "backend": req.backend,
+        "device": req.device,
+        "seed": req.seed,
+        "options": dict(req.options),
+        "timings": timings,
+        "warnings": list(result.warnings),
+        "info": dict(result.info),
+        "studio_version": engine.__version__,
+        "created": time.time(),
+    }
+    if req.export is not None:  # which export ran, so a replay runs the same one
+        recipe["onnx_export"] = Path(req.export).name
+    if prep.job.backend == "auto":
+        recipe["backend_chosen_by"] = "auto"
+    if req.image is not None:
+        recipe["image"] = keep_input(Path(req.image))
+    if req.mask is not None:
+        recipe["mask"] = keep_input(Path(req.mask))
+    if req.messages:
+        recipe["messages"] = [m.to_dict() for m in req.messages]
+    if req.adapters:
+        recipe["loras"] = [a.to_dict() for a in req.adapters]
+    if result.text is not None:
+        recipe["text"] = result.text
+        recipe["token_ids"] = list(result.token_ids or [])
+    if result.image is not None:
+        recipe["width"], recipe["height"] = result.image.size
+    recipe["content_sha256"] = content_digest(result)
+    return recipe
+
+
+def kept_input(digest: str, suffix: str) -> Path:
+    from engine import state
+
+    return state.home() / "inputs" / f"{digest}{suffix.lower()}"
+
+
+def keep_input(path: Path) -> dict:
+    """An input file as the recipe holds it: its absolute path and sha256, and a copy in the state folder
+    addressed by that hash (``inputs/<sha256><suffix>``), so that a replay works from any folder and after the
+    original moved. A copy that cannot be made only means the replay needs the original."""
+    digest = out_mod.sha256_file(path)
+    entry = {"path": str(path.resolve()), "sha256": digest}
+    copy = kept_input(digest, path.suffix)
+    try:
+        if not copy.is_file():
+            out_mod.atomic_write_bytes(copy, path.read_bytes())
+        entry["kept"] = str(copy)
+    except (OSError, StudioError) as exc:
+        log.warning("The input %s was not kept in the state folder (%s); replays will need the original.", path, exc)
+    return entry
+
+
+def content_digest(result: Result) -> str:
+    """A hash of the generated content itself (text, pixels or samples), used by replay to compare outputs."""
+    h = hashlib.sha256()
+    if result.text is not None:
+        h.update(b"text\0" + result.text.encode())
+    if result.image is not None:
+        h.update(b"image\0" + repr((result.image.mode, result.image.size)).encode() + result.image.tobytes())
+    if result.audio is not None:
+        import numpy as np
+
+        data, rate = result.audio
+        h.update(b"audio\0" + str(rate).encode() + np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,87 @@
+"""Replaying a recipe: the same job again, from the inputs it recorded, and why the output may differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from engine import outputs as out_mod
+from engine.errors import UsageError
+from engine.plugins import PluginHost
+from engine.recipe import kept_input
+from engine.runner import LEGACY_EXPORT, Job, Record, execute, prepare, resolve_device
+from engine.store import ModelStore
+
+
+def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
+    """The file a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
+    ``notes`` says which, and why."""
+    if not recorded:
+        return None
+    path, digest = Path(recorded.get("path", "")), recorded.get("sha256")
+    found = out_mod.sha256_file(path) if path.is_file() else None
+    if digest is None or found == digest:
+        return str(path)
+    kept = Path(recorded["kept"]) if recorded.get("kept") else kept_input(digest, path.suffix)
+    if kept.is_file() and out_mod.sha256_file(kept) == digest:
+        why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
+        notes.append(f"the input {path} {why}; the copy the studio kept of the original was used")
+        return str(kept)
+    if found is None:
+        raise UsageError(f"The input {path} of this recipe is missing and the studio kept no copy of it "
+                         f"(sha256 {digest[:12]}); put the file back at that path to replay.")
+    notes.append(f"the input {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
+                 f"original was kept, so the output may differ")
+    return str(path)
+
+
+def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
+           **kw) -> tuple[Record, bool, list]:
+    """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
+    notes)."""
+    model = recipe.get("model") or {}
+    recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
+    if device is None and recorded == "cuda" and backend != "onnx":
+        try:
+            resolve_device("cuda", backend)
+        except UsageError:
+            raise UsageError("This recipe was made on cuda, but PyTorch sees no CUDA GPU here; replay it with "
+                             "--device cpu, knowing that the output may then differ.") from None
+    input_notes: list = []
+    image = replay_input(recipe.get("image"), input_notes)
+    mask = replay_input(recipe.get("mask"), input_notes)
+    job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image, mask=mask,
+              model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
+              options=recipe.get("options", {}), messages=recipe.get("messages"),
+              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],
+              export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
+    record = execute(prepare(host, store, job), **kw)
+    same = record.recipe["content_sha256"] == recipe.get("content_sha256")
+    return record, same, input_notes + replay_notes(recipe, record.recipe)
+
+
+def replay_notes(original: dict, replayed: dict) -> list:
+    """Why a replay may not give the original output: another device, or a changed model."""
+    notes = []
+    was, now = original.get("device", "auto"), replayed.get("device")
+    if was != "auto" and now and now != was:
+        notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
+                     f"(float16 on a GPU), so the output may differ")
+    for was_a, now_a in zip(original.get("loras") or [], replayed.get("loras") or []):
+        if was_a.get("sha256") != now_a.get("sha256"):
+            notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
+                         f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
+    was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
+    now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
+    if was_t and now_t and was_t != now_t:
+        notes.append("the model's chat template has changed since, so the prompt and the output may differ")
+    reused = (original.get("info") or {}).get("reused_tokens") or 0
+    if reused and was == "cuda":
+        notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
+                     "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
+    old, new = original.get("model") or {}, replayed.get("model") or {}
+    if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
+        notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
+                     f"so the output may differ")
+    return notes
+
