@@ -110,7 +110,7 @@ def child(runtime: str, folder: str, size: int, steps: int, threads: int) -> dic
         if runtime.startswith("onnx"):
             from plugins.stable_diffusion.onnx import load_onnx
 
-            sd = load_onnx(Path(folder), export=Path(folder) / runtime)  # opens the four sessions
+            sd = load_onnx(Path(folder), export=Path(folder) / runtime)  # opens the sessions txt2img uses
         else:
             from plugins.stable_diffusion.model import load
 

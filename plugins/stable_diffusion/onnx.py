@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def onnx_nets(export, model_folder: Path):
     from plugins.stable_diffusion.tokenizer import ClipTokenizer
 
     cfg = read_config(Path(model_folder))
-    text_s, unet_s, enc_s, dec_s = (export.session(c) for c in COMPONENTS)
-    f32 = np.float32
+    text_s, unet_s, dec_s = (export.session(c) for c in ("text_encoder", "unet", "vae_decoder"))
+    f32 = np.float32  # the VAE encoder opens at its first use (img2img, inpainting): text to image never needs it
 
     def text(ids):
         return text_s.run(["last_hidden_state"], {"input_ids": np.asarray(ids, dtype=np.int32)})[0]
@@ -59,7 +60,7 @@ def onnx_nets(export, model_folder: Path):
                                            "encoder_hidden_states": np.ascontiguousarray(context, dtype=f32)})[0]
 
     def vae_encode(x):
-        params = enc_s.run(["latent_parameters"], {"sample": np.ascontiguousarray(x, dtype=f32)})[0]
+        params = export.session("vae_encoder").run(["latent_parameters"], {"sample": np.ascontiguousarray(x, dtype=f32)})[0]
         mean, logvar = np.split(params, 2, axis=1)
         return mean, np.exp(f32(0.5) * logvar)
 
@@ -141,7 +142,7 @@ def _write_configs(out: Path, cfg: dict, model_folder: Path) -> None:
                                                 "tokenizer_class": "CLIPTokenizer"}
     onnx_model = ["diffusers", "OnnxRuntimeModel"]
     files["model_index.json"] = {
-        "_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": "0.42.1",  # the version it was checked with
         "text_encoder": onnx_model, "unet": onnx_model, "vae_encoder": onnx_model, "vae_decoder": onnx_model,
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler],
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
@@ -258,15 +259,12 @@ def export_sd(model_ref, out_dir: Path, options: dict) -> dict:
         export_graph(graphs[name], args, paths[name], inputs, outputs, axes)
     _write_configs(out, cfg, folder)
 
-    class Opened:  # the export's sessions, as engine.backends.runtime.Export gives them
-        sessions = {name: open_session(path) for name, path in paths.items()}
-
-        def session(self, name):
-            return self.sessions[name]
+    sessions = {name: open_session(path) for name, path in paths.items()}
+    opened = SimpleNamespace(session=sessions.__getitem__)  # as engine.backends.runtime.Export gives them
 
     say("checking parity with PyTorch (each graph, then a short sampling run on both backends)")
-    on = onnx_nets(Opened(), folder)
-    parity = _parity(sd, tn, on, Opened.sessions["text_encoder"])
+    on = onnx_nets(opened, folder)
+    parity = _parity(sd, tn, on, sessions["text_encoder"])
     options.get("gate", lambda p: None)(parity)
     described, opset = describe_graphs(paths)
     for name, graph in described.items():
@@ -290,7 +288,7 @@ def export_sd(model_ref, out_dir: Path, options: dict) -> dict:
                                                 f"{list(PARITY_TIMESTEPS)}, empty-prompt text states")}
         options.get("gate", lambda p: None)(gate)
         parity.update(gate)
-        del qs, on, Opened.sessions
+        del qs, on, opened, sessions
         for p in (paths["unet"], paths["unet"].with_name("model.onnx.data")):
             p.unlink(missing_ok=True)
         q.rename(paths["unet"])
