@@ -35,7 +35,7 @@ def child(mode: str, steps: int, threads: int) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     if mode == "lora":
         wrap(model, LoraSpec(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-        params = trainable(model)
+        params = [p for _, p in trainable(model)]
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

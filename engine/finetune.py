@@ -80,9 +80,7 @@ def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list) -> No
     tmp = out / f".checkpoint.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = [n for n, _ in task.model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-    params = trainable(task.model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, params)}, str(tmp / "adapter.safetensors"))
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable(task.model)}, str(tmp / "adapter.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     final, old = out / "checkpoint", out / f".checkpoint.old-{os.getpid()}"
@@ -135,7 +133,7 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    params = trainable(task.model)
+    params = [p for _, p in trainable(task.model)]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     start, history = 0, []
     if resume and (out / "checkpoint" / "state.json").is_file():
@@ -335,8 +333,8 @@ def start(task: Task, a, out: Path, what: str, adapter_file: str = "") -> int:
     """Say what is about to train (on stderr), then ``run_command``."""
     import sys
 
-    trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    print(f"fine-tuning {a.model}: LoRA rank {a.rank} on {len(task.paths)} layers, {trainable:,} trainable "
+    count = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    print(f"fine-tuning {a.model}: LoRA rank {a.rank} on {len(task.paths)} layers, {count:,} trainable "
           f"parameters; {what}; run folder {out}", file=sys.stderr)
     return run_command(task, a, out, adapter_file)
 

@@ -8,12 +8,18 @@ and learns ``A`` and ``B`` (``B`` starts at zero, so an untrained adapter change
     save_peft(model, folder, base_model="shakespeare-llama")                 # adapter_model.safetensors + config
     attach(model, read_adapter(path), weight=0.8, name="style")             # load one (PEFT or kohya) for use
     merge(model)                                                            # fold every adapter into W
+    add_token_rows(model, ["decoder.transformer.wte", "decoder.lm_head"], [28])  # new tokens' rows (trainable)
 
 Module paths are the model's own parameter paths, which match the reference libraries (transformers,
 diffusers), so the PEFT file of ``model.layers.0.self_attn.q_proj`` holds
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, and the kohya file of the U-Net's
 ``down_blocks.0.attentions.0.proj_in`` holds ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight``.
 GPT-2's ``Conv1D`` layers (weight in x out) take adapters too (PEFT's ``fan_in_fan_out``).
+
+New tokens (a word a word-level vocabulary lacks) are PEFT's "trainable tokens": the embedding's rows at their
+ids (and the rows of the output layer, shared when its weight is tied to the embedding) are replaced by trained
+values, ``W.index_copy(0, indices, rows)``, saved as ``<path>.token_adapter.trainable_tokens_delta`` with
+``trainable_token_indices`` in ``adapter_config.json``; the layers grow when an id is past their end.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from engine.errors import ModelError, UsageError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -49,6 +56,7 @@ class Adapter:
     format: str  # "peft" | "kohya"
     source: str = ""
     meta: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)  # path -> (token ids, rows (n x width)): PEFT's trainable tokens
 
 
 class LoraLayer(nn.Module):
@@ -101,6 +109,85 @@ class LoraLayer(nn.Module):
                 d = h @ a.t() @ b.t()
             y = y + self.scales[name] * d.to(y.dtype)
         return y
+
+
+class TokenRows(nn.Module):
+    """An embedding or output layer whose rows ``indices`` read from ``rows`` (shared by tied layers)."""
+
+    def __init__(self, base: nn.Module, indices, rows: nn.Parameter):
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.register_buffer("indices", torch.tensor(list(indices), dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self):
+        w = self.base.weight
+        return w.index_copy(0, self.indices.to(w.device), self.rows.to(w.dtype))
+
+    def forward(self, x):
+        if isinstance(self.base, nn.Embedding):
+            return nn.functional.embedding(x, self.weight, self.base.padding_idx)
+        return nn.functional.linear(x, self.weight, self.base.bias)
+
+
+def _grown(module: nn.Module, rows: int, weight=None) -> nn.Module:
+    """``module`` (an Embedding or a Linear output layer) with ``rows`` rows: new rows are the mean row, a
+    Linear's new bias zero; ``weight``: a grown weight to share (a layer tied to a grown embedding)."""
+    w = module.weight
+    if rows <= w.shape[0]:
+        return module
+    if weight is None:
+        extra = w.detach().float().mean(0, keepdim=True).expand(rows - w.shape[0], -1).to(w.dtype)
+        weight = nn.Parameter(torch.cat([w.detach(), extra]), requires_grad=False)
+    if isinstance(module, nn.Embedding):
+        grown = nn.Embedding(rows, w.shape[1], padding_idx=module.padding_idx, device="meta")
+    elif isinstance(module, nn.Linear):
+        grown = nn.Linear(w.shape[1], rows, bias=module.bias is not None, device="meta")
+        if module.bias is not None:
+            grown.bias = nn.Parameter(torch.cat([module.bias.detach(), module.bias.new_zeros(rows - w.shape[0])]),
+                                      requires_grad=False)
+    else:
+        raise UsageError(f"New tokens need an embedding or a linear output layer, not a {type(module).__name__}.")
+    grown.weight = weight
+    return grown
+
+
+def add_token_rows(model: nn.Module, paths, indices, rows: Optional[dict] = None, train: bool = False) -> None:
+    """Let the layers at ``paths`` (an input embedding, an output layer) read rows ``indices`` from new parameters,
+    growing them when an id is past their end; a layer tied to another's weight shares its rows. ``rows``: {path:
+    values} (missing: the layer's mean row); ``train``: the rows train (the rest stays frozen)."""
+    indices, rows = [int(i) for i in indices], rows or {}
+    layers = {p: model.get_submodule(p) for p in paths}
+    need = max(indices) + 1
+    shared: dict = {}  # id(original weight) -> (grown weight, rows parameter)
+    for path, layer in layers.items():
+        if isinstance(layer, TokenRows):
+            if path in rows:  # a second file entry for an already tied layer: its own values
+                layer.rows = nn.Parameter(rows[path].to(layer.rows), requires_grad=train)
+            continue
+        key = id(layer.weight)
+        grown_weight, param = shared.get(key, (None, None))
+        grown = _grown(layer, need, grown_weight)
+        if param is None or path in rows:
+            init = rows.get(path)
+            if init is None:
+                init = grown.weight.detach()[indices].float()
+            param = nn.Parameter(init.to(grown.weight.device, grown.weight.dtype).clone(), requires_grad=train)
+        shared.setdefault(key, (grown.weight, param))
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, TokenRows(grown, indices, param))
+    for path, m in list(model.named_modules()):  # layers tied to a grown one that ``paths`` did not name
+        if path not in layers and not isinstance(m, TokenRows) and id(getattr(m, "weight", None)) in shared:
+            grown_weight, param = shared[id(m.weight)]
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child,
+                    TokenRows(_grown(m, need, grown_weight), indices, param))
+
+
+def token_rows(model: nn.Module) -> dict:
+    """path -> (ids, rows) of every layer with new-token rows."""
+    return {p: (m.indices.tolist(), m.rows.detach().float().cpu()) for p, m in model.named_modules()
+            if isinstance(m, TokenRows)}
 
 
 def _matches(path: str, targets) -> bool:
@@ -161,7 +248,8 @@ def wrap(model: nn.Module, spec: LoraSpec, name: str = "default", seed: int = 0)
 
 
 def trainable(model: nn.Module) -> list:
-    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    """(name, parameter) of what trains: the adapters and new-token rows (``wrap`` froze the rest)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def adapter_state(model: nn.Module, name: str = "default") -> dict:
@@ -183,11 +271,15 @@ def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", ta
         state[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
         state[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
         conv1d = conv1d or model.get_submodule(path).conv1d
+    tokens = token_rows(model)
+    for path, (ids, rows) in tokens.items():
+        state[f"base_model.model.{path}.{TOKENS_KEY}"] = rows.clone()  # tied layers share one tensor
     save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": task_type, "r": spec.rank, "lora_alpha": spec.alpha,
               "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
               "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-              "base_model_name_or_path": base_model, "init_lora_weights": True}
+              "base_model_name_or_path": base_model, "init_lora_weights": True,
+              "trainable_token_indices": {p: ids for p, (ids, _) in tokens.items()} or None}
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -242,16 +334,25 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
     alpha = float(config.get("lora_alpha", rank))
     scale = alpha / rank if not config.get("use_rslora") else alpha / rank ** 0.5
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-    found: dict = {}
+    found, tokens = {}, {}
+    indices = config.get("trainable_token_indices") or {}
     for k, v in tensors.items():
         m = pattern.match(k)
         if m:
             found.setdefault(_component_path(m.group(1)), {})[m.group(2)] = v
+        elif k.endswith("." + TOKENS_KEY):
+            path = k[: -len(TOKENS_KEY) - 1].removeprefix("base_model.model.")
+            ids = indices if isinstance(indices, list) else next(
+                (v for name, v in indices.items() if path == name or path.endswith("." + name)), None)
+            if ids is None or len(ids) != v.shape[0]:
+                raise ModelError(f"{source}: adapter_config.json's trainable_token_indices do not name the "
+                                 f"{v.shape[0]} new-token rows of {path}.")
+            tokens[path] = ([int(i) for i in ids], v)
     layers = {p: (ab["A"], ab["B"], scale) for p, ab in found.items() if set(ab) == {"A", "B"}}
-    if not layers:
+    if not layers and not tokens:
         raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
     spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
-    return Adapter(layers, spec, "peft", source, config)
+    return Adapter(layers, spec, "peft", source, config, tokens)
 
 
 def _component_path(path: str) -> str:
@@ -333,6 +434,18 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
         layer.add(name, A.shape[0], scale * weight, 0.0, A, B)
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
+    if adapter.tokens:
+        target = model if isinstance(model, nn.Module) else None
+        missing = [p for p in adapter.tokens if target is None or not _has(target, p)]
+        if missing:
+            raise UsageError(f"The LoRA {Path(adapter.source).name} has new-token rows for {missing[0]}, which this "
+                             "model does not have; it was made for another base model.")
+        ids = {tuple(i) for i, _ in adapter.tokens.values()}
+        if len(ids) > 1 or any(isinstance(m, TokenRows) for m in target.modules()):
+            raise UsageError(f"The LoRA {Path(adapter.source).name} adds tokens, and so does another adapter of "
+                             "this job (or it adds different ones to different layers); use one such adapter at "
+                             "a time.")
+        add_token_rows(target, list(adapter.tokens), next(iter(ids)), {p: r for p, (_, r) in adapter.tokens.items()})
 
 
 def merge(model: nn.Module) -> nn.Module:

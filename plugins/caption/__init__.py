@@ -23,6 +23,7 @@ INFO = GeneratorInfo(
                                     "('a picture of'); empty for none"),
     ),
     families=("vision-encoder-decoder", "blip"),
+    takes_lora=True,
 )
 
 
@@ -32,10 +33,14 @@ def _pipeline(request, context):
     model = request.model
     if model is None:
         raise UsageError("The caption generator needs a model; pass one with --model.")
-    key = ("caption", model.hash, request.device, request.backend, str(request.export or ""))
+    if request.adapters and request.backend == "onnx":
+        raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx.")
+    key = ("caption", model.hash, request.device, request.backend, str(request.export or ""),
+           tuple((a.sha256, a.weight) for a in request.adapters))
     return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
                                                                   backend=request.backend, model_hash=model.hash,
-                                                                  export=request.export))
+                                                                  export=request.export,
+                                                                  adapters=request.adapters))
 
 
 def generate(request, context):
@@ -155,3 +160,11 @@ def register_exporters(register):
 @hookimpl
 def register_trainers(register):
     register(Trainer("caption", "Train the shapes captioner (ViT + GPT-2)", lazy("plugins.caption.train", "main")))
+
+
+@hookimpl
+def register_finetuners(register):
+    from plugins.caption.finetune import OPTIONS  # plain data; the module imports torch only when it runs
+
+    register(Trainer("caption", "LoRA on a captioner from captioned images (PEFT format; teaches new words)",
+                     lazy("plugins.caption.finetune", "main"), options=OPTIONS, data="images", generator="caption"))

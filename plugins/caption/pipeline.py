@@ -111,17 +111,21 @@ class CaptionPipeline:
 
     @classmethod
     def from_folder(cls, folder, device: str = "cpu", backend: str = "torch",
-                    model_hash: str | None = None, export=None) -> "CaptionPipeline":
+                    model_hash: str | None = None, export=None, adapters=()) -> "CaptionPipeline":
         """``model_hash``: with the onnx backend, an export made from another version of the model is refused;
-        ``export``: the registered export folder to run (default: the preferred one)."""
+        ``export``: the registered export folder to run (default: the preferred one); ``adapters``: LoRA
+        (engine.generators.AdapterRef) on the torch backend; one that adds words brings its tokenizer.json."""
         from plugins.caption.tokenizer import load_tokenizer
 
         if backend == "onnx":
             return cls.from_export(folder, model_hash=model_hash, export=export)
         from plugins.caption.model import TorchCaptionRunner, load_caption_model
 
-        model = load_caption_model(folder, device=device)
-        return cls(TorchCaptionRunner(model), load_tokenizer(folder), model.config,
+        from engine.nn.lora import apply_adapters
+
+        model = apply_adapters(load_caption_model(folder, device=device), adapters)
+        grown = [Path(a.path) for a in adapters if (Path(a.path) / "tokenizer.json").is_file()]
+        return cls(TorchCaptionRunner(model), load_tokenizer(grown[-1] if grown else folder), model.config,
                    Preprocess.from_folder(folder, model.config.encoder.image_size))
 
     def pixel_values(self, image) -> np.ndarray:

@@ -52,3 +52,25 @@ def shapes_tokenizer():
 
     words = {w for c in all_captions() for w in c.split()}
     return build_word_tokenizer(words)
+
+
+def add_words(tokenizer, texts) -> tuple:
+    """A word-level tokenizer grown by the words of ``texts`` it lacks, given the next free ids (a fine-tune that
+    teaches a new word): (tokenizer, [new words]). Other tokenizers split unknown words into pieces and come back
+    unchanged."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str()) if hasattr(tokenizer, "to_str") else {}
+    if (spec.get("model") or {}).get("type") != "WordLevel":
+        return tokenizer, []
+    vocab = spec["model"]["vocab"]
+    next_id = tokenizer.get_vocab_size(with_added_tokens=True)
+    new = []
+    for text in texts:
+        text = tokenizer.normalizer.normalize_str(text) if tokenizer.normalizer else text
+        for word in tokenizer.pre_tokenizer.pre_tokenize_str(text) if tokenizer.pre_tokenizer else []:
+            if tokenizer.token_to_id(word[0]) is None and word[0] not in new:
+                new.append(word[0])
+    for i, word in enumerate(new):
+        vocab[word] = next_id + i
+    return (Tokenizer.from_str(json.dumps(spec)) if new else tokenizer), new

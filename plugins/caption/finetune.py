@@ -1,0 +1,177 @@
+"""`studio finetune caption`: a LoRA on a captioner from a folder of captioned images.
+
+    studio finetune caption --model shapes-captioner --data stars/ --prior-data shapes/ --steps 300
+
+The folder holds images with a same-named ``.txt`` caption beside each (the image fine-tuner's convention).
+Adapters go on the vision encoder's and the text decoder's attention and feed-forward layers. Words a word-level
+vocabulary lacks (the shapes captioner has never seen "star") become new tokens: their rows of the decoder's
+embedding and output layer train with the adapter (PEFT's trainable tokens), and the grown ``tokenizer.json`` is
+saved in the adapter folder. Sub-word vocabularies (BLIP's, GPT-2's) spell a new word from pieces they have.
+The adapter is PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``); transformers' twin of the
+base loads it with ``PeftModel.from_pretrained`` after ``model.decoder.resize_token_embeddings(len(tokenizer))``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from engine.datasets import captioned_images
+from engine.errors import UsageError
+from engine.finetune import Task, base_model, lora_options, parse_command, run_folder, start
+from engine.generators import Option
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,fc1,fc2,c_attn,q_attn,c_proj,c_fc,query,key,value"
+
+OPTIONS = lora_options(steps=300, lr=2e-3, batch=32, rank=8, alpha=16.0, dropout=0.0, every=50) + (
+    Option("targets", "str", DEFAULT_TARGETS, "comma-separated names of the layers to adapt (layers of the "
+           "encoder and the decoder; names a model lacks are passed over)"),
+    Option("val_fraction", "float", 0.1, "share of the images held out for validation", min=0.0, max=0.9),
+    Option("prior_data", "str", "", "a folder of captioned images of what the model already describes, mixed "
+           "into every batch so that it does not forget them (prior preservation; empty: none)"),
+    Option("prior_share", "float", 0.5, "share of each batch drawn from the prior images", min=0.0, max=1.0),
+)
+
+
+def parse_args(argv):
+    return parse_command("caption", __doc__.split("\n")[0], "a folder of images with same-named .txt captions",
+                         OPTIONS, argv)
+
+
+def _vocab_layers(model, vocab: int) -> list:
+    """The decoder's input embedding and output layer: the paths of its layers with one row per token."""
+    import torch.nn as nn
+
+    prefix = next(n for n, m in model.named_modules() if m is model.decoder)
+    return [f"{prefix}.{p}" for p, m in model.decoder.named_modules()
+            if isinstance(m, (nn.Embedding, nn.Linear)) and m.weight.shape[0] == vocab]
+
+
+class CaptionTask(Task):
+    def __init__(self, entry, pairs: list, a, prior: list = ()):
+        import numpy as np
+        import torch
+
+        from engine.images import load_image
+        from engine.nn.lora import LoraSpec, add_token_rows, wrap
+        from plugins.caption.model import load_caption_model
+        from plugins.caption.pipeline import Preprocess
+        from plugins.caption.tokenizer import add_words, load_tokenizer
+
+        self.entry, self.a = entry, a
+        self.model = load_caption_model(entry.path, "cpu", torch.float32)
+        cfg = self.model.config
+        self.start_id, self.eos_id, pad = cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id
+        captions = [c for _, c in list(pairs) + list(prior)]
+        self.tokenizer, self.new_words = add_words(load_tokenizer(entry.path), captions)
+        targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+        self.spec = LoraSpec(a.rank, a.alpha, a.dropout, targets)
+        self.paths = wrap(self.model, self.spec, seed=a.seed)
+        if self.new_words:
+            ids = [self.tokenizer.token_to_id(w) for w in self.new_words]
+            layers = _vocab_layers(self.model, cfg.decoder.vocab_size)
+            if not layers:
+                raise UsageError(f"{entry.name}'s decoder has no embedding of {cfg.decoder.vocab_size} rows to add "
+                                 f"the new words ({', '.join(self.new_words)}) to.")
+            add_token_rows(self.model, layers, ids, train=True)
+        preprocess = Preprocess.from_folder(entry.path, cfg.encoder.image_size)
+        pixels, seqs, h = [], [], hashlib.sha256()
+        limit = cfg.decoder.n_positions if hasattr(cfg.decoder, "n_positions") else cfg.decoder.max_position_embeddings
+        for path, caption in list(pairs) + list(prior):
+            pixels.append(preprocess(load_image(path))[0])
+            ids = self.tokenizer.encode(caption, add_special_tokens=False).ids
+            if len(ids) + 1 > limit:
+                raise UsageError(f"The caption of {path.name} is {len(ids)} tokens; {entry.name} writes at most "
+                                 f"{limit - 1}. Shorten it.")
+            seqs.append(ids)
+            h.update(path.name.encode() + b"\0" + caption.encode() + b"\0" + pixels[-1].tobytes())
+        T = max(len(s) for s in seqs) + 1
+        self.inputs = torch.full((len(seqs), T), pad, dtype=torch.long)
+        self.labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.inputs[i, : len(s) + 1] = torch.tensor([self.start_id] + s)
+            self.labels[i, : len(s) + 1] = torch.tensor(s + [self.eos_id])
+        self.pixels = torch.from_numpy(np.stack(pixels))
+        self.captions = captions
+        n = len(pairs)
+        order = np.random.default_rng(a.seed).permutation(n)
+        n_val = max(1, int(round(n * a.val_fraction))) if n > 1 and a.val_fraction > 0 else 0
+        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+        self.prior_idx = np.arange(n, len(seqs))
+        self.recipe = {"kind": "caption", "base_model": {"name": entry.name, "hash": entry.hash,
+                                                         "family": entry.family},
+                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n,
+                                "prior_images": len(prior), "prior_share": a.prior_share if len(prior) else 0.0,
+                                "sha256": h.hexdigest(), "new_words": self.new_words,
+                                "train": int(len(self.train_idx)), "val": int(len(self.val_idx))},
+                       "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targets": list(targets),
+                                "layers": len(self.paths), "format": "peft"}, "seed": a.seed}
+
+    def batch(self, rng):
+        import torch
+
+        idx = rng.choice(self.train_idx, size=self.a.batch)
+        if len(self.prior_idx):
+            take = rng.random(self.a.batch) < self.a.prior_share
+            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        return torch.from_numpy(idx)
+
+    def _loss(self, idx, reduction="mean"):
+        import torch.nn.functional as F
+
+        labels = self.labels[idx]
+        keep = int((labels != -100).sum(1).max())  # trim the padding every row of this batch has
+        logits = self.model(self.pixels[idx], self.inputs[idx, :keep])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, :keep].reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+    def loss(self, batch):
+        return self._loss(batch)
+
+    def val_loss(self) -> float:
+        import torch
+
+        idx = torch.from_numpy(self.val_idx if len(self.val_idx) else self.train_idx[:1])
+        total = sum(float(self._loss(idx[i:i + 64], "sum")) for i in range(0, len(idx), 64))
+        return total / max(1, int((self.labels[idx] != -100).sum()))
+
+    def captions_of(self, idx) -> list:
+        """Greedy captions of images ``idx`` through the generator's own decoding loop."""
+        from plugins.caption.decode import greedy_batch
+        from plugins.caption.model import TorchCaptionRunner
+
+        hyps = greedy_batch(TorchCaptionRunner(self.model), self.pixels[idx].numpy(), self.start_id, self.eos_id,
+                            self.inputs.shape[1] + 4)
+        return [self.tokenizer.decode([t for t in h.tokens if t != self.eos_id], skip_special_tokens=True).strip()
+                for h in hyps]
+
+    def sample(self):
+        """The captions of up to four images (held-out ones first) next to their true captions."""
+        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
+        idx = order[:4]
+        return "\n".join(f"{'ok  ' if got == self.captions[i] else 'not '}{got}   (true: {self.captions[i]})"
+                         for i, got in zip(idx, self.captions_of(idx)))
+
+    def save(self, folder: Path) -> None:
+        from engine.nn.lora import save_peft
+
+        folder = Path(folder)
+        save_peft(self.model, folder, self.spec, base_model=self.entry.name, task_type=None)
+        if self.new_words:  # the grown vocabulary the new rows belong to
+            self.tokenizer.save(str(folder / "tokenizer.json"))
+        extra = {"base_model_hash": self.entry.hash, "new_words": self.new_words, "recipe": self.recipe}
+        (folder / "studio_adapter.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    entry = base_model(a, lambda e: e.generator == "caption", "a caption model")
+    pairs = captioned_images(Path(a.data))
+    prior = []
+    if a.prior_data:
+        prior = captioned_images(Path(a.prior_data))
+        if not 0 < a.prior_share < 1:
+            raise UsageError("--prior-share must be between 0 and 1.")
+    task = CaptionTask(entry, pairs, a, prior=prior)
+    note = f"; new words: {', '.join(task.new_words)}" if task.new_words else ""
+    return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}")

@@ -1,0 +1,131 @@
+"""Issue #18, caption models: `studio finetune caption` on a tiny VisionEncoderDecoderModel saved by transformers,
+teaching a word its word-level vocabulary lacks; the PEFT adapter (LoRA + trainable tokens + the grown tokenizer)
+loads in peft on transformers' model with the studio's logits, and an adapter made by peft loads in the studio."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+WORDS = [f"w{i}" for i in range(24)]
+
+
+def save_tiny(folder):
+    """A tiny ViT + GPT-2 captioner (transformers' save_pretrained) with a word-level tokenizer.json."""
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    from plugins.caption.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    enc = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+                    patch_size=4)
+    dec = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=tok.get_vocab_size(), n_positions=24,
+                     add_cross_attention=True, is_decoder=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec, decoder_start_token_id=1, pad_token_id=0,
+                                                                  eos_token_id=2)
+    VisionEncoderDecoderModel(cfg).eval().save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def hf_model(folder, vocab: int):
+    from transformers import VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model.decoder.resize_token_embeddings(vocab)
+    return model
+
+
+def studio_logits(folder, adapter, pixels, ids):
+    from engine.generators import AdapterRef
+    from engine.nn.lora import apply_adapters
+    from plugins.caption.model import load_caption_model
+
+    model = apply_adapters(load_caption_model(folder, "cpu", torch.float32), [AdapterRef("a", adapter, "", 1.0)])
+    with torch.no_grad():
+        return model(pixels, ids)
+
+
+def test_caption_finetune_teaches_a_word_and_peft_reads_it(tmp_path, studio_home):
+    from PIL import Image
+    from peft import PeftModel
+
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from plugins.caption.finetune import main
+    from plugins.caption.pipeline import CaptionPipeline
+    from engine.generators import AdapterRef
+
+    save_tiny(tmp_path / "tiny-cap")
+    entry = ModelStore(PluginHost().load()).import_(tmp_path / "tiny-cap")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(f"w{i} zork w{i + 1}")
+    assert main(["--model", entry.name, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "6",
+                 "--batch", "4", "--eval-every", "3", "--checkpoint-every", "3", "--lr", "1e-2",
+                 "--threads", "1"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    new_id = json.loads((adapter / "tokenizer.json").read_text())["model"]["vocab"]["zork"]
+    assert new_id == 28 and config["trainable_token_indices"]["decoder.transformer.wte"] == [new_id]
+    recipe = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert recipe["data"]["new_words"] == ["zork"] and recipe["kind"] == "caption"
+
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 5, new_id, 7], [1, new_id, 4, 2]])
+    ours = studio_logits(entry.path, adapter, pixels, ids)
+    assert ours.shape[-1] == 29  # the grown vocabulary
+    base = hf_model(entry.path, 29)
+    with torch.no_grad():
+        plain = base(pixel_values=pixels, decoder_input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, adapter).eval()(pixel_values=pixels, decoder_input_ids=ids).logits
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (theirs - plain).abs().max() > 1e-3  # the adapter learned something
+    # the generator path: the adapter's tokenizer decodes the new word
+    pipe = CaptionPipeline.from_folder(entry.path, adapters=[AdapterRef("a", adapter, "", 1.0)])
+    assert pipe.tokenizer.token_to_id("zork") == new_id
+    assert pipe.tokenizer.decode(pipe.tokenizer.encode("w2 zork").ids) == "w2 zork"
+
+
+def test_a_peft_adapter_with_new_tokens_loads_in_the_studio(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    save_tiny(tmp_path / "tiny-cap")
+    base = hf_model(tmp_path / "tiny-cap", 30)  # two new tokens: 28, 29
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_attn", "q_attn", "c_fc"],
+                        trainable_token_indices={"decoder.transformer.wte": [28, 29], "decoder.lm_head": [28, 29]})
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    peft_model.eval().save_pretrained(tmp_path / "peft-adapter")
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[1, 28, 29, 9]])
+    with torch.no_grad():
+        theirs = peft_model(pixel_values=pixels, decoder_input_ids=ids).logits
+    ours = studio_logits(tmp_path / "tiny-cap", tmp_path / "peft-adapter", pixels, ids)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_an_adapter_for_another_captioner_is_refused(tmp_path, studio_home):
+    from engine.errors import UsageError
+    from plugins.caption.model import load_caption_model
+    from engine.generators import AdapterRef
+    from engine.nn.lora import apply_adapters
+    from peft import LoraConfig, get_peft_model
+
+    save_tiny(tmp_path / "tiny-cap")
+    peft_model = get_peft_model(hf_model(tmp_path / "tiny-cap", 28), LoraConfig(r=4, target_modules=["c_fc"]))
+    peft_model.save_pretrained(tmp_path / "a")
+    with pytest.raises(UsageError, match="another base model"):
+        apply_adapters(load_caption_model("resources/models/shapes-captioner", "cpu", torch.float32),
+                       [AdapterRef("a", tmp_path / "a", "", 1.0)])
