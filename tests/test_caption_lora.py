@@ -129,3 +129,43 @@ def test_an_adapter_for_another_captioner_is_refused(tmp_path, studio_home):
     with pytest.raises(UsageError, match="another base model"):
         apply_adapters(load_caption_model("resources/models/shapes-captioner", "cpu", torch.float32),
                        [AdapterRef("a", tmp_path / "a", "", 1.0)])
+
+
+def test_a_cancelled_caption_finetune_resumes_to_the_same_loss(tmp_path, studio_home):
+    """The new-token rows are checkpointed with the adapter: a run stopped at step 3 and resumed ends where an
+    uninterrupted one does."""
+    from PIL import Image
+
+    from engine.errors import CancelledError
+    from engine.finetune import Settings, run
+    from engine.generators import CancelToken
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from engine.datasets import captioned_images
+    from plugins.caption.finetune import CaptionTask, parse_args
+
+    save_tiny(tmp_path / "tiny-cap")
+    entry = ModelStore(PluginHost().load()).import_(tmp_path / "tiny-cap")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(f"w{i} zork")
+    a = parse_args(["--model", entry.name, "--data", str(data), "--batch", "3", "--dropout", "0.1"])
+    settings = Settings(steps=6, lr=1e-2, batch=3, checkpoint_every=1, eval_every=2)
+    want = run(CaptionTask(entry, captioned_images(data), a), settings,
+               tmp_path / "straight")
+    token = CancelToken()
+
+    def stop_at_3(e):
+        if e.get("step") == 3:
+            token.cancel()
+
+    with pytest.raises(CancelledError):
+        run(CaptionTask(entry, captioned_images(data), a), settings,
+            tmp_path / "stopped", cancel=token, report=stop_at_3)
+    got = run(CaptionTask(entry, captioned_images(data), a), settings,
+              tmp_path / "stopped", resume=True)
+    assert abs(got["final_loss"] - want["final_loss"]) < 1e-4
+    assert abs(got["final_val_loss"] - want["final_val_loss"]) < 1e-4

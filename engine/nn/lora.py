@@ -16,6 +16,11 @@ diffusers), so the PEFT file of ``model.layers.0.self_attn.q_proj`` holds
 ``down_blocks.0.attentions.0.proj_in`` holds ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight``.
 GPT-2's ``Conv1D`` layers (weight in x out) take adapters too (PEFT's ``fan_in_fan_out``).
 
+A network that keeps apart layers its weight files fuse (Phi-3's ``qkv_proj`` / ``gate_up_proj``) names them in
+``model.fused_layers`` ({"qkv_proj": ("q_proj", "k_proj", "v_proj")}): its adapters are saved on the fused layer
+(``A`` stacked, ``B`` block-diagonal, rank and alpha scaled by the parts in ``rank_pattern`` / ``alpha_pattern``),
+and an adapter on the fused layer is split into its parts on loading, so the files are those peft reads and writes.
+
 New tokens (a word a word-level vocabulary lacks) are PEFT's "trainable tokens": the embedding's rows at their
 ids (and the rows of the output layer, shared when its weight is tied to the embedding) are replaced by trained
 values, ``W.index_copy(0, indices, rows)``, saved as ``<path>.token_adapter.trainable_tokens_delta`` with
@@ -76,7 +81,7 @@ class LoraLayer(nn.Module):
 
     def add(self, name: str, rank: int, scale: float, dropout: float = 0.0, A=None, B=None,
             generator: Optional[torch.Generator] = None) -> None:
-        if rank < 1 or rank > min(self.in_features, self.out_features):
+        if A is None and (rank < 1 or rank > min(self.in_features, self.out_features)):  # a new adapter
             raise UsageError(f"A LoRA rank of {rank} does not fit a {self.out_features} x {self.in_features} layer; "
                              f"choose 1 to {min(self.in_features, self.out_features)}.")
         w = self.base.weight
@@ -267,21 +272,79 @@ def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", ta
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, conv1d = {}, False
-    for path, (A, B) in adapter_state(model, name).items():
+    layers, fused = _fuse(model, adapter_state(model, name))
+    for path, (A, B) in layers.items():
         state[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
         state[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
-        conv1d = conv1d or model.get_submodule(path).conv1d
+        conv1d = conv1d or getattr(_get(model, path), "conv1d", False)
     tokens = token_rows(model)
     for path, (ids, rows) in tokens.items():
         state[f"base_model.model.{path}.{TOKENS_KEY}"] = rows.clone()  # tied layers share one tensor
     save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": task_type, "r": spec.rank, "lora_alpha": spec.alpha,
-              "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
+              "lora_dropout": spec.dropout, "target_modules": sorted(_fused_targets(model, spec.targets)),
+              "rank_pattern": {k: spec.rank * n for k, n in fused.items()},
+              "alpha_pattern": {k: spec.alpha * n for k, n in fused.items()}, "bias": "none",
               "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
               "base_model_name_or_path": base_model, "init_lora_weights": True,
               "trainable_token_indices": {p: ids for p, (ids, _) in tokens.items()} or None}
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _get(model: nn.Module, path: str):
+    return model.get_submodule(path) if _has(model, path) else None
+
+
+def _fused_targets(model: nn.Module, targets) -> set:
+    fused = getattr(model, "fused_layers", {})
+    out = {t for t in targets if not any(t in parts for parts in fused.values())}
+    return out | {name for name, parts in fused.items() if any(t in parts for t in targets)}
+
+
+def _fuse(model: nn.Module, layers: dict) -> tuple:
+    """{path: (A, B)} with the parts of each of ``model.fused_layers`` joined into one layer (``A`` stacked, ``B``
+    block-diagonal; a part without an adapter gets zeros); returns (layers, {fused name: number of parts})."""
+    fused = getattr(model, "fused_layers", {})
+    out, groups, counts = {}, {}, {}
+    for path, ab in layers.items():
+        parent, _, leaf = path.rpartition(".")
+        name = next((n for n, parts in fused.items() if leaf in parts), None)
+        if name is None:
+            out[path] = ab
+        else:
+            groups.setdefault((parent, name), {})[leaf] = ab
+    for (parent, name), got in groups.items():
+        r = next(iter(got.values()))[0].shape[0]
+        As, Bs = [], []
+        for leaf in fused[name]:
+            layer = model.get_submodule(f"{parent}.{leaf}")
+            A, B = got.get(leaf, (torch.zeros(r, layer.in_features), torch.zeros(layer.out_features, r)))
+            As.append(A)
+            Bs.append(B)
+        out[f"{parent}.{name}"] = (torch.cat(As), torch.block_diag(*Bs))
+        counts[name] = len(fused[name])
+    return out, counts
+
+
+def _split_fused(model: nn.Module, layers: dict) -> dict:
+    """An adapter's layers with each one on a fused layer the model keeps apart split into its parts (the rows
+    of ``B`` by the parts' output sizes; ``A`` shared)."""
+    fused = getattr(model, "fused_layers", {}) if isinstance(model, nn.Module) else {}
+    out = {}
+    for path, (A, B, scale) in layers.items():
+        parent, _, leaf = path.rpartition(".")
+        if leaf not in fused or _has(model, path):
+            out[path] = (A, B, scale)
+            continue
+        sizes = [_get(model, f"{parent}.{p}").out_features if _has(model, f"{parent}.{p}") else -1
+                 for p in fused[leaf]]
+        if -1 in sizes or sum(sizes) != B.shape[0]:
+            out[path] = (A, B, scale)  # attach names what does not fit
+            continue
+        for part, b in zip(fused[leaf], B.split(sizes)):
+            out[f"{parent}.{part}"] = (A, b, scale)
+    return out
 
 
 def save_kohya(model, path, spec: LoraSpec, component: str = "unet", name: str = "default",
@@ -332,7 +395,6 @@ def read_adapter(path, component_paths: Optional[dict] = None) -> Adapter:
 def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
     rank = int(config.get("r", 8))
     alpha = float(config.get("lora_alpha", rank))
-    scale = alpha / rank if not config.get("use_rslora") else alpha / rank ** 0.5
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     found, tokens = {}, {}
     indices = config.get("trainable_token_indices") or {}
@@ -348,7 +410,16 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
                 raise ModelError(f"{source}: adapter_config.json's trainable_token_indices do not name the "
                                  f"{v.shape[0]} new-token rows of {path}.")
             tokens[path] = ([int(i) for i in ids], v)
-    layers = {p: (ab["A"], ab["B"], scale) for p, ab in found.items() if set(ab) == {"A", "B"}}
+    def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha (suffix or regex)
+        def find(pattern: dict, default):
+            for key, value in (pattern or {}).items():
+                if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", path):
+                    return value
+            return default
+        r, a = find(config.get("rank_pattern"), rank), find(config.get("alpha_pattern"), alpha)
+        return a / r if not config.get("use_rslora") else a / r ** 0.5
+
+    layers = {p: (ab["A"], ab["B"], layer_scale(p)) for p, ab in found.items() if set(ab) == {"A", "B"}}
     if not layers and not tokens:
         raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
     spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
@@ -408,7 +479,7 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
     """Add ``adapter`` to ``model`` (frozen, for generation) with its output scaled by ``weight``; ``model`` is
     a module, or {component: module} for an adapter read with several components (keys ``component/path``).
     UsageError, naming the module, when a layer is missing or its shape does not fit."""
-    for path, (A, B, scale) in adapter.layers.items():
+    for path, (A, B, scale) in _split_fused(model, adapter.layers).items():
         if A.dim() == 4 and A.shape[2:] == (1, 1) and B.shape[2:] == (1, 1):  # PEFT's 1x1-convolution LoRA
             A, B = A[:, :, 0, 0], B[:, :, 0, 0]
         target = model

@@ -155,6 +155,8 @@ def load_model(folder, family: str, device: str = "cpu", dtype=None):
         load_hf_state_dict(model, {k: v.float() for k, v in split_fused(state, cfg).items()}, assign=True)
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"Weights of {Path(folder).name} do not load: {exc}.") from None
+    if any(k.endswith(FUSED) for k in state):  # LoRA files name the fused layers (engine.nn.lora)
+        model.fused_layers = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     from engine.nn.cache import no_cudnn_attention_on_cuda
     no_cudnn_attention_on_cuda(device)
     return model.to(device=device, dtype=dtype).eval()

@@ -207,7 +207,8 @@ class FinetunePage(QWidget):
                 self.model.addItem(f"{e.title or e.name} ({e.family}{', built-in' if e.builtin else ''})", e.name)
         if not self.model.count():
             self.model.addItem("(no model for this fine-tuner: import one in Models…)", "")
-        self.samples.setCurrentWidget(self.sample_image if t and t.data == "images" else self.sample_text)
+        drawn = t and t.data == "images" and t.generator != "caption"  # samples arrive as pictures
+        self.samples.setCurrentWidget(self.sample_image if drawn else self.sample_text)
         self.data.setPlaceholderText("a folder of images with same-named .txt captions" if t and t.data == "images"
                                      else "a folder of .txt files, or one .txt file")
         if self.data.text().strip():
@@ -355,12 +356,14 @@ class FinetunePage(QWidget):
             (f" · validation {self.points['val'][1][-1]:.4f}" if self.points["val"][1] else "")
         self.stats.setText(f"Step {step}/{total} · {e['seconds_per_step']:.3f} s/step · {fmt_seconds(e['eta_s'])} "
                            f"left · loss {e['loss']:.4f}{val}")
-        if "sample" in e:
+        if "sample" in e:  # text: a text model's writing, or a captioner's captions of fixed images
+            self.samples.setCurrentWidget(self.sample_text)
             self.sample_text.appendPlainText(f"— step {step} —\n{e['sample'].strip()}\n")
             self.sample_title.setText(f"Samples (step {step}; fixed prompts and seeds)")
         if "sample_image" in e:
             pix = QPixmap(e["sample_image"])
             if not pix.isNull():
+                self.samples.setCurrentWidget(self.sample_image)
                 self.sample_image.setPixmap(pix.scaled(pix.width() * SAMPLE_SCALE, pix.height() * SAMPLE_SCALE,
                                                        Qt.AspectRatioMode.KeepAspectRatio,
                                                        Qt.TransformationMode.FastTransformation))
