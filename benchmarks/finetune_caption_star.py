@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MODEL = ROOT / "resources" / "models" / "shapes-captioner"
+from finetune_star import finetune  # noqa: E402 - beside this script
 
 
 def scenes(n: int, seed: int, star: bool):
@@ -93,19 +91,10 @@ def main(argv=None) -> int:
     if a.prior:
         prior = write_folder(work / "prior", scenes(a.prior, seed=3, star=False), "scene")
         extra += ["--prior-data", str(prior)]
-    env = dict(os.environ, STUDIO_HOME=str(work / "home"), STUDIO_PLUGIN_CHECK="0")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", "caption", "--model", "shapes-captioner",
-                           "--data", str(data), "--out", str(work / "run"), "--steps", str(a.steps), "--threads",
-                           str(a.threads), "--json"] + extra
-                          + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
-                          env=env, capture_output=True, text=True)
-    train_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(proc.stderr)
+    result = finetune("caption", "shapes-captioner", work, data, a.threads, ["--steps", str(a.steps)] + extra)
+    if result is None:
         return 1
-    log = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
-    adapter = json.loads(proc.stdout.splitlines()[-1])["adapter"]
+    train_s, log, adapter = result
     stars, originals = scenes(a.n, seed=1000, star=True), scenes(a.n, seed=2000, star=False)
     rows = {name: {"star scenes": score(stars, caption_all(stars, lora)),
                    "original scenes": score(originals, caption_all(originals, lora))}

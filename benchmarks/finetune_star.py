@@ -64,6 +64,23 @@ def draw(scenes, lora, seed=7):
                                seed)
 
 
+def finetune(kind: str, model: str, work: Path, data: Path, threads: int, flags: list):
+    """Run `studio finetune KIND` in a fresh STUDIO_HOME under ``work`` (resuming a run left there): (seconds,
+    logged steps, adapter path), or None after printing its error."""
+    env = dict(os.environ, STUDIO_HOME=str(work / "home"), STUDIO_PLUGIN_CHECK="0")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", kind, "--model", model, "--data",
+                           str(data), "--out", str(work / "run"), "--threads", str(threads), "--json"] + flags
+                          + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr)
+        return None
+    log = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
+    return seconds, log, json.loads(proc.stdout.splitlines()[-1])["adapter"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
@@ -100,19 +117,11 @@ def main(argv=None) -> int:
             Image.fromarray(S.render(sc, 32, antialias=i % 2 == 1)).save(prior / f"scene{i:03d}.png")
             (prior / f"scene{i:03d}.txt").write_text(S.caption(sc))
         extra += ["--prior-data", str(prior), "--prior-share", str(a.prior_share)]
-    env = dict(os.environ, STUDIO_HOME=str(work / "home"), STUDIO_PLUGIN_CHECK="0")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "studio.cli", "finetune", "image", "--model", "shapes-diffusion",
-                           "--data", str(data), "--out", str(work / "run"), "--steps", str(a.steps), "--threads",
-                           str(a.threads), "--batch", str(a.batch), "--lr", str(a.lr), "--eval-every", "50",
-                           "--checkpoint-every", "25", "--json"] + extra + (["--resume"] if (work / "run" / "checkpoint").exists() else []),
-                          env=env, capture_output=True, text=True)
-    train_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(proc.stderr)
+    result = finetune("image", "shapes-diffusion", work, data, a.threads, ["--steps", str(a.steps), "--batch",
+                      str(a.batch), "--lr", str(a.lr), "--eval-every", "50", "--checkpoint-every", "25"] + extra)
+    if result is None:
         return 1
-    log = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
-    adapter = json.loads(proc.stdout.splitlines()[-1])["adapter"]
+    train_s, log, adapter = result
     stars = star_scenes(a.n, seed=1000)  # prompts never in the training set's seeds
     rng = np.random.default_rng(2000)
     originals = [S.sample_scene(rng) for _ in range(a.n)]

@@ -323,6 +323,18 @@ def base_model(a, fits: Callable, wanted: str):
     return entry
 
 
+def captioned_data(a) -> tuple:
+    """``--data`` and ``--prior-data`` (when given) of an image fine-tuner: ([(image, caption)], [prior pairs])."""
+    from engine.datasets import captioned_images
+
+    prior = []
+    if getattr(a, "prior_data", ""):
+        prior = captioned_images(Path(a.prior_data))
+        if not 0 < a.prior_share < 1:
+            raise UsageError("--prior-share must be between 0 and 1.")
+    return captioned_images(Path(a.data)), prior
+
+
 def run_folder(a, entry) -> Path:
     from engine import state
 

@@ -262,6 +262,15 @@ class Trainer:
     generator: str = ""  # the generator whose models it fine-tunes and that applies the adapter it makes
 
 
+def finetuner(kind: str, title: str, module: str, data: str, generator: str) -> Trainer:
+    """The Trainer of ``studio finetune KIND``: ``module.main`` runs it; ``module.OPTIONS`` (plain data, imported
+    now: the module must import torch only when it runs) are its hyper-parameters."""
+    import importlib
+
+    return Trainer(kind, title, lazy(module, "main"), options=importlib.import_module(module).OPTIONS, data=data,
+                   generator=generator)
+
+
 def lazy(module: str, name: str) -> Callable:
     """``module.name``, imported at its first call: what a plugin registers (an exporter, a trainer's run, a
     generate function) without importing torch when it registers."""

@@ -33,6 +33,24 @@ def save_tiny(folder):
     return tok
 
 
+def imported(tmp_path, n: int, caption):
+    """The tiny captioner imported into the store, and a folder of ``n`` random images captioned ``caption(i)``."""
+    from PIL import Image
+
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    save_tiny(tmp_path / "tiny-cap")
+    entry = ModelStore(PluginHost().load()).import_(tmp_path / "tiny-cap")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(caption(i))
+    return entry, data
+
+
 def hf_model(folder, vocab: int):
     from transformers import VisionEncoderDecoderModel
 
@@ -52,23 +70,13 @@ def studio_logits(folder, adapter, pixels, ids):
 
 
 def test_caption_finetune_teaches_a_word_and_peft_reads_it(tmp_path, studio_home):
-    from PIL import Image
     from peft import PeftModel
 
-    from engine.plugins import PluginHost
-    from engine.store import ModelStore
+    from engine.generators import AdapterRef
     from plugins.caption.finetune import main
     from plugins.caption.pipeline import CaptionPipeline
-    from engine.generators import AdapterRef
 
-    save_tiny(tmp_path / "tiny-cap")
-    entry = ModelStore(PluginHost().load()).import_(tmp_path / "tiny-cap")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"im{i}.png")
-        (data / f"im{i}.txt").write_text(f"w{i} zork w{i + 1}")
+    entry, data = imported(tmp_path, 8, lambda i: f"w{i} zork w{i + 1}")
     assert main(["--model", entry.name, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "6",
                  "--batch", "4", "--eval-every", "3", "--checkpoint-every", "3", "--lr", "1e-2",
                  "--threads", "1"]) == 0
@@ -134,24 +142,13 @@ def test_an_adapter_for_another_captioner_is_refused(tmp_path, studio_home):
 def test_a_cancelled_caption_finetune_resumes_to_the_same_loss(tmp_path, studio_home):
     """The new-token rows are checkpointed with the adapter: a run stopped at step 3 and resumed ends where an
     uninterrupted one does."""
-    from PIL import Image
-
+    from engine.datasets import captioned_images
     from engine.errors import CancelledError
     from engine.finetune import Settings, run
     from engine.generators import CancelToken
-    from engine.plugins import PluginHost
-    from engine.store import ModelStore
-    from engine.datasets import captioned_images
     from plugins.caption.finetune import CaptionTask, parse_args
 
-    save_tiny(tmp_path / "tiny-cap")
-    entry = ModelStore(PluginHost().load()).import_(tmp_path / "tiny-cap")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"im{i}.png")
-        (data / f"im{i}.txt").write_text(f"w{i} zork")
+    entry, data = imported(tmp_path, 6, lambda i: f"w{i} zork")
     a = parse_args(["--model", entry.name, "--data", str(data), "--batch", "3", "--dropout", "0.1"])
     settings = Settings(steps=6, lr=1e-2, batch=3, checkpoint_every=1, eval_every=2)
     want = run(CaptionTask(entry, captioned_images(data), a), settings,

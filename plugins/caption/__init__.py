@@ -11,7 +11,8 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import ModelError, UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option, Partial, Progress, Result
+from engine.generators import (Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Partial, Progress,
+                               Result)
 
 INFO = GeneratorInfo(
     id="caption", title="Caption", description="Describe an image in words.",
@@ -164,7 +165,5 @@ def register_trainers(register):
 
 @hookimpl
 def register_finetuners(register):
-    from plugins.caption.finetune import OPTIONS  # plain data; the module imports torch only when it runs
-
-    register(Trainer("caption", "LoRA on a captioner from captioned images (PEFT format; teaches new words)",
-                     lazy("plugins.caption.finetune", "main"), options=OPTIONS, data="images", generator="caption"))
+    register(finetuner("caption", "LoRA on a captioner from captioned images (PEFT format; teaches new words)",
+                       "plugins.caption.finetune", data="images", generator="caption"))

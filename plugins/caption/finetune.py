@@ -16,9 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine.datasets import captioned_images
 from engine.errors import UsageError
-from engine.finetune import Task, base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import captioned_data, Task, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,fc1,fc2,c_attn,q_attn,c_proj,c_fc,query,key,value"
@@ -30,6 +29,8 @@ OPTIONS = lora_options(steps=300, lr=2e-3, batch=32, rank=8, alpha=16.0, dropout
     Option("prior_data", "str", "", "a folder of captioned images of what the model already describes, mixed "
            "into every batch so that it does not forget them (prior preservation; empty: none)"),
     Option("prior_share", "float", 0.5, "share of each batch drawn from the prior images", min=0.0, max=1.0),
+    Option("shift", "int", 0, "move each training image by up to this many pixels (edges repeated), drawn anew "
+           "every step: a little augmentation for a small dataset (0: none)", min=0, max=64),
 )
 
 
@@ -100,7 +101,7 @@ class CaptionTask(Task):
         self.prior_idx = np.arange(n, len(seqs))
         self.recipe = {"kind": "caption", "base_model": {"name": entry.name, "hash": entry.hash,
                                                          "family": entry.family},
-                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n,
+                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n, "shift": a.shift,
                                 "prior_images": len(prior), "prior_share": a.prior_share if len(prior) else 0.0,
                                 "sha256": h.hexdigest(), "new_words": self.new_words,
                                 "train": int(len(self.train_idx)), "val": int(len(self.val_idx))},
@@ -114,19 +115,33 @@ class CaptionTask(Task):
         if len(self.prior_idx):
             take = rng.random(self.a.batch) < self.a.prior_share
             idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
-        return torch.from_numpy(idx)
+        k = getattr(self.a, "shift", 0)
+        offsets = rng.integers(0, 2 * k + 1, size=(self.a.batch, 2)) if k else None
+        return torch.from_numpy(idx), offsets
 
-    def _loss(self, idx, reduction="mean"):
+    def _shifted(self, idx, offsets):
+        """The images ``idx``, each moved by its (dy, dx) offset in [0, 2k] minus k, the edges repeated."""
+        import torch
+        import torch.nn.functional as F
+
+        x = self.pixels[idx]
+        if offsets is None:
+            return x
+        k, (H, W) = self.a.shift, x.shape[2:]
+        padded = F.pad(x, (k, k, k, k), mode="replicate")
+        return torch.stack([padded[i, :, dy:dy + H, dx:dx + W] for i, (dy, dx) in enumerate(offsets)])
+
+    def _loss(self, idx, reduction="mean", offsets=None):
         import torch.nn.functional as F
 
         labels = self.labels[idx]
         keep = int((labels != -100).sum(1).max())  # trim the padding every row of this batch has
-        logits = self.model(self.pixels[idx], self.inputs[idx, :keep])
+        logits = self.model(self._shifted(idx, offsets), self.inputs[idx, :keep])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, :keep].reshape(-1),
                                ignore_index=-100, reduction=reduction)
 
     def loss(self, batch):
-        return self._loss(batch)
+        return self._loss(batch[0], offsets=batch[1])
 
     def val_loss(self) -> float:
         import torch
@@ -166,12 +181,7 @@ class CaptionTask(Task):
 def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.generator == "caption", "a caption model")
-    pairs = captioned_images(Path(a.data))
-    prior = []
-    if a.prior_data:
-        prior = captioned_images(Path(a.prior_data))
-        if not 0 < a.prior_share < 1:
-            raise UsageError("--prior-share must be between 0 and 1.")
+    pairs, prior = captioned_data(a)
     task = CaptionTask(entry, pairs, a, prior=prior)
     note = f"; new words: {', '.join(task.new_words)}" if task.new_words else ""
     return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option
+from engine.generators import Generator, GeneratorInfo, Trainer, finetuner, lazy, Option
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a")  # = engine's SAMPLERS (numpy)
@@ -91,7 +91,5 @@ def register_trainers(register):
 
 @hookimpl
 def register_finetuners(register):
-    from plugins.image.finetune import OPTIONS  # plain data; the module imports torch only when it runs
-
-    register(Trainer("image", "LoRA on the shapes diffusion model from captioned images (kohya format)",
-                     lazy("plugins.image.finetune", "main"), options=OPTIONS, data="images", generator="image"))
+    register(finetuner("image", "LoRA on the shapes diffusion model from captioned images (kohya format)",
+                       "plugins.image.finetune", data="images", generator="image"))

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.errors import UsageError
-from engine.datasets import captioned_images
-from engine.finetune import DenoiserTask, base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import captioned_data, DenoiserTask, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
@@ -148,12 +146,7 @@ class ImageTask(DenoiserTask):
 def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.family == "shapes-diffusion", "the shapes diffusion model")
-    pairs = captioned_images(Path(a.data))
-    prior = []
-    if a.prior_data:
-        prior = captioned_images(Path(a.prior_data))
-        if not 0 < a.prior_share < 1:
-            raise UsageError("--prior-share must be between 0 and 1.")
+    pairs, prior = captioned_data(a)
     task = ImageTask(entry, pairs, a, prior=prior)
     note = f"; unknown words (learned as the unknown token): {', '.join(task.unknown)}" if task.unknown else ""
     return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}", "adapter.safetensors")

@@ -10,7 +10,7 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture, Importer
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Option, Trainer, lazy
+from engine.generators import Generator, GeneratorInfo, Option, finetuner, lazy
 from plugins.stable_diffusion.layout import MODEL_TYPE
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # engine.diffusion's (numpy)
@@ -117,11 +117,8 @@ def register_generators(register):
 
 @hookimpl
 def register_finetuners(register):
-    from plugins.stable_diffusion.finetune import OPTIONS  # plain data; the module imports torch only when it runs
-
-    register(Trainer("sd", "LoRA on a Stable Diffusion model from captioned images (kohya format)",
-                     lazy("plugins.stable_diffusion.finetune", "main"), options=OPTIONS, data="images",
-                     generator="sd"))
+    register(finetuner("sd", "LoRA on a Stable Diffusion model from captioned images (kohya format)",
+                       "plugins.stable_diffusion.finetune", data="images", generator="sd"))
 
 
 @hookimpl

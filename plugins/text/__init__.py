@@ -12,7 +12,7 @@ from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
 from plugins.text.families import FAMILIES, family
-from engine.generators import Generator, GeneratorInfo, Trainer, lazy, Option, Progress, Result
+from engine.generators import Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Progress, Result
 
 INFO = GeneratorInfo(
     id="text", title="Text", description="Continue a prompt with a language model (streams as it writes).",
@@ -156,7 +156,5 @@ def register_trainers(register):
 
 @hookimpl
 def register_finetuners(register):
-    from plugins.text.finetune import OPTIONS  # plain data; the module imports torch only when it runs
-
-    register(Trainer("text", "LoRA on a text model from a folder of .txt files (PEFT format)",
-                     lazy("plugins.text.finetune", "main"), options=OPTIONS, data="text", generator="text"))
+    register(finetuner("text", "LoRA on a text model from a folder of .txt files (PEFT format)",
+                       "plugins.text.finetune", data="text", generator="text"))
