@@ -221,6 +221,17 @@ def lora_options(steps: int, lr: float, batch: int, rank: int, alpha: float, dro
     )
 
 
+def add_flags(parser, **defaults) -> None:
+    """Plain flags from a table of defaults: ``steps=6000`` becomes ``--steps`` (an int, default 6000); a bool
+    becomes ``--name`` / ``--no-name``."""
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
 def add_options(parser, options) -> None:
     """Each Option as the flag ``--name-with-dashes`` of an argparse parser, with its default and help."""
     for o in options:

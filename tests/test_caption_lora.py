@@ -101,6 +101,13 @@ def test_caption_finetune_teaches_a_word_and_peft_reads_it(tmp_path, studio_home
     pipe = CaptionPipeline.from_folder(entry.path, adapters=[AdapterRef("a", adapter, "", 1.0)])
     assert pipe.tokenizer.token_to_id("zork") == new_id
     assert pipe.tokenizer.decode(pipe.tokenizer.encode("w2 zork").ids) == "w2 zork"
+    from engine.errors import UsageError
+    from engine.merge import merge_lora
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    with pytest.raises(UsageError, match="adds words to the vocabulary"):
+        merge_lora(ModelStore(PluginHost().load()), entry.name, [str(adapter)], "merged")
 
 
 def test_a_peft_adapter_with_new_tokens_loads_in_the_studio(tmp_path):

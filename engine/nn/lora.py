@@ -553,6 +553,9 @@ def apply_adapters(model, adapters):
 def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict:
     """Add ``weight * scale * B @ A`` to ``state[path + ".weight"]`` for every adapted layer (the file-level merge
     behind `studio models merge-lora`; a GPT-2 Conv1D weight, stored in x out, gets the transposed delta)."""
+    if adapter.tokens:
+        raise UsageError(f"The LoRA {Path(adapter.source).name} adds words to the vocabulary, which merge-lora does "
+                         "not do yet; use it with --lora instead.")
     for path, (A, B, scale) in adapter.layers.items():
         key = path + ".weight"
         if key not in state:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from engine.finetune import add_flags
 
 log = logging.getLogger("plugins.caption.train")
 
@@ -28,20 +29,8 @@ EVAL_ENTROPY = 20_261_126  # validation scenes during training use their own see
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="studio train caption", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/caption", help="folder for checkpoints and logs")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--enc-hidden", type=int, default=128)
-    p.add_argument("--enc-layers", type=int, default=3)
-    p.add_argument("--enc-heads", type=int, default=4)
-    p.add_argument("--dec-embd", type=int, default=128)
-    p.add_argument("--dec-layers", type=int, default=2)
-    p.add_argument("--dec-heads", type=int, default=4)
+    add_flags(p, steps=6000, batch_size=64, lr=1e-3, warmup=200, weight_decay=0.01, seed=0, image_size=32,
+              patch_size=4, enc_hidden=128, enc_layers=3, enc_heads=4, dec_embd=128, dec_layers=2, dec_heads=4)
     p.add_argument("--pos-init", default="sincos", choices=("sincos", "random"),
                    help="initial ViT position embeddings: 2-D sine-cosine codes or small random values")
     p.add_argument("--hard-fraction", type=float, default=0.0,
@@ -49,10 +38,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-size", type=int, default=200)
+    add_flags(p, log_every=50, ckpt_every=200, eval_every=500, eval_size=200)
     p.add_argument("--export", default=None, help="write a float16 model folder here at the end")
     p.add_argument("--export-only", action="store_true", help="export the checkpoint in OUT without training")
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.weights import load_pickle
+from engine.finetune import add_flags
 
 log = logging.getLogger("studio.train.image")
 
@@ -130,35 +131,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="studio train image", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/image", help="training folder (checkpoints, log)")
     p.add_argument("--export", default=None, help="model folder to write the best EMA weights to")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--min-snr", type=float, default=5.0)
+    add_flags(p, steps=4000, batch=64, lr=2e-3, warmup=200, ema=0.999, min_snr=5.0)
     p.add_argument("--loss-weight", default="min_snr_plus1", choices=("min_snr", "min_snr_plus1"),
                    help="min_snr: x0-loss weight min(snr, g) (Hang et al.); min_snr_plus1: min(snr, g) + 1, which "
                         "keeps the high-noise steps (where the layout is decided) at full v-loss weight")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--channels", default="32,64,64")
-    p.add_argument("--text-dim", type=int, default=64)
-    p.add_argument("--text-layers", type=int, default=2)
+    add_flags(p, text_dim=64, text_layers=2)
     p.add_argument("--film", default="scale_shift", choices=("default", "scale_shift"),
                    help="how the time+text embedding enters each resnet: added, or scale and shift after norm2")
     p.add_argument("--class-labels", default="mean", choices=("pooled", "mean"),
                    help="the U-Net's class embedding input: the pooled EOS state or the mean hidden state")
     p.add_argument("--init-from", default=None, help="warm start from another run's ckpt.pt (matching tensors are "
                    "copied; a default-FiLM time_emb_proj becomes the shift half of a scale_shift one)")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-n", type=int, default=50)
+    add_flags(p, eval_every=250, eval_n=50)
     p.add_argument("--guidance", type=float, default=1.5, help="guidance of the in-training evaluations")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export-only", action="store_true",
                    help="write the EMA weights of --out/ckpt.pt to --export and exit (no training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, threads=1, seed=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 

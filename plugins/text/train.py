@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from engine.weights import load_pickle
+from engine.finetune import add_flags
 
 log = logging.getLogger("studio.train.text")
 BOS = "<|endoftext|>"
@@ -31,30 +32,17 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--work", default=None, help="checkpoint folder (default: runs/<out name>)")
     p.add_argument("--holdout", default="hamlet.txt,tempest.txt,sonnets.txt", help="comma-separated held-out files")
-    p.add_argument("--vocab-size", type=int, default=3072)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=688)
-    p.add_argument("--context", type=int, default=256)
+    add_flags(p, vocab_size=3072, d_model=256, layers=6, heads=8, kv_heads=4, ffn=688, context=256)
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True, help="tie embeddings and head")
     p.add_argument("--dropout", type=float, default=0.1, help="residual dropout during training")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3000)
+    add_flags(p, batch=16, steps=3000)
     p.add_argument("--minutes", type=float, default=0.0,
                    help="wall-clock budget: the schedule follows max(step/steps, elapsed/minutes) and stops at 1")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    add_flags(p, lr=2e-3, min_lr=1e-4, warmup=100, weight_decay=0.1, eval_every=250, ckpt_minutes=4.0)
     p.add_argument("--eval-stride", type=int, default=0, help="sliding-window stride for eval (default context/2)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="autocast dtype for training")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
+    add_flags(p, threads=1, seed=1337)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--title", default="Shakespeare (tiny Llama)")
     return p.parse_args(argv)
