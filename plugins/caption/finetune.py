@@ -3,7 +3,8 @@
     studio finetune caption --model shapes-captioner --data stars/ --prior-data shapes/ --steps 300
 
 The folder holds images with a same-named ``.txt`` caption beside each (the image fine-tuner's convention).
-Adapters go on the vision encoder's and the text decoder's attention and feed-forward layers. Words a word-level
+Adapters go on the text decoder's attention, cross-attention and feed-forward layers (``--targets`` adds the
+vision encoder's: on the shapes captioner that taught stars less well, docs/benchmarks_finetune.md). Words a word-level
 vocabulary lacks (the shapes captioner has never seen "star") become new tokens: their rows of the decoder's
 embedding and output layer train with the adapter (PEFT's trainable tokens), and the grown ``tokenizer.json`` is
 saved in the adapter folder. Sub-word vocabularies (BLIP's, GPT-2's) spell a new word from pieces they have.
@@ -20,11 +21,12 @@ from engine.errors import UsageError
 from engine.finetune import captioned_data, Task, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,fc1,fc2,c_attn,q_attn,c_proj,c_fc,query,key,value"
+DEFAULT_TARGETS = "c_attn,q_attn,c_proj,c_fc,query,key,value"  # the decoder's (GPT-2's, BERT's): see docs
 
 OPTIONS = lora_options(steps=300, lr=2e-3, batch=32, rank=8, alpha=16.0, dropout=0.0, every=50) + (
-    Option("targets", "str", DEFAULT_TARGETS, "comma-separated names of the layers to adapt (layers of the "
-           "encoder and the decoder; names a model lacks are passed over)"),
+    Option("targets", "str", DEFAULT_TARGETS, "comma-separated names of the layers to adapt: by default the text "
+           "decoder's (GPT-2's and BERT's names; a name the model lacks is passed over); add q_proj,k_proj,v_proj,"
+           "o_proj,fc1,fc2 to adapt a ViT encoder too"),
     Option("val_fraction", "float", 0.1, "share of the images held out for validation", min=0.0, max=0.9),
     Option("prior_data", "str", "", "a folder of captioned images of what the model already describes, mixed "
            "into every batch so that it does not forget them (prior preservation; empty: none)"),
