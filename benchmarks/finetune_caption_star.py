@@ -8,7 +8,8 @@ star scenes and fresh original scenes with the base model and with the adapter, 
     .venv/bin/python benchmarks/finetune_caption_star.py [--steps 300] [--n 200] [--work runs/caption-star]
 
 Printed (JSON): exact-caption rate and the kind-word rate on star scenes, before and after; the exact rate on
-original scenes (what the adapter made the captioner forget); the loss curve and the training time.
+original scenes (what the adapter made the captioner forget); the misses by true and read size and kind; the loss
+curve and the training time.
 """
 from __future__ import annotations
 
@@ -66,11 +67,16 @@ def caption_all(items, adapter=None) -> list:
 
 
 def score(items, captions) -> dict:
+    """Exact and kind rates, and the misses counted as "true size and kind -> the caption's size and kind"."""
+    from collections import Counter
+
     from engine.shapes import caption
 
     exact = sum(c == caption(sc) for (sc, _), c in zip(items, captions)) / len(items)
     kind = sum(len(c.split()) > 3 and c.split()[3] == sc.kind for (sc, _), c in zip(items, captions)) / len(items)
-    return {"exact": round(exact, 3), "kind": round(kind, 3)}
+    misses = Counter(f"{sc.size} {sc.kind} -> {' '.join(c.split()[1:4:2])}" for (sc, _), c in zip(items, captions)
+                     if c != caption(sc))
+    return {"exact": round(exact, 3), "kind": round(kind, 3), "misses": dict(misses.most_common())}
 
 
 def main(argv=None) -> int:

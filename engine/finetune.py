@@ -47,6 +47,7 @@ class Task:
     """What a family provides. ``model`` is wrapped (engine.nn.lora.wrap) so only the adapter trains."""
     model = None
     recipe: dict = {}
+    summary = ""  # what it trains on, said before training starts ("32 images; new words: star")
 
     def batch(self, rng):  # a training batch drawn with ``rng``
         raise NotImplementedError
@@ -352,13 +353,13 @@ def run_folder(a, entry) -> Path:
     return Path(a.out).expanduser() if a.out else state.home() / "finetunes" / f"{entry.name}-{Path(a.data).stem}"
 
 
-def start(task: Task, a, out: Path, what: str, adapter_file: str = "") -> int:
-    """Say what is about to train (on stderr), then ``run_command``."""
+def start(task: Task, a, out: Path, adapter_file: str = "") -> int:
+    """Say what is about to train (on stderr, with ``task.summary``), then ``run_command``."""
     import sys
 
     count = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     print(f"fine-tuning {a.model}: LoRA rank {a.rank} on {len(task.paths)} layers, {count:,} trainable "
-          f"parameters; {what}; run folder {out}", file=sys.stderr)
+          f"parameters; {task.summary}; run folder {out}", file=sys.stderr)
     return run_command(task, a, out, adapter_file)
 
 

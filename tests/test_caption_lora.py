@@ -173,3 +173,45 @@ def test_a_cancelled_caption_finetune_resumes_to_the_same_loss(tmp_path, studio_
               tmp_path / "stopped", resume=True)
     assert abs(got["final_loss"] - want["final_loss"]) < 1e-4
     assert abs(got["final_val_loss"] - want["final_val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["blip", "vit-bert"])
+def test_blip_and_bert_decoders_finetune_and_peft_reads_the_adapter(tmp_path, studio_home, kind):
+    """Sub-word vocabularies spell a new word from pieces: no new tokens, the adapter alone."""
+    from PIL import Image
+    from peft import PeftModel
+    from transformers import BlipForConditionalGeneration, VisionEncoderDecoderModel
+
+    from caption_refs import save_blip, save_ved
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from plugins.caption.finetune import main
+
+    folder = tmp_path / kind
+    save_blip(folder) if kind == "blip" else save_ved(folder, encoder="vit", decoder="bert")
+    entry = ModelStore(PluginHost().load()).import_(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(["a red star on the left", "two dogs near a cat"][i % 2])
+    assert main(["--model", entry.name, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "4",
+                 "--batch", "2", "--eval-every", "2", "--checkpoint-every", "2", "--lr", "1e-2",
+                 "--threads", "1"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert not (adapter / "tokenizer.json").exists()
+    cls = BlipForConditionalGeneration if kind == "blip" else VisionEncoderDecoderModel
+    base = cls.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[5 if kind == "blip" else 2, 6, 12, 14, 3]])
+    ours = studio_logits(entry.path, adapter, pixels, ids)
+    with torch.no_grad():
+        def logits(m):
+            if kind == "blip":
+                return m(pixel_values=pixels, input_ids=ids).logits
+            return m(pixel_values=pixels, decoder_input_ids=ids).logits
+        plain = logits(base)
+        theirs = logits(PeftModel.from_pretrained(base, adapter).eval())
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (theirs - plain).abs().max() > 1e-4

@@ -97,6 +97,7 @@ class CaptionTask(Task):
         self.pixels = torch.from_numpy(np.stack(pixels))
         self.captions = captions
         n = len(pairs)
+        self.summary = f"{n} images" + (f"; new words: {', '.join(self.new_words)}" if self.new_words else "")
         order = np.random.default_rng(a.seed).permutation(n)
         n_val = max(1, int(round(n * a.val_fraction))) if n > 1 and a.val_fraction > 0 else 0
         self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
@@ -184,6 +185,4 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.generator == "caption", "a caption model")
     pairs, prior = captioned_data(a)
-    task = CaptionTask(entry, pairs, a, prior=prior)
-    note = f"; new words: {', '.join(task.new_words)}" if task.new_words else ""
-    return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}")
+    return start(CaptionTask(entry, pairs, a, prior=prior), a, run_folder(a, entry))

@@ -83,6 +83,8 @@ class ImageTask(DenoiserTask):
         self.coords = torch.from_numpy(coord_maps(S, cfg.coord_channels))
         self.acp = torch.from_numpy(alphas_cumprod(cfg.scheduler).astype(np.float64))
         self.unknown = sorted(unknown)
+        self.summary = f"{n} images" + (f"; unknown words (learned as the unknown token): {', '.join(self.unknown)}"
+                                        if self.unknown else "")
         self.recipe = {"kind": "image", "base_model": {"name": entry.name, "hash": entry.hash,
                                                        "family": entry.family},
                        "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n,
@@ -147,6 +149,4 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.family == "shapes-diffusion", "the shapes diffusion model")
     pairs, prior = captioned_data(a)
-    task = ImageTask(entry, pairs, a, prior=prior)
-    note = f"; unknown words (learned as the unknown token): {', '.join(task.unknown)}" if task.unknown else ""
-    return start(task, a, run_folder(a, entry), f"{len(pairs)} images{note}", "adapter.safetensors")
+    return start(ImageTask(entry, pairs, a, prior=prior), a, run_folder(a, entry), "adapter.safetensors")

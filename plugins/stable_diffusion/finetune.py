@@ -67,6 +67,7 @@ class SDTask(DenoiserTask):
         size = a.resolution or default_size(self.sd.cfg)
         check_size(size, size)
         self.size = size
+        self.summary = f"{len(pairs)} images at {size} x {size}"
         text = bool(a.text_encoder)
         self.adapt(self.sd.unet, self.sd.text_encoder, UNET_TARGETS, TEXT_TARGETS)
         tok = self.sd.tokenizer
@@ -156,7 +157,4 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.family == "stable-diffusion",
                        "a Stable Diffusion model (import one with `studio models import`)")
-    pairs = captioned_images(Path(a.data))
-    task = SDTask(entry, pairs, a)
-    return start(task, a, run_folder(a, entry), f"{len(pairs)} images at {task.size} x {task.size}",
-                 "adapter.safetensors")
+    return start(SDTask(entry, captioned_images(Path(a.data)), a), a, run_folder(a, entry), "adapter.safetensors")

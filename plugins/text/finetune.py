@@ -68,6 +68,7 @@ class TextTask(Task):
             val += ids[cut - 1:]  # one token of overlap: the first held-out token is predicted from context
             self.val_chars += len(self.tokenizer.decode(ids[cut:]))
         self.train = np.asarray(train, dtype=np.int64)
+        self.summary = f"{len(self.train):,} training tokens"
         self.val = np.asarray(val, dtype=np.int64)
         self.context = min(a.context, self.model.max_positions - 1)
         if len(self.train) < self.context + 2:
@@ -145,5 +146,4 @@ class TextTask(Task):
 def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.generator == "text", "a text model")
-    task = TextTask(entry, read_documents(Path(a.data)), a)
-    return start(task, a, run_folder(a, entry), f"{len(task.train):,} training tokens")
+    return start(TextTask(entry, read_documents(Path(a.data)), a), a, run_folder(a, entry))
