@@ -363,6 +363,58 @@ def start(task: Task, a, out: Path, adapter_file: str = "") -> int:
     return run_command(task, a, out, adapter_file)
 
 
+PEFT_WEIGHTS = "adapter_model.safetensors"  # engine.nn.lora's name (not imported here: that imports torch)
+ARGS_SKIPPED = ("resume", "json", "out")  # flags a history row does not replay with
+
+
+def record_history(recipe: dict, a, weights: Path):
+    """One history row for a finished fine-tune: generator ``finetune``, its recipe, the arguments that run it
+    again, and the adapter's weights file with its hash; the row's id (None when the history cannot be written:
+    the adapter is on disk either way, and the warning says so)."""
+    import sys
+    import time
+
+    from engine.history import History
+    from engine.outputs import sha256_file
+
+    args = {k: v for k, v in vars(a).items() if k not in ARGS_SKIPPED}
+    row = {"generator": "finetune", "kind": recipe.get("kind"), "model": recipe.get("base_model") or {},
+           "prompt": f"fine-tune on {(recipe.get('data') or {}).get('path', a.data)}", "seed": a.seed,
+           "created": time.time(), "finetune": recipe, "args": args}
+    try:
+        return History().add(row, [{"path": str(weights), "sha256": sha256_file(weights)}])
+    except (StudioError, OSError) as exc:
+        print(f"warning: the fine-tune is not in the history ({exc})", file=sys.stderr)
+        return None
+
+
+def rerun_args(row: dict, out: Path) -> list:
+    """The command-line arguments of a history row's fine-tune, writing to ``out`` (a fresh folder)."""
+    argv = []
+    for key, value in (row.get("args") or {}).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--out", str(out)]
+
+
+def replay(row: dict, outputs: list, out: Path) -> tuple:
+    """Train a history row's fine-tune again, into the fresh folder ``out``: (the new adapter's weights file,
+    whether its hash is the recorded one: the studio's fine-tunes are deterministic for a seed on one device)."""
+    from engine.outputs import sha256_file
+    from engine.plugins import PluginHost
+
+    if (out / "checkpoint").exists():
+        raise UsageError(f"{out} holds another run; give --out a new folder.")
+    code = PluginHost().load().trainer(row["kind"], finetune=True).run(rerun_args(row, out))
+    weights = out / "adapter" / Path(outputs[0]["path"]).name
+    if code or not weights.is_file():
+        raise StudioError(f"The fine-tune did not finish again (exit code {code}); see the messages above.")
+    return weights, sha256_file(weights) == outputs[0]["sha256"]
+
+
 def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     """What ``studio finetune KIND`` does once a family has built its task from parsed options ``a`` (steps, lr,
     batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per
@@ -394,6 +446,10 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     except KeyboardInterrupt:
         raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
     adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]
+    row = record_history(recipe, a, Path(recipe["adapter"]) / (adapter_file or PEFT_WEIGHTS))
+    if row is not None and not a.json:
+        print(f"history row {row} (`studio history replay {row}` trains it again and compares the adapter)",
+              file=sys.stderr)
     print(json.dumps({"adapter": adapter, "final_loss": recipe["final_loss"],
                       "final_val_loss": recipe["final_val_loss"]}) if a.json else adapter)
     return 0

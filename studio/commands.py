@@ -416,6 +416,15 @@ def cmd_history(args) -> int:
                 print(f"output {o['path']} sha256 {o['sha256'][:16]}")
     elif args.action == "replay":
         entry = history.get(args.id)
+        if entry.generator == "finetune":  # a fine-tune: train it again and compare the adapters
+            from engine import finetune
+
+            out = Path(args.out).expanduser() if args.out else \
+                state.home() / "finetunes" / f"replay-{args.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+            weights, same = finetune.replay(entry.recipe, entry.outputs, out)
+            print(weights)
+            print("identical to the original adapter" if same else "DIFFERENT from the original adapter")
+            return 0 if same else 1
         host = _host()
         out, out_is_dir = _out_target(args.out, False, args.overwrite)
         record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device,

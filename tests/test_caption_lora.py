@@ -215,3 +215,21 @@ def test_blip_and_bert_decoders_finetune_and_peft_reads_the_adapter(tmp_path, st
         theirs = logits(PeftModel.from_pretrained(base, adapter).eval())
     assert (ours - theirs).abs().max() < 1e-4
     assert (theirs - plain).abs().max() > 1e-4
+
+
+def test_a_finetune_is_a_history_row_that_replays_identically(tmp_path, studio_home, capsys):
+    from engine.history import History
+    from plugins.caption.finetune import main
+    from studio.cli import main as cli
+
+    entry, data = imported(tmp_path, 6, lambda i: f"w{i} zork")
+    assert main(["--model", entry.name, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "4",
+                 "--batch", "2", "--eval-every", "2", "--checkpoint-every", "2", "--threads", "1"]) == 0
+    row = History().list()[0]
+    assert row.generator == "finetune" and row.recipe["kind"] == "caption" and row.model == entry.name
+    assert row.recipe["finetune"]["data"]["new_words"] == ["zork"] and row.recipe["args"]["steps"] == 4
+    assert row.outputs[0]["path"] == str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    capsys.readouterr()
+    assert cli(["history", "replay", str(row.id), "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "identical to the original adapter" in out and str(tmp_path / "again") in out

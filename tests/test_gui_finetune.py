@@ -121,6 +121,15 @@ def test_a_run_plots_its_loss_cancels_resumes_and_its_adapter_is_used(window, qt
     job = window.panel.job()
     assert job.loras == [f"{adapter}:1"] and job.model == "shakespeare-llama"
 
+    from engine.history import History
+
+    row = History().list()[0]  # the finished fine-tune is a history row; opening it selects its adapter
+    assert row.generator == "finetune" and row.recipe["kind"] == "text"
+    window.select_generator("image")
+    window.open_entry(row)
+    assert window.current_generator_id() == "text"
+    assert window.panel.loras.specs()[-1] == f"{adapter / 'adapter_model.safetensors'}:1"
+
 
 def test_pause_checkpoints_at_the_current_step(window, qtbot, tmp_path):
     page = window.finetune_page
@@ -188,3 +197,18 @@ def test_bad_datasets_show_one_sentence_and_the_window_stays(window, qtbot, tmp_
     assert "fewer than one --context window" in message and "Traceback" not in message
     assert page.stats.text() == "Failed." and page.start_button.isEnabled()
     assert window.isVisible() and page.isVisible()
+
+
+def test_caption_samples_are_captions_and_the_adapter_captions(window, qtbot, tmp_path):
+    page = window.finetune_page
+    select(page, "caption")
+    assert page.samples.currentWidget() is page.sample_text
+    page.set_dataset(str(image_data(tmp_path)))
+    page.form.set_values({"steps": 4, "batch": 4, "eval_every": 2, "checkpoint_every": 2})
+    page.start_button.click()
+    wait_done(qtbot, page)
+    assert page.stats.text().startswith("Done"), page.banner.message()
+    assert page.samples.currentWidget() is page.sample_text
+    assert "(true: a " in page.sample_text.toPlainText() and "star" in page.sample_text.toPlainText()
+    page.use_button.click()
+    assert window.current_generator_id() == "caption" and window.panel.loras.specs() == [f"{page.adapter}:1"]

@@ -124,7 +124,8 @@ class CaptionPipeline:
         from engine.nn.lora import apply_adapters
 
         model = apply_adapters(load_caption_model(folder, device=device), adapters)
-        grown = [Path(a.path) for a in adapters if (Path(a.path) / "tokenizer.json").is_file()]
+        folders = [Path(a.path) if Path(a.path).is_dir() else Path(a.path).parent for a in adapters]
+        grown = [f for f in folders if (f / "tokenizer.json").is_file()]
         return cls(TorchCaptionRunner(model), load_tokenizer(grown[-1] if grown else folder), model.config,
                    Preprocess.from_folder(folder, model.config.encoder.image_size))
 

@@ -34,6 +34,14 @@ class RecipeActions:
     @guard
     def open_entry(self, entry) -> None:
         recipe = dict(entry.recipe)
+        if entry.generator == "finetune":  # a fine-tune's row: its adapter, selected in its generator
+            adapter = next((o["path"] for o in entry.outputs if Path(o["path"]).exists()), None)
+            if adapter is None or recipe.get("kind") not in self.session.host.generators:
+                gone = entry.outputs[0]["path"] if entry.outputs else "?"
+                raise UsageError(f"The adapter of this fine-tune ({gone}) is gone, or its generator is not "
+                                 "installed; the recipe is still in the history.")
+            self.use_finetuned_adapter(recipe["kind"], (recipe.get("model") or {}).get("name", ""), adapter)
+            return
         if recipe.get("messages") and entry.generator in self.session.host.generators:
             self.load_recipe(recipe)  # a conversation reopens in the chat view, ready to continue
             return
