@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from engine import commit
 from engine import outputs as out_mod
-from engine.errors import GenerationError, OptionError, StateError, StudioError, UsageError
+from engine.errors import GenerationError, OptionError, StudioError, UsageError
 from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost

@@ -5,14 +5,11 @@ Exit status: 0 success, 2 usage error, 1 any other error; one-line message on st
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
-from engine.errors import CancelledError, StudioError, UsageError
+from engine.errors import StudioError, UsageError
 
 log = logging.getLogger("studio")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine import state
-from engine.errors import ModelError, StudioError, UsageError
+from engine.errors import StudioError, UsageError
 from engine.generators import Progress
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled

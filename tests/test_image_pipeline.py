@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.errors import CancelledError, ModelError, UsageError
-from engine.generators import CancelToken, Context, ModelRef, Partial, Progress, Request, Result
+from engine.generators import Context, ModelRef, Partial, Progress, Request, Result
 from plugins.image import model as M
 from plugins.image.tokenizer import shapes_tokenizer
 from plugins.image.train import default_config
@@ -107,14 +107,12 @@ def _copy(folder, tmp_path):
 
 
 def test_check_accepts_good_folder(folder):
-    import plugins.image as plugin
     _image_architecture().verify(folder)
 
 
 @pytest.mark.parametrize("damage", ["no_config", "bad_type", "missing_tensor", "wrong_shape", "bad_tokenizer",
                                     "no_weights", "corrupt_weights", "bad_unet_option"])
 def test_bad_folder_raises_model_error(folder, tmp_path, damage):
-    import plugins.image as plugin
     from safetensors.torch import load_file, save_file
     d = _copy(folder, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

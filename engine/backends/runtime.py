@@ -275,10 +275,6 @@ class Export:
 SPEED_ORDER = ("int4", "int8", "fp32")  # fastest first (benchmarks/onnx_vs_torch.py: int8 3.2-3.5x torch fp32)
 
 
-def variant(folder: Path) -> str:
-    name = Path(folder).name
-    return next((v for v in SPEED_ORDER[:-1] if v in name), "fp32")
-
 
 def gate_passed(manifest: dict) -> bool:
     """Whether the graphs of an export passed their gate: the parity gate for fp32 (and not kept by --force); for a

@@ -9,7 +9,6 @@ from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QScrollArea, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
-from engine import chat as chat_mod
 from engine.errors import UsageError
 from studio.gui.chat_view import ChatView
 from studio.gui.dialog_actions import DialogActions

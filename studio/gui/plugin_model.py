@@ -48,7 +48,6 @@ class PluginTableModel(RowsTableModel):
     def setData(self, index, value, role=Qt.ItemDataRole.EditRole):
         if role != Qt.ItemDataRole.CheckStateRole or COLUMNS[index.column()] != "Enabled":
             return False
-        p = self.rows[index.row()]
         enabled = Qt.CheckState(value) == Qt.CheckState.Checked if not isinstance(value, bool) else value
         self.set_enabled(index.row(), enabled)
         return True
