@@ -158,9 +158,11 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
             loss = task.loss(batch)
             value = float(loss.detach())
             if not math.isfinite(value):
+                kept = (f"the last good checkpoint, step {last_ck}, is kept in {out}; resume with a lower --lr"
+                        if (out / "checkpoint").exists() else "no checkpoint was written yet; start again with a "
+                        "lower --lr")
                 raise StudioError(f"The loss became {value} at step {step + 1} (the learning rate {settings.lr:g} "
-                                  f"is probably too high); the last good checkpoint, step {last_ck}, is kept in "
-                                  f"{out}; resume with a lower --lr.")
+                                  f"is probably too high); {kept}.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.clip:
