@@ -159,10 +159,14 @@ def test_a_diverging_finetune_stops_and_keeps_the_checkpoint(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "data.txt").write_text("to be or not to be, that is the question " * 40)
-    cmd, env = _finetune(home, tmp_path / "nan", "--lr", "1e30", steps=6)
+    cmd, env = _finetune(home, tmp_path / "nan", "--lr", "1e30", "--checkpoint-every", "1", steps=6)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "The loss became" in proc.stderr and "Traceback" not in proc.stderr
-    assert "last good checkpoint" in proc.stderr
+    assert "the last good checkpoint, step 1, is kept" in proc.stderr
+    assert json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())["step"] == 1
+    cmd, env = _finetune(home, tmp_path / "nan-at-once", "--lr", "1e30", steps=6)  # diverges before any checkpoint
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "no checkpoint was written yet" in proc.stderr
 
 
 def _cli(home, *args):
