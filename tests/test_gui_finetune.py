@@ -129,6 +129,10 @@ def test_a_run_plots_its_loss_cancels_resumes_and_its_adapter_is_used(window, qt
     window.open_entry(row)
     assert window.current_generator_id() == "text"
     assert window.panel.loras.specs()[-1] == f"{adapter / 'adapter_model.safetensors'}:1"
+    page.form.set_values({"steps": 7, "rank": 2})
+    window.load_recipe(row.recipe)  # "Load recipe" on the row: the fine-tune's settings back in the page
+    assert page.finetuner.currentData() == "text" and page.form.values()["steps"] == 40
+    assert page.form.values()["rank"] == 4 and page.data.text() == row.recipe["args"]["data"]
 
 
 def test_pause_checkpoints_at_the_current_step(window, qtbot, tmp_path):

@@ -253,6 +253,20 @@ class FinetunePage(QWidget):
         for w in (self.finetuner, self.model, self.data, self.browse, self.form, self.defaults):
             w.setEnabled(not busy)
 
+    def load_recipe(self, recipe: dict) -> None:
+        """A history row's fine-tune back in the form: its fine-tuner, base model, dataset and hyper-parameters,
+        ready to run again (Start makes a new run folder)."""
+        args, kind = recipe.get("args") or {}, recipe.get("kind")
+        index = self.finetuner.findData(kind)
+        if index < 0:
+            raise UsageError(f"This fine-tune needs the fine-tuner {kind!r}, which is not installed.")
+        self.finetuner.setCurrentIndex(index)
+        model = self.model.findData(args.get("model"))
+        if model >= 0:
+            self.model.setCurrentIndex(model)
+        self.set_dataset(str(args.get("data", "")))
+        self.form.set_values({o.name: args[o.name] for o in self.trainer().options if o.name in args})
+
     @guard
     def start(self) -> None:
         """A new run from the form, in a new run folder."""

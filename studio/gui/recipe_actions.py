@@ -15,6 +15,10 @@ class RecipeActions:
     def load_recipe(self, recipe: dict) -> None:
         """Put a recipe's generator, prompt, seed, options and model back into the form."""
         gid = recipe.get("generator")
+        if gid == "finetune":  # a fine-tune's recipe fills the fine-tune page
+            self.open_finetune()
+            self.finetune_page.load_recipe(recipe)
+            return
         if recipe.get("source") == "a1111" or not gid:
             gid = self.session.find_generator("image", "text") if recipe.get("source") == "a1111" else gid
         if not gid or gid not in self.session.host.generators:
