@@ -83,9 +83,11 @@ def chat_turns(app, window) -> None:
     window.chat.update_meter()
 
 
-def finetune_page(app, window, home: Path, png: Path, steps: int = 160, shoot_at: int = 120) -> Path:
-    """The fine-tune page part-way through a real run: the star LoRA of the shapes model on 32 star scenes, the
-    loss plotted, the samples of the last evaluation shown; the run is paused once the picture is taken."""
+def finetune_page(app, window, home: Path, png: Path, steps: int = 160, shoot_at: int = 120,
+                  kind: str = "image") -> Path:
+    """The fine-tune page part-way through a real run: the star LoRA of the shapes model (``kind`` "caption": of
+    the shapes captioner) on 32 star scenes, the loss plotted, the samples of the last evaluation shown; the run is
+    paused once the picture is taken."""
     import numpy as np
     from PIL import Image
 
@@ -101,9 +103,10 @@ def finetune_page(app, window, home: Path, png: Path, steps: int = 160, shoot_at
         (data / f"star{i:02d}.txt").write_text(S.caption(scene))
     window.open_finetune()
     page = window.finetune_page
-    page.finetuner.setCurrentIndex(page.finetuner.findData("image"))
+    page.finetuner.setCurrentIndex(page.finetuner.findData(kind))
     page.set_dataset(str(data))
-    page.form.set_values({"steps": steps, "batch": 8, "eval_every": 20, "checkpoint_every": 40, "lr": 3e-3})
+    page.form.set_values({"steps": steps, "batch": 8, "eval_every": 20, "checkpoint_every": 40, "lr": 3e-3}
+                         if kind == "image" else {"steps": steps, "eval_every": 20, "checkpoint_every": 40})
     page.start()
     end = time.monotonic() + 900
     while page.busy() and (len(page.points["train"][0]) < shoot_at or page.points["train"][0][-1] % 20 > 3) \
@@ -120,7 +123,8 @@ def finetune_page(app, window, home: Path, png: Path, steps: int = 160, shoot_at
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    only_finetune = argv[:1] == ["--finetune"]  # `--finetune PNG`: just the fine-tune page
+    only_finetune = argv[:1] in (["--finetune"], ["--finetune-caption"])  # `--finetune PNG`: just that page
+    kind = "caption" if argv[:1] == ["--finetune-caption"] else "image"
     argv = argv[1:] if only_finetune else argv
     out = Path(argv[0] if argv else "docs/img")
     if not only_finetune:
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
     window.show()
     if only_finetune:
         window.persist = False
-        print(finetune_page(app, window, home, out if argv else Path("docs/screenshots/finetune_page.png")))
+        print(finetune_page(app, window, home, out if argv else Path("docs/screenshots/finetune_page.png"),
+                            kind=kind))
         window.close()
         shutil.rmtree(home, ignore_errors=True)
         return 0
