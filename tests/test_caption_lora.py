@@ -110,13 +110,19 @@ def test_caption_finetune_teaches_a_word_and_peft_reads_it(tmp_path, studio_home
         merge_lora(ModelStore(PluginHost().load()), entry.name, [str(adapter)], "merged")
 
 
-def test_a_peft_adapter_with_new_tokens_loads_in_the_studio(tmp_path):
+@pytest.mark.parametrize("ids,tied_only", [([28, 29], False), ([5, 9], False), ([5, 9], True)])
+def test_a_peft_adapter_with_trainable_tokens_loads_in_the_studio(tmp_path, ids, tied_only):
+    """New ids (the layers grow) or existing ones; rows for the embedding and the head, or (tied_only) for the
+    embedding alone. (Rows for the embedding alone at new ids are not compared: peft's head then reads the rows
+    that resize_token_embeddings drew at random, the studio's head the trained ones it is tied to.)"""
     from peft import LoraConfig, get_peft_model
 
     save_tiny(tmp_path / "tiny-cap")
-    base = hf_model(tmp_path / "tiny-cap", 30)  # two new tokens: 28, 29
+    base = hf_model(tmp_path / "tiny-cap", 30)  # two more rows: 28, 29
+    tokens = {"decoder.transformer.wte": ids} if tied_only else {"decoder.transformer.wte": ids,
+                                                                  "decoder.lm_head": ids}
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_attn", "q_attn", "c_fc"],
-                        trainable_token_indices={"decoder.transformer.wte": [28, 29], "decoder.lm_head": [28, 29]})
+                        trainable_token_indices=tokens)
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -124,10 +130,12 @@ def test_a_peft_adapter_with_new_tokens_loads_in_the_studio(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
     peft_model.eval().save_pretrained(tmp_path / "peft-adapter")
     pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    ids = torch.tensor([[1, 28, 29, 9]])
+    tokens = torch.tensor([[1, ids[0], ids[1], 9]])
     with torch.no_grad():
-        theirs = peft_model(pixel_values=pixels, decoder_input_ids=ids).logits
-    ours = studio_logits(tmp_path / "tiny-cap", tmp_path / "peft-adapter", pixels, ids)
+        theirs = peft_model(pixel_values=pixels, decoder_input_ids=tokens).logits
+    ours = studio_logits(tmp_path / "tiny-cap", tmp_path / "peft-adapter", pixels, tokens)
+    if ids[0] < 28:  # no growth: the studio's model keeps its 28 rows, peft's (resized) has 30
+        theirs = theirs[..., :28]
     assert (ours - theirs).abs().max() < 1e-4
 
 

@@ -157,10 +157,12 @@ def _grown(module: nn.Module, rows: int, weight=None) -> nn.Module:
     return grown
 
 
-def add_token_rows(model: nn.Module, paths, indices, rows: Optional[dict] = None, train: bool = False) -> None:
+def add_token_rows(model: nn.Module, paths, indices, rows: Optional[dict] = None, train: bool = False,
+                   tie: bool = True) -> None:
     """Let the layers at ``paths`` (an input embedding, an output layer) read rows ``indices`` from new parameters,
-    growing them when an id is past their end; a layer tied to another's weight shares its rows. ``rows``: {path:
-    values} (missing: the layer's mean row); ``train``: the rows train (the rest stays frozen)."""
+    growing them when an id is past their end; a layer tied to another's weight shares its rows (and with ``tie``,
+    so does one ``paths`` does not name). ``rows``: {path: values} (missing: the layer's mean row); ``train``: the
+    rows train (the rest stays frozen)."""
     indices, rows = [int(i) for i in indices], rows or {}
     layers = {p: model.get_submodule(p) for p in paths}
     need = max(indices) + 1
@@ -181,8 +183,10 @@ def add_token_rows(model: nn.Module, paths, indices, rows: Optional[dict] = None
         shared.setdefault(key, (grown.weight, param))
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, TokenRows(grown, indices, param))
-    for path, m in list(model.named_modules()):  # layers tied to a grown one that ``paths`` did not name
-        if path not in layers and not isinstance(m, TokenRows) and id(getattr(m, "weight", None)) in shared:
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, TokenRows)}
+    for path, m in list(model.named_modules()) if tie else ():  # layers tied to one of ``paths`` that ``paths`` did not name
+        if path not in layers and id(m) not in wrapped and not isinstance(m, TokenRows) \
+                and id(getattr(m, "weight", None)) in shared:
             grown_weight, param = shared[id(m.weight)]
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child,
@@ -516,7 +520,10 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
             raise UsageError(f"The LoRA {Path(adapter.source).name} adds tokens, and so does another adapter of "
                              "this job (or it adds different ones to different layers); use one such adapter at "
                              "a time.")
-        add_token_rows(target, list(adapter.tokens), next(iter(ids)), {p: r for p, (_, r) in adapter.tokens.items()})
+        # A layer tied to a named one follows it only where the model's config says its embeddings are tied,
+        # as peft does (a vision-encoder-decoder's config says not, though its GPT-2 decoder ties them).
+        add_token_rows(target, list(adapter.tokens), next(iter(ids)), {p: r for p, (_, r) in adapter.tokens.items()},
+                       tie=bool(getattr(getattr(target, "config", None), "tie_word_embeddings", False)))
 
 
 def merge(model: nn.Module) -> nn.Module:
