@@ -21,7 +21,7 @@ def merge_lora(store, base: str, loras: list, name: str):
     import torch
     from safetensors.torch import save_file
 
-    from engine.nn.lora import merge_into_state, read_adapter
+    from engine.nn.lora import merge_into_state, merge_tokens, read_adapter
     from engine.runner import adapter_ref
     from engine.weights import find_weight_files, load_state_dict
 
@@ -32,8 +32,16 @@ def merge_lora(store, base: str, loras: list, name: str):
     state = load_state_dict(entry.path)
     dtypes = {k: v.dtype for k, v in state.items()}
     paths = [k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.dim() == 2]
+    grown = None  # (rows before, rows after, the adapter folder's tokenizer.json) of an adapter that adds words
     for ref in refs:
-        merge_into_state(state, read_adapter(ref.path, {"unet": paths, "text_encoder": paths}), ref.weight)
+        adapter = read_adapter(ref.path, {"unet": paths, "text_encoder": paths})
+        if adapter.tokens:
+            rows = merge_tokens(state, adapter)
+            if rows and grown:
+                raise UsageError("Two of these LoRAs add words to the vocabulary; merge one of them at a time.")
+            folder = Path(ref.path) if Path(ref.path).is_dir() else Path(ref.path).parent
+            grown = (*rows, folder / "tokenizer.json") if rows else grown
+        merge_into_state(state, adapter, ref.weight)
     tmp = Path(tempfile.mkdtemp(prefix=f"merge-{name}-"))
     try:
         folder = tmp / name
@@ -44,6 +52,8 @@ def merge_lora(store, base: str, loras: list, name: str):
                 shutil.copy2(item, folder / item.name)
         save_file({k: v.to(dtypes[k]).contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
+        if grown:
+            _grow_vocabulary(folder, *grown)
         studio = {k: v for k, v in (entry.studio or {}).items() if k not in ("hash", "imported_from", "onnx")}
         studio.update({"title": f"{entry.title or entry.name} + {', '.join(r.name for r in refs)}",
                        "merged_from": {"model": {"name": entry.name, "hash": entry.hash},
@@ -54,3 +64,19 @@ def merge_lora(store, base: str, loras: list, name: str):
         return store.import_(folder, name=name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _grow_vocabulary(folder: Path, before: int, after: int, tokenizer: Path) -> None:
+    """A merged adapter added words: every ``vocab_size`` of config.json that was ``before`` becomes ``after``,
+    and the adapter's tokenizer.json (which has the words) replaces the base model's."""
+    def grow(node):
+        if isinstance(node, dict):
+            return {k: (after if k == "vocab_size" and v == before else grow(v)) for k, v in node.items()}
+        return [grow(v) for v in node] if isinstance(node, list) else node
+
+    config = folder / "config.json"
+    config.write_text(json.dumps(grow(json.loads(config.read_text())), indent=2) + "\n")
+    if not tokenizer.is_file():
+        raise UsageError(f"The LoRA adds words but its folder has no tokenizer.json ({tokenizer.parent}); put the "
+                         "tokenizer.json it was trained with beside it.")
+    shutil.copy2(tokenizer, folder / "tokenizer.json")

@@ -106,8 +106,18 @@ def test_caption_finetune_teaches_a_word_and_peft_reads_it(tmp_path, studio_home
     from engine.plugins import PluginHost
     from engine.store import ModelStore
 
-    with pytest.raises(UsageError, match="adds words to the vocabulary"):
-        merge_lora(ModelStore(PluginHost().load()), entry.name, [str(adapter)], "merged")
+    merged = merge_lora(ModelStore(PluginHost().load()), entry.name, [str(adapter)], "merged")  # a new model
+    pipe = CaptionPipeline.from_folder(merged.path)
+    assert pipe.tokenizer.token_to_id("zork") == new_id
+    from plugins.caption.model import load_caption_model
+
+    with torch.no_grad():
+        folded = load_caption_model(merged.path, "cpu", torch.float32)(pixels, ids)
+    assert (folded - ours).abs().max() < 1e-4  # the merged model gives the adapter's logits
+    assert folded.argmax(-1).tolist() == ours.argmax(-1).tolist()
+    with pytest.raises(UsageError, match="no tokenizer.json"):
+        (adapter / "tokenizer.json").unlink()
+        merge_lora(ModelStore(PluginHost().load()), entry.name, [str(adapter)], "merged-2")
 
 
 @pytest.mark.parametrize("ids,tied_only", [([28, 29], False), ([5, 9], False), ([5, 9], True)])

@@ -557,12 +557,32 @@ def apply_adapters(model, adapters):
     return model
 
 
+def merge_tokens(state: dict, adapter: Adapter) -> Optional[tuple]:
+    """Write an adapter's new-token rows into ``state`` (the embedding and output weights it names that the file
+    holds: a tied output layer is stored once), growing them (and a grown layer's bias) to the highest id; returns
+    (rows before, rows after) when they grew, else None. The rows replace, so a merge weight does not scale them."""
+    grew = None
+    for path, (ids, rows) in adapter.tokens.items():
+        w = state.get(path + ".weight")
+        if w is None:
+            continue
+        need = max(ids) + 1
+        if need > w.shape[0]:
+            extra = w.float().mean(0, keepdim=True).expand(need - w.shape[0], -1).to(w.dtype)
+            bias = state.get(path + ".bias")
+            if bias is not None and bias.shape[0] == w.shape[0]:
+                state[path + ".bias"] = torch.cat([bias, bias.new_zeros(need - w.shape[0])])
+            grew = (w.shape[0], need)
+            w = torch.cat([w, extra])
+        w = w.clone()
+        w[ids] = rows.to(w.dtype)
+        state[path + ".weight"] = w
+    return grew
+
+
 def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict:
     """Add ``weight * scale * B @ A`` to ``state[path + ".weight"]`` for every adapted layer (the file-level merge
     behind `studio models merge-lora`; a GPT-2 Conv1D weight, stored in x out, gets the transposed delta)."""
-    if adapter.tokens:
-        raise UsageError(f"The LoRA {Path(adapter.source).name} adds words to the vocabulary, which merge-lora does "
-                         "not do yet; use it with --lora instead.")
     for path, (A, B, scale) in adapter.layers.items():
         key = path + ".weight"
         if key not in state:

@@ -35,7 +35,8 @@ def _pipeline(request, context):
     if model is None:
         raise UsageError("The caption generator needs a model; pass one with --model.")
     if request.adapters and request.backend == "onnx":
-        raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx.")
+        raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
+                         "(`studio models merge-lora`) to run it on ONNX.")
     key = ("caption", model.hash, request.device, request.backend, str(request.export or ""),
            tuple((a.sha256, a.weight) for a in request.adapters))
     return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
