@@ -172,7 +172,7 @@ def test_image_samples_appear(window, qtbot, tmp_path):
     assert [Path(a["path"]) for a in window.output.recipe["loras"]] == [Path(page.adapter).resolve()]
 
 
-def test_bad_datasets_show_one_sentence_and_the_window_stays(window, qtbot, tmp_path):
+def test_bad_datasets_show_one_sentence_and_the_window_stays(window, qtbot, tmp_path, monkeypatch):
     page = window.finetune_page
     select(page, "text")
     empty = tmp_path / "empty"
@@ -186,8 +186,23 @@ def test_bad_datasets_show_one_sentence_and_the_window_stays(window, qtbot, tmp_
     assert "does not exist" in page.banner.message()
 
     select(page, "image")
-    page.set_dataset(str(image_data(tmp_path, uncaptioned=True)))
+    stars = image_data(tmp_path, uncaptioned=True)
+    page.set_dataset(str(stars))
     assert "1 image(s)" in page.banner.message() and "no same-named .txt caption" in page.banner.message()
+    assert not page.caption_button.isHidden()  # the offer to write the captions with a caption model
+    from studio.gui import caption_folder_dialog
+
+    seen = []
+
+    def captioned(dialog):  # stands in for the user captioning the folder in the dialog
+        seen.append(dialog.folder.text())
+        (stars / "star3.txt").write_text("a large red star in the center on a blue background")
+        return 1
+
+    monkeypatch.setattr(caption_folder_dialog.CaptionFolderDialog, "exec", captioned)
+    page.caption_button.click()
+    assert seen == [str(stars)] and page.caption_button.isHidden() and not page.banner.isVisible()
+    assert page.preview.count == 4
 
     select(page, "text")  # a problem only the run finds: the text is shorter than one training window
     short = tmp_path / "short"

@@ -32,6 +32,7 @@ class DatasetPreview(QWidget):
     def clear(self, text: str = "") -> None:
         self.list.clear()
         self.count = 0
+        self.missing_captions = []  # images of the folder shown last that have no caption
         self.summary.setText(text)
 
     def show_folder(self, path: str, data: str, n: int = 8) -> None:
@@ -48,6 +49,7 @@ class DatasetPreview(QWidget):
 
         pairs, missing = read_pairs(path)
         if missing:
+            self.missing_captions = list(missing)
             raise UsageError(f"{len(missing)} image(s) in {path} have no same-named .txt caption ({missing[0]}, ...); "
                              "write them first with Tools > Caption a folder….")
         self.list.setViewMode(QListView.ViewMode.IconMode)

@@ -71,9 +71,13 @@ class FinetunePage(QWidget):
         self.data = QLineEdit()
         self.data.setObjectName("dataset")
         self.browse = QPushButton("Browse…")
+        self.caption_button = button("Caption them…", self.caption_dataset, "Write the missing captions with a "
+                                     "caption model (Tools > Caption a folder…), then train", "caption_dataset")
+        self.caption_button.hide()
         data_row = QHBoxLayout()
         data_row.addWidget(self.data, 1)
         data_row.addWidget(self.browse)
+        data_row.addWidget(self.caption_button)
         self.preview = DatasetPreview()
         setup = QGroupBox("What to fine-tune")
         sf = QFormLayout(setup)
@@ -231,11 +235,22 @@ class FinetunePage(QWidget):
             self.preview.clear("Choose a dataset folder to see a few of its samples.")
             return
         self.banner.hide()
+        self.caption_button.hide()
         try:
             self.preview.show_folder(path, t.data)
         except UsageError as exc:
+            missing = self.preview.missing_captions
             self.preview.clear("This folder cannot be trained on.")
             self.banner.show_message(str(exc))
+            self.caption_button.setVisible(bool(missing))  # the offer: write them with a caption model
+
+    @guard
+    def caption_dataset(self) -> None:
+        """The caption-a-folder dialog on this dataset; the preview is read again when it closes."""
+        from studio.gui.caption_folder_dialog import CaptionFolderDialog
+
+        CaptionFolderDialog(self.session, self, folder=self.data.text().strip()).exec()
+        self.refresh_preview()
 
     # ----- running -----------------------------------------------------------------------------
     def busy(self) -> bool:
