@@ -21,7 +21,8 @@ def merge_lora(store, base: str, loras: list, name: str):
     import torch
     from safetensors.torch import save_file
 
-    from engine.nn.lora import merge_into_state, merge_tokens, read_adapter
+    from engine.nn.lora import merge_into_state, read_adapter
+    from engine.nn.new_tokens import merge_tokens
     from engine.runner import adapter_ref
     from engine.weights import find_weight_files, load_state_dict
 
@@ -36,7 +37,7 @@ def merge_lora(store, base: str, loras: list, name: str):
     for ref in refs:
         adapter = read_adapter(ref.path, {"unet": paths, "text_encoder": paths})
         if adapter.tokens:
-            rows = merge_tokens(state, adapter)
+            rows = merge_tokens(state, adapter.tokens)
             if rows and grown:
                 raise UsageError("Two of these LoRAs add words to the vocabulary; merge one of them at a time.")
             folder = Path(ref.path) if Path(ref.path).is_dir() else Path(ref.path).parent

@@ -8,7 +8,6 @@ and learns ``A`` and ``B`` (``B`` starts at zero, so an untrained adapter change
     save_peft(model, folder, base_model="shakespeare-llama")                 # adapter_model.safetensors + config
     attach(model, read_adapter(path), weight=0.8, name="style")             # load one (PEFT or kohya) for use
     merge(model)                                                            # fold every adapter into W
-    add_token_rows(model, ["decoder.transformer.wte", "decoder.lm_head"], [28])  # new tokens' rows (trainable)
 
 Module paths are the model's own parameter paths, which match the reference libraries (transformers,
 diffusers), so the PEFT file of ``model.layers.0.self_attn.q_proj`` holds
@@ -16,15 +15,8 @@ diffusers), so the PEFT file of ``model.layers.0.self_attn.q_proj`` holds
 ``down_blocks.0.attentions.0.proj_in`` holds ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight``.
 GPT-2's ``Conv1D`` layers (weight in x out) take adapters too (PEFT's ``fan_in_fan_out``).
 
-A network that keeps apart layers its weight files fuse (Phi-3's ``qkv_proj`` / ``gate_up_proj``) names them in
-``model.fused_layers`` ({"qkv_proj": ("q_proj", "k_proj", "v_proj")}): its adapters are saved on the fused layer
-(``A`` stacked, ``B`` block-diagonal, rank and alpha scaled by the parts in ``rank_pattern`` / ``alpha_pattern``),
-and an adapter on the fused layer is split into its parts on loading, so the files are those peft reads and writes.
-
-New tokens (a word a word-level vocabulary lacks) are PEFT's "trainable tokens": the embedding's rows at their
-ids (and the rows of the output layer, shared when its weight is tied to the embedding) are replaced by trained
-values, ``W.index_copy(0, indices, rows)``, saved as ``<path>.token_adapter.trainable_tokens_delta`` with
-``trainable_token_indices`` in ``adapter_config.json``; the layers grow when an id is past their end.
+Layers a network keeps apart but its files fuse (Phi-3): engine/nn/fused.py. New tokens (PEFT's trainable tokens):
+engine/nn/new_tokens.py.
 """
 from __future__ import annotations
 
@@ -38,10 +30,11 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ModelError, UsageError
+from engine.nn.fused import fuse, fused_targets, split_fused
+from engine.nn.new_tokens import TOKENS_KEY, TokenRows, add_token_rows, token_rows
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -114,89 +107,6 @@ class LoraLayer(nn.Module):
                 d = h @ a.t() @ b.t()
             y = y + self.scales[name] * d.to(y.dtype)
         return y
-
-
-class TokenRows(nn.Module):
-    """An embedding or output layer whose rows ``indices`` read from ``rows`` (shared by tied layers)."""
-
-    def __init__(self, base: nn.Module, indices, rows: nn.Parameter):
-        super().__init__()
-        self.base, self.rows = base, rows
-        self.register_buffer("indices", torch.tensor(list(indices), dtype=torch.long), persistent=False)
-
-    @property
-    def weight(self):
-        w = self.base.weight
-        return w.index_copy(0, self.indices.to(w.device), self.rows.to(w.dtype))
-
-    def forward(self, x):
-        if isinstance(self.base, nn.Embedding):
-            return nn.functional.embedding(x, self.weight, self.base.padding_idx)
-        return nn.functional.linear(x, self.weight, self.base.bias)
-
-
-def _grown(module: nn.Module, rows: int, weight=None) -> nn.Module:
-    """``module`` (an Embedding or a Linear output layer) with ``rows`` rows: new rows are the mean row, a
-    Linear's new bias zero; ``weight``: a grown weight to share (a layer tied to a grown embedding)."""
-    w = module.weight
-    if rows <= w.shape[0]:
-        return module
-    if weight is None:
-        extra = w.detach().float().mean(0, keepdim=True).expand(rows - w.shape[0], -1).to(w.dtype)
-        weight = nn.Parameter(torch.cat([w.detach(), extra]), requires_grad=False)
-    if isinstance(module, nn.Embedding):
-        grown = nn.Embedding(rows, w.shape[1], padding_idx=module.padding_idx, device="meta")
-    elif isinstance(module, nn.Linear):
-        grown = nn.Linear(w.shape[1], rows, bias=module.bias is not None, device="meta")
-        if module.bias is not None:
-            grown.bias = nn.Parameter(torch.cat([module.bias.detach(), module.bias.new_zeros(rows - w.shape[0])]),
-                                      requires_grad=False)
-    else:
-        raise UsageError(f"New tokens need an embedding or a linear output layer, not a {type(module).__name__}.")
-    grown.weight = weight
-    return grown
-
-
-def add_token_rows(model: nn.Module, paths, indices, rows: Optional[dict] = None, train: bool = False,
-                   tie: bool = True) -> None:
-    """Let the layers at ``paths`` (an input embedding, an output layer) read rows ``indices`` from new parameters,
-    growing them when an id is past their end; a layer tied to another's weight shares its rows (and with ``tie``,
-    so does one ``paths`` does not name). ``rows``: {path: values} (missing: the layer's mean row); ``train``: the
-    rows train (the rest stays frozen)."""
-    indices, rows = [int(i) for i in indices], rows or {}
-    layers = {p: model.get_submodule(p) for p in paths}
-    need = max(indices) + 1
-    shared: dict = {}  # id(original weight) -> (grown weight, rows parameter)
-    for path, layer in layers.items():
-        if isinstance(layer, TokenRows):
-            if path in rows:  # a second file entry for an already tied layer: its own values
-                layer.rows = nn.Parameter(rows[path].to(layer.rows), requires_grad=train)
-            continue
-        key = id(layer.weight)
-        grown_weight, param = shared.get(key, (None, None))
-        grown = _grown(layer, need, grown_weight)
-        if param is None or path in rows:
-            init = rows.get(path)
-            if init is None:
-                init = grown.weight.detach()[indices].float()
-            param = nn.Parameter(init.to(grown.weight.device, grown.weight.dtype).clone(), requires_grad=train)
-        shared.setdefault(key, (grown.weight, param))
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, TokenRows(grown, indices, param))
-    wrapped = {id(m.base) for m in model.modules() if isinstance(m, TokenRows)}
-    for path, m in list(model.named_modules()) if tie else ():  # layers tied to one of ``paths`` that ``paths`` did not name
-        if path not in layers and id(m) not in wrapped and not isinstance(m, TokenRows) \
-                and id(getattr(m, "weight", None)) in shared:
-            grown_weight, param = shared[id(m.weight)]
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child,
-                    TokenRows(_grown(m, need, grown_weight), indices, param))
-
-
-def token_rows(model: nn.Module) -> dict:
-    """path -> (ids, rows) of every layer with new-token rows."""
-    return {p: (m.indices.tolist(), m.rows.detach().float().cpu()) for p, m in model.named_modules()
-            if isinstance(m, TokenRows)}
 
 
 def _matches(path: str, targets) -> bool:
@@ -276,17 +186,18 @@ def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", ta
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, conv1d = {}, False
-    layers, fused = _fuse(model, adapter_state(model, name))
+    layers, fused = fuse(model, adapter_state(model, name))
+    modules = dict(model.named_modules())
     for path, (A, B) in layers.items():
         state[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
         state[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
-        conv1d = conv1d or getattr(_get(model, path), "conv1d", False)
+        conv1d = conv1d or getattr(modules.get(path), "conv1d", False)  # a fused layer: not a module
     tokens = token_rows(model)
     for path, (ids, rows) in tokens.items():
         state[f"base_model.model.{path}.{TOKENS_KEY}"] = rows.clone()  # tied layers share one tensor
     save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": task_type, "r": spec.rank, "lora_alpha": spec.alpha,
-              "lora_dropout": spec.dropout, "target_modules": sorted(_fused_targets(model, spec.targets)),
+              "lora_dropout": spec.dropout, "target_modules": sorted(fused_targets(model, spec.targets)),
               "rank_pattern": {k: spec.rank * n for k, n in fused.items()},
               "alpha_pattern": {k: spec.alpha * n for k, n in fused.items()}, "bias": "none",
               "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
@@ -294,61 +205,6 @@ def save_peft(model: nn.Module, folder, spec: LoraSpec, base_model: str = "", ta
               "trainable_token_indices": {p: ids for p, (ids, _) in tokens.items()} or None}
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
-
-
-def _get(model: nn.Module, path: str):
-    return model.get_submodule(path) if _has(model, path) else None
-
-
-def _fused_targets(model: nn.Module, targets) -> set:
-    fused = getattr(model, "fused_layers", {})
-    out = {t for t in targets if not any(t in parts for parts in fused.values())}
-    return out | {name for name, parts in fused.items() if any(t in parts for t in targets)}
-
-
-def _fuse(model: nn.Module, layers: dict) -> tuple:
-    """{path: (A, B)} with the parts of each of ``model.fused_layers`` joined into one layer (``A`` stacked, ``B``
-    block-diagonal; a part without an adapter gets zeros); returns (layers, {fused name: number of parts})."""
-    fused = getattr(model, "fused_layers", {})
-    out, groups, counts = {}, {}, {}
-    for path, ab in layers.items():
-        parent, _, leaf = path.rpartition(".")
-        name = next((n for n, parts in fused.items() if leaf in parts), None)
-        if name is None:
-            out[path] = ab
-        else:
-            groups.setdefault((parent, name), {})[leaf] = ab
-    for (parent, name), got in groups.items():
-        r = next(iter(got.values()))[0].shape[0]
-        As, Bs = [], []
-        for leaf in fused[name]:
-            layer = model.get_submodule(f"{parent}.{leaf}")
-            A, B = got.get(leaf, (torch.zeros(r, layer.in_features), torch.zeros(layer.out_features, r)))
-            As.append(A)
-            Bs.append(B)
-        out[f"{parent}.{name}"] = (torch.cat(As), torch.block_diag(*Bs))
-        counts[name] = len(fused[name])
-    return out, counts
-
-
-def _split_fused(model: nn.Module, layers: dict) -> dict:
-    """An adapter's layers with each one on a fused layer the model keeps apart split into its parts (the rows
-    of ``B`` by the parts' output sizes; ``A`` shared)."""
-    fused = getattr(model, "fused_layers", {}) if isinstance(model, nn.Module) else {}
-    out = {}
-    for path, (A, B, scale) in layers.items():
-        parent, _, leaf = path.rpartition(".")
-        if leaf not in fused or _has(model, path):
-            out[path] = (A, B, scale)
-            continue
-        sizes = [_get(model, f"{parent}.{p}").out_features if _has(model, f"{parent}.{p}") else -1
-                 for p in fused[leaf]]
-        if -1 in sizes or sum(sizes) != B.shape[0]:
-            out[path] = (A, B, scale)  # attach names what does not fit
-            continue
-        for part, b in zip(fused[leaf], B.split(sizes)):
-            out[f"{parent}.{part}"] = (A, b, scale)
-    return out
 
 
 def save_kohya(model, path, spec: LoraSpec, component: str = "unet", name: str = "default",
@@ -414,13 +270,8 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
                 raise ModelError(f"{source}: adapter_config.json's trainable_token_indices do not name the "
                                  f"{v.shape[0]} new-token rows of {path}.")
             tokens[path] = ([int(i) for i in ids], v)
-    def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha (suffix or regex)
-        def find(pattern: dict, default):
-            for key, value in (pattern or {}).items():
-                if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", path):
-                    return value
-            return default
-        r, a = find(config.get("rank_pattern"), rank), find(config.get("alpha_pattern"), alpha)
+    def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha
+        r, a = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
         return a / r if not config.get("use_rslora") else a / r ** 0.5
 
     layers = {p: (ab["A"], ab["B"], layer_scale(p)) for p, ab in found.items() if set(ab) == {"A", "B"}}
@@ -428,6 +279,11 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
         raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
     spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
     return Adapter(layers, spec, "peft", source, config, tokens)
+
+
+def _pattern(pattern: Optional[dict], path: str, default):
+    """The value of PEFT's rank_pattern / alpha_pattern whose key (a name or a regex) matches the end of ``path``."""
+    return next((v for k, v in (pattern or {}).items() if re.fullmatch(rf"(.*\.)?{k}", path)), default)
 
 
 def _component_path(path: str) -> str:
@@ -483,7 +339,7 @@ def attach(model, adapter: Adapter, weight: float = 1.0, name: str = "default") 
     """Add ``adapter`` to ``model`` (frozen, for generation) with its output scaled by ``weight``; ``model`` is
     a module, or {component: module} for an adapter read with several components (keys ``component/path``).
     UsageError, naming the module, when a layer is missing or its shape does not fit."""
-    for path, (A, B, scale) in _split_fused(model, adapter.layers).items():
+    for path, (A, B, scale) in split_fused(model, adapter.layers).items():
         if A.dim() == 4 and A.shape[2:] == (1, 1) and B.shape[2:] == (1, 1):  # PEFT's 1x1-convolution LoRA
             A, B = A[:, :, 0, 0], B[:, :, 0, 0]
         target = model
@@ -555,29 +411,6 @@ def apply_adapters(model, adapters):
     for m in modules.values():
         m.eval()
     return model
-
-
-def merge_tokens(state: dict, adapter: Adapter) -> Optional[tuple]:
-    """Write an adapter's new-token rows into ``state`` (the embedding and output weights it names that the file
-    holds: a tied output layer is stored once), growing them (and a grown layer's bias) to the highest id; returns
-    (rows before, rows after) when they grew, else None. The rows replace, so a merge weight does not scale them."""
-    grew = None
-    for path, (ids, rows) in adapter.tokens.items():
-        w = state.get(path + ".weight")
-        if w is None:
-            continue
-        need = max(ids) + 1
-        if need > w.shape[0]:
-            extra = w.float().mean(0, keepdim=True).expand(need - w.shape[0], -1).to(w.dtype)
-            bias = state.get(path + ".bias")
-            if bias is not None and bias.shape[0] == w.shape[0]:
-                state[path + ".bias"] = torch.cat([bias, bias.new_zeros(need - w.shape[0])])
-            grew = (w.shape[0], need)
-            w = torch.cat([w, extra])
-        w = w.clone()
-        w[ids] = rows.to(w.dtype)
-        state[path + ".weight"] = w
-    return grew
 
 
 def merge_into_state(state: dict, adapter: Adapter, weight: float = 1.0) -> dict:

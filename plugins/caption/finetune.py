@@ -56,7 +56,8 @@ class CaptionTask(Task):
         import torch
 
         from engine.images import load_image
-        from engine.nn.lora import LoraSpec, add_token_rows, wrap
+        from engine.nn.lora import LoraSpec, wrap
+        from engine.nn.new_tokens import add_token_rows
         from plugins.caption.model import load_caption_model
         from plugins.caption.pipeline import Preprocess
         from plugins.caption.tokenizer import add_words, load_tokenizer
