@@ -64,6 +64,32 @@ class Task:
     def save(self, folder: Path) -> None:  # the adapter in its standard format
         raise NotImplementedError
 
+    # For families whose samples are indexed (images): the split, the batches' indices, the samples to show.
+    val_idx = train_idx = prior_idx = ()
+
+    def split(self, n: int, fraction: float, seed: int) -> None:
+        """``val_idx``: ``fraction`` of ``n`` samples shuffled with ``seed`` (at least one when there are two or
+        more and ``fraction`` > 0); ``train_idx``: the rest (all of them when nothing would be left)."""
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(round(n * fraction))) if n > 1 and fraction > 0 else 0
+        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+
+    def draw(self, rng, batch: int, prior_share: float):
+        """A batch's sample indices from the training split; with prior images (``prior_idx``), a ``prior_share``
+        of them from those (prior preservation)."""
+        idx = rng.choice(self.train_idx, size=batch)
+        if len(self.prior_idx):
+            take = rng.random(batch) < prior_share
+            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        return idx
+
+    def shown(self, n: int) -> list:
+        """The first ``n`` samples to show at each evaluation: held-out ones first."""
+        held = set(self.val_idx)
+        return (list(self.val_idx) + [i for i in self.train_idx if i not in held])[:n]
+
 
 def _lr(step: int, s: Settings) -> float:
     if step < s.warmup:
@@ -251,7 +277,6 @@ class DenoiserTask(Task):
     ``train_idx``, ``val_idx`` and ``prior_idx`` (prior-preservation samples, trained on, never validated; may be
     empty), ``acp`` (alpha-bar per training timestep) and ``self.a`` (batch, caption_dropout, prior_share); the family
     writes ``_loss(idx, t, noise, drop)`` (drop: the captions trained as empty)."""
-    prior_idx = ()
 
     def adapt(self, unet, text_encoder, unet_targets: tuple, text_targets: tuple) -> None:
         """LoRA on the U-Net, and on the text encoder when ``self.a.text_encoder`` (else it stays frozen): sets
@@ -276,10 +301,7 @@ class DenoiserTask(Task):
     def batch(self, rng):
         import torch
 
-        idx = rng.choice(self.train_idx, size=self.a.batch)
-        if len(self.prior_idx):  # prior preservation: a share of the batch from the prior images
-            take = rng.random(self.a.batch) < self.a.prior_share
-            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        idx = self.draw(rng, self.a.batch, getattr(self.a, "prior_share", 0.0))
         t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
         noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.x0.shape[1:])).astype("float32"))
         drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)

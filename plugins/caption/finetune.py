@@ -99,9 +99,7 @@ class CaptionTask(Task):
         self.captions = captions
         n = len(pairs)
         self.summary = f"{n} images" + (f"; new words: {', '.join(self.new_words)}" if self.new_words else "")
-        order = np.random.default_rng(a.seed).permutation(n)
-        n_val = max(1, int(round(n * a.val_fraction))) if n > 1 and a.val_fraction > 0 else 0
-        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+        self.split(n, a.val_fraction, a.seed)
         self.prior_idx = np.arange(n, len(seqs))
         self.recipe = {"kind": "caption", "base_model": {"name": entry.name, "hash": entry.hash,
                                                          "family": entry.family},
@@ -115,10 +113,7 @@ class CaptionTask(Task):
     def batch(self, rng):
         import torch
 
-        idx = rng.choice(self.train_idx, size=self.a.batch)
-        if len(self.prior_idx):
-            take = rng.random(self.a.batch) < self.a.prior_share
-            idx[take] = rng.choice(self.prior_idx, size=int(take.sum()))
+        idx = self.draw(rng, self.a.batch, self.a.prior_share)
         k = getattr(self.a, "shift", 0)
         offsets = rng.integers(0, 2 * k + 1, size=(self.a.batch, 2)) if k else None
         return torch.from_numpy(idx), offsets
@@ -166,8 +161,7 @@ class CaptionTask(Task):
 
     def sample(self):
         """The captions of up to four images (held-out ones first) next to their true captions."""
-        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
-        idx = order[:4]
+        idx = self.shown(4)
         return "\n".join(f"{'ok  ' if got == self.captions[i] else 'not '}{got}   (true: {self.captions[i]})"
                          for i, got in zip(idx, self.captions_of(idx)))
 

@@ -71,11 +71,8 @@ class ImageTask(DenoiserTask):
             unknown.update(e.unknown)
             ids.append(e.ids)
             h.update(path.name.encode() + b"\0" + caption.encode() + b"\0" + images[-1].tobytes())
-        rng = np.random.default_rng(a.seed)
         n = len(pairs)
-        order = rng.permutation(n)
-        n_val = max(1, int(round(n * a.val_fraction))) if n > 1 else 0
-        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+        self.split(n, a.val_fraction, a.seed)
         self.prior_idx = np.arange(n, len(images))  # the prior images: trained on, never validated
         self.x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         self.ids = torch.tensor(ids)
@@ -126,8 +123,7 @@ class ImageTask(DenoiserTask):
 
         if not getattr(self.a, "sample_steps", 0):
             return None
-        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
-        captions = [self.captions[i] for i in order[:4]]
+        captions = [self.captions[i] for i in self.shown(4)]
         images = generate_images(torch_nets(self.loaded), captions, SampleSettings(steps=self.a.sample_steps), seed=0)
         return Image.fromarray(np.concatenate(list(images), axis=1))
 

@@ -86,18 +86,14 @@ class SDTask(DenoiserTask):
             latents.append(mean[0].float().cpu() * vae.config.scaling_factor)
             ids.append(ids_of(caption))
             h.update(path.name.encode() + b"\0" + caption.encode() + b"\0" + np.asarray(im).tobytes())
-        rng = np.random.default_rng(a.seed)
-        n = len(pairs)
-        order = rng.permutation(n)
-        n_val = max(1, int(round(n * a.val_fraction))) if n > 1 else 0
-        self.val_idx, self.train_idx = order[:n_val], order[n_val:] if n_val < n else order
+        self.split(len(pairs), a.val_fraction, a.seed)
         self.x0 = torch.stack(latents)
         self.ids = torch.tensor(ids)
         self.empty = torch.tensor(ids_of(""))
         self.acp = torch.from_numpy(alphas_cumprod(self.sd.scheduler).astype(np.float64))
         self.v_pred = self.sd.scheduler.prediction_type == "v_prediction"
         self.recipe = {"kind": "sd", "base_model": {"name": entry.name, "hash": entry.hash, "family": entry.family},
-                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": n, "resolution": size,
+                       "data": {"path": str(Path(a.data).expanduser().resolve()), "images": len(pairs), "resolution": size,
                                 "sha256": h.hexdigest(), "train": int(len(self.train_idx)),
                                 "val": int(len(self.val_idx)), "text_encoder": text},
                        "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "layers": len(self.paths),
@@ -128,9 +124,8 @@ class SDTask(DenoiserTask):
         if not self.a.sample_steps:
             return None
         nets = torch_nets(self.sd)
-        order = list(self.val_idx) + [i for i in self.train_idx if i not in set(self.val_idx)]
         images = []
-        for i in order[:2]:
+        for i in self.shown(2):
             z = None
             for _, _, z in sample(nets, self.captions[i], "", SampleSettings(self.a.sample_steps, 7.5,
                                                                               "dpmpp_2m_karras"), 0, self.size,
