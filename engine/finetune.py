@@ -387,20 +387,21 @@ def start(task: Task, a, out: Path, adapter_file: str = "") -> int:
     return run_command(task, a, out, adapter_file)
 
 
-PEFT_WEIGHTS = "adapter_model.safetensors"  # engine.nn.lora's name (not imported here: that imports torch)
 ARGS_SKIPPED = ("resume", "json", "out")  # flags a history row does not replay with
 
 
-def record_history(recipe: dict, a, weights: Path):
-    """One history row for a finished fine-tune: generator ``finetune``, its recipe, the arguments that run it
-    again, and the adapter's weights file with its hash; the row's id (None when the history cannot be written:
-    the adapter is on disk either way, and the warning says so)."""
+def record_history(recipe: dict, a, adapter: Path):
+    """One history row for a finished fine-tune (``adapter``: its file or PEFT folder): generator ``finetune``, its
+    recipe, the arguments that run it again, and the adapter's weights file with its hash. Returns the row's id,
+    or None when the history cannot be written (the adapter is on disk either way, and a warning says so)."""
     import sys
     import time
 
     from engine.history import History
     from engine.outputs import sha256_file
+    from engine.runner import adapter_weights
 
+    weights = adapter_weights(adapter)
     args = {k: v for k, v in vars(a).items() if k not in ARGS_SKIPPED}
     row = {"generator": "finetune", "kind": recipe.get("kind"), "model": recipe.get("base_model") or {},
            "prompt": f"fine-tune on {(recipe.get('data') or {}).get('path', a.data)}", "seed": a.seed,
@@ -470,7 +471,7 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     except KeyboardInterrupt:
         raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
     adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]
-    row = record_history(recipe, a, Path(recipe["adapter"]) / (adapter_file or PEFT_WEIGHTS))
+    row = record_history(recipe, a, Path(adapter))
     if row is not None and not a.json:
         print(f"history row {row} (`studio history replay {row}` trains it again and compares the adapter)",
               file=sys.stderr)

@@ -238,6 +238,11 @@ def _fits(info, name: str, value) -> bool:
         return False
 
 
+def adapter_weights(path: Path) -> Path:
+    """The weights file of a LoRA given as a file, or as a PEFT adapter folder."""
+    return path / "adapter_model.safetensors" if path.is_dir() else path
+
+
 def adapter_ref(spec: str) -> AdapterRef:
     """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file)."""
     path, weight = str(spec), 1.0
@@ -251,7 +256,7 @@ def adapter_ref(spec: str) -> AdapterRef:
     if not -10.0 <= weight <= 10.0:
         raise UsageError(f"A LoRA weight must lie between -10 and 10, not {weight:g} ({spec}).")
     file = Path(path).expanduser()
-    weights = file / "adapter_model.safetensors" if file.is_dir() else file
+    weights = adapter_weights(file)
     if not weights.is_file():
         raise UsageError(f"LoRA {path} does not exist; give a .safetensors file or a PEFT adapter folder.")
     return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight)
