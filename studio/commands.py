@@ -13,7 +13,6 @@ from engine.errors import StudioError, UsageError
 from engine.generators import Progress
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled
-from engine.replay import replay
 from engine.runner import Job, execute, prepare
 from engine.store import ModelStore
 
@@ -397,45 +396,9 @@ def cmd_plugins(args) -> int:
 
 # ----- history ---------------------------------------------------------------------------------
 def cmd_history(args) -> int:
-    history = History()
-    if args.action == "list":
-        entries = history.list(limit=args.limit, search=args.search)
-        if args.json:
-            _print_json([e.to_dict() for e in entries])
-        else:
-            _table([(e.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), e.generator, e.model,
-                     e.seed, (e.prompt or "").replace("\n", " ")[:50]) for e in entries],
-                   ["ID", "WHEN", "GENERATOR", "MODEL", "SEED", "PROMPT"])
-    elif args.action == "show":
-        entry = history.get(args.id)
-        if args.json:
-            _print_json(entry.to_dict())
-        else:
-            print(json.dumps(entry.recipe, indent=2, sort_keys=True))
-            for o in entry.outputs:
-                print(f"output {o['path']} sha256 {o['sha256'][:16]}")
-    elif args.action == "replay":
-        entry = history.get(args.id)
-        if entry.generator == "finetune":  # a fine-tune: train it again and compare the adapters
-            from engine import finetune
+    from studio.history_cli import history_command
 
-            out = Path(args.out).expanduser() if args.out else \
-                state.home() / "finetunes" / f"replay-{args.id}-{time.strftime('%Y%m%d-%H%M%S')}"
-            weights, same = finetune.replay(entry.recipe, entry.outputs, out)
-            print(weights)
-            print("identical to the original adapter" if same else "DIFFERENT from the original adapter")
-            return 0 if same else 1
-        host = _host()
-        out, out_is_dir = _out_target(args.out, False, args.overwrite)
-        record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device,
-                                     out_path=None if out_is_dir else out, out_dir=out if out_is_dir else None,
-                                     history=history, overwrite=args.overwrite)
-        for note in notes:
-            print(f"studio: warning: {note}", file=sys.stderr)
-        print(record.recipe["path"])
-        print("identical to the original output" if same else "DIFFERENT from the original output")
-        return 0 if same else 1
-    return 0
+    return history_command(args)
 
 
 # ----- training --------------------------------------------------------------------------------
