@@ -229,5 +229,7 @@ def test_caption_samples_are_captions_and_the_adapter_captions(window, qtbot, tm
     assert page.stats.text().startswith("Done"), page.banner.message()
     assert page.samples.currentWidget() is page.sample_text
     assert "(true: a " in page.sample_text.toPlainText() and "star" in page.sample_text.toPlainText()
+    lines = [ln for ln in page.sample_text.toPlainText().splitlines() if "(true: " in ln]
+    assert len(lines) == 8 and all(ln.startswith(("ok  ", "not ")) for ln in lines)  # 4 images at steps 2 and 4
     page.use_button.click()
     assert window.current_generator_id() == "caption" and window.panel.loras.specs() == [f"{page.adapter}:1"]
