@@ -211,8 +211,7 @@ class FinetunePage(QWidget):
                 self.model.addItem(f"{e.title or e.name} ({e.family}{', built-in' if e.builtin else ''})", e.name)
         if not self.model.count():
             self.model.addItem("(no model for this fine-tuner: import one in Models…)", "")
-        drawn = t and t.data == "images" and t.generator != "caption"  # samples arrive as pictures
-        self.samples.setCurrentWidget(self.sample_image if drawn else self.sample_text)
+        self.samples.setCurrentWidget(self.sample_text)  # until samples arrive: text, or pictures (on_progress)
         self.data.setPlaceholderText("a folder of images with same-named .txt captions" if t and t.data == "images"
                                      else "a folder of .txt files, or one .txt file")
         if self.data.text().strip():
