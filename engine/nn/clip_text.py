@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
-from engine.errors import ModelError
-from engine.nn.blocks import ACTIVATIONS, PreNormEncoder, self_attention
+from engine.nn.blocks import PreNormEncoder, self_attention
+from engine.configs import check_attention, read
 
 
 @dataclass
@@ -33,12 +33,8 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ModelError(f"Text encoder activation {cfg.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)}).")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError("Text encoder hidden_size must be divisible by num_attention_heads.")
+        cfg = read(cls, d, "text encoder")
+        check_attention(cfg, "text encoder")
         return cfg
 
     def to_dict(self) -> dict:

@@ -26,7 +26,7 @@ For beam search, ``past.reorder(beam_index)`` selects batch rows of every buffer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.nn.blocks import CausalLM, activation, load_strict, tie_for_export
+from engine.configs import read
 from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 
@@ -59,9 +60,7 @@ class GPT2Config:
         """From a transformers ``config.json`` dict (also accepts the hidden_size/num_* aliases)."""
         aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
                    "max_position_embeddings": "n_positions"}
-        cfg = {aliases.get(k, k): v for k, v in cfg.items()}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return read(cls, cfg, "GPT-2", renamed=aliases)
 
     @property
     def inner_dim(self) -> int:

@@ -9,7 +9,7 @@ DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.configs import read
 
 
 @dataclass
@@ -63,12 +64,13 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         """Build from a diffusers config dict; ModelError for options this implementation does not support."""
-        names = {f.name for f in fields(cls)}
         for key, allowed in cls._FIXED.items():
             if key in d and d[key] not in allowed:
                 raise ModelError(f"U-Net option {key}={d[key]!r} is not supported by the studio's U-Net.")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        cfg = cls(**kw)
+        for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+            if isinstance(d.get(name), (list, tuple)):  # SDXL's per-block values
+                raise ModelError(f"Unsupported U-Net config: {name} must be a single integer.")
+        cfg = read(cls, {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}, "U-Net")
         cfg.validate()
         return cfg
 
@@ -94,9 +96,6 @@ class UNetConfig:
             bad(f"class_embed_type {self.class_embed_type!r}")
         if self.class_embed_type == "projection" and not self.projection_class_embeddings_input_dim:
             bad("class_embed_type 'projection' needs projection_class_embeddings_input_dim")
-        for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
-            if not isinstance(getattr(self, name), int):
-                bad(f"{name} must be a single integer")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             bad("every block_out_channels value must be divisible by norm_num_groups")
 

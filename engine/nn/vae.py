@@ -10,12 +10,13 @@ each middle block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ModelError
+from engine.configs import read
 from engine.nn.unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6
@@ -41,8 +42,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+        size = d.get("sample_size")
+        cfg = read(cls, {**d, "sample_size": size[0]} if isinstance(size, (list, tuple)) and size else d, "VAE")
         if cfg.act_fn != "silu":
             raise ModelError(f"The VAE uses act_fn {cfg.act_fn!r}; only 'silu' is supported.")
         bad = {t for t in cfg.down_block_types if t != "DownEncoderBlock2D"} | \
@@ -50,8 +51,6 @@ class VAEConfig:
         if bad:
             raise ModelError(f"The VAE has block types {sorted(bad)}; only DownEncoderBlock2D and UpDecoderBlock2D "
                              "are supported.")
-        if isinstance(cfg.sample_size, (list, tuple)):
-            cfg.sample_size = int(cfg.sample_size[0])
         return cfg
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.errors import ModelError
 from engine.nn.blocks import ACTIVATIONS as ACTS
+from engine.configs import check_attention, read
 from engine.nn.cache import KVCache, causal_mask
 
 
@@ -28,11 +29,11 @@ class BertDecoderConfig:
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
-    max_position_embeddings: int
     encoder_hidden_size: int
+    max_position_embeddings: int = 512
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
-    type_vocab_size: int = 0  # BERT adds token type 0's embedding; BLIP's text model has none
+    type_vocab_size: int = 2  # BERT adds token type 0's embedding; BLIP's text model has none (0)
 
     @property
     def n_positions(self) -> int:  # the name the caption pipeline reads
@@ -52,20 +53,11 @@ class BertDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict, encoder_hidden_size: int, type_vocab: bool, where: str) -> "BertDecoderConfig":
-        try:
-            cfg = cls(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-                      num_hidden_layers=int(d["num_hidden_layers"]), num_attention_heads=int(d["num_attention_heads"]),
-                      intermediate_size=int(d["intermediate_size"]),
-                      max_position_embeddings=int(d.get("max_position_embeddings", 512)),
-                      encoder_hidden_size=int(d.get("encoder_hidden_size") or encoder_hidden_size),
-                      hidden_act=str(d.get("hidden_act", "gelu")), layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
-                      type_vocab_size=int(d.get("type_vocab_size", 2)) if type_vocab else 0)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"The {where} section of config.json is incomplete or invalid ({exc}).") from None
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError(f"The {where}'s hidden_size is not a multiple of num_attention_heads.")
-        if cfg.hidden_act not in ACTS:
-            raise ModelError(f"The {where}'s activation {cfg.hidden_act!r} is not supported.")
+        given = {} if type_vocab else {"type_vocab_size": 0}
+        if not d.get("encoder_hidden_size"):
+            given["encoder_hidden_size"] = encoder_hidden_size
+        cfg = read(cls, d, where, **given)
+        check_attention(cfg, where)
         pe = d.get("position_embedding_type", "absolute")
         if pe != "absolute":
             raise ModelError(f"The {where} uses position_embedding_type {pe!r}; only 'absolute' is supported.")

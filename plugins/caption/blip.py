@@ -15,43 +15,20 @@ import torch.nn.functional as F
 
 from engine.errors import ModelError
 from engine.nn.blocks import PreNormEncoder
-from plugins.caption.bert import ACTS, BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
+from engine.configs import check_attention, read
+from plugins.caption.bert import BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
+from plugins.caption.vit import ViTConfig
 
-
-@dataclass
-class BlipVisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    image_size: int
-    patch_size: int
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BlipVisionConfig":
-        try:
-            cfg = cls(int(d.get("hidden_size", 768)), int(d.get("intermediate_size", 3072)),
-                      int(d.get("num_hidden_layers", 12)), int(d.get("num_attention_heads", 12)),
-                      int(d.get("image_size", 384)), int(d.get("patch_size", 16)), str(d.get("hidden_act", "gelu")),
-                      float(d.get("layer_norm_eps", 1e-5)))
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"The vision_config section of config.json is invalid ({exc}).") from None
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError("The BLIP vision model's hidden_size is not a multiple of num_attention_heads.")
-        if cfg.hidden_act not in ACTS:
-            raise ModelError(f"The BLIP vision model's activation {cfg.hidden_act!r} is not supported.")
-        return cfg
+# transformers' defaults for the keys a BLIP config.json may leave out
+VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "image_size": 384, "patch_size": 16, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
+TEXT_DEFAULTS = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "intermediate_size": 3072}
 
 
 @dataclass
 class BlipConfig:
-    encoder: BlipVisionConfig
+    encoder: ViTConfig
     decoder: BertDecoderConfig
     decoder_start_token_id: int  # text_config.bos_token_id ([DEC])
     eos_token_id: int  # text_config.sep_token_id ([SEP]) ends a caption
@@ -66,11 +43,10 @@ class BlipConfig:
         if "BlipForConditionalGeneration" not in arch:
             raise ModelError(f"This BLIP model is a {arch[0]}; only BlipForConditionalGeneration (captioning) "
                              "is supported, not question answering or image-text matching.")
-        vision = BlipVisionConfig.from_dict(cfg.get("vision_config") or {})
+        vision = read(ViTConfig, {**VISION_DEFAULTS, **(cfg.get("vision_config") or {})}, "BLIP vision model")
+        check_attention(vision, "BLIP vision model")
         text = cfg.get("text_config") or {}
-        defaults = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                    "intermediate_size": 3072}
-        decoder = BertDecoderConfig.from_dict({**defaults, **text}, vision.hidden_size, type_vocab=False,
+        decoder = BertDecoderConfig.from_dict({**TEXT_DEFAULTS, **text}, vision.hidden_size, type_vocab=False,
                                               where="BLIP text decoder")
         start, eos, pad = text.get("bos_token_id", 30522), text.get("sep_token_id", 102), text.get("pad_token_id", 0)
         for name, value in (("bos_token_id", start), ("sep_token_id", eos)):
@@ -81,7 +57,7 @@ class BlipConfig:
 
 
 class BlipAttention(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.n_head = cfg.num_attention_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
@@ -95,7 +71,7 @@ class BlipAttention(nn.Module):
 
 
 class BlipEmbeddings(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         d = cfg.hidden_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, d))
@@ -109,7 +85,7 @@ class BlipEmbeddings(nn.Module):
 
 
 class BlipVisionModel(nn.Module):
-    def __init__(self, cfg: BlipVisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = BlipEmbeddings(cfg)

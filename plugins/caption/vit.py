@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ModelError
-from engine.nn.blocks import ACTIVATIONS, MLP, self_attention
+from engine.nn.blocks import MLP, self_attention
+from engine.configs import check_attention, read
 
 
 @dataclass
@@ -37,18 +38,14 @@ class ViTConfig:
         if kind not in ENCODER_TYPES:
             raise ModelError(f"The caption encoder {kind!r} is not supported; this studio runs ViT and DeiT encoders "
                              "(BEiT, Swin, ConvNeXt and others are not implemented).")
-        known = {f.name for f in fields(cls)} - {"distillation"}
-        cfg = cls(**{k: v for k, v in d.items() if k in known}, distillation=kind == "deit")
+        square = {}
         for name in ("image_size", "patch_size"):
-            if isinstance(getattr(cfg, name), (list, tuple)):
-                values = list(getattr(cfg, name))
-                if len(set(values)) != 1:
-                    raise ModelError(f"The ViT encoder's {name} must be square, not {values}.")
-                setattr(cfg, name, values[0])
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError("The ViT encoder's hidden_size is not a multiple of num_attention_heads.")
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ModelError(f"The ViT encoder's activation {cfg.hidden_act!r} is not supported.")
+            if isinstance(d.get(name), (list, tuple)):
+                if len(set(d[name])) != 1:
+                    raise ModelError(f"The ViT encoder's {name} must be square, not {list(d[name])}.")
+                square[name] = d[name][0]
+        cfg = read(cls, {**d, **square}, "ViT encoder", distillation=kind == "deit")
+        check_attention(cfg, "ViT encoder")
         return cfg
 
     def to_dict(self) -> dict:

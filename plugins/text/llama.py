@@ -11,7 +11,7 @@ state dict loads by key copy (``load_hf_state_dict``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine.nn.blocks import CausalLM, activation, load_strict, tie_for_export
 from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
+from engine.configs import read
 
 
 @dataclass
@@ -78,8 +79,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "LlamaConfig":
         """From a transformers ``config.json`` dict (``rope_parameters`` or the older top-level ``rope_theta``)."""
-        names = {f.name for f in fields(cls)} - {"rope", "layer_types", "sliding_window"}
-        kw = {k: v for k, v in cfg.items() if k in names}
+        kw = {}
         if cfg.get("hidden_activation"):  # Gemma's name for it
             kw["hidden_act"] = cfg["hidden_activation"]
         if cfg.get("partial_rotary_factor", 1.0) != 1.0:
@@ -107,7 +107,7 @@ class LlamaConfig:
             if cfg.get("rope_local_base_freq"):  # older Gemma 3 configs: the sliding layers' own theta
                 kw["rope"] = {"full_attention": rope,
                               "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
-        return cls(**kw)
+        return read(cls, cfg, "text model", **kw)
 
     def to_hf_dict(self) -> dict:
         """config.json as transformers' LlamaConfig writes it."""

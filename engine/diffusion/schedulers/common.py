@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ModelError
+from engine.configs import read
 
 
 @dataclass
@@ -27,8 +28,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = read(cls, d, "scheduler")
         if cfg.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ModelError(f"Beta schedule {cfg.beta_schedule!r} is not supported "
                              "(use linear, scaled_linear or squaredcos_cap_v2).")

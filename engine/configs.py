@@ -1,0 +1,67 @@
+"""One rule for reading a section of a model's config.json (transformers' or diffusers') into a config dataclass
+(without torch: the numpy schedulers read theirs too).
+
+``read(cls, section, where)`` takes the keys the dataclass names (the rest of the file is the business of the
+library that wrote it), ``renamed`` maps another spelling of a key onto the dataclass's, and ``given`` sets fields
+the caller decides. A missing key takes the field's default; a key without a default must be there. A JSON list
+becomes a tuple where the field is a tuple. A field typed ``int`` must hold a whole number, ``float`` a number and
+``str`` a string; looser fields (``Optional[...]``, ``object``, lists) keep what the file says, since real configs
+use them loosely (Llama 3 lists several ``eos_token_id``). Every failure is one ``ModelError`` sentence that names
+``where`` and the key, never a ``TypeError`` from deep inside a network.
+
+``check_attention(cfg, where)``: what every transformer config needs (the width divides into the heads, the
+activation is one the studio computes).
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, fields
+
+from engine.errors import ModelError
+
+
+def read(cls, section, where: str, renamed: dict | None = None, **given):
+    if not isinstance(section, dict):
+        raise ModelError(f"The {where} section of config.json is not a JSON object.")
+    renamed = renamed or {}
+    section = {renamed.get(k, k): v for k, v in section.items()}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif f.name in section:
+            values[f.name] = _typed(section[f.name], hints[f.name], f"The {where}'s {f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ModelError(f"The {where} section of config.json has no {f.name!r}.")
+    return cls(**values)
+
+
+def _typed(value, hint, what: str):
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ModelError(f"{what} is {value!r} in config.json; it must be a whole number.")
+    elif hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ModelError(f"{what} is {value!r} in config.json; it must be a number.")
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        raise ModelError(f"{what} is {value!r} in config.json; it must be a string.")
+    elif hint is tuple and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def check_attention(cfg, where: str) -> None:
+    from engine.nn.blocks import ACTIVATIONS  # torch: only the networks call this; schedulers read configs without it
+
+    if cfg.num_attention_heads < 1 or cfg.hidden_size % cfg.num_attention_heads:
+        raise ModelError(f"The {where}'s hidden_size ({cfg.hidden_size}) is not a multiple of num_attention_heads "
+                         f"({cfg.num_attention_heads}).")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ModelError(f"The {where}'s activation {cfg.hidden_act!r} is not supported (use one of "
+                         f"{', '.join(sorted(ACTIVATIONS))}).")
