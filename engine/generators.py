@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from engine.errors import OptionError, CancelledError
+from engine.errors import OptionError, CancelledError, UsageError
 
 OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -193,6 +193,9 @@ class CancelToken:
             raise CancelledError("Generation was cancelled.")
 
 
+MERGE_FIRST = "merge them into a model first (`studio models merge-lora`) to run it on ONNX"  # Context.loaded
+
+
 @dataclass
 class Context:
     cancel: CancelToken = field(default_factory=CancelToken)
@@ -203,6 +206,17 @@ class Context:
         if key not in self.cache:
             self.cache[key] = load()
         return self.cache[key]
+
+    def loaded(self, kind: str, request: Request, load: Callable[[], Any],
+               onnx_lora: str = "leave out --backend onnx to use them") -> Any:
+        """The request's model as ``load()`` makes it, kept for the next generations under all that decides it:
+        ``kind`` (what is loaded: "text", "image", ...), the model's hash, device, backend, ONNX export and LoRA adapters with their weights. LoRA
+        adapters on the onnx backend are refused first, in one sentence ending with ``onnx_lora`` (what to do)."""
+        if request.adapters and request.backend == "onnx":
+            raise UsageError(f"LoRA adapters run on the torch backend; {onnx_lora}.")
+        key = (kind, request.model.hash, request.device, request.backend, str(request.export or ""),
+               tuple((a.sha256, a.weight) for a in request.adapters))
+        return self.cached(key, load)
 
 
 @dataclass(frozen=True)

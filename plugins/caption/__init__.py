@@ -11,8 +11,8 @@ from pathlib import Path
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import ModelError, UsageError
-from engine.generators import (Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Partial, Progress,
-                               Result)
+from engine.generators import (MERGE_FIRST, Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Partial,
+                               Progress, Result)
 
 INFO = GeneratorInfo(
     id="caption", title="Caption", description="Describe an image in words.",
@@ -34,15 +34,9 @@ def _pipeline(request, context):
     model = request.model
     if model is None:
         raise UsageError("The caption generator needs a model; pass one with --model.")
-    if request.adapters and request.backend == "onnx":
-        raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
-                         "(`studio models merge-lora`) to run it on ONNX.")
-    key = ("caption", model.hash, request.device, request.backend, str(request.export or ""),
-           tuple((a.sha256, a.weight) for a in request.adapters))
-    return context.cached(key, lambda: CaptionPipeline.from_folder(model.path, device=request.device,
-                                                                  backend=request.backend, model_hash=model.hash,
-                                                                  export=request.export,
-                                                                  adapters=request.adapters))
+    return context.loaded("caption", request, lambda: CaptionPipeline.from_folder(
+        model.path, device=request.device, backend=request.backend, model_hash=model.hash, export=request.export,
+        adapters=request.adapters), onnx_lora=MERGE_FIRST)
 
 
 def generate(request, context):

@@ -43,9 +43,7 @@ def generate(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
-    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    key = ("image", ref.hash, request.device, request.backend, str(request.export or ""), adapters)
-    nets = context.cached(key, lambda: _load(request))
+    nets = context.loaded("image", request, lambda: _load(request))
     yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
 
 
@@ -54,8 +52,6 @@ def _load(request):
     if request.backend == "onnx":
         from plugins.image.onnx import load_image_model
 
-        if request.adapters:
-            raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx to use them.")
         return load_image_model(Path(ref.path), ref.hash, export=request.export)
     from engine.nn.lora import apply_adapters
     from plugins.image import model as image_model

@@ -52,9 +52,7 @@ def generate(request, context):
         raise UsageError("Stable Diffusion needs a model; import one with `studio models import FOLDER`.")
     opts = request.options
     check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
-    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    key = ("sd", ref.hash, request.device, request.backend, str(request.export or ""), adapters)
-    sd = context.cached(key, lambda: _load(request))
+    sd = context.loaded("sd", request, lambda: _load(request))
     image = _open(request.image, "input image") if request.image else None
     mask = _open(request.mask, "mask") if request.mask else None
     notes = []
@@ -84,8 +82,6 @@ def _load(request):
     if request.backend == "onnx":
         from plugins.stable_diffusion.onnx import load_onnx
 
-        if request.adapters:
-            raise UsageError("LoRA adapters run on the torch backend; leave out --backend onnx to use them.")
         return load_onnx(folder, request.model.hash, request.export)
     from plugins.stable_diffusion.model import load
     from plugins.stable_diffusion.pipeline import torch_nets

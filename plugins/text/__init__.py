@@ -12,7 +12,8 @@ from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
 from plugins.text.families import FAMILIES, family
-from engine.generators import Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Progress, Result
+from engine.generators import (MERGE_FIRST, Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Progress,
+                               Result)
 
 INFO = GeneratorInfo(
     id="text", title="Text", description="Continue a prompt with a language model (streams as it writes).",
@@ -49,9 +50,6 @@ def _pipeline(request, context):
         if request.backend == "onnx":
             from plugins.text.onnx import load_decoder
 
-            if request.adapters:
-                raise UsageError("LoRA adapters run on the torch backend; merge one into a model first "
-                                 "(`studio models merge-lora`) to run it on ONNX.")
             decoder, export = load_decoder(folder, model.hash, export=request.export)
             notes = list(export.notes)
         else:
@@ -65,9 +63,7 @@ def _pipeline(request, context):
                             eos_token_ids=end_token_ids(folder, cfg), add_bos=family(model.family).add_bos)
         pipe.load_notes = notes  # what opening it noticed; the first generation on it reports them
         return pipe
-    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    key = ("text", model.hash, request.device, request.backend, str(request.export or ""), adapters)
-    return context.cached(key, load)
+    return context.loaded("text", request, load, onnx_lora=MERGE_FIRST)
 
 
 CHAT_INFO = GeneratorInfo(

@@ -52,9 +52,7 @@ def generate(request, context):
     req = TextRequest(max_new_tokens=opts["max_new_tokens"], sampling=SamplingOptions.from_options(opts),
                       stop=parse_stop(opts.get("stop", "")) + tuple(stop_strings), seed=request.seed,
                       stop_ids=tuple(stop_ids), slide=False)
-    adapters = tuple((a.sha256, a.weight) for a in request.adapters)
-    key = ("chat-prefix", request.model.hash, request.device, request.backend, adapters)
-    prefix = context.cached(key, PrefixState) if _reuse_prefix() else None
+    prefix = context.loaded("chat-prefix", request, PrefixState) if _reuse_prefix() else None
     warnings = [chat.FALLBACK_NOTE] if template.fallback else []
     context.cancel.raise_if_cancelled()
     yield Progress(0, req.max_new_tokens, "writing")
