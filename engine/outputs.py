@@ -76,7 +76,7 @@ def a1111_parameters(recipe: dict) -> str:
     if "steps" in opts:
         fields.append(f"Steps: {opts['steps']}")
     if "sampler" in opts:
-        from engine.diffusion.schedulers.common import A1111_NAMES
+        from engine.samplers import A1111_NAMES
 
         fields.append(f"Sampler: {A1111_NAMES.get(opts['sampler'], opts['sampler'])}")
     if "guidance" in opts:
@@ -132,7 +132,7 @@ def parse_a1111_parameters(text: str) -> dict:
                 except ValueError:
                     pass
             elif key == "Sampler":
-                from engine.diffusion.schedulers.common import A1111_NAMES
+                from engine.samplers import A1111_NAMES
 
                 ours = {v.lower(): k for k, v in A1111_NAMES.items()}
                 out["options"]["sampler"] = ours.get(value.lower(), value)

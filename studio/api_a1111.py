@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from engine.diffusion.schedulers.common import A1111_NAMES as SAMPLERS  # ours -> A1111's names
+from engine.samplers import A1111_NAMES as SAMPLERS  # ours -> A1111's names
 from engine.errors import UsageError
 from studio.api_openai import _number, image_generator
 from studio.server import Unsupported, read_json, run_job

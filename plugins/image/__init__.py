@@ -10,9 +10,9 @@ from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
 from engine.generators import Generator, GeneratorInfo, Trainer, finetuner, lazy, Option
+from engine.samplers import SAMPLERS
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a")  # = engine's SAMPLERS (numpy)
 
 INFO = GeneratorInfo(
     id="image",

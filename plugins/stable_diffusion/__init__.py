@@ -11,9 +11,9 @@ from engine import hookimpl
 from engine.architectures import Architecture, Importer
 from engine.errors import UsageError
 from engine.generators import Generator, GeneratorInfo, Option, finetuner, lazy
+from engine.samplers import SAMPLERS
 from plugins.stable_diffusion.layout import MODEL_TYPE
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # engine.diffusion's (numpy)
 
 INFO = GeneratorInfo(
     id="sd",

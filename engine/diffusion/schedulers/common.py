@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.errors import ModelError
 from engine.configs import read
+from engine.samplers import SAMPLERS
 
 
 @dataclass
@@ -157,10 +158,6 @@ def to_float(x) -> float:
     return float(x.item() if hasattr(x, "item") else x)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a")
-# AUTOMATIC1111's names for them (its `parameters` PNG chunk and its API)
-A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
-               "euler": "Euler", "euler_a": "Euler a"}
 
 
 def make_scheduler(name: str, cfg: SchedulerConfig):
