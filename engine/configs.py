@@ -22,7 +22,7 @@ from engine.errors import ModelError
 
 def read(cls, section, where: str, renamed: dict | None = None, **given):
     if not isinstance(section, dict):
-        raise ModelError(f"The {where} section of config.json is not a JSON object.")
+        raise ModelError(f"The {where} section of the model's config is not a JSON object.")
     renamed = renamed or {}
     section = {renamed.get(k, k): v for k, v in section.items()}
     hints = typing.get_type_hints(cls)
@@ -35,7 +35,7 @@ def read(cls, section, where: str, renamed: dict | None = None, **given):
         elif f.name in section:
             values[f.name] = _typed(section[f.name], hints[f.name], f"The {where}'s {f.name}")
         elif f.default is MISSING and f.default_factory is MISSING:
-            raise ModelError(f"The {where} section of config.json has no {f.name!r}.")
+            raise ModelError(f"The {where} section of the model's config has no {f.name!r}.")
     return cls(**values)
 
 
@@ -44,13 +44,13 @@ def _typed(value, hint, what: str):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ModelError(f"{what} is {value!r} in config.json; it must be a whole number.")
+            raise ModelError(f"{what} is {value!r} in the model's config; it must be a whole number.")
     elif hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ModelError(f"{what} is {value!r} in config.json; it must be a number.")
+            raise ModelError(f"{what} is {value!r} in the model's config; it must be a number.")
         value = float(value)
     elif hint is str and not isinstance(value, str):
-        raise ModelError(f"{what} is {value!r} in config.json; it must be a string.")
+        raise ModelError(f"{what} is {value!r} in the model's config; it must be a string.")
     elif hint is tuple and isinstance(value, list):
         value = tuple(value)
     return value

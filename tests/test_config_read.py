@@ -30,7 +30,7 @@ CLIP = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layer
     (UNetConfig.from_dict, dict(transformer_layers_per_block=[1, 2, 10]), "Unsupported U-Net config"),
     (VAEConfig.from_dict, dict(latent_channels=True), "VAE's latent_channels is True"),
     (SchedulerConfig.from_dict, dict(num_train_timesteps="1000"), "scheduler's num_train_timesteps"),
-    (SchedulerConfig.from_dict, [1, 2], "scheduler section of config.json is not a JSON object"),
+    (SchedulerConfig.from_dict, [1, 2], "scheduler section of the model's config is not a JSON object"),
 ])
 def test_bad_values_are_one_sentence(reader, bad, words):
     with pytest.raises(ModelError, match=words):
@@ -54,7 +54,7 @@ def _edit(folder, change):
 @pytest.mark.parametrize("change,words", [
     (lambda c: c["encoder"].update(hidden_size="32"), "ViT encoder's hidden_size is '32'"),
     (lambda c: c["encoder"].update(patch_size=[4, 8]), "patch_size must be square"),
-    (lambda c: c["decoder"].pop("vocab_size"), "BERT decoder section of config.json has no 'vocab_size'"),
+    (lambda c: c["decoder"].pop("vocab_size"), "BERT decoder section of the model's config has no 'vocab_size'"),
     (lambda c: c["decoder"].update(num_attention_heads=5), "BERT decoder's hidden_size"),
 ])
 def test_a_broken_captioner_config_says_which_key(tmp_path, change, words):
@@ -83,3 +83,10 @@ def test_a_broken_text_config_says_which_key(family):
            "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(ModelError, match="hidden_size is '16'.*whole number"):
         build_model(cfg, family, device="meta")
+
+
+def test_no_heads_is_a_sentence_not_a_division_by_zero():
+    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 0}
+    with pytest.raises(ModelError, match="num_attention_heads and num_key_value_heads must be at least 1"):
+        build_model(cfg, "llama", device="meta")

@@ -55,6 +55,8 @@ class LlamaConfig:
     rope: Optional[dict] = None  # rope parameters (rope_type, factor, ...); per layer type when keyed by type
 
     def __post_init__(self):
+        if self.num_attention_heads < 1 or (self.num_key_value_heads or 1) < 1:
+            raise ValueError("num_attention_heads and num_key_value_heads must be at least 1")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
