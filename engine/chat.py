@@ -221,7 +221,7 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
 
 def find_template(folder) -> tuple:
     """(template source or None, tokenizer_config dict) for a model folder."""
-    from engine.store import read_json
+    from engine.configs import read_json
 
     folder = Path(folder)
     path = folder / "tokenizer_config.json"

@@ -9,15 +9,33 @@ becomes a tuple where the field is a tuple. A field typed ``int`` must hold a wh
 use them loosely (Llama 3 lists several ``eos_token_id``). Every failure is one ``ModelError`` sentence that names
 ``where`` and the key, never a ``TypeError`` from deep inside a network.
 
-``check_attention(cfg, where)``: what every transformer config needs (the width divides into the heads, the
+``read_json(path, what)``: a model folder's JSON file as a dict, or one sentence saying it is missing, damaged
+or not an object. ``check_attention(cfg, where)``: what every transformer config needs (the width divides into the heads, the
 activation is one the studio computes).
 """
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from engine.errors import ModelError
+
+
+def read_json(path, what: str = "") -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent.name} has no {path.name}" + (f"; a model folder needs {what}." if what else
+                                                                      "; choose a model folder.")) from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid JSON; the model folder is damaged (import or export it again).") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged (import or export it "
+                         "again).")
+    return data
 
 
 def read(cls, section, where: str, renamed: dict | None = None, **given):

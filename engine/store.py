@@ -19,6 +19,7 @@ from typing import Optional
 from engine import state
 from engine.tokenizer import has_tokenizer
 from engine.weights import find_weight_files, load_pickle
+from engine.configs import read_json
 from engine.errors import ModelError, StateError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
@@ -137,18 +138,6 @@ def fingerprint(folder: Path) -> dict:
     """{file name: [size, mtime_ns]} of the hashed files: a cheap sign that the content may have changed."""
     files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + find_weight_files(folder)
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path.parent.name} has no {path.name}; a model folder needs {what}.") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ModelError(f"{path} is not valid JSON; the model folder is damaged.") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged.")
-    return data
 
 
 class ModelStore:

@@ -90,3 +90,23 @@ def test_no_heads_is_a_sentence_not_a_division_by_zero():
            "num_hidden_layers": 1, "num_attention_heads": 0}
     with pytest.raises(ModelError, match="num_attention_heads and num_key_value_heads must be at least 1"):
         build_model(cfg, "llama", device="meta")
+
+
+@pytest.mark.parametrize("reader", ["plugins.text.models:read_config", "plugins.image.model:read_config",
+                                    "plugins.stable_diffusion.model:read_config", "plugins.caption.model:load_config"])
+@pytest.mark.parametrize("text,words", [(None, "has no config.json; a model folder needs a config.json"),
+                                        ("{not json", "is not valid JSON; the model folder is damaged"),
+                                        ("[1, 2]", "does not hold a JSON object"),
+                                        (b"\xff\xfe{", "is not valid JSON")])
+def test_every_family_reads_its_config_json_by_one_rule(tmp_path, reader, text, words):
+    import importlib
+
+    module, name = reader.split(":")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if isinstance(text, bytes):
+        (folder / "config.json").write_bytes(text)
+    elif text is not None:
+        (folder / "config.json").write_text(text)
+    with pytest.raises(ModelError, match=words):
+        getattr(importlib.import_module(module), name)(folder)

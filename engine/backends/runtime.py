@@ -332,15 +332,3 @@ def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: O
         raise ModelError(f"The ONNX export in {folder} was made from another version of model "
                          f"{Path(model_folder).name}; run `studio export-onnx {Path(model_folder).name} --force`.")
     return opened
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{Path(path).parent.name} has no {Path(path).name}.") from None
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise ModelError(f"{path} is not valid JSON; the model folder is damaged.") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged.")
-    return data

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from plugins.caption.bert import BertDecoderConfig, BertLMHeadDecoder, clean_bert_state
 from plugins.caption.vit import ViTConfig, ViTModel, rename_legacy_keys
+from engine.configs import read_json
 from engine.errors import ModelError
 from engine.nn.cache import no_cudnn_attention_on_cuda
 from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -192,16 +193,8 @@ def load_config(folder):
     """CaptionConfig (vision-encoder-decoder) or BlipConfig (blip) of a model folder."""
     from plugins.caption.blip import BlipConfig
 
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(cfg, dict):
-            raise ValueError
-        return BlipConfig.from_dict(cfg) if cfg.get("model_type") == "blip" else CaptionConfig.from_dict(cfg)
-    except FileNotFoundError:
-        raise ModelError(f"Model folder {folder} has no config.json.") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ModelError(f"{path} is not valid JSON; re-download or re-export the model.") from None
+    cfg = read_json(Path(folder) / "config.json", "a config.json")
+    return BlipConfig.from_dict(cfg) if cfg.get("model_type") == "blip" else CaptionConfig.from_dict(cfg)
 
 
 def load_caption_model(folder, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> CaptionModel:

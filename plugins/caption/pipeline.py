@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -14,6 +13,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from plugins.caption.decode import beam_search, greedy_batch, greedy_tokens
+from engine.configs import read_json
 from engine.errors import ModelError
 
 
@@ -79,11 +79,7 @@ class Preprocess:
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
             return cls(image_size)
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ModelError(f"{path} is not valid JSON; re-download or re-export the model.") from None
-        return cls.from_dict(cfg, image_size, str(path))
+        return cls.from_dict(read_json(path), image_size, str(path))
 
     def __call__(self, image) -> np.ndarray:
         from engine.images import to_pixel_values

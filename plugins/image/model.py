@@ -58,14 +58,9 @@ class ImageModelConfig:
 
 
 def read_config(folder: Path) -> ImageModelConfig:
-    path = Path(folder) / "config.json"
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{folder} has no config.json; choose a model folder.") from None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path} cannot be read as JSON ({e}).") from None
-    return ImageModelConfig.from_dict(d)
+    from engine.configs import read_json
+
+    return ImageModelConfig.from_dict(read_json(Path(folder) / "config.json", "a config.json"))
 
 
 def build(cfg: ImageModelConfig):

@@ -5,20 +5,16 @@ transformers' parameter names as they are. No torch at import.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.configs import read_json
 from engine.errors import ModelError
 from plugins.stable_diffusion.layout import COMPONENTS, MODEL_TYPE
 
 
 def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} cannot be read ({exc}); import the model again.") from None
+    cfg = read_json(Path(folder) / "config.json", "a config.json")
     if cfg.get("model_type") != MODEL_TYPE:
         raise ModelError(f"{folder} is not a Stable Diffusion folder (model_type {cfg.get('model_type')!r}).")
     missing = [c for c in (*COMPONENTS, "scheduler") if not isinstance(cfg.get(c), dict)]

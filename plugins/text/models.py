@@ -6,10 +6,10 @@ model; ``load_tokenizer(folder)`` the ``tokenizers.Tokenizer``. Problems raise `
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from engine.configs import read_json
 from engine.errors import ModelError
 from engine.tokenizer import load_tokenizer  # noqa: F401  (a model folder's tokenizer.json)
 
@@ -19,16 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def read_config(folder) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ModelError(f"Model folder {Path(folder)} has no config.json.")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise ModelError(f"{path} is not valid JSON; re-download or re-export the model.") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path} is not a JSON object; re-download or re-export the model.")
-    return cfg
+    return read_json(Path(folder) / "config.json", "a config.json")
 
 
 def build_model(cfg: dict, family: str, device=None, empty: bool = False):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.backends.decoders import decoder_parity, export_decoder, quantized_parity, torch_stepper
+from engine.configs import read_json
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def hf_config(folder: Path, model) -> dict:
     path = Path(folder) / "config.json"
     config = {}
     if path.is_file():
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     if "model_type" not in config and hasattr(model.config, "to_hf_dict"):
         config = model.config.to_hf_dict()
     config["use_cache"] = True
