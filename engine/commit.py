@@ -22,13 +22,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import secrets
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import StateError
+from engine.outputs import cannot_write, tmp_name, unlink_quietly, write_new
 
 Render = Callable[[Path], "list[tuple[Path, bytes]]"]  # primary path -> [(path, bytes)] (the primary first)
 
@@ -66,34 +66,8 @@ def numbered(path: Path, n: int) -> Path:
     return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
-def _mode() -> int:
-    from engine.outputs import _umask
-
-    return 0o666 & ~_umask()
-
-
 def _tmp_names(planned) -> list:
-    return [p.parent / f".{p.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" for p, _ in planned]
-
-
-def _write_tmp(tmp: Path, data: bytes) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode())
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    return [tmp_name(p) for p, _ in planned]
 
 
 def _outputs(planned) -> list:
@@ -117,7 +91,7 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StateError(_cannot(path.parent, exc)) from None
+        raise StateError(cannot_write(path.parent, exc)) from None
     notes = []
     n, planned = _plan(render, path, 0, not overwrite)
     if n and not overwrite:
@@ -136,7 +110,7 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
     linked: list = []
     try:
         for (p, data), tmp in zip(planned, tmps):
-            _write_tmp(tmp, data)
+            write_new(tmp, data)
             fault("tmp")
         while True:
             try:
@@ -151,7 +125,7 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
                 break
             except FileExistsError:  # another process took a name meanwhile: the next free number
                 for p in linked:
-                    _unlink(p)
+                    unlink_quietly(p)
                 linked = []
                 n, replanned = _plan(render, path, n + 1, True)
                 notes.append(f"{planned[0][0].name} was taken by another process meanwhile; saved as "
@@ -161,34 +135,24 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
                 if row is not None:
                     history.set_pending(row, _outputs(planned), every_tmp, path=str(planned[0][0]))
                 for (p, data), tmp in zip(planned, tmps):
-                    _write_tmp(tmp, data)
+                    write_new(tmp, data)
         fault("done")
         if row is not None:
             history.finish(row)
     except BaseException as exc:
         for p in linked:
-            _unlink(p)
+            unlink_quietly(p)
         for tmp in every_tmp:
-            _unlink(tmp)
+            unlink_quietly(tmp)
         if row is not None:
             try:
                 history.abandon(row)
             except StateError:
                 pass  # the next command's recovery removes it
         if isinstance(exc, OSError):
-            raise StateError(_cannot(planned[0][0], exc) + " Nothing was saved.") from None
+            raise StateError(cannot_write(planned[0][0], exc) + " Nothing was saved.") from None
         raise
     for tmp in every_tmp:
-        _unlink(tmp)
+        unlink_quietly(tmp)
     fault("cleanup")
     return Saved([p for p, _ in planned], _outputs(planned), row, unrecorded, notes)
-
-
-def _cannot(path: Path, exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"Cannot write {path}: the disk is full ({exc.strerror}); free some space or choose another folder."
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"Cannot write {path}: a part of that path is a file, not a folder."
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Cannot write {path} ({exc.strerror}); choose a writable folder."
-    return f"Cannot write {path} ({exc.strerror or exc})."

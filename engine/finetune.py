@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import CancelledError, StudioError, UsageError
+from engine.outputs import replacing
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,8 @@ def _load_checkpoint(out: Path, task: Task, opt) -> tuple:
 def _save_sample(out: Path, step: int, image) -> Path:
     path = out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

@@ -1,11 +1,13 @@
 """Atomic output writers: text with a JSON sidecar, PNG with recipe chunks, audio through soundfile."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from engine.errors import StateError, UsageError
@@ -24,32 +26,73 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, then rename: never a partial file at ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        from engine.commit import _cannot
+def cannot_write(path: Path, exc: OSError) -> str:
+    """What went wrong writing ``path``, in one sentence with what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"Cannot write {path}: the disk is full ({exc.strerror}); free some space or choose another folder."
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"Cannot write {path}: a part of that path is a file, not a folder."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Cannot write {path} ({exc.strerror}); choose a writable folder."
+    return f"Cannot write {path} ({exc.strerror or exc})."
 
-        raise StateError(_cannot(path.parent, exc)) from None
+
+def tmp_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, unique to this process and call."""
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (refused if it exists), write ``data`` through to the disk (fsync) and give it the mode
+    open() would (from the umask); nothing is left at ``path`` if any of it fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it (mkstemp makes 0600)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            from engine.commit import _cannot
+        os.chmod(path, 0o666 & ~_umask())
+    except BaseException:
+        unlink_quietly(path)
+        raise
 
-            raise StateError(_cannot(path, exc)) from None
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def replacing(path: Path):
+    """A temporary name beside ``path`` for a library to write to (``save_file(state, str(tmp))``), renamed to
+    ``path`` when the block ends and removed if it fails: ``path`` holds the old file or the whole new one."""
+    tmp = tmp_name(Path(path))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, then rename: never a partial file at ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(cannot_write(path.parent, exc)) from None
+    tmp = tmp_name(path)
+    try:
+        write_new(tmp, data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        unlink_quietly(tmp)
+        raise StateError(cannot_write(path, exc)) from None
+    except BaseException:
+        unlink_quietly(tmp)
         raise
     return path
 

@@ -13,13 +13,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from engine.finetune import add_flags
+from engine.outputs import atomic_write_bytes, replacing
 
 log = logging.getLogger("plugins.caption.train")
 
@@ -151,11 +151,9 @@ def save_checkpoint(out: Path, model, opt, step: int, args, extra: dict) -> None
                 tensors[f"opt.exp_avg.{names[id(p)]}"] = st["exp_avg"].contiguous()
                 tensors[f"opt.exp_avg_sq.{names[id(p)]}"] = st["exp_avg_sq"].contiguous()
     meta = {**extra, "step": step, "args": vars(args), "adam_step": _adam_step(opt)}
-    tmp = out / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "checkpoint.safetensors")
-    (out / "checkpoint.json.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(out / "checkpoint.json.tmp", out / "checkpoint.json")
+    with replacing(out / "checkpoint.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_bytes(out / "checkpoint.json", json.dumps(meta, indent=1).encode())
 
 
 def _adam_step(opt) -> int:

@@ -140,10 +140,11 @@ def save(folder: Path, config: dict, unet, text_encoder, tokenizer, studio: dict
     tensors = {f"unet.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in unet.state_dict().items()}
     tensors.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float16).contiguous()
                     for k, v in text_encoder.state_dict().items()})
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)
-    tmp.replace(folder / "model.safetensors")
+    from engine.outputs import replacing
+
+    with replacing(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(str(folder / "tokenizer.json"))
     if studio is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.weights import load_pickle
 from engine.finetune import add_flags
+from engine.outputs import replacing
 
 log = logging.getLogger("studio.train.image")
 
@@ -228,11 +229,10 @@ def main(argv=None) -> int:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def save_ckpt():
-        tmp = out / "ckpt.pt.tmp"
-        torch.save({"config": config, "args": hp, "step": step, "best": best, "curve": curve,
-                    "unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(), "opt": opt.state_dict()}, tmp)
-        tmp.replace(ckpt_path)
+        with replacing(ckpt_path) as tmp:
+            torch.save({"config": config, "args": hp, "step": step, "best": best, "curve": curve,
+                        "unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                        "ema_text": ema_text.state_dict(), "opt": opt.state_dict()}, tmp)
 
     def evaluate():
         nonlocal best

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.weights import load_pickle
 from engine.finetune import add_flags
+from engine.outputs import replacing
 
 log = logging.getLogger("studio.train.text")
 BOS = "<|endoftext|>"
@@ -131,9 +132,8 @@ def save_model_folder(out: Path, model, cfg, tok, args, bpc, step, tokens_seen, 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # as transformers saves tied weights
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    with replacing(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
@@ -217,11 +217,10 @@ def main(argv=None) -> int:
         log.info("resumed from %s at step %d (best bpc %.4f)", ckpt, step, best)
 
     def save_ckpt():
-        tmp = work / "checkpoint.pt.tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                    "tokens_seen": tokens_seen, "elapsed": elapsed, "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, ckpt)
+        with replacing(ckpt) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                        "tokens_seen": tokens_seen, "elapsed": elapsed, "rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state()}, tmp)
 
     stride = args.eval_stride or args.context // 2
     T, B = args.context, args.batch
