@@ -8,7 +8,6 @@ takes microseconds, so a load only hashes what was touched since it was recorded
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -30,11 +29,9 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        from engine.outputs import sha256_file as plain
+
+        _HASHES[key] = plain(path)
     return _HASHES[key]
 
 

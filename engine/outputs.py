@@ -103,10 +103,15 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
+    feed(h, path)
+    return h.hexdigest()
+
+
+def feed(h, path: Path) -> None:
+    """Add the file's bytes to the hash ``h``, a MiB at a time (weight files can be larger than memory)."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
 
 
 def a1111_parameters(recipe: dict) -> str:

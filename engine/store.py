@@ -20,6 +20,7 @@ from engine import state
 from engine.tokenizer import has_tokenizer
 from engine.weights import find_weight_files, load_pickle
 from engine.configs import read_json
+from engine.outputs import feed
 from engine.errors import ModelError, StateError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
@@ -104,9 +105,7 @@ def content_hash(folder: Path) -> str:
     files = [folder / n for n in HASHED_FILES if (folder / n).exists()] + find_weight_files(folder)
     for path in files:
         h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        feed(h, path)
     return h.hexdigest()
 
 
