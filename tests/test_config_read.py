@@ -110,3 +110,11 @@ def test_every_family_reads_its_config_json_by_one_rule(tmp_path, reader, text, 
         (folder / "config.json").write_text(text)
     with pytest.raises(ModelError, match=words):
         getattr(importlib.import_module(module), name)(folder)
+
+
+def test_a_damaged_preprocessor_config_is_a_sentence(tmp_path):
+    from plugins.caption.pipeline import Preprocess
+
+    (tmp_path / "preprocessor_config.json").write_text("[224]")
+    with pytest.raises(ModelError, match="preprocessor_config.json does not hold a JSON object"):
+        Preprocess.from_folder(tmp_path, 224)
