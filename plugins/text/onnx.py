@@ -181,13 +181,14 @@ def hf_config(folder: Path, model) -> dict:
 def write_open_layout(folder: Path, out_dir: Path, model, cfg: dict, graph: str = "model.onnx") -> list:
     """config.json, generation_config.json, tokenizer.json, tokenizer_config.json and genai_config.json beside
     ``graph``: what onnxruntime-genai and Optimum read. Returns the names written."""
+    from engine.store import read_generation_config
+
     out_dir, folder = Path(out_dir), Path(folder)
     config = hf_config(folder, model)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     written = ["config.json"]
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
-    if (folder / "generation_config.json").is_file():
-        gen = {**gen, **json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))}
+    gen = {**gen, **read_generation_config(folder)}  # a damaged file is passed over, as when generating
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     written.append("generation_config.json")
     eos = cfg["eos_token_id"]
