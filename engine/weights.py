@@ -134,17 +134,26 @@ def load_pickle(path, map_location="cpu"):
                          f"when loaded, or it is damaged ({why}).") from None
 
 
+def check_shapes(found: dict, expected: dict, where: str, optional=()) -> None:
+    """ModelError unless the weights ``found`` ({name: shape}) are exactly those ``expected`` of the model a config
+    builds (``optional`` ones may be absent, as a tied output layer); ``where`` names the file or part."""
+    def first(names: list) -> str:
+        return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+    missing = sorted(k for k in expected if k not in found and k not in optional)
+    if missing:
+        raise ModelError(f"{where}: the weight {first(missing)} is missing; the weights do not belong to this config.")
+    unexpected = sorted(k for k in found if k not in expected)
+    if unexpected:
+        raise ModelError(f"{where}: the weight {first(unexpected)} is not part of this model; the weights do not "
+                         "belong to this config.")
+    for k, shape in found.items():
+        if tuple(shape) != tuple(expected[k]):
+            raise ModelError(f"{where}: the weight {k} has shape {tuple(shape)} but the config implies "
+                             f"{tuple(expected[k])}; the weights do not belong to this config.")
+
+
 def match_state_dict(module, sd: dict, what: str) -> None:
     """ModelError unless ``sd`` has exactly ``module``'s tensor names and shapes (``what`` names the part)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    if missing:
-        raise ModelError(f"The {what} weights lack {len(missing)} tensors (first: {missing[0]}); the file does not "
-                         "match its config.")
-    extra = sorted(set(sd) - set(own))
-    if extra:
-        raise ModelError(f"The {what} weights have {len(extra)} unexpected tensors (first: {extra[0]}).")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ModelError(f"Weight {what}.{k} has shape {tuple(sd[k].shape)} but the config implies "
-                             f"{tuple(v.shape)}.")
+    check_shapes({k: v.shape for k, v in sd.items()}, {k: v.shape for k, v in module.state_dict().items()},
+                 f"The {what} weights")

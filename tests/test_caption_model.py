@@ -142,5 +142,5 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
         load_caption_model(tmp_path)
     del state["encoder.layernorm.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelError, match="lacks the weight encoder.layernorm.weight"):
+    with pytest.raises(ModelError, match="the weight encoder.layernorm.weight is missing"):
         load_caption_model(tmp_path)

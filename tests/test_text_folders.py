@@ -107,7 +107,7 @@ def test_missing_keys(folder, tmp_path):
     victim = next(k for k in state if "mlp" in k)
     del state[victim]
     save_file(state, str(bad / "model.safetensors"))
-    with pytest.raises(ModelError, match="lacks the weight"):
+    with pytest.raises(ModelError, match=f"the weight {victim} is missing"):
         check_folder(bad, family)
     with pytest.raises(ModelError):
         load_model(bad, family)

@@ -25,6 +25,7 @@ from engine.configs import read_json
 from engine.errors import ModelError
 from engine.nn.cache import no_cudnn_attention_on_cuda
 from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
+from engine.weights import check_shapes
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +178,7 @@ def check_state_shapes(config: CaptionConfig, shapes: dict, where: str, model=No
     when one is already built: that avoids a meta-device build, whose ops import torch._dynamo)."""
     shapes = _clean_state(shapes, config)
     want = expected_shapes(config) if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(shapes))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelError(f"{where} lacks the weight {missing[0]}{more}; the file does not belong to this config.json.")
-    unexpected = sorted(set(shapes) - set(want))
-    if unexpected:
-        raise ModelError(f"{where} has the unexpected weight {unexpected[0]}; the file does not match config.json.")
-    for name, shape in want.items():
-        if tuple(shapes[name]) != shape:
-            raise ModelError(f"{where}: weight {name} has shape {tuple(shapes[name])} but config.json needs {shape}.")
+    check_shapes(shapes, want, where)
 
 
 def load_config(folder):

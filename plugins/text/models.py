@@ -89,7 +89,7 @@ def _expected(model) -> dict:
 
 def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> None:
     from engine.nn import gpt2
-    from engine.weights import read_shapes
+    from engine.weights import check_shapes, read_shapes
 
     cfg = cfg if cfg is not None else read_config(folder)
     if model is None:  # a meta build allocates nothing, but its ops import torch._dynamo (seconds)
@@ -100,19 +100,9 @@ def check_weights(folder, family: str, cfg: dict | None = None, model=None) -> N
              if not k.endswith(gpt2.IGNORED_SUFFIXES) and not k.endswith("rotary_emb.inv_freq")}
     if BY_NAME[family].network == "gpt2" and found and not any(k.startswith("transformer.") for k in found):
         found = {"transformer." + k: v for k, v in found.items()}
-    optional = {"lm_head.weight"} if tied else set()
-    missing = [k for k in expected if k not in found and k not in optional]
-    if missing:
-        raise ModelError(f"Model folder {Path(folder).name} lacks the weight {missing[0]} that config.json implies "
-                         f"({len(missing)} missing); the weights do not belong to this config.")
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        raise ModelError(f"Model folder {Path(folder).name} has the weight {unexpected[0]}, which a {family} model "
-                         "with this config.json does not have; the weights do not belong to this config.")
-    for k, (shape, dtype) in found.items():
-        if shape != expected[k]:
-            raise ModelError(f"Weight {k} has shape {list(shape)} but config.json implies {list(expected[k])}; "
-                             "the weights do not belong to this config.")
+    check_shapes({k: shape for k, (shape, _) in found.items()}, expected, f"Model folder {Path(folder).name}",
+                 optional={"lm_head.weight"} if tied else ())
+    for k, (_, dtype) in found.items():
         if dtype not in ("F32", "F16", "BF16"):
             raise ModelError(f"Weight {k} is stored as {dtype}; only float32, float16 and bfloat16 are supported.")
 
