@@ -10,8 +10,8 @@ use them loosely (Llama 3 lists several ``eos_token_id``). Every failure is one 
 ``where`` and the key, never a ``TypeError`` from deep inside a network.
 
 ``read_json(path, what)``: a model folder's JSON file as a dict, or one sentence saying it is missing, damaged
-or not an object. ``check_attention(cfg, where)``: what every transformer config needs (the width divides into the heads, the
-activation is one the studio computes).
+or not an object. ``check_attention(cfg, where)``: what every transformer config needs (the width divides into
+the heads, the activation is one the studio computes).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def read_json(path, what: str = "") -> dict:
         raise ModelError(f"{path.parent.name} has no {path.name}" + (f"; a model folder needs {what}." if what else
                                                                       "; choose a model folder.")) from None
     except (OSError, ValueError, UnicodeDecodeError):
-        raise ModelError(f"{path} is not valid JSON; the model folder is damaged (import or export it again).") from None
+        raise ModelError(f"{path} is not valid JSON; the model folder is damaged (import or export it "
+                         "again).") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object; the model folder is damaged (import or export it "
                          "again).")

@@ -193,7 +193,7 @@ class CancelToken:
             raise CancelledError("Generation was cancelled.")
 
 
-MERGE_FIRST = "merge them into a model first (`studio models merge-lora`) to run it on ONNX"  # Context.loaded
+MERGE_FIRST = "merge them into a model first (`studio models merge-lora`) and run that on ONNX"  # Context.loaded
 
 
 @dataclass
@@ -210,8 +210,9 @@ class Context:
     def loaded(self, kind: str, request: Request, load: Callable[[], Any],
                onnx_lora: str = "leave out --backend onnx to use them") -> Any:
         """The request's model as ``load()`` makes it, kept for the next generations under all that decides it:
-        ``kind`` (what is loaded: "text", "image", ...), the model's hash, device, backend, ONNX export and LoRA adapters with their weights. LoRA
-        adapters on the onnx backend are refused first, in one sentence ending with ``onnx_lora`` (what to do)."""
+        ``kind`` (what is loaded: "text", "image", ...), the model's hash, device, backend, ONNX export and LoRA
+        adapters with their weights. LoRA adapters on the onnx backend are refused first, in one sentence ending
+        with ``onnx_lora`` (what to do)."""
         if request.adapters and request.backend == "onnx":
             raise UsageError(f"LoRA adapters run on the torch backend; {onnx_lora}.")
         key = (kind, request.model.hash, request.device, request.backend, str(request.export or ""),
