@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterator, Optional, Union
 from engine.errors import OptionError, CancelledError, UsageError
 
 OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# what a job, the settings, the command line and the window may ask for; ``auto`` is resolved by engine.runner
+BACKENDS = ("auto", "torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from engine import commit
 from engine import outputs as out_mod
 from engine.errors import GenerationError, OptionError, StudioError, UsageError
-from engine.generators import AdapterRef, Context, Generator, Partial, Progress, Request, Result
+from engine.generators import BACKENDS, DEVICES, AdapterRef, Context, Generator, Partial, Progress, Request, Result
 from engine.history import History
 from engine.plugins import PluginHost
 from engine.recipe import recipe_of
@@ -26,8 +26,6 @@ from engine.store import ModelStore
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 10_000
-BACKENDS = ("auto", "torch", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
 LEGACY_EXPORT = ""  # a recipe from before the export was recorded: the fp32-first rule of that time
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 from engine.errors import StateError, UsageError
+from engine.generators import BACKENDS, DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def settings_path() -> Path:
     return home() / "settings.json"
 
 
-SETTING_CHOICES = {"device": ("auto", "cpu", "cuda"), "backend": ("torch", "onnx")}
+SETTING_CHOICES = {"device": DEVICES, "backend": BACKENDS}
 _warned: set = set()  # each problem of a settings file is told once per process, not at every read
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 
 from engine.errors import StudioError, UsageError
+from engine.generators import BACKENDS, DEVICES
 
 log = logging.getLogger("studio")
 
@@ -61,6 +62,17 @@ def _help_for(argv: list) -> tuple:
     return (gen, model) if gen else ()
 
 
+QUANTIZE = ("int8", "int4")  # engine.onnx_export.QUANTIZE (which also has None), without importing the exporter
+
+
+def add_backend_flags(p) -> None:
+    """``--backend`` and ``--device`` with the choices a job takes (engine.generators), the settings' when left out."""
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="auto (the default): ONNX on the CPU when the model has an export that passed its gate, "
+                        "torch on a GPU or otherwise; torch or onnx force one")
+    p.add_argument("--device", choices=DEVICES, default=None, help="auto (the default): cuda when there is one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
     p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
@@ -85,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
     g.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
     g.add_argument("--model", metavar="NAME|PATH")
-    g.add_argument("--backend", choices=("auto", "torch", "onnx"), default=None,
-                   help="auto (the default): ONNX on the CPU when the model has an export that passed its gate, "
-                        "torch on a GPU or otherwise; torch or onnx force one")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    add_backend_flags(g)
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
@@ -116,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep existing caption files (the default; a stopped run resumes this way)")
     c.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     c.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    c.add_argument("--backend", choices=("torch", "onnx"), default=None)
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    add_backend_flags(c)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="caption options, e.g. num_beams=3 or max_new_tokens=30")
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
@@ -125,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
     g.add_argument("--model", metavar="NAME|PATH")
     g.add_argument("--system", metavar="TEXT", help="a system prompt")
-    g.add_argument("--backend", choices=("torch", "onnx"), default=None)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    add_backend_flags(g)
     g.add_argument("--seed", type=int)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-onnx", help="export a model to ONNX, checked against PyTorch")
     e.add_argument("model")
     e.add_argument("--out", metavar="DIR")
-    e.add_argument("--quantize", choices=("int8", "int4"))
+    e.add_argument("--quantize", choices=QUANTIZE)
     e.add_argument("--force", action="store_true", help="keep an export that fails the parity gate")
     e.add_argument("--json", action="store_true")
 
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("id", type=int)
     x.add_argument("--out", metavar="PATH")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    x.add_argument("--device", choices=("auto", "cpu", "cuda"), help="replay on this device instead of the recipe's own")
+    x.add_argument("--device", choices=DEVICES, help="replay on this device instead of the recipe's own")
 
     t = sub.add_parser("train", help="train a model family (the kinds come from plugins; `studio train --help`)")
     t.__class__ = _TrainParser

@@ -13,6 +13,8 @@ from engine.jobqueue import JobQueue
 
 
 def add_parsers(sub, parser_class) -> None:
+    from studio.cli import QUANTIZE, add_backend_flags
+
     q = sub.add_parser("queue", help="the job queue: add, list, reorder, pause, resume, cancel, retry, run")
     qsub = q.add_subparsers(dest="action", required=True, parser_class=parser_class)
     x = qsub.add_parser("list")
@@ -25,8 +27,7 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--image", action="append", default=[], metavar="PATH")
     x.add_argument("--folder", metavar="DIR", help="one job per image in DIR (captioning a folder)")
     x.add_argument("--model", metavar="NAME|PATH")
-    x.add_argument("--backend", choices=("torch", "onnx"), default=None)
-    x.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    add_backend_flags(x)
     x.add_argument("--seed", type=int)
     x.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
     x.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat` (as `studio generate chat`)")
@@ -38,7 +39,7 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--json", action="store_true")
     x = qsub.add_parser("export", help="queue an ONNX export (as `studio export-onnx`)")
     x.add_argument("model")
-    x.add_argument("--quantize", choices=("int8",))
+    x.add_argument("--quantize", choices=QUANTIZE)
     x.add_argument("--force", action="store_true")
     x = qsub.add_parser("finetune", help="queue a LoRA fine-tune (as `studio finetune KIND ...`)")
     x.add_argument("kind")

@@ -115,6 +115,7 @@ def test_plugins_list_shows_failed_plugin_and_safe_mode(plugins):
 
 def test_disable_enable_round_trip(plugins):
     studio("plugins", "disable", "good", check=0)
+    assert "WARNING" not in studio("generators", check=0).stderr  # the settings it saved read back cleanly
     listing = {p["name"]: p for p in json.loads(studio("plugins", "list", "--json", check=0).stdout)}
     assert listing["good"]["status"] == "disabled"
     assert studio("generate", "upper", "--prompt", "x").returncode == 2
@@ -152,3 +153,25 @@ def test_import_rules():
             "assert 'torch' not in sys.modules, 'listing generators imported torch';"
             "assert 'onnxruntime' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_every_command_that_runs_a_model_takes_the_same_backend_and_device_choices():
+    from engine.generators import BACKENDS, DEVICES
+    from studio.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "text"], ["chat"], ["caption-folder", "f"], ["queue", "add", "text"]):
+        for backend in BACKENDS:
+            for device in DEVICES:
+                a = parser.parse_args(argv + ["--backend", backend, "--device", device])
+                assert (a.backend, a.device) == (backend, device)
+
+
+def test_export_choices_are_the_exporters_for_export_onnx_and_the_queue():
+    from engine.onnx_export import QUANTIZE
+    from studio.cli import build_parser
+
+    parser = build_parser()
+    for scheme in QUANTIZE[1:]:
+        assert parser.parse_args(["export-onnx", "m", "--quantize", scheme]).quantize == scheme
+        assert parser.parse_args(["queue", "export", "m", "--quantize", scheme]).quantize == scheme

@@ -9,14 +9,13 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
                                QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
+from engine.generators import BACKENDS, DEVICES
 from engine.runner import Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
 from studio.gui.util import button, column, guard, idle_progress, row
 
-BACKENDS = ("auto", "torch", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class GeneratorPanel(QWidget):

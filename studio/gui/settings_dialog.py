@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLineEdit
 
-from studio.gui.generator_panel import BACKENDS, DEVICES
+from engine.generators import BACKENDS, DEVICES
 from studio.gui.util import button, choose_folder_into, column, guard, row
 
 
