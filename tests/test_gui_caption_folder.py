@@ -33,6 +33,7 @@ def test_folder_page_fills_the_grid(qtbot, models, tmp_path, isolate):
     session = Session(isolate=isolate)
     dlg = CaptionFolderDialog(session, None, folder=str(d))
     qtbot.addWidget(dlg)
+    assert dlg.backend.currentText() == session.settings.backend == "auto"  # the settings' default, as elsewhere
     dlg.model.setCurrentIndex(dlg.model.findData("tiny-blip"))
     dlg.prefix.setText("a picture of")
     dlg.start_button.click()

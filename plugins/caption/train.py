@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from engine.finetune import add_flags
+from engine.generators import DEVICES
 from engine.outputs import atomic_write_bytes, replacing
 
 log = logging.getLogger("plugins.caption.train")
@@ -36,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--hard-fraction", type=float, default=0.0,
                    help="share of each batch drawn as small circles / small squares (the hardest pair)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     add_flags(p, log_every=50, ckpt_every=200, eval_every=500, eval_size=200)
     p.add_argument("--export", default=None, help="write a float16 model folder here at the end")

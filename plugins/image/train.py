@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.weights import load_pickle
 from engine.finetune import add_flags
+from engine.generators import DEVICES
 from engine.outputs import replacing
 
 log = logging.getLogger("studio.train.image")
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export-only", action="store_true",
                    help="write the EMA weights of --out/ckpt.pt to --export and exit (no training)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     add_flags(p, threads=1, seed=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.weights import load_pickle
 from engine.finetune import add_flags
+from engine.generators import DEVICES
 from engine.outputs import replacing
 
 log = logging.getLogger("studio.train.text")
@@ -41,7 +42,7 @@ def parse_args(argv):
                    help="wall-clock budget: the schedule follows max(step/steps, elapsed/minutes) and stops at 1")
     add_flags(p, lr=2e-3, min_lr=1e-4, warmup=100, weight_decay=0.1, eval_every=250, ckpt_minutes=4.0)
     p.add_argument("--eval-stride", type=int, default=0, help="sliding-window stride for eval (default context/2)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="autocast dtype for training")
     add_flags(p, threads=1, seed=1337)
     p.add_argument("--resume", action="store_true")

@@ -14,7 +14,7 @@ from PySide6.QtGui import QIcon, QPixmap
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem
 
 from engine.errors import UsageError
-from engine.generators import CancelToken
+from engine.generators import BACKENDS, CancelToken
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, row
 from studio.gui.task_dialog import TaskDialog
@@ -45,8 +45,8 @@ class CaptionFolderDialog(TaskDialog):
         except Exception as exc:  # noqa: BLE001
             self.banner.show_message(f"Listing models failed: {exc}")
         self.backend = QComboBox()
-        self.backend.addItems(["torch", "onnx"])
-        self.backend.setCurrentText(getattr(session.settings, "backend", "torch"))
+        self.backend.addItems(BACKENDS)
+        self.backend.setCurrentText(getattr(session.settings, "backend", "auto"))
         self.prefix = QLineEdit()
         self.prefix.setPlaceholderText("optional, e.g. a picture of (BLIP)")
         self.overwrite = QCheckBox("Replace existing caption files (hand-written ones too)")
