@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,6 +43,10 @@ class Job:
     loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
     messages: Optional[list] = None  # a conversation, [{"role", "content"}, ...], for generators that take one
     export: Optional[str] = None  # with the onnx backend: the export folder to run (a replay's recorded one)
+
+
+# what a job file (`studio batch`) or the API (/jobs) may set: every field but the replay's recorded export
+JOB_KEYS = tuple(f.name for f in fields(Job) if f.name != "export")
 
 
 @dataclass

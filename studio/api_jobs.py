@@ -4,8 +4,6 @@ from __future__ import annotations
 from engine.errors import UsageError
 from studio.server import read_json
 
-JOB_KEYS = ("generator", "prompt", "image", "model", "backend", "device", "seed", "options", "loras", "messages")
-
 
 def routes() -> list:
     from starlette.routing import Route
@@ -27,7 +25,7 @@ def _json(obj, status: int = 200):
 async def jobs(request):
     from starlette.concurrency import run_in_threadpool
 
-    from engine.runner import Job
+    from engine.runner import JOB_KEYS, Job
 
     service = request.app.state.service
     if request.method == "GET":

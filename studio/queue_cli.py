@@ -230,12 +230,9 @@ def _run(queue: JobQueue, until_empty: bool) -> int:
 
 
 # ----- batch -------------------------------------------------------------------------------------
-JOB_KEYS = ("generator", "prompt", "image", "model", "backend", "device", "seed", "options", "loras", "messages")
-
-
 def read_jobfile(path: Path) -> tuple:
     """(jobs, errors): a JSON Lines file of jobs; each bad line is an error naming its line number."""
-    from engine.runner import Job
+    from engine.runner import JOB_KEYS, Job
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
