@@ -18,9 +18,9 @@ from typing import Callable, Optional
 
 from engine import outputs as out_mod
 from engine.errors import CancelledError, StudioError, UsageError
+from engine.datasets import IMAGE_SUFFIXES
 from engine.generators import Context, Result
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 @dataclass

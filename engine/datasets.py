@@ -9,7 +9,9 @@ from pathlib import Path
 
 from engine.errors import UsageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the images the studio reads (engine/images.py FORMATS), wherever a folder of them is taken: captioning a folder,
+# a fine-tuning dataset, the queue's --folder, files dropped on the window
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 def read_documents(path: Path) -> dict:
@@ -41,7 +43,7 @@ def read_pairs(folder: Path) -> tuple:
         raise UsageError(f"{folder} is not a folder; give a folder of images with same-named .txt captions.")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise UsageError(f"{folder} holds no images (.png, .jpg, .webp).")
+        raise UsageError(f"{folder} holds no images ({' '.join(IMAGE_SUFFIXES)}).")
     pairs, missing = [], []
     for img in images:
         cap = img.with_suffix(".txt")

@@ -180,11 +180,12 @@ def _add(queue: JobQueue, args) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def folder_images(folder) -> list:
     """The images of a folder, sorted by name (a folder with none is a usage error)."""
+    from engine.datasets import IMAGE_SUFFIXES
+
     if not folder:
         return []
     path = Path(folder).expanduser()

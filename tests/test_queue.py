@@ -1,5 +1,6 @@
 """The persistent job queue: ordering, pause, cancel, retry, grids, and surviving a SIGKILL."""
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -239,3 +240,22 @@ def test_job_files_and_the_api_take_every_job_field(tmp_path):
     jobfile.write_text('{"generator": "sd", "prompt": "a cat", "image": "room.png", "mask": "mask.png", "seed": 1}\n')
     jobs, errors = read_jobfile(jobfile)
     assert errors == [] and jobs[0][1].mask == "mask.png"
+
+
+def test_one_list_of_image_files_for_every_folder_of_images(tmp_path):
+    """Captioning a folder, the queue's --folder and a fine-tuning dataset take the same images (the queue and
+    the datasets used to pass over the .gif files that captioning a folder wrote captions for)."""
+    from PIL import Image
+
+    from engine.caption_folder import plan_folder
+    from engine.datasets import read_pairs
+    from studio.queue_cli import folder_images
+
+    for name in ("a.png", "b.gif", "c.webp"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a red circle\n")
+    (tmp_path / "notes.md").write_text("not an image\n")
+    names = ["a.png", "b.gif", "c.webp"]
+    assert [Path(p).name for p in folder_images(tmp_path)] == names
+    assert [p.name for p, _ in read_pairs(tmp_path)[0]] == names
+    assert sorted(p.name for p in plan_folder(tmp_path, overwrite=True).todo) == names

@@ -24,7 +24,6 @@ from studio.gui.util import generator_icon, guard
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 CLOSE_WAIT_MS = 1800
 DRAIN_MS = 16  # how often worker messages reach the widgets (about 60 Hz)
 
