@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from engine import messages, state
 from engine.errors import CancelledError, StudioError, describe_exception
 from engine.generators import CancelToken, Context
+from engine.jobqueue import FINISHED
 from engine.jobqueue import JobQueue, QueueJob
 from engine.jobsave import TaggedHistory, output_path
 
@@ -199,7 +200,7 @@ class QueueWorker:
 
     def _maybe_sheet(self, grid_id: int) -> None:
         jobs = self.queue.grid_jobs(grid_id)
-        if any(j.state not in ("done", "failed", "cancelled") for j in jobs) or self.queue.grid(grid_id)["sheet"]:
+        if any(j.state not in FINISHED for j in jobs) or self.queue.grid(grid_id)["sheet"]:
             return
         try:
             from engine.contact_sheet import write_sheet

@@ -54,6 +54,15 @@ class ModelEntry:
     changed: str = ""  # a note when the files are no longer the ones imported (their hash then is the new one)
 
     @property
+    def size_text(self) -> str:  # "1.2 GB", as the model lists (CLI and window) show it
+        size = float(self.size_bytes)
+        for unit in ("B", "KB", "MB", "GB"):
+            if size < 1024 or unit == "GB":
+                return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            size /= 1024
+        return f"{self.size_bytes} B"
+
+    @property
     def onnx(self) -> list:
         """Registered ONNX exports: folders beside the weights holding an ``onnx.json`` manifest (for built-in
         models, whose folder is read-only: ``$STUDIO_HOME/exports/<name>/onnx*``, listed as absolute paths)."""

@@ -296,14 +296,6 @@ def cmd_caption_folder(args) -> int:
 
 
 # ----- models ----------------------------------------------------------------------------------
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_models(args) -> int:
     host = _host()
     store = ModelStore(host)
@@ -312,7 +304,7 @@ def cmd_models(args) -> int:
         if args.json:
             _print_json([e.to_dict() for e in entries])
         else:
-            _table([(e.name, e.family, e.generator, "built-in" if e.builtin else "user", _size(e.size_bytes),
+            _table([(e.name, e.family, e.generator, "built-in" if e.builtin else "user", e.size_text,
                      e.hash[:12], e.studio.get("autov2") or "-", ",".join(e.onnx) or "-") for e in entries],
                    ["NAME", "FAMILY", "GENERATOR", "SOURCE", "SIZE", "HASH", "AUTOV2", "ONNX"])
     elif args.action == "info":

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from engine.errors import StudioError, UsageError
-from engine.jobqueue import JobQueue
+from engine.jobqueue import FINISHED, JobQueue
 
 
 def add_parsers(sub, parser_class) -> None:
@@ -321,7 +321,7 @@ def cmd_batch(args) -> int:
         ran = worker.run_one()
         jobs = queue.list(batch=batch)
         for job in jobs:
-            if job.state in ("done", "failed", "cancelled") and job.id not in reported:
+            if job.state in FINISHED and job.id not in reported:
                 reported.add(job.id)
                 bar.step()
                 failed += job.state != "done"

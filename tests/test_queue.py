@@ -1,11 +1,11 @@
 """The persistent job queue: ordering, pause, cancel, retry, grids, and surviving a SIGKILL."""
 import json
-from pathlib import Path
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 

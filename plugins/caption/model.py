@@ -24,12 +24,11 @@ from plugins.caption.vit import ViTConfig, ViTModel, rename_legacy_keys
 from engine.configs import read_json
 from engine.errors import ModelError
 from engine.nn.cache import no_cudnn_attention_on_cuda
-from engine.nn.gpt2 import GPT2Config, GPT2LMHeadModel
+from engine.nn.gpt2 import IGNORED_SUFFIXES, GPT2Config, GPT2LMHeadModel
 from engine.weights import check_shapes
 
 log = logging.getLogger(__name__)
 
-IGNORED_KEY_PARTS = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
 
 
 @dataclass
@@ -156,7 +155,7 @@ def _clean_state(state: dict, config=None) -> dict:
         state = clean_bert_state(dict(state), "decoder.")
     out = {}
     for key, value in state.items():
-        if key.endswith(IGNORED_KEY_PARTS) or key.startswith("encoder.pooler."):
+        if key.endswith(IGNORED_SUFFIXES) or key.startswith("encoder.pooler."):
             continue
         if key.startswith("encoder."):
             key = "encoder." + rename_legacy_keys(key[len("encoder."):])

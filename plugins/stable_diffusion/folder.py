@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from engine.errors import ModelError
+from plugins.stable_diffusion.layout import COMPONENTS
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 REFUSED = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL",
@@ -97,7 +98,7 @@ def convert(path: Path, dest: Path, trust: bool = False) -> None:
         raise ModelError(f"{path.name} is a {REFUSED[kind]} pipeline ({kind}); the studio runs Stable Diffusion "
                          "1.x and 2.x so far.")
     configs, tensors = {}, {}
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in COMPONENTS:
         folder = path / comp
         if not folder.is_dir():
             raise ModelError(f"{path.name} has no {comp}/ folder; a Stable Diffusion pipeline needs unet/, vae/, "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 
-from studio.gui.util import RowsTableModel, human_size
+from studio.gui.util import RowsTableModel
 
 COLUMNS = ("Name", "Family", "Generator", "Size", "Hash", "ONNX exports", "Where")
 
@@ -19,7 +19,7 @@ class ModelTableModel(RowsTableModel):
         e = self.rows[index.row()]
         col = self.COLUMNS[index.column()]
         if role == Qt.ItemDataRole.DisplayRole:
-            return {"Name": e.name, "Family": e.family, "Generator": e.generator, "Size": human_size(e.size_bytes),
+            return {"Name": e.name, "Family": e.family, "Generator": e.generator, "Size": e.size_text,
                     "Hash": e.hash[:12], "ONNX exports": ", ".join(Path(p).name for p in e.onnx) or "—",
                     "Where": "built-in" if e.builtin else "user"}.get(col)
         if role == Qt.ItemDataRole.ToolTipRole:

@@ -94,15 +94,6 @@ def generator_icon(info) -> QIcon:
     return default_icon(info.title or info.id, info.makes)
 
 
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def row_table(model):
     """A read-only table view over ``model``: whole-row single selection, columns fitted, no row numbers."""
     from PySide6.QtWidgets import QHeaderView, QTableView
