@@ -17,6 +17,7 @@ OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # what a job, the settings, the command line and the window may ask for; ``auto`` is resolved by engine.runner
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # bool options, on/off variables
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ class Option:
             text = value.strip()
             try:
                 if kind is bool:
-                    if text.lower() in ("1", "true", "yes", "on"):
+                    if text.lower() in TRUE_WORDS:
                         value = True
-                    elif text.lower() in ("0", "false", "no", "off"):
+                    elif text.lower() in FALSE_WORDS:
                         value = False
                     else:
                         raise ValueError

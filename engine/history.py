@@ -104,7 +104,7 @@ class History:
         state.ensure_dir(self.path.parent)
         conn = None
         try:
-            conn = sqlite3.connect(self.path, timeout=float(os.environ.get("STUDIO_HISTORY_TIMEOUT", BUSY_TIMEOUT_S)))
+            conn = sqlite3.connect(self.path, timeout=state.env_number("STUDIO_HISTORY_TIMEOUT", BUSY_TIMEOUT_S))
             conn.executescript(BASE)
             migrate(conn)
             recover(conn)

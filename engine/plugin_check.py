@@ -42,7 +42,9 @@ MAX_FILES = 20000  # files looked at per plugin for its fingerprint
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    from engine.state import env_flag
+
+    return env_flag(ENV, True)
 
 
 def key(cand) -> str:

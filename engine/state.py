@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 from engine.errors import StateError, UsageError
-from engine.generators import BACKENDS, DEVICES
+from engine.generators import BACKENDS, DEVICES, FALSE_WORDS, TRUE_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,31 @@ def ensure_dir(path: Path) -> Path:
 
 
 def safe_mode() -> bool:
-    return os.environ.get("STUDIO_SAFE_MODE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("STUDIO_SAFE_MODE", False)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off in any case; ``default`` when unset or
+    empty, and (with one warning naming it) when it says something else."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in TRUE_WORDS or raw in FALSE_WORDS:
+        return raw in TRUE_WORDS
+    if raw:
+        _warn_once(f"{name}={raw!r} is not 1 or 0 (true/false, yes/no, on/off); using {int(default)}.")
+    return default
+
+
+def env_number(name: str, default: float) -> float:
+    """A positive number from an environment variable; ``default`` when unset, and (with one warning) when not."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if value > 0:
+        return value
+    _warn_once(f"{name}={raw!r} is not a positive number; using {default}.")
+    return default
 
 
 @dataclass

@@ -184,3 +184,23 @@ def test_a_locked_history_still_shows_and_keeps_the_output(studio_home, tmp_path
         holder.rollback()
     assert proc.returncode == 1 and "KEPT" in proc.stdout and "busy" in proc.stderr
     assert "not recorded in the history" in proc.stderr and (tmp_path / "k.txt").read_text() == "KEPT"
+
+
+def test_on_off_variables_read_one_way(monkeypatch, caplog):
+    """Every on/off variable takes 1/true/yes/on and 0/false/no/off (STUDIO_CHAT_PREFIX_CACHE=false, say, used to
+    leave the cache on: only "0" counted); junk keeps the default with a warning naming the variable; a junk
+    history timeout no longer stops every command with a ValueError."""
+    from engine import state
+    from engine.plugin_check import enabled
+
+    for raw, want in (("false", False), ("OFF", False), ("no", False), ("0", False), ("yes", True), ("", True)):
+        monkeypatch.setenv("STUDIO_PLUGIN_CHECK", raw)
+        assert enabled() is want
+    monkeypatch.setenv("STUDIO_SAFE_MODE", "True")
+    assert state.safe_mode()
+    monkeypatch.setenv("STUDIO_GUI_WARMUP", "maybe")
+    assert state.env_flag("STUDIO_GUI_WARMUP", True) and "STUDIO_GUI_WARMUP='maybe'" in caplog.text
+    monkeypatch.setenv("STUDIO_HISTORY_TIMEOUT", "soon")
+    assert state.env_number("STUDIO_HISTORY_TIMEOUT", 10.0) == 10.0 and "STUDIO_HISTORY_TIMEOUT" in caplog.text
+    monkeypatch.setenv("STUDIO_HISTORY_TIMEOUT", "2.5")
+    assert state.env_number("STUDIO_HISTORY_TIMEOUT", 10.0) == 2.5

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from engine.backends.runtime import check_graph, new_session, session_options
+from engine.state import env_flag
 from engine.errors import ModelError
 from engine.filecheck import Check, check_file, read_ahead, stamp
 
@@ -104,7 +104,7 @@ def prepacks(manifest: dict) -> bool:
     Llama, against 0.08 s), and buys a faster prefill (3.1 s against 5.5 s for 64 tokens) and decode step
     (639 against 722 ms) on this shared machine (benchmarks/load_time.py --prepack), which a one-shot CLI run
     pays back only for long prompts and outputs."""
-    return bool(manifest.get("quantization")) or os.environ.get("STUDIO_ONNX_PREPACK", "").strip() == "1"
+    return bool(manifest.get("quantization")) or env_flag("STUDIO_ONNX_PREPACK", False)
 
 
 def _options(threads, graph: Path, prepack: bool):

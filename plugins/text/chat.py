@@ -67,6 +67,6 @@ def generate(request, context):
 
 
 def _reuse_prefix() -> bool:
-    import os
+    from engine.state import env_flag
 
-    return os.environ.get("STUDIO_CHAT_PREFIX_CACHE", "1") != "0"
+    return env_flag("STUDIO_CHAT_PREFIX_CACHE", True)

@@ -131,11 +131,13 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
         print(screenshot)
         window.close()
         return 0
+    from engine.state import env_flag
+
     probe = os.environ.get("STUDIO_GUI_FIRST_PAINT")  # used by benchmarks/gui.py
     if probe:
         watcher = _FirstPaint(window, Path(probe))
         window.installEventFilter(watcher)
-    elif window.session.process is not None and os.environ.get("STUDIO_GUI_WARMUP", "1") != "0":
+    elif window.session.process is not None and env_flag("STUDIO_GUI_WARMUP", True):
         from PySide6.QtCore import QTimer
 
         def warm() -> None:  # start the generation process and load the chosen backend's library there

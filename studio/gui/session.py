@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 from engine import state
@@ -29,7 +28,7 @@ class Session:
         self.settings = state.load_settings()
         self.cache: dict = {}  # loaded models, shared between in-process generations (Context.cache)
         if isolate is None:
-            isolate = host is None and host_factory is None and os.environ.get("STUDIO_GUI_ISOLATE", "1") != "0"
+            isolate = host is None and host_factory is None and state.env_flag("STUDIO_GUI_ISOLATE", True)
         self.process = None
         if isolate:
             from engine.child import GenerationProcess
