@@ -204,3 +204,11 @@ def test_on_off_variables_read_one_way(monkeypatch, caplog):
     assert state.env_number("STUDIO_HISTORY_TIMEOUT", 10.0) == 10.0 and "STUDIO_HISTORY_TIMEOUT" in caplog.text
     monkeypatch.setenv("STUDIO_HISTORY_TIMEOUT", "2.5")
     assert state.env_number("STUDIO_HISTORY_TIMEOUT", 10.0) == 2.5
+
+
+def test_an_unknown_onnx_variant_is_named_not_silently_ignored(monkeypatch, caplog, tmp_path):
+    from engine.backends.runtime import choose_export
+
+    monkeypatch.setenv("STUDIO_ONNX_VARIANT", "int3")
+    assert choose_export(tmp_path) is None
+    assert "STUDIO_ONNX_VARIANT='int3' is not one of fp32, int8, int4" in caplog.text

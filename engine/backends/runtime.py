@@ -52,10 +52,13 @@ def export_folders(model_folder: Path) -> list:
     return sorted(found, key=lambda p: (variant(p) != "fp32", str(p)))
 
 
+VARIANTS = ("fp32", "int8", "int4")
+
+
 def variant(folder: Path) -> str:
     """"int8", "int4" or "fp32", from an export folder's name (onnx, onnx-int8, onnx-int4)."""
     name = Path(folder).name
-    return next((v for v in ("int8", "int4") if v in name), "fp32")
+    return next((v for v in VARIANTS[1:] if v in name), "fp32")
 
 
 def _records_builtin(manifest_path: Path) -> bool:
@@ -300,7 +303,11 @@ def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = F
     did not record their export (fp32 first)."""
     folders = export_folders(model_folder)
     want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
-    if want:
+    if want and want not in VARIANTS:
+        from engine.state import _warn_once
+
+        _warn_once(f"STUDIO_ONNX_VARIANT={want!r} is not one of {', '.join(VARIANTS)}; it is ignored.")
+    elif want:
         folders = [f for f in folders if variant(f) == want] or folders
     if legacy or not folders:
         return folders[0] if folders else None
