@@ -22,7 +22,6 @@ from engine.datasets import IMAGE_SUFFIXES
 from engine.generators import Context, Result
 
 
-
 @dataclass
 class FolderPlan:
     folder: Path

@@ -18,8 +18,7 @@ from typing import Callable, Optional
 from engine import messages, state
 from engine.errors import CancelledError, StudioError, describe_exception
 from engine.generators import CancelToken, Context
-from engine.jobqueue import FINISHED
-from engine.jobqueue import JobQueue, QueueJob
+from engine.jobqueue import FINISHED, JobQueue, QueueJob
 from engine.jobsave import TaggedHistory, output_path
 
 log = logging.getLogger(__name__)

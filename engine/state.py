@@ -47,7 +47,7 @@ def env_flag(name: str, default: bool) -> bool:
     if raw in TRUE_WORDS or raw in FALSE_WORDS:
         return raw in TRUE_WORDS
     if raw:
-        _warn_once(f"{name}={raw!r} is not 1 or 0 (true/false, yes/no, on/off); using {int(default)}.")
+        warn_once(f"{name}={raw!r} is not 1 or 0 (true/false, yes/no, on/off); using {int(default)}.")
     return default
 
 
@@ -60,7 +60,7 @@ def env_number(name: str, default: float) -> float:
         value = -1.0
     if value > 0:
         return value
-    _warn_once(f"{name}={raw!r} is not a positive number; using {default}.")
+    warn_once(f"{name}={raw!r} is not a positive number; using {default}.")
     return default
 
 
@@ -85,7 +85,7 @@ SETTING_CHOICES = {"device": DEVICES, "backend": BACKENDS}
 _warned: set = set()  # each problem of a settings file is told once per process, not at every read
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning("%s", message)
@@ -114,7 +114,7 @@ def load_settings() -> Settings:
         if not isinstance(data, dict):
             raise ValueError("not an object")
     except (ValueError, TypeError, OSError) as exc:
-        _warn_once(f"Settings file {path} is unreadable ({exc}); using defaults (fix or delete the file).")
+        warn_once(f"Settings file {path} is unreadable ({exc}); using defaults (fix or delete the file).")
         return Settings()
     known = {}
     for name, value in data.items():
@@ -122,7 +122,7 @@ def load_settings() -> Settings:
             continue
         problem = _setting_problem(name, value)
         if problem:
-            _warn_once(f"In the settings file {path}, {name} {problem}; using {getattr(Settings(), name)!r} "
+            warn_once(f"In the settings file {path}, {name} {problem}; using {getattr(Settings(), name)!r} "
                        f"instead (fix or delete the file).")
         else:
             known[name] = value

@@ -127,11 +127,10 @@ def read_generation_config(folder) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        log.warning("%s is not valid JSON; the model's generation settings are ignored.", path)
+        return read_json(path)
+    except ModelError as exc:
+        log.warning("%s The model's generation settings are ignored.", exc)
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def generation_defaults(folder) -> dict:

@@ -180,8 +180,6 @@ def _add(queue: JobQueue, args) -> int:
     return 0
 
 
-
-
 def folder_images(folder) -> list:
     """The images of a folder, sorted by name (a folder with none is a usage error)."""
     from engine.datasets import IMAGE_SUFFIXES

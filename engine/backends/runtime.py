@@ -275,8 +275,7 @@ class Export:
         return self._sessions[name]
 
 
-SPEED_ORDER = ("int4", "int8", "fp32")  # fastest first (benchmarks/onnx_vs_torch.py: int8 3.2-3.5x torch fp32)
-
+SPEED_ORDER = VARIANTS[::-1]  # fastest first (benchmarks/onnx_vs_torch.py: int8 3.2-3.5x torch fp32)
 
 
 def gate_passed(manifest: dict) -> bool:
@@ -304,9 +303,9 @@ def choose_export(model_folder: Path, gated_only: bool = False, legacy: bool = F
     folders = export_folders(model_folder)
     want = os.environ.get("STUDIO_ONNX_VARIANT", "").strip().lower()
     if want and want not in VARIANTS:
-        from engine.state import _warn_once
+        from engine.state import warn_once
 
-        _warn_once(f"STUDIO_ONNX_VARIANT={want!r} is not one of {', '.join(VARIANTS)}; it is ignored.")
+        warn_once(f"STUDIO_ONNX_VARIANT={want!r} is not one of {', '.join(VARIANTS)}; it is ignored.")
     elif want:
         folders = [f for f in folders if variant(f) == want] or folders
     if legacy or not folders:

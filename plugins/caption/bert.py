@@ -21,7 +21,6 @@ from engine.configs import check_attention, read
 from engine.nn.cache import KVCache, causal_mask
 
 
-
 @dataclass
 class BertDecoderConfig:
     vocab_size: int

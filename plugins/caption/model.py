@@ -30,7 +30,6 @@ from engine.weights import check_shapes
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class CaptionConfig:
     encoder: ViTConfig

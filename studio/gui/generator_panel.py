@@ -17,7 +17,6 @@ from studio.gui.option_form import OptionForm
 from studio.gui.util import button, column, guard, idle_progress, row
 
 
-
 class GeneratorPanel(QWidget):
     generate_clicked = Signal()
     cancel_clicked = Signal()

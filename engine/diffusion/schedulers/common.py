@@ -158,8 +158,6 @@ def to_float(x) -> float:
     return float(x.item() if hasattr(x, "item") else x)
 
 
-
-
 def make_scheduler(name: str, cfg: SchedulerConfig):
     """The scheduler called ``name`` (one of SAMPLERS) for the model's noise schedule ``cfg``."""
     if name == "ddpm":
