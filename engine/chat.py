@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 from engine.errors import ModelError, UsageError
 
 ROLES = ("system", "user", "assistant")
+ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
 MAX_MESSAGES = 1000
 MAX_MESSAGE_CHARS = 100_000
 
@@ -54,18 +55,37 @@ def parse_messages(raw, need_user_last: bool = True) -> tuple:
     for i, m in enumerate(raw, 1):
         if isinstance(m, Message):
             m = m.to_dict()
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise UsageError(f"Message {i} must be an object with a text \"role\" and a text \"content\".")
-        if m["role"] not in ROLES:
+        role = ALIASES.get(m["role"], m["role"])
+        if role not in ROLES:
             raise UsageError(f"Message {i} has the role {m['role']!r}; a role is one of {', '.join(ROLES)}.")
-        if len(m["content"]) > MAX_MESSAGE_CHARS:
-            raise UsageError(f"Message {i} is {len(m['content'])} characters long; the limit is {MAX_MESSAGE_CHARS}.")
-        out.append(Message(m["role"], m["content"]))
+        content = _text_content(m.get("content"), i)
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise UsageError(f"Message {i} is {len(content)} characters long; the limit is {MAX_MESSAGE_CHARS}.")
+        out.append(Message(role, content))
     if need_user_last and out[-1].role != "user":
         article = "an" if out[-1].role[0] in "aeiou" else "a"
         raise UsageError(f"The conversation ends with {article} {out[-1].role} message; the next answer needs a user message "
                          "last (to regenerate an answer, leave the old answer out).")
     return tuple(out)
+
+
+def _text_content(content, i: int) -> str:
+    """A message's content: a string, or OpenAI's list of content parts, whose text parts are joined by new lines
+    (as vLLM and llama.cpp's server do for a text-only model)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part.get("type"), str) else "untyped"
+                raise UsageError(f"Message {i} holds a part of type {kind!r}; this chat reads text only "
+                                 "(a part is {\"type\": \"text\", \"text\": ...}).")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise UsageError(f"Message {i} must be an object with a text \"role\" and a text \"content\".")
 
 
 def load_messages_file(path) -> tuple:

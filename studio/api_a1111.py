@@ -28,6 +28,7 @@ def routes() -> list:
             Route("/sdapi/v1/interrogate", interrogate, methods=["POST"]),
             Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
             Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
+            Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
             Route("/sdapi/v1/progress", progress, methods=["GET"]),
             Route("/sdapi/v1/options", options, methods=["GET", "POST"])]
 
@@ -43,12 +44,33 @@ def _sampler(name) -> str:
                      "(GET /sdapi/v1/samplers).")
 
 
+# A1111's schedule types (its `scheduler` field since 1.9) that map onto a sampler here; "automatic" keeps the
+# sampler's own name (DPM++ 2M is uniform, DPM++ 2M Karras is Karras, as A1111 named them before 1.9)
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+
+
+def _scheduled(sampler: str, scheduler) -> str:
+    """The sampler with A1111's ``scheduler`` field applied to it ("" = the generator's default sampler)."""
+    key = str(scheduler or "automatic").strip().lower()
+    if key not in SCHEDULERS:
+        raise UsageError(f"Schedule type {scheduler!r} is not available; use one of {', '.join(SCHEDULERS.values())} "
+                         "(GET /sdapi/v1/schedulers).")
+    if key == "automatic" or not sampler:
+        return sampler
+    base = sampler.removesuffix("_karras")
+    if key == "karras" and base + "_karras" not in SAMPLERS:
+        raise UsageError(f"The Karras schedule is available with {SAMPLERS['dpmpp_2m']} only, not with "
+                         f"{SAMPLERS[sampler]}; use the schedule type Automatic.")
+    return base + "_karras" if key == "karras" else base
+
+
 def _options(service, generator: str, body: dict) -> dict:
     """The A1111 fields that the generator has options for."""
     have = {o.name for o in service.host.generator(generator).info.options}
     pairs = {"steps": _number(body, "steps", int), "guidance": _number(body, "cfg_scale", float),
              "negative_prompt": body.get("negative_prompt") or None,
-             "sampler": _sampler(body.get("sampler_name") or body.get("sampler_index")) or None,
+             "sampler": _scheduled(_sampler(body.get("sampler_name") or body.get("sampler_index")),
+                                   body.get("scheduler")) or None,
              "width": _number(body, "width", int), "height": _number(body, "height", int),
              "strength": _number(body, "denoising_strength", float)}
     return {k: v for k, v in pairs.items() if v is not None and k in have}
@@ -56,7 +78,10 @@ def _options(service, generator: str, body: dict) -> dict:
 
 def _model(body: dict, service=None):
     """The request's checkpoint (override_settings), else the one chosen with POST /sdapi/v1/options."""
-    name = (body.get("override_settings") or {}).get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise UsageError("override_settings must be an object, such as {\"sd_model_checkpoint\": NAME}.")
+    name = overrides.get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
     return _strip_hash(name) if name else None
 
 
@@ -97,7 +122,7 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
         raise UsageError(f"batch_size x n_iter must be from 1 to {MAX_IMAGES}, not {count}.")
     seed = _number(body, "seed", int, -1)
     options = _options(service, generator, body)
-    images, seeds, infotexts = [], [], []
+    images, seeds, infotexts, history_ids = [], [], [], []
     for i in range(count):
         job = Job(generator, prompt=prompt, image=image, model=model, options=options,
                   seed=None if seed < 0 else seed + i)
@@ -106,11 +131,12 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
         images.append(base64.b64encode(Path(finished["files"][0]).read_bytes()).decode("ascii"))
         seeds.append(recipe["seed"])
         infotexts.append(a1111_parameters(recipe))
+        history_ids.append(recipe.get("history_id"))
     info = {"prompt": prompt, "all_prompts": [prompt] * count, "seed": seeds[0], "all_seeds": seeds,
             "sampler_name": SAMPLERS.get(recipe["options"].get("sampler", ""), ""), "steps": recipe["options"].get("steps"),
             "cfg_scale": recipe["options"].get("guidance"), "width": recipe.get("width"),
             "height": recipe.get("height"), "sd_model_name": (recipe.get("model") or {}).get("name"),
-            "infotexts": infotexts, "history_ids": [recipe.get("history_id")]}
+            "infotexts": infotexts, "history_ids": history_ids}
     return JSONResponse({"images": images, "parameters": body, "info": json.dumps(info)})
 
 
@@ -200,6 +226,13 @@ async def samplers(request):
             if o.name == "sampler":
                 choices = tuple(o.choices or ())
     return JSONResponse([{"name": SAMPLERS.get(c, c), "aliases": [c], "options": {}} for c in choices or SAMPLERS])
+
+
+async def schedulers(request):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse([{"name": name, "label": label, "aliases": None, "default_rho": -1,
+                          "need_inner_model": False} for name, label in SCHEDULERS.items()])
 
 
 async def progress(request):

@@ -52,6 +52,10 @@ def _stop(value) -> str:
     return "|".join(esc)
 
 
+MAX_N = 8  # completions per prompt (``n``)
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+
+
 def _text_options(body: dict, default_max: int) -> dict:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, 0, "", [], {}):
@@ -65,19 +69,33 @@ def _text_options(body: dict, default_max: int) -> dict:
         opts["max_new_tokens"] = _number(body, "max_completion_tokens", int)
     if opts["temperature"] == 0:
         opts["temperature"] = 0.0
-    n = _number(body, "n", int, 1)
-    if n != 1:
-        raise UsageError(f"n must be 1 here (one completion per request), not {n}.")
     return opts
+
+
+def _jobs(body: dict, default_max: int, prompts: list, **fields) -> list:
+    """One job per prompt and per ``n``: choice ``p * n + k`` is prompt ``p``'s ``k``-th, with seed ``seed + k``
+    (so a prompt in a list gets the text it would get alone)."""
+    from engine.runner import Job
+
+    n = _number(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise UsageError(f"n must be from 1 to {MAX_N}, not {n}.")
+    options, seed = _text_options(body, default_max), _number(body, "seed", int)
+    return [Job(prompt=prompt, seed=None if seed is None else seed + k, options=dict(options), **fields)
+            for prompt in prompts for k in range(n)]
 
 
 def _finish_reason(recipe: dict) -> str:
     return {"eos": "stop", "stop": "stop"}.get((recipe.get("info") or {}).get("stopped_by"), "length")
 
 
-def _usage(recipe: dict) -> dict:
-    info = recipe.get("info") or {}
-    p, c = int(info.get("prompt_tokens") or 0), int(info.get("new_tokens") or len(recipe.get("token_ids") or []))
+def _usage(recipes: list, n: int) -> dict:
+    """Token counts of a request: each prompt counted once, every completion."""
+    p = c = 0
+    for i, recipe in enumerate(recipes):
+        info = recipe.get("info") or {}
+        p += int(info.get("prompt_tokens") or 0) if i % n == 0 else 0
+        c += int(info.get("new_tokens") or len(recipe.get("token_ids") or []))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -86,26 +104,20 @@ def _sse(obj) -> bytes:
 
 
 async def completions(request):
-    from engine.runner import Job
-
     service = request.app.state.service
     body = await read_json(request)
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise UsageError("prompt must be one string (or a list holding one) here.")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise UsageError("prompt must be a string.")
+    prompts = body.get("prompt", "")
+    prompts = prompts if isinstance(prompts, list) else [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UsageError("prompt must be a string or a list of strings (token ids are not taken).")
+    if len(prompts) > MAX_PROMPTS:
+        raise UsageError(f"prompt holds {len(prompts)} prompts; the limit is {MAX_PROMPTS} a request.")
     model = service.check_model(body.get("model"), ("text",))
-    job = Job("text", prompt=prompt, model=model, seed=_number(body, "seed", int),
-              options=_text_options(body, 16))
-    return await _respond(request, service, job, body, "text_completion", chat=False)
+    jobs = _jobs(body, 16, prompts, generator="text", model=model)
+    return await _respond(request, service, jobs, body, "text_completion", chat=False)
 
 
 async def chat_completions(request):
-    from engine.runner import Job
-
     service = request.app.state.service
     body = await read_json(request)
     if not service.has_generator("chat"):
@@ -115,73 +127,80 @@ async def chat_completions(request):
     if not isinstance(messages, list) or not messages:
         raise UsageError("messages must be a non-empty list of {role, content} objects.")
     model = service.check_model(body.get("model"), TEXT_GENERATORS)
-    job = Job("chat", model=model, seed=_number(body, "seed", int), options=_text_options(body, 256),
-              **{"messages": [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
-                              for m in messages]})
-    return await _respond(request, service, job, body, "chat.completion", chat=True)
+    messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages]
+    jobs = _jobs(body, 256, [None], generator="chat", model=model, messages=messages)
+    return await _respond(request, service, jobs, body, "chat.completion", chat=True)
 
 
-async def _respond(request, service, job, body: dict, kind: str, chat: bool):
+async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bool):
+    """Run ``jobs`` one after another (choice ``i`` is job ``i``), as one JSON answer or as one event stream."""
     from starlette.responses import JSONResponse, StreamingResponse
 
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created, model_name = int(time.time()), body.get("model") or job.generator
+    created, model_name = int(time.time()), body.get("model") or jobs[0].generator
+    n = _number(body, "n", int, 1)
 
-    def chunk(piece=None, finish=None, role=False) -> dict:
+    def chunk(index, piece=None, finish=None, role=False) -> dict:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [choice]}
+                    "system_fingerprint": None, "choices": [choice]}
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}]}
+                "system_fingerprint": None,
+                "choices": [{"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}]}
 
     if not body.get("stream"):
-        finished = await run_job(service, job, request)
-        r = finished["recipe"]
-        choice = ({"index": 0, "message": {"role": "assistant", "content": r.get("text", "")},
-                   "finish_reason": _finish_reason(r), "logprobs": None} if chat else
-                  {"text": r.get("text", ""), "index": 0, "logprobs": None, "finish_reason": _finish_reason(r)})
+        choices, recipes = [], []
+        for index, job in enumerate(jobs):
+            r = (await run_job(service, job, request))["recipe"]
+            recipes.append(r)
+            extra = {"finish_reason": _finish_reason(r), "logprobs": None, "history_id": r.get("history_id")}
+            choices.append({"index": index, "message": {"role": "assistant", "content": r.get("text", "")}, **extra}
+                           if chat else {"text": r.get("text", ""), "index": index, **extra})
         return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
-                             "choices": [choice], "usage": _usage(r), "system_fingerprint": r.get("history_id")})
+                             "system_fingerprint": None, "choices": choices, "usage": _usage(recipes, n)})
 
     from starlette.concurrency import run_in_threadpool
 
-    await run_in_threadpool(service.validate, job)  # a bad request is a 400 before the stream starts
+    for job in jobs:
+        await run_in_threadpool(service.validate, job)  # a bad request is a 400 before the stream starts
 
     async def events():
         import asyncio
 
-        out: asyncio.Queue = asyncio.Queue()
+        recipes = []
+        for index, job in enumerate(jobs):
+            out: asyncio.Queue = asyncio.Queue()
 
-        async def on_message(msg):
-            if msg.get("type") == "text":
-                await out.put(_sse(chunk(msg["text"])))
+            async def on_message(msg, out=out, index=index):
+                if msg.get("type") == "text":
+                    await out.put(_sse(chunk(index, msg["text"])))
 
-        if chat:
-            yield _sse(chunk(role=True))
-        task = asyncio.ensure_future(run_job(service, job, request, on_message))
-        try:
-            while not (task.done() and out.empty()):
-                try:
-                    yield await asyncio.wait_for(out.get(), timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
+            if chat:
+                yield _sse(chunk(index, role=True))
+            task = asyncio.ensure_future(run_job(service, job, request, on_message))
             try:
-                finished = task.result()
-            except ClientGone:
-                return
-            except Exception as exc:  # noqa: BLE001 - the stream has begun: the error is an event
-                yield _sse({"error": {"message": str(exc), "type": "server_error"}})
-                return
-            final = chunk(finish=_finish_reason(finished["recipe"]))
-            if (body.get("stream_options") or {}).get("include_usage"):
-                final["usage"] = _usage(finished["recipe"])
-            yield _sse(final)
-            yield _sse("[DONE]")
-        finally:
-            if not task.done():
-                task.cancel()  # the client went away: run_job cancels the queue job
+                while not (task.done() and out.empty()):
+                    try:
+                        yield await asyncio.wait_for(out.get(), timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                try:
+                    finished = task.result()
+                except ClientGone:
+                    return
+                except Exception as exc:  # noqa: BLE001 - the stream has begun: the error is an event
+                    yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+                    return
+            finally:
+                if not task.done():
+                    task.cancel()  # the client went away: run_job cancels the queue job
+            recipes.append(finished["recipe"])
+            yield _sse(chunk(index, finish=_finish_reason(finished["recipe"])))
+        if (body.get("stream_options") or {}).get("include_usage"):  # OpenAI: one more chunk, with no choices
+            yield _sse({**chunk(0), "choices": [], "usage": _usage(recipes, n)})
+        yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

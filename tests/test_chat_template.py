@@ -1,5 +1,6 @@
 """Chat templates: the studio renders real templates exactly as transformers' apply_chat_template does (text and
 token ids), refuses templates that reach outside the sandbox, reports template errors in one line."""
+import json
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,21 @@ def test_messages_are_checked():
         chat.parse_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     with pytest.raises(UsageError, match="list of messages"):
         chat.parse_messages({"role": "user", "content": "a"})
+    with pytest.raises(UsageError, match="Message 2 holds a part of type 'image_url'"):
+        chat.parse_messages([{"role": "system", "content": "s"},
+                             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(UsageError, match="Message 1 must be"):
+        chat.parse_messages([{"role": "user", "content": []}])
+
+
+def test_openai_style_messages_file(tmp_path):
+    """A request body as OpenAI clients write it today: a developer message and content as text parts."""
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({"model": "x", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "ROMEO."}]}]}))
+    assert chat.load_messages_file(path) == (chat.Message("system", "Be brief."),
+                                             chat.Message("user", "Speak,\nROMEO."))
 
 
 def test_context_budget_edges():

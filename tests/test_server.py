@@ -96,6 +96,37 @@ def test_openai_client_chat(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
 
 
+def test_openai_client_several_choices_and_content_parts(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    alone = [client.completions.create(model="shakespeare-llama", prompt=p, max_tokens=4, seed=s).choices[0].text
+             for p in ("ROMEO:", "JULIET:") for s in (7, 8)]
+    both = client.completions.create(model="shakespeare-llama", prompt=["ROMEO:", "JULIET:"], max_tokens=4, n=2,
+                                     seed=7)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == alone  # choice p * n + k is prompt p with seed + k, as alone
+    assert both.usage.completion_tokens == 16 and both.system_fingerprint is None
+    if not server.service.has_generator("chat"):
+        return
+    plain = client.chat.completions.create(
+        model="shakespeare-llama", max_tokens=5, temperature=0,
+        messages=[{"role": "system", "content": "A street."}, {"role": "user", "content": "Speak,\nROMEO."}])
+    parts = client.chat.completions.create(  # as newer clients write them: a developer role, text parts
+        model="shakespeare-llama", max_completion_tokens=5, temperature=0,
+        messages=[{"role": "developer", "content": "A street."},
+                  {"role": "user", "content": [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "ROMEO."}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    chunks = list(client.chat.completions.create(
+        model="shakespeare-llama", max_tokens=3, n=2, seed=1, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Speak."}]))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model="shakespeare-llama", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+
+
 def test_chat_without_generator_is_a_clear_501(server):
     if server.service.has_generator("chat"):
         pytest.skip("the chat generator is installed")
@@ -133,6 +164,14 @@ def test_webuiapi_txt2img_and_interrogate(server):
     assert api.get_options()["sd_model_checkpoint"] == "shapes-diffusion"
     samplers = {s["name"] for s in api.get_samplers()}
     assert {"DDIM", "Euler"} <= samplers
+    assert {"Automatic", "Karras"} <= {s["label"] for s in api.get_schedulers()}
+    # A1111 1.9+ sends the schedule apart from the sampler: DPM++ 2M + Karras is DPM++ 2M Karras
+    split = api.txt2img(prompt="a red circle", seed=2, steps=4, sampler_name="DPM++ 2M", scheduler="Karras",
+                        batch_size=2)
+    named = api.txt2img(prompt="a red circle", seed=2, steps=4, sampler_name="DPM++ 2M Karras", scheduler="automatic",
+                        batch_size=2)
+    assert split.info["sampler_name"] == "DPM++ 2M Karras" and split.image.tobytes() == named.image.tobytes()
+    assert len(set(split.info["history_ids"])) == 2  # one history row per image
     assert "progress" in api.get_progress()
 
 
@@ -152,6 +191,16 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "steps" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "LMS Karras"})
     assert r.status_code == 400 and "LMS Karras" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"})
+    assert r.status_code == 400 and "Karras schedule" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "Exponential"})
+    assert r.status_code == 400 and "Exponential" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": "shapes-diffusion"})
+    assert r.status_code == 400 and "override_settings must be an object" in r.json()["detail"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3]})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 9})
+    assert r.status_code == 400 and "n must be from 1 to 8" in r.json()["error"]["message"]
     r = httpx.post(url + "/sdapi/v1/interrogate", json={"image": "bm90IGFuIGltYWdl"})
     assert r.status_code == 400 and "could not be read" in r.json()["detail"]
     r = httpx.post(url + "/v1/completions", content=b"x" * (100 << 20), headers={"content-type": "application/json"})
