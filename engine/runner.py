@@ -47,6 +47,32 @@ class Job:
 
 # what a job file (`studio batch`) or the API (/jobs) may set: every field but the replay's recorded export
 JOB_KEYS = tuple(f.name for f in fields(Job) if f.name != "export")
+_TEXT_KEYS = ("generator", "prompt", "image", "mask", "model", "backend", "device")
+
+
+def job_from_dict(obj) -> Job:
+    """A job as JSON gives it (a job file's line, a POST /api/jobs body); UsageError names the first wrong field."""
+    if not isinstance(obj, dict):
+        raise UsageError("A job is a JSON object, such as {\"generator\": \"text\", \"prompt\": \"ROMEO:\"}.")
+    unknown = sorted(set(obj) - set(JOB_KEYS))
+    if unknown:
+        raise UsageError(f"Unknown job field(s) {', '.join(unknown)}; a job has {', '.join(JOB_KEYS)}.")
+    if "generator" not in obj:
+        raise UsageError("A job needs a generator, such as \"generator\": \"text\".")
+    for key in _TEXT_KEYS:
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise UsageError(f"The job's {key} must be a string, not {obj[key]!r}.")
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UsageError(f"The job's seed must be a whole number, not {seed!r}.")
+    if not isinstance(obj.get("options", {}), dict):
+        raise UsageError("The job's options must be an object, such as {\"steps\": 20}.")
+    loras = obj.get("loras", [])
+    if not isinstance(loras, list) or not all(isinstance(x, str) for x in loras):
+        raise UsageError("The job's loras must be a list of \"PATH[:WEIGHT]\" strings.")
+    if obj.get("messages") is not None and not isinstance(obj["messages"], list):
+        raise UsageError("The job's messages must be a list of {\"role\", \"content\"} objects.")
+    return Job(**obj)
 
 
 @dataclass
@@ -196,7 +222,7 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     elif job.model:
         raise UsageError(f"Generator {info.id} uses no model.")
     seed = job.seed if job.seed is not None else random.randrange(2**31)
-    if not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise UsageError(f"The seed must be a whole number from 0 to 2^63-1, not {seed}.")
     backend, device, export = choose_backend(job.backend, job.device, entry if model is not None else None, job,
                                              info)

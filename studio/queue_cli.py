@@ -231,7 +231,7 @@ def _run(queue: JobQueue, until_empty: bool) -> int:
 # ----- batch -------------------------------------------------------------------------------------
 def read_jobfile(path: Path) -> tuple:
     """(jobs, errors): a JSON Lines file of jobs; each bad line is an error naming its line number."""
-    from engine.runner import JOB_KEYS, Job
+    from engine.runner import job_from_dict
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -242,16 +242,8 @@ def read_jobfile(path: Path) -> tuple:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("a job is a JSON object")
-            unknown = sorted(set(obj) - set(JOB_KEYS))
-            if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(unknown)}; a job has {', '.join(JOB_KEYS)}")
-            if not isinstance(obj.get("options", {}), dict):
-                raise ValueError("options must be an object")
-            jobs.append((n, Job(**obj)))
-        except (ValueError, TypeError) as exc:
+            jobs.append((n, job_from_dict(json.loads(line))))
+        except (ValueError, UsageError) as exc:
             errors.append(f"{path} line {n}: {exc}")
     return jobs, errors
 

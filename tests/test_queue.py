@@ -242,6 +242,36 @@ def test_job_files_and_the_api_take_every_job_field(tmp_path):
     assert errors == [] and jobs[0][1].mask == "mask.png"
 
 
+@pytest.mark.parametrize("line, words", [
+    ('{"generator": "text", "prompt": "x", "seed": "abc"}', "seed must be a whole number"),
+    ('{"generator": "text", "prompt": "x", "seed": true}', "seed must be a whole number"),
+    ('{"generator": "text", "prompt": "x", "seed": 2.5}', "seed must be a whole number"),
+    ('{"generator": "text", "prompt": "x", "options": "abc"}', "options must be an object"),
+    ('{"generator": "text", "prompt": "x", "loras": "a.safetensors"}', "loras must be a list"),
+    ('{"generator": "text", "prompt": "x", "loras": [5]}', "loras must be a list"),
+    ('{"generator": "text", "prompt": "x", "model": ["a"]}', "model must be a string"),
+    ('{"generator": "text", "prompt": 5}', "prompt must be a string"),
+    ('{"generator": "chat", "messages": "hi"}', "messages must be a list"),
+    ('{"prompt": "x"}', "needs a generator"),
+    ('[1, 2]', "A job is a JSON object"),
+    ('{"generator": "text", "colour": "red"}', "Unknown job field(s) colour"),
+])
+def test_a_job_of_the_wrong_types_is_one_sentence(tmp_path, line, words):
+    """The fields of a job file's line and of POST /api/jobs are checked by type (a string seed, options or a
+    model list failed as a TypeError / AttributeError, a 500 from the server; a string of LoRAs was read letter by
+    letter)."""
+    from engine.runner import job_from_dict
+    from studio.queue_cli import read_jobfile
+
+    with pytest.raises(UsageError) as info:
+        job_from_dict(json.loads(line))
+    assert words in str(info.value)
+    jobfile = tmp_path / "jobs.jsonl"
+    jobfile.write_text(line + "\n")
+    jobs, errors = read_jobfile(jobfile)
+    assert jobs == [] and len(errors) == 1 and "line 1: " in errors[0] and words in errors[0]
+
+
 def test_one_list_of_image_files_for_every_folder_of_images(tmp_path):
     """Captioning a folder, the queue's --folder and a fine-tuning dataset take the same images (the queue and
     the datasets used to pass over the .gif files that captioning a folder wrote captions for)."""

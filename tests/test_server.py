@@ -214,6 +214,10 @@ def test_bad_requests(server):
         assert httpx.post(url + path, json={}).status_code == 404
     r = httpx.post(url + "/api/jobs", json={"generator": "text", "prompt": "x", "options": {"top_k": -1}})
     assert r.status_code == 400 and "top_k" in r.json()["detail"]
+    for wrong, words in (({"seed": "abc"}, "seed"), ({"options": "abc"}, "options"), ({"model": ["a"]}, "model"),
+                         ({"front": "no"}, "front")):  # each was a 500 (a TypeError or AttributeError)
+        r = httpx.post(url + "/api/jobs", json={"generator": "text", "prompt": "x", **wrong})
+        assert r.status_code == 400 and words in r.json()["detail"]
 
 
 def test_client_disconnect_cancels_job_and_queue_goes_on(server):
