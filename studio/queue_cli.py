@@ -95,6 +95,9 @@ def _grid_axes(specs: list) -> dict:
         key, sep, values = spec.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--grid expects OPTION=V1,V2,..., not {spec!r}.")
+        if key.strip() in axes:
+            raise UsageError(f"--grid names {key.strip()} twice; give all its values once, as "
+                             f"{key.strip()}=A,B,C.")
         axes[key.strip()] = [v for v in values.split(",") if v != ""]
     return axes
 

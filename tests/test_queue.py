@@ -179,6 +179,22 @@ def test_cli_batch_names_bad_lines_and_runs_the_others(studio_home, tmp_path, ca
     assert sorted(e.prompt for e in History().list()) == ["four", "one"]
 
 
+@pytest.mark.parametrize("grid, words", [
+    (["steps=1,2", "steps=3"], "names steps twice"),  # the second used to replace the first, silently
+    (["=1,2"], "--grid expects OPTION=V1,V2"),
+    (["steps="], "has no values"),
+])
+def test_cli_queue_grid_mistakes_are_refused(studio_home, capsys, grid, words):
+    from studio.cli import main
+
+    args = ["queue", "add", "image", "--prompt", "a red circle"]
+    for spec in grid:
+        args += ["--grid", spec]
+    assert main(args) == 2
+    assert words in capsys.readouterr().err
+    assert JobQueue().list() == []
+
+
 def test_cli_queue_caption_folder_and_controls(studio_home, tmp_path, capsys):
     from PIL import Image
 
