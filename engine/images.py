@@ -59,7 +59,7 @@ def load_image(source: Source, max_pixels: int = MAX_PIXELS):
             raise UsageError(f"{_cap(name)} is too large to decode safely (a possible decompression bomb); "
                              "use a smaller image.") from None
         except Image.UnidentifiedImageError:
-            raise UsageError(f"{_cap(name)} is not a PNG, JPEG or WebP image.") from None
+            raise UsageError(f"{_cap(name)} is not an image the studio reads (PNG, JPEG, WebP, BMP or GIF).") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
             reason = "truncated" if "truncat" in str(exc).lower() else "corrupt or truncated"
             raise UsageError(f"{_cap(name)} is {reason} and cannot be decoded; save it again or use another file.") from None

@@ -75,7 +75,7 @@ def test_not_an_image_missing_and_empty(tmp_path):
     (tmp_path / "t.png").write_text("hello, I am text")
     with pytest.raises(UsageError) as e:
         load_image(tmp_path / "t.png")
-    assert "not a PNG, JPEG or WebP image" in message(e)
+    assert "not an image the studio reads (PNG, JPEG, WebP, BMP or GIF)" in message(e)
     with pytest.raises(UsageError) as e:
         load_image(tmp_path / "missing.png")
     assert "does not exist" in message(e)
