@@ -178,6 +178,7 @@ class QueueWorker:
                 raise
         finally:
             done.set()
+            watcher.join()  # no thread outlives its job (one left in sqlite could meet the interpreter's exit)
             self.current, self.current_token = None, None
         if qjob.grid is not None:
             self._maybe_sheet(qjob.grid)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from engine.samplers import A1111_NAMES as SAMPLERS  # ours -> A1111's names
-from engine.errors import UsageError
+from engine.errors import CancelledError, UsageError
 from studio.api_openai import _number, image_generator
 from studio.server import Unsupported, read_json, run_job
 
@@ -30,6 +30,7 @@ def routes() -> list:
             Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
             Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
             Route("/sdapi/v1/progress", progress, methods=["GET"]),
+            Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
             Route("/sdapi/v1/options", options, methods=["GET", "POST"])]
 
 
@@ -126,12 +127,18 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
     for i in range(count):
         job = Job(generator, prompt=prompt, image=image, model=model, options=options,
                   seed=None if seed < 0 else seed + i)
-        finished = await run_job(service, job, request)
+        try:
+            finished = await run_job(service, job, request)
+        except CancelledError:  # POST /sdapi/v1/interrupt: A1111 answers with the images made so far
+            if not images:
+                raise
+            break
         recipe = finished["recipe"]
         images.append(base64.b64encode(Path(finished["files"][0]).read_bytes()).decode("ascii"))
         seeds.append(recipe["seed"])
         infotexts.append(a1111_parameters(recipe))
         history_ids.append(recipe.get("history_id"))
+    count = len(images)
     info = {"prompt": prompt, "all_prompts": [prompt] * count, "seed": seeds[0], "all_seeds": seeds,
             "sampler_name": SAMPLERS.get(recipe["options"].get("sampler", ""), ""), "steps": recipe["options"].get("steps"),
             "cfg_scale": recipe["options"].get("guidance"), "width": recipe.get("width"),
@@ -233,6 +240,21 @@ async def schedulers(request):
 
     return JSONResponse([{"name": name, "label": label, "aliases": None, "default_rho": -1,
                           "need_inner_model": False} for name, label in SCHEDULERS.items()])
+
+
+async def interrupt(request):
+    """Stop the image the server makes now; its txt2img / img2img request answers with the images made before."""
+    from starlette.responses import JSONResponse
+
+    service = request.app.state.service
+    job = service.worker.current
+    if job is not None and job.kind == "generate" and service.has_generator(job.job.get("generator", "")) and \
+            service.host.generator(job.job["generator"]).info.makes == "image":  # not another client's text
+        try:
+            service.queue.cancel(job.id)
+        except UsageError:  # it finished in the meantime
+            pass
+    return JSONResponse({})
 
 
 async def progress(request):

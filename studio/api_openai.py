@@ -18,18 +18,31 @@ def routes() -> list:
     from starlette.routing import Route
 
     return [Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/images/generations", images, methods=["POST"])]
 
 
+def _model_object(entry) -> dict:
+    return {"id": entry.name, "object": "model", "created": 0, "owned_by": "studio", "generator": entry.generator}
+
+
 async def models(request):
     from starlette.responses import JSONResponse
 
-    service = request.app.state.service
-    data = [{"id": e.name, "object": "model", "created": 0, "owned_by": "studio", "generator": e.generator}
-            for e in service.store.list()]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model_object(e) for e in request.app.state.service.store.list()]})
+
+
+async def model(request):
+    """GET /v1/models/{id} (``client.models.retrieve``)."""
+    from starlette.responses import JSONResponse
+
+    name = request.path_params["name"]
+    for entry in request.app.state.service.store.list():
+        if entry.name == name:
+            return JSONResponse(_model_object(entry))
+    raise NotFound(f"The model {name!r} does not exist here (GET /v1/models lists them).")
 
 
 def _number(body: dict, key: str, kind: type, default=None):

@@ -239,6 +239,35 @@ def test_client_disconnect_cancels_job_and_queue_goes_on(server):
     assert r.status_code == 200
 
 
+def test_a1111_interrupt_answers_with_the_images_made_so_far(server):
+    import openai
+
+    queue, answers = server.service.queue, []
+    body = {"prompt": "a red circle", "steps": 400, "batch_size": 3, "seed": 1, "sampler_name": "DDIM"}
+    before = {j.id for j in queue.list(states=("done", "cancelled"))}
+    thread = threading.Thread(target=lambda: answers.append(httpx.post(server.url + "/sdapi/v1/txt2img", json=body,
+                                                                        timeout=300)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    def second_running():  # the first image is made and the second is on its way
+        done = [j.id for j in queue.list(states=("done",)) if j.id not in before]
+        current = server.service.worker.current
+        return done and current is not None and current.id not in done and current.id not in before
+
+    while not second_running():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert httpx.post(server.url + "/sdapi/v1/interrupt").status_code == 200
+    thread.join(240)
+    r = answers[0]
+    assert r.status_code == 200 and 1 <= len(r.json()["images"]) < 3
+    assert any(j.state == "cancelled" for j in queue.list(states=("cancelled",)) if j.id not in before)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert client.models.retrieve("shakespeare-llama").id == "shakespeare-llama"  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
 def test_jobs_and_history_endpoints(server):
     r = httpx.post(server.url + "/api/queue/pause")
     assert r.json() == {"paused": True}
