@@ -21,11 +21,11 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import CancelledError, StudioError, UsageError
+from engine.errors import CancelledError, OptionError, StudioError, UsageError
 from engine.outputs import replacing
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    steps: int = 200
-    lr: float = 1e-3
-    batch: int = 8
-    seed: int = 0
-    checkpoint_every: int = 50
-    eval_every: int = 50
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
+    """The training loop's hyper-parameters; their defaults and ranges are the fine-tuner's options
+    (``lora_options``), read from its command line by ``settings_from``."""
+    steps: int
+    lr: float
+    batch: int
+    seed: int
+    checkpoint_every: int
+    eval_every: int
+    warmup: int
+    weight_decay: float
+    clip: float
+
+
+def settings_from(args) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
 
 
 class Task:
@@ -93,7 +99,7 @@ class Task:
 
 
 def _lr(step: int, s: Settings) -> float:
-    if step < s.warmup:
+    if step < s.warmup:  # (never with warmup 0)
         return s.lr * (step + 1) / s.warmup
     t = (step - s.warmup) / max(1, s.steps - s.warmup)
     return 0.1 * s.lr + 0.9 * s.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
@@ -246,6 +252,9 @@ def lora_options(steps: int, lr: float, batch: int, rank: int, alpha: float, dro
         Option("eval_every", "int", every, "measure the validation loss (and draw a sample) every N steps", min=1),
         Option("checkpoint_every", "int", every, "save a resumable checkpoint every N steps", min=1),
         Option("seed", "int", 0, "seed of the adapter's first weights, the batches and the dropout", min=0),
+        Option("warmup", "int", 10, "steps over which the learning rate rises to its peak", min=0),
+        Option("weight_decay", "float", 0.0, "AdamW weight decay on the adapter's weights", min=0.0, max=1.0),
+        Option("clip", "float", 1.0, "clip the gradient norm to this (0 = no clipping)", min=0.0),
         Option("threads", "int", 0, "torch CPU threads (0: torch's default)", min=0, max=1024),
     )
 
@@ -262,14 +271,24 @@ def add_flags(parser, **defaults) -> None:
 
 
 def add_options(parser, options) -> None:
-    """Each Option as the flag ``--name-with-dashes`` of an argparse parser, with its default and help."""
+    """Each Option as the flag ``--name-with-dashes`` of an argparse parser, with its default and help; a value
+    is parsed and checked by the Option (its type, range and choices), as the window's form does."""
     for o in options:
         flag = "--" + o.name.replace("_", "-")
         if o.type == "bool":  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[o.type], default=o.default,
-                                choices=o.choices, help=o.help)
+            parser.add_argument(flag, type=_checked(o), default=o.default, choices=o.choices, help=o.help)
+
+
+def _checked(option):
+    def parse(text: str):
+        try:
+            return option.parse(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace(f"Option {option.name} ", "", 1)) from None
+    parse.__name__ = option.type  # argparse names the type in its own messages
+    return parse
 
 
 class DenoiserTask(Task):
@@ -327,7 +346,7 @@ class DenoiserTask(Task):
 
 def parse_command(kind: str, description: str, data_help: str, options, argv) -> "argparse.Namespace":
     """The arguments of ``studio finetune KIND``: --model, --data, --out, the fine-tuner's options, --resume and
-    --json, checked (rank, steps, batch at least 1; lr above 0)."""
+    --json, each option checked by its own range (``add_options``)."""
     import sys
 
     p = argparse.ArgumentParser(prog=f"studio finetune {kind}", description=description)
@@ -338,8 +357,6 @@ def parse_command(kind: str, description: str, data_help: str, options, argv) ->
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if a.rank < 1 or a.steps < 1 or a.batch < 1 or not a.lr > 0:
-        raise UsageError("--rank, --steps and --batch must be at least 1 and --lr above 0.")
     return a
 
 
@@ -465,9 +482,7 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, lambda *_: token.cancel())
     try:
-        recipe = run(task, Settings(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed,
-                                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every),
-                     out, resume=a.resume, cancel=token, report=report)
+        recipe = run(task, settings_from(a), out, resume=a.resume, cancel=token, report=report)
     except KeyboardInterrupt:
         raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
     adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]

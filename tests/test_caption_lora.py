@@ -175,7 +175,8 @@ def test_a_cancelled_caption_finetune_resumes_to_the_same_loss(tmp_path, studio_
 
     entry, data = imported(tmp_path, 6, lambda i: f"w{i} zork")
     a = parse_args(["--model", entry.name, "--data", str(data), "--batch", "3", "--dropout", "0.1"])
-    settings = Settings(steps=6, lr=1e-2, batch=3, checkpoint_every=1, eval_every=2)
+    settings = Settings(steps=6, lr=1e-2, batch=3, seed=0, checkpoint_every=1, eval_every=2, warmup=10,
+                        weight_decay=0.0, clip=1.0)
     want = run(CaptionTask(entry, captioned_images(data), a), settings,
                tmp_path / "straight")
     token = CancelToken()

@@ -169,6 +169,31 @@ def test_a_diverging_finetune_stops_and_keeps_the_checkpoint(tmp_path):
     assert proc.returncode == 1 and "no checkpoint was written yet" in proc.stderr
 
 
+@pytest.mark.parametrize("module", ["plugins.text.finetune", "plugins.image.finetune", "plugins.caption.finetune",
+                                    "plugins.stable_diffusion.finetune"])
+def test_finetune_flags_are_checked_by_their_option_ranges(module, capsys):
+    """Every fine-tuner's flag is parsed by its Option, as the window's form checks it: ``--dropout 5`` was an
+    'unexpected ValueError' from torch, ``--eval-every 0`` a division by zero; the loop's warm-up, weight decay and
+    clipping are flags too, and every value reaches the training Settings."""
+    import importlib
+
+    from engine.finetune import Settings, settings_from
+
+    mod = importlib.import_module(module)
+    base = ["--model", "m", "--data", "d"]
+    for o in mod.OPTIONS:
+        if o.type in ("int", "float") and (o.min is not None or o.max is not None):
+            bad = o.min - 1 if o.min is not None else o.max + 1
+            with pytest.raises(SystemExit) as exit_:
+                mod.parse_args(base + ["--" + o.name.replace("_", "-"), str(bad)])
+            assert exit_.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument --{o.name.replace('_', '-')}: must be at" in err and "Traceback" not in err
+    a = mod.parse_args(base + ["--warmup", "0", "--weight-decay", "0.01", "--clip", "0.5", "--seed", "3"])
+    got = settings_from(a)
+    assert isinstance(got, Settings) and (got.warmup, got.weight_decay, got.clip, got.seed) == (0, 0.01, 0.5, 3)
+
+
 def _cli(home, *args):
     env = dict(os.environ, STUDIO_HOME=str(home), STUDIO_PLUGIN_CHECK="0")
     return subprocess.run([sys.executable, "-m", "studio.cli", *args], env=env, capture_output=True, text=True,
