@@ -109,7 +109,7 @@ async def options(request):
     return JSONResponse({"sd_model_checkpoint": current})
 
 
-async def _images(request, service, body: dict, generator: str, model, image=None):
+async def _images(request, service, body: dict, generator: str, model, image=None, mask=None):
     from starlette.responses import JSONResponse
 
     from engine.outputs import a1111_parameters
@@ -125,7 +125,7 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
     options = _options(service, generator, body)
     images, seeds, infotexts, history_ids = [], [], [], []
     for i in range(count):
-        job = Job(generator, prompt=prompt, image=image, model=model, options=options,
+        job = Job(generator, prompt=prompt, image=image, mask=mask, model=model, options=options,
                   seed=None if seed < 0 else seed + i)
         try:
             finished = await run_job(service, job, request)
@@ -168,7 +168,22 @@ async def img2img(request):
     model = _model(body, service)
     if model:
         generator, model = image_generator(service, model)
-    return await _images(request, service, body, generator, model, image=str(save_input(inits[0])))
+    mask = None
+    if body.get("mask"):  # inpainting: white repaints, unless inpainting_mask_invert; softened by mask_blur pixels
+        invert, blur = _number(body, "inpainting_mask_invert", int, 0), _number(body, "mask_blur", float, 4.0)
+        if invert not in (0, 1) or blur < 0:
+            raise UsageError("inpainting_mask_invert must be 0 or 1 and mask_blur at least 0.")
+        mask = str(save_input(body["mask"], lambda im: _inpaint_mask(im, bool(invert), blur)))
+    return await _images(request, service, body, generator, model, image=str(save_input(inits[0])), mask=mask)
+
+
+def _inpaint_mask(image, invert: bool, blur: float):
+    """A1111's mask as the generator takes it: grey levels, inverted on request, blurred by ``mask_blur``."""
+    from PIL import ImageFilter, ImageOps
+
+    mask = image.convert("L")
+    mask = ImageOps.invert(mask) if invert else mask
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
 
 
 async def interrogate(request):
@@ -186,9 +201,9 @@ async def interrogate(request):
     return JSONResponse({"caption": finished["recipe"].get("text", "")})
 
 
-def save_input(data) -> Path:
+def save_input(data, transform=None) -> Path:
     """A base64 image (with or without a data: prefix) checked by Pillow and kept under the state folder by
-    content hash (so the recipe replays)."""
+    content hash (so the recipe replays); ``transform(image) -> image`` first, when given."""
     from PIL import Image
 
     from engine import state
@@ -202,14 +217,17 @@ def save_input(data) -> Path:
         raw = base64.b64decode(data, validate=False)
         with Image.open(io.BytesIO(raw)) as im:
             im.verify()
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"The image could not be read ({type(exc).__name__}: {exc}).") from None
-    path = state.home() / "inputs" / (hashlib.sha256(raw).hexdigest() + ".png")
-    if not path.exists():
         with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            im = transform(im) if transform else im
             buf = io.BytesIO()
             im.save(buf, format="PNG")
-        atomic_write_bytes(path, buf.getvalue())
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"The image could not be read ({type(exc).__name__}: {exc}).") from None
+    png = buf.getvalue()
+    path = state.home() / "inputs" / (hashlib.sha256(png).hexdigest() + ".png")
+    if not path.exists():
+        atomic_write_bytes(path, png)
     return path
 
 

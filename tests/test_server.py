@@ -288,6 +288,43 @@ def test_jobs_and_history_endpoints(server):
     assert httpx.get(server.url + "/api/history/999999").status_code == 400
 
 
+def test_a1111_img2img_inpaints_with_the_mask(tmp_path, monkeypatch):
+    """webuiapi's img2img with a mask_image inpaints (the mask was ignored: the whole picture was redrawn); the
+    mask is kept as the generator took it (inverted on request, blurred by mask_blur), so the recipe replays."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    import webuiapi
+    from PIL import Image
+
+    from engine.history import History
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from sd_fixtures import save_pipeline
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    save_pipeline(tmp_path / "tiny-sd", "sd1")
+    ModelStore(PluginHost(safe_mode=True, disabled=[]).load()).import_(tmp_path / "tiny-sd")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    with Server() as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port, sampler="Euler a", steps=2)
+        kept = {}
+        for invert in (0, 1):
+            r = api.img2img(images=[image], mask_image=Image.fromarray(mask), inpainting_mask_invert=invert,
+                            mask_blur=2, prompt="a cat", seed=3, width=32, height=32, denoising_strength=0.9,
+                            override_settings={"sd_model_checkpoint": "tiny-sd"})
+            recipe = History().get(r.info["history_ids"][0]).recipe
+            assert recipe["info"]["mode"] == "inpaint"
+            with Image.open(recipe["mask"]["path"]) as m:
+                kept[invert] = np.asarray(m.convert("L"), dtype=int)
+            assert 0 < (kept[invert] % 255).sum()  # blurred: grey levels at the edge
+        assert kept[0][16, 12] == 255 and kept[0][2, 30] == 0 and kept[1][16, 12] == 0 and kept[1][2, 30] == 255
+        r = httpx.post(s.url + "/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["AAAA"],
+                                                          "mask": "AAAA", "inpainting_mask_invert": 2})
+        assert r.status_code == 400 and "inpainting_mask_invert" in r.json()["detail"]
+
+
 def test_token_required_and_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
     with Server(token="s3cret") as s:
