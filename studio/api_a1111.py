@@ -140,7 +140,8 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
         history_ids.append(recipe.get("history_id"))
     count = len(images)
     info = {"prompt": prompt, "all_prompts": [prompt] * count, "seed": seeds[0], "all_seeds": seeds,
-            "sampler_name": SAMPLERS.get(recipe["options"].get("sampler", ""), ""), "steps": recipe["options"].get("steps"),
+            "sampler_name": SAMPLERS.get(recipe["options"].get("sampler", ""), ""),
+            "steps": recipe["options"].get("steps"),
             "cfg_scale": recipe["options"].get("guidance"), "width": recipe.get("width"),
             "height": recipe.get("height"), "sd_model_name": (recipe.get("model") or {}).get("name"),
             "infotexts": infotexts, "history_ids": history_ids}

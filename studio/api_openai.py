@@ -233,15 +233,27 @@ async def images(request):
         raise UsageError(f"n must be from 1 to 8, not {n}.")
     generator, model = image_generator(service, body.get("model"))
     seed = _number(body, "seed", int)
+    options = _size(body.get("size"), {o.name for o in service.host.generator(generator).info.options})
     data = []
     from engine.runner import Job
 
     for i in range(n):
-        job = Job(generator, prompt=prompt, model=model, seed=None if seed is None else seed + i)
+        job = Job(generator, prompt=prompt, model=model, options=dict(options), seed=None if seed is None else seed + i)
         finished = await run_job(service, job, request)
         png = Path(finished["files"][0]).read_bytes()
         data.append({"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": prompt})
     return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def _size(size, options: set) -> dict:
+    """OpenAI's ``size`` ("512x768") as width and height, for a generator that has them (a fixed-size one, such as
+    the 32 x 32 shapes model, makes its own size)."""
+    if size in (None, "", "auto"):
+        return {}
+    w, sep, h = str(size).partition("x")
+    if not (sep and w.isdigit() and h.isdigit()):
+        raise UsageError(f"size must be WIDTHxHEIGHT, such as 512x512, not {size!r}.")
+    return {"width": int(w), "height": int(h)} if {"width", "height"} <= options else {}
 
 
 def image_generator(service, model_name) -> tuple:

@@ -288,7 +288,7 @@ def test_jobs_and_history_endpoints(server):
     assert httpx.get(server.url + "/api/history/999999").status_code == 400
 
 
-def test_a1111_img2img_inpaints_with_the_mask(tmp_path, monkeypatch):
+def test_stable_diffusion_through_the_apis(tmp_path, monkeypatch):
     """webuiapi's img2img with a mask_image inpaints (the mask was ignored: the whole picture was redrawn); the
     mask is kept as the generator took it (inverted on request, blurred by mask_blur), so the recipe replays."""
     pytest.importorskip("diffusers")
@@ -323,6 +323,15 @@ def test_a1111_img2img_inpaints_with_the_mask(tmp_path, monkeypatch):
         r = httpx.post(s.url + "/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["AAAA"],
                                                           "mask": "AAAA", "inpainting_mask_invert": 2})
         assert r.status_code == 400 and "inpainting_mask_invert" in r.json()["detail"]
+        import openai  # OpenAI's size sets a Stable Diffusion model's width and height
+
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
+        out = client.images.generate(model="tiny-sd", prompt="a cat", size="48x32", response_format="b64_json",
+                                     extra_body={"seed": 1})
+        with Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))) as im:
+            assert im.size == (48, 32)
+        with pytest.raises(openai.BadRequestError, match="WIDTHxHEIGHT"):
+            client.images.generate(model="tiny-sd", prompt="a cat", size="large")
 
 
 def test_token_required_and_checked(tmp_path, monkeypatch):
