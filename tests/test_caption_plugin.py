@@ -92,7 +92,7 @@ def test_errors(folder, image, tmp_path):
         run(folder, None)
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    with pytest.raises(UsageError, match="not a PNG"):
+    with pytest.raises(UsageError, match="not an image the studio reads"):
         run(folder, bad)
     with pytest.raises(UsageError, match="no ONNX export"):  # the ONNX backend needs `studio export-onnx` first
         run(folder, image, backend="onnx")
