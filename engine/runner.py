@@ -54,6 +54,7 @@ def job_from_dict(obj) -> Job:
     """A job as JSON gives it (a job file's line, a POST /api/jobs body); UsageError names the first wrong field."""
     if not isinstance(obj, dict):
         raise UsageError("A job is a JSON object, such as {\"generator\": \"text\", \"prompt\": \"ROMEO:\"}.")
+    obj = {k: v for k, v in obj.items() if v is not None}  # a null field is one left out (its default)
     unknown = sorted(set(obj) - set(JOB_KEYS))
     if unknown:
         raise UsageError(f"Unknown job field(s) {', '.join(unknown)}; a job has {', '.join(JOB_KEYS)}.")

@@ -163,6 +163,10 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
                 "system_fingerprint": None,
                 "choices": [{"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}]}
 
+    from starlette.concurrency import run_in_threadpool
+
+    for job in jobs:  # every choice is checked before the first runs (and before a stream starts)
+        await run_in_threadpool(service.validate, job)
     if not body.get("stream"):
         choices, recipes = [], []
         for index, job in enumerate(jobs):
@@ -173,11 +177,6 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
                            if chat else {"text": r.get("text", ""), "index": index, **extra})
         return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
                              "system_fingerprint": None, "choices": choices, "usage": _usage(recipes, n)})
-
-    from starlette.concurrency import run_in_threadpool
-
-    for job in jobs:
-        await run_in_threadpool(service.validate, job)  # a bad request is a 400 before the stream starts
 
     async def events():
         import asyncio

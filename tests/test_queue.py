@@ -282,6 +282,8 @@ def test_a_job_of_the_wrong_types_is_one_sentence(tmp_path, line, words):
     with pytest.raises(UsageError) as info:
         job_from_dict(json.loads(line))
     assert words in str(info.value)
+    assert job_from_dict({"generator": "text", "prompt": "x", "seed": None, "options": None, "loras": None,
+                          "backend": None}) == Job("text", prompt="x")  # null is a field left out
     jobfile = tmp_path / "jobs.jsonl"
     jobfile.write_text(line + "\n")
     jobs, errors = read_jobfile(jobfile)

@@ -201,6 +201,10 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 9})
     assert r.status_code == 400 and "n must be from 1 to 8" in r.json()["error"]["message"]
+    before = len(server.service.queue.list(states=("done", "failed", "cancelled", "queued", "running")))
+    r = httpx.post(url + "/v1/completions", json={"prompt": ["ROMEO:", "x" * 20000], "max_tokens": 2})
+    assert r.status_code == 400 and "characters long" in r.json()["error"]["message"]
+    assert len(server.service.queue.list(states=("done", "failed", "cancelled", "queued", "running"))) == before
     r = httpx.post(url + "/sdapi/v1/interrogate", json={"image": "bm90IGFuIGltYWdl"})
     assert r.status_code == 400 and "could not be read" in r.json()["detail"]
     r = httpx.post(url + "/v1/completions", content=b"x" * (100 << 20), headers={"content-type": "application/json"})
