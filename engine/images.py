@@ -1,8 +1,8 @@
 """Reading user images safely: PNG, JPEG or WebP (also BMP and GIF) of any size and mode -> RGB.
 
-``load_image(source)`` returns an RGB ``PIL.Image``: transparency is composited on white, grayscale,
-palette, CMYK and 16-bit images are converted, EXIF orientation is applied, animated images give their
-first frame. A file that is missing, not an image, truncated or too large (a decompression bomb) raises
+``load_image(source)`` returns an RGB ``PIL.Image`` (``load_mask``: an inpainting mask): transparency is
+composited on white, grayscale, palette, CMYK and 16-bit images are converted, EXIF orientation is applied,
+animated images give their first frame. A file that is missing, not an image, truncated or too large (a decompression bomb) raises
 ``engine.errors.UsageError`` with one sentence. ``to_pixel_values`` resizes and normalises an image into
 a ``numpy`` array ``(1, 3, H, W)`` for a vision encoder (usable by the torch and ONNX backends alike).
 """
@@ -26,10 +26,27 @@ Source = Union[str, Path, bytes, "PIL.Image.Image"]
 
 def load_image(source: Source, max_pixels: int = MAX_PIXELS):
     """An RGB image from a path, raw bytes or a PIL image; UsageError when it cannot be read safely."""
+    return _to_rgb(_open(source, max_pixels))
+
+
+def load_mask(source: Source, max_pixels: int = MAX_PIXELS):
+    """An inpainting mask (an ``L`` image, white = repaint) read as safely as ``load_image``. A mask with real
+    transparency is its alpha channel (the painted strokes repaint), as AUTOMATIC1111 reads one; any other is
+    its grey level."""
+    image = _open(source, max_pixels)
+    if _has_alpha(image):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    return _to_rgb(image).convert("L")
+
+
+def _open(source: Source, max_pixels: int):
+    """The decoded image of a path or bytes (EXIF orientation applied), or a PIL image as it is."""
     from PIL import Image, ImageOps
 
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
+        return source
     name = "the image" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)):
         path = Path(source)
@@ -63,7 +80,7 @@ def load_image(source: Source, max_pixels: int = MAX_PIXELS):
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
             reason = "truncated" if "truncat" in str(exc).lower() else "corrupt or truncated"
             raise UsageError(f"{_cap(name)} is {reason} and cannot be decoded; save it again or use another file.") from None
-    return _to_rgb(image)
+    return image
 
 
 def check_still(path) -> None:
@@ -100,12 +117,16 @@ def _to_rgb(image):
         elif top > 255:
             arr = arr / 257.0  # 16-bit samples
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in image.info)
-    if has_alpha:
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
 
 
 def to_pixel_values(image, size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

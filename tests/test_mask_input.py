@@ -91,3 +91,34 @@ def test_window_paints_a_mask_for_generators_that_take_one(qtbot, studio_home, t
     qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=rect.center())
     job = panel.job()
     assert job.mask and Image.open(job.mask).getpixel((8, 8)) == 255 and Image.open(job.mask).getpixel((0, 0)) == 0
+
+
+def test_load_mask_reads_masks_as_the_studio_reads_images(tmp_path):
+    """engine.images.load_mask: a mask with real transparency is its alpha (strokes painted on a transparent
+    layer repaint), as AUTOMATIC1111 reads one; an opaque one is its grey level; EXIF orientation is applied as
+    for the image it goes with; a broken file is one sentence."""
+    import io
+
+    import numpy as np
+
+    from engine.images import load_image, load_mask
+
+    strokes = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), (0, 0, 3, 6))
+    strokes.save(tmp_path / "strokes.png")
+    got = np.asarray(load_mask(tmp_path / "strokes.png"))
+    assert got.shape == (6, 8) and got[:, :3].min() == 255 and got[:, 3:].max() == 0
+    opaque = Image.new("RGBA", (8, 6), (255, 255, 255, 255))  # an alpha channel that hides nothing
+    opaque.paste((0, 0, 0, 255), (4, 0, 8, 6))
+    assert np.array_equal(np.asarray(load_mask(opaque)), np.asarray(opaque.convert("L")))
+    grey = Image.new("L", (8, 6), 0)
+    grey.paste(255, (0, 0, 8, 2))
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turned 90 degrees clockwise to show
+    grey.save(buf, format="JPEG", exif=exif, quality=100)
+    turned = load_mask(buf.getvalue())
+    assert turned.size == (6, 8) and turned.size == load_image(buf.getvalue()).size
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UsageError, match="not an image the studio reads"):
+        load_mask(tmp_path / "bad.png")

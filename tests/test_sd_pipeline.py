@@ -150,6 +150,38 @@ def test_import_generate_replay_and_refusals(tmp_path, studio_home):
     assert json.loads(cli.stdout.splitlines()[-1])["path"].endswith(".png")
 
 
+def test_inputs_are_read_as_the_studio_reads_images(tmp_path, studio_home):
+    """Stable Diffusion reads its input image and mask as every image the studio reads (engine.images): a
+    transparent input is drawn on white (PIL's plain convert made it black where it was clear), strokes painted on a
+    transparent layer are the mask (their alpha), and a photo's EXIF orientation is applied."""
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
+    from engine.store import ModelStore
+
+    save_pipeline(tmp_path / "tiny-sd", "sd1")
+    host = PluginHost(safe_mode=True, disabled=[]).load()
+    store = ModelStore(host)
+    store.import_(tmp_path / "tiny-sd")
+    image, mask = scene()
+    clear = image.convert("RGBA")
+    clear.putalpha(Image.fromarray(np.where(np.asarray(mask) > 0, 0, 255).astype(np.uint8)))  # a hole
+    on_white = Image.alpha_composite(Image.new("RGBA", clear.size, (255, 255, 255, 255)), clear).convert("RGB")
+    strokes = Image.new("RGBA", mask.size, (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), mask=mask)
+    for name, im in (("clear.png", clear), ("on_white.png", on_white), ("mask.png", mask),
+                     ("strokes.png", strokes)):
+        im.save(tmp_path / name)
+
+    def picture(image, mask):
+        job = Job("sd", model="tiny-sd", prompt="a red cat", seed=5, image=str(tmp_path / image),
+                  mask=str(tmp_path / mask), options={"width": 32, "height": 32, "steps": 2, "sampler": "ddim"})
+        return np.asarray(execute(prepare(host, store, job)).result.image)
+
+    want = picture("on_white.png", "mask.png")
+    assert np.array_equal(picture("clear.png", "mask.png"), want)
+    assert np.array_equal(picture("on_white.png", "strokes.png"), want)
+
+
 def _kohya_file(path, unet, text, rng):
     """A kohya-format LoRA on some U-Net attention and feed-forward layers and a 1x1-convolution proj_in (the keys
     AUTOMATIC1111 and kohya's trainer write)."""

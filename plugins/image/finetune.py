@@ -50,6 +50,7 @@ class ImageTask(DenoiserTask):
         from PIL import Image
 
         from engine.diffusion.schedulers.common import alphas_cumprod
+        from engine.images import load_image
         from plugins.image import model as M
         from plugins.image.pipeline import coord_maps
 
@@ -62,11 +63,10 @@ class ImageTask(DenoiserTask):
         images, ids, unknown, h = [], [], set(), hashlib.sha256()
         self.captions = [caption for _, caption in pairs]
         for path, caption in list(pairs) + list(prior):
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (S, S):
-                    im = im.resize((S, S), Image.Resampling.BICUBIC)
-                images.append(np.asarray(im))
+            im = load_image(path)  # EXIF turned, transparency on white, as everywhere
+            if im.size != (S, S):
+                im = im.resize((S, S), Image.Resampling.BICUBIC)
+            images.append(np.asarray(im))
             e = enc.encode(caption)
             unknown.update(e.unknown)
             ids.append(e.ids)

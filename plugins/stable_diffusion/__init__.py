@@ -45,6 +45,7 @@ INFO = GeneratorInfo(
 def generate(request, context):
     from PIL import Image
 
+    from engine.images import load_image, load_mask
     from plugins.stable_diffusion.pipeline import check_size, run
 
     ref = request.model
@@ -53,25 +54,14 @@ def generate(request, context):
     opts = request.options
     check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
     sd = context.loaded("sd", request, lambda: _load(request))
-    image = _open(request.image, "input image") if request.image else None
-    mask = _open(request.mask, "mask") if request.mask else None
+    image = load_image(request.image) if request.image else None  # as every image the studio reads
+    mask = load_mask(request.mask) if request.mask else None
     notes = []
     if image is not None and mask is not None and mask.size != image.size:
         notes.append(f"The mask is {mask.size[0]}x{mask.size[1]} and the image {image.size[0]}x{image.size[1]}; "
                      "the mask was resized to the image.")
         mask = mask.resize(image.size, Image.Resampling.LANCZOS)
     yield from run(sd, request.prompt or "", opts, request.seed, image, mask, context.cancel, notes)
-
-
-def _open(path, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"The {what} {Path(path).name} cannot be read as an image ({exc}).") from None
 
 
 def _load(request):

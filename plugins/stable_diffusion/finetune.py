@@ -55,9 +55,8 @@ class SDTask(DenoiserTask):
 
         import numpy as np
         import torch
-        from PIL import Image
-
         from engine.diffusion.schedulers.common import alphas_cumprod
+        from engine.images import load_image
         from plugins.stable_diffusion.model import load
         from plugins.stable_diffusion.pipeline import check_size, default_size, pixels
         from plugins.stable_diffusion.prompts import chunks
@@ -79,8 +78,7 @@ class SDTask(DenoiserTask):
         self.captions = [caption for _, caption in pairs]
         vae = self.sd.vae
         for path, caption in pairs:
-            with Image.open(path) as im:
-                im = square(im, size)
+            im = square(load_image(path), size)  # EXIF turned, transparency on white, as everywhere
             with torch.no_grad():
                 mean, _ = vae.encode(torch.from_numpy(pixels(im, size, size)).to(device))
             latents.append(mean[0].float().cpu() * vae.config.scaling_factor)
