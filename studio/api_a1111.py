@@ -179,10 +179,13 @@ async def img2img(request):
 
 
 def _inpaint_mask(image, invert: bool, blur: float):
-    """A1111's mask as the generator takes it: grey levels, inverted on request, blurred by ``mask_blur``."""
+    """A1111's mask as the generator takes it: read as every mask (engine.images.load_mask: its alpha when it has
+    real transparency, else its grey levels), inverted on request, blurred by ``mask_blur``."""
     from PIL import ImageFilter, ImageOps
 
-    mask = image.convert("L")
+    from engine.images import load_mask
+
+    mask = load_mask(image)
     mask = ImageOps.invert(mask) if invert else mask
     return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
 
