@@ -92,7 +92,7 @@ def load_messages_file(path) -> tuple:
     """A JSON file: a list of messages, or an object with a ``messages`` list (as OpenAI requests have)."""
     p = Path(path).expanduser()
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise UsageError(f"Messages file {path} does not exist.") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:

@@ -26,7 +26,7 @@ def read_documents(path: Path) -> dict:
     docs = {}
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{f} cannot be read as UTF-8 text ({exc}).") from None
         if text.strip():
@@ -49,7 +49,7 @@ def read_pairs(folder: Path) -> tuple:
         cap = img.with_suffix(".txt")
         if cap.is_file():
             try:
-                pairs.append((img, cap.read_text(encoding="utf-8").strip()))
+                pairs.append((img, cap.read_text(encoding="utf-8-sig").strip()))
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(f"The caption {cap} cannot be read as UTF-8 text ({exc}).") from None
         else:

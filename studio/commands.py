@@ -98,6 +98,19 @@ def _prompt_from_caption(args, host, store, settings) -> str:
     return text
 
 
+def read_prompt_file(path) -> list:
+    """(line number, prompt) for each non-empty line of a UTF-8 text file (a byte-order mark, as Windows editors
+    write one, is not part of the first prompt); UsageError when it cannot be read or holds no prompt."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"Cannot read prompt file {path} ({exc}).") from None
+    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not prompts:
+        raise UsageError(f"Prompt file {path} has no non-empty lines.")
+    return prompts
+
+
 def _jobs(args, settings) -> list:
     options = _parse_sets(args.sets)
     backend = args.backend or settings.backend
@@ -106,13 +119,7 @@ def _jobs(args, settings) -> list:
     if args.prompt_file:
         if args.prompt is not None:
             raise UsageError("Give --prompt or --prompt-file, not both.")
-        try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"Cannot read prompt file {args.prompt_file} ({exc}).") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"Prompt file {args.prompt_file} has no non-empty lines.")
+        prompts = [prompt for _, prompt in read_prompt_file(args.prompt_file)]
     images = args.image or [None]
     prompts = prompts or [None]
     messages = None

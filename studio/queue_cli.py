@@ -237,7 +237,7 @@ def read_jobfile(path: Path) -> tuple:
     from engine.runner import job_from_dict
 
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"Cannot read job file {path} ({exc}).") from None
     jobs, errors = [], []
@@ -255,7 +255,7 @@ def cmd_batch(args) -> int:
     from engine import state
     from engine.runner import Job
     from engine.store import ModelStore
-    from studio.commands import _host, _parse_sets, _print_json
+    from studio.commands import _host, _parse_sets, _print_json, read_prompt_file
 
     if sum(map(bool, (args.jobfile, args.prompt_file, args.folder))) != 1:
         raise UsageError("Give a job file, --prompt-file or --folder (one of them).")
@@ -268,15 +268,11 @@ def cmd_batch(args) -> int:
                     for n, path in enumerate(folder_images(args.folder), 1)]
         errors = []
     else:
-        try:
-            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"Cannot read prompt file {args.prompt_file} ({exc}).") from None
         settings, options = state.load_settings(), _parse_sets(args.sets)
-        numbered = [(n, Job(args.generator, prompt=line.strip(), model=args.model, backend=settings.backend,
+        numbered = [(n, Job(args.generator, prompt=prompt, model=args.model, backend=settings.backend,
                             device=settings.device, seed=None if args.seed is None else args.seed + i,
                             options=options))
-                    for i, (n, line) in enumerate((n, s) for n, s in enumerate(lines, 1) if s.strip())]
+                    for i, (n, prompt) in enumerate(read_prompt_file(args.prompt_file))]
         errors = []
     host = _host()
     store = ModelStore(host)

@@ -212,3 +212,30 @@ def test_an_unknown_onnx_variant_is_named_not_silently_ignored(monkeypatch, capl
     monkeypatch.setenv("STUDIO_ONNX_VARIANT", "int3")
     assert choose_export(tmp_path) is None
     assert "STUDIO_ONNX_VARIANT='int3' is not one of fp32, int8, int4" in caplog.text
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_their_text(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it was the first character of the first prompt
+    of a prompt file and of a caption or training text, and made a messages file or a job file invalid JSON."""
+    from PIL import Image
+
+    from engine.chat import load_messages_file
+    from engine.datasets import read_documents, read_pairs
+    from studio.commands import read_prompt_file
+    from studio.queue_cli import read_jobfile
+
+    bom = "\ufeff"
+    (tmp_path / "prompts.txt").write_text(bom + "ROMEO:\n\n  JULIET:  \n", encoding="utf-8")
+    assert read_prompt_file(tmp_path / "prompts.txt") == [(1, "ROMEO:"), (3, "JULIET:")]
+    (tmp_path / "chat.json").write_text(bom + '[{"role": "user", "content": "hi"}]', encoding="utf-8")
+    assert load_messages_file(tmp_path / "chat.json")[0].content == "hi"
+    (tmp_path / "jobs.jsonl").write_text(bom + '{"generator": "text", "prompt": "x"}\n', encoding="utf-8")
+    jobs, errors = read_jobfile(tmp_path / "jobs.jsonl")
+    assert errors == [] and jobs[0][1].prompt == "x"
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (data / "a.txt").write_text(bom + "a red circle", encoding="utf-8")
+    (data / "b.txt").write_text(bom + "To be", encoding="utf-8")
+    assert read_pairs(data)[0] == [(data / "a.png", "a red circle")]
+    assert read_documents(data)["b.txt"] == "To be"
