@@ -93,7 +93,9 @@ def recorded_history_id(history_path: Path, tag: str) -> Optional[int]:
 def output_path(out_dir: Path, tag: str, generator: str, makes: str) -> Path:
     """The output file of a queue job: fixed by the job, so a restart finds (and discards) a partial one."""
     token, _, job_id = tag.partition(":")
-    ext = {"image": "png", "audio": "wav"}.get(makes, "txt")
+    from engine.outputs import SUFFIXES
+
+    ext = SUFFIXES.get(makes, "txt")
     return Path(out_dir) / f"queue-{token}-{job_id}-{generator}.{ext}"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from engine.errors import StateError, UsageError
 
+SUFFIXES = {"image": "png", "audio": "wav", "text": "txt"}  # an output's default file suffix, by what it makes
+
 
 def _umask() -> int:
     """The process's umask (read without changing it where /proc says it)."""

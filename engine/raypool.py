@@ -2,7 +2,8 @@
 
 Ray is optional (``pip install -e '.[ray]'``) and imported only here, only when asked for. No shared filesystem
 is assumed: a job's model folder travels through Ray's object store once per content hash (each worker keeps a
-copy under its own cache folder, named by that hash) and input images travel as bytes. A worker runs the job
+copy under its own cache folder, named by that hash) and input files (image, mask, LoRA files and adapter folders)
+travel as bytes. A worker runs the job
 with ``engine.runner.prepare``/``execute`` (the one generation path), writes nothing to its own history and sends
 the output bytes back; the submitting machine writes the output file and the history row as each result
 arrives (``record``), so a job is recorded once, by the submitter. A worker that dies mid-job is replaced and the
@@ -64,6 +65,53 @@ def pack_folder(folder: Path) -> dict:
             if p.is_file() and "__pycache__" not in p.parts}
 
 
+def pack_input(path: str) -> tuple:
+    """An input file or folder (an image, a mask, a LoRA file or PEFT adapter folder) as (content hash, name,
+    {path under its name: bytes}), which ``unpack_input`` writes again on a worker."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    files = {path.name: path.read_bytes()} if path.is_file() else {
+        f"{path.name}/{rel}": data for rel, data in pack_folder(path).items()}
+    h = hashlib.sha256()
+    for rel, data in sorted(files.items()):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest(), path.name, files
+
+
+def unpack_input(root: Path, packed: tuple) -> str:
+    """The local path of a packed input under ``root`` (written once per content hash)."""
+    digest, name, files = packed
+    folder = Path(root) / "inputs" / digest
+    if not (folder / name).exists():
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+    return str(folder / name)
+
+
+def ship_inputs(job: dict) -> tuple:
+    """(the job without local input paths, its inputs as bytes): image, mask and LoRAs."""
+    from engine.runner import split_lora
+
+    inputs = {key: pack_input(job[key]) for key in ("image", "mask") if job.get(key)}
+    loras = []
+    for spec in job.get("loras") or ():
+        path, weight = split_lora(spec)
+        loras.append((pack_input(path), weight))
+    return {**job, "image": None, "mask": None, "loras": []}, {"files": inputs, "loras": loras}
+
+
+def unship_inputs(job: dict, inputs: dict, root: Path) -> dict:
+    """The job with its inputs written under ``root`` (a worker's folder) in place of the submitter's paths."""
+    job = dict(job)
+    for key, packed in inputs["files"].items():
+        job[key] = unpack_input(root, packed)
+    job["loras"] = [unpack_input(root, packed) + ("" if weight is None else f":{weight}")
+                    for packed, weight in inputs["loras"]]
+    return job
+
+
 class Worker:
     """One actor: its own state folder and model cache; jobs run through the runner like anywhere else."""
 
@@ -91,30 +139,24 @@ class Worker:
             complete.write_text(digest)
         return str(folder)
 
-    def run(self, job: dict, model: Optional[tuple], image: Optional[tuple]) -> dict:
-        """``model``: (name, hash, ObjectRef of its files) or None; ``image``: (sha256, suffix, bytes) or None.
+    def run(self, job: dict, model: Optional[tuple], inputs: dict) -> dict:
+        """``model``: (name, hash, ObjectRef of its files) or None; ``inputs``: from ``ship_inputs``.
         Returns the recipe, the output's suffix and bytes."""
         import ray
 
         from engine.generators import Context
+        from engine.outputs import SUFFIXES
         from engine.runner import Job, execute, prepare
 
-        job = dict(job)
+        job = unship_inputs(job, inputs, self.root)
         if model is not None:
             name, digest, ref = model
             job["model"] = self._model(name, digest, ray.get(ref))
-        if image is not None:
-            digest, suffix, data = image
-            path = self.root / "inputs" / (digest + suffix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                path.write_bytes(data)
-            job["image"] = str(path)
         prep = prepare(self.host, self.store, Job(**job))
-        ext = {"image": ".png", "audio": ".wav"}.get(prep.generator.info.makes, ".txt")
+        ext = "." + SUFFIXES.get(prep.generator.info.makes, "txt")
         out = self.root / "out" / f"job{ext}"
         record = execute(prep, Context(cache=self.cache), out_path=out, history=False)
-        return {"recipe": record.recipe, "suffix": ext, "data": out.read_bytes()}
+        return {"recipe": record.recipe, "makes": prep.generator.info.makes, "data": out.read_bytes()}
 
 
 class RayPool:
@@ -130,9 +172,7 @@ class RayPool:
         self.retries = 0  # jobs sent again because their worker died
 
     def ship(self, job: dict, generator_families: bool, default_model) -> tuple:
-        """(job without local paths, model to ship, image to ship)."""
-        from engine.outputs import sha256_file
-
+        """(job without local paths, model to ship, inputs to ship)."""
         model = None
         if generator_families:
             entry = self.store.get(job["model"]) if job.get("model") else default_model
@@ -140,18 +180,15 @@ class RayPool:
                 if entry.hash not in self._models:
                     self._models[entry.hash] = self.ray.put(pack_folder(entry.path))
                 model = (entry.name, entry.hash, self._models[entry.hash])
-        image = None
-        if job.get("image"):
-            path = Path(job["image"]).expanduser()
-            image = (sha256_file(path), path.suffix.lower(), path.read_bytes())
-        return {**job, "model": None, "image": None}, model, image
+        job, inputs = ship_inputs(job)
+        return {**job, "model": None}, model, inputs
 
     def pids(self) -> list:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
     def run(self, items: list, on_result: Callable[[int, dict], None],
             on_error: Callable[[int, BaseException], None]) -> None:
-        """``items``: [(job dict, model, image)] from ``ship``."""
+        """``items``: [(job dict, model, inputs)] from ``ship``."""
         ray = self.ray
         pending = list(range(len(items)))
         attempts = [0] * len(items)
@@ -196,16 +233,32 @@ class RayPool:
                 pass
 
 
+def local_inputs(recipe: dict, job: dict) -> dict:
+    """A worker's recipe with its inputs named as on this machine (the worker's copies are in a folder that goes
+    with it): the image and mask kept in this studio's state folder, the LoRAs at the paths the job gave."""
+    from engine.recipe import keep_input
+    from engine.runner import split_lora
+
+    for key in ("image", "mask"):
+        if recipe.get(key) and job.get(key):
+            here = keep_input(Path(job[key]).expanduser())
+            if here["sha256"] == recipe[key].get("sha256"):
+                recipe[key] = here
+    loras = [str(Path(split_lora(spec)[0]).expanduser().resolve()) for spec in job.get("loras") or ()]
+    if loras and len(loras) == len(recipe.get("loras") or ()):
+        recipe["loras"] = [{**entry, "path": path} for entry, path in zip(recipe["loras"], loras)]
+    return recipe
+
+
 def record(queue, job_id: int, result: dict, history, out_dir: Path) -> dict:
     """Write a Ray worker's result on this machine: the output under the queue job's name and the history row
     tagged with the job. Returns the ``finished`` message (the caller marks the job done)."""
     from engine.jobsave import TaggedHistory, output_path
     from engine.outputs import atomic_write_bytes, sha256_file
 
-    recipe = dict(result["recipe"])
+    recipe = local_inputs(dict(result["recipe"]), queue.get(job_id).job)
     tag = queue.tag(job_id)
-    makes = {".png": "image", ".wav": "audio"}.get(result["suffix"], "text")
-    path = atomic_write_bytes(output_path(out_dir, tag, recipe["generator"], makes), result["data"])
+    path = atomic_write_bytes(output_path(out_dir, tag, recipe["generator"], result["makes"]), result["data"])
     recipe["path"] = str(path.resolve())
     recipe["worker"] = "ray"
     history_id = TaggedHistory(history, tag).add(recipe, [{"path": str(path.resolve()), "sha256": sha256_file(path)}])

@@ -22,8 +22,11 @@ def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
     found = out_mod.sha256_file(path) if path.is_file() else None
     if digest is None or found == digest:
         return str(path)
-    kept = Path(recorded["kept"]) if recorded.get("kept") else kept_input(digest, path.suffix)
-    if kept.is_file() and out_mod.sha256_file(kept) == digest:
+    candidates = [Path(recorded["kept"])] if recorded.get("kept") else []
+    candidates.append(kept_input(digest, Path(recorded.get("kept") or path).suffix))  # this studio's own copy (a
+    # recipe made on another machine, such as a Ray worker, names that machine's)
+    kept = next((c for c in candidates if c.is_file() and out_mod.sha256_file(c) == digest), None)
+    if kept is not None:
         why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
         notes.append(f"the input {path} {why}; the copy the studio kept of the original was used")
         return str(kept)

@@ -272,16 +272,23 @@ def adapter_weights(path: Path) -> Path:
     return path / "adapter_model.safetensors" if path.is_dir() else path
 
 
-def adapter_ref(spec: str) -> AdapterRef:
-    """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file)."""
-    path, weight = str(spec), 1.0
-    head, sep, tail = path.rpartition(":")
+def split_lora(spec: str) -> tuple:
+    """``PATH[:WEIGHT]`` -> (path, weight as written, or None when not given); a ':' that is part of the path
+    stays in it."""
+    head, sep, tail = str(spec).rpartition(":")
     if sep and head:
         try:
-            weight = float(tail)
-            path = head
+            float(tail)
+            return head, tail
         except ValueError:
-            pass  # a ':' that is part of the path
+            pass
+    return str(spec), None
+
+
+def adapter_ref(spec: str) -> AdapterRef:
+    """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file)."""
+    path, written = split_lora(spec)
+    weight = 1.0 if written is None else float(written)
     if not -10.0 <= weight <= 10.0:
         raise UsageError(f"A LoRA weight must lie between -10 and 10, not {weight:g} ({spec}).")
     file = Path(path).expanduser()
@@ -294,8 +301,8 @@ def adapter_ref(spec: str) -> AdapterRef:
 def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:
     """``<time>-<generator>-<seed>.<ext>`` in ``out_dir``; engine.commit adds a number when the name is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(recipe["created"]))
-    ext = "png" if result.image is not None else ("wav" if result.audio is not None else "txt")
-    return out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}.{ext}"
+    makes = "image" if result.image is not None else ("audio" if result.audio is not None else "text")
+    return out_dir / f"{stamp}-{recipe['generator']}-{recipe['seed']}.{out_mod.SUFFIXES[makes]}"
 
 
 def renderer(result: Result, recipe: dict) -> Callable:

@@ -307,3 +307,41 @@ def test_one_list_of_image_files_for_every_folder_of_images(tmp_path):
     assert [Path(p).name for p in folder_images(tmp_path)] == names
     assert [p.name for p, _ in read_pairs(tmp_path)[0]] == names
     assert sorted(p.name for p in plan_folder(tmp_path, overwrite=True).todo) == names
+
+
+def test_ray_jobs_carry_every_input_file(tmp_path):
+    """A job sent to a Ray worker (no shared filesystem) carries its image, its mask and its LoRAs (a file with a
+    weight, a PEFT folder) as bytes; the worker writes them under its own folder and runs the same job. The mask and
+    the LoRAs kept the submitter's paths before, which do not exist on another machine."""
+    from engine.raypool import ship_inputs, unship_inputs
+    from engine.runner import adapter_ref
+
+    (tmp_path / "in.png").write_bytes(b"png bytes")
+    (tmp_path / "mask.png").write_bytes(b"mask bytes")
+    (tmp_path / "style.safetensors").write_bytes(b"lora bytes")
+    peft = tmp_path / "my-adapter"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    (peft / "adapter_model.safetensors").write_bytes(b"peft bytes")
+    job = {"generator": "sd", "prompt": "a cat", "image": str(tmp_path / "in.png"), "mask": str(tmp_path / "mask.png"),
+           "loras": [str(tmp_path / "style.safetensors") + ":0.8", str(peft)], "seed": 1}
+    sent, inputs = ship_inputs(job)
+    assert sent["image"] is None and sent["mask"] is None and sent["loras"] == [] and sent["seed"] == 1
+    worker = tmp_path / "worker"
+    got = unship_inputs(sent, inputs, worker)
+    assert Path(got["image"]).read_bytes() == b"png bytes" and Path(got["mask"]).read_bytes() == b"mask bytes"
+    assert all(str(worker) in p for p in (got["image"], got["mask"], *got["loras"]))
+    here, there = [adapter_ref(s) for s in job["loras"]], [adapter_ref(s) for s in got["loras"]]
+    assert [(a.name, a.sha256, a.weight) for a in here] == [(a.name, a.sha256, a.weight) for a in there]
+    assert unship_inputs(sent, inputs, worker) == got  # written once per content
+    # the recipe the worker sends back names this machine's files, so a replay here finds them (the worker's
+    # copies go with it)
+    from engine.raypool import local_inputs
+    from engine.recipe import keep_input
+
+    theirs = {key: {**keep_input(Path(got[key])), "path": "/elsewhere/x.png", "kept": "/elsewhere/k.png"}
+              for key in ("image", "mask")}
+    recipe = local_inputs({**theirs, "loras": [a.to_dict() for a in there]}, job)
+    assert recipe["image"]["path"] == str((tmp_path / "in.png").resolve()) and Path(recipe["mask"]["kept"]).is_file()
+    assert [entry["path"] for entry in recipe["loras"]] == [str(tmp_path / "style.safetensors"), str(peft)]
+    assert local_inputs({"text": "x"}, {"generator": "text"}) == {"text": "x"}
