@@ -150,7 +150,12 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
     from starlette.responses import JSONResponse, StreamingResponse
 
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created, model_name = int(time.time()), body.get("model") or jobs[0].generator
+    from starlette.concurrency import run_in_threadpool
+
+    # every choice is checked before the first runs (and before a stream starts)
+    prepared = [await run_in_threadpool(service.validate, job) for job in jobs]
+    model = prepared[0].request.model
+    created, model_name = int(time.time()), model.name if model else (body.get("model") or jobs[0].generator)
     n = _number(body, "n", int, 1)
 
     def chunk(index, piece=None, finish=None, role=False) -> dict:
@@ -163,10 +168,6 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
                 "system_fingerprint": None,
                 "choices": [{"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}]}
 
-    from starlette.concurrency import run_in_threadpool
-
-    for job in jobs:  # every choice is checked before the first runs (and before a stream starts)
-        await run_in_threadpool(service.validate, job)
     if not body.get("stream"):
         choices, recipes = [], []
         for index, job in enumerate(jobs):

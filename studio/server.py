@@ -79,10 +79,11 @@ class Service:
             loop.call_soon_threadsafe(q.put_nowait, msg)
 
     # ----- jobs ---------------------------------------------------------------------------------
-    def validate(self, job) -> None:
+    def validate(self, job):
+        """The job checked as the worker will run it (``engine.runner.Prepared``); UsageError / ModelError."""
         from engine.runner import prepare
 
-        prepare(self.host, self.store, job)
+        return prepare(self.host, self.store, job)
 
     def submit(self, job, loop) -> tuple:
         """Validate and queue a job for the server's own worker; returns (job id, its message queue)."""
@@ -289,8 +290,36 @@ def serve(args) -> int:
                          "set STUDIO_API_TOKEN.")
     if not 0 < args.port < 65536:
         raise UsageError(f"The port must be from 1 to 65535, not {args.port}.")
+    sock = listen_socket(args.host, args.port)  # before anything else: a port in use is one line, not a traceback
     service = Service(args.ray) if args.ray else None  # joins the cluster now: a bad address is one line
     print(f"studio serve: listening on http://{args.host}:{args.port} "
           f"({'token required' if token else 'no token: this machine only'})", flush=True)
-    uvicorn.run(create_app(token, service=service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(token, service=service), log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def listen_socket(host: str, port: int):
+    """A socket bound to ``host:port`` (uvicorn listens on it); UsageError in one sentence when it cannot be."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"The host {host!r} is not a name or address this machine knows ({exc.strerror}); use "
+                         "127.0.0.1, 0.0.0.0 or one of its addresses.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"Port {port} on {host} is already in use (another `studio serve`, or another "
+                             "program); stop it or choose another --port.") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"This user may not listen on port {port}; use a port from 1024 up.") from None
+        raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); use 127.0.0.1, 0.0.0.0 or one "
+                         "of this machine's addresses.") from None
+    sock.set_inheritable(True)
+    return sock

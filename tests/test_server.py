@@ -107,6 +107,8 @@ def test_openai_client_several_choices_and_content_parts(server):
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
     assert [c.text for c in both.choices] == alone  # choice p * n + k is prompt p with seed + k, as alone
     assert both.usage.completion_tokens == 16 and both.system_fingerprint is None
+    unnamed = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 2}).json()
+    assert unnamed["model"] == "shakespeare-llama"  # the model that ran (the generator's id was answered)
     if not server.service.has_generator("chat"):
         return
     plain = client.chat.completions.create(
@@ -358,3 +360,19 @@ def test_refuses_other_interface_without_token(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("STUDIO_API_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--port", "7999"]) == 2
     assert "needs a bearer token" in capsys.readouterr().err
+
+
+def test_a_port_in_use_or_a_strange_host_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """`studio serve` said it was listening, then uvicorn printed an error and the exit status was 3."""
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr()
+    assert f"Port {port} on 127.0.0.1 is already in use" in err.err and "listening" not in err.out
+    assert main(["serve", "--host", "no-such-host.invalid", "--token", "t"]) == 2
+    assert "is not a name or address this machine knows" in capsys.readouterr().err
