@@ -31,7 +31,22 @@ def routes() -> list:
             Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
             Route("/sdapi/v1/progress", progress, methods=["GET"]),
             Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
+            *[Route(path, _constant(value), methods=[method]) for path, method, value in NOTHING],
             Route("/sdapi/v1/options", options, methods=["GET", "POST"])]
+
+
+# what the studio has none of, answered as A1111 answers with none, for clients that list them when they connect
+NOTHING = (("/sdapi/v1/sd-vae", "GET", []), ("/sdapi/v1/upscalers", "GET", []), ("/sdapi/v1/prompt-styles", "GET", []),
+           ("/sdapi/v1/embeddings", "GET", {"loaded": {}, "skipped": {}}),
+           ("/sdapi/v1/refresh-checkpoints", "POST", None))
+
+
+def _constant(value):
+    async def answer(request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(value)
+    return answer
 
 
 def _sampler(name) -> str:

@@ -167,6 +167,9 @@ def test_webuiapi_txt2img_and_interrogate(server):
     samplers = {s["name"] for s in api.get_samplers()}
     assert {"DDIM", "Euler"} <= samplers
     assert {"Automatic", "Karras"} <= {s["label"] for s in api.get_schedulers()}
+    assert api.get_sd_vae() == [] and api.get_upscalers() == [] and api.get_prompt_styles() == []  # none here
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    api.refresh_checkpoints()
     # A1111 1.9+ sends the schedule apart from the sampler: DPM++ 2M + Karras is DPM++ 2M Karras
     split = api.txt2img(prompt="a red circle", seed=2, steps=4, sampler_name="DPM++ 2M", scheduler="Karras",
                         batch_size=2)
