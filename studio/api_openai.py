@@ -77,7 +77,9 @@ def _text_options(body: dict, default_max: int) -> dict:
         raise UsageError("best_of must be 1 here.")
     opts = {"max_new_tokens": _number(body, "max_tokens", int, default_max),
             "temperature": _number(body, "temperature", float, 1.0),
-            "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop"))}
+            "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop")),
+            "presence_penalty": _number(body, "presence_penalty", float, 0.0),
+            "frequency_penalty": _number(body, "frequency_penalty", float, 0.0)}
     if body.get("max_completion_tokens") is not None:
         opts["max_new_tokens"] = _number(body, "max_completion_tokens", int)
     if opts["temperature"] == 0:

@@ -109,6 +109,14 @@ def test_openai_client_several_choices_and_content_parts(server):
     assert both.usage.completion_tokens == 16 and both.system_fingerprint is None
     unnamed = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 2}).json()
     assert unnamed["model"] == "shakespeare-llama"  # the model that ran (the generator's id was answered)
+    penalised = httpx.post(server.url + "/v1/completions", json={
+        "prompt": "KING:", "max_tokens": 2, "presence_penalty": 0.5, "frequency_penalty": 1.0}).json()
+    from engine.history import History  # the penalties are used (they were ignored), and recorded
+
+    options = History().get(penalised["choices"][0]["history_id"]).recipe["options"]
+    assert options["presence_penalty"] == 0.5 and options["frequency_penalty"] == 1.0
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "frequency_penalty": 3})
+    assert r.status_code == 400 and "frequency_penalty must be at most 2.0" in r.json()["error"]["message"]
     if not server.service.has_generator("chat"):
         return
     plain = client.chat.completions.create(

@@ -142,3 +142,21 @@ def test_sampling_filters():
     assert picks == {1, 2}
     # repetition penalty makes the seen best token lose under greedy
     assert choose(logits, [1], SamplingOptions(temperature=0, repetition_penalty=2.0), rng) == 2
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them():
+    """logit[j] -= presence * (count[j] > 0) + frequency * count[j], over the written tokens only (the prompt's do
+    not count): what OpenAI's API documents and vLLM does."""
+    from plugins.text.sampling import apply_presence_frequency
+
+    logits = np.array([1.0, 3.0, 2.0, 0.0], dtype=np.float32)
+    got = apply_presence_frequency(logits, [1, 1, 3], presence=0.5, frequency=0.25)
+    assert np.allclose(got, [1.0, 3.0 - 0.5 - 0.5, 2.0, 0.0 - 0.5 - 0.25])
+    assert np.array_equal(apply_presence_frequency(logits, [], 2.0, 2.0), logits)
+    rng = np.random.default_rng(0)
+    greedy = SamplingOptions(temperature=0, frequency_penalty=1.5)
+    assert choose(logits, [1, 1], greedy, rng) == 1  # token 1 only in the prompt: no penalty
+    assert choose(logits, [1, 1], greedy, rng, generated=[1]) == 2  # written once: 3 - 1.5 < 2
+    assert choose(logits, [], SamplingOptions(temperature=0, presence_penalty=-2.0), rng, generated=[2]) == 2
+    assert SamplingOptions.from_options({"presence_penalty": 0.5, "frequency_penalty": 0.25}) == SamplingOptions(
+        temperature=0.8, presence_penalty=0.5, frequency_penalty=0.25)

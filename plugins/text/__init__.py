@@ -26,6 +26,10 @@ INFO = GeneratorInfo(
                min=0.01, max=1.0),
         Option("repetition_penalty", "float", 1.0, "Discourage repeating tokens already used (1 = off)",
                min=1.0, max=3.0),
+        Option("presence_penalty", "float", 0.0, "OpenAI's presence penalty: lower every token already written "
+               "by this much (0 = off; negative favours them)", min=-2.0, max=2.0),
+        Option("frequency_penalty", "float", 0.0, "OpenAI's frequency penalty: lower a written token by this much "
+               "for each time it was written (0 = off)", min=-2.0, max=2.0),
         Option("stop", "str", "", "Stop before any of these strings; separate several with |, write \\n for a "
                                   "new line"),
     ),

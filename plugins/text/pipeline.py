@@ -301,7 +301,7 @@ class TextPipeline:
     def _advance(self, r: _Row, logits, context: int):
         """Choose row ``r``'s next token and stream what is settled; returns True when the row has ended."""
         req = r.req
-        tok = choose(logits, r.ids, req.sampling, r.rng)
+        tok = choose(logits, r.ids, req.sampling, r.rng, r.new_ids)
         r.new_ids.append(tok)
         r.ids.append(tok)
         if tok in r.eos:

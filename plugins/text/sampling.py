@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p. numpy only.
+"""Choosing the next token from logits: repetition, presence and frequency penalties, temperature, top-k, top-p.
+numpy only.
 
 Every function takes a 1-D float32 numpy array of logits (one row; torch logits go through ``.numpy()``), so the
 same code serves the torch and onnxruntime backends. Randomness comes from a ``numpy.random.Generator`` seeded
@@ -17,12 +18,16 @@ class SamplingOptions:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
 
     @classmethod
     def from_options(cls, options: dict) -> "SamplingOptions":
         return cls(temperature=float(options.get("temperature", 0.8)), top_k=int(options.get("top_k", 0)),
                    top_p=float(options.get("top_p", 1.0)),
-                   repetition_penalty=float(options.get("repetition_penalty", 1.0)))
+                   repetition_penalty=float(options.get("repetition_penalty", 1.0)),
+                   presence_penalty=float(options.get("presence_penalty", 0.0)),
+                   frequency_penalty=float(options.get("frequency_penalty", 0.0)))
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous, penalty: float) -> np.ndarray:
@@ -35,6 +40,19 @@ def apply_repetition_penalty(logits: np.ndarray, previous, penalty: float) -> np
     seen = logits[ids]
     logits = logits.copy()
     logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def apply_presence_frequency(logits: np.ndarray, generated, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties over the tokens written so far (not the prompt): a written token's logit is lowered by
+    ``presence`` once and by ``frequency`` for each time it was written (negative values favour them)."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    keep = ids < logits.shape[-1]
+    ids, counts = ids[keep], counts[keep]
+    logits = logits.copy()
+    logits[ids] -= (presence + frequency * counts).astype(logits.dtype)
     return logits
 
 
@@ -65,10 +83,12 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
-def choose(logits, previous, opts: SamplingOptions, rng: np.random.Generator) -> int:
-    """The next token id. ``previous``: ids so far (prompt and generated) for the repetition penalty."""
+def choose(logits, previous, opts: SamplingOptions, rng: np.random.Generator, generated=()) -> int:
+    """The next token id. ``previous``: ids so far (prompt and generated) for the repetition penalty;
+    ``generated``: the ids written so far, for the presence and frequency penalties."""
     logits = np.asarray(logits, dtype=np.float32).reshape(-1)
     logits = apply_repetition_penalty(logits, previous, opts.repetition_penalty)
+    logits = apply_presence_frequency(logits, generated, opts.presence_penalty, opts.frequency_penalty)
     if opts.temperature <= 0:
         return int(np.argmax(logits))
     logits = logits / opts.temperature
