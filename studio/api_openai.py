@@ -75,6 +75,9 @@ def _text_options(body: dict, default_max: int) -> dict:
             raise UsageError(f"{key} is not supported by this server; leave it out.")
     if _number(body, "best_of", int, 1) != 1:
         raise UsageError("best_of must be 1 here.")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+        raise UsageError("response_format must be {\"type\": \"text\"} here (no JSON mode or schemas); leave it out.")
     opts = {"max_new_tokens": _number(body, "max_tokens", int, default_max),
             "temperature": _number(body, "temperature", float, 1.0),
             "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop")),

@@ -210,6 +210,9 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "Exponential" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": "shapes-diffusion"})
     assert r.status_code == 400 and "override_settings must be an object" in r.json()["detail"]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]  # it was ignored
     r = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3]})
     assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 9})
