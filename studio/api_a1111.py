@@ -186,6 +186,8 @@ async def img2img(request):
         generator, model = image_generator(service, model)
     mask = None
     if body.get("mask"):  # inpainting: white repaints, unless inpainting_mask_invert; softened by mask_blur pixels
+        if isinstance(body.get("inpainting_mask_invert"), bool):  # some clients send true/false for 1/0
+            body = {**body, "inpainting_mask_invert": int(body["inpainting_mask_invert"])}
         invert, blur = _number(body, "inpainting_mask_invert", int, 0), _number(body, "mask_blur", float, 4.0)
         if invert not in (0, 1) or blur < 0:
             raise UsageError("inpainting_mask_invert must be 0 or 1 and mask_blur at least 0.")
