@@ -34,6 +34,7 @@ class Conversation:
         self.context = chat.context_length(entry.config)
         self.max_new_tokens = max_new_tokens
         self.messages: list = []
+        self.saved: set = set()  # files this chat wrote: /save replaces them without asking
         self.reset()
 
     def reset(self) -> None:
@@ -43,9 +44,13 @@ class Conversation:
         return chat.measure(self.template, self.tokenizer, self.messages, self.context, self.max_new_tokens)
 
     def save(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        p.write_text(json.dumps([m.to_dict() for m in self.messages], indent=2, ensure_ascii=False) + "\n",
-                     encoding="utf-8")
+        """The conversation as a messages file, written whole (a failed write leaves the old file as it was)."""
+        from engine.outputs import atomic_write_bytes
+
+        p = Path(path).expanduser().resolve()
+        text = json.dumps([m.to_dict() for m in self.messages], indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(p, text.encode("utf-8"))
+        self.saved.add(p)
         return p
 
 
@@ -119,9 +124,13 @@ def run_chat(args) -> int:
             if not name:
                 print("studio: /save needs a file name: /save chat.json", file=sys.stderr)
                 continue
+            target = Path(name).expanduser().resolve()
+            if target.exists() and target not in conv.saved and not _ask(f"{name} exists; replace it? [y/N] "):
+                print("studio: not saved; /save another file name", file=sys.stderr)
+                continue
             try:
                 print(f"saved {conv.save(name)}", file=sys.stderr)
-            except OSError as exc:
+            except (OSError, StudioError) as exc:
                 print(f"studio: cannot write {name}: {exc}", file=sys.stderr)
             continue
         conv.messages.append(chat.Message("user", line))

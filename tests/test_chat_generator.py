@@ -132,6 +132,21 @@ def test_cli_generate_chat_json_and_interactive_chat(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Message 1" in proc.stderr
 
 
+def test_cli_chat_save_never_replaces_a_file_without_asking(tmp_path):
+    """/save onto an existing file (one this chat did not write) asks first; "no" keeps the file as it was. It
+    was replaced silently: /save notes.txt lost the notes."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    saved = tmp_path / "conv.json"
+    stdin = "\n".join(["Who goes there?", f"/save {notes}", "n", f"/save {saved}", "Speak.", f"/save {saved}",
+                       "/quit", ""])
+    proc = _studio("chat", "--seed", "3", "--set", "max_new_tokens=4", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert notes.read_text() == "my notes\n" and "not saved" in proc.stderr
+    assert (proc.stdout + proc.stderr).count("exists; replace it?") == 1  # not for the file this chat saved
+    assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant", "user", "assistant"]
+
+
 def test_cli_chat_warns_before_dropping_turns(tmp_path):
     saved = tmp_path / "conv.json"
     lines = [f"Turn {i}: " + "Good morrow, sweet lord, " * 12 for i in range(1, 5)]
