@@ -98,6 +98,14 @@ class Task:
         return (list(self.val_idx) + [i for i in self.train_idx if i not in held])[:n]
 
 
+def refuse_to_restart(checkpoint: Path, resume: bool, flag: str = "--out") -> None:
+    """UsageError when a run would start from nothing over ``checkpoint``, an earlier run's (its first save would
+    replace it): the same command without --resume must not lose hours of training."""
+    if checkpoint.exists() and not resume:
+        raise UsageError(f"{checkpoint.parent} holds a checkpoint of an earlier run; pass --resume to continue it, or "
+                         f"choose another {flag} folder (or delete that one) to start again.")
+
+
 def _lr(step: int, s: Settings) -> float:
     if step < s.warmup:  # (never with warmup 0)
         return s.lr * (step + 1) / s.warmup
@@ -172,9 +180,8 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
     if resume and (out / "checkpoint" / "state.json").is_file():
         start, history = _load_checkpoint(out, task, opt)
         report({"message": f"resumed from the checkpoint at step {start}"})
-    elif (out / "checkpoint").exists() and not resume:
-        raise UsageError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, or choose "
-                         "another --out folder.")
+    else:
+        refuse_to_restart(out / "checkpoint", resume)
     logf = open(out / "log.jsonl", "a", encoding="utf-8")
     t0, last_ck = time.perf_counter(), start
     try:

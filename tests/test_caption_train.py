@@ -1,9 +1,11 @@
 """The caption training command on a tiny configuration: runs, resumes exactly, exports a loadable folder."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.errors import UsageError
 from plugins.caption import train
 
 TINY = ["--image-size", "16", "--patch-size", "4", "--enc-hidden", "32", "--enc-layers", "1", "--enc-heads", "4",
@@ -14,6 +16,10 @@ TINY = ["--image-size", "16", "--patch-size", "4", "--enc-hidden", "32", "--enc-
 def test_resume_matches_an_uninterrupted_run_and_export_loads(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(["--out", str(straight), "--steps", "4"] + TINY) == 0
+    before = (straight / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="pass --resume to continue it"):  # it started again over the checkpoint
+        train.main(["--out", str(straight), "--steps", "4"] + TINY)
+    assert (straight / "checkpoint.safetensors").read_bytes() == before
     assert train.main(["--out", str(split), "--steps", "4", "--resume"] + TINY) == 2  # nothing to resume yet
     # stop after 2 of 4 steps: same schedule (--steps 4), then resume
     args = TINY + ["--out", str(split)]

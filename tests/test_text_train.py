@@ -1,9 +1,11 @@
 """The training command on a tiny corpus: writes a loadable model folder and resumes from its checkpoint."""
 import json
 
+import pytest
 import torch
 import transformers
 
+from engine.errors import UsageError
 from plugins.text import train
 from plugins.text.models import check_folder, load_model
 
@@ -37,6 +39,8 @@ def test_train_writes_model_folder_and_resumes(tmp_path):
     x = torch.tensor([[0, 5, 7, 9]])
     with torch.no_grad():
         assert (ref(x).logits - load_model(out, "llama")(x, use_cache=False)[0]).abs().max() < 1e-4
+    with pytest.raises(UsageError, match="pass --resume to continue it"):  # the same command again would start
+        train.main(argv)  # from nothing over the checkpoint of step 6
     # resume continues from step 6 to 8
     assert train.main(argv[:-6] + ["--steps", "8", "--eval-every", "4", "--warmup", "2", "--resume"]) == 0
     state = torch.load(work / "checkpoint.pt", weights_only=False)

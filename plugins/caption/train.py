@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from engine.finetune import add_flags
+from engine.finetune import add_flags, refuse_to_restart
 from engine.generators import DEVICES
 from engine.outputs import atomic_write_bytes, replacing
 
@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     out = Path(args.out)
+    refuse_to_restart(out / "checkpoint.safetensors", args.resume or args.export_only)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = shapes_tokenizer()
     config = build_config(args, tokenizer)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.weights import load_pickle
-from engine.finetune import add_flags
+from engine.finetune import add_flags, refuse_to_restart
 from engine.generators import DEVICES
 from engine.outputs import replacing
 
@@ -166,8 +166,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
+    refuse_to_restart(ckpt_path, args.resume or args.export_only)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = shapes_tokenizer()
 
     if args.resume and ckpt_path.exists():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from engine.weights import load_pickle
-from engine.finetune import add_flags
+from engine.finetune import add_flags, refuse_to_restart
 from engine.generators import DEVICES
 from engine.outputs import replacing
 
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / out.name
+    refuse_to_restart(work / "checkpoint.pt", args.resume, "--work")
     work.mkdir(parents=True, exist_ok=True)
     holdout = [h.strip() for h in args.holdout.split(",") if h.strip()]
     args._holdout = holdout
