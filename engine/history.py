@@ -170,6 +170,8 @@ class History:
     def list(self, limit: int = 50, search: str = "", generator: str = "") -> list[Entry]:
         """The newest generations; ``search``: words that must all occur in the prompt or the generated text
         (full-text over SQLite FTS5, case-insensitive, each word matching the start of a word)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UsageError(f"The number of rows to list must be 1 or more, not {limit!r}.")
         sql = f"SELECT {COLUMNS} FROM generations WHERE pending IS NULL"
         args: list = []
         if search.strip():

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     hsub = h.add_subparsers(dest="action", required=True, parser_class=_Parser)
     x = hsub.add_parser("list")
     x.add_argument("--json", action="store_true")
-    x.add_argument("--search", default="")
-    x.add_argument("--limit", type=int, default=20)
+    x.add_argument("--search", default="", help="words that must all occur in the prompt or the generated text")
+    x.add_argument("--generator", default="", help="only this generator's rows (as GET /api/history?generator=)")
+    x.add_argument("--limit", type=int, default=20, help="the newest N rows (default 20)")
     x = hsub.add_parser("show")
     x.add_argument("id", type=int)
     x.add_argument("--json", action="store_true")
@@ -265,6 +266,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("studio: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped reading (`studio history list | head`): stop quietly, as Unix
+        # tools do; what is left to flush goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except StudioError as exc:
         if debug:
             raise

@@ -17,7 +17,7 @@ def history_command(args) -> int:
     """`studio history list|show|replay`; replaying a fine-tune's row trains it again and compares the adapters."""
     history = History()
     if args.action == "list":
-        entries = history.list(limit=args.limit, search=args.search)
+        entries = history.list(limit=args.limit, search=args.search, generator=args.generator)
         if args.json:
             _print_json([e.to_dict() for e in entries])
         else:

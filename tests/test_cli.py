@@ -49,6 +49,25 @@ def test_generate_text_json_and_history(plugins, tmp_path):
     assert "identical" in replay.stdout
 
 
+def test_history_list_filters_and_refuses_a_count_below_one(plugins):
+    """--generator (as the API's ?generator=) and --limit: 0 listed nothing and a negative limit listed all."""
+    studio("generate", "upper", "--prompt", "hi", check=0)
+    studio("generate", "pixels", "--prompt", "red", check=0)
+    only = json.loads(studio("history", "list", "--json", "--generator", "pixels", check=0).stdout)
+    assert [e["generator"] for e in only] == ["pixels"]
+    for bad in ("0", "-3"):
+        assert "must be 1 or more" in studio("history", "list", f"--limit={bad}", check=2).stderr
+
+
+def test_a_closed_pipe_ends_quietly(plugins):
+    """`studio generators | head -1`: the reader closing the pipe was 'unexpected BrokenPipeError'."""
+    proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "generators"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=os.environ.copy())
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "BrokenPipe" not in err and "error" not in err
+
+
 def test_generate_image_png_carries_recipe(plugins, tmp_path):
     from engine.outputs import read_png_recipe
 
