@@ -122,3 +122,28 @@ def test_load_mask_reads_masks_as_the_studio_reads_images(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(UsageError, match="not an image the studio reads"):
         load_mask(tmp_path / "bad.png")
+
+
+def test_window_shows_photos_and_masks_as_the_generator_reads_them(qtbot, tmp_path):
+    """A photo turned by its EXIF orientation is shown turned (Qt does not turn it by itself), so a mask painted
+    over it has the size and orientation of the image the generator gets; a recipe's mask with transparency shows
+    as the generator reads it (its alpha)."""
+    from engine.images import load_image
+    from studio.gui.image_input import ImageInput, read_image
+
+    photo = Image.new("RGB", (8, 6), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    shown = read_image(tmp_path / "photo.jpg")
+    assert (shown.width(), shown.height()) == load_image(tmp_path / "photo.jpg").size == (6, 8)
+    widget = ImageInput()
+    qtbot.addWidget(widget)
+    widget.set_path(tmp_path / "photo.jpg")
+    strokes = Image.new("RGBA", (6, 8), (255, 255, 255, 0))  # clear white: keep
+    strokes.paste((255, 255, 255, 255), (0, 0, 3, 8))  # opaque: repaint
+    strokes.save(tmp_path / "strokes.png")
+    widget.canvas.load_mask(tmp_path / "strokes.png")
+    mask = widget.canvas.mask
+    assert (mask.width(), mask.height()) == (6, 8)
+    assert mask.pixelColor(1, 4).value() == 255 and mask.pixelColor(5, 4).value() == 0

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
-from PySide6.QtGui import QIcon, QPixmap
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem
 
 from engine.errors import UsageError
 from engine.generators import BACKENDS, CancelToken
 from studio.gui.error_banner import ErrorBanner
+from studio.gui.image_input import thumbnail
 from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, row
 from studio.gui.task_dialog import TaskDialog
 
@@ -163,8 +163,7 @@ class CaptionFolderDialog(TaskDialog):
         image = msg.get("image", "")
         note = msg.get("note") or ""
         text = msg.get("caption") or f"skipped: {note}"
-        item = QListWidgetItem(QIcon(QPixmap(image).scaled(THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio,
-                                                           Qt.TransformationMode.SmoothTransformation)), "")
+        item = QListWidgetItem(thumbnail(image, THUMB), "")
         item.setToolTip(f"{image}\n{text}")
         self.grid.blockSignals(True)
         item.setText(text)

@@ -1,8 +1,7 @@
 """A few samples of a fine-tuning dataset: images with their captions, or the start of each text file."""
 from __future__ import annotations
 
-from PySide6.QtCore import QSize, Qt
-from PySide6.QtGui import QIcon, QPixmap
+from PySide6.QtCore import QSize
 from PySide6.QtWidgets import QLabel, QListView, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from engine.datasets import read_documents, read_pairs
@@ -45,7 +44,7 @@ class DatasetPreview(QWidget):
             self._texts(path, n)
 
     def _images(self, path: str, n: int) -> None:
-        from studio.gui.image_input import read_image
+        from studio.gui.image_input import thumbnail
 
         pairs, missing = read_pairs(path)
         if missing:
@@ -57,14 +56,7 @@ class DatasetPreview(QWidget):
         self.list.setGridSize(QSize(THUMB + 40, THUMB + 54))
         self.list.setMovement(QListView.Movement.Static)
         for image, caption in pairs[:n]:
-            try:
-                qimage = read_image(image)
-            except UsageError:
-                qimage = None
-            icon = QIcon(QPixmap.fromImage(qimage.scaled(THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio,
-                                                         Qt.TransformationMode.FastTransformation))) \
-                if qimage is not None else QIcon()
-            item = QListWidgetItem(icon, caption)
+            item = QListWidgetItem(thumbnail(image, THUMB), caption)
             item.setToolTip(f"{image.name}: {caption}")
             self.list.addItem(item)
         self.count = len(pairs)

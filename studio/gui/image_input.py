@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QImageReader
+from PySide6.QtGui import QIcon, QImageReader, QPixmap
 from PySide6.QtWidgets import QFileDialog, QLabel, QSizePolicy, QSlider, QWidget
 
 from engine.errors import UsageError
@@ -16,13 +16,25 @@ IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif);;All files (*)"
 
 
 def read_image(path: Path):
-    """Load a QImage or raise UsageError with a clear sentence."""
+    """Load a QImage or raise UsageError with a clear sentence; a photo's EXIF orientation is applied, as the
+    engine reads it (engine.images), so a mask painted over it lines up with what the generator gets."""
     reader = QImageReader(str(path))
     reader.setAllocationLimit(256)  # MB: refuse decompression bombs
+    reader.setAutoTransform(True)
     image = reader.read()
     if image.isNull():
         raise UsageError(f"Cannot read {Path(path).name} as an image ({reader.errorString()}).")
     return image
+
+
+def thumbnail(path, size: int) -> QIcon:
+    """An icon of the image at ``path`` within ``size`` pixels (an empty one when it cannot be read)."""
+    try:
+        image = read_image(Path(path))
+    except UsageError:
+        return QIcon()
+    return QIcon(QPixmap.fromImage(image.scaled(size, size, Qt.AspectRatioMode.KeepAspectRatio,
+                                                Qt.TransformationMode.SmoothTransformation)))
 
 
 class ImageInput(QWidget):

@@ -32,11 +32,19 @@ class MaskCanvas(ImageCanvas):
         self.update()
 
     def load_mask(self, path) -> None:
-        """A mask from a file (a recipe's), scaled to the image; grey values kept."""
-        mask = QImage(str(path))
-        if mask.isNull() or self.image.isNull():
+        """A mask from a file (a recipe's), read as the generator reads it (engine.images.load_mask: its alpha
+        when it has real transparency, else its grey levels), scaled to the image."""
+        from engine.errors import UsageError
+        from engine.images import load_mask
+
+        try:
+            m = load_mask(path)
+        except UsageError:
             return
-        self.mask = mask.convertToFormat(QImage.Format.Format_Grayscale8).scaled(self.image.size())
+        if self.image.isNull():
+            return
+        mask = QImage(m.tobytes(), m.width, m.height, m.width, QImage.Format.Format_Grayscale8).copy()
+        self.mask = mask.scaled(self.image.size())
         self.update()
 
     def has_mask(self) -> bool:
