@@ -225,7 +225,7 @@ async def interrogate(request):
 def save_input(data, transform=None) -> Path:
     """A base64 image (with or without a data: prefix) checked by Pillow and kept under the state folder by
     content hash (so the recipe replays); ``transform(image) -> image`` first, when given."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from engine import state
     from engine.outputs import atomic_write_bytes
@@ -240,6 +240,7 @@ def save_input(data, transform=None) -> Path:
             im.verify()
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)  # the PNG keeps no EXIF: turn it now, as the studio reads photos
             im = transform(im) if transform else im
             buf = io.BytesIO()
             im.save(buf, format="PNG")

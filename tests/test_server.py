@@ -390,3 +390,19 @@ def test_a_port_in_use_or_a_strange_host_is_one_sentence(tmp_path, monkeypatch, 
     assert f"Port {port} on 127.0.0.1 is already in use" in err.err and "listening" not in err.out
     assert main(["serve", "--host", "no-such-host.invalid", "--token", "t"]) == 2
     assert "is not a name or address this machine knows" in capsys.readouterr().err
+
+
+def test_api_images_are_kept_turned_by_their_exif_orientation(tmp_path, monkeypatch):
+    """A base64 photo is kept as PNG (which holds no EXIF): it is turned first, as the studio reads photos, or the
+    generator would get it sideways."""
+    from PIL import Image
+
+    from studio.api_a1111 import save_input
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 6)).save(buf, format="JPEG", exif=exif)
+    with Image.open(save_input("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())) as kept:
+        assert kept.size == (6, 8)
