@@ -259,6 +259,8 @@ def cmd_batch(args) -> int:
 
     if sum(map(bool, (args.jobfile, args.prompt_file, args.folder))) != 1:
         raise UsageError("Give a job file, --prompt-file or --folder (one of them).")
+    if args.ray and args.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, not {args.workers}.")
     if args.jobfile:
         numbered, errors = read_jobfile(Path(args.jobfile))
     elif args.folder:

@@ -345,3 +345,13 @@ def test_ray_jobs_carry_every_input_file(tmp_path):
     assert recipe["image"]["path"] == str((tmp_path / "in.png").resolve()) and Path(recipe["mask"]["kept"]).is_file()
     assert [entry["path"] for entry in recipe["loras"]] == [str(tmp_path / "style.safetensors"), str(peft)]
     assert local_inputs({"text": "x"}, {"generator": "text"}) == {"text": "x"}
+
+
+def test_cli_batch_on_ray_needs_a_worker(studio_home, tmp_path, capsys):
+    """--workers 0 ran with one worker, silently; refused before Ray is touched."""
+    from studio.cli import main
+
+    jobfile = tmp_path / "jobs.jsonl"
+    jobfile.write_text('{"generator": "text", "prompt": "x"}\n')
+    assert main(["batch", str(jobfile), "--ray", "auto", "--workers", "0"]) == 2
+    assert "--workers must be 1 or more" in capsys.readouterr().err and JobQueue().list() == []
