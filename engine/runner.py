@@ -190,7 +190,9 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     elif prompt:
-        raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}.")
+        hint = " (give the conversation with --messages FILE.json, or talk with `studio chat`)" \
+            if "messages" in info.takes else ""
+        raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}{hint}.")
     messages = ()
     if "messages" in info.takes:
         from engine.chat import parse_messages
