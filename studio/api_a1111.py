@@ -137,11 +137,14 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
     if not 1 <= count <= MAX_IMAGES:
         raise UsageError(f"batch_size x n_iter must be from 1 to {MAX_IMAGES}, not {count}.")
     seed = _number(body, "seed", int, -1)
+    if seed < 0:  # -1: one random seed for the batch, then seed + 1, ... as A1111 numbers a batch
+        import random
+
+        seed = random.randrange(2**31)
     options = _options(service, generator, body)
     images, seeds, infotexts, history_ids = [], [], [], []
     for i in range(count):
-        job = Job(generator, prompt=prompt, image=image, mask=mask, model=model, options=options,
-                  seed=None if seed < 0 else seed + i)
+        job = Job(generator, prompt=prompt, image=image, mask=mask, model=model, options=options, seed=seed + i)
         try:
             finished = await run_job(service, job, request)
         except CancelledError:  # POST /sdapi/v1/interrupt: A1111 answers with the images made so far

@@ -185,6 +185,9 @@ def test_webuiapi_txt2img_and_interrogate(server):
                         batch_size=2)
     assert split.info["sampler_name"] == "DPM++ 2M Karras" and split.image.tobytes() == named.image.tobytes()
     assert len(set(split.info["history_ids"])) == 2  # one history row per image
+    unseeded = api.txt2img(prompt="a red circle", seed=-1, steps=2, batch_size=2)
+    first = unseeded.info["all_seeds"][0]
+    assert unseeded.info["all_seeds"] == [first, first + 1]  # one random seed for the batch, as A1111 numbers it
     assert "progress" in api.get_progress()
 
 
