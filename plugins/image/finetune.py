@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.finetune import captioned_data, DenoiserTask, base_model, lora_options, parse_command, run_folder, start
+from engine.diffusion.finetune import DenoiserTask
+from engine.finetune import captioned_data, base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from engine.datasets import captioned_images
-from engine.finetune import DenoiserTask, base_model, lora_options, parse_command, run_folder, start
+from engine.diffusion.finetune import DenoiserTask
+from engine.finetune import base_model, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
