@@ -2,8 +2,8 @@
 
 ``load_image(source)`` returns an RGB ``PIL.Image`` (``load_mask``: an inpainting mask): transparency is
 composited on white, grayscale, palette, CMYK and 16-bit images are converted, EXIF orientation is applied,
-animated images give their first frame. A file that is missing, not an image, truncated or too large (a decompression bomb) raises
-``engine.errors.UsageError`` with one sentence. ``to_pixel_values`` resizes and normalises an image into
+animated images give their first frame. A file that is missing, not an image, truncated or too large (a
+decompression bomb) raises ``engine.errors.UsageError`` with one sentence. ``to_pixel_values`` resizes and normalises an image into
 a ``numpy`` array ``(1, 3, H, W)`` for a vision encoder (usable by the torch and ONNX backends alike).
 """
 from __future__ import annotations

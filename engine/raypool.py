@@ -141,7 +141,7 @@ class Worker:
 
     def run(self, job: dict, model: Optional[tuple], inputs: dict) -> dict:
         """``model``: (name, hash, ObjectRef of its files) or None; ``inputs``: from ``ship_inputs``.
-        Returns the recipe, the output's suffix and bytes."""
+        Returns the recipe, what the generator makes (image, audio, text) and the output's bytes."""
         import ray
 
         from engine.generators import Context

@@ -61,7 +61,7 @@ def job_from_dict(obj) -> Job:
     if "generator" not in obj:
         raise UsageError("A job needs a generator, such as \"generator\": \"text\".")
     for key in _TEXT_KEYS:
-        if obj.get(key) is not None and not isinstance(obj[key], str):
+        if key in obj and not isinstance(obj[key], str):
             raise UsageError(f"The job's {key} must be a string, not {obj[key]!r}.")
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -71,7 +71,7 @@ def job_from_dict(obj) -> Job:
     loras = obj.get("loras", [])
     if not isinstance(loras, list) or not all(isinstance(x, str) for x in loras):
         raise UsageError("The job's loras must be a list of \"PATH[:WEIGHT]\" strings.")
-    if obj.get("messages") is not None and not isinstance(obj["messages"], list):
+    if "messages" in obj and not isinstance(obj["messages"], list):
         raise UsageError("The job's messages must be a list of {\"role\", \"content\"} objects.")
     return Job(**obj)
 

@@ -176,7 +176,7 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
     if not body.get("stream"):
         choices, recipes = [], []
         for index, job in enumerate(jobs):
-            r = (await run_job(service, job, request))["recipe"]
+            r = (await run_job(service, job, request, checked=True))["recipe"]
             recipes.append(r)
             extra = {"finish_reason": _finish_reason(r), "logprobs": None, "history_id": r.get("history_id")}
             choices.append({"index": index, "message": {"role": "assistant", "content": r.get("text", "")}, **extra}
@@ -197,7 +197,7 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
 
             if chat:
                 yield _sse(chunk(index, role=True))
-            task = asyncio.ensure_future(run_job(service, job, request, on_message))
+            task = asyncio.ensure_future(run_job(service, job, request, on_message, checked=True))
             try:
                 while not (task.done() and out.empty()):
                     try:

@@ -43,11 +43,11 @@ class Conversation:
     def fit(self) -> chat.Fit:
         return chat.measure(self.template, self.tokenizer, self.messages, self.context, self.max_new_tokens)
 
-    def save(self, path: str) -> Path:
-        """The conversation as a messages file, written whole (a failed write leaves the old file as it was)."""
+    def save(self, p: Path) -> Path:
+        """The conversation as a messages file at ``p`` (resolved), written whole (a failed write leaves the old
+        file as it was)."""
         from engine.outputs import atomic_write_bytes
 
-        p = Path(path).expanduser().resolve()
         text = json.dumps([m.to_dict() for m in self.messages], indent=2, ensure_ascii=False) + "\n"
         atomic_write_bytes(p, text.encode("utf-8"))
         self.saved.add(p)
@@ -129,7 +129,7 @@ def run_chat(args) -> int:
                 print("studio: not saved; /save another file name", file=sys.stderr)
                 continue
             try:
-                print(f"saved {conv.save(name)}", file=sys.stderr)
+                print(f"saved {conv.save(target)}", file=sys.stderr)
             except (OSError, StudioError) as exc:
                 print(f"studio: cannot write {name}: {exc}", file=sys.stderr)
             continue

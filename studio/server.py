@@ -85,9 +85,11 @@ class Service:
 
         return prepare(self.host, self.store, job)
 
-    def submit(self, job, loop) -> tuple:
-        """Validate and queue a job for the server's own worker; returns (job id, its message queue)."""
-        self.validate(job)
+    def submit(self, job, loop, checked: bool = False) -> tuple:
+        """Validate (unless ``checked`` already) and queue a job for the server's own worker; returns (job id, its
+        message queue)."""
+        if not checked:
+            self.validate(job)
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:  # the worker's first message waits for the registration
             job_id = self.queue.submit(job, source="api", pin="api")
@@ -119,12 +121,13 @@ class Service:
         return generator_id in self.host.generators
 
 
-async def run_job(service: Service, job, request=None, on_message=None) -> dict:
-    """Queue ``job`` and wait for it; returns the ``finished`` message. A client that goes away cancels it."""
+async def run_job(service: Service, job, request=None, on_message=None, checked: bool = False) -> dict:
+    """Queue ``job`` and wait for it; returns the ``finished`` message. A client that goes away cancels it.
+    ``checked``: the caller has validated the job already (the worker checks it again when it runs)."""
     from starlette.concurrency import run_in_threadpool
 
     loop = asyncio.get_running_loop()
-    job_id, q = await run_in_threadpool(service.submit, job, loop)
+    job_id, q = await run_in_threadpool(service.submit, job, loop, checked)
     try:
         while True:
             try:
