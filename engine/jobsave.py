@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import StudioError
+from engine.outputs import SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def recorded_history_id(history_path: Path, tag: str) -> Optional[int]:
 def output_path(out_dir: Path, tag: str, generator: str, makes: str) -> Path:
     """The output file of a queue job: fixed by the job, so a restart finds (and discards) a partial one."""
     token, _, job_id = tag.partition(":")
-    from engine.outputs import SUFFIXES
-
     ext = SUFFIXES.get(makes, "txt")
     return Path(out_dir) / f"queue-{token}-{job_id}-{generator}.{ext}"
 

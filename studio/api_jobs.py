@@ -33,7 +33,8 @@ async def jobs(request):
         listed = service.queue.list() if everything else service.queue.list(states=("running", "queued"))
         return _json({"paused": service.queue.paused(), "jobs": [j.to_dict() for j in listed]})
     body = await read_json(request)
-    front = body.pop("front", False)
+    front = body.pop("front", None)
+    front = False if front is None else front  # null is left out, as for every job field
     if not isinstance(front, bool):
         raise UsageError("front must be true or false.")
     new = job_from_dict(body)
