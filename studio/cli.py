@@ -5,6 +5,7 @@ Exit status: 0 success, 2 usage error, 1 any other error; one-line message on st
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -262,7 +263,9 @@ def main(argv=None) -> int:
             return run_gui(screenshot=getattr(args, "screenshot", None), generator=getattr(args, "generator", None))
         from studio import commands
 
-        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
+        status = getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
+        sys.stdout.flush()  # a full disk under `> file` fails here, not in the interpreter's exit
+        return status
     except KeyboardInterrupt:
         print("studio: interrupted", file=sys.stderr)
         return 130
@@ -275,6 +278,14 @@ def main(argv=None) -> int:
             raise
         print(f"studio: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    except OSError as exc:  # the system refused (a full disk, no permission): what it said, and on what
+        if debug:
+            raise
+        what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        if exc.errno == errno.ENOSPC:
+            what = f"The disk is full ({what}); free some space and try again"
+        print(f"studio: error: {what}.", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if debug:
             raise

@@ -194,3 +194,15 @@ def test_export_choices_are_the_exporters_for_export_onnx_and_the_queue():
     for scheme in QUANTIZE[1:]:
         assert parser.parse_args(["export-onnx", "m", "--quantize", scheme]).quantize == scheme
         assert parser.parse_args(["queue", "export", "m", "--quantize", scheme]).quantize == scheme
+
+
+def test_a_full_disk_is_one_sentence(plugins):
+    """`studio generators > /dev/full` was 'unexpected OSError'."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "studio.cli", "generators"], stdout=full, stderr=subprocess.PIPE,
+                              env=os.environ.copy(), text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["studio: error: The disk is full (No space left on device); free some "
+                                                "space and try again."]
