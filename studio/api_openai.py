@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from engine.errors import UsageError
-from studio.server import ClientGone, NotFound, Unsupported, read_json, run_job
+from studio.server import ClientGone, NotFound, Unsupported, next_item, read_json, run_job
 
 TEXT_GENERATORS = ("text", "chat")
 UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "logit_bias", "tools", "functions")  # refused when set
@@ -200,10 +200,9 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
             task = asyncio.ensure_future(run_job(service, job, request, on_message, checked=True))
             try:
                 while not (task.done() and out.empty()):
-                    try:
-                        yield await asyncio.wait_for(out.get(), timeout=0.2)
-                    except asyncio.TimeoutError:
-                        continue
+                    event = await next_item(out, 0.2)
+                    if event is not None:
+                        yield event
                 try:
                     finished = task.result()
                 except ClientGone:

@@ -127,14 +127,21 @@ async def run_job(service: Service, job, request=None, on_message=None, checked:
     from starlette.concurrency import run_in_threadpool
 
     loop = asyncio.get_running_loop()
-    job_id, q = await run_in_threadpool(service.submit, job, loop, checked)
+    submitting = asyncio.ensure_future(run_in_threadpool(service.submit, job, loop, checked))
     try:
+        job_id, q = await asyncio.shield(submitting)
+    except asyncio.CancelledError:  # the client left while the job was being queued: cancel it once it has an id
+        submitting.add_done_callback(lambda f: f.cancelled() or f.exception() or _abandon(service, f.result()[0]))
+        raise
+    try:
+        checked_at = loop.time()
         while True:
-            try:
-                msg = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone() from None
+            msg = await next_item(q, 0.5)
+            if request is not None and loop.time() - checked_at >= 0.5:  # also while messages keep coming
+                checked_at = loop.time()
+                if await request.is_disconnected():
+                    raise ClientGone()
+            if msg is None:
                 continue
             kind = msg.get("type")
             if kind == "finished":
@@ -156,12 +163,29 @@ async def run_job(service: Service, job, request=None, on_message=None, checked:
         service.forget(job_id)
 
 
+async def next_item(q: asyncio.Queue, seconds: float):
+    """``q``'s next item, or None after ``seconds``. Not ``asyncio.wait_for``: on Python 3.11 it returns the item
+    and swallows a cancel that comes as the item arrives, so a client that left could leave its job running."""
+    getter = asyncio.ensure_future(q.get())
+    try:
+        await asyncio.wait((getter,), timeout=seconds)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter.done() and not getter.cancelled() else None
+
+
 def _cancel_quietly(service: Service, job_id: int) -> None:
     try:
         if service.queue.get(job_id).state in ("queued", "running"):
             service.queue.cancel(job_id)
     except StudioError:
         pass
+
+
+def _abandon(service: Service, job_id: int) -> None:
+    _cancel_quietly(service, job_id)
+    service.forget(job_id)
 
 
 class ClientGone(Exception):

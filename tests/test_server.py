@@ -257,7 +257,7 @@ def test_client_disconnect_cancels_job_and_queue_goes_on(server):
         if mine and mine[0].state == "cancelled":
             break
         time.sleep(0.1)
-    assert mine and mine[0].state == "cancelled"
+    assert mine and mine[0].state == "cancelled", [(j.id, j.state, j.error) for j in mine]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 3})
     assert r.status_code == 200
 
