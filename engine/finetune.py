@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -104,6 +105,38 @@ def refuse_to_restart(checkpoint: Path, resume: bool, flag: str = "--out") -> No
     if checkpoint.exists() and not resume:
         raise UsageError(f"{checkpoint.parent} holds a checkpoint of an earlier run; pass --resume to continue it, or "
                          f"choose another {flag} folder (or delete that one) to start again.")
+
+
+def refuse_to_replace(folder: Path, continuing: bool, flag: str) -> None:
+    """UsageError before a training run whose model folder ``folder`` would replace what is there: a file, a
+    folder in the model store, or (on a new run, not --resume) a folder that already holds files, which may be a
+    model someone trained for hours or one history refers to."""
+    from engine import state
+
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file; give a folder for the model to be written to.")
+    store = (state.home() / "models").resolve()
+    if folder.resolve() == store or store in folder.resolve().parents:
+        raise UsageError(f"{flag} {folder} is in the model store; train into another folder, then "
+                         "`studio models import` it.")
+    if not continuing and folder.is_dir() and any(folder.iterdir()):
+        raise UsageError(f"{folder} already holds files; a new training run writes its model to a new or empty "
+                         f"folder: choose another {flag}, or delete that one (--resume continues the run that "
+                         "wrote it).")
+
+
+@contextmanager
+def resuming(checkpoint: Path):
+    """Loading ``checkpoint`` into networks built from this command's flags: a network of another shape (the run
+    was started with other settings) is one sentence, not torch's list of mismatched tensors."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        raise UsageError(f"The checkpoint in {checkpoint.parent} was made with other model settings than this "
+                         "command's; resume with the flags the run started with, or start a new run in another "
+                         "folder.") from None
 
 
 def _lr(step: int, s: Settings) -> float:

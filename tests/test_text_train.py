@@ -45,3 +45,27 @@ def test_train_writes_model_folder_and_resumes(tmp_path):
     assert train.main(argv[:-6] + ["--steps", "8", "--eval-every", "4", "--warmup", "2", "--resume"]) == 0
     state = torch.load(work / "checkpoint.pt", weights_only=False)
     assert state["step"] == 8
+
+
+def test_a_new_run_never_replaces_a_model_folder(tmp_path, monkeypatch):
+    """`studio train text --out FOLDER` over a trained model (or one in the store) replaced it at its first save;
+    --out naming a file trained for nothing; --resume with other model flags was torch's list of mismatches."""
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    data = _corpus(tmp_path / "data")
+    out = tmp_path / "someone's model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"hours of training")
+    argv = ["--data", str(data), "--holdout", "hamlet.txt", "--vocab-size", "300", "--d-model", "32", "--layers", "1",
+            "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--context", "32", "--batch", "4", "--steps", "2",
+            "--eval-every", "2", "--warmup", "1"]
+    for where, words in ((out, "already holds files"), (tmp_path / "home" / "models" / "m", "is in the model store")):
+        with pytest.raises(UsageError, match=words):
+            train.main(argv + ["--out", str(where), "--work", str(tmp_path / "w1")])
+    assert (out / "model.safetensors").read_bytes() == b"hours of training" and not (tmp_path / "w1").exists()
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        train.main(argv + ["--out", str(tmp_path / "a file"), "--work", str(tmp_path / "w2")])
+    new = ["--out", str(tmp_path / "mine"), "--work", str(tmp_path / "w3")]
+    assert train.main(argv + new) == 0
+    with pytest.raises(UsageError, match="other model settings"):
+        train.main([a if a != "32" else "48" for a in argv] + new + ["--resume", "--steps", "4"])

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from engine.finetune import add_flags, refuse_to_restart
+from engine.finetune import add_flags, refuse_to_replace, refuse_to_restart, resuming
 from engine.generators import DEVICES
 from engine.outputs import atomic_write_bytes, replacing
 
@@ -244,6 +244,8 @@ def main(argv=None) -> int:
                           else "cpu")
     out = Path(args.out)
     refuse_to_restart(out / "checkpoint.safetensors", args.resume or args.export_only)
+    if args.export:
+        refuse_to_replace(Path(args.export), args.resume or args.export_only, "--export")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = shapes_tokenizer()
     config = build_config(args, tokenizer)
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
         if not (out / "checkpoint.safetensors").is_file():
             print(f"error: no checkpoint in {out} to resume from", file=sys.stderr)
             return 2
-        meta = load_checkpoint(out, model, opt, device)
+        with resuming(out / "checkpoint.safetensors"):
+            meta = load_checkpoint(out, model, opt, device)
         start = meta["step"]
         log.info("resumed from step %d", start)
     if not args.export_only:  # which settings trained which steps (a resumed run may change --steps)

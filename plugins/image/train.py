@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.weights import load_pickle
-from engine.finetune import add_flags, refuse_to_restart
+from engine.finetune import add_flags, refuse_to_replace, refuse_to_restart
 from engine.generators import DEVICES
 from engine.outputs import replacing
 
@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     refuse_to_restart(ckpt_path, args.resume or args.export_only)
+    if args.export:
+        refuse_to_replace(Path(args.export), args.resume or args.export_only, "--export")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = shapes_tokenizer()
 

@@ -6,7 +6,8 @@ Whole works are held out for validation (``--holdout``); the score is bits per c
 total nats over the held-out text / ln 2 / number of characters (each work scored as one document starting
 from BOS, with a sliding window of ``--context`` tokens). Checkpoints (``--work``) resume with ``--resume``.
 Whenever validation improves the model folder ``--out`` is rewritten (config.json, fp16 model.safetensors,
-tokenizer.json, studio.json), so a usable model exists even if the run is cut short.
+tokenizer.json, studio.json), so a usable model exists even if the run is cut short. A new run (not --resume)
+refuses an ``--out`` that already holds files: it never replaces a model someone trained.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from engine.weights import load_pickle
-from engine.finetune import add_flags, refuse_to_restart
+from engine.finetune import add_flags, refuse_to_replace, refuse_to_restart, resuming
 from engine.generators import DEVICES
 from engine.outputs import replacing
 
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / out.name
     refuse_to_restart(work / "checkpoint.pt", args.resume, "--work")
+    refuse_to_replace(out, args.resume, "--out")
     work.mkdir(parents=True, exist_ok=True)
     holdout = [h.strip() for h in args.holdout.split(",") if h.strip()]
     args._holdout = holdout
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
     ckpt = work / "checkpoint.pt"
     if args.resume and ckpt.is_file():
         state = load_pickle(ckpt, map_location=device)
-        model.load_state_dict(state["model"])
+        with resuming(ckpt):
+            model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, best, tokens_seen, elapsed = state["step"], state["best"], state["tokens_seen"], state["elapsed"]
         rng.bit_generator.state = state["rng"]
