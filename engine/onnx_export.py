@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import ModelError, ParityError, UsageError
-from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export
+from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, read_manifest
 from engine.filecheck import stamp
 
 QUANTIZE = (None, "int8", "int4")
@@ -76,6 +76,13 @@ class Gate:
                           "nothing was written (pass --force to keep it anyway).", bad)
 
 
+def _not_exported(folder: Path) -> list:
+    """The files in an earlier export's ``folder`` that its manifest does not list (a user's notes, results)."""
+    written = set(read_manifest(folder).get("files") or {}) | {MANIFEST}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() not in written)
+
+
 def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional[str] = None, force: bool = False,
                  log: Optional[Callable] = None) -> dict:
     """Export ``entry`` (a ModelEntry) and return its manifest (``manifest["folder"]`` is where it went)."""
@@ -93,6 +100,11 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
     if dest.exists() or dest.is_symlink():
         if dest.is_symlink() or not dest.is_dir() or not is_export(dest):
             raise UsageError(f"{dest} already exists and is not an earlier ONNX export; choose another --out folder.")
+        foreign = _not_exported(dest)
+        if foreign:
+            raise UsageError(f"{dest} holds files the earlier export did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); a new export replaces the whole folder, so "
+                             "move them out first or choose another --out folder.")
         say(f"replacing the earlier export in {dest}")
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # removed again on failure
     try:

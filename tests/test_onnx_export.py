@@ -236,6 +236,12 @@ def test_refusals(tmp_path, host):
     first = export_model(host, entry, out_dir=tmp_path / "exp")
     again = export_model(host, entry, out_dir=tmp_path / "exp")  # an earlier export is replaced
     assert first["folder"] == again["folder"] and len(list(tmp_path.glob(".exp*"))) == 0
+    (tmp_path / "exp" / "runs").mkdir()  # a user's files in it were deleted with the earlier export
+    (tmp_path / "exp" / "runs" / "r1.csv").write_text("data")
+    (tmp_path / "exp" / "NOTES.txt").write_text("my notes")
+    with pytest.raises(UsageError, match=r"did not write \(NOTES.txt, runs/r1.csv\)"):
+        export_model(host, entry, out_dir=tmp_path / "exp")
+    assert (tmp_path / "exp" / "NOTES.txt").read_text() == "my notes"
 
 
 def test_caption_export_and_pipeline_parity(tmp_path, host):
