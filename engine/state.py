@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -130,12 +131,30 @@ def load_settings() -> Settings:
 
 
 def save_settings(settings: Settings) -> None:
+    """Write ``settings``, keeping what the file holds that this version does not know (a newer version's settings);
+    a file that cannot be read is first kept beside it, so a typo never costs the user their settings."""
     from engine.outputs import atomic_write_bytes
 
     ensure_dir(home())
-    data = json.dumps(asdict(settings), indent=2).encode()
+    path, extra = settings_path(), {}
     try:
-        atomic_write_bytes(settings_path(), data)
+        old = path.read_bytes()
+    except OSError:
+        old = None
+    if old is not None:
+        try:
+            earlier = json.loads(old.decode("utf-8"))
+            if not isinstance(earlier, dict):
+                raise ValueError("not an object")
+            extra = {k: v for k, v in earlier.items() if k not in Settings.__dataclass_fields__}
+        except ValueError:  # (a UnicodeDecodeError is one)
+            kept = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            atomic_write_bytes(kept, old)
+            logging.getLogger(__name__).warning("The settings file %s could not be read; it is kept as %s and a new "
+                                                "one is written.", path, kept)
+    data = json.dumps({**extra, **asdict(settings)}, indent=2).encode()
+    try:
+        atomic_write_bytes(path, data)
     except StateError as exc:
         raise StateError(f"Cannot save the settings: {str(exc).rstrip('.')} (the state folder {home()}); make it "
                          "writable, or set STUDIO_HOME to a writable folder.") from None

@@ -143,3 +143,21 @@ def test_cli_messages_name_the_right_thing(studio_home, tmp_path):
     assert shot.returncode == 1 and "screenshot" in shot.stderr and "unexpected" not in shot.stderr, shot.stderr
     huge = studio("history", "show", str(10 ** 30))
     assert huge.returncode == 2 and "no generation" in huge.stderr, huge.stderr
+
+
+def test_saving_settings_never_loses_a_file_it_cannot_read(studio_home):
+    """A settings.json with a typo was replaced by defaults at the next change (`studio plugins disable x`), and
+    settings this version does not know (a newer version's) were dropped at every save."""
+    import json
+
+    from engine import state
+
+    typo = '{\n "device": "cpu", "output_dir": "/tmp/x", "gui": {"theme": "dark"},\n}\n'
+    (studio_home / "settings.json").write_text(typo)
+    state.save_settings(state.Settings(disabled_plugins=["caption"]))
+    kept = list(studio_home.glob("settings.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == typo
+    (studio_home / "settings.json").write_text(json.dumps({"device": "cpu", "from_a_newer_version": [1, 2]}))
+    state.save_settings(state.Settings(backend="torch"))
+    saved = json.loads((studio_home / "settings.json").read_text())
+    assert saved["from_a_newer_version"] == [1, 2] and saved["backend"] == "torch"
