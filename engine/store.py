@@ -246,7 +246,7 @@ class ModelStore:
         if importer is not None:
             return self._import_converted(source, name or source.stem if source.is_file() else name or source.name,
                                           lambda dest: importer.convert(source, dest, trust))
-        name = name or source.name
+        name = name or source.resolve().name  # `studio models import .` is named after the folder
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
         if any(e.name == name for e in self.list()):
@@ -313,6 +313,12 @@ class ModelStore:
         return self.get(name)
 
     def remove(self, name: str) -> None:
+        if not name.strip():
+            raise UsageError("Give the name of the model to remove (`studio models list` shows them).")
+        folder = self.user_dir / name
+        if NAME_RE.match(name) and folder.is_dir() and not folder.is_symlink():  # also one too damaged to list
+            shutil.rmtree(folder)
+            return
         entry = self.get(name)
         if entry.builtin:
             raise UsageError(f"{name} is a built-in model and cannot be removed.")

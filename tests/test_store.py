@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,25 @@ def test_import_list_info_remove(store, tmp_path):
         store.import_(src, name="mine")
     store.remove("mine")
     assert store.list() == []
+
+
+def test_a_damaged_model_can_be_removed_and_imported_again(store, tmp_path, monkeypatch):
+    """A store folder with a broken config.json was skipped by the list, so `models remove` said it was not in
+    the store and `models import` that the name was taken: it could only be deleted by hand."""
+    src = make_folder(tmp_path / "m1")
+    entry = store.import_(src, name="m1")
+    (entry.path / "config.json").write_text("{")
+    assert store.list() == []
+    store.remove("m1")
+    assert not entry.path.exists()
+    assert store.import_(src, name="m1").name == "m1"
+    for name in ("", " ", ".", ".."):
+        with pytest.raises((UsageError, ModelError)):
+            store.remove(name)
+    assert store.user_dir.is_dir() and [e.name for e in store.list()] == ["m1"]
+    monkeypatch.chdir(src)
+    store.remove("m1")
+    assert store.import_(Path(".")).name == "m1"  # `studio models import .` is named after the folder
 
 
 @pytest.mark.parametrize("breakage,message", [
