@@ -69,7 +69,7 @@ def uninstall(host, name: str) -> None:
         path = Path(status.location)
         if path.parent.resolve() != (state.home() / "plugins").resolve():
             raise UsageError(f"{path} is not in the drop-in folder; nothing was removed.")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link: only the link
         return
     dist = None
     for ep in importlib.metadata.entry_points(group="studio.plugins"):

@@ -62,3 +62,21 @@ def test_constraints_pin_core_packages():
 
     text = constraints_text()
     assert "pluggy==" in text and "numpy==" in text
+
+
+def test_a_linked_drop_in_is_uninstalled_by_removing_the_link(studio_home, tmp_path):
+    """A plugin folder linked into the drop-in folder (a developer's checkout) was 'unexpected OSError: Cannot call
+    rmtree on a symbolic link'; the link goes and the checkout stays."""
+    from engine.install import uninstall
+    from engine.plugins import PluginHost
+    from plugin_samples import SLOW
+
+    checkout = tmp_path / "checkout" / "slowplug"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text(SLOW)
+    (studio_home / "plugins").mkdir(exist_ok=True)
+    (studio_home / "plugins" / "slowplug").symlink_to(checkout, target_is_directory=True)
+    host = PluginHost(builtins=()).load()
+    assert "slow" in host.generators
+    uninstall(host, "slowplug")
+    assert not (studio_home / "plugins" / "slowplug").exists() and (checkout / "__init__.py").is_file()
