@@ -362,7 +362,7 @@ def _plugin_code(prep: Prepared, failed: str):
         yield
     except StudioError:
         raise
-    except Exception as exc:  # noqa: BLE001 - plugin code
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - plugin code (sys.exit in it is no success)
         log.debug("generator raised", exc_info=True)
         raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) {failed}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -432,7 +432,28 @@ def _save(prep: Prepared, result: Result, total_s: float, out_path, out_dir, his
 
 
 def _check_result(prep: Prepared, result: Result) -> None:
-    makes = prep.generator.info.makes
-    ok = {"text": result.text is not None, "image": result.image is not None, "audio": result.audio is not None}[makes]
-    if not ok:
-        raise GenerationError(f"Generator {prep.generator.info.id} says it makes {makes} but its result holds none.")
+    """A plugin's result holds what its generator says it makes, of the types the host writes."""
+    gen, makes = prep.generator.info.id, prep.generator.info.makes
+    value = {"text": result.text, "image": result.image, "audio": result.audio}[makes]
+    if value is None:
+        raise GenerationError(f"Generator {gen} says it makes {makes} but its result holds none.")
+    wrong = ""
+    if result.text is not None and not isinstance(result.text, str):
+        wrong = f"text that is a {type(result.text).__name__}, not a string"
+    elif result.text is not None and not result.text.isascii():
+        try:
+            result.text.encode("utf-8")
+        except UnicodeEncodeError:
+            wrong = "text that is not valid Unicode (a lone surrogate)"
+    if result.image is not None and not wrong:
+        from PIL import Image
+
+        if not isinstance(result.image, Image.Image):
+            wrong = f"an image that is a {type(result.image).__name__}, not a PIL image"
+    if result.audio is not None and not wrong and not (isinstance(result.audio, (tuple, list))
+                                                       and len(result.audio) == 2):
+        wrong = f"audio that is a {type(result.audio).__name__}, not (samples, sample rate)"
+    if not wrong and not (isinstance(result.info, dict) and isinstance(result.warnings, list)):
+        wrong = "info or warnings of the wrong type (a dict and a list)"
+    if wrong:
+        raise GenerationError(f"Generator {gen} (plugin {prep.plugin}) failed: its result holds {wrong}.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_samples import GOOD, PIXELS, RAISING_GENERATE, BROKEN_IMPORT, drop
+from plugin_samples import GOOD, PIXELS, RAISING_GENERATE, BROKEN_IMPORT, drop, generator_plugin
 
 
 def studio(*args, env=None, check=None, cwd=None):
@@ -206,3 +206,41 @@ def test_a_full_disk_is_one_sentence(plugins):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["studio: error: The disk is full (No space left on device); free some "
                                                 "space and try again."]
+
+
+BAD_RESULTS = generator_plugin('''
+
+INFO = GeneratorInfo(id="bad", title="Bad", description="Returns what its prompt names.", takes=("text",),
+                     makes="text")
+
+def generate(request, context):
+    import sys
+    from engine.generators import Result
+    kind = request.prompt
+    if kind == "exit":
+        sys.exit(0)
+    yield {"int": Result(text=123), "surrogate": Result(text="ok \\udcff"), "image": Result(text="t", image="x"),
+           "info": Result(text="t", info=[1])}[kind]
+
+''')
+
+
+@pytest.mark.parametrize("kind,words", [("int", "text that is a int, not a string"),
+                                        ("surrogate", "not valid Unicode"),
+                                        ("image", "an image that is a str"),
+                                        ("info", "info or warnings of the wrong type"),
+                                        ("exit", "SystemExit")])
+def test_a_plugin_result_of_the_wrong_type_is_its_failure(studio_home, tmp_path, kind, words):
+    """Result(text=123) was 'unexpected AttributeError', and sys.exit(0) in generate a silent success (exit 0, no
+    output, no history row)."""
+    from engine.errors import GenerationError
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
+    from engine.store import ModelStore
+
+    drop(studio_home, "badres", BAD_RESULTS)
+    host = PluginHost(builtins=()).load()
+    prep = prepare(host, ModelStore(host, builtin_dir=tmp_path / "none"), Job("bad", prompt=kind))
+    with pytest.raises(GenerationError, match=f"Generator bad \\(plugin badres\\) failed: .*{words}"):
+        execute(prep, out_dir=tmp_path, history=False)
+    assert not list(tmp_path.glob("*.txt"))
