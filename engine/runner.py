@@ -174,6 +174,17 @@ def set_cpu_threads(model_bytes: int) -> int:
     return n
 
 
+def check_text(text, what: str) -> None:
+    """UsageError when ``text`` (a string) holds bytes that were not UTF-8: Python keeps them as lone surrogates,
+    which no tokenizer, file or database takes."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} holds bytes that are not UTF-8 text; give it in UTF-8 (set the terminal or "
+                             "file to UTF-8).") from None
+
+
 def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
     """Check everything about a job before any work starts. Raises UsageError/ModelError with a clear message."""
     generator = host.generator(job.generator)
@@ -189,10 +200,13 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
             raise UsageError(f"Generator {info.id} needs a prompt; pass --prompt TEXT.")
         if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        check_text(prompt, "The prompt")
     elif prompt:
         hint = " (give the conversation with --messages FILE.json, or talk with `studio chat`)" \
             if "messages" in info.takes else ""
         raise UsageError(f"Generator {info.id} takes no prompt; it works on {', '.join(info.takes)}{hint}.")
+    for name, value in options.items():
+        check_text(value, f"Option {name}")
     messages = ()
     if "messages" in info.takes:
         from engine.chat import parse_messages
@@ -200,6 +214,8 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         if job.messages is None:
             raise UsageError(f"Generator {info.id} needs a conversation; pass --messages FILE.json.")
         messages = parse_messages(job.messages)
+        for i, m in enumerate(messages):
+            check_text(m.content, f"Message {i}")
     elif job.messages:
         raise UsageError(f"Generator {info.id} takes no conversation; give it a prompt instead.")
     image = _input_file(job.image, "image", "Image", info)

@@ -17,6 +17,9 @@ def history_command(args) -> int:
     """`studio history list|show|replay`; replaying a fine-tune's row trains it again and compares the adapters."""
     history = History()
     if args.action == "list":
+        from engine.runner import check_text
+
+        check_text(args.search, "The search")
         entries = history.list(limit=args.limit, search=args.search, generator=args.generator)
         if args.json:
             _print_json([e.to_dict() for e in entries])

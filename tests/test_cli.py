@@ -244,3 +244,13 @@ def test_a_plugin_result_of_the_wrong_type_is_its_failure(studio_home, tmp_path,
     with pytest.raises(GenerationError, match=f"Generator bad \\(plugin badres\\) failed: .*{words}"):
         execute(prep, out_dir=tmp_path, history=False)
     assert not list(tmp_path.glob("*.txt"))
+
+
+def test_arguments_that_are_not_utf8_are_one_sentence(plugins):
+    """A Latin-1 terminal's prompt ('KING\\xff:') was 'TextInputSequence must be str' from the tokenizer, and
+    `history list --search` with such a byte 'unexpected UnicodeEncodeError'."""
+    for argv in (["generate", "upper", "--prompt", b"KING\xff:"], ["history", "list", "--search", b"\xff"]):
+        proc = subprocess.run([sys.executable, "-m", "studio.cli", *argv], capture_output=True, env=os.environ.copy(),
+                              timeout=120)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and "not UTF-8 text" in err and "unexpected" not in err, err
