@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.errors import StateError
+from engine.errors import StateError, UsageError
 from engine.outputs import cannot_write, tmp_name, unlink_quietly, write_new
 
 Render = Callable[[Path], "list[tuple[Path, bytes]]"]  # primary path -> [(path, bytes)] (the primary first)
@@ -93,9 +93,14 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
     except OSError as exc:
         raise StateError(cannot_write(path.parent, exc)) from None
     notes = []
-    n, planned = _plan(render, path, 0, not overwrite)
-    if n and not overwrite:
-        notes.append(f"{path} exists; saved as {planned[0][0].name} instead")
+    n, planned = _plan(render, path, 0, False)
+    odd = [p for p, _ in planned if p.exists() and not p.is_file()]
+    if odd:  # os.replace would put a file where a device, a pipe or a folder was
+        raise UsageError(f"{odd[0]} is not a regular file; choose another output name.")
+    taken = [p for p, _ in planned if p.exists() or p.is_symlink()]
+    if taken and not overwrite:
+        n, planned = _plan(render, path, 1, True)
+        notes.append(f"{taken[0]} exists; saved as {planned[0][0].name} instead")
     row, unrecorded = None, ""
     tmps = _tmp_names(planned)
     every_tmp = list(tmps)  # all temporary names ever used, so that cleanup and recovery find each one

@@ -149,6 +149,8 @@ def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Opt
             if parent == out:
                 raise UsageError(f"With several inputs --out must be a folder; {out} is a file.")
             raise UsageError(f"--out {given}: {parent} is a file, so nothing can be saved inside it.")
+    if not is_dir and out.exists() and not out.is_file():
+        raise UsageError(f"{out} is not a regular file (a device or a pipe); choose another --out.")
     if not is_dir and out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
     return out, is_dir

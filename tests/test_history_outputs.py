@@ -119,3 +119,24 @@ def test_text_and_audio_writers(tmp_path):
     assert sf.info(str(flac[0])).format == "FLAC"
     with pytest.raises(UsageError):
         outputs.write_audio(tmp_path / "a.mp3", np.zeros(10), 8000, {})
+
+
+def test_outputs_never_replace_a_device_or_a_pipe_and_say_which_name_was_taken(studio_home, tmp_path):
+    """`--out /dev/null --overwrite` (as root) put a regular file where the device was; a FIFO likewise. When only
+    the recipe beside a text output existed, the note said the text file existed."""
+    from engine import commit
+
+    def render(path):
+        return outputs.text_files(path, "hello", {"generator": "text"})
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for target in (fifo, tmp_path):
+        with pytest.raises(UsageError, match="is not a regular file"):
+            commit.save(render, target, {"generator": "text"}, None, overwrite=True)
+    assert fifo.exists() and not fifo.is_file()
+    names = [p for p, _ in render(tmp_path / "a.txt")]
+    sidecar = next(p for p in names if p != tmp_path / "a.txt")
+    sidecar.write_text("precious")
+    saved = commit.save(render, tmp_path / "a.txt", {"generator": "text"}, None)
+    assert saved.notes == [f"{sidecar} exists; saved as a-1.txt instead"] and sidecar.read_text() == "precious"
