@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -59,7 +61,7 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     if req.messages:
         recipe["messages"] = [m.to_dict() for m in req.messages]
     if req.adapters:
-        recipe["loras"] = [a.to_dict() for a in req.adapters]
+        recipe["loras"] = [keep_adapter(a) for a in req.adapters]
     if result.text is not None:
         recipe["text"] = result.text
         recipe["token_ids"] = list(result.token_ids or [])
@@ -88,6 +90,35 @@ def keep_input(path: Path) -> dict:
         entry["kept"] = str(copy)
     except (OSError, StudioError) as exc:
         log.warning("The input %s was not kept in the state folder (%s); replays will need the original.", path, exc)
+    return entry
+
+
+def keep_adapter(ref) -> dict:
+    """A LoRA as the recipe holds it, with a copy kept by its weights' hash as inputs are (a file as
+    ``inputs/<sha256>.safetensors``, a PEFT folder's config and weights as ``inputs/<sha256>.peft/``), so a replay
+    works after the original moved or changed. Kept once per content; one that cannot be kept is only a warning."""
+    entry = ref.to_dict()
+    path = Path(ref.path)
+    copy = kept_input(ref.sha256, ".peft" if path.is_dir() else path.suffix)
+    try:
+        if not copy.exists():
+            tmp = copy.with_name(f".{copy.name}.partial-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            if path.is_dir():
+                tmp.mkdir(parents=True)
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    if (path / name).is_file():
+                        shutil.copyfile(path / name, tmp / name)
+            else:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp)
+            try:
+                os.rename(tmp, copy)
+            except OSError:  # another process kept the same content meanwhile
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        entry["kept"] = str(copy)
+    except OSError as exc:
+        log.warning("The LoRA %s was not kept in the state folder (%s); replays will need the original.", path, exc)
     return entry
 
 

@@ -9,33 +9,41 @@ from engine import outputs as out_mod
 from engine.errors import UsageError
 from engine.plugins import PluginHost
 from engine.recipe import kept_input
-from engine.runner import LEGACY_EXPORT, Job, Record, execute, prepare, resolve_device
+from engine.runner import LEGACY_EXPORT, Job, Record, adapter_weights, execute, prepare, resolve_device
 from engine.store import ModelStore
 
 
-def replay_input(recorded: Optional[dict], notes: list) -> Optional[str]:
-    """The file a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
-    ``notes`` says which, and why."""
+def replay_input(recorded: Optional[dict], notes: list, what: str = "input", hashed=lambda p: p,
+                 suffixes: tuple = ()) -> Optional[str]:
+    """The path a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
+    ``notes`` says which, and why. ``hashed(path)``: the file the hash is of (a LoRA folder's weights file);
+    ``suffixes``: other names the kept copy may have."""
     if not recorded:
         return None
     path, digest = Path(recorded.get("path", "")), recorded.get("sha256")
-    found = out_mod.sha256_file(path) if path.is_file() else None
+    found = out_mod.sha256_file(hashed(path)) if hashed(path).is_file() else None
     if digest is None or found == digest:
         return str(path)
     candidates = [Path(recorded["kept"])] if recorded.get("kept") else []
-    candidates.append(kept_input(digest, Path(recorded.get("kept") or path).suffix))  # this studio's own copy (a
-    # recipe made on another machine, such as a Ray worker, names that machine's)
-    kept = next((c for c in candidates if c.is_file() and out_mod.sha256_file(c) == digest), None)
+    candidates += [kept_input(digest, s) for s in (Path(recorded.get("kept") or path).suffix, *suffixes)]  # this
+    # studio's own copy (a recipe made on another machine, such as a Ray worker, names that machine's)
+    kept = next((c for c in candidates if hashed(c).is_file() and out_mod.sha256_file(hashed(c)) == digest), None)
     if kept is not None:
         why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
-        notes.append(f"the input {path} {why}; the copy the studio kept of the original was used")
+        notes.append(f"the {what} {path} {why}; the copy the studio kept of the original was used")
         return str(kept)
     if found is None:
-        raise UsageError(f"The input {path} of this recipe is missing and the studio kept no copy of it "
-                         f"(sha256 {digest[:12]}); put the file back at that path to replay.")
-    notes.append(f"the input {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
+        raise UsageError(f"The {what} {path} of this recipe is missing and the studio kept no copy of it "
+                         f"(sha256 {digest[:12]}); put it back at that path to replay.")
+    notes.append(f"the {what} {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
                  f"original was kept, so the output may differ")
     return str(path)
+
+
+def replay_lora(recorded: dict, notes: list) -> str:
+    """A recorded LoRA as ``PATH:WEIGHT`` for the replayed job (the original, else the studio's kept copy)."""
+    path = replay_input(recorded, notes, "LoRA", adapter_weights, (".peft",))
+    return f"{path}:{recorded.get('weight', 1.0)}"
 
 
 def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
@@ -56,7 +64,7 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image, mask=mask,
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
-              loras=[f"{a['path']}:{a.get('weight', 1.0)}" for a in recipe.get("loras") or []],
+              loras=[replay_lora(a, input_notes) for a in recipe.get("loras") or []],
               export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
     record = execute(prepare(host, store, job), **kw)
     same = record.recipe["content_sha256"] == recipe.get("content_sha256")

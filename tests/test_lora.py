@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +227,11 @@ def test_generate_with_lora_replays_and_merges(tmp_path):
     assert len(recipe["loras"][0]["sha256"]) == 64
     replay = _cli(home, "history", "replay", str(styled["history_id"]))
     assert replay.returncode == 0 and "identical" in replay.stdout, replay.stdout + replay.stderr
+    (tmp_path / "style").rename(tmp_path / "style-moved")  # the adapter is kept by hash, as inputs are
+    replay = _cli(home, "history", "replay", str(styled["history_id"]))
+    assert replay.returncode == 0 and "identical" in replay.stdout, replay.stdout + replay.stderr
+    assert "the copy the studio kept" in replay.stdout + replay.stderr
+    (tmp_path / "style-moved").rename(tmp_path / "style")
 
     merged = _cli(home, "models", "merge-lora", "tiny", f"{tmp_path / 'style'}:0.75", "--name", "tiny-styled")
     assert merged.returncode == 0, merged.stderr
@@ -243,3 +249,27 @@ def test_generate_with_lora_replays_and_merges(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     bad = _cli(home, "generate", "image", "--prompt", "a small red circle", "--lora", str(tmp_path / "style"))
     assert bad.returncode == 2 and "which this model does not have" in bad.stderr
+
+
+def test_a_lora_file_is_kept_and_replays_from_the_copy(tmp_path, monkeypatch):
+    """A kohya .safetensors LoRA used by a generation is kept by hash; a replay after it was deleted or changed
+    uses the copy (it failed: 'LoRA ... does not exist')."""
+    from engine.recipe import keep_adapter
+    from engine.replay import replay_lora
+    from engine.runner import adapter_ref
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    file = tmp_path / "ghibli.safetensors"
+    file.write_bytes(b"weights v1")
+    recorded = keep_adapter(adapter_ref(f"{file}:0.8"))
+    assert recorded["kept"].endswith(".safetensors") and recorded["weight"] == 0.8
+    notes = []
+    assert replay_lora(recorded, notes) == f"{file.resolve()}:0.8" and notes == []
+    file.write_bytes(b"weights v2")
+    path, weight = replay_lora(recorded, notes).rsplit(":", 1)
+    assert open(path, "rb").read() == b"weights v1" and weight == "0.8" and "has changed since" in notes[0]
+    file.unlink()
+    assert replay_lora(recorded, notes).rsplit(":", 1)[0] == path and "is missing" in notes[1]
+    Path(path).unlink()
+    with pytest.raises(UsageError, match="The LoRA .* is missing and the studio kept no copy"):
+        replay_lora(recorded, notes)
