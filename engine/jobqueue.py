@@ -125,6 +125,14 @@ def payload_of(job, kind: str = "generate") -> dict:
     return json.loads(json.dumps(data, default=str))
 
 
+def _row_id(job_id) -> int:
+    """A job id as SQLite takes it; one past its 64-bit range names no job (it was an OverflowError)."""
+    value = int(job_id)
+    if not 0 <= value < 2**63:
+        raise UsageError(f"There is no job {job_id} in the queue.")
+    return value
+
+
 class JobQueue:
     def __init__(self, path: Optional[Path] = None):
         self.path = Path(path) if path else state.home() / "queue.sqlite3"
@@ -260,7 +268,7 @@ class JobQueue:
 
     def get(self, job_id: int) -> QueueJob:
         conn = self._connect()
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (_row_id(job_id),)).fetchone()
         if row is None:
             raise UsageError(f"There is no job {job_id} in the queue.")
         return _job(row)
@@ -282,10 +290,10 @@ class JobQueue:
         """Put a queued job at ``index`` (0 = next to run) among the queued jobs."""
         with self._tx() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position, id")]
-            if int(job_id) not in ids:
+            if _row_id(job_id) not in ids:
                 raise UsageError(f"Job {job_id} is not waiting in the queue, so it cannot be moved.")
-            ids.remove(int(job_id))
-            ids.insert(max(0, min(int(index), len(ids))), int(job_id))
+            ids.remove(_row_id(job_id))
+            ids.insert(max(0, min(int(index), len(ids))), _row_id(job_id))
             conn.executemany("UPDATE jobs SET position = ? WHERE id = ?", [(i + 1, j) for i, j in enumerate(ids)])
 
     def to_front(self, job_id: int) -> None:
@@ -298,22 +306,22 @@ class JobQueue:
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job at once, or ask the worker running it to stop. Returns the new state."""
         with self._tx() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (_row_id(job_id),)).fetchone()
             if row is None:
                 raise UsageError(f"There is no job {job_id} in the queue.")
             if row[0] == "queued":
                 conn.execute("UPDATE jobs SET state = 'cancelled', finished = ?, message = 'cancelled' WHERE id = ?",
-                             (time.time(), int(job_id)))
+                             (time.time(), _row_id(job_id)))
                 return "cancelled"
             if row[0] == "running":
-                conn.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (int(job_id),))
+                conn.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (_row_id(job_id),))
                 return "cancelling"
             raise UsageError(f"Job {job_id} has already finished ({row[0]}); there is nothing to cancel.")
 
     def retry(self, job_id: int) -> None:
         """Queue a failed or cancelled job again, at the end."""
         with self._tx() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (_row_id(job_id),)).fetchone()
             if row is None:
                 raise UsageError(f"There is no job {job_id} in the queue.")
             if row[0] not in ("failed", "cancelled"):
@@ -321,7 +329,7 @@ class JobQueue:
             hi = conn.execute("SELECT MAX(position) FROM jobs").fetchone()[0] or 0
             conn.execute("UPDATE jobs SET state = 'queued', position = ?, error = '', error_type = '', message = '',"
                          " cancel = 0, step = 0, total = 0, started = NULL, finished = NULL WHERE id = ?",
-                         (hi + 1, int(job_id)))
+                         (hi + 1, _row_id(job_id)))
 
     def clear(self) -> int:
         """Forget the finished jobs (their outputs and history rows stay). Returns how many."""
@@ -354,13 +362,13 @@ class JobQueue:
         """Record progress; returns True when someone asked to cancel the job."""
         with self._tx() as conn:
             conn.execute("UPDATE jobs SET step = ?, total = ?, message = ? WHERE id = ?",
-                         (int(step), int(total), str(message)[:200], int(job_id)))
-            row = conn.execute("SELECT cancel FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+                         (int(step), int(total), str(message)[:200], _row_id(job_id)))
+            row = conn.execute("SELECT cancel FROM jobs WHERE id = ?", (_row_id(job_id),)).fetchone()
         return bool(row and row[0])
 
     def cancel_requested(self, job_id: int) -> bool:
         conn = self._connect()
-        row = conn.execute("SELECT cancel FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        row = conn.execute("SELECT cancel FROM jobs WHERE id = ?", (_row_id(job_id),)).fetchone()
         return bool(row and row[0])
 
     def finish(self, job_id: int, history_id: Optional[int], result: dict) -> None:
@@ -376,13 +384,13 @@ class JobQueue:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as conn:
             conn.execute(f"UPDATE jobs SET state = ?, finished = ?, owner = '', {cols} WHERE id = ?",
-                         (new_state, time.time(), *fields.values(), int(job_id)))
+                         (new_state, time.time(), *fields.values(), _row_id(job_id)))
 
     def release(self, job_id: int) -> None:
         """Put a running job back at its old place (its worker stopped without finishing it: the window closed)."""
         with self._tx() as conn:
             conn.execute("UPDATE jobs SET state = 'queued', owner = '', cancel = 0, step = 0, total = 0,"
-                         " message = 'put back' WHERE id = ? AND state = 'running'", (int(job_id),))
+                         " message = 'put back' WHERE id = ? AND state = 'running'", (_row_id(job_id),))
 
     def set_sheet(self, grid_id: int, path: str) -> None:
         with self._tx() as conn:

@@ -98,6 +98,8 @@ def _model(body: dict, service=None):
     if not isinstance(overrides, dict):
         raise UsageError("override_settings must be an object, such as {\"sd_model_checkpoint\": NAME}.")
     name = overrides.get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
+    if name and not isinstance(name, str):
+        raise UsageError(f"sd_model_checkpoint must be a model's name, not {name!r}.")
     return _strip_hash(name) if name else None
 
 
@@ -181,8 +183,8 @@ async def img2img(request):
     if not makers:
         raise Unsupported("img2img needs an image-to-image generator (such as Stable Diffusion); none is installed.")
     inits = body.get("init_images")
-    if not isinstance(inits, list) or not inits:
-        raise UsageError("init_images must be a list holding one base64 image.")
+    if not isinstance(inits, list) or len(inits) != 1:  # A1111 pairs several with a batch; the studio takes one
+        raise UsageError("init_images must be a list holding one base64 image (one request per input image).")
     generator = makers[0]
     model = _model(body, service)
     if model:
@@ -245,9 +247,12 @@ def save_input(data, transform=None) -> Path:
             im.load()
             im = ImageOps.exif_transpose(im)  # the PNG keeps no EXIF: turn it now, as the studio reads photos
             im = transform(im) if transform else im
+            if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # CMYK, YCbCr, ...: no PNG mode
+                im = im.convert("RGB")
             buf = io.BytesIO()
             im.save(buf, format="PNG")
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
+    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as exc:  # a broken
+        # PNG chunk is a SyntaxError in Pillow
         raise UsageError(f"The image could not be read ({type(exc).__name__}: {exc}).") from None
     png = buf.getvalue()
     path = state.home() / "inputs" / (hashlib.sha256(png).hexdigest() + ".png")

@@ -78,9 +78,15 @@ def _text_options(body: dict, default_max: int) -> dict:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
         raise UsageError("response_format must be {\"type\": \"text\"} here (no JSON mode or schemas); leave it out.")
+    for key in ("stream", "echo"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise UsageError(f"{key} must be true or false, not {body[key]!r}.")
+    top_k = _number(body, "top_k", int, 0)  # vLLM's extra; OpenAI samples among all tokens (-1 or 0 here)
     opts = {"max_new_tokens": _number(body, "max_tokens", int, default_max),
             "temperature": _number(body, "temperature", float, 1.0),
             "top_p": _number(body, "top_p", float, 1.0), "stop": _stop(body.get("stop")),
+            "top_k": 0 if top_k == -1 else top_k,
+            "repetition_penalty": _number(body, "repetition_penalty", float, 1.0),
             "presence_penalty": _number(body, "presence_penalty", float, 0.0),
             "frequency_penalty": _number(body, "frequency_penalty", float, 0.0)}
     if body.get("max_completion_tokens") is not None:

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import threading
 from typing import Optional
@@ -217,12 +218,27 @@ def status_of(exc: BaseException) -> tuple:
 async def read_json(request) -> dict:
     body = await request.body()
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(body or b"null", parse_float=_finite, parse_int=_whole)
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"The request body is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise UsageError("The request body nests arrays or objects too deeply.") from None
     if not isinstance(data, dict):
         raise UsageError("The request body must be a JSON object.")
     return data
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: every field that takes a number would fail on infinity
+        raise UsageError(f"The number {text[:20]} in the request body is too large.")
+    return value
+
+
+def _whole(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # past any seed or count (and Python's own digit limit)
+        raise UsageError(f"The number {text[:20]}... in the request body is too large.")
+    return int(text)
 
 
 class TooLarge(Exception):
@@ -302,9 +318,13 @@ def create_app(token: Optional[str] = None, max_body: int = MAX_BODY, service: O
         log.exception("request failed")
         return error_response(f"The server failed: {type(exc).__name__}: {exc}", 500, "server_error")
 
+    async def gone(request, exc):  # no one reads the answer; the job is cancelled (no traceback in the log)
+        return error_response("The client went away; its job was cancelled.", 499, "cancelled")
+
     routes = api_openai.routes() + api_a1111.routes() + api_jobs.routes()
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={StudioError: studio_error, HTTPException: http_error, Exception: unexpected})
+                    exception_handlers={StudioError: studio_error, HTTPException: http_error, ClientGone: gone,
+                                        Exception: unexpected})
     return Guard(app, token, max_body)
 
 

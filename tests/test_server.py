@@ -241,6 +241,30 @@ def test_bad_requests(server):
                          ({"front": "no"}, "front")):  # each was a 500 (a TypeError or AttributeError)
         r = httpx.post(url + "/api/jobs", json={"generator": "text", "prompt": "x", **wrong})
         assert r.status_code == 400 and words in r.json()["detail"]
+    # each of these was a 500 (an OverflowError, a RecursionError, an AttributeError, a SyntaxError from Pillow,
+    # a UnicodeEncodeError that then broke every listing of the queue or the history)
+    import json as _json
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(png, format="PNG")  # the first 200 characters are a broken PNG
+    for path, body, words in (
+            ("/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', "too large"),
+            ("/v1/completions", b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}", "too large"),
+            ("/v1/completions", b"[" * 100000, "too deeply"),
+            ("/sdapi/v1/txt2img", b'{"prompt": "x", "override_settings": {"sd_model_checkpoint": 5}}',
+             "sd_model_checkpoint"),
+            ("/sdapi/v1/interrogate", _json.dumps({"image": base64.b64encode(png.getvalue()).decode()[:200]}).encode(),
+             "could not be read"),
+            ("/v1/completions", b'{"prompt": "a red \\ud800 circle", "max_tokens": 2}', "not UTF-8"),
+            ("/v1/completions", b'{"prompt": "x", "stop": "\\ud800", "max_tokens": 2}', "not UTF-8"),
+            ("/v1/completions", b'{"prompt": "x", "stream": "false"}', "stream must be true or false")):
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["detail"], (path, body[:60], r.text)
+    assert httpx.get(url + "/api/jobs/99999999999999999999999").status_code == 400
+    assert httpx.get(url + "/api/jobs", params={"all": 1}).status_code == 200
+    assert httpx.get(url + "/api/history").status_code == 200
 
 
 def test_client_disconnect_cancels_job_and_queue_goes_on(server):
