@@ -69,7 +69,11 @@ def _open(source: Source, max_pixels: int):
                 raise UsageError(f"{_cap(name)} is {w} x {h} pixels, more than the {max_pixels:,} pixels the studio "
                                  "reads (a possible decompression bomb); use a smaller image.")
             image.load()
+            sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
             image = ImageOps.exif_transpose(image)
+            if sixteen:  # a 16-bit file holds 16-bit samples, however dark (the scale was read from the content,
+                # which made a near-black file bright); an image made in memory keeps _to_rgb's rule
+                image = Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8), "L")
         except UsageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -115,7 +119,7 @@ def _to_rgb(image):
         if mode == "F" and top <= 1.0:
             arr = arr * 255.0  # floats in [0, 1]
         elif top > 255:
-            arr = arr / 257.0  # 16-bit samples
+            arr = arr / 257.0  # 16-bit samples in a 32-bit image
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     if _has_alpha(image):
         rgba = image.convert("RGBA")

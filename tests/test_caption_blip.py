@@ -105,3 +105,16 @@ def test_blip_question_answering_is_refused(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="BlipForQuestionAnswering"):
         load_config(tmp_path / "b")
+
+
+def test_a_dark_sixteen_bit_file_stays_dark(tmp_path):
+    """A 16-bit PNG of 200s out of 65535 (near black) was read as grey 200; with one pixel at 300 as 1."""
+    from PIL import Image
+
+    from engine.images import load_image
+
+    for top in (200, 300):
+        a = np.full((8, 8), 200, np.uint16)
+        a[0, 0] = top
+        Image.fromarray(a).save(tmp_path / "dark.png")
+        assert np.asarray(load_image(tmp_path / "dark.png"))[4, 4].tolist() == [1, 1, 1]
