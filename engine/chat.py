@@ -139,7 +139,22 @@ def _environment():
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.range_left = [RANGE_BUDGET]  # reset by each render
+
+    def budgeted_range(*args):
+        """jinja2's sandbox caps one range() at 100,000 items, but nested loops multiply them (hours of work):
+        all the range() calls of one render share one budget."""
+        items = range(*args)
+        env.range_left[0] -= len(items)
+        if env.range_left[0] < 0:
+            raise jinja2.sandbox.SecurityError(f"its loops run past {RANGE_BUDGET:,} steps")
+        return items
+
+    env.globals["range"] = budgeted_range
     return env
+
+
+RANGE_BUDGET = 1_000_000  # range() items in one render of a chat template (real templates use a few hundred)
 
 
 def _check_source(env, source: str, name: str):
@@ -197,6 +212,7 @@ class ChatTemplate:
         from jinja2.sandbox import SecurityError
 
         msgs = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
+        self._compiled.environment.range_left[0] = RANGE_BUDGET
         try:
             return self._compiled.render(messages=msgs, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special)

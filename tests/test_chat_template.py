@@ -216,3 +216,21 @@ def test_drop_oldest_keeps_system_and_last_turn():
     assert kept == (msgs[0], msgs[3])
     with pytest.raises(UsageError, match="last message alone"):
         chat.drop_oldest(template, tokenizer, msgs, 12, 2)
+
+
+def test_nested_loops_are_stopped_not_run_for_hours():
+    """jinja2's sandbox caps one range() at 100,000 items; two nested ones ran for hours (the queue's worker with
+    them). All the range() calls of one render share a budget of a million."""
+    import time
+
+    from engine.chat import ChatTemplate, Message, TemplateRefused
+
+    slow = ChatTemplate("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+                        "{{ messages[0].content }}", name="m")
+    started = time.perf_counter()
+    with pytest.raises(TemplateRefused, match="loops run past 1,000,000 steps"):
+        slow.render([Message("user", "hi")])
+    assert time.perf_counter() - started < 5
+    fine = ChatTemplate("{% for i in range(900000) %}{% endfor %}{{ messages[0].content }}", name="m")
+    for _ in range(3):  # the budget is each render's own
+        assert fine.render([Message("user", "hi")]) == "hi"
