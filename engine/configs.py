@@ -16,6 +16,7 @@ the heads, the activation is one the studio computes).
 from __future__ import annotations
 
 import json
+import math
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -68,6 +69,8 @@ def _typed(value, hint, what: str):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ModelError(f"{what} is {value!r} in the model's config; it must be a number.")
         value = float(value)
+        if not math.isfinite(value):  # NaN or Infinity: every output would be NaN (an empty text, exit 0)
+            raise ModelError(f"{what} is {value!r} in the model's config; it must be a finite number.")
     elif hint is str and not isinstance(value, str):
         raise ModelError(f"{what} is {value!r} in the model's config; it must be a string.")
     elif hint is tuple and isinstance(value, list):

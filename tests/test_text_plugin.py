@@ -54,3 +54,28 @@ def test_store_refuses_wrong_shapes(tmp_path):
         assert "shape" in str(exc)
     else:
         raise AssertionError("a folder whose weights do not fit config.json was accepted")
+
+
+def test_nan_in_a_model_is_an_error_not_an_empty_text(tmp_path):
+    """A config with rms_norm_eps NaN imported, and it or NaN weights 'generated' an empty text with exit 0."""
+    import json
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    host = PluginHost(safe_mode=True).load()
+    store = ModelStore(host, builtin_dir=tmp_path / "none")
+    folder = save_folder(tmp_path / "m", "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": float("nan")}))
+    with pytest.raises(ModelError, match="rms_norm_eps is nan .* must be a finite number"):
+        store.validate(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(folder / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if "norm" in k else v for k, v in weights.items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    gen = host.generator("text")
+    opts = gen.info.resolve_options({"max_new_tokens": 3})
+    ref = ModelRef(name="m", path=folder, family="llama", hash="h-nan")
+    with pytest.raises(ModelError, match="computed NaN scores"):
+        list(gen.generate(Request(prompt="To be", options=opts, seed=3, model=ref), Context()))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import ModelError
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -87,6 +89,9 @@ def choose(logits, previous, opts: SamplingOptions, rng: np.random.Generator, ge
     """The next token id. ``previous``: ids so far (prompt and generated) for the repetition penalty;
     ``generated``: the ids written so far, for the presence and frequency penalties."""
     logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if np.isnan(logits).any() or not np.isfinite(logits).any():
+        raise ModelError("The model computed NaN scores for the next token: its weights or config hold NaN or "
+                         "overflow (import it again, or check its files).")
     logits = apply_repetition_penalty(logits, previous, opts.repetition_penalty)
     logits = apply_presence_frequency(logits, generated, opts.presence_penalty, opts.frequency_penalty)
     if opts.temperature <= 0:
