@@ -88,8 +88,9 @@ def _text_content(content, i: int) -> str:
     raise UsageError(f"Message {i} must be an object with a text \"role\" and a text \"content\".")
 
 
-def load_messages_file(path) -> tuple:
-    """A JSON file: a list of messages, or an object with a ``messages`` list (as OpenAI requests have)."""
+def load_messages_file(path, unread: Optional[list] = None) -> tuple:
+    """A JSON file: a list of messages, or an object with a ``messages`` list (as OpenAI requests have); the
+    object's other fields (``max_tokens``, ``temperature``...) are added to ``unread``, for the caller to say."""
     p = Path(path).expanduser()
     try:
         data = json.loads(p.read_text(encoding="utf-8-sig"))
@@ -98,6 +99,8 @@ def load_messages_file(path) -> tuple:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"Messages file {path} is not valid JSON ({exc}).") from None
     if isinstance(data, dict):
+        if unread is not None:
+            unread += [k for k in data if k != "messages"]
         data = data.get("messages")
     return parse_messages(data)
 

@@ -126,7 +126,11 @@ def _jobs(args, settings) -> list:
     if args.messages:
         from engine.chat import load_messages_file
 
-        messages = [m.to_dict() for m in load_messages_file(args.messages)]
+        unread: list = []
+        messages = [m.to_dict() for m in load_messages_file(args.messages, unread)]
+        if unread:  # an OpenAI request body: its sampling fields are not the CLI's options
+            print(f"studio: warning: {args.messages} also sets {', '.join(unread)}, which the command line does not "
+                  "read; give options with --set (max_new_tokens=, temperature=, ...) and --model.", file=sys.stderr)
     jobs = []
     for p in prompts:
         for im in images:

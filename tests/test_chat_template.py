@@ -191,8 +191,10 @@ def test_openai_style_messages_file(tmp_path):
     path.write_text(json.dumps({"model": "x", "messages": [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "ROMEO."}]}]}))
-    assert chat.load_messages_file(path) == (chat.Message("system", "Be brief."),
-                                             chat.Message("user", "Speak,\nROMEO."))
+    unread = []
+    assert chat.load_messages_file(path, unread) == (chat.Message("system", "Be brief."),
+                                                     chat.Message("user", "Speak,\nROMEO."))
+    assert unread == ["model"]  # the CLI names what it does not read (max_tokens was ignored silently)
 
 
 def test_context_budget_edges():
