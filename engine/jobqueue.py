@@ -400,9 +400,9 @@ class JobQueue:
         conn = self._connect()
         return [_job(r) for r in conn.execute("SELECT * FROM jobs WHERE grid = ? ORDER BY id", (int(grid_id),))]
 
-    def recover(self, history_path: Path, out_dir: Path) -> list:
+    def recover(self, history_path: Path, out_dir: Path, sweep: bool = False) -> list:
         """Put back the jobs whose worker process died while running them (engine.jobsave.recover)."""
-        return jobsave.recover(self, history_path, out_dir)
+        return jobsave.recover(self, history_path, out_dir, sweep)
 
 
 def _job(row) -> QueueJob:

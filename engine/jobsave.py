@@ -39,15 +39,19 @@ def owner_alive(owner: str) -> bool:
         return True
 
 
-def recover(queue, history_path: Path, out_dir: Path) -> list:
+def recover(queue, history_path: Path, out_dir: Path, sweep: bool = False) -> list:
     """Put back the jobs whose worker process died while running them. A job whose history row exists was
     finished (marked done, not run again); otherwise its partial output is deleted and it is queued again
-    in its old place. Returns the ids put back."""
+    in its old place. Returns the ids put back. ``sweep``: a worker's look while it runs (not at its start): only
+    the jobs of dead processes on this machine, never its own nor another machine's."""
     token, again = queue.token, []
+    here = socket.gethostname()
     with queue._tx() as conn:
         rows = conn.execute("SELECT id, owner FROM jobs WHERE state = 'running'").fetchall()
         for job_id, owner in rows:
             if owner and owner != queue.owner and owner_alive(owner):
+                continue
+            if sweep and (owner == queue.owner or owner.rpartition(":")[0] != here):
                 continue
             recorded = recorded_history_id(history_path, f"{token}:{job_id}")
             if recorded is not None:

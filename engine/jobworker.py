@@ -213,16 +213,29 @@ class QueueWorker:
 
     def run(self, until_empty: bool = False, max_jobs: Optional[int] = None) -> int:
         """Work the queue until stopped (or until nothing is left to run). Returns how many jobs ran."""
-        n = 0
+        n, next_sweep = 0, 0.0
         while not self.stop_event.is_set() and (max_jobs is None or n < max_jobs):
-            if self.run_one() is None:
-                if until_empty:
-                    break
-                self._wake.wait(self.poll)  # a job submitted by this process wakes it at once (wake())
-                self._wake.clear()
-            else:
+            if self.run_one() is not None:
                 n += 1
+                continue
+            if until_empty or time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+                if self._sweep():
+                    continue  # a job another worker died on is queued again: run it
+            if until_empty:
+                break
+            self._wake.wait(self.poll)  # a job submitted by this process wakes it at once (wake())
+            self._wake.clear()
         return n
+
+    def _sweep(self) -> list:
+        """Jobs of workers that died on this machine while this one ran, queued again (they stayed 'running'
+        until the next worker started)."""
+        try:
+            return recover(self.queue, sweep=True)
+        except StudioError as exc:
+            log.warning("queue: could not look for jobs of stopped workers (%s)", exc)
+            return []
 
     def wake(self) -> None:
         """Look at the queue now (a job was just submitted) instead of at the next poll."""
@@ -242,8 +255,11 @@ class QueueWorker:
             self._thread.join(timeout)
 
 
-def recover(queue: JobQueue) -> list:
+def recover(queue: JobQueue, sweep: bool = False) -> list:
     """``queue.recover`` with the state folder's history and output folder."""
     from engine.history import History
 
-    return queue.recover(History().path, state.load_settings().outputs)
+    return queue.recover(History().path, state.load_settings().outputs, sweep)
+
+
+SWEEP_SECONDS = 10.0  # how often an idle worker looks for jobs of workers that died

@@ -122,6 +122,27 @@ def test_recover_does_not_record_twice(studio_home):
     assert len(History().list()) == 1
 
 
+def test_a_running_worker_takes_back_the_job_of_a_worker_that_died(studio_home):
+    """Two workers; one is killed mid-job: its job stayed 'running' (no process owning it) until the next worker
+    started, although the other worker kept working the queue. Now the live worker queues it again and runs it; a
+    job of another machine, or of a live process, is left alone."""
+    import socket
+
+    drop(studio_home, "good", GOOD)
+    q = JobQueue()
+    dead, elsewhere, alive = (q.submit(Job("upper", prompt=p)) for p in ("dead", "elsewhere", "alive"))
+    for jid in (dead, elsewhere, alive):
+        q.claim()
+    owners = {dead: f"{socket.gethostname()}:999999999", elsewhere: "another-machine:1",
+              alive: f"{socket.gethostname()}:{os.getppid()}"}
+    with q._tx() as conn:
+        for jid, owner in owners.items():
+            conn.execute("UPDATE jobs SET owner = ? WHERE id = ?", (owner, jid))
+    assert _worker(q).run(until_empty=True) == 1
+    assert q.get(dead).state == "done" and History().list()[0].prompt == "dead"
+    assert q.get(elsewhere).state == "running" and q.get(alive).state == "running"
+
+
 def test_sigkill_with_three_queued_and_one_running(studio_home):
     drop(studio_home, "slow", SLOW)
     q = JobQueue()
