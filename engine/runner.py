@@ -336,6 +336,8 @@ def renderer(result: Result, recipe: dict) -> Callable:
             return out_mod.audio_files(path, data, rate, {**recipe, "path": str(path.resolve())})
     else:
         def render(path: Path) -> list:
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".wav", ".flac"):
+                raise UsageError(f"Text is saved as a text file; {path.name} has an image or audio suffix.")
             return out_mod.text_files(path, result.text or "", {**recipe, "path": str(path.resolve())})
     return render
 

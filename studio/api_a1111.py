@@ -143,6 +143,9 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
         import random
 
         seed = random.randrange(2**31)
+    if seed + count > 2**63:
+        raise UsageError(f"seed {seed} with {count} images passes 2^63-1 (image i gets seed + i); use a smaller "
+                         "seed.")
     options = _options(service, generator, body)
     images, seeds, infotexts, history_ids = [], [], [], []
     for i in range(count):

@@ -49,7 +49,8 @@ def _number(body: dict, key: str, kind: type, default=None):
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and float(value) != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):  # (float(v) rounds a large int)
         raise UsageError(f"{key} must be a {'whole number' if kind is int else 'number'}, not {value!r}.")
     return kind(value)
 

@@ -237,11 +237,16 @@ def read_jobfile(path: Path) -> tuple:
     from engine.runner import job_from_dict
 
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Cannot read job file {path} ({exc}).") from None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read job file {path} ({exc.strerror or exc}).") from None
     jobs, errors = [], []
-    for n, line in enumerate(lines, 1):
+    for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:  # a line that is not UTF-8 is that line's error; the others run (as every bad line)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            errors.append(f"{path} line {n}: the line is not UTF-8 text.")
+            continue
         if not line.strip():
             continue
         try:

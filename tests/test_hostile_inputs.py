@@ -5,6 +5,9 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from plugin_samples import GOOD, drop
 
@@ -239,3 +242,26 @@ def test_files_saved_with_a_byte_order_mark_read_as_their_text(tmp_path):
     (data / "b.txt").write_text(bom + "To be", encoding="utf-8")
     assert read_pairs(data)[0] == [(data / "a.png", "a red circle")]
     assert read_documents(data)["b.txt"] == "To be"
+
+
+def test_small_inputs_that_were_ignored_or_misread(tmp_path):
+    """A job file with one Latin-1 line was refused as a whole (bad lines are reported and the others run); a
+    caption prefix of unknown words was dropped from the caption without a word; `generate text --out t.png`
+    wrote text into a .png."""
+    from engine.errors import UsageError
+    from engine.runner import renderer
+    from engine.generators import Result
+    from plugins.caption.pipeline import CaptionPipeline
+    from studio.queue_cli import read_jobfile
+
+    (tmp_path / "jobs.jsonl").write_bytes(b'{"generator": "text", "prompt": "caf\xe9"}\n'
+                                          b'{"generator": "text", "prompt": "x"}\n')
+    jobs, errors = read_jobfile(tmp_path / "jobs.jsonl")
+    assert [n for n, _ in jobs] == [2] and errors == [f"{tmp_path / 'jobs.jsonl'} line 1: the line is not UTF-8 text."]
+    root = Path(__file__).resolve().parent.parent
+    captioner = CaptionPipeline.from_folder(root / "resources" / "models" / "shapes-captioner")
+    assert len(captioner.prompt("a")) == 2
+    with pytest.raises(UsageError, match="does not know the word\\(s\\) 'zzzqqq'"):
+        captioner.prompt("zzzqqq a")
+    with pytest.raises(UsageError, match="image or audio suffix"):
+        renderer(Result(text="hi"), {"generator": "text"})(tmp_path / "t.png")

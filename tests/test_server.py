@@ -259,7 +259,8 @@ def test_bad_requests(server):
              "could not be read"),
             ("/v1/completions", b'{"prompt": "a red \\ud800 circle", "max_tokens": 2}', "not UTF-8"),
             ("/v1/completions", b'{"prompt": "x", "stop": "\\ud800", "max_tokens": 2}', "not UTF-8"),
-            ("/v1/completions", b'{"prompt": "x", "stream": "false"}', "stream must be true or false")):
+            ("/v1/completions", b'{"prompt": "x", "stream": "false"}', "stream must be true or false"),
+            ("/sdapi/v1/txt2img", b'{"prompt": "x", "seed": 9223372036854775807, "batch_size": 2}', "passes 2^63-1")):
         r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and words in r.json()["detail"], (path, body[:60], r.text)
     assert httpx.get(url + "/api/jobs/99999999999999999999999").status_code == 400

@@ -133,11 +133,17 @@ class CaptionPipeline:
 
     def prompt(self, prefix: str = "") -> list:
         """The decoder's first ids: the start token, then the prefix's tokens (BLIP's "a picture of")."""
-        prefix = (prefix or "").strip()
-        ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
-        if 1 + len(ids) >= self.max_positions:
-            from engine.errors import UsageError
+        from engine.errors import UsageError
 
+        prefix = (prefix or "").strip()
+        enc = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else None
+        ids = enc.ids if enc else []
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        unknown = [prefix[a:b] for t, (a, b) in zip(enc.tokens, enc.offsets) if t == unk] if enc and unk else []
+        if unknown:  # they would be dropped from the caption without a word
+            raise UsageError(f"This model does not know the word(s) {', '.join(repr(w) for w in unknown)} of the "
+                             "caption prefix; use words from its vocabulary.")
+        if 1 + len(ids) >= self.max_positions:
             raise UsageError(f"The caption prefix is {len(ids)} tokens long; this model reads at most "
                              f"{self.max_positions - 2}.")
         return [self.start_id] + list(ids)
