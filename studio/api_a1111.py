@@ -88,7 +88,8 @@ def _options(service, generator: str, body: dict) -> dict:
              "sampler": _scheduled(_sampler(body.get("sampler_name") or body.get("sampler_index")),
                                    body.get("scheduler")) or None,
              "width": _number(body, "width", int), "height": _number(body, "height", int),
-             "strength": _number(body, "denoising_strength", float)}
+             "strength": _number(body, "denoising_strength", float),
+             "keep_unmasked": True if body.get("mask") else None}  # A1111 overlays the input outside the mask
     return {k: v for k, v in pairs.items() if v is not None and k in have}
 
 

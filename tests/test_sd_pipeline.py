@@ -180,6 +180,22 @@ def test_inputs_are_read_as_the_studio_reads_images(tmp_path, studio_home):
     want = picture("on_white.png", "mask.png")
     assert np.array_equal(picture("clear.png", "mask.png"), want)
     assert np.array_equal(picture("on_white.png", "strokes.png"), want)
+    # keep_unmasked (A1111's overlay): the input exactly where the mask is black, the output where it is white,
+    # blended by a blurred mask's grey (before, the kept region was the VAE's reconstruction of the input)
+    from PIL import ImageFilter
+
+    soft = mask.convert("L").filter(ImageFilter.GaussianBlur(2))
+    soft.save(tmp_path / "soft.png")
+    job = Job("sd", model="tiny-sd", prompt="a red cat", seed=5, image=str(tmp_path / "on_white.png"),
+              mask=str(tmp_path / "soft.png"), options={"width": 32, "height": 32, "steps": 2, "sampler": "ddim",
+                                                        "keep_unmasked": True})
+    kept = np.asarray(execute(prepare(host, store, job)).result.image).astype(int)
+    plain = picture("on_white.png", "soft.png").astype(int)
+    m = np.asarray(soft)[..., None] / 255.0
+    source = np.asarray(on_white.convert("RGB")).astype(int)
+    assert np.abs(kept - (plain * m + source * (1 - m))).max() <= 1
+    assert np.array_equal(kept[np.asarray(soft) == 0], source[np.asarray(soft) == 0])
+    assert not np.array_equal(plain[np.asarray(soft) == 0], source[np.asarray(soft) == 0])
 
 
 def _kohya_file(path, unet, text, rng):

@@ -363,7 +363,7 @@ def test_stable_diffusion_through_the_apis(tmp_path, monkeypatch):
                             mask_blur=2, prompt="a cat", seed=3, width=32, height=32, denoising_strength=0.9,
                             override_settings={"sd_model_checkpoint": "tiny-sd"})
             recipe = History().get(r.info["history_ids"][0]).recipe
-            assert recipe["info"]["mode"] == "inpaint"
+            assert recipe["info"]["mode"] == "inpaint" and recipe["options"]["keep_unmasked"]  # A1111 overlays
             with Image.open(recipe["mask"]["path"]) as m:
                 kept[invert] = np.asarray(m.convert("L"), dtype=int)
             assert 0 < (kept[invert] % 255).sum()  # blurred: grey levels at the edge

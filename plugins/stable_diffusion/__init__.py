@@ -36,6 +36,8 @@ INFO = GeneratorInfo(
         Option("negative_prompt", "str", "", "What to steer away from"),
         Option("strength", "float", 0.75, "With an input image: how much to change it (0 = keep, 1 = redraw)",
                min=0.0, max=1.0),
+        Option("keep_unmasked", "bool", False, "With a mask: put the input's own pixels back outside it (blended "
+               "along a soft mask's edge), as AUTOMATIC1111 does; off: the model's output everywhere, as diffusers"),
     ),
     families=("stable-diffusion",),
     takes_lora=True,

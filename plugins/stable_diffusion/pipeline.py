@@ -136,6 +136,20 @@ def mask_pixels(mask, width: int, height: int) -> np.ndarray:
     return (np.asarray(m, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)[None, None]
 
 
+def paste_unmasked(out, image, mask):
+    """``out`` with ``image``'s own pixels where ``mask`` is black, the two blended by its grey levels (a blurred
+    mask's soft edge), as AUTOMATIC1111 overlays an inpainting result: the kept region is the input exactly,
+    not the VAE's reconstruction of it."""
+    from PIL import Image
+
+    size = out.size
+    m = mask.convert("L")
+    m = m if m.size == size else m.resize(size, Image.Resampling.LANCZOS)
+    source = image.convert("RGB")
+    source = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+    return Image.composite(out.convert("RGB"), source, m)
+
+
 def vae_sample(nets: SDNets, x, generator):
     """Latents of images ``x`` drawn from the VAE's distribution with ``generator``, times the scaling factor."""
     mean, std = nets.vae_encode(x)
@@ -256,6 +270,8 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
     yield Progress(settings.steps, settings.steps, "decoding")
     tiled = width * height > 768 * 768
     out = Image.fromarray(to_uint8(decode(sd, latents, tiled))[0])
+    if mask is not None and options.get("keep_unmasked"):
+        out = paste_unmasked(out, image, mask)
     warnings = list(notes)
     mode = "inpaint" if mask is not None else ("img2img" if image is not None else "txt2img")
     yield Result(image=out, warnings=warnings, info={
