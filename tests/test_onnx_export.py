@@ -236,6 +236,17 @@ def test_refusals(tmp_path, host):
     first = export_model(host, entry, out_dir=tmp_path / "exp")
     again = export_model(host, entry, out_dir=tmp_path / "exp")  # an earlier export is replaced
     assert first["folder"] == again["folder"] and len(list(tmp_path.glob(".exp*"))) == 0
+    import os
+    import socket
+
+    here = socket.gethostname()
+    dead = tmp_path / f".exp.partial-{here}~999999999-abc"  # an export killed mid-way (megabytes each) ...
+    live = tmp_path / f".exp.partial-{here}~{os.getppid()}-def"  # ... and one still running
+    for scratch in (dead, live):
+        scratch.mkdir()
+        (scratch / "model.onnx").write_bytes(b"x")
+    export_model(host, entry, out_dir=tmp_path / "exp")
+    assert not dead.exists() and live.exists()
     (tmp_path / "exp" / "runs").mkdir()  # a user's files in it were deleted with the earlier export
     (tmp_path / "exp" / "runs" / "r1.csv").write_text("data")
     (tmp_path / "exp" / "NOTES.txt").write_text("my notes")
