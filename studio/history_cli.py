@@ -34,7 +34,8 @@ def history_command(args) -> int:
         else:
             print(json.dumps(entry.recipe, indent=2, sort_keys=True))
             for o in entry.outputs:
-                print(f"output {o['path']} sha256 {o['sha256'][:16]}")
+                since = f" (replaced since by generation {o['replaced_by']})" if o.get("replaced_by") else ""
+                print(f"output {o['path']} sha256 {o['sha256'][:16]}{since}")
     elif args.action == "replay":
         entry = history.get(args.id)
         if entry.generator == "finetune":  # a fine-tune: train it again and compare the adapters

@@ -254,3 +254,12 @@ def test_arguments_that_are_not_utf8_are_one_sentence(plugins):
                               timeout=120)
         err = proc.stderr.decode()
         assert proc.returncode == 2 and "not UTF-8 text" in err and "unexpected" not in err, err
+
+
+def test_history_show_says_when_an_output_was_replaced(plugins, tmp_path):
+    out = tmp_path / "a.txt"
+    first = json.loads(studio("generate", "upper", "--prompt", "one", "--out", str(out), "--json", check=0).stdout)
+    second = json.loads(studio("generate", "upper", "--prompt", "two", "--out", str(out), "--overwrite", "--json",
+                               check=0).stdout)
+    shown = studio("history", "show", str(first["history_id"]), check=0).stdout
+    assert f"(replaced since by generation {second['history_id']})" in shown
