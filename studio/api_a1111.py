@@ -243,9 +243,14 @@ def save_input(data, transform=None) -> Path:
         raise UsageError("An image must be a base64 string.")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
+    from engine.images import MAX_PIXELS
+
     try:
         raw = base64.b64decode(data, validate=False)
         with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_PIXELS:  # refused before it is decoded or kept
+                raise UsageError(f"The image is {im.width} x {im.height} pixels, more than the {MAX_PIXELS:,} the "
+                                 "studio reads; send a smaller one.")
             im.verify()
         with Image.open(io.BytesIO(raw)) as im:
             im.load()

@@ -249,6 +249,8 @@ def test_bad_requests(server):
 
     png = io.BytesIO()
     Image.effect_noise((64, 64), 50).save(png, format="PNG")  # the first 200 characters are a broken PNG
+    huge = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(huge, format="PNG")  # refused before it is kept (it was kept, then refused)
     for path, body, words in (
             ("/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', "too large"),
             ("/v1/completions", b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}", "too large"),
@@ -257,6 +259,8 @@ def test_bad_requests(server):
              "sd_model_checkpoint"),
             ("/sdapi/v1/interrogate", _json.dumps({"image": base64.b64encode(png.getvalue()).decode()[:200]}).encode(),
              "could not be read"),
+            ("/sdapi/v1/interrogate", _json.dumps({"image": base64.b64encode(huge.getvalue()).decode()}).encode(),
+             "8000 x 8000 pixels"),
             ("/v1/completions", b'{"prompt": "a red \\ud800 circle", "max_tokens": 2}', "not UTF-8"),
             ("/v1/completions", b'{"prompt": "x", "stop": "\\ud800", "max_tokens": 2}', "not UTF-8"),
             ("/v1/completions", b'{"prompt": "x", "stream": "false"}', "stream must be true or false"),
