@@ -57,11 +57,11 @@ class Option:
                 else:
                     value = float(text)
             except ValueError:
-                raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {value!r}.") from None
+                raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {_shown(value)}.") from None
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {value!r}.")
+            raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {_shown(value)}.")
         if kind is float and value != value:
             raise OptionError(f"Option {self.name} must be a number, not NaN.")
         if self.min is not None and value < self.min:
@@ -77,6 +77,12 @@ class Option:
             "name": self.name, "type": self.type, "default": self.default, "help": self.help,
             "min": self.min, "max": self.max, "choices": list(self.choices) if self.choices else None,
         }
+
+
+def _shown(value) -> str:
+    """A wrong value as a message quotes it: a pasted 5000-digit number or page of text is cut."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _article(type_name: str) -> str:

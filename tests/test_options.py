@@ -26,6 +26,7 @@ def test_defaults_and_parsing_from_strings():
     ("guidance", "nan", "not NaN"),
     ("sampler", "plms", "must be one of ddim, euler"),
     ("flag", "maybe", "true or false"),
+    ("steps", "9" * 5000, r"not '9{56}\.{4}$"),  # a pasted huge value is cut in the message
     ("nope", 1, "has no option 'nope'"),
 ])
 def test_bad_values_get_clear_messages(name, value, message):
