@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from engine.errors import UsageError
-from studio.server import read_json
+from studio.server import NotFound, read_json
 
 
 def routes() -> list:
@@ -44,13 +44,21 @@ async def jobs(request):
     return _json({"id": job_id, "state": "queued"}, 201)
 
 
+def _existing(queue, job_id: int):
+    try:
+        return queue.get(job_id)
+    except UsageError as exc:  # "There is no job N in the queue."
+        raise NotFound(str(exc), "job_not_found") from None
+
+
 async def job(request):
-    return _json(request.app.state.service.queue.get(request.path_params["id"]).to_dict())
+    return _json(_existing(request.app.state.service.queue, request.path_params["id"]).to_dict())
 
 
 async def job_action(request):
     queue = request.app.state.service.queue
     job_id, action = request.path_params["id"], request.path_params["action"]
+    _existing(queue, job_id)
     if action == "cancel":
         return _json({"id": job_id, "state": queue.cancel(job_id)})
     if action == "retry":

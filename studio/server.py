@@ -27,7 +27,11 @@ LOOPBACK = ("localhost",)
 
 
 class NotFound(UsageError):
-    """An unknown model or job (HTTP 404)."""
+    """An unknown model or job (HTTP 404); ``code`` is OpenAI's error code for it."""
+
+    def __init__(self, message: str, code: str = "model_not_found"):
+        super().__init__(message)
+        self.code = code
 
 
 class Unsupported(StudioError):
@@ -205,7 +209,7 @@ def status_of(exc: BaseException) -> tuple:
     from engine.errors import CancelledError
 
     if isinstance(exc, NotFound):
-        return 404, "invalid_request_error", "model_not_found"
+        return 404, "invalid_request_error", exc.code
     if isinstance(exc, Unsupported):
         return 501, "not_implemented", None
     if isinstance(exc, CancelledError):

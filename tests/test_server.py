@@ -267,7 +267,9 @@ def test_bad_requests(server):
             ("/sdapi/v1/txt2img", b'{"prompt": "x", "seed": 9223372036854775807, "batch_size": 2}', "passes 2^63-1")):
         r = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and words in r.json()["detail"], (path, body[:60], r.text)
-    assert httpx.get(url + "/api/jobs/99999999999999999999999").status_code == 400
+    assert httpx.get(url + "/api/jobs/99999999999999999999999").status_code == 404
+    missing = httpx.post(url + "/api/jobs/424242/cancel")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
     assert httpx.get(url + "/api/jobs", params={"all": 1}).status_code == 200
     assert httpx.get(url + "/api/history").status_code == 200
 
