@@ -72,16 +72,13 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
 
 
 def replay_notes(original: dict, replayed: dict) -> list:
-    """Why a replay may not give the original output: another device, or a changed model."""
+    """Why a replay may not give the original output: another device, or a changed model (a changed input or
+    LoRA is said by ``replay_input``, which also finds the copy the studio kept)."""
     notes = []
     was, now = original.get("device", "auto"), replayed.get("device")
     if was != "auto" and now and now != was:
         notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
                      f"(float16 on a GPU), so the output may differ")
-    for was_a, now_a in zip(original.get("loras") or [], replayed.get("loras") or []):
-        if was_a.get("sha256") != now_a.get("sha256"):
-            notes.append(f"LoRA {was_a.get('name')} has changed since (hash {str(was_a.get('sha256'))[:12]} -> "
-                         f"{str(now_a.get('sha256'))[:12]}), so the output may differ")
     was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
     now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
     if was_t and now_t and was_t != now_t:
