@@ -137,3 +137,24 @@ def test_model_without_template_says_so_in_the_window(qtbot, studio_home):
     w.chat.input.setPlainText("Hello")
     w.chat.update_meter()
     assert w.chat.meter.value() > 0
+
+
+def test_turns_and_messages_show_text_as_it_is(qtbot):
+    """A message holding <img src="/dev/zero"> was rendered as HTML: Qt read /dev/zero on the window's thread until
+    memory ran out. Every label that shows a user's, a model's or a plugin's words shows them as plain text."""
+    from PySide6.QtCore import Qt
+
+    from studio.gui.chat_view import TurnBlock
+    from studio.gui.error_banner import ErrorBanner
+    from studio.gui.output_view import OutputView
+
+    html = '<img src="/dev/zero"> <b>hi</b>'
+    turn = TurnBlock(chat.Message("user", html))
+    banner, view = ErrorBanner(), OutputView()
+    qtbot.addWidget(turn), qtbot.addWidget(banner), qtbot.addWidget(view)
+    banner.show_message(html)
+    for label in (turn.text, banner.label, view.caption_text, view.info):
+        assert label.textFormat() == Qt.TextFormat.PlainText
+    assert turn.text.text() == html and html in banner.label.text()
+    turn.show()
+    qtbot.wait(50)  # painted without reading the file

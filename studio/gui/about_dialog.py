@@ -10,6 +10,7 @@ from PySide6.QtCore import qVersion
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QLabel, QVBoxLayout
 
 import engine
+from studio.gui.util import plain_label
 from studio.gui.worker import Task
 
 
@@ -33,7 +34,7 @@ class AboutDialog(QDialog):
         fixed = {"studio": engine.__version__, "Qt": f"{qVersion()} (PySide6 {PySide6.__version__})",
                  "Python": f"{platform.python_version()} on {sys.platform}"}
         for key, value in fixed.items():
-            form.addRow(key, QLabel(value))
+            form.addRow(key, plain_label(value))
         for key in ("torch", "onnxruntime", "device"):
             self.labels[key] = QLabel("checking…")
             form.addRow(key, self.labels[key])

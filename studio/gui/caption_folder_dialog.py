@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
-from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem
+from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLineEdit, QListWidget, QListWidgetItem
 
 from engine.errors import UsageError
 from engine.generators import BACKENDS, CancelToken
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.image_input import thumbnail
-from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, row
+from studio.gui.util import button, choose_folder_into, column, guard, idle_progress, plain_label, row
 from studio.gui.task_dialog import TaskDialog
 
 THUMB = 96
@@ -52,7 +52,7 @@ class CaptionFolderDialog(TaskDialog):
         self.overwrite = QCheckBox("Replace existing caption files (hand-written ones too)")
         self.recursive = QCheckBox("Include subfolders")
         self.progress = idle_progress()
-        self.status = QLabel()
+        self.status = plain_label()
         self.status.setWordWrap(True)
         self.grid = QListWidget()
         self.grid.setViewMode(QListWidget.ViewMode.IconMode)

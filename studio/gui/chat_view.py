@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
-from studio.gui.util import button, column, row
+from studio.gui.util import button, column, plain_label, row
 
 
 class TurnBlock(QFrame):
@@ -37,7 +37,7 @@ class TurnBlock(QFrame):
         self.setStyleSheet(ROLE_STYLES.get(message.role, ""))
         self.setObjectName(f"turn_{message.role}")
         self.who = QLabel(f"<b>{ROLE_TITLES[message.role]}</b>")
-        self.text = QLabel(message.content)
+        self.text = plain_label(message.content)
         self.text.setWordWrap(True)
         self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.editor = QPlainTextEdit(message.content)
@@ -94,7 +94,7 @@ class ChatView(QWidget):
         self.answer: Optional[TurnBlock] = None  # the block being streamed
         self.pending_user: Optional[str] = None  # the message box's text while its answer is written
 
-        self.note = QLabel()
+        self.note = plain_label()
         self.note.setObjectName("chat_note")
         self.note.setWordWrap(True)
         self.note.setStyleSheet("color: #8a5300;")
@@ -120,7 +120,7 @@ class ChatView(QWidget):
         self.meter = QProgressBar()
         self.meter.setObjectName("context_meter")
         self.meter.setTextVisible(True)
-        self.meter_label = QLabel()
+        self.meter_label = plain_label()
         self.meter_label.setObjectName("meter_label")
         column(self, self.note, self.system, (self.scroll, 1), self.input,
                row((self.send_button, 1), self.regenerate_button, self.new_button), self.meter, self.meter_label)

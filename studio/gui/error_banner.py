@@ -1,20 +1,20 @@
 """An error/status banner at the top of the window, with "Details" on demand."""
 from __future__ import annotations
 
-from PySide6.QtWidgets import QFrame, QLabel, QPlainTextEdit, QPushButton
+from PySide6.QtWidgets import QFrame, QPlainTextEdit, QPushButton
 
 STYLES = {
     "error": "QFrame#banner { background: #fde2e1; border: 1px solid #e0a3a0; border-radius: 4px; }",
     "info": "QFrame#banner { background: #e3eefc; border: 1px solid #a6c1e8; border-radius: 4px; }",
 }
-from studio.gui.util import column, row
+from studio.gui.util import column, plain_label, row
 
 
 class ErrorBanner(QFrame):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setObjectName("banner")
-        self.label = QLabel()
+        self.label = plain_label()
         self.label.setWordWrap(True)
         self.details_button = QPushButton("Details")
         self.details_button.setCheckable(True)

@@ -6,11 +6,11 @@ import json
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QPlainTextEdit
+from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QPlainTextEdit
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
-from studio.gui.util import button, column, guard, idle_progress, monospace, row
+from studio.gui.util import button, column, guard, idle_progress, monospace, plain_label, row
 from studio.gui.task_dialog import TaskDialog
 
 PASS_KEYS = ("passed", "ok", "pass")
@@ -88,11 +88,11 @@ class ExportDialog(TaskDialog):
                                  "by more than their stated tolerance")
         self.force = QCheckBox("Keep the export even if it fails the parity gate")
         self.progress = idle_progress()
-        self.result = QLabel()
+        self.result = plain_label()
         self.result.setObjectName("export_result")
         self.result.setWordWrap(True)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.parity = QLabel()
+        self.parity = plain_label()
         self.parity.setObjectName("export_parity")
         monospace(self.parity).setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.parity.setWordWrap(True)

@@ -26,7 +26,7 @@ from studio.gui.dataset_preview import DatasetPreview
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.finetune_process import FinetuneProcess, command_args
 from studio.gui.option_form import OptionForm
-from studio.gui.util import button, guard
+from studio.gui.util import button, guard, plain_label
 
 TRAIN_PEN = pg.mkPen("#9bb8ee", width=1)
 MEAN_PEN = pg.mkPen("#2456b8", width=2)
@@ -149,7 +149,7 @@ class FinetunePage(QWidget):
             buttons.addWidget(b)
         buttons.addStretch(1)
         buttons.addWidget(self.use_button)
-        self.run_label = QLabel()
+        self.run_label = plain_label()
         self.run_label.setObjectName("run_folder")
         self.run_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # long paths never widen
         self.run_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

@@ -14,7 +14,7 @@ from engine.runner import Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
-from studio.gui.util import button, column, guard, idle_progress, row
+from studio.gui.util import button, column, guard, idle_progress, plain_label, row
 
 
 class GeneratorPanel(QWidget):
@@ -24,10 +24,10 @@ class GeneratorPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.info = None
-        self.title = QLabel()
+        self.title = plain_label()
         self.title.setObjectName("generator_title")
         self.title.setStyleSheet("font-size: 17px; font-weight: bold;")
-        self.description = QLabel()
+        self.description = plain_label()
         self.description.setWordWrap(True)
         self.prompt_label = QLabel("Prompt")
         self.prompt = QPlainTextEdit()
@@ -81,7 +81,7 @@ class GeneratorPanel(QWidget):
         self.cancel_button.setEnabled(False)
         self.progress = idle_progress()
         self.progress.setTextVisible(True)
-        self.progress_label = QLabel()
+        self.progress_label = plain_label()
 
         column(self, self.title, self.description, self.prompt_label, self.prompt, self.image_label,
                self.image_input, self.options_box, self.lora_box, self.run_box, None,

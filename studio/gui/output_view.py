@@ -6,14 +6,14 @@ from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QImage, QTextCursor
-from PySide6.QtWidgets import (QApplication, QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton,
+from PySide6.QtWidgets import (QApplication, QFileDialog, QHBoxLayout, QPlainTextEdit, QPushButton,
                                QStackedWidget, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
 from studio.gui.audio_player import make_player
 from studio.gui.image_canvas import ImageCanvas
 from studio.gui.recipe_dialog import RecipeDialog
-from studio.gui.util import button, column, guard, row
+from studio.gui.util import button, column, guard, plain_label, row
 from studio.gui.waveform import Waveform
 
 KINDS = ("text", "image", "caption", "audio")
@@ -45,7 +45,7 @@ class OutputView(QWidget):
         self.canvas = ImageCanvas(placeholder="The image appears here, with previews while it is denoised.")
         caption_page = QWidget()
         self.caption_image = ImageCanvas(placeholder="Input image")
-        self.caption_text = QLabel()
+        self.caption_text = plain_label()
         self.caption_text.setWordWrap(True)
         self.caption_text.setObjectName("caption_text")
         self.caption_text.setStyleSheet("font-size: 16px; padding: 8px;")
@@ -56,7 +56,7 @@ class OutputView(QWidget):
         self.waveform = Waveform()
         self.play_button = QPushButton("▶ Play")
         self.stop_button = QPushButton("■ Stop")
-        self.audio_note = QLabel()
+        self.audio_note = plain_label()
         self.audio_note.setWordWrap(True)
         al = QVBoxLayout(audio_page)
         al.addWidget(self.waveform, 1)
@@ -71,7 +71,7 @@ class OutputView(QWidget):
         for page in self.pages.values():
             self.stack.addWidget(page)
 
-        self.info = QLabel()
+        self.info = plain_label()
         self.info.setObjectName("output_info")
         self.info.setWordWrap(True)
         self.save_button = button("Save as…", self.save_as)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QTimer, QUrl, Qt, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QAbstractItemView, QLabel, QListWidget, QListWidgetItem, QWidget
+from PySide6.QtWidgets import QAbstractItemView, QListWidget, QListWidgetItem, QWidget
 
 from engine.errors import UsageError
-from studio.gui.util import button, column, guard, row
+from studio.gui.util import button, column, guard, plain_label, row
 
 REFRESH_MS = 500
 JobIdRole = Qt.ItemDataRole.UserRole + 1
@@ -45,7 +45,7 @@ class QueuePanel(QWidget):
         super().__init__(parent)
         self.queue = queue
         self.list = JobList()
-        self.status = QLabel()
+        self.status = plain_label()
         self.pause_button = button("Pause queue", self.toggle_pause)
         self.cancel_button = button("Cancel", self.cancel_selected)
         self.retry_button = button("Retry", self.retry_selected)

@@ -7,7 +7,7 @@ import logging
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QFontDatabase, QIcon, QImage, QPainter, QPixmap
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLayout, QProgressBar, QPushButton, QVBoxLayout
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLayout, QProgressBar, QPushButton, QVBoxLayout
 
 from engine.errors import describe_exception
 
@@ -33,6 +33,15 @@ def report_error(widget, exc: BaseException, context: str = "") -> None:
         parent = target.parentWidget() if hasattr(target, "parentWidget") else None
         target = parent
     log.error("%s\n%s", message, details)
+
+
+def plain_label(text: str = "") -> QLabel:
+    """A label that shows its text as it is. A QLabel guesses rich text by default: a chat message, a caption, a
+    plugin's description or an error quoting a prompt holding ``<img src="/dev/zero">`` was rendered as HTML, and
+    Qt read that file forever on the window's thread."""
+    label = QLabel(text)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    return label
 
 
 def guard(fn):
