@@ -295,3 +295,10 @@ def test_garbage_gui_settings_do_not_stop_the_window(qtbot, gui_home):
     w.generate()
     wait_idle(qtbot, w)
     assert w.output.text.toPlainText() == "ok ok"
+
+
+def test_load_recipe_of_a_missing_generator_says_so_in_the_window(qtbot, gui_home):
+    """History's "Load recipe" on a row whose plugin was removed printed a traceback to stderr and showed nothing."""
+    w = make_window(qtbot, generator="echo")
+    w.history.load_requested.emit({"generator": "uninstalled", "prompt": "x"})
+    assert w.banner.isVisible() and "needs generator 'uninstalled'" in w.banner.label.text()

@@ -106,7 +106,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.output.caption_requested.connect(self.caption_image)
         self.output.prompt_requested.connect(self.use_as_prompt)
         self.history.open_requested.connect(self.open_entry)
-        self.history.load_requested.connect(self.load_recipe)
+        self.history.load_requested.connect(self.on_load_requested)
         self.chat.send_requested.connect(self.generate)
         self.chat.regenerate_requested.connect(self.regenerate_answer)
         self.panel.model.currentIndexChanged.connect(self.on_chat_model_changed)

@@ -12,6 +12,11 @@ from studio.gui.util import dropped_files, guard
 
 
 class RecipeActions:
+    @guard
+    def on_load_requested(self, recipe: dict) -> None:
+        """History's "Load recipe": a recipe that cannot load says why in the window (it escaped to stderr)."""
+        self.load_recipe(recipe)
+
     def load_recipe(self, recipe: dict) -> None:
         """Put a recipe's generator, prompt, seed, options and model back into the form."""
         gid = recipe.get("generator")
