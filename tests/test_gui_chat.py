@@ -158,3 +158,19 @@ def test_turns_and_messages_show_text_as_it_is(qtbot):
     assert turn.text.text() == html and html in banner.label.text()
     turn.show()
     qtbot.wait(50)  # painted without reading the file
+
+
+def test_a_second_message_while_the_model_answers_waits_for_the_answer(qtbot):
+    """Sending again while an answer streamed queued the second message without the answer before it (the recipe
+    held two user messages in a row, and the view no longer matched what the model was sent)."""
+    w = _window(qtbot)
+    w.chat.input.setPlainText("Who goes there?")
+    w.chat.send_button.click()
+    w.chat.input.setPlainText("Speak, I pray thee.")
+    w.generate()  # Ctrl+Return while the first answer is on its way
+    assert w.banner.isVisible() and "still answering" in w.banner.label.text()
+    assert w.chat.input.toPlainText() == "Speak, I pray thee."  # nothing is lost
+    wait_idle(qtbot, w, timeout=60000)
+    _send(qtbot, w, "Speak, I pray thee.")
+    assert _roles(w) == ["user", "assistant"] * 2
+    assert [m["role"] for m in w.output.recipe["messages"]] == ["user", "assistant", "user"]

@@ -248,6 +248,11 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it."""
         job = self.panel.job()
         if "messages" in self.panel.info.takes:
+            if self.chat.answer is not None or any(
+                    j.job.get("messages") and j.source == "gui" for j in self.queue.list(states=("queued", "running"))):
+                # the next message is sent with the answer it follows; queued now, it would go without it
+                raise UsageError("The model is still answering; wait for the answer (or Stop it) before sending "
+                                 "the next message.")
             job.messages = [m.to_dict() for m in self.chat.to_send()]
         self._remember()
         job_id = self.queue.submit(job, source="gui")
