@@ -211,7 +211,9 @@ def read_png_recipe(path: Path) -> dict:
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError:
+        raise UsageError(f"{path} is too large to read safely (a possible decompression bomb).") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UsageError(f"Cannot read {path} as an image ({exc}).") from None
     if "studio" in text:
         try:

@@ -97,3 +97,29 @@ def test_qt_binding_does_not_leak_references_or_is_guarded(qtbot):
     for _ in range(2000):
         label.setText("x")
     assert sys.getrefcount(None) >= before - 10 or qtcompat.GUARDED
+
+
+def test_save_as_says_what_went_wrong_in_a_sentence(qtbot, tmp_path):
+    """Save as after the output was deleted, into a missing folder or onto the output itself was FileNotFoundError
+    or SameFileError in the banner; a dropped 30000 x 30000 PNG was Pillow's DecompressionBombError text."""
+    import pytest
+    from PIL import Image
+
+    from engine.errors import UsageError
+    from engine.outputs import read_png_recipe
+    from studio.gui.output_view import OutputView
+
+    view = OutputView()
+    qtbot.addWidget(view)
+    out = tmp_path / "a.txt"
+    out.write_text("hi")
+    view.files = [str(out)]
+    assert view.save_to(str(out)) == out and out.read_text() == "hi"  # onto itself: already there
+    with pytest.raises(UsageError, match="Cannot save to .*nope"):
+        view.save_to(str(tmp_path / "nope" / "b.txt"))
+    out.unlink()
+    with pytest.raises(UsageError, match="is gone"):
+        view.save_to(str(tmp_path / "c.txt"))
+    Image.new("1", (30000, 30000)).save(tmp_path / "bomb.png")
+    with pytest.raises(UsageError, match="too large to read safely"):
+        read_png_recipe(tmp_path / "bomb.png")

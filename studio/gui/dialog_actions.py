@@ -95,8 +95,8 @@ class DialogActions:
         dlg, accepted = self._exec("settings_dialog", "SettingsDialog", self.session.settings)
         if accepted:
             dlg.apply(self.session.settings)
-            self.session.save_settings()
             self.panel.set_pickers(self.session.settings.backend, self.session.settings.device)
+            self.session.save_settings(quiet=False)  # used now either way; not kept is said in the banner
 
     @guard
     def open_about(self) -> None:

@@ -194,7 +194,14 @@ class OutputView(QWidget):
         dest = Path(dest)
         if not dest.suffix:
             dest = dest.with_suffix(src.suffix)
-        shutil.copyfile(src, dest)
+        if not src.is_file():
+            raise UsageError(f"The output {src} is gone (moved or deleted), so it cannot be saved again.")
+        if dest.exists() and dest.resolve() == src.resolve():
+            return dest  # it is already there
+        try:
+            shutil.copyfile(src, dest)
+        except OSError as exc:
+            raise UsageError(f"Cannot save to {dest} ({exc.strerror or exc}); choose another place.") from None
         return dest
 
     @guard

@@ -79,8 +79,12 @@ class Session:
                 return info.id
         return None
 
-    def save_settings(self) -> None:
+    def save_settings(self, quiet: bool = True) -> None:
+        """Write the settings; when they cannot be written, a warning in the log (``quiet``, as the window
+        closes), else the StateError, for the window to show (the Settings dialog's OK said nothing)."""
         try:
             state.save_settings(self.settings)
         except Exception as exc:  # noqa: BLE001 - settings are a convenience; never fatal
+            if not quiet:
+                raise
             log.warning("Could not save settings: %s", exc)
