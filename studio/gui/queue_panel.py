@@ -141,4 +141,6 @@ class QueuePanel(QWidget):
         files = (job.result or {}).get("files") or []
         if not files:
             raise UsageError(f"Job {job.id} has no output ({job.state}).")
+        if not Path(files[0]).is_file():
+            raise UsageError(f"The output of job {job.id} ({files[0]}) is gone (moved or deleted).")
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(Path(files[0]))))
