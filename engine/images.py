@@ -29,6 +29,12 @@ def load_image(source: Source, max_pixels: int = MAX_PIXELS):
     return _to_rgb(_open(source, max_pixels))
 
 
+def open_image(source: Source, max_pixels: int = MAX_PIXELS):
+    """The decoded image as it is (its mode and transparency kept; EXIF orientation applied), read as safely as
+    ``load_image``: for keeping an input as PNG."""
+    return _open(source, max_pixels)
+
+
 def load_mask(source: Source, max_pixels: int = MAX_PIXELS):
     """An inpainting mask (an ``L`` image, white = repaint) read as safely as ``load_image``. A mask with real
     transparency is its alpha channel (the painted strokes repaint), as AUTOMATIC1111 reads one; any other is

@@ -234,35 +234,25 @@ async def interrogate(request):
 def save_input(data, transform=None) -> Path:
     """A base64 image (with or without a data: prefix) checked by Pillow and kept under the state folder by
     content hash (so the recipe replays); ``transform(image) -> image`` first, when given."""
-    from PIL import Image, ImageOps
-
     from engine import state
+    from engine.images import open_image
     from engine.outputs import atomic_write_bytes
 
     if not isinstance(data, str):
         raise UsageError("An image must be a base64 string.")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
-    from engine.images import MAX_PIXELS
-
-    try:
-        raw = base64.b64decode(data, validate=False)
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > MAX_PIXELS:  # refused before it is decoded or kept
-                raise UsageError(f"The image is {im.width} x {im.height} pixels, more than the {MAX_PIXELS:,} the "
-                                 "studio reads; send a smaller one.")
-            im.verify()
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)  # the PNG keeps no EXIF: turn it now, as the studio reads photos
-            im = transform(im) if transform else im
-            if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # CMYK, YCbCr, ...: no PNG mode
-                im = im.convert("RGB")
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as exc:  # a broken
-        # PNG chunk is a SyntaxError in Pillow
-        raise UsageError(f"The image could not be read ({type(exc).__name__}: {exc}).") from None
+    try:  # read as every image the studio reads (its limits, formats and EXIF turn: the PNG keeps no EXIF)
+        im = open_image(base64.b64decode(data, validate=False))
+    except (binascii.Error, ValueError) as exc:
+        raise UsageError(f"The image could not be read (not base64: {exc}).") from None
+    except UsageError as exc:
+        raise UsageError(f"The image could not be read ({str(exc).rstrip('.')}).") from None
+    im = transform(im) if transform else im
+    if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):  # CMYK, YCbCr, ...: no PNG mode
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     png = buf.getvalue()
     path = state.home() / "inputs" / (hashlib.sha256(png).hexdigest() + ".png")
     if not path.exists():
