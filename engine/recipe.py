@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -100,22 +99,14 @@ def keep_adapter(ref) -> dict:
     entry = ref.to_dict()
     path = Path(ref.path)
     copy = kept_input(ref.sha256, ".peft" if path.is_dir() else path.suffix)
+    pairs = [(path / n, copy / n) for n in ("adapter_config.json", "adapter_model.safetensors")] if path.is_dir() \
+        else [(path, copy)]  # (the weights last: a kept folder with its weights is whole)
     try:
-        if not copy.exists():
-            tmp = copy.with_name(f".{copy.name}.partial-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-            if path.is_dir():
-                tmp.mkdir(parents=True)
-                for name in ("adapter_config.json", "adapter_model.safetensors"):
-                    if (path / name).is_file():
-                        shutil.copyfile(path / name, tmp / name)
-            else:
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, tmp)
-            try:
-                os.rename(tmp, copy)
-            except OSError:  # another process kept the same content meanwhile
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        for src, dest in pairs:
+            if src.is_file() and not dest.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with out_mod.replacing(dest) as tmp:  # whole or absent, also beside another process's copy
+                    shutil.copyfile(src, tmp)
         entry["kept"] = str(copy)
     except OSError as exc:
         log.warning("The LoRA %s was not kept in the state folder (%s); replays will need the original.", path, exc)

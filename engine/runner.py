@@ -174,15 +174,23 @@ def set_cpu_threads(model_bytes: int) -> int:
     return n
 
 
+def writable_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: bytes that were not UTF-8 (a Latin-1 terminal) and JSON's
+    ``\ud800`` become lone surrogates, which no tokenizer, file or database takes."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_text(text, what: str) -> None:
-    """UsageError when ``text`` (a string) holds bytes that were not UTF-8: Python keeps them as lone surrogates,
-    which no tokenizer, file or database takes."""
-    if isinstance(text, str) and not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError(f"{what} holds bytes that are not UTF-8 text; give it in UTF-8 (set the terminal or "
-                             "file to UTF-8).") from None
+    """UsageError when ``text`` (a string) cannot be written as UTF-8 (``writable_text``)."""
+    if isinstance(text, str) and not writable_text(text):
+        raise UsageError(f"{what} holds bytes that are not UTF-8 text; give it in UTF-8 (set the terminal or file "
+                         "to UTF-8).")
 
 
 def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
@@ -458,11 +466,8 @@ def _check_result(prep: Prepared, result: Result) -> None:
     wrong = ""
     if result.text is not None and not isinstance(result.text, str):
         wrong = f"text that is a {type(result.text).__name__}, not a string"
-    elif result.text is not None and not result.text.isascii():
-        try:
-            result.text.encode("utf-8")
-        except UnicodeEncodeError:
-            wrong = "text that is not valid Unicode (a lone surrogate)"
+    elif result.text is not None and not writable_text(result.text):
+        wrong = "text that is not valid Unicode (a lone surrogate)"
     if result.image is not None and not wrong:
         from PIL import Image
 
