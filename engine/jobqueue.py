@@ -290,10 +290,11 @@ class JobQueue:
         """Put a queued job at ``index`` (0 = next to run) among the queued jobs."""
         with self._tx() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position, id")]
-            if _row_id(job_id) not in ids:
+            row_id = _row_id(job_id)
+            if row_id not in ids:
                 raise UsageError(f"Job {job_id} is not waiting in the queue, so it cannot be moved.")
-            ids.remove(_row_id(job_id))
-            ids.insert(max(0, min(int(index), len(ids))), _row_id(job_id))
+            ids.remove(row_id)
+            ids.insert(max(0, min(int(index), len(ids))), row_id)
             conn.executemany("UPDATE jobs SET position = ? WHERE id = ?", [(i + 1, j) for i, j in enumerate(ids)])
 
     def to_front(self, job_id: int) -> None:
