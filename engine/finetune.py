@@ -52,8 +52,11 @@ def settings_from(args) -> Settings:
 
 
 class Task:
-    """What a family provides. ``model`` is wrapped (engine.nn.lora.wrap) so only the adapter trains."""
+    """What a family provides. ``model`` is wrapped (engine.nn.lora.wrap) so only the adapter trains; it and the
+    tensors ``batch`` returns live on ``device`` (``--device``, resolved by ``base_model``); random draws are made on
+    the CPU, so a seed gives the same batches on any device."""
     model = None
+    device = "cpu"
     recipe: dict = {}
     summary = ""  # what it trains on, said before training starts ("32 images; new words: star")
 
@@ -278,7 +281,7 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
 def lora_options(steps: int, lr: float, batch: int, rank: int, alpha: float, dropout: float, every: int) -> tuple:
     """The options every LoRA fine-tuner shares, with a family's defaults (engine.generators.Option: the GUI's
     fine-tune page renders them; ``add_options`` makes them the command's flags)."""
-    from engine.generators import Option
+    from engine.generators import DEVICES, Option
 
     return (
         Option("rank", "int", rank, "LoRA rank r: the adapter's size (a larger rank learns more and overfits sooner)",
@@ -296,6 +299,8 @@ def lora_options(steps: int, lr: float, batch: int, rank: int, alpha: float, dro
         Option("weight_decay", "float", 0.0, "AdamW weight decay on the adapter's weights", min=0.0, max=1.0),
         Option("clip", "float", 1.0, "clip the gradient norm to this (0 = no clipping)", min=0.0),
         Option("threads", "int", 0, "torch CPU threads (0: torch's default)", min=0, max=1024),
+        Option("device", "str", "auto", "where to train: auto (a CUDA GPU when there is one), cpu or cuda",
+               choices=DEVICES),
     )
 
 
@@ -363,6 +368,15 @@ def base_model(a, fits: Callable, wanted: str):
     return entry
 
 
+def device_of(a) -> str:
+    """The device a task trains on: ``--device`` with ``auto`` turned into cuda or cpu (and written back into ``a``,
+    so the history records where it ran); cpu for options without one."""
+    from engine.runner import resolve_device
+
+    a.device = resolve_device(getattr(a, "device", "cpu"), "torch")
+    return a.device
+
+
 def captioned_data(a) -> tuple:
     """``--data`` and ``--prior-data`` (when given) of an image fine-tuner: ([(image, caption)], [prior pairs])."""
     from engine.datasets import captioned_images
@@ -386,8 +400,8 @@ def start(task: Task, a, out: Path, adapter_file: str = "") -> int:
     import sys
 
     count = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    print(f"fine-tuning {a.model}: LoRA rank {a.rank} on {len(task.paths)} layers, {count:,} trainable "
-          f"parameters; {task.summary}; run folder {out}", file=sys.stderr)
+    print(f"fine-tuning {a.model} on {getattr(a, 'device', 'cpu')}: LoRA rank {a.rank} on {len(task.paths)} layers, "
+          f"{count:,} trainable parameters; {task.summary}; run folder {out}", file=sys.stderr)
     return run_command(task, a, out, adapter_file)
 
 

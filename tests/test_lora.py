@@ -178,7 +178,7 @@ def test_finetune_flags_are_checked_by_their_option_ranges(module, capsys):
     clipping are flags too, and every value reaches the training Settings."""
     import importlib
 
-    from engine.finetune import Settings, settings_from
+    from engine.finetune import Settings, device_of, settings_from
 
     mod = importlib.import_module(module)
     base = ["--model", "m", "--data", "d"]
@@ -193,6 +193,12 @@ def test_finetune_flags_are_checked_by_their_option_ranges(module, capsys):
     a = mod.parse_args(base + ["--warmup", "0", "--weight-decay", "0.01", "--clip", "0.5", "--seed", "3"])
     got = settings_from(a)
     assert isinstance(got, Settings) and (got.warmup, got.weight_decay, got.clip, got.seed) == (0, 0.01, 0.5, 3)
+    # where it trains: --device auto (a GPU when there is one), cpu or cuda; cuda on a machine without one is a
+    # sentence before any model loads
+    assert device_of(a) == ("cuda" if torch.cuda.is_available() else "cpu") and a.device == device_of(a)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="sees no CUDA GPU"):
+            device_of(mod.parse_args(base + ["--device", "cuda"]))
 
 
 def _cli(home, *args):

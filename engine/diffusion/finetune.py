@@ -38,7 +38,7 @@ class DenoiserTask(Task):
         t = torch.from_numpy(rng.integers(0, len(self.acp), size=self.a.batch))
         noise = torch.from_numpy(rng.standard_normal((self.a.batch, *self.x0.shape[1:])).astype("float32"))
         drop = torch.from_numpy(rng.random(self.a.batch) < self.a.caption_dropout)
-        return torch.from_numpy(idx), t, noise, drop
+        return tuple(x.to(self.device) for x in (torch.from_numpy(idx), t, noise, drop))
 
     def loss(self, batch):
         return self._loss(*batch)
@@ -53,6 +53,7 @@ class DenoiserTask(Task):
         total = 0.0
         for t in np.linspace(50, len(self.acp) - 50, 8).astype(int):
             noise = torch.from_numpy(rng.standard_normal((len(idx), *self.x0.shape[1:])).astype("float32"))
-            total += float(self._loss(torch.from_numpy(idx), torch.full((len(idx),), int(t)), noise,
-                                      torch.zeros(len(idx), dtype=torch.bool)))
+            batch = (torch.from_numpy(idx), torch.full((len(idx),), int(t)), noise,
+                     torch.zeros(len(idx), dtype=torch.bool))
+            total += float(self._loss(*(x.to(self.device) for x in batch)))
         return total / 8

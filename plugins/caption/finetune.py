@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.finetune import captioned_data, Task, base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import (Task, base_model, captioned_data, device_of, lora_options, parse_command, run_folder,
+                             start)
 from engine.generators import Option
 
 DEFAULT_TARGETS = "c_attn,q_attn,c_proj,c_fc,query,key,value"  # the decoder's (GPT-2's, BERT's): see docs
@@ -62,8 +63,8 @@ class CaptionTask(Task):
         from plugins.caption.pipeline import Preprocess
         from plugins.caption.tokenizer import add_words, load_tokenizer
 
-        self.entry, self.a = entry, a
-        self.model = load_caption_model(entry.path, "cpu", torch.float32)
+        self.entry, self.a, self.device = entry, a, device_of(a)
+        self.model = load_caption_model(entry.path, self.device, torch.float32)
         cfg = self.model.config
         self.start_id, self.eos_id, pad = cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id
         captions = [c for _, c in list(pairs) + list(prior)]
@@ -95,7 +96,8 @@ class CaptionTask(Task):
         for i, s in enumerate(seqs):
             self.inputs[i, : len(s) + 1] = torch.tensor([self.start_id] + s)
             self.labels[i, : len(s) + 1] = torch.tensor(s + [self.eos_id])
-        self.pixels = torch.from_numpy(np.stack(pixels))
+        self.pixels = torch.from_numpy(np.stack(pixels)).to(self.device)
+        self.inputs, self.labels = self.inputs.to(self.device), self.labels.to(self.device)
         self.captions = captions
         n = len(pairs)
         self.summary = f"{n} images" + (f"; new words: {', '.join(self.new_words)}" if self.new_words else "")
@@ -116,7 +118,7 @@ class CaptionTask(Task):
         idx = self.draw(rng, self.a.batch, self.a.prior_share)
         k = getattr(self.a, "shift", 0)
         offsets = rng.integers(0, 2 * k + 1, size=(self.a.batch, 2)) if k else None
-        return torch.from_numpy(idx), offsets
+        return torch.from_numpy(idx).to(self.device), offsets
 
     def _shifted(self, idx, offsets):
         """The images ``idx``, each moved by its (dy, dx) offset in [0, 2k] minus k, the edges repeated."""
@@ -145,7 +147,7 @@ class CaptionTask(Task):
     def val_loss(self) -> float:
         import torch
 
-        idx = torch.from_numpy(self.val_idx if len(self.val_idx) else self.train_idx[:1])
+        idx = torch.from_numpy(self.val_idx if len(self.val_idx) else self.train_idx[:1]).to(self.device)
         total = sum(float(self._loss(idx[i:i + 64], "sum")) for i in range(0, len(idx), 64))
         return total / max(1, int((self.labels[idx] != -100).sum()))
 
@@ -154,7 +156,7 @@ class CaptionTask(Task):
         from plugins.caption.decode import greedy_batch
         from plugins.caption.model import TorchCaptionRunner
 
-        hyps = greedy_batch(TorchCaptionRunner(self.model), self.pixels[idx].numpy(), self.start_id, self.eos_id,
+        hyps = greedy_batch(TorchCaptionRunner(self.model), self.pixels[idx].cpu().numpy(), self.start_id, self.eos_id,
                             self.inputs.shape[1] + 4)
         return [self.tokenizer.decode([t for t in h.tokens if t != self.eos_id], skip_special_tokens=True).strip()
                 for h in hyps]

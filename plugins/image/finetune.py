@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from engine.diffusion.finetune import DenoiserTask
-from engine.finetune import captioned_data, base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import captioned_data, base_model, device_of, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2", "time_emb_proj")  # names diffusers maps
@@ -43,7 +43,7 @@ def parse_args(argv):
 
 
 class ImageTask(DenoiserTask):
-    def __init__(self, entry, pairs: list, a, device: str = "cpu", prior: list = ()):
+    def __init__(self, entry, pairs: list, a, prior: list = ()):
         import hashlib
 
         import numpy as np
@@ -55,8 +55,9 @@ class ImageTask(DenoiserTask):
         from plugins.image import model as M
         from plugins.image.pipeline import coord_maps
 
-        self.entry, self.a = entry, a
-        self.loaded = M.load(Path(entry.path), device)
+        self.entry, self.a, self.device = entry, a, device_of(a)
+        device = self.device
+        self.loaded = M.load(Path(entry.path), device, torch.float32)  # trained in fp32 on any device
         cfg = self.loaded.cfg
         text = getattr(a, "text_encoder", True)
         self.adapt(self.loaded.unet, self.loaded.text_encoder, UNET_TARGETS, TEXT_TARGETS)
@@ -75,11 +76,11 @@ class ImageTask(DenoiserTask):
         n = len(pairs)
         self.split(n, a.val_fraction, a.seed)
         self.prior_idx = np.arange(n, len(images))  # the prior images: trained on, never validated
-        self.x0 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        self.ids = torch.tensor(ids)
-        self.empty = torch.tensor(enc.encode("").ids)
-        self.coords = torch.from_numpy(coord_maps(S, cfg.coord_channels))
-        self.acp = torch.from_numpy(alphas_cumprod(cfg.scheduler).astype(np.float64))
+        self.x0 = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
+        self.ids = torch.tensor(ids, device=device)
+        self.empty = torch.tensor(enc.encode("").ids, device=device)
+        self.coords = torch.from_numpy(coord_maps(S, cfg.coord_channels)).to(device)
+        self.acp = torch.from_numpy(alphas_cumprod(cfg.scheduler).astype(np.float64)).to(device)
         self.unknown = sorted(unknown)
         self.summary = f"{n} images" + (f"; unknown words (learned as the unknown token): {', '.join(self.unknown)}"
                                         if self.unknown else "")

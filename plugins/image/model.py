@@ -114,7 +114,8 @@ class LoadedModel:
     dtype: object
 
 
-def load(folder: Path, device: str = "cpu") -> LoadedModel:
+def load(folder: Path, device: str = "cpu", dtype=None) -> LoadedModel:
+    """The model on ``device`` in ``dtype`` (default fp16 on CUDA, fp32 on the CPU)."""
     import torch
     from plugins.image.tokenizer import PromptEncoder
     folder = Path(folder)
@@ -122,7 +123,7 @@ def load(folder: Path, device: str = "cpu") -> LoadedModel:
     unet, text = build(cfg)
     _check_built(folder, cfg, unet, text)  # checks against the built modules: no meta build on the load path
     u, t = split_state_dict(_read_weights(folder))
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     unet.load_state_dict({k: v.float() for k, v in u.items()})
     text.load_state_dict({k: v.float() for k, v in t.items()})
     unet.to(device=device, dtype=dtype).eval()

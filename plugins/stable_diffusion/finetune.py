@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine.datasets import captioned_images
 from engine.diffusion.finetune import DenoiserTask
-from engine.finetune import base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import base_model, device_of, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -51,7 +51,7 @@ def square(im, size: int):
 
 
 class SDTask(DenoiserTask):
-    def __init__(self, entry, pairs: list, a, device: str = "cpu"):
+    def __init__(self, entry, pairs: list, a):
         import hashlib
 
         import numpy as np
@@ -62,8 +62,9 @@ class SDTask(DenoiserTask):
         from plugins.stable_diffusion.pipeline import check_size, default_size, pixels
         from plugins.stable_diffusion.prompts import chunks
 
-        self.entry, self.a = entry, a
-        self.sd = load(Path(entry.path), device)
+        self.entry, self.a, self.device = entry, a, device_of(a)
+        device = self.device
+        self.sd = load(Path(entry.path), device, torch.float32)  # trained in fp32 on any device
         size = a.resolution or default_size(self.sd.cfg)
         check_size(size, size)
         self.size = size
@@ -86,10 +87,10 @@ class SDTask(DenoiserTask):
             ids.append(ids_of(caption))
             h.update(path.name.encode() + b"\0" + caption.encode() + b"\0" + np.asarray(im).tobytes())
         self.split(len(pairs), a.val_fraction, a.seed)
-        self.x0 = torch.stack(latents)
-        self.ids = torch.tensor(ids)
-        self.empty = torch.tensor(ids_of(""))
-        self.acp = torch.from_numpy(alphas_cumprod(self.sd.scheduler).astype(np.float64))
+        self.x0 = torch.stack(latents).to(device)
+        self.ids = torch.tensor(ids, device=device)
+        self.empty = torch.tensor(ids_of(""), device=device)
+        self.acp = torch.from_numpy(alphas_cumprod(self.sd.scheduler).astype(np.float64)).to(device)
         self.v_pred = self.sd.scheduler.prediction_type == "v_prediction"
         self.recipe = {"kind": "sd", "base_model": {"name": entry.name, "hash": entry.hash, "family": entry.family},
                        "data": {"path": str(Path(a.data).expanduser().resolve()), "images": len(pairs), "resolution": size,

@@ -81,8 +81,9 @@ class LoadedSD:
         return self.unet.config.in_channels == 9
 
 
-def load(folder: Path, device: str = "cpu") -> LoadedSD:
-    """The model on ``device`` (fp16 on CUDA, fp32 on the CPU), weights checked against the config."""
+def load(folder: Path, device: str = "cpu", dtype=None) -> LoadedSD:
+    """The model on ``device`` in ``dtype`` (default fp16 on CUDA, fp32 on the CPU; the VAE always fp32), weights
+    checked against the config."""
     import torch
 
     from engine.diffusion.schedulers import SchedulerConfig
@@ -94,7 +95,7 @@ def load(folder: Path, device: str = "cpu") -> LoadedSD:
     with torch.device("meta"):  # no random initialisation, no second copy: the modules take the loaded tensors
         modules = build(cfg)
     parts = read_weights(folder)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     for name, module in modules.items():
         match_state_dict(module, parts[name], name)
         module.load_state_dict({k: v.float() for k, v in parts.pop(name).items()}, assign=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.errors import UsageError
 from engine.datasets import read_documents
-from engine.finetune import Task, base_model, lora_options, parse_command, run_folder, start
+from engine.finetune import Task, base_model, device_of, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -44,17 +44,17 @@ def fingerprint(docs: dict) -> str:
 
 
 class TextTask(Task):
-    def __init__(self, entry, docs: dict, a, device: str = "cpu"):
+    def __init__(self, entry, docs: dict, a):
         import numpy as np
         import torch
 
         from engine.nn.lora import LoraSpec, wrap
         from plugins.text.models import load_model, load_tokenizer, read_config
 
-        self.entry, self.a = entry, a
+        self.entry, self.a, self.device = entry, a, device_of(a)
         cfg = read_config(entry.path)
         self.tokenizer = load_tokenizer(entry.path)
-        self.model = load_model(entry.path, entry.family, device, torch.float32)
+        self.model = load_model(entry.path, entry.family, self.device, torch.float32)
         self.spec = LoraSpec(a.rank, a.alpha, a.dropout, tuple(t.strip() for t in a.targets.split(",") if t.strip()))
         self.paths = wrap(self.model, self.spec, seed=a.seed)
         bos = cfg.get("bos_token_id")
@@ -88,7 +88,7 @@ class TextTask(Task):
 
         starts = rng.integers(0, len(self.train) - self.context - 1, size=self.a.batch)
         rows = [self.train[s:s + self.context + 1] for s in starts]
-        return torch.from_numpy(__import__("numpy").stack(rows))
+        return torch.from_numpy(__import__("numpy").stack(rows)).to(self.device)
 
     def loss(self, batch):
         import torch.nn.functional as F
@@ -101,7 +101,7 @@ class TextTask(Task):
         import torch
         import torch.nn.functional as F
 
-        total, ids = 0.0, torch.from_numpy(self.val)
+        total, ids = 0.0, torch.from_numpy(self.val).to(self.device)
         for begin in range(0, len(ids) - 1, self.context):
             chunk = ids[begin:begin + self.context + 1][None]
             if chunk.shape[1] < 2:
@@ -121,7 +121,7 @@ class TextTask(Task):
     def sample(self):
         import torch
 
-        ids = torch.tensor([[self.train[0]]])
+        ids = torch.tensor([[self.train[0]]], device=self.device)
         g = torch.Generator().manual_seed(0)
         past = None
         out = []
@@ -130,9 +130,9 @@ class TextTask(Task):
             for _ in range(40):
                 logits, past = self.model(x, past=past, logits_to_keep=1)
                 probs = torch.softmax(logits[0, -1].float() / 0.8, -1)
-                nxt = int(torch.multinomial(probs, 1, generator=g))
+                nxt = int(torch.multinomial(probs.cpu(), 1, generator=g))
                 out.append(nxt)
-                x = torch.tensor([[nxt]])
+                x = torch.tensor([[nxt]], device=self.device)
         return self.tokenizer.decode(out)
 
     def save(self, folder: Path) -> None:
