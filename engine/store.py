@@ -195,6 +195,9 @@ class ModelStore:
             if entry.name == name_or_path:
                 return entry
         path = Path(name_or_path).expanduser()
+        if path.exists() and (path.suffix.lower() == ".gguf" or self.host.importer_for(path) is not None):
+            raise UsageError(f"{path} is converted when imported, not used in place: run `studio models import "
+                             f"{name_or_path}` once, then give its name to --model.")
         if path.is_dir():
             self.validate(path)
             return self._entry(path.resolve(), builtin=False)

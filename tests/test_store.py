@@ -126,6 +126,14 @@ def test_bad_names_and_unknown_models(store, tmp_path):
         store.import_(src, name="../evil")
     with pytest.raises(UsageError, match="Unknown model 'ghost'"):
         store.get("ghost")
+    # what must be converted by `models import` first is named so, not "has no config.json" / "Unknown model"
+    (tmp_path / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "sd-pipeline").mkdir()
+    (tmp_path / "sd-pipeline" / "model_index.json").write_text("{}")
+    full = ModelStore(PluginHost().load(), builtin_dir=tmp_path / "no-builtins")  # with the SD importer
+    for path in (tmp_path / "tiny.Q8_0.gguf", tmp_path / "sd-pipeline"):
+        with pytest.raises(UsageError, match="run `studio models import .*` once, then give its name"):
+            full.get(str(path))
 
 
 def test_sharded_weights(store, tmp_path):
