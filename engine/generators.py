@@ -258,6 +258,17 @@ class Result:
 
 
 Event = Union[Progress, Partial, Result]
+
+
+def timed(events: Iterator, load_s: float) -> Iterator:
+    """``events`` passed through, the Result's info given ``timings``: {"load_s": ``load_s``, "generate_s": its
+    own "seconds"} (the host adds "total_s")."""
+    for event in events:
+        if isinstance(event, Result):
+            event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
+        yield event
+
+
 GenerateFn = Callable[[Request, Context], Iterator[Event]]
 
 

@@ -4,12 +4,13 @@ No torch at import: the model loads at the first generation and is cached by the
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from engine import hookimpl
 from engine.architectures import Architecture
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Trainer, finetuner, lazy, Option
+from engine.generators import Generator, GeneratorInfo, Option, Trainer, finetuner, lazy, timed
 from engine.samplers import SAMPLERS
 from plugins.image.model import MODEL_TYPE  # config-only module: no torch, no numpy
 
@@ -43,8 +44,10 @@ def generate(request, context):
     ref = request.model
     if ref is None:
         raise UsageError("The image generator needs a model; choose one with --model.")
+    t0 = time.perf_counter()
     nets = context.loaded("image", request, lambda: _load(request))
-    yield from run(nets, request.prompt or "", request.options, request.seed, context.cancel)
+    yield from timed(run(nets, request.prompt or "", request.options, request.seed, context.cancel),
+                     time.perf_counter() - t0)
 
 
 def _load(request):

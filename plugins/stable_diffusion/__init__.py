@@ -5,12 +5,13 @@ No torch at import: the model loads at the first generation and is cached by the
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from engine import hookimpl
 from engine.architectures import Architecture, Importer
 from engine.errors import UsageError
-from engine.generators import Generator, GeneratorInfo, Option, finetuner, lazy
+from engine.generators import Generator, GeneratorInfo, Option, finetuner, lazy, timed
 from engine.samplers import SAMPLERS
 from plugins.stable_diffusion.layout import MODEL_TYPE
 
@@ -55,7 +56,9 @@ def generate(request, context):
         raise UsageError("Stable Diffusion needs a model; import one with `studio models import FOLDER`.")
     opts = request.options
     check_size(opts["width"] or 64, opts["height"] or 64)  # a size given is checked before the model loads
+    t0 = time.perf_counter()
     sd = context.loaded("sd", request, lambda: _load(request))
+    load_s = time.perf_counter() - t0
     image = load_image(request.image) if request.image else None  # as every image the studio reads
     mask = load_mask(request.mask) if request.mask else None
     notes = []
@@ -63,7 +66,7 @@ def generate(request, context):
         notes.append(f"The mask is {mask.size[0]}x{mask.size[1]} and the image {image.size[0]}x{image.size[1]}; "
                      "the mask was resized to the image.")
         mask = mask.resize(image.size, Image.Resampling.LANCZOS)
-    yield from run(sd, request.prompt or "", opts, request.seed, image, mask, context.cancel, notes)
+    yield from timed(run(sd, request.prompt or "", opts, request.seed, image, mask, context.cancel, notes), load_s)
 
 
 def _load(request):

@@ -13,7 +13,7 @@ from engine.architectures import Architecture
 from engine.errors import UsageError
 from plugins.text.families import FAMILIES, family
 from engine.generators import (MERGE_FIRST, Generator, GeneratorInfo, Trainer, finetuner, lazy, Option, Progress,
-                               Result)
+                               Result, timed)
 
 INFO = GeneratorInfo(
     id="text", title="Text", description="Continue a prompt with a language model (streams as it writes).",
@@ -96,9 +96,8 @@ def generate(request, context):
     context.cancel.raise_if_cancelled()
     req = _text_request(request)
     yield Progress(0, req.max_new_tokens, "writing")
-    for event in pipe.run(request.prompt or "", req, context.cancel):
+    for event in timed(pipe.run(request.prompt or "", req, context.cancel), load_s):
         if isinstance(event, Result):
-            event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
             event.warnings.extend(notes)
         yield event
 

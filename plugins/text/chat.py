@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine import chat
 from engine.errors import UsageError
-from engine.generators import Progress, Result
+from engine.generators import Progress, Result, timed
 
 
 def _template(request, context):
@@ -56,10 +56,9 @@ def generate(request, context):
     warnings = [chat.FALLBACK_NOTE] if template.fallback else []
     context.cancel.raise_if_cancelled()
     yield Progress(0, req.max_new_tokens, "writing")
-    for event in pipe.run_ids(ids, req, context.cancel, prefix=prefix, warnings=warnings):
+    for event in timed(pipe.run_ids(ids, req, context.cancel, prefix=prefix, warnings=warnings), load_s):
         if isinstance(event, Result):
             event.text = event.text.strip() if template.fallback else event.text
-            event.info["timings"] = {"load_s": round(load_s, 4), "generate_s": event.info.get("seconds")}
             event.info["template"] = {"fallback": template.fallback, "sha256": template.sha256,
                                       "end_of_turn": template.end_of_turn()}
             event.info["context"] = ctx
