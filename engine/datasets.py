@@ -14,8 +14,9 @@ from engine.errors import UsageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
-def read_documents(path: Path) -> dict:
-    """{name: text} of a .txt file or of the .txt files in a folder; UsageError when there is no text."""
+def text_files(path: Path) -> list:
+    """The files ``read_documents`` reads: ``path`` itself, or the .txt files under the folder ``path``, sorted;
+    UsageError when it does not exist or when every file is empty (found without reading them)."""
     path = Path(path).expanduser()
     if path.is_file():
         files = [path]
@@ -23,6 +24,15 @@ def read_documents(path: Path) -> dict:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     else:
         raise UsageError(f"{path} does not exist; give a folder of .txt files or one .txt file.")
+    if not any(f.stat().st_size for f in files):
+        raise UsageError(f"{path} holds no text to train on (no non-empty .txt files).")
+    return files
+
+
+def read_documents(path: Path) -> dict:
+    """{name: text} of a .txt file or of the .txt files in a folder; UsageError when there is no text."""
+    path = Path(path).expanduser()
+    files = text_files(path)
     docs = {}
     for f in files:
         try:
