@@ -123,3 +123,37 @@ def test_save_as_says_what_went_wrong_in_a_sentence(qtbot, tmp_path):
     Image.new("1", (30000, 30000)).save(tmp_path / "bomb.png")
     with pytest.raises(UsageError, match="too large to read safely"):
         read_png_recipe(tmp_path / "bomb.png")
+
+
+def test_one_long_line_is_shown_broken_and_copied_whole(qtbot):
+    """A result that is one line with no spaces (a plugin's, a degenerate model's) froze the window: Qt laid a
+    200,000-character line out in seconds and a 1,000,000-character one for over 25 s. The view breaks lines
+    after LONG_LINE characters, while streaming too; Copy gives the text itself."""
+    import time
+
+    from PySide6.QtWidgets import QApplication
+
+    from studio.gui.output_view import OutputView
+    from studio.gui.util import LONG_LINE, breakable
+
+    assert breakable("ab\ncd") == "ab\ncd"
+    assert breakable("x" * (2 * LONG_LINE + 1)) == "\n".join(["x" * LONG_LINE] * 2 + ["x"])
+    assert breakable("y" * 5, column=LONG_LINE - 2) == "yy\nyyy"
+    assert breakable("z", column=LONG_LINE) == "\nz"
+    view = OutputView()
+    qtbot.addWidget(view)
+    view.resize(600, 400)
+    view.show()
+    text = "x" * 1_000_000
+    started = time.perf_counter()
+    view.show_result({"text": text, "generator": "text"}, [])
+    QApplication.processEvents()
+    assert time.perf_counter() - started < 3  # over 25 s before
+    shown = view.text.toPlainText()
+    assert shown.replace("\n", "") == text and max(len(line) for line in shown.split("\n")) == LONG_LINE
+    view.copy()
+    assert QApplication.clipboard().text() == text
+    view.text.clear()
+    for _ in range(5):  # streamed pieces keep the lines short too
+        view.append_text("y" * (LONG_LINE // 2 + 7))
+    assert max(len(line) for line in view.text.toPlainText().split("\n")) == LONG_LINE

@@ -13,7 +13,7 @@ from engine.errors import UsageError
 from studio.gui.audio_player import make_player
 from studio.gui.image_canvas import ImageCanvas
 from studio.gui.recipe_dialog import RecipeDialog
-from studio.gui.util import button, column, guard, plain_label, row
+from studio.gui.util import breakable, button, column, guard, plain_label, row
 from studio.gui.waveform import Waveform
 
 KINDS = ("text", "image", "caption", "audio")
@@ -130,7 +130,7 @@ class OutputView(QWidget):
         if target is not None:
             cursor = target.textCursor()
             cursor.movePosition(QTextCursor.MoveOperation.End)
-            cursor.insertText(piece)
+            cursor.insertText(breakable(piece, cursor.positionInBlock()))
             target.setTextCursor(cursor)
             target.ensureCursorVisible()
         else:
@@ -146,8 +146,8 @@ class OutputView(QWidget):
         self.files = [str(f) for f in files]
         text = recipe.get("text")
         if self.kind == "text":
-            if text is not None and self.text.toPlainText() != text:
-                self.text.setPlainText(text)
+            if text is not None and self.text.toPlainText() != breakable(text):
+                self.text.setPlainText(breakable(text))
         elif self.kind == "caption":
             self.caption_text.setText(text or "")
             path = (recipe.get("image") or {}).get("path")

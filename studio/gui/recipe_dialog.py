@@ -6,9 +6,12 @@ import json
 from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QPlainTextEdit, QVBoxLayout
 
+from studio.gui.util import breakable
+
 
 def recipe_text(recipe: dict) -> str:
-    return json.dumps(recipe, indent=2, sort_keys=True, default=str)
+    """A recipe as indented JSON, for reading (a long prompt or result shown broken: ``breakable``)."""
+    return breakable(json.dumps(recipe, indent=2, sort_keys=True, default=str))
 
 
 class RecipeDialog(QDialog):
