@@ -18,6 +18,8 @@ class MaskCanvas(ImageCanvas):
         self.mask = QImage()
         self.painting = False  # whether mouse drags paint the mask
         self.brush = 0.08  # brush radius as a share of the image's longer side
+        self._overlay = None  # the paint as shown: an image of the widget's size, rebuilt after a change
+        self._painted = None  # whether anything is painted; None: not known since the last erase
 
     def set_image(self, image: QImage, caption: str = "") -> None:
         super().set_image(image, caption)
@@ -29,6 +31,10 @@ class MaskCanvas(ImageCanvas):
         else:
             self.mask = QImage(self.image.size(), QImage.Format.Format_Grayscale8)
             self.mask.fill(0)
+        self._changed(False)
+
+    def _changed(self, painted=None) -> None:
+        self._overlay, self._painted = None, painted
         self.update()
 
     def load_mask(self, path) -> None:
@@ -45,13 +51,14 @@ class MaskCanvas(ImageCanvas):
             return
         mask = QImage(m.tobytes(), m.width, m.height, m.width, QImage.Format.Format_Grayscale8).copy()
         self.mask = mask.scaled(self.image.size())
-        self.update()
+        self._changed()
 
     def has_mask(self) -> bool:
         if self.mask.isNull():
             return False
-        return self.mask.constBits().tobytes().lstrip(b"\x00") != b""  # C speed: a Python loop over a photo's
-        # mask took 0.45 s (24 MP) on every repaint
+        if self._painted is None:  # C speed: a Python loop over a photo's mask took 0.45 s (24 MP)
+            self._painted = self.mask.constBits().tobytes().lstrip(b"\x00") != b""
+        return self._painted
 
     def paint_at(self, pos: QPointF, erase: bool = False) -> None:
         """Paint (or erase) a round brush at ``pos`` in widget coordinates."""
@@ -67,7 +74,7 @@ class MaskCanvas(ImageCanvas):
         p.setBrush(QColor(0, 0, 0) if erase else QColor(255, 255, 255))
         p.drawEllipse(QPointF(x, y), r, r)
         p.end()
-        self.update()
+        self._changed(True if not erase else None)
 
     def mousePressEvent(self, event) -> None:
         if self.painting:
@@ -78,14 +85,22 @@ class MaskCanvas(ImageCanvas):
             self.paint_at(event.position(), bool(event.buttons() & Qt.MouseButton.RightButton))
 
     def paintEvent(self, event) -> None:
+        """The image, then the paint at 60 % over it. The overlay is made at the size it is shown at, and only
+        after the mask or that size changed: built at a 24 MP photo's full size on every repaint, it cost
+        0.5-1.3 s per mouse move."""
         super().paintEvent(event)
-        if self.mask.isNull() or not self.has_mask():
+        rect = self.target_rect()
+        if self.mask.isNull() or rect.isEmpty() or not self.has_mask():
             return
-        overlay = QImage(self.mask.size(), QImage.Format.Format_ARGB32)
-        overlay.fill(QColor(255, 255, 255))
-        overlay.setAlphaChannel(_alpha_of(self.mask))
+        if self._overlay is None or self._overlay.size() != rect.size():
+            shown = self.mask.scaled(rect.size(), Qt.AspectRatioMode.IgnoreAspectRatio,
+                                     Qt.TransformationMode.FastTransformation)
+            overlay = QImage(rect.size(), QImage.Format.Format_ARGB32)
+            overlay.fill(QColor(255, 255, 255))
+            overlay.setAlphaChannel(_alpha_of(shown))
+            self._overlay = overlay
         p = QPainter(self)
-        p.drawImage(self.target_rect(), overlay)
+        p.drawImage(rect, self._overlay)
         p.end()
 
     def save_mask(self, folder: Path) -> str | None:
