@@ -32,6 +32,11 @@ def test_option_form_builds_editors_from_specs(qtbot):
     assert form.editors["guidance"].slider.value() == 125
     form.reset()
     assert form.values() == {o.name: o.default for o in opts}
+    # a recipe's value with more decimals than the box shows is kept exactly (it was replayed rounded to 3)
+    form.set_values({"guidance": 7.8125, "eta": 1e-7})
+    assert form.values()["guidance"] == 7.8125 and form.values()["eta"] == 1e-7
+    form.editors["guidance"].spin.setValue(3.25)  # edited by the person: what the box shows
+    assert form.values()["guidance"] == 3.25
 
 
 def test_canvas_scales_by_whole_numbers(qtbot):

@@ -43,6 +43,7 @@ class FloatField(QWidget):
             lay.addWidget(self.slider, 1)
         lay.addWidget(self.spin)
         self.lo, self.hi = lo, hi
+        self._exact = None  # (the exact value set, what the box showed for it)
 
     def _from_slider(self, pos: int) -> None:
         value = self.lo + (self.hi - self.lo) * pos / SLIDER_STEPS
@@ -56,12 +57,19 @@ class FloatField(QWidget):
         self.slider.blockSignals(False)
 
     def value(self) -> float:
-        return float(self.spin.value())
+        """The value set, exactly, while the box still shows it; what the box shows once it is edited."""
+        shown = float(self.spin.value())
+        return self._exact[0] if self._exact is not None and self._exact[1] == shown else shown
 
     def setValue(self, value: float) -> None:
-        self.spin.setValue(float(value))
+        """Show ``value`` (rounded to the box's decimals) and keep it exact: a recipe's 0.8125 loaded into the
+        window was replayed as 0.812."""
+        value = float(value)
+        self.spin.setValue(value)
+        shown = float(self.spin.value())
+        self._exact = (value, shown) if shown != value and self.lo <= value <= self.hi else None
         if self.slider is not None:
-            self._to_slider(self.spin.value())
+            self._to_slider(shown)
 
 
 def _nice_step(span: float) -> float:
