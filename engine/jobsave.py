@@ -39,6 +39,27 @@ def owner_alive(owner: str) -> bool:
         return True
 
 
+def scratch_folder(parent: Path, prefix: str) -> Path:
+    """A new scratch folder in ``parent`` named ``PREFIX<host>~<pid>-<random>``: whose it is, so that
+    ``remove_dead_scratch`` can delete it once that process has died (killed mid-import, mid-export)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}~{os.getpid()}-", dir=parent))
+
+
+def remove_dead_scratch(parent: Path, prefix: str) -> None:
+    """Delete the ``scratch_folder(parent, prefix)`` folders of dead processes on this machine (each may hold a whole
+    model: megabytes to gigabytes); a live process's, or another machine's, stay."""
+    import glob
+    import shutil
+
+    for scratch in Path(parent).glob(glob.escape(prefix) + "*~*-*"):
+        host, _, rest = scratch.name[len(prefix):].partition("~")
+        pid = rest.split("-", 1)[0]
+        if host == socket.gethostname() and pid.isdigit() and not owner_alive(f"{host}:{pid}"):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def recover(queue, history_path: Path, out_dir: Path, sweep: bool = False) -> list:
     """Put back the jobs whose worker process died while running them. A job whose history row exists was
     finished (marked done, not run again); otherwise its partial output is deleted and it is queued again

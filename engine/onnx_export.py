@@ -16,17 +16,14 @@ The exporter contract (its options and what it returns) is documented once, in `
 from __future__ import annotations
 
 import datetime
-import glob
-import os
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import ModelError, ParityError, UsageError
 from engine.backends.runtime import FORMAT, MANIFEST, export_folders, exports_home, is_export, read_manifest
 from engine.filecheck import stamp
+from engine.jobsave import remove_dead_scratch, scratch_folder
 
 QUANTIZE = (None, "int8", "int4")
 
@@ -79,22 +76,6 @@ class Gate:
                           "nothing was written (pass --force to keep it anyway).", bad)
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}~{os.getpid()}"
-
-
-def _remove_leftovers(dest: Path) -> None:
-    """Delete the scratch folders of exports to ``dest`` whose process died (killed mid-way: each held a whole
-    export, megabytes to gigabytes); a live export's, or another machine's, stay."""
-    from engine.jobsave import owner_alive
-
-    for scratch in dest.parent.glob(f".{glob.escape(dest.name)}.partial-*~*-*"):
-        host, _, rest = scratch.name.rsplit(".partial-", 1)[1].partition("~")
-        pid = rest.split("-", 1)[0]
-        if host == socket.gethostname() and pid.isdigit() and not owner_alive(f"{host}:{pid}"):
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _not_exported(folder: Path) -> list:
     """The files in an earlier export's ``folder`` that its manifest does not list (a user's notes, results)."""
     written = set(read_manifest(folder).get("files") or {}) | {MANIFEST}
@@ -128,8 +109,8 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # removed again on failure
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{_owner()}-", dir=dest.parent))
+        remove_dead_scratch(dest.parent, f".{dest.name}.partial-")
+        tmp = scratch_folder(dest.parent, f".{dest.name}.partial-")
     except OSError as exc:
         raise UsageError(f"Cannot write to {dest.parent} ({exc.strerror}); choose another --out folder.") from None
     try:

@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from engine.outputs import feed
 from engine.errors import ModelError, StateError, UsageError
 from engine.generators import ModelRef
 from engine.plugins import PluginHost
+from engine.jobsave import remove_dead_scratch, scratch_folder
 
 log = logging.getLogger(__name__)
 # files a model folder may hold as symbolic links (the Hugging Face cache links snapshots to blobs); other links
@@ -147,6 +147,23 @@ def fingerprint(folder: Path) -> dict:
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
+SCRATCH = ".import-"  # the scratch folders of imports and conversions in the store (engine.jobsave.scratch_folder)
+STUDIO_KEYS = {"hash": str, "fingerprint": str, "title": str, "family": str, "generator": str, "default": bool,
+               "imported_from": str, "autov2": str, "scores": dict}
+
+
+def studio_json(folder: Path) -> dict:
+    """A model folder's studio.json ({} when there is none), without the values of a wrong type (a folder brought
+    from elsewhere with ``"hash": 5`` broke every listing and so every generation); ModelError when unreadable."""
+    if not (folder / "studio.json").exists():
+        return {}
+    studio = read_json(folder / "studio.json", "a studio.json")
+    bad = [k for k, kind in STUDIO_KEYS.items() if k in studio and not isinstance(studio[k], kind)]
+    if bad:
+        log.warning("Ignoring %s in %s: not of the type the studio writes.", ", ".join(bad), folder / "studio.json")
+    return {k: v for k, v in studio.items() if k not in bad}
+
+
 class ModelStore:
     def __init__(self, host: PluginHost, builtin_dir: Path = BUILTIN_DIR, user_dir: Optional[Path] = None):
         self.host = host
@@ -157,7 +174,7 @@ class ModelStore:
     # ----- reading ---------------------------------------------------------------------------
     def _entry(self, folder: Path, builtin: bool) -> ModelEntry:
         config = read_json(folder / "config.json", "a config.json")
-        studio = read_json(folder / "studio.json", "a studio.json") if (folder / "studio.json").exists() else {}
+        studio = studio_json(folder)
         arch = self.host.architecture_for(config)
         family = arch.family if arch else studio.get("family", "unknown")
         generator = arch.generator if arch else studio.get("generator", "")
@@ -181,11 +198,15 @@ class ModelStore:
             if not base.is_dir():
                 continue
             for folder in sorted(base.iterdir()):
-                if folder.is_dir() and (folder / "config.json").exists():
-                    try:
+                if folder.name.startswith("."):
+                    continue  # an import or export under way (or killed: removed by the next import)
+                try:
+                    if folder.is_dir() and (folder / "config.json").exists():
                         out.append(self._entry(folder, builtin))
-                    except ModelError as exc:
-                        log.warning("Skipping model %s: %s", folder, exc)
+                except ModelError as exc:
+                    log.warning("Skipping model %s: %s", folder, exc)
+                except OSError as exc:  # removed or replaced by another process while being read
+                    log.info("Skipping model %s: %s", folder, exc)
         return out
 
     def get(self, name_or_path: str) -> ModelEntry:
@@ -256,7 +277,8 @@ class ModelStore:
             raise UsageError(f"A model called {name!r} already exists; pass --name to choose another.")
         arch = self.validate(source, trust=trust)
         state.ensure_dir(self.user_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.user_dir))
+        remove_dead_scratch(self.user_dir, SCRATCH)
+        tmp = scratch_folder(self.user_dir, SCRATCH)
         try:
             links = []
             for item in source.iterdir():
@@ -270,7 +292,7 @@ class ModelStore:
             if not find_weight_files(tmp):
                 _convert_pickles(source, tmp)
                 self.validate(tmp)
-            studio = read_json(tmp / "studio.json", "") if (tmp / "studio.json").exists() else {}
+            studio = studio_json(tmp)
             studio.update({"family": arch.family, "generator": arch.generator, "hash": content_hash(tmp),
                            "fingerprint": fingerprint(tmp), "imported_from": str(source.resolve())})
             studio.setdefault("title", name)
@@ -278,6 +300,9 @@ class ModelStore:
             try:
                 tmp.rename(self.user_dir / name)
             except OSError as exc:
+                if (self.user_dir / name / "config.json").exists():  # another import of the same name won the race
+                    raise UsageError(f"A model called {name!r} was imported meanwhile by another process; pass "
+                                     "--name to choose another.") from None
                 raise StateError(f"Cannot import as {name}: {self.user_dir / name} already exists and is not a model "
                                  f"the studio lists ({exc.strerror}); pass --name to choose another name, or move "
                                  "that folder away.") from None
@@ -301,7 +326,8 @@ class ModelStore:
         if any(e.name == name for e in self.list()):
             raise UsageError(f"A model called {name!r} already exists; pass --name to choose another.")
         state.ensure_dir(self.user_dir)
-        work = Path(tempfile.mkdtemp(prefix=".convert.", dir=self.user_dir))
+        remove_dead_scratch(self.user_dir, SCRATCH)
+        work = scratch_folder(self.user_dir, SCRATCH)
         try:
             folder = work / name
             folder.mkdir()

@@ -173,3 +173,40 @@ def test_one_rule_for_which_files_hold_the_weights(tmp_path):
     assert content_hash(folder) == before  # the shard is not what loads, so it is not what is hashed
     save_file({"w": np.full(2, 3, np.float32)}, str(folder / "model.safetensors"))
     assert content_hash(folder) != before
+
+
+def test_killed_imports_and_foreign_studio_json_do_not_break_the_store(store, tmp_path, monkeypatch):
+    """A killed import's half-copied folder was listed as a model and stayed forever; a folder that vanished while
+    being listed (another process's import finishing) failed the listing and so every generation; a studio.json
+    with a value of the wrong type ("hash": 5) was 'unexpected TypeError' in every listing."""
+    import os
+    import socket
+
+    here = socket.gethostname()
+    user = store.user_dir
+    user.mkdir(parents=True, exist_ok=True)
+    dead = make_folder(user / f".import-{here}~999999999-abc")  # killed mid-copy
+    live = make_folder(user / f".import-{here}~{os.getpid()}-def")  # an import running now
+    assert store.list() == []
+    store.import_(make_folder(tmp_path / "m1"), name="mine")
+    assert not dead.exists() and live.exists() and [e.name for e in store.list()] == ["mine"]
+
+    real = store._entry
+
+    def vanishing(folder, builtin):
+        if folder.name == "gone":
+            raise FileNotFoundError(2, "No such file or directory", str(folder / "model.safetensors"))
+        return real(folder, builtin)
+
+    make_folder(user / "gone")
+    monkeypatch.setattr(store, "_entry", vanishing)
+    assert [e.name for e in store.list()] == ["mine"]
+    monkeypatch.undo()
+
+    src = make_folder(tmp_path / "foreign")
+    (src / "studio.json").write_text(json.dumps({"hash": 5, "fingerprint": "x", "scores": "abc", "autov2": {"a": 1},
+                                                 "title": "Foreign"}))
+    entry = store.import_(src, name="foreign")
+    assert entry.title == "Foreign" and len(entry.hash) == 64 and entry.to_dict()["scores"] == {}
+    (user / "foreign" / "studio.json").write_text(json.dumps({"hash": 5, "fingerprint": "x"}))  # damaged later
+    assert sorted(e.name for e in store.list()) == ["foreign", "gone", "mine"]
