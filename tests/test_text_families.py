@@ -136,3 +136,35 @@ def test_export_form_computes_the_same(case, tmp_path):
             a, pa = ours(x, pa)
             b, pb = fused(x, pb)
             assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case, drop", [("gemma2", "tie_word_embeddings"), ("gemma3_text", "tie_word_embeddings"),
+                                        ("qwen2", "use_sliding_window")])
+def test_keys_a_config_leaves_out_take_transformers_defaults(case, drop, tmp_path):
+    """Gemma's config.json as Google ships it has no tie_word_embeddings (transformers: tied), and was refused
+    ('lm_head.weight is missing'); a Qwen2 config without use_sliding_window (transformers: off) got a sliding
+    window and other tokens than transformers."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from plugins.text.models import check_folder, load_model
+
+    folder = tmp_path / case
+    if case == "qwen2":
+        torch.manual_seed(0)
+        ref = Qwen2ForCausalLM(Qwen2Config(**BASE, max_window_layers=0)).eval()
+        ref.save_pretrained(folder)
+        word_tokenizer(V).save(str(folder / "tokenizer.json"))
+    else:
+        save_tiny(case, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop(drop, None)
+    if case == "qwen2":  # as Qwen2.5's own config.json: a window size given, the switch left out, no layer_types
+        cfg.pop("layer_types", None)
+        cfg["sliding_window"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    check_folder(folder, case)
+    ours = load_model(folder, case, "cpu", torch.float32)
+    ids = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids, use_cache=False)[0] - ref(input_ids=ids).logits).abs().max() < 1e-4

@@ -13,20 +13,25 @@ class Family:
     model_type: str  # config.json "model_type"
     network: str  # "llama" | "gpt2"
     settings: tuple = ()  # (key, value) pairs laid over config.json for the network (what the family implies)
+    defaults: tuple = ()  # (key, value) pairs for keys config.json may leave out: transformers' config defaults
     add_bos: bool = True  # whether a prompt starts with the BOS token
 
 
 GEMMA = (("norm_offset", True), ("embed_scale", True), ("sandwich_norms", True))
+TIED = (("tie_word_embeddings", True),)  # Gemma's configs as Google ships them have no such key: tied
+QWEN = (("use_sliding_window", False),)  # Qwen2/Qwen3Config: a sliding_window is given but off unless said
 
 FAMILIES = (
     Family("llama", "Llama", "llama", "llama"),
     Family("gpt2", "GPT-2", "gpt2", "gpt2", add_bos=False),
-    Family("qwen2", "Qwen2 / Qwen2.5", "qwen2", "llama", settings=(("qkv_bias", True),), add_bos=False),
-    Family("qwen3", "Qwen3", "qwen3", "llama", settings=(("qk_norm", True),), add_bos=False),
+    Family("qwen2", "Qwen2 / Qwen2.5", "qwen2", "llama", settings=(("qkv_bias", True),), add_bos=False,
+           defaults=QWEN),
+    Family("qwen3", "Qwen3", "qwen3", "llama", settings=(("qk_norm", True),), add_bos=False, defaults=QWEN),
     Family("mistral", "Mistral", "mistral", "llama"),
     Family("phi3", "Phi-3 / Phi-3.5", "phi3", "llama"),  # fused qkv_proj / gate_up_proj: split on load (models.py)
-    Family("gemma2", "Gemma 2", "gemma2", "llama", settings=GEMMA),
-    Family("gemma3_text", "Gemma 3 (text)", "gemma3_text", "llama", settings=GEMMA + (("qk_norm", True),)),
+    Family("gemma2", "Gemma 2", "gemma2", "llama", settings=GEMMA, defaults=TIED),
+    Family("gemma3_text", "Gemma 3 (text)", "gemma3_text", "llama", settings=GEMMA + (("qk_norm", True),),
+           defaults=TIED),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}

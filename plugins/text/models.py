@@ -35,7 +35,7 @@ def build_model(cfg: dict, family: str, device=None, empty: bool = False):
     if fam is None or cfg.get("model_type") != fam.model_type:
         raise ModelError(f"Unknown model family {cfg.get('model_type')!r}; supported: "
                          f"{', '.join(BY_MODEL_TYPE)}.")
-    cfg = {**cfg, **dict(fam.settings)}
+    cfg = {**dict(fam.defaults), **cfg, **dict(fam.settings)}
     try:
         with torch.device(device or "cpu"), (no_init() if empty else contextlib.nullcontext()):
             if fam.network == "llama":
