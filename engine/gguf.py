@@ -96,6 +96,37 @@ def config_from_metadata(meta: dict, path: Path) -> dict:
     return cfg
 
 
+def llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, original: int):
+    """llama.cpp's ``rope_freqs`` for Llama 3's rope scaling (convert_hf_to_gguf.py, LlamaModel): what each
+    rotary frequency is divided by."""
+    import numpy as np
+
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = (original / wavelen - low) / (high - low)
+    return np.where(wavelen < original / high, 1.0,
+                    np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def rope_from_factors(factors, cfg: dict, path: Path) -> dict:
+    """The config keys of a GGUF's ``rope_freqs`` tensor: Llama 3's rope scaling with the parameters that give
+    these factors (GGUF keeps only the factors), or nothing when they are all 1; ModelError when no Llama 3
+    scaling gives them (the model would run with the wrong positions)."""
+    import numpy as np
+
+    factors = np.asarray(factors, dtype=np.float64)
+    if np.allclose(factors, 1.0):
+        return {}
+    factor = float(factors.max())
+    for original in (2 ** k for k in range(4, 21)):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+            want = llama3_factors(cfg["rope_theta"], cfg["head_dim"], factor, low, high, original)
+            if want.shape == factors.shape and np.allclose(want, factors, rtol=1e-3):
+                return {"rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                         "high_freq_factor": high, "original_max_position_embeddings": original}}
+    raise ModelError(f"{path.name} scales its rotary positions (rope_freqs) in a way other than Llama 3's, which the "
+                     "GGUF import cannot carry over.")
+
+
 def tensors_from_gguf(reader, cfg: dict, path: Path) -> dict:
     """{transformers name: float16 numpy array}, dequantized."""
     import numpy as np
@@ -120,7 +151,8 @@ def tensors_from_gguf(reader, cfg: dict, path: Path) -> dict:
             if rest in LAYER_NAMES:
                 name = f"model.layers.{int(n)}.{LAYER_NAMES[rest]}"
         if name is None:
-            if t.name.endswith("rope_freqs.weight"):
+            if t.name == "rope_freqs.weight":  # Llama 3.1/3.2's rope scaling, as llama.cpp stores it
+                cfg.update(rope_from_factors(w.reshape(-1), cfg, path))
                 continue
             raise ModelError(f"{path.name} has the tensor {t.name}, which the GGUF import does not place.")
         if cfg["model_type"] == "llama" and t.name.endswith("attn_q.weight"):

@@ -35,12 +35,12 @@ def bpe(tmp_path_factory):
     return path
 
 
-def _model(arch: str):
+def _model(arch: str, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     kw = dict(vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
-              tie_word_embeddings=arch == "qwen2")
+              tie_word_embeddings=arch == "qwen2", **extra)
     torch.manual_seed(0)
     model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))).eval()
     with torch.no_grad():
@@ -49,7 +49,7 @@ def _model(arch: str):
     return model
 
 
-def write_gguf(model, arch: str, tokenizer_json, path, qtype):
+def write_gguf(model, arch: str, tokenizer_json, path, qtype, extra: dict | None = None):
     from gguf.quants import quantize
 
     cfg = model.config
@@ -101,6 +101,8 @@ def write_gguf(model, arch: str, tokenizer_json, path, qtype):
             w.add_tensor(name, a.astype(np.float16))
         else:
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -134,6 +136,39 @@ def test_gguf_imports_and_generates_the_original_tokens(arch, qname, need, bpe, 
     got = greedy(ours.step, ids)
     agree = sum(a == b for a, b in zip(got, want))
     assert agree >= need, (agree, got, want)
+
+
+def test_llama3_rope_scaling_is_carried_over_from_rope_freqs(bpe, tmp_path):
+    """llama.cpp stores Llama 3.1/3.2's rope scaling only as a ``rope_freqs`` tensor of factors; the import skipped
+    it, and the model ran with unscaled positions (75 % of transformers' greedy tokens, nothing said). The factors
+    are now matched to Llama 3's scaling parameters and written into config.json."""
+    from engine.gguf import llama3_factors
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from plugins.text.models import load_model
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    ref = _model("llama", rope_parameters=rope)
+    factors = llama3_factors(10000.0, H // 4, 8.0, 1.0, 4.0, 16).astype(np.float32)
+    path = tmp_path / "tiny-llama3.F16.gguf"
+    write_gguf(ref, "llama", bpe, path, gguf.GGMLQuantizationType.F16, extra={"rope_freqs.weight": factors})
+    entry = ModelStore(PluginHost(safe_mode=True, disabled=[]).load(), user_dir=tmp_path / "models").import_(path)
+    assert json.loads((entry.path / "config.json").read_text())["rope_scaling"] == {
+        k: v for k, v in rope.items() if k != "rope_theta"}
+    ours = load_model(entry.path, "llama", "cpu", torch.float32)
+    ids = torch.randint(1, V, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (ours(ids, use_cache=False)[0] - ref.half().float()(input_ids=ids).logits).abs().max()
+    assert diff < 2e-2, diff  # fp16 weights on both sides; unscaled positions were 0.35 away
+
+    odd = tmp_path / "odd.F16.gguf"
+    write_gguf(ref, "llama", bpe, odd, gguf.GGMLQuantizationType.F16,
+               extra={"rope_freqs.weight": np.linspace(1, 3, H // 8).astype(np.float32)})
+    from engine.errors import ModelError
+
+    with pytest.raises(ModelError, match="other than Llama 3's"):
+        ModelStore(PluginHost(safe_mode=True, disabled=[]).load(), user_dir=tmp_path / "models").import_(odd)
 
 
 def test_rebuilt_tokenizer_gives_the_original_ids(bpe, tmp_path):
