@@ -114,6 +114,28 @@ def test_bad_adapters_are_refused_by_name(tmp_path):
         lora.attach(fresh, lora.read_adapter(tmp_path / "gpt2-adapter"))
     with pytest.raises(UsageError, match="neither a PEFT adapter folder"):
         lora.read_adapter(tmp_path / "nothing-here")
+    # parts the studio would not apply are refused by name, not dropped (the outputs differed from peft's, silently)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((tmp_path / "gpt2-adapter" / "adapter_config.json").read_text())
+    for key, value in (("use_dora", True), ("lora_bias", True), ("modules_to_save", ["lm_head"])):
+        shutil.copytree(tmp_path / "gpt2-adapter", tmp_path / key)
+        (tmp_path / key / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(UsageError, match=f"uses PEFT's {key}, which the studio does not apply"):
+            lora.read_adapter(tmp_path / key)
+    weights = load_file(str(tmp_path / "gpt2-adapter" / "adapter_model.safetensors"))
+    extra = {**weights, "base_model.model.transformer.wte.lora_embedding_A": torch.zeros(2, 64)}
+    shutil.copytree(tmp_path / "gpt2-adapter", tmp_path / "emb")
+    save_file(extra, str(tmp_path / "emb" / "adapter_model.safetensors"))
+    with pytest.raises(UsageError, match="holds base_model.model.transformer.wte.lora_embedding_A, a part of a PEFT"):
+        lora.read_adapter(tmp_path / "emb")
+    kohya = {"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.lora_up.weight": torch.zeros(4, 2),
+             "lora_unet_a.alpha": torch.tensor(2.0), "lora_unet_a.dora_scale": torch.ones(1, 4)}
+    save_file(kohya, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(UsageError, match="holds lora_unet_a.dora_scale, a part other than kohya LoRA pairs"):
+        lora.read_adapter(tmp_path / "dora.safetensors")
 
 
 def _finetune(home, out, *extra, steps=8):

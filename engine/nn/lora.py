@@ -252,7 +252,20 @@ def read_adapter(path, component_paths: Optional[dict] = None) -> Adapter:
     return _read_peft(tensors, config, str(path))
 
 
+def _refuse_unread(source: str, unread: list, what: str) -> None:
+    """UsageError naming the first of the tensors an adapter holds that the studio would not apply: a partly
+    applied adapter gives other outputs than its reference library, with no word."""
+    if unread:
+        raise UsageError(f"{Path(source).name} holds {unread[0]}" + (f" (and {len(unread) - 1} more)" if len(unread) > 1
+                         else "") + f", {what}, which the studio does not apply yet; nothing was applied.")
+
+
 def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
+    features = [name for name, on in (("use_dora", config.get("use_dora")), ("lora_bias", config.get("lora_bias")),
+                                      ("modules_to_save", config.get("modules_to_save"))) if on]
+    if features:
+        raise UsageError(f"{Path(source).name} uses PEFT's {', '.join(features)}, which the studio does not apply "
+                         "yet; nothing was applied.")
     rank = int(config.get("r", 8))
     alpha = float(config.get("lora_alpha", rank))
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -270,6 +283,7 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
                 raise ModelError(f"{source}: adapter_config.json's trainable_token_indices do not name the "
                                  f"{v.shape[0]} new-token rows of {path}.")
             tokens[path] = ([int(i) for i in ids], v)
+
     def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha
         r, a = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
         return a / r if not config.get("use_rslora") else a / r ** 0.5
@@ -277,6 +291,8 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
     layers = {p: (ab["A"], ab["B"], layer_scale(p)) for p, ab in found.items() if set(ab) == {"A", "B"}}
     if not layers and not tokens:
         raise UsageError(f"{source} holds no LoRA weights (no lora_A / lora_B pairs).")
+    _refuse_unread(source, sorted(k for k in tensors if not pattern.match(k) and not k.endswith("." + TOKENS_KEY)),
+                   "a part of a PEFT adapter other than LoRA A/B pairs and new-token rows")
     spec = LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), tuple(config.get("target_modules") or ()))
     return Adapter(layers, spec, "peft", source, config, tokens)
 
@@ -331,6 +347,9 @@ def _read_kohya(tensors: dict, meta: dict, source: str, component_paths: dict) -
         layers[lookup.get(key, key)] = (down, up, alpha / rank)
     if not layers:
         raise UsageError(f"{source} holds no LoRA weights (no lora_down / lora_up pairs).")
+    _refuse_unread(source, sorted(k for k in tensors if not k.endswith((".lora_down.weight", ".lora_up.weight",
+                                                                           ".alpha"))),
+                   "a part other than kohya LoRA pairs (DoRA's dora_scale, LoHa, LoKr)")
     rank = max(ranks)
     return Adapter(layers, LoraSpec(rank, float(meta.get("ss_network_alpha", rank))), "kohya", source, meta)
 
