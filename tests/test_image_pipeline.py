@@ -162,3 +162,18 @@ def _image_architecture():
     from engine.plugins import PluginHost
 
     return PluginHost(safe_mode=True, disabled=[]).load().architectures["shapes-diffusion"][0]
+
+
+def test_an_image_of_nan_is_an_error_not_a_black_picture():
+    """A model or LoRA with NaN weights gave an all-black PNG, exit 0 and a history row (text refused NaN)."""
+    import numpy as np
+    import pytest
+
+    from engine.diffusion import to_uint8
+    from engine.errors import ModelError
+
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    assert to_uint8(x).shape == (1, 4, 4, 3)
+    x[0, 1, 2, 3] = np.nan
+    with pytest.raises(ModelError, match="computed NaN"):
+        to_uint8(x)

@@ -150,6 +150,12 @@ def sample_steps(xp, denoise: Callable, shape: tuple, scheduler_cfg, settings: S
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 (round half to even, as torch does)."""
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 (round half to even, as torch does); ModelError when
+    the model computed NaN (it was saved as a black image, exit 0)."""
     x = np.asarray(x, dtype=np.float32)
+    if np.isnan(x).any():
+        from engine.errors import ModelError
+
+        raise ModelError("The model computed NaN (not a number) for the image: its weights or a LoRA's hold NaN, or "
+                         "half precision overflowed on the GPU (try --device cpu).")
     return np.round((np.clip(x, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8).transpose(0, 2, 3, 1)
