@@ -141,6 +141,17 @@ def test_import_generate_replay_and_refusals(tmp_path, studio_home):
     (tmp_path / "xl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     with pytest.raises(ModelError, match="SDXL pipeline"):
         store.import_(tmp_path / "xl")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="does not hold a JSON object"):
+        store.import_(tmp_path / "listed")
+    import shutil
+
+    shutil.copytree(tmp_path / "tiny-sd", tmp_path / "x0")
+    sched = tmp_path / "x0" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ModelError, match="prediction_type 'sample' is not supported"):  # was: every generation
+        store.import_(tmp_path / "x0")
     assert [e.name for e in store.list() if not e.builtin] == ["tiny-sd"]
     cli = subprocess.run([sys.executable, "-m", "studio.cli", "generate", "sd", "--model", "tiny-sd", "--prompt",
                           "a cat", "--set", "width=32", "--set", "height=32", "--set", "steps=2", "--image",

@@ -168,3 +168,17 @@ def test_keys_a_config_leaves_out_take_transformers_defaults(case, drop, tmp_pat
     ids = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(ids, use_cache=False)[0] - ref(input_ids=ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("key, value", [("eos_token_id", "</s>"), ("bos_token_id", 999), ("eos_token_id", [1, -3])])
+def test_token_ids_outside_the_vocabulary_are_refused_at_import(key, value, tmp_path):
+    """They imported, then every generation failed with a ValueError or an IndexError from torch."""
+    from engine.errors import ModelError
+    from plugins.text.models import check_folder
+
+    folder = tmp_path / "m"
+    save_tiny("mistral", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ModelError, match=f"config.json's {key} is .*must be a token number below"):
+        check_folder(folder, "mistral")

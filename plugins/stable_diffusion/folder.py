@@ -22,11 +22,14 @@ def detect(path: Path) -> bool:
 
 def _json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"The pipeline folder has no {what} ({path.parent.name}/{path.name}).") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} cannot be read ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; the pipeline folder is damaged.")
+    return data
 
 
 def _weights(folder: Path, stem: str, trust: bool) -> dict:
@@ -117,6 +120,9 @@ def convert(path: Path, dest: Path, trust: bool = False) -> None:
     pad = special.get("pad_token", "<|endoftext|>")
     pad = pad.get("content") if isinstance(pad, dict) else pad
     prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):  # refused now, not at every generation after the import
+        raise ModelError(f"The scheduler's prediction_type {str(prediction)[:40]!r} is not supported (the studio runs "
+                         "epsilon and v_prediction models).")
     in_channels = int(configs["unet"].get("in_channels", 4))
     config = {**configs, "scheduler": {k: v for k, v in scheduler.items() if not k.startswith("_")},
               "prediction_type": prediction, "in_channels": in_channels,

@@ -115,6 +115,15 @@ def check_folder(folder, family: str) -> None:
     if tok.get_vocab_size() > int(cfg.get("vocab_size", 0)):
         raise ModelError(f"tokenizer.json has {tok.get_vocab_size()} tokens but the model only "
                          f"{cfg.get('vocab_size')}; the tokenizer does not belong to this model.")
+    from engine.store import read_generation_config
+
+    for name, source in (("config.json", cfg), ("generation_config.json", read_generation_config(folder))):
+        for key in ("bos_token_id", "eos_token_id"):
+            v = source.get(key)
+            ids = v if isinstance(v, list) else [v] if v is not None else []
+            if not all(type(i) is int and 0 <= i < int(cfg["vocab_size"]) for i in ids):
+                raise ModelError(f"{name}'s {key} is {str(v)[:40]!r}; it must be a token number below the "
+                                 f"vocabulary size {cfg['vocab_size']} (the file is damaged or was edited).")
 
 
 def load_model(folder, family: str, device: str = "cpu", dtype=None):
