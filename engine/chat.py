@@ -138,7 +138,26 @@ def _environment():
     def strftime_now(format):  # noqa: A002 - the name templates use
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """jinja2's sandbox, with ``*``, ``+`` and ``**`` checked before they run: ``'x' * 10**9`` or a string doubled
+        in a loop filled the memory (19 GB, then killed) within the range budget."""
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+                raise jinja2.sandbox.SecurityError("a power past 1000")
+            seqs = [x for x in (left, right) if isinstance(x, (str, list, tuple))]
+            size = 0
+            if operator == "+" and len(seqs) == 2:
+                size = len(left) + len(right)
+            elif operator == "*" and len(seqs) == 1:
+                count = right if seqs[0] is left else left
+                size = len(seqs[0]) * count if isinstance(count, int) else 0
+            if size > OUTPUT_LIMIT:
+                raise jinja2.sandbox.SecurityError(f"a text or list past {OUTPUT_LIMIT:,} items")
+            return super().call_binop(context, operator, left, right)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -158,6 +177,7 @@ def _environment():
 
 
 RANGE_BUDGET = 1_000_000  # range() items in one render of a chat template (real templates use a few hundred)
+OUTPUT_LIMIT = 10_000_000  # characters a render may write (a 128k-token context is about 500,000)
 
 
 def _check_source(env, source: str, name: str):
@@ -217,8 +237,14 @@ class ChatTemplate:
         msgs = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
         self._compiled.environment.range_left[0] = RANGE_BUDGET
         try:
-            return self._compiled.render(messages=msgs, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special)
+            out, size = [], 0
+            for piece in self._compiled.generate(messages=msgs, tools=None, documents=None,
+                                                 add_generation_prompt=add_generation_prompt, **self.special):
+                size += len(piece)
+                if size > OUTPUT_LIMIT:
+                    raise SecurityError(f"it wrote past {OUTPUT_LIMIT:,} characters")
+                out.append(piece)
+            return "".join(out)
         except SecurityError as exc:
             raise TemplateRefused(f"The chat template of {self.name} tried something the sandbox forbids "
                                   f"({exc}); it was stopped.") from None

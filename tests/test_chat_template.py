@@ -236,3 +236,20 @@ def test_nested_loops_are_stopped_not_run_for_hours():
     fine = ChatTemplate("{% for i in range(900000) %}{% endfor %}{{ messages[0].content }}", name="m")
     for _ in range(3):  # the budget is each render's own
         assert fine.render([Message("user", "hi")]) == "hi"
+
+
+@pytest.mark.parametrize("source, says", [
+    ("{% for i in range(100000) %}{{ messages[0].content * 1000 }}{% endfor %}", "wrote past 10,000,000"),
+    ("{{ messages[0].content * 100000000 }}", "a text or list past 10,000,000"),
+    ("{% set ns = namespace(x=messages[0].content) %}{% for i in range(60) %}{% set ns.x = ns.x + ns.x %}"
+     "{% endfor %}{{ ns.x }}", "a text or list past 10,000,000"),
+    ("{{ 10 ** 100000000 }}", "a power past 1000")])
+def test_templates_that_would_fill_the_memory_are_stopped(source, says):
+    """Within the range budget a template still filled the memory (19 GB, then killed): the text a render writes,
+    and every string or list it builds, stop at 10 million; powers at 1000."""
+    from engine.chat import ChatTemplate, Message, TemplateRefused
+
+    with pytest.raises(TemplateRefused, match=says):
+        ChatTemplate(source, name="m").render([Message("user", "hello")])
+    assert ChatTemplate("{{ messages[0].content * 3 + '!' }}{{ 2 ** 10 }}", name="m").render(
+        [Message("user", "ab")]) == "ababab!1024"
