@@ -355,6 +355,10 @@ def cmd_export_onnx(args) -> int:
     host = _host()
     store = ModelStore(host)
     entry = store.get(args.model)
+    if not args.out and not entry.builtin and entry.path.resolve().parent != store.user_dir.resolve():
+        raise UsageError(f"{entry.path} is not in the model store, and the studio writes into your own folders only "
+                         f"when told: import it first (`studio models import {args.model}`), or give --out (for "
+                         f"example --out {entry.path / 'onnx'}, where --model {args.model} finds it).")
     manifest = export_model(host, entry, out_dir=Path(args.out) if args.out else None,
                             quantize=args.quantize, force=args.force,
                             log=lambda msg: print(msg, file=sys.stderr))

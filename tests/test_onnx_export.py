@@ -311,3 +311,15 @@ def test_image_export_unet_within_tolerance(tmp_path, host):
             ref = torch_model.unet(torch.from_numpy(x), torch.full((3,), t), torch.from_numpy(h),
                                    torch.from_numpy(p)).numpy()
         assert np.abs(onnx_model.unet(x, t, h, p) - ref).max() < 1e-3
+
+
+def test_export_of_a_folder_used_in_place_needs_out(tmp_path, studio_home, capsys):
+    """`studio export-onnx /my/folder` wrote an onnx/ folder into the user's own model folder, unasked."""
+    from studio.cli import main
+
+    folder = text_folder(tmp_path / "mine", "llama")
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["export-onnx", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not in the model store" in err and f"--out {folder / 'onnx'}" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
