@@ -182,3 +182,15 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_import(key, value, tmp_
     (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
     with pytest.raises(ModelError, match=f"config.json's {key} is .*must be a token number below"):
         check_folder(folder, "mistral")
+
+
+def test_a_negative_sliding_window_is_refused(tmp_path):
+    from engine.errors import ModelError
+    from plugins.text.models import check_folder
+
+    folder = tmp_path / "m"
+    save_tiny("mistral", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "sliding_window": -7}))
+    with pytest.raises(ModelError, match="sliding_window must be a positive whole number, not -7"):
+        check_folder(folder, "mistral")

@@ -89,6 +89,8 @@ class LlamaConfig:
                              "are not supported")
         n = int(cfg.get("num_hidden_layers", cls.num_hidden_layers))
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        if window is not None and not (isinstance(window, int) and window >= 0):  # 0: none, as null
+            raise ValueError(f"sliding_window must be a positive whole number, not {window!r}")
         types = cfg.get("layer_types")
         if types is None and window:
             if "max_window_layers" in cfg:  # Qwen2 / Qwen3: sliding from that layer on
