@@ -118,3 +118,17 @@ def test_a_dark_sixteen_bit_file_stays_dark(tmp_path):
         a[0, 0] = top
         Image.fromarray(a).save(tmp_path / "dark.png")
         assert np.asarray(load_image(tmp_path / "dark.png"))[4, 4].tolist() == [1, 1, 1]
+
+
+def test_blip_without_a_preprocessor_config_uses_blips_defaults(tmp_path):
+    """It got ViT's normalisation (0.5) and other captions, with no word; a zero image_std was taken as given."""
+    R.save_blip(tmp_path / "b")
+    with_file = CaptionPipeline.from_folder(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "preprocessor_config.json").read_text())
+    (tmp_path / "b" / "preprocessor_config.json").unlink()
+    without = CaptionPipeline.from_folder(tmp_path / "b")
+    for im in R.random_images(3, seed=5):
+        assert np.abs(with_file.pixel_values(im) - without.pixel_values(im)).max() <= 1e-6
+    (tmp_path / "b" / "preprocessor_config.json").write_text(json.dumps({**config, "image_std": [0, 0, 0]}))
+    with pytest.raises(ModelError, match="image_std .* must be positive numbers"):
+        CaptionPipeline.from_folder(tmp_path / "b")

@@ -26,6 +26,10 @@ class CaptionOutput:
     beams: list = field(default_factory=list)  # beam search: [(text, score)] best first
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / _STD, BlipImageProcessor's defaults
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass
 class Preprocess:
     """Image processor settings of ``preprocessor_config.json``, applied as transformers' (PIL) image processors
@@ -65,6 +69,8 @@ class Preprocess:
             size = (image_size, image_size)  # not resized: the image must already have the size (resized anyway)
         crop = hw(cfg.get("crop_size", image_size), "crop_size") if cfg.get("do_center_crop", False) else None
         norm = cfg.get("do_normalize", True)
+        if norm and not all(isinstance(v, (int, float)) and v > 0 for v in cfg.get("image_std", (0.5,) * 3)):
+            raise ModelError(f"{where}: image_std {cfg.get('image_std')!r} must be positive numbers.")
         pre = cls(size, tuple(cfg.get("image_mean", (0.5,) * 3)) if norm else None,
                   tuple(cfg.get("image_std", (0.5,) * 3)) if norm else None, int(cfg.get("resample", 2)),
                   float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None, crop, shortest)
@@ -75,10 +81,17 @@ class Preprocess:
 
     @classmethod
     def from_folder(cls, folder, image_size: int) -> "Preprocess":
-        """From transformers' ``preprocessor_config.json`` when present, else ViT's defaults at ``image_size``."""
+        """From transformers' ``preprocessor_config.json`` when present, else the defaults of the model type's image
+        processor at ``image_size`` (BLIP's: CLIP's mean and std, bicubic; otherwise ViT's), with a log note."""
+        import logging
+
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
-            return cls(image_size)
+            blip = read_json(Path(folder) / "config.json").get("model_type") == "blip"
+            logging.getLogger(__name__).warning("%s has no preprocessor_config.json; images are prepared with %s "
+                                                "image processor's defaults.", Path(folder).name,
+                                                "BLIP's" if blip else "ViT's")
+            return cls(image_size, CLIP_MEAN, CLIP_STD, 3) if blip else cls(image_size)
         return cls.from_dict(read_json(path), image_size, str(path))
 
     def __call__(self, image) -> np.ndarray:
