@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import re
 import shutil
@@ -270,7 +271,8 @@ class ModelStore:
         if importer is not None:
             return self._import_converted(source, name or source.stem if source.is_file() else name or source.name,
                                           lambda dest: importer.convert(source, dest, trust))
-        name = name or source.resolve().name  # `studio models import .` is named after the folder
+        name = name or Path(os.path.normpath(source.absolute())).name  # `import .` is named after the folder; a
+        # symbolic link by its own name, not its target's
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
         if any(e.name == name for e in self.list()):

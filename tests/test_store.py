@@ -76,6 +76,8 @@ def test_a_damaged_model_can_be_removed_and_imported_again(store, tmp_path, monk
     monkeypatch.chdir(src)
     store.remove("m1")
     assert store.import_(Path(".")).name == "m1"  # `studio models import .` is named after the folder
+    (tmp_path / "linked").symlink_to(src)
+    assert store.import_(tmp_path / "linked").name == "linked"  # a link by its own name (was its target's)
 
 
 @pytest.mark.parametrize("breakage,message", [
