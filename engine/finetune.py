@@ -149,7 +149,7 @@ def _lr(step: int, s: Settings) -> float:
     return 0.1 * s.lr + 0.9 * s.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list) -> None:
+def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list, settings: "Settings" = None) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -160,7 +160,8 @@ def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list) -> No
     tmp.mkdir(parents=True)
     save_file({n: p.detach().cpu().contiguous() for n, p in trainable(task.model)}, str(tmp / "adapter.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "recipe": task.recipe,
+                                                "settings": asdict(settings) if settings else None}))
     final, old = out / "checkpoint", out / f".checkpoint.old-{os.getpid()}"
     if final.exists():
         final.rename(old)
@@ -168,12 +169,38 @@ def _save_checkpoint(out: Path, task: Task, opt, step: int, history: list) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, task: Task, opt) -> tuple:
+RESUMED_AS_STARTED = ("steps", "lr", "batch", "seed", "warmup", "weight_decay", "clip")  # what shapes the weights
+
+
+def _refuse_changed(out: Path, state: dict, task: Task, settings: "Settings") -> None:
+    """UsageError when ``--resume`` asks for other settings, another dataset, LoRA or base model than the run was
+    started with: the adapter would be a mix of two runs, while its history row describes one (its replay then
+    differs). A checkpoint from before these were recorded is not checked."""
+    was = state.get("settings") or {}
+    for name in RESUMED_AS_STARTED:
+        if name in was and settings is not None and was[name] != getattr(settings, name):
+            raise UsageError(f"The run in {out} was started with --{name.replace('_', '-')} {was[name]}, not "
+                             f"{getattr(settings, name)}; resume it with the settings it started with, or start a "
+                             "new run in another --out folder.")
+    def comparable(key, recipe):  # as JSON keeps it; a dataset by its content, not where it lies now
+        value = json.loads(json.dumps(recipe.get(key)))
+        return {k: v for k, v in value.items() if k != "path"} if key == "data" and isinstance(value, dict) else value
+
+    recipe = state.get("recipe") or {}
+    for key, what in (("base_model", "another base model"), ("data", "another dataset"),
+                      ("lora", "other LoRA settings"), ("seed", "another seed")):
+        if key in recipe and comparable(key, recipe) != comparable(key, task.recipe):
+            raise UsageError(f"The run in {out} was started with {what} than this command's; resume it as it "
+                             "started, or start a new run in another --out folder.")
+
+
+def _load_checkpoint(out: Path, task: Task, opt, settings: "Settings" = None) -> tuple:
     import torch
     from safetensors.torch import load_file
 
     folder = out / "checkpoint"
     state = json.loads((folder / "state.json").read_text())
+    _refuse_changed(out, state, task, settings)
     tensors = load_file(str(folder / "adapter.safetensors"))
     params = dict(task.model.named_parameters())
     missing = [n for n in tensors if n not in params]
@@ -202,19 +229,77 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
     ``report`` sees {"step", "total", "loss", "val_loss"?, "seconds_per_step", "eta_s", "sample"? (text),
     "sample_image"? (a PNG's path)} as it goes.
     A loss that is not finite stops the run and keeps the last good checkpoint (StudioError); so does a full
-    disk while checkpointing. ``cancel`` (an engine CancelToken) stops it after the current step, checkpointed."""
+    disk while checkpointing. ``cancel`` (an engine CancelToken) stops it after the current step, checkpointed.
+    ``out`` must be new, empty or the run's own folder (``refuse_foreign_folder``); one run at a time writes there."""
+    out = Path(out)
+    refuse_foreign_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _run(task, settings, out, resume, cancel, report)
+
+
+RUN_FILES = ("adapter", "checkpoint", "finetune.json", "log.jsonl", "samples", "run.lock")  # what a run writes
+
+
+def refuse_foreign_folder(out: Path) -> None:
+    """UsageError when a run folder ``out`` is a file, in the model store, or holds what a fine-tune run does not
+    write: a dataset, a model folder (built-in or not), the state folder. Those gained a run's files beside theirs."""
+    from engine import state
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the fine-tune run.")
+    store = (state.home() / "models").resolve()
+    if out.resolve() == store or store in out.resolve().parents:
+        raise UsageError(f"--out {out} is in the model store; give a run folder of its own.")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES
+                     and not p.name.startswith(".checkpoint.")) if out.is_dir() else []
+    if foreign:
+        raise UsageError(f"--out {out} holds files a fine-tune run does not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or the run's own "
+                         "folder with --resume.")
+
+
+@contextmanager
+def run_lock(out: Path):
+    """``out/run.lock`` for as long as a run writes into ``out``: a second run into the same folder (the window's and
+    the command line's, say) is refused; a lock left by a process that died is taken over."""
+    from engine.jobsave import owner_alive, owner_id
+
+    lock = out / "run.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = lock.read_text(encoding="utf-8").strip()
+            except OSError:
+                owner = ""
+            if owner and owner_alive(owner):
+                raise UsageError(f"Another fine-tune (process {owner.rpartition(':')[2]}) is writing to {out}; wait "
+                                 "for it to end, or choose another --out folder.") from None
+            lock.unlink(missing_ok=True)  # its process died
+    else:
+        raise UsageError(f"Another fine-tune took {out} at the same moment; choose another --out folder.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(owner_id())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run(task: Task, settings: Settings, out: Path, resume: bool, cancel, report) -> dict:
     import numpy as np
     import torch
 
     from engine.nn.lora import trainable
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     params = [p for _, p in trainable(task.model)]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     start, history = 0, []
     if resume and (out / "checkpoint" / "state.json").is_file():
-        start, history = _load_checkpoint(out, task, opt)
+        start, history = _load_checkpoint(out, task, opt, settings)
         report({"message": f"resumed from the checkpoint at step {start}"})
     else:
         refuse_to_restart(out / "checkpoint", resume)
@@ -223,7 +308,7 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
     try:
         for step in range(start, settings.steps):
             if cancel is not None and cancel.cancelled:
-                _save_checkpoint(out, task, opt, step, history)
+                _save_checkpoint(out, task, opt, step, history, settings)
                 raise CancelledError(f"Fine-tuning stopped at step {step}; resume it with --resume.")
             task.model.train()
             torch.manual_seed(settings.seed * 1_000_003 + step)
@@ -233,9 +318,9 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
             loss = task.loss(batch)
             value = float(loss.detach())
             if not math.isfinite(value):
-                kept = (f"the last good checkpoint, step {last_ck}, is kept in {out}; resume with a lower --lr"
-                        if (out / "checkpoint").exists() else "no checkpoint was written yet; start again with a "
-                        "lower --lr")
+                kept = (f"the last good checkpoint, step {last_ck}, is kept in {out}; start again with a lower --lr "
+                        "in another --out folder" if (out / "checkpoint").exists() else "no checkpoint was written "
+                        "yet; start again with a lower --lr")
                 raise StudioError(f"The loss became {value} at step {step + 1} (the learning rate {settings.lr:g} "
                                   f"is probably too high); {kept}.")
             opt.zero_grad(set_to_none=True)
@@ -262,7 +347,7 @@ def run(task: Task, settings: Settings, out: Path, resume: bool = False, cancel=
             report(event)
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 try:
-                    _save_checkpoint(out, task, opt, done, history)
+                    _save_checkpoint(out, task, opt, done, history, settings)
                 except OSError as exc:
                     raise StudioError(f"Could not write the checkpoint at step {done} ({exc.strerror}); the last "
                                       f"complete checkpoint, step {last_ck}, is kept in {out}.") from None

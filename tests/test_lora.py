@@ -301,3 +301,48 @@ def test_a_lora_file_is_kept_and_replays_from_the_copy(tmp_path, monkeypatch):
     Path(path).unlink()
     with pytest.raises(UsageError, match="The LoRA .* is missing and the studio kept no copy"):
         replay_lora(recorded, notes)
+
+
+def test_run_folders_are_the_runs_own_and_resume_keeps_the_settings(tmp_path, studio_home):
+    """--out into a dataset, a model folder or the model store gained a run's files; two runs into one folder both
+    'succeeded' and the second replaced the first's adapter; --resume with other settings made an adapter that
+    its history row did not describe (and --rank was 'unexpected RuntimeError')."""
+    from engine.errors import UsageError
+    from engine.finetune import Settings, refuse_foreign_folder, run, run_lock
+    from engine.jobsave import owner_id
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from plugins.text.finetune import TextTask, parse_args
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("to be or not to be, that is the question " * 40)
+    with pytest.raises(UsageError, match="holds files a fine-tune run does not write \\(a.txt\\)"):
+        refuse_foreign_folder(data)
+    with pytest.raises(UsageError, match="is in the model store"):
+        refuse_foreign_folder(studio_home / "models" / "x")
+    builtin = Path(__file__).resolve().parents[1] / "resources" / "models" / "shakespeare-llama"
+    with pytest.raises(UsageError, match="config.json"):
+        refuse_foreign_folder(builtin)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(owner_id())  # a run of a live process (this one) holds it
+    with pytest.raises(UsageError, match="Another fine-tune .* is writing to"):
+        with run_lock(out):
+            pass
+    (out / "run.lock").write_text("elsewhere-host-that-is-not-here:1")  # another machine's lock cannot be checked
+    with run_lock(out):  # ... so it is taken over, as a dead process's
+        assert (out / "run.lock").read_text() == owner_id()
+    assert not (out / "run.lock").exists()
+
+    entry = ModelStore(PluginHost().load()).get("shakespeare-llama")
+    args = ["--model", "shakespeare-llama", "--data", str(data), "--context", "16", "--batch", "2"]
+    settings = Settings(steps=4, lr=1e-3, batch=2, seed=0, checkpoint_every=2, eval_every=4, warmup=0,
+                        weight_decay=0.0, clip=1.0)
+    run(TextTask(entry, {"a.txt": (data / "a.txt").read_text()}, parse_args(args)), settings, out)
+    bigger = Settings(**{**settings.__dict__, "lr": 0.5})
+    with pytest.raises(UsageError, match="started with --lr 0.001, not 0.5"):
+        run(TextTask(entry, {"a.txt": (data / "a.txt").read_text()}, parse_args(args)), bigger, out, resume=True)
+    with pytest.raises(UsageError, match="started with other LoRA settings"):
+        run(TextTask(entry, {"a.txt": (data / "a.txt").read_text()}, parse_args(args + ["--rank", "4"])), settings,
+            out, resume=True)
