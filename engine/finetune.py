@@ -506,6 +506,9 @@ def record_history(recipe: dict, a, adapter: Path):
 
     weights = adapter_weights(adapter)
     args = {k: v for k, v in vars(a).items() if k not in ARGS_SKIPPED}
+    for key in ("data", "prior_data"):  # a replay from another folder finds them (a relative path did not)
+        if args.get(key):
+            args[key] = str(Path(args[key]).expanduser().resolve())
     row = {"generator": "finetune", "kind": recipe.get("kind"), "model": recipe.get("base_model") or {},
            "prompt": f"fine-tune on {(recipe.get('data') or {}).get('path', a.data)}", "seed": a.seed,
            "created": time.time(), "finetune": recipe, "args": args}
@@ -518,8 +521,11 @@ def record_history(recipe: dict, a, adapter: Path):
 
 def rerun_args(row: dict, out: Path) -> list:
     """The command-line arguments of a history row's fine-tune, writing to ``out`` (a fresh folder)."""
-    argv = []
-    for key, value in (row.get("args") or {}).items():
+    argv, args = [], dict(row.get("args") or {})
+    recorded = ((row.get("finetune") or {}).get("data") or {}).get("path")
+    if recorded and args.get("data") and not Path(args["data"]).is_absolute():  # rows written before paths were
+        args["data"] = recorded  # made absolute: the recipe has the absolute one
+    for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])

@@ -346,3 +346,11 @@ def test_run_folders_are_the_runs_own_and_resume_keeps_the_settings(tmp_path, st
     with pytest.raises(UsageError, match="started with other LoRA settings"):
         run(TextTask(entry, {"a.txt": (data / "a.txt").read_text()}, parse_args(args + ["--rank", "4"])), settings,
             out, resume=True)
+
+
+def test_a_finetune_row_replays_from_any_folder(tmp_path):
+    """The row kept --data as typed ("d1"), so a replay from another folder said "d1 does not exist"."""
+    from engine.finetune import rerun_args
+
+    old_row = {"args": {"model": "m", "data": "d1", "steps": 3}, "finetune": {"data": {"path": "/abs/d1"}}}
+    assert rerun_args(old_row, tmp_path / "o")[:6] == ["--model", "m", "--data", "/abs/d1", "--steps", "3"]
