@@ -421,6 +421,26 @@ def _checked(option):
     return parse
 
 
+_STOP: list = []  # the CancelToken SIGTERM sets, from the moment the command's arguments are read
+
+
+def stop_token(fresh: bool = False):
+    """The token that SIGTERM (the window's Pause) cancels: a fresh one from when ``parse_command`` reads a command's
+    arguments, so a Pause while the data and the model are still being prepared is not lost (it was: the run then
+    trained to its end)."""
+    import signal
+    import threading
+
+    from engine.generators import CancelToken
+
+    if fresh or not _STOP:
+        _STOP[:] = [CancelToken()]
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            token = _STOP[0]
+            signal.signal(signal.SIGTERM, lambda *_: token.cancel())
+    return _STOP[0]
+
+
 def parse_command(kind: str, description: str, data_help: str, options, argv) -> "argparse.Namespace":
     """The arguments of ``studio finetune KIND``: --model, --data, --out, the fine-tuner's options, --resume and
     --json, each option checked by its own range (``add_options``)."""
@@ -434,6 +454,7 @@ def parse_command(kind: str, description: str, data_help: str, options, argv) ->
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object per logged step")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    stop_token(fresh=True)
     return a
 
 
@@ -554,11 +575,7 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per
     logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter folder).
     SIGTERM stops it after the current step with a checkpoint there (what the GUI's Pause sends)."""
-    import signal
     import sys
-    import threading
-
-    from engine.generators import CancelToken
 
     def report(e: dict) -> None:
         if a.json:
@@ -570,13 +587,13 @@ def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
         elif "message" in e:
             print(e["message"], file=sys.stderr)
 
-    token = CancelToken()
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, lambda *_: token.cancel())
+    token = stop_token()
     try:
         recipe = run(task, settings_from(a), out, resume=a.resume, cancel=token, report=report)
     except KeyboardInterrupt:
-        raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
+        if (out / "checkpoint").exists():
+            raise StudioError(f"Stopped; the last checkpoint in {out} resumes with --resume.") from None
+        raise StudioError("Stopped before the first checkpoint; there is nothing to resume, start again.") from None
     adapter = str(Path(recipe["adapter"]) / adapter_file) if adapter_file else recipe["adapter"]
     row = record_history(recipe, a, Path(adapter))
     if row is not None and not a.json:

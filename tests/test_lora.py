@@ -354,3 +354,41 @@ def test_a_finetune_row_replays_from_any_folder(tmp_path):
 
     old_row = {"args": {"model": "m", "data": "d1", "steps": 3}, "finetune": {"data": {"path": "/abs/d1"}}}
     assert rerun_args(old_row, tmp_path / "o")[:6] == ["--model", "m", "--data", "/abs/d1", "--steps", "3"]
+
+
+def test_pause_while_preparing_big_text_and_context_are_not_lost(tmp_path, studio_home):
+    """SIGTERM (the window's Pause) that came while the data was prepared was lost and the run trained to its end;
+    a 1 GB text file ran the machine out of memory; --context past the model's was clamped silently."""
+    import signal
+
+    from engine.errors import CancelledError
+    from engine.finetune import Settings, run, stop_token
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+    from plugins.text.finetune import TextTask, main, parse_args
+
+    data = tmp_path / "a.txt"
+    data.write_text("to be or not to be, that is the question " * 40)
+    base = ["--model", "shakespeare-llama", "--data", str(data), "--batch", "2"]
+    entry = ModelStore(PluginHost().load()).get("shakespeare-llama")
+    with pytest.raises(UsageError, match="--context 100000 is longer than shakespeare-llama reads"):
+        TextTask(entry, {"a.txt": data.read_text()}, parse_args(base + ["--context", "100000"]))
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(65_000_000)
+    with pytest.raises(UsageError, match="holds 65 MB of text; the text fine-tuner reads at most 64 MB"):
+        main(["--model", "shakespeare-llama", "--data", str(big), "--out", str(tmp_path / "o")])
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        a = parse_args(base + ["--context", "16"])
+        os.kill(os.getpid(), signal.SIGTERM)  # the Pause arrives while the task is being built
+        task = TextTask(entry, {"a.txt": data.read_text()}, a)
+        assert stop_token().cancelled
+        settings = Settings(steps=4, lr=1e-3, batch=2, seed=0, checkpoint_every=2, eval_every=4, warmup=0,
+                            weight_decay=0.0, clip=1.0)
+        with pytest.raises(CancelledError, match="stopped at step 0"):
+            run(task, settings, tmp_path / "p", cancel=stop_token())
+        assert (tmp_path / "p" / "checkpoint" / "state.json").is_file()  # Resume continues from here
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -14,12 +14,15 @@ import json
 from pathlib import Path
 
 from engine.errors import UsageError
-from engine.datasets import read_documents
+from engine.datasets import read_documents, text_files
 from engine.finetune import Task, base_model, device_of, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
+
+MAX_BYTES = 64_000_000  # text a fine-tune reads (held in memory and tokenized whole)
+VAL_TOKENS = 65_536  # held-out tokens scored at each evaluation
 
 OPTIONS = lora_options(steps=300, lr=2e-3, batch=8, rank=8, alpha=16.0, dropout=0.05, every=50) + (
     Option("targets", "str", DEFAULT_TARGETS, "comma-separated names of the layers to adapt"),
@@ -69,8 +72,13 @@ class TextTask(Task):
             self.val_chars += len(self.tokenizer.decode(ids[cut:]))
         self.train = np.asarray(train, dtype=np.int64)
         self.summary = f"{len(self.train):,} training tokens"
-        self.val = np.asarray(val, dtype=np.int64)
-        self.context = min(a.context, self.model.max_positions - 1)
+        self.val = np.asarray(val[:VAL_TOKENS], dtype=np.int64)  # each evaluation's cost stays bounded
+        if len(val) > VAL_TOKENS:
+            self.val_chars = len(self.tokenizer.decode(self.val[1:].tolist()))
+        if a.context > self.model.max_positions - 1:
+            raise UsageError(f"--context {a.context} is longer than {entry.name} reads ({self.model.max_positions - 1} "
+                             "tokens and the next one); give a smaller --context.")
+        self.context = a.context
         if len(self.train) < self.context + 2:
             raise UsageError(f"The training text is {len(self.train)} tokens, fewer than one --context window of "
                              f"{self.context}; give more text or a smaller --context.")
@@ -146,4 +154,8 @@ class TextTask(Task):
 def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.generator == "text", "a text model")
+    size = sum(f.stat().st_size for f in text_files(Path(a.data)))
+    if size > MAX_BYTES:  # a 1 GB file ran the machine out of memory ("Killed"); 50 MB took 20 minutes
+        raise UsageError(f"{a.data} holds {size / 1e6:,.0f} MB of text; the text fine-tuner reads at most "
+                         f"{MAX_BYTES // 1_000_000} MB (a LoRA learns a style from a few MB): give a part of it.")
     return start(TextTask(entry, read_documents(Path(a.data)), a), a, run_folder(a, entry))
