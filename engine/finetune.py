@@ -492,7 +492,14 @@ def captioned_data(a) -> tuple:
         prior = captioned_images(Path(a.prior_data))
         if not 0 < a.prior_share < 1:
             raise UsageError("--prior-share must be between 0 and 1.")
-    return captioned_images(Path(a.data)), prior
+    pairs = captioned_images(Path(a.data))
+    empty = [p.name for p, caption in pairs if not caption.strip()]
+    if empty:
+        import sys
+
+        print(f"note: {len(empty)} image(s) have an empty caption ({', '.join(empty[:3])}"
+              f"{', ...' if len(empty) > 3 else ''}); they train the model with no prompt.", file=sys.stderr)
+    return pairs, prior
 
 
 def run_folder(a, entry) -> Path:

@@ -392,3 +392,19 @@ def test_pause_while_preparing_big_text_and_context_are_not_lost(tmp_path, studi
         assert (tmp_path / "p" / "checkpoint" / "state.json").is_file()  # Resume continues from here
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_empty_captions_are_noted(tmp_path, capsys):
+    """An empty caption trains the model with no prompt (sometimes meant, often a forgotten file): said, not silent."""
+    import argparse
+
+    from PIL import Image
+
+    from engine.finetune import captioned_data
+
+    for i, caption in enumerate(["a red star", "", "  "]):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text(caption)
+    pairs, prior = captioned_data(argparse.Namespace(data=str(tmp_path)))
+    assert len(pairs) == 3 and prior == []
+    assert "note: 2 image(s) have an empty caption (im1.png, im2.png)" in capsys.readouterr().err

@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.datasets import captioned_images
 from engine.diffusion.finetune import DenoiserTask
-from engine.finetune import base_model, device_of, lora_options, parse_command, run_folder, start
+from engine.finetune import base_model, captioned_data, device_of, lora_options, parse_command, run_folder, start
 from engine.generators import Option
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -152,4 +151,4 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     entry = base_model(a, lambda e: e.family == "stable-diffusion",
                        "a Stable Diffusion model (import one with `studio models import`)")
-    return start(SDTask(entry, captioned_images(Path(a.data)), a), a, run_folder(a, entry), "adapter.safetensors")
+    return start(SDTask(entry, captioned_data(a)[0], a), a, run_folder(a, entry), "adapter.safetensors")
