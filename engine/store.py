@@ -149,7 +149,7 @@ def fingerprint(folder: Path) -> dict:
 
 
 SCRATCH = ".import-"  # the scratch folders of imports and conversions in the store (engine.jobsave.scratch_folder)
-STUDIO_KEYS = {"hash": str, "fingerprint": str, "title": str, "family": str, "generator": str, "default": bool,
+STUDIO_KEYS = {"hash": str, "fingerprint": dict, "title": str, "family": str, "generator": str, "default": bool,
                "imported_from": str, "autov2": str, "scores": dict}
 
 

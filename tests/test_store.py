@@ -210,5 +210,9 @@ def test_killed_imports_and_foreign_studio_json_do_not_break_the_store(store, tm
                                                  "title": "Foreign"}))
     entry = store.import_(src, name="foreign")
     assert entry.title == "Foreign" and len(entry.hash) == 64 and entry.to_dict()["scores"] == {}
+    from engine.store import studio_json
+
+    kept = studio_json(user / "foreign")  # what the studio itself writes passes its own check (the fingerprint
+    assert isinstance(kept["fingerprint"], dict) and kept["hash"] == entry.hash  # is what spares rehashing)
     (user / "foreign" / "studio.json").write_text(json.dumps({"hash": 5, "fingerprint": "x"}))  # damaged later
     assert sorted(e.name for e in store.list()) == ["foreign", "gone", "mine"]
