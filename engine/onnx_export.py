@@ -78,9 +78,12 @@ class Gate:
 
 def _not_exported(folder: Path) -> list:
     """The files in an earlier export's ``folder`` that its manifest does not list (a user's notes, results)."""
+    from engine.backends.optimized import FOLDER as CACHE
+
     written = set(read_manifest(folder).get("files") or {}) | {MANIFEST}
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() not in written)
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() not in written
+                  and CACHE not in p.relative_to(folder).parts)  # onnxruntime's optimized graphs: the studio's cache
 
 
 def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional[str] = None, force: bool = False,

@@ -156,7 +156,7 @@ def _add(queue: JobQueue, args) -> int:
     host = _host()
     store = ModelStore(host)
     args.image = list(args.image) + folder_images(args.folder)
-    jobs = _jobs(args, state.load_settings())
+    jobs = [absolute_inputs(j) for j in _jobs(args, state.load_settings())]
     if args.seeds or args.grid:
         try:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
@@ -181,6 +181,27 @@ def _add(queue: JobQueue, args) -> int:
     else:
         print("queued job(s) " + ", ".join(map(str, ids)))
     return 0
+
+
+def absolute_inputs(job):
+    """``job`` with its input files (image, mask, LoRA files, a model folder given as a path) as absolute paths: the
+    queue is worked from other folders (the window, the server, another terminal), where a relative path named
+    another file or none."""
+    from engine.runner import split_lora
+
+    def absolute(path):
+        return str(Path(path).expanduser().absolute()) if path else path
+
+    def lora(spec):
+        path, weight = split_lora(spec)
+        return absolute(path) + (f":{weight}" if weight is not None else "")
+
+    model = job.model
+    if model and ("/" in model or model.startswith(("~", "."))):  # a path; a store name has no "/"
+        model = absolute(model)
+    job.image, job.mask, job.model = absolute(job.image), absolute(job.mask), model
+    job.loras = [lora(x) for x in job.loras]
+    return job
 
 
 def folder_images(folder) -> list:

@@ -236,6 +236,23 @@ def test_cli_queue_caption_folder_and_controls(studio_home, tmp_path, capsys):
     assert main(["queue", "cancel", "1"]) == 2
     assert "already finished" in capsys.readouterr().err
     assert main(["queue", "add", "caption", "--folder", str(tmp_path / "nope")]) == 2
+    # inputs given relative to where `queue add` ran are kept absolute: the queue is worked from other folders,
+    # where the same relative path named another image, silently
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(folder)
+        assert main(["queue", "add", "caption", "--image", "0.png", "--json"]) == 0
+        from engine.runner import Job
+        from studio.queue_cli import absolute_inputs
+
+        other = absolute_inputs(Job("text", loras=["style:0.5", "a:b.safetensors"], model="./m", mask="m.png"))
+    finally:
+        os.chdir(here)
+    assert JobQueue().get(json.loads(capsys.readouterr().out)["ids"][0]).job["image"] == str(folder / "0.png")
+    assert other.loras == [f"{folder / 'style'}:0.5", str(folder / "a:b.safetensors")]
+    assert (other.model, other.mask) == (str(folder / "m"), str(folder / "m.png"))
 
 
 def test_export_and_finetune_jobs(studio_home, monkeypatch):
