@@ -113,6 +113,7 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
         except Exception as exc:  # noqa: BLE001 - an injected fault, or sqlite beyond History's own handling
             unrecorded = f"the history could not be written ({exc})"
     linked: list = []
+    kept: list = []  # (path, a link to the user's file that --overwrite replaced): put back if the save fails
     try:
         for (p, data), tmp in zip(planned, tmps):
             write_new(tmp, data)
@@ -121,6 +122,13 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
             try:
                 for (p, _), tmp in zip(planned, tmps):
                     if overwrite:
+                        was = Path(f"{tmp}.was")
+                        try:
+                            os.link(p, was)
+                            kept.append((p, was))
+                            every_tmp.append(was)
+                        except FileNotFoundError:
+                            pass
                         os.replace(tmp, p)
                         os.link(p, tmp)  # the temporary name stays until the row is done, as in the link case
                     else:
@@ -147,6 +155,11 @@ def save(render: Render, path: Path, recipe: dict, history, overwrite: bool = Fa
     except BaseException as exc:
         for p in linked:
             unlink_quietly(p)
+        for p, was in kept:  # the file --overwrite replaced is the user's again ("Nothing was saved" holds)
+            try:
+                os.replace(was, p)
+            except OSError:
+                pass
         for tmp in every_tmp:
             unlink_quietly(tmp)
         if row is not None:

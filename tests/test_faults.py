@@ -188,3 +188,16 @@ def test_zz_report():
     """The figures of this run (the heavy sweep's go to docs/reliability.md)."""
     print(f"\nfault-injection sweep ({'heavy' if HEAVY else 'CI'}): {TALLY.faults} faults injected, "
           f"{TALLY.checks} invariant checks passed; by kind: {TALLY.kinds}")
+
+
+def test_a_failed_overwrite_keeps_the_users_file(home, tmp_path):
+    """--out FILE --overwrite, then the save failed at its last step (a busy or full history database): the user's
+    file was already replaced, then removed with the new one; "Nothing was saved" and the old file was gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("my precious notes")
+    for point in ("done:enospc", "done:locked"):
+        r = gen("upper", "--out", str(out / "keep.txt"), "--overwrite", fault=point)
+        assert r.rc == 1, r.stderr
+        assert (out / "keep.txt").read_text() == "my precious notes"
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
