@@ -141,6 +141,9 @@ def _jobs(args, settings) -> list:
     return jobs
 
 
+STATE_FILES = ("history.sqlite3", "queue.sqlite3", "settings.json", "plugin_checks.json")  # and their -wal etc.
+
+
 def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Optional[Path], bool]:
     """(--out as a path, whether it is a folder), checked before any work: a trailing slash or an existing folder
     is a folder (made when missing); an existing file is replaced only with --overwrite."""
@@ -155,6 +158,11 @@ def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Opt
             raise UsageError(f"--out {given}: {parent} is a file, so nothing can be saved inside it.")
     if not is_dir and out.exists() and not out.is_file():
         raise UsageError(f"{out} is not a regular file (a device or a pipe); choose another --out.")
+    from engine import state
+
+    if not is_dir and out.resolve().parent == state.home().resolve() and out.name.startswith(STATE_FILES):
+        raise UsageError(f"{out} is one of the studio's own files (its history, queue or settings); choose another "
+                         "--out.")  # --overwrite replaced the history database, then it was lost
     if not is_dir and out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
     return out, is_dir

@@ -140,3 +140,16 @@ def test_outputs_never_replace_a_device_or_a_pipe_and_say_which_name_was_taken(s
     sidecar.write_text("precious")
     saved = commit.save(render, tmp_path / "a.txt", {"generator": "text"}, None)
     assert saved.notes == [f"{sidecar} exists; saved as a-1.txt instead"] and sidecar.read_text() == "precious"
+
+
+def test_out_never_names_the_studios_own_files(studio_home, capsys):
+    """`--out $STUDIO_HOME/history.sqlite3 --overwrite` replaced the history database: every row was lost."""
+    from studio.cli import main
+
+    main(["history", "list"])  # the database exists
+    before = (studio_home / "history.sqlite3").read_bytes()
+    capsys.readouterr()
+    for name in ("history.sqlite3", "settings.json", "queue.sqlite3"):
+        assert main(["generate", "text", "--prompt", "x", "--out", str(studio_home / name), "--overwrite"]) == 2
+        assert "one of the studio's own files" in capsys.readouterr().err
+    assert (studio_home / "history.sqlite3").read_bytes() == before
