@@ -326,5 +326,19 @@ def fts_query(text: str) -> str:
 
 
 def _entry(row) -> Entry:
+    """A row as an Entry; a recipe or outputs column that is not what the studio writes (a database edited or
+    damaged by hand) reads as an empty recipe with a ``damaged`` note, so one row cannot break every listing."""
     id_, created, generator, prompt, model, seed, recipe, outputs = row
-    return Entry(id_, created, generator, prompt or "", model or "", seed, json.loads(recipe), json.loads(outputs))
+
+    def read(text, kind):
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            return None
+        return value if isinstance(value, kind) else None
+
+    got, files = read(recipe, dict), read(outputs, list)
+    if got is None or files is None or not all(isinstance(o, dict) for o in files):
+        got, files = {"generator": generator, "damaged": f"history row {id_} is damaged (not the JSON the studio "
+                                                         "writes); it cannot be replayed"}, []
+    return Entry(id_, created, generator, prompt or "", model or "", seed, got, files)

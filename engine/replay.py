@@ -50,6 +50,8 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
            **kw) -> tuple[Record, bool, list]:
     """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
     notes)."""
+    if recipe.get("damaged"):
+        raise UsageError(recipe["damaged"].capitalize() + ".")
     model = recipe.get("model") or {}
     recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
     if device is None and recorded == "cuda" and backend != "onnx":

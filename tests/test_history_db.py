@@ -88,3 +88,26 @@ def test_processes_opening_an_old_database_together_migrate_it_once(tmp_path):
                               text=True) for _ in range(6)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [o[0].strip() for o in outs] == ["12"] * 6, [o[1][-300:] for o in outs]
+
+
+def test_a_damaged_row_does_not_break_the_listing(studio_home, capsys):
+    """One row whose recipe was not JSON made `history list` 'unexpected JSONDecodeError' with no rows at all;
+    one whose recipe was a list made `history replay` 'unexpected AttributeError'."""
+    import sqlite3
+
+    from studio.cli import main
+
+    for prompt in ("one", "two", "three"):
+        assert main(["generate", "text", "--prompt", prompt, "--set", "max_new_tokens=2"]) == 0
+    db = sqlite3.connect(studio_home / "history.sqlite3")
+    db.execute("update generations set recipe='{broken' where id=2")
+    db.execute("update generations set recipe='[1, 2]' where id=3")
+    db.commit()
+    db.close()
+    capsys.readouterr()
+    assert main(["history", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "one" in listed and "two" in listed and "three" in listed
+    for row in ("2", "3"):
+        assert main(["history", "replay", row]) == 2
+        assert "is damaged" in capsys.readouterr().err
