@@ -142,6 +142,9 @@ def test_sampling_filters():
     assert picks == {1, 2}
     # repetition penalty makes the seen best token lose under greedy
     assert choose(logits, [1], SamplingOptions(temperature=0, repetition_penalty=2.0), rng) == 2
+    # a temperature so small the scores overflow is its limit, greedy (it was NaN probabilities and token 0)
+    with np.errstate(all="raise"):
+        assert choose(logits, [], SamplingOptions(temperature=1e-300, top_k=0, top_p=1.0), rng) == 1
 
 
 def test_presence_and_frequency_penalties_as_openai_defines_them():

@@ -96,7 +96,11 @@ def choose(logits, previous, opts: SamplingOptions, rng: np.random.Generator, ge
     logits = apply_presence_frequency(logits, generated, opts.presence_penalty, opts.frequency_penalty)
     if opts.temperature <= 0:
         return int(np.argmax(logits))
-    logits = logits / opts.temperature
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = logits / np.float32(opts.temperature)
+    if not np.isfinite(scaled[np.isfinite(logits)]).all():  # a temperature so small (1e-300) the scores overflow: its limit,
+        return int(np.argmax(logits))  # greedy (it gave NaN probabilities and token 0)
+    logits = scaled
     logits = top_k_filter(logits, opts.top_k)
     logits = top_p_filter(logits, opts.top_p)
     probs = softmax(logits)
