@@ -172,6 +172,7 @@ class History:
         (full-text over SQLite FTS5, case-insensitive, each word matching the start of a word)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UsageError(f"The number of rows to list must be 1 or more, not {limit!r}.")
+        limit = min(limit, 2 ** 63 - 1)  # SQLite's largest number (a larger one was 'unexpected OverflowError')
         sql = f"SELECT {COLUMNS} FROM generations WHERE pending IS NULL"
         args: list = []
         if search.strip():

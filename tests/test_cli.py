@@ -57,6 +57,7 @@ def test_history_list_filters_and_refuses_a_count_below_one(plugins):
     assert [e["generator"] for e in only] == ["pixels"]
     for bad in ("0", "-3"):
         assert "must be 1 or more" in studio("history", "list", f"--limit={bad}", check=2).stderr
+    assert len(json.loads(studio("history", "list", "--json", "--limit", "9" * 20, check=0).stdout)) == 2
 
 
 def test_a_closed_pipe_ends_quietly(plugins):
