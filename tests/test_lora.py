@@ -308,7 +308,8 @@ def test_run_folders_are_the_runs_own_and_resume_keeps_the_settings(tmp_path, st
     'succeeded' and the second replaced the first's adapter; --resume with other settings made an adapter that
     its history row did not describe (and --rank was 'unexpected RuntimeError')."""
     from engine.errors import UsageError
-    from engine.finetune import Settings, refuse_foreign_folder, run, run_lock
+    from engine.finetune import Settings, run
+    from engine.runfolder import refuse_foreign_folder, run_lock
     from engine.jobsave import owner_id
     from engine.plugins import PluginHost
     from engine.store import ModelStore

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from engine.finetune import add_flags, refuse_to_replace, refuse_to_restart, resuming
+from engine.finetune import add_flags
+from engine.runfolder import refuse_to_replace, refuse_to_restart, resuming
 from engine.generators import DEVICES
 from engine.outputs import atomic_write_bytes, replacing
 

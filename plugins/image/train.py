@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.weights import load_pickle
-from engine.finetune import add_flags, refuse_to_replace, refuse_to_restart
+from engine.finetune import add_flags
+from engine.runfolder import refuse_to_replace, refuse_to_restart
 from engine.generators import DEVICES
 from engine.outputs import replacing
 
