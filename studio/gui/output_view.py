@@ -146,8 +146,9 @@ class OutputView(QWidget):
         self.files = [str(f) for f in files]
         text = recipe.get("text")
         if self.kind == "text":
-            if text is not None and self.text.toPlainText() != breakable(text):
-                self.text.setPlainText(breakable(text))
+            shown = breakable(text) if text is not None else None
+            if shown is not None and self.text.toPlainText() != shown:
+                self.text.setPlainText(shown)
         elif self.kind == "caption":
             self.caption_text.setText(text or "")
             path = (recipe.get("image") or {}).get("path")
