@@ -6,6 +6,7 @@ context)`` callable that yields ``Progress`` and ``Partial`` events and one
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,14 @@ OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # bool options, on/off variables
+# numbers as a person types them: ASCII digits, no "1_000" (Python reads "0_5" as 5) and no other scripts' digits
+WHOLE = re.compile(r"[+-]?[0-9]+")
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def digits(text: str) -> bool:
+    """True for a non-empty run of ASCII digits (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,10 @@ class Option:
                         value = False
                     else:
                         raise ValueError
-                elif kind is int:
-                    value = int(text)
+                elif not (WHOLE if kind is int else DECIMAL).fullmatch(text):
+                    raise ValueError
                 else:
-                    value = float(text)
+                    value = kind(text)
             except ValueError:
                 raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {_shown(value)}.") from None
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):

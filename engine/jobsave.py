@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import StudioError
+from engine.generators import digits
 from engine.outputs import SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def owner_id() -> str:
 
 def owner_alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not digits(pid):
         return False  # another machine's claim cannot be checked; a restart here takes it back
     try:
         os.kill(int(pid), 0)
@@ -56,7 +57,7 @@ def remove_dead_scratch(parent: Path, prefix: str) -> None:
     for scratch in Path(parent).glob(glob.escape(prefix) + "*~*-*"):
         host, _, rest = scratch.name[len(prefix):].partition("~")
         pid = rest.split("-", 1)[0]
-        if host == socket.gethostname() and pid.isdigit() and not owner_alive(f"{host}:{pid}"):
+        if host == socket.gethostname() and digits(pid) and not owner_alive(f"{host}:{pid}"):
             shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import StudioError, UsageError
+from engine.generators import digits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def connect(address: str, num_cpus: Optional[int] = None):
         return ray
     if address != "auto":
         host, _, port = address.replace("ray://", "").rpartition(":")
-        if not port.isdigit():
+        if not digits(port):
             raise UsageError(f"A Ray address is HOST:PORT or auto, not {address!r}.")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()

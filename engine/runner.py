@@ -94,6 +94,12 @@ class Record:
     result: Result
 
 
+def nth_seed(seed: Optional[int], i: int) -> Optional[int]:
+    """The seed of the i-th job of a batch that starts at ``seed`` (None: each draws its own): seed + i, counted
+    around past 2^63-1 back to 0 so that a batch from the largest seed runs like any other."""
+    return None if seed is None else (seed + i) % 2**63
+
+
 def resolve_device(device: str, backend: str) -> str:
     if backend == "onnx":
         return "cpu"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 from engine.errors import StateError, UsageError
-from engine.generators import BACKENDS, DEVICES, FALSE_WORDS, TRUE_WORDS
+from engine.generators import BACKENDS, DEVICES, FALSE_WORDS, TRUE_WORDS, digits
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def env_threads(name: str) -> int:
     if not raw:
         return 0
     cores = os.cpu_count() or 1
-    if not raw.isdigit() or int(raw) < 1:
+    if not digits(raw) or int(raw) < 1:
         raise UsageError(f"{name} must be a whole number of threads from 1 to {cores}, not {raw!r}.")
     if int(raw) > cores:
         logging.getLogger(__name__).warning("%s=%s is more than this machine's %d cores; using %d.", name, raw,

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from engine.errors import UsageError
+from engine.generators import digits
 from studio.server import ClientGone, NotFound, Unsupported, next_item, read_json, run_job
 
 TEXT_GENERATORS = ("text", "chat")
@@ -100,13 +101,13 @@ def _text_options(body: dict, default_max: int) -> dict:
 def _jobs(body: dict, default_max: int, prompts: list, **fields) -> list:
     """One job per prompt and per ``n``: choice ``p * n + k`` is prompt ``p``'s ``k``-th, with seed ``seed + k``
     (so a prompt in a list gets the text it would get alone)."""
-    from engine.runner import Job
+    from engine.runner import Job, nth_seed
 
     n = _number(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise UsageError(f"n must be from 1 to {MAX_N}, not {n}.")
     options, seed = _text_options(body, default_max), _number(body, "seed", int)
-    return [Job(prompt=prompt, seed=None if seed is None else seed + k, options=dict(options), **fields)
+    return [Job(prompt=prompt, seed=nth_seed(seed, k), options=dict(options), **fields)
             for prompt in prompts for k in range(n)]
 
 
@@ -246,10 +247,10 @@ async def images(request):
     seed = _number(body, "seed", int)
     options = _size(body.get("size"), {o.name for o in service.host.generator(generator).info.options})
     data = []
-    from engine.runner import Job
+    from engine.runner import Job, nth_seed
 
     for i in range(n):
-        job = Job(generator, prompt=prompt, model=model, options=dict(options), seed=None if seed is None else seed + i)
+        job = Job(generator, prompt=prompt, model=model, options=dict(options), seed=nth_seed(seed, i))
         finished = await run_job(service, job, request)
         png = Path(finished["files"][0]).read_bytes()
         data.append({"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": prompt})
@@ -262,7 +263,7 @@ def _size(size, options: set) -> dict:
     if size in (None, "", "auto"):
         return {}
     w, sep, h = str(size).partition("x")
-    if not (sep and w.isdigit() and h.isdigit()):
+    if not (sep and digits(w) and digits(h)):
         raise UsageError(f"size must be WIDTHxHEIGHT, such as 512x512, not {size!r}.")
     return {"width": int(w), "height": int(h)} if {"width", "height"} <= options else {}
 

@@ -17,7 +17,7 @@ from engine.errors import CancelledError, StudioError, UsageError
 from engine.generators import CancelToken, Context, Partial
 from engine.history import History
 from engine.plugins import PluginHost
-from engine.runner import Job, execute, prepare
+from engine.runner import Job, execute, nth_seed, prepare
 from engine.store import ModelStore
 from engine.tokenizer import load_tokenizer
 
@@ -142,7 +142,7 @@ def run_chat(args) -> int:
         if not room:
             conv.messages.pop()
             continue
-        seed = None if args.seed is None else args.seed + turn
+        seed = nth_seed(args.seed, turn)
         turn += 1
         answer = _answer(host, store, job, conv, seed, cache, history)
         if answer is not None:

@@ -13,7 +13,7 @@ from engine.errors import StudioError, UsageError
 from engine.generators import Progress
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled
-from engine.runner import Job, execute, prepare
+from engine.runner import Job, execute, nth_seed, prepare
 from engine.store import ModelStore
 
 
@@ -134,7 +134,7 @@ def _jobs(args, settings) -> list:
     jobs = []
     for p in prompts:
         for im in images:
-            seed = None if args.seed is None else args.seed + len(jobs)
+            seed = nth_seed(args.seed, len(jobs))
             jobs.append(Job(args.generator, prompt=p, image=im, mask=getattr(args, "mask", None), model=args.model,
                             backend=backend, device=device, seed=seed, options=options, loras=list(args.lora),
                             messages=messages))

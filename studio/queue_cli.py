@@ -279,7 +279,7 @@ def read_jobfile(path: Path) -> tuple:
 
 def cmd_batch(args) -> int:
     from engine import state
-    from engine.runner import Job
+    from engine.runner import Job, nth_seed
     from engine.store import ModelStore
     from studio.commands import _host, _parse_sets, _print_json, read_prompt_file
 
@@ -298,7 +298,7 @@ def cmd_batch(args) -> int:
     else:
         settings, options = state.load_settings(), _parse_sets(args.sets)
         numbered = [(n, Job(args.generator, prompt=prompt, model=args.model, backend=settings.backend,
-                            device=settings.device, seed=None if args.seed is None else args.seed + i,
+                            device=settings.device, seed=nth_seed(args.seed, i),
                             options=options))
                     for i, (n, prompt) in enumerate(read_prompt_file(args.prompt_file))]
         errors = []

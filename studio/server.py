@@ -19,6 +19,7 @@ import threading
 from typing import Optional
 
 from engine.errors import ModelError, StudioError, UsageError
+from engine.generators import digits
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class Guard:
                        "was started with." if not given else "The bearer token is wrong.")
                 return await error_response(msg, 401, "authentication_error", "invalid_api_key")(scope, receive, send)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
+        if digits(length) and int(length) > self.max_body:
             return await self._too_large(scope, receive, send)
         seen = [0]
 

@@ -90,6 +90,14 @@ def test_batch_prompt_file_writes_a_folder(plugins, tmp_path):
     assert len(list(outdir.glob("*.txt"))) == 2
 
 
+def test_a_batch_from_the_largest_seed_counts_around_to_zero(plugins, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    lines = studio("generate", "upper", "--prompt-file", str(prompts), "--out", str(tmp_path / "b"), "--json",
+                   "--seed", str(2**63 - 1), check=0).stdout.splitlines()
+    assert [json.loads(l)["seed"] for l in lines] == [2**63 - 1, 0]
+
+
 @pytest.mark.parametrize("args,code,message", [
     (("generate", "nope", "--prompt", "x"), 2, "Unknown generator 'nope'"),
     (("generate", "upper", "--prompt", "x", "--set", "repeat=99"), 2, "at most 5"),

@@ -23,10 +23,16 @@ def test_defaults_and_parsing_from_strings():
     ("steps", "0", "at least 1"),
     ("steps", 101, "at most 100"),
     ("steps", 2.5, "must be a whole number"),
-    ("guidance", "nan", "not NaN"),
+    ("guidance", "nan", "must be a number"),
+    ("guidance", float("nan"), "not NaN"),
     ("sampler", "plms", "must be one of ddim, euler"),
     ("flag", "maybe", "true or false"),
     ("steps", "9" * 5000, r"not '9{56}\.{4}$"),  # a pasted huge value is cut in the message
+    ("guidance", "0_5", "must be a number"),  # Python's float() reads it as 5.0
+    ("steps", "1_0", "must be a whole number"),
+    ("steps", "\u0663", "must be a whole number"),  # an Arabic-Indic 3, which int() takes
+    ("guidance", "\u0661.5", "must be a number"),
+    ("guidance", "inf", "must be a number"),
     ("nope", 1, "has no option 'nope'"),
 ])
 def test_bad_values_get_clear_messages(name, value, message):
@@ -72,3 +78,10 @@ def test_cpu_threads_follow_model_size(monkeypatch):
             runner.set_cpu_threads(5 << 20)
     finally:
         torch.set_num_threads(before)
+
+
+def test_numbers_as_people_type_them_are_read():
+    opts = INFO.resolve_options({"steps": " +7 ", "guidance": "1e1"})
+    assert opts["steps"] == 7 and opts["guidance"] == 10.0
+    assert INFO.resolve_options({"guidance": ".5"})["guidance"] == 0.5
+    assert INFO.resolve_options({"guidance": "2."})["guidance"] == 2.0

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
                                QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
-from engine.generators import BACKENDS, DEVICES
+from engine.generators import BACKENDS, DEVICES, digits
 from engine.runner import Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
@@ -141,7 +141,7 @@ class GeneratorPanel(QWidget):
     # ----- values ----------------------------------------------------------------------------
     def seed_value(self):
         text = self.seed.text().strip()
-        if text and not text.isdigit():
+        if text and not digits(text):
             raise UsageError(f"The seed must be a whole number (or empty for a random one), not {text!r}.")
         return int(text) if text else None
 
@@ -173,7 +173,7 @@ class GeneratorPanel(QWidget):
         if idx >= 0:
             self.model.setCurrentIndex(idx)
         seed = str(saved.get("seed") or "")
-        self.seed.setText(seed if seed.isdigit() else "")
+        self.seed.setText(seed if digits(seed) else "")
         if saved.get("prompt") is not None:
             self.prompt.setPlainText(saved["prompt"])
 
