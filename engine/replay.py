@@ -47,13 +47,19 @@ def replay_lora(recorded: dict, notes: list) -> str:
 
 
 def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[str] = None,
-           **kw) -> tuple[Record, bool, list]:
-    """Regenerate from a recipe, on its own device unless ``device`` says otherwise. Returns (record, identical,
-    notes)."""
+           backend: Optional[str] = None, **kw) -> tuple[Record, bool, list]:
+    """Regenerate from a recipe, on its own device and backend unless ``device`` or ``backend`` says otherwise.
+    Returns (record, identical, notes)."""
     if recipe.get("damaged"):
         raise UsageError(recipe["damaged"].capitalize() + ".")
     model = recipe.get("model") or {}
-    recorded, backend = recipe.get("device", "auto"), recipe.get("backend", "torch")
+    recorded, own = recipe.get("device", "auto"), recipe.get("backend", "torch")
+    backend = backend or own
+    export = None
+    if backend == own == "onnx":  # the recipe's own export (another backend runs what it finds)
+        export = recipe.get("onnx_export") or LEGACY_EXPORT
+    if backend == "onnx" and device is None and recorded == "cuda":
+        device = "cpu"  # ONNX runs on the CPU
     if device is None and recorded == "cuda" and backend != "onnx":
         try:
             resolve_device("cuda", backend)
@@ -67,20 +73,24 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
               model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[replay_lora(a, input_notes) for a in recipe.get("loras") or []],
-              export=recipe.get("onnx_export") or (LEGACY_EXPORT if backend == "onnx" else None))
+              export=export)
     record = execute(prepare(host, store, job), **kw)
     same = record.recipe["content_sha256"] == recipe.get("content_sha256")
     return record, same, input_notes + replay_notes(recipe, record.recipe)
 
 
 def replay_notes(original: dict, replayed: dict) -> list:
-    """Why a replay may not give the original output: another device, or a changed model (a changed input or
+    """Why a replay may not give the original output: another device or backend, or a changed model (a changed input or
     LoRA is said by ``replay_input``, which also finds the copy the studio kept)."""
     notes = []
     was, now = original.get("device", "auto"), replayed.get("device")
     if was != "auto" and now and now != was:
         notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
                      f"(float16 on a GPU), so the output may differ")
+    was_b, now_b = original.get("backend", "torch"), replayed.get("backend")
+    if now_b and now_b != was_b:
+        notes.append(f"the recipe was made with {was_b} and is replayed with {now_b}; their arithmetic differs, so "
+                     f"the output may differ")
     was_t = ((original.get("info") or {}).get("template") or {}).get("sha256")
     now_t = ((replayed.get("info") or {}).get("template") or {}).get("sha256")
     if was_t and now_t and was_t != now_t:

@@ -145,7 +145,7 @@ def choose_backend(backend: str, device: str, entry, job: "Job", info) -> tuple:
             found = [f for f in _export_paths(entry) if f.name == job.export]
             if not found:
                 raise UsageError(f"Model {entry.name} has no ONNX export {job.export!r} any more (the recipe ran "
-                                 f"on it); run `studio export-onnx {entry.name}` again or replay with another backend.")
+                                 f"on it); run `studio export-onnx {entry.name}` again or replay with --backend torch.")
             return "onnx", "cpu", found[0]
         return "onnx", "cpu", choose_export(entry.path, gated_only=False)
     return backend, device, None

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", metavar="PATH")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--device", choices=DEVICES, help="replay on this device instead of the recipe's own")
+    x.add_argument("--backend", choices=("torch", "onnx"), help="replay with this backend instead of the recipe's "
+                   "own (the output may then differ)")
 
     t = sub.add_parser("train", help="train a model family (the kinds come from plugins; `studio train --help`)")
     t.__class__ = _TrainParser

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from engine import state
+from engine.errors import UsageError
 from engine.history import History
 from engine.replay import replay
 from engine.store import ModelStore
@@ -41,6 +42,9 @@ def history_command(args) -> int:
         if entry.generator == "finetune":  # a fine-tune: train it again and compare the adapters
             from engine import finetune
 
+            if args.backend:
+                raise UsageError("A fine-tune replays with PyTorch; leave out --backend.")
+
             out = Path(args.out).expanduser() if args.out else \
                 state.home() / "finetunes" / f"replay-{args.id}-{time.strftime('%Y%m%d-%H%M%S')}"
             weights, same = finetune.replay(entry.recipe, entry.outputs, out)
@@ -49,7 +53,7 @@ def history_command(args) -> int:
             return 0 if same else 1
         host = _host()
         out, out_is_dir = _out_target(args.out, False, args.overwrite)
-        record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device,
+        record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device, backend=args.backend,
                                      out_path=None if out_is_dir else out, out_dir=out if out_is_dir else None,
                                      history=history, overwrite=args.overwrite)
         for note in notes:

@@ -25,6 +25,7 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--prompt")
     x.add_argument("--prompt-file", metavar="FILE", help="one job per non-empty line (the grid's prompts)")
     x.add_argument("--image", action="append", default=[], metavar="PATH")
+    x.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
     x.add_argument("--folder", metavar="DIR", help="one job per image in DIR (captioning a folder)")
     x.add_argument("--model", metavar="NAME|PATH")
     add_backend_flags(x)

@@ -182,3 +182,29 @@ def test_the_paint_over_a_large_photo_is_drawn_at_the_size_shown(qtbot):
     canvas.paint_at(QPointF(canvas.target_rect().center()))
     canvas.grab()
     assert canvas._overlay.size() == canvas.target_rect().size()
+
+
+def test_queue_add_takes_a_mask_and_keeps_it_absolute(studio, tmp_path, capsys, monkeypatch):
+    import json
+
+    from engine.jobqueue import JobQueue
+    from studio.cli import main
+
+    host, store, image, mask = studio
+    monkeypatch.chdir(tmp_path)
+    assert main(["queue", "add", "inpaint", "--image", image.name, "--mask", mask.name, "--seed", "1",
+                 "--json"]) == 0
+    job = JobQueue().get(json.loads(capsys.readouterr().out)["ids"][0]).job
+    assert (job["image"], job["mask"]) == (str(image), str(mask))
+    monkeypatch.chdir(tmp_path.parent)  # the worker runs elsewhere
+    assert main(["queue", "run", "--until-empty"]) == 0
+    from engine.history import History
+
+    (row,) = History().list(limit=1)
+    assert row.recipe["mask"]["sha256"] == record_sha(mask)
+
+
+def record_sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

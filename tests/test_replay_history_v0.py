@@ -60,3 +60,18 @@ def test_old_history_database_lists_and_replays(studio, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "studio.cli", "history", "replay", str(first)], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "identical" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_recipe_replays_with_the_other_backend_when_asked(studio, tmp_path, monkeypatch):
+    from engine.history import History
+    from engine.replay import replay
+
+    host, store, home = studio
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    for recipe in (r for r in RECIPES if r["generator"] == "text"):
+        other = "torch" if recipe["backend"] == "onnx" else "onnx"
+        record, same, notes = replay(host, store, json.loads(json.dumps(recipe)), backend=other,
+                                     history=History(), out_dir=tmp_path)
+        assert record.recipe["backend"] == other
+        assert record.recipe.get("onnx_export") if other == "onnx" else not record.recipe.get("onnx_export")
+        assert any(f"replayed with {other}" in n for n in notes), notes
