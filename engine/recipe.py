@@ -21,12 +21,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _model_of(ref) -> Optional[dict]:
+def _model_of(ref, in_place: Optional[str]) -> Optional[dict]:
     """The recipe's model: name, the studio's hash, family, and the AutoV2 hash of an imported checkpoint file
-    (A1111's and civitai's "Model hash") when the import recorded one."""
+    (A1111's and civitai's "Model hash") when the import recorded one; a folder used in place (``--model PATH``)
+    also by its absolute path, which a replay from any folder uses before the name."""
     if ref is None:
         return None
     model = {"name": ref.name, "hash": ref.hash, "family": ref.family}
+    if in_place:
+        model["path"] = in_place
     if ref.studio.get("autov2"):
         model["autov2"] = ref.studio["autov2"]
     return model
@@ -38,7 +41,7 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
         "generator": prep.generator.info.id,
         "plugin": prep.plugin,
         "prompt": req.prompt,
-        "model": _model_of(req.model),
+        "model": _model_of(req.model, prep.model_path),
         "backend": req.backend,
         "device": req.device,
         "seed": req.seed,
@@ -51,6 +54,8 @@ def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     }
     if req.export is not None:  # which export ran, so a replay runs the same one
         recipe["onnx_export"] = Path(req.export).name
+    if prep.threads:  # torch on the CPU: a replay runs on as many threads (another count can round differently)
+        recipe["threads"] = prep.threads
     if prep.job.backend == "auto":
         recipe["backend_chosen_by"] = "auto"
     if req.image is not None:

@@ -69,14 +69,35 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
     input_notes: list = []
     image = replay_input(recipe.get("image"), input_notes)
     mask = replay_input(recipe.get("mask"), input_notes)
+    name = _model_name(model, store, input_notes)
     job = Job(recipe["generator"], prompt=recipe.get("prompt"), image=image, mask=mask,
-              model=model.get("name"), backend=backend, device=device or recorded, seed=recipe.get("seed"),
+              model=name, backend=backend, device=device or recorded, seed=recipe.get("seed"),
               options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[replay_lora(a, input_notes) for a in recipe.get("loras") or []],
-              export=export)
+              export=export, threads=_threads(recipe.get("threads")))
     record = execute(prepare(host, store, job), **kw)
     same = record.recipe["content_sha256"] == recipe.get("content_sha256")
     return record, same, input_notes + replay_notes(recipe, record.recipe)
+
+
+def _threads(value) -> Optional[int]:
+    """A recipe's torch thread count, when it is one (a hand-edited recipe's other values are left to the default)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024
+    return value if ok else None
+
+
+def _model_name(model: dict, store: ModelStore, notes: list) -> Optional[str]:
+    """What the replay asks for: a folder used in place by its recorded path while it is there; else the name."""
+    path, name = model.get("path"), model.get("name")
+    if not isinstance(path, str):
+        return name
+    if Path(path).is_dir():
+        return path
+    if not any(e.name == name for e in store.list()):
+        raise UsageError(f"The model folder {path} that this generation used is no longer there; put it back (or "
+                         f"import it with `studio models import`) to replay it.")
+    notes.append(f"the model folder {path} is no longer there, so the studio's model {name} is used")
+    return name
 
 
 def replay_notes(original: dict, replayed: dict) -> list:

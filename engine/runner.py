@@ -43,10 +43,13 @@ class Job:
     loras: list = field(default_factory=list)  # "PATH[:WEIGHT]": LoRA files or PEFT folders to apply
     messages: Optional[list] = None  # a conversation, [{"role", "content"}, ...], for generators that take one
     export: Optional[str] = None  # with the onnx backend: the export folder to run (a replay's recorded one)
+    threads: Optional[int] = None  # torch's CPU threads (a replay's recorded count: sums split over threads round
+    # differently, so another count can give another image)
 
 
-# what a job file (`studio batch`) or the API (/jobs) may set: every field but the replay's recorded export
-JOB_KEYS = tuple(f.name for f in fields(Job) if f.name != "export")
+# what a job file (`studio batch`) or the API (/jobs) may set: every field but what a replay takes from its recipe
+REPLAY_ONLY = ("export", "threads")
+JOB_KEYS = tuple(f.name for f in fields(Job) if f.name not in REPLAY_ONLY)
 _TEXT_KEYS = ("generator", "prompt", "image", "mask", "model", "backend", "device")
 
 
@@ -82,6 +85,8 @@ class Prepared:
     generator: Generator
     request: Request
     plugin: str
+    threads: int = 0  # torch's CPU threads, when torch runs on the CPU
+    model_path: Optional[str] = None  # a model folder used in place (not from the store)
 
 
 @dataclass
@@ -161,11 +166,12 @@ SMALL_MODEL_BYTES = 64 << 20  # weights on disk; below this, torch runs on one C
 _torch_default_threads: list = []
 
 
-def set_cpu_threads(model_bytes: int) -> int:
-    """The torch CPU thread count for the next generation: ``STUDIO_TORCH_THREADS`` when set; 1 for a small model;
-    else torch's own default (every core). Measured with the built-in text model (benchmarks/torch_threads.py):
-    two threads are ~20 % faster on an idle machine but 3x slower when another program keeps one core busy
-    (the GUI thread drawing tokens is such a program), so one thread is the safer default for small models."""
+def set_cpu_threads(model_bytes: int, recorded: Optional[int] = None) -> int:
+    """The torch CPU thread count for the next generation: a replay's ``recorded`` count; else
+    ``STUDIO_TORCH_THREADS`` when set; 1 for a small model; else torch's own default (every core). Measured with
+    the built-in text model (benchmarks/torch_threads.py): two threads are ~20 % faster on an idle machine but 3x
+    slower when another program keeps one core busy (the GUI thread drawing tokens is such a program), so one
+    thread is the safer default for small models."""
 
     import torch
 
@@ -175,6 +181,8 @@ def set_cpu_threads(model_bytes: int) -> int:
 
     env = env_threads("STUDIO_TORCH_THREADS")
     n = env if env > 0 else 1 if model_bytes < SMALL_MODEL_BYTES else _torch_default_threads[0]
+    if recorded is not None:
+        n = recorded
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -259,14 +267,18 @@ def prepare(host: PluginHost, store: ModelStore, job: Job) -> Prepared:
         raise UsageError(f"The seed must be a whole number from 0 to 2^63-1, not {seed}.")
     backend, device, export = choose_backend(job.backend, job.device, entry if model is not None else None, job,
                                              info)
+    threads = 0
     if model is not None and backend == "torch" and device == "cpu":
-        set_cpu_threads(entry.size_bytes)
+        threads = set_cpu_threads(entry.size_bytes, job.threads)
     adapters = tuple(adapter_ref(spec) for spec in job.loras)
     if adapters and not info.takes_lora:
         raise UsageError(f"Generator {info.id} does not apply LoRA adapters; leave out --lora.")
     request = Request(prompt=prompt, image=image, mask=mask, options=options, seed=seed, model=model,
                       backend=backend, device=device, adapters=adapters, messages=messages, export=export)
-    return Prepared(job, generator, request, host.plugin_of(info.id))
+    in_place = model is not None and entry.path.parent.resolve() not in (store.builtin_dir.resolve(),
+                                                                         store.user_dir.resolve())
+    return Prepared(job, generator, request, host.plugin_of(info.id), threads,
+                    str(entry.path) if in_place else None)
 
 
 def _input_file(path, kind: str, title: str, info) -> Optional[Path]:

@@ -283,13 +283,13 @@ def test_export_and_finetune_jobs(studio_home, monkeypatch):
 
 def test_job_files_and_the_api_take_every_job_field(tmp_path):
     """An inpainting job (image + mask) from a job file: ``mask`` was missing from the keys a job file and the
-    /api/jobs endpoint accepted; both now take the Job's own fields (the replay-only ``export`` aside)."""
+    /api/jobs endpoint accepted; both now take the Job's own fields (the replay-only ``export`` and ``threads`` aside)."""
     from dataclasses import fields
 
-    from engine.runner import JOB_KEYS, Job
+    from engine.runner import JOB_KEYS, REPLAY_ONLY, Job
     from studio.queue_cli import read_jobfile
 
-    assert set(JOB_KEYS) == {f.name for f in fields(Job)} - {"export"}
+    assert set(JOB_KEYS) == {f.name for f in fields(Job)} - set(REPLAY_ONLY)
     jobfile = tmp_path / "jobs.jsonl"
     jobfile.write_text('{"generator": "sd", "prompt": "a cat", "image": "room.png", "mask": "mask.png", "seed": 1}\n')
     jobs, errors = read_jobfile(jobfile)

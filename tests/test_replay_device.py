@@ -24,3 +24,60 @@ def test_a_cuda_recipe_on_a_machine_without_cuda(monkeypatch):
     assert same  # it really was made on the CPU
     assert notes == ["the recipe was made on cuda and is replayed on cpu; arithmetic differs between devices "
                      "(float16 on a GPU), so the output may differ"]
+
+
+def _text(tmp_path):
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    host = PluginHost(builtins=("plugins.text",)).load()
+    return host, ModelStore(host)
+
+
+def test_a_model_used_in_place_replays_by_its_path_from_any_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from engine.history import History
+    from engine.replay import replay
+    from engine.runner import Job, execute, prepare
+    from engine.store import BUILTIN_DIR
+
+    host, store = _text(tmp_path)
+    folder = tmp_path / "work" / "mine"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    monkeypatch.chdir(folder.parent)
+    job = Job("text", prompt="ROMEO:", model="./mine", backend="torch", seed=3, options={"max_new_tokens": 6})
+    recipe = execute(prepare(host, store, job), history=History()).recipe
+    assert recipe["model"]["path"] == str(folder.resolve()) and recipe["model"]["name"] == "mine"
+    monkeypatch.chdir(tmp_path)  # "./mine" names nothing here
+    record, same, notes = replay(host, store, recipe, history=History())
+    assert same and notes == []
+    store_recipe = execute(prepare(host, store, Job("text", prompt="A", backend="torch", seed=1,
+                                                    options={"max_new_tokens": 2})), history=History()).recipe
+    assert "path" not in store_recipe["model"]  # a store model is recorded by its name
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(UsageError, match=f"model folder {folder.resolve()} that this generation used is no longer"):
+        replay(host, store, recipe, history=History())
+
+
+def test_a_replay_runs_torch_on_the_recorded_thread_count(tmp_path, monkeypatch):
+    import torch
+
+    from engine.history import History
+    from engine.replay import replay
+    from engine.runner import Job, execute, prepare
+
+    host, store = _text(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("STUDIO_TORCH_THREADS", "2")
+        job = Job("text", prompt="ROMEO:", backend="torch", seed=3, options={"max_new_tokens": 4})
+        recipe = execute(prepare(host, store, job), history=History()).recipe
+        assert recipe["threads"] == 2
+        monkeypatch.setenv("STUDIO_TORCH_THREADS", "1")
+        record, same, _ = replay(host, store, recipe, history=History())
+        assert same and record.recipe["threads"] == 2 == torch.get_num_threads()
+        edited = replay(host, store, dict(recipe, threads="lots"), history=History())[0]  # a hand-edited recipe
+        assert edited.recipe["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
