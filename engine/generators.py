@@ -168,15 +168,18 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A LoRA file or PEFT folder to apply, as the recipe records it: name, path, content hash and weight."""
+    """A LoRA file or PEFT folder to apply, as the recipe records it: name, path, content hash (a PEFT folder's
+    weights file), weight, and a PEFT folder's adapter_config.json hash (its alpha and targets change the output)."""
 
     name: str
     path: Path
     sha256: str
     weight: float = 1.0
+    config_sha256: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "weight": self.weight}
+        d = {"name": self.name, "path": str(self.path), "sha256": self.sha256, "weight": self.weight}
+        return {**d, "config_sha256": self.config_sha256} if self.config_sha256 else d
 
 
 @dataclass
@@ -235,7 +238,7 @@ class Context:
         if request.adapters and request.backend == "onnx":
             raise UsageError(f"LoRA adapters run on the torch backend; {onnx_lora}.")
         key = (kind, request.model.hash, request.device, request.backend, str(request.export or ""),
-               tuple((a.sha256, a.weight) for a in request.adapters))
+               tuple((a.sha256, a.config_sha256, a.weight) for a in request.adapters))
         return self.cached(key, load)
 
 

@@ -97,13 +97,21 @@ def keep_input(path: Path) -> dict:
     return entry
 
 
+def adapter_digest(recorded: dict) -> str:
+    """A recorded LoRA's identity: its weights' sha256, and for a PEFT folder whose config was hashed,
+    ``<weights sha256>+<config sha256>``; the kept copy is named by it."""
+    digest, config = recorded.get("sha256") or "", recorded.get("config_sha256")
+    return f"{digest}+{config}" if digest and isinstance(config, str) and config else digest
+
+
 def keep_adapter(ref) -> dict:
-    """A LoRA as the recipe holds it, with a copy kept by its weights' hash as inputs are (a file as
-    ``inputs/<sha256>.safetensors``, a PEFT folder's config and weights as ``inputs/<sha256>.peft/``), so a replay
-    works after the original moved or changed. Kept once per content; one that cannot be kept is only a warning."""
+    """A LoRA as the recipe holds it, with a copy kept by its identity as inputs are (a file as
+    ``inputs/<sha256>.safetensors``, a PEFT folder's config and weights as ``inputs/<weights>+<config>.peft/``), so
+    a replay works after the original moved or changed. Kept once per content; one that cannot be kept is only a
+    warning."""
     entry = ref.to_dict()
     path = Path(ref.path)
-    copy = kept_input(ref.sha256, ".peft" if path.is_dir() else path.suffix)
+    copy = kept_input(adapter_digest(entry), ".peft" if path.is_dir() else path.suffix)
     pairs = [(path / n, copy / n) for n in ("adapter_config.json", "adapter_model.safetensors")] if path.is_dir() \
         else [(path, copy)]  # (the weights last: a kept folder with its weights is whole)
     try:

@@ -8,41 +8,59 @@ from typing import Optional
 from engine import outputs as out_mod
 from engine.errors import UsageError
 from engine.plugins import PluginHost
-from engine.recipe import kept_input
+from engine.recipe import adapter_digest, kept_input
 from engine.runner import LEGACY_EXPORT, Job, Record, adapter_weights, execute, prepare, resolve_device
 from engine.store import ModelStore
 
 
-def replay_input(recorded: Optional[dict], notes: list, what: str = "input", hashed=lambda p: p,
-                 suffixes: tuple = ()) -> Optional[str]:
+def _file_digest(path: Path) -> Optional[str]:
+    return out_mod.sha256_file(path) if path.is_file() else None
+
+
+def replay_input(recorded: Optional[dict], notes: list, what: str = "input", digest_of=_file_digest,
+                 suffixes: tuple = (), digest: Optional[str] = None) -> Optional[str]:
     """The path a replay uses for a recorded input: the original when it still has its hash, else the kept copy;
-    ``notes`` says which, and why. ``hashed(path)``: the file the hash is of (a LoRA folder's weights file);
-    ``suffixes``: other names the kept copy may have."""
+    ``notes`` says which, and why. ``digest_of(path)``: the identity of what is at a path now (None: missing);
+    ``digest``: the recorded one (default: the recorded sha256); ``suffixes``: other names the kept copy may have."""
     if not recorded:
         return None
-    path, digest = Path(recorded.get("path", "")), recorded.get("sha256")
-    found = out_mod.sha256_file(hashed(path)) if hashed(path).is_file() else None
+    path, digest = Path(recorded.get("path", "")), digest or recorded.get("sha256")
+    found = digest_of(path)
     if digest is None or found == digest:
         return str(path)
     candidates = [Path(recorded["kept"])] if recorded.get("kept") else []
     candidates += [kept_input(digest, s) for s in (Path(recorded.get("kept") or path).suffix, *suffixes)]  # this
     # studio's own copy (a recipe made on another machine, such as a Ray worker, names that machine's)
-    kept = next((c for c in candidates if hashed(c).is_file() and out_mod.sha256_file(hashed(c)) == digest), None)
+    kept = next((c for c in candidates if digest_of(c) == digest), None)
     if kept is not None:
-        why = "is missing" if found is None else f"has changed since (hash {digest[:12]} -> {found[:12]})"
+        why = "is missing" if found is None else f"has changed since (hash {_short(digest)} -> {_short(found)})"
         notes.append(f"the {what} {path} {why}; the copy the studio kept of the original was used")
         return str(kept)
     if found is None:
         raise UsageError(f"The {what} {path} of this recipe is missing and the studio kept no copy of it "
-                         f"(sha256 {digest[:12]}); put it back at that path to replay.")
-    notes.append(f"the {what} {path} has changed since (hash {digest[:12]} -> {found[:12]}) and no copy of the "
-                 f"original was kept, so the output may differ")
+                         f"(sha256 {_short(digest)}); put it back at that path to replay.")
+    notes.append(f"the {what} {path} has changed since (hash {_short(digest)} -> {_short(found)}) and no copy of "
+                 f"the original was kept, so the output may differ")
     return str(path)
 
 
+def _short(digest: str) -> str:
+    weights, plus, config = digest.partition("+")
+    return weights[:12] + (f"+{config[:8]}" if plus else "")
+
+
 def replay_lora(recorded: dict, notes: list) -> str:
-    """A recorded LoRA as ``PATH:WEIGHT`` for the replayed job (the original, else the studio's kept copy)."""
-    path = replay_input(recorded, notes, "LoRA", adapter_weights, (".peft",))
+    """A recorded LoRA as ``PATH:WEIGHT`` for the replayed job (the original, else the studio's kept copy). A PEFT
+    folder recorded with its config's hash must match in both (an edited lora_alpha changes the output)."""
+    with_config = "+" in adapter_digest(recorded)
+
+    def digest_of(path: Path) -> Optional[str]:
+        weights = _file_digest(adapter_weights(path))
+        if weights is None or not with_config:
+            return weights
+        return f"{weights}+{_file_digest(path / 'adapter_config.json') or ''}"
+
+    path = replay_input(recorded, notes, "LoRA", digest_of, (".peft",), adapter_digest(recorded))
     return f"{path}:{recorded.get('weight', 1.0)}"
 
 

@@ -330,7 +330,8 @@ def split_lora(spec: str) -> tuple:
 
 
 def adapter_ref(spec: str) -> AdapterRef:
-    """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file)."""
+    """``PATH[:WEIGHT]`` -> an AdapterRef with the file's content hash (a PEFT folder: its weights file, and its
+    adapter_config.json's apart, so that recipes made before the config was hashed still compare)."""
     path, written = split_lora(spec)
     weight = 1.0 if written is None else float(written)
     if not -10.0 <= weight <= 10.0:
@@ -339,7 +340,9 @@ def adapter_ref(spec: str) -> AdapterRef:
     weights = adapter_weights(file)
     if not weights.is_file():
         raise UsageError(f"LoRA {path} does not exist; give a .safetensors file or a PEFT adapter folder.")
-    return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight)
+    config = file / "adapter_config.json"
+    return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight,
+                      out_mod.sha256_file(config) if file.is_dir() and config.is_file() else "")
 
 
 def default_path(out_dir: Path, recipe: dict, result: Result) -> Path:

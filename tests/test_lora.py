@@ -303,6 +303,43 @@ def test_a_lora_file_is_kept_and_replays_from_the_copy(tmp_path, monkeypatch):
         replay_lora(recorded, notes)
 
 
+def test_a_peft_folder_is_known_by_its_config_too(tmp_path, monkeypatch):
+    """An edited adapter_config.json (lora_alpha) changes the output: a replay took the folder as unchanged (only
+    its weights were hashed), and the kept copy, named by the weights alone, held the first config."""
+    import json
+
+    from engine.generators import Context, ModelRef, Request
+    from engine.recipe import keep_adapter
+    from engine.replay import replay_lora
+    from engine.runner import adapter_ref
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "style"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    first = adapter_ref(str(folder))
+    recorded = keep_adapter(first)
+    assert recorded["config_sha256"] and Path(recorded["kept"]).name.endswith(f"+{recorded['config_sha256']}.peft")
+    notes = []
+    assert replay_lora(recorded, notes) == f"{folder.resolve()}:1.0" and notes == []
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    second = adapter_ref(str(folder))
+    assert second.sha256 == first.sha256 and second != first  # a loaded model with the old alpha is not reused
+    ctx, made = Context(), []
+    model = ModelRef("m", tmp_path, "any", "h")
+    for ref in (first, second):
+        ctx.loaded("k", Request(model=model, adapters=(ref,)), lambda: made.append(1))
+    assert len(made) == 2
+    path = replay_lora(recorded, notes).rsplit(":", 1)[0]
+    assert json.loads((Path(path) / "adapter_config.json").read_text())["lora_alpha"] == 8
+    assert "has changed since" in notes[0]
+    keep_adapter(second)  # the new config gets its own copy; the first stays
+    assert replay_lora(recorded, []).rsplit(":", 1)[0] == path
+    old = {k: v for k, v in recorded.items() if k not in ("config_sha256", "kept")}  # a recipe from before
+    assert replay_lora(old, []) == f"{folder.resolve()}:1.0"
+
+
 def test_run_folders_are_the_runs_own_and_resume_keeps_the_settings(tmp_path, studio_home):
     """--out into a dataset, a model folder or the model store gained a run's files; two runs into one folder both
     'succeeded' and the second replaced the first's adapter; --resume with other settings made an adapter that
