@@ -14,6 +14,7 @@ import engine
 from engine import outputs as out_mod
 from engine.errors import StudioError
 from engine.generators import Result
+from engine.store import side_hash
 
 if TYPE_CHECKING:
     from engine.runner import Prepared
@@ -24,12 +25,19 @@ log = logging.getLogger(__name__)
 def _model_of(ref, in_place: Optional[str]) -> Optional[dict]:
     """The recipe's model: name, the studio's hash, family, and the AutoV2 hash of an imported checkpoint file
     (A1111's and civitai's "Model hash") when the import recorded one; a folder used in place (``--model PATH``)
-    also by its absolute path, which a replay from any folder uses before the name."""
+    also by its absolute path, which a replay from any folder uses before the name; ``side_sha256``: the files
+    beside the weights that the hash leaves out (preprocessor, tokenizer settings, chat template)."""
     if ref is None:
         return None
     model = {"name": ref.name, "hash": ref.hash, "family": ref.family}
     if in_place:
         model["path"] = in_place
+    try:
+        side = side_hash(ref.path)
+    except OSError:
+        side = ""
+    if side:
+        model["side_sha256"] = side
     if ref.studio.get("autov2"):
         model["autov2"] = ref.studio["autov2"]
     return model

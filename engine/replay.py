@@ -142,5 +142,8 @@ def replay_notes(original: dict, replayed: dict) -> list:
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
                      f"so the output may differ")
+    if old.get("side_sha256") and new.get("side_sha256", "") != old["side_sha256"]:
+        notes.append(f"the files beside model {old.get('name')}'s weights (its preprocessor, tokenizer settings or "
+                     f"chat template) have changed since, so the output may differ")
     return notes
 

@@ -119,6 +119,24 @@ def content_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+# files beside the weights that change how a model reads its input but are not in its hash (adding them would
+# change every imported model's hash): recorded apart, so a replay can say they changed
+SIDE_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def side_hash(folder: Path) -> str:
+    """sha256 over the SIDE_FILES a model folder has (names and bytes); "" when it has none."""
+    files = [Path(folder) / n for n in SIDE_FILES if (Path(folder) / n).is_file()]
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        feed(h, path)
+    return h.hexdigest()
+
+
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
 

@@ -81,3 +81,24 @@ def test_a_replay_runs_torch_on_the_recorded_thread_count(tmp_path, monkeypatch)
         assert edited.recipe["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_replay_says_when_the_files_beside_the_weights_changed(tmp_path):
+    import shutil
+
+    from engine.history import History
+    from engine.replay import replay
+    from engine.runner import Job, execute, prepare
+    from engine.store import BUILTIN_DIR
+
+    host, store = _text(tmp_path)
+    folder = tmp_path / "mine"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    job = Job("text", prompt="ROMEO:", model=str(folder), backend="torch", seed=3, options={"max_new_tokens": 4})
+    recipe = execute(prepare(host, store, job), history=History()).recipe
+    assert recipe["model"]["side_sha256"]  # tokenizer_config.json
+    assert replay(host, store, recipe, history=History())[2] == []
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"model_max_length": 5, ', 1))
+    notes = replay(host, store, recipe, history=History())[2]
+    assert any("files beside model mine's weights" in n for n in notes), notes
