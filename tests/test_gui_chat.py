@@ -174,3 +174,69 @@ def test_a_second_message_while_the_model_answers_waits_for_the_answer(qtbot):
     _send(qtbot, w, "Speak, I pray thee.")
     assert _roles(w) == ["user", "assistant"] * 2
     assert [m["role"] for m in w.output.recipe["messages"]] == ["user", "assistant", "user"]
+
+
+def test_a_chat_message_queued_behind_another_job_shows_what_was_sent(qtbot):
+    """The user's turn was taken from the message box when the job started, not when it was sent: text typed
+    meanwhile showed as the question while the model answered the first one."""
+    w = _window(qtbot)
+    w.select_generator("text")
+    w.panel.prompt.setPlainText("ROMEO:")
+    w.panel.form.set_values({"max_new_tokens": 120})
+    w.generate()
+    assert w.is_busy()
+    w.select_generator("chat")
+    w.chat.input.setPlainText("Hello there")
+    w.chat.send_button.click()
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "Hello there")]  # in the view at once
+    w.chat.input.setPlainText("A different message typed later")
+    wait_idle(qtbot, w, timeout=120000)
+    qtbot.waitUntil(lambda: w.output.recipe and w.output.recipe["generator"] == "chat", timeout=120000)
+    wait_idle(qtbot, w, timeout=120000)
+    assert [(t.role, t.content) for t in w.chat.turns][0] == ("user", "Hello there")
+    assert _roles(w) == ["user", "assistant"]
+    assert w.output.recipe["messages"] == [{"role": "user", "content": "Hello there"}]
+    assert w.chat.input.toPlainText() == "A different message typed later"
+
+
+def test_regenerate_that_stops_at_the_too_long_question_keeps_the_answer(qtbot, monkeypatch):
+    w = _window(qtbot)
+    w.chat.set_conversation([chat.Message("user", "Good morrow, sweet lord. " * 200),
+                             chat.Message("assistant", "THE PRECIOUS LAST ANSWER")])
+    monkeypatch.setattr(w.chat, "ask_drop", lambda fit, dropped: False)
+    w.chat.regenerate_button.click()
+    assert not w.is_busy() and w.banner.isVisible()
+    assert w.chat.turns[-1].content == "THE PRECIOUS LAST ANSWER"
+
+
+def test_the_conversation_is_kept_across_a_restart(qtbot):
+    from studio.gui.main_window import MainWindow
+
+    w = _window(qtbot)
+    w.chat.system.setPlainText("A street in Verona.")
+    _send(qtbot, w, "Who goes there?")
+    w.chat.input.setPlainText("half a reply")
+    kept = [(t.role, t.content) for t in w.chat.turns]
+    w.close()
+    again = MainWindow()
+    qtbot.addWidget(again)
+    assert [(t.role, t.content) for t in again.chat.turns] == kept
+    assert again.chat.system.toPlainText() == "A street in Verona."
+    assert again.chat.input.toPlainText() == "half a reply"
+
+
+def test_a_chat_job_left_in_the_queue_shows_its_conversation_when_it_runs(qtbot):
+    """Closed while the model answered: the job is queued again and runs when the window opens; the view showed
+    the answer under no question (the message was in neither the conversation nor the box)."""
+    from engine.jobqueue import JobQueue
+    from engine.runner import Job
+    from studio.gui.main_window import MainWindow
+
+    JobQueue().submit(Job("chat", messages=[{"role": "user", "content": "Tell me of Verona"}], seed=1,
+                          options={"max_new_tokens": 8}), source="gui")
+    w = MainWindow()
+    qtbot.addWidget(w)
+    qtbot.waitUntil(lambda: w.is_busy(), timeout=10000)
+    wait_idle(qtbot, w, timeout=60000)
+    assert [(t.role, t.content) for t in w.chat.turns][0] == ("user", "Tell me of Verona")
+    assert _roles(w) == ["user", "assistant"] and w.chat.turns[1].content

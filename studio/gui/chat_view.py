@@ -168,9 +168,14 @@ class ChatView(QWidget):
         out = [chat.Message("system", self.system.toPlainText())] if self.system.toPlainText().strip() else []
         return out + [chat.Message(t.role, t.content) for t in self.turns if t is not self.answer]
 
-    def next_messages(self) -> list:
-        """The conversation to answer now: the turns plus the message box as a user turn (when written)."""
+    def next_messages(self, regenerate: bool = False) -> list:
+        """The conversation to answer now: the turns plus the message box as a user turn (when written); to
+        ``regenerate``, the turns before the last answer."""
         msgs = self.messages()
+        if regenerate:
+            if not self.turns or self.turns[-1].role != "assistant":
+                raise UsageError("There is no answer to regenerate yet.")
+            return msgs[:-1]
         text = self.input.toPlainText()
         if text.strip():
             msgs.append(chat.Message("user", text))
@@ -184,10 +189,11 @@ class ChatView(QWidget):
         msgs = self.next_messages() if messages is None else messages
         return chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens)
 
-    def to_send(self) -> list:
+    def to_send(self, regenerate: bool = False) -> list:
         """The conversation to answer now; when it would not fit the context, the user sees which oldest turns
-        would be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking."""
-        messages = self.next_messages()
+        would be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking, and
+        nothing else changes until ``sent``."""
+        messages = self.next_messages(regenerate)
         fit = self.fit(messages)
         if fit is None or fit.fits:
             return messages
@@ -247,6 +253,24 @@ class ChatView(QWidget):
                 self._add(m)
         self.update_meter()
 
+    def state(self) -> dict:
+        """What the window keeps across a restart: the system prompt, the turns and the unsent message."""
+        return {"system": self.system.toPlainText(), "input": self.input.toPlainText(),
+                "turns": [[t.role, t.content] for t in self.turns if t is not self.answer]}
+
+    def restore(self, saved) -> None:
+        """The ``state`` of an earlier session (anything malformed in it is passed over)."""
+        if not isinstance(saved, dict):
+            return
+        turns = saved.get("turns") if isinstance(saved.get("turns"), list) else []
+        messages = [chat.Message(t[0], t[1]) for t in turns if isinstance(t, list) and len(t) == 2
+                    and t[0] in ("user", "assistant") and isinstance(t[1], str)]
+        self.set_conversation(messages)
+        for field, widget in (("system", self.system), ("input", self.input)):
+            if isinstance(saved.get(field), str):
+                widget.setPlainText(saved[field])
+        self.update_meter()
+
     def clear(self) -> None:
         for block in list(self.turns):
             self._remove(block)
@@ -269,14 +293,25 @@ class ChatView(QWidget):
             self.send_requested.emit()
 
     # ----- an answer -------------------------------------------------------------------------
-    def begin_answer(self) -> None:
-        """The message box becomes a user turn (when written) and an empty model turn starts streaming."""
-        text = self.input.toPlainText()
-        self.pending_user = None
-        if text.strip():
-            self._add(chat.Message("user", text))
-            self.pending_user = text
+    def sent(self, messages: list, regenerate: bool = False) -> None:
+        """``messages`` (from ``to_send``) went into the queue: the message box becomes a user turn at once (a
+        message typed while it waits is the next one), or the answer being regenerated goes."""
+        if regenerate:
+            self.drop_last_answer()
+        elif messages and self.input.toPlainText() == messages[-1].content:
+            self._add(messages[-1])
+            self.pending_user = messages[-1].content
             self.input.clear()
+        self.update_meter()
+
+    def begin_answer(self, messages: Optional[list] = None) -> None:
+        """An empty model turn starts streaming, below the conversation the job sends (``messages``, as the job
+        holds them): a job queued before a restart shows its conversation again."""
+        if messages is not None:
+            sent = chat.parse_messages(messages, need_user_last=False)
+            if [(m.role, m.content) for m in self.messages()] != [(m.role, m.content) for m in sent]:
+                self.set_conversation(sent)
+                self.pending_user = None
         self.answer = self._add(chat.Message("assistant", ""))
         self.set_busy(True)
 
@@ -295,7 +330,8 @@ class ChatView(QWidget):
         """A failed or cancelled answer: its block goes, the message goes back into the box (nothing is lost)."""
         if self.answer is not None:
             self._remove(self.answer)
-        if self.pending_user is not None and self.turns and self.turns[-1].content == self.pending_user:
+        if self.pending_user is not None and self.turns and self.turns[-1].content == self.pending_user and \
+                not self.input.toPlainText().strip():  # (a message typed meanwhile stays; the turn stays too)
             self._remove(self.turns[-1])
             self.input.setPlainText(self.pending_user)
         self.answer, self.pending_user = None, None

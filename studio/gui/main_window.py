@@ -115,6 +115,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         s = self.session.settings
         self.panel.set_pickers(self.gui_state.get("backend", s.backend), self.gui_state.get("device", s.device))
         self._restore_geometry()
+        self.chat.restore(self.gui_state.get("chat"))
         self.populate_generators(generator or self.gui_state.get("generator"))
         self.history.refresh()
         self.statusBar().showMessage(self._plugin_summary())
@@ -244,18 +245,22 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     def generate(self) -> None:
         self.submit()
 
-    def submit(self) -> int:
+    def submit(self, regenerate: bool = False) -> int:
         """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it."""
         job = self.panel.job()
+        sent = None
         if "messages" in self.panel.info.takes:
             if self.chat.answer is not None or any(
                     j.job.get("messages") and j.source == "gui" for j in self.queue.list(states=("queued", "running"))):
                 # the next message is sent with the answer it follows; queued now, it would go without it
                 raise UsageError("The model is still answering; wait for the answer (or Stop it) before sending "
                                  "the next message.")
-            job.messages = [m.to_dict() for m in self.chat.to_send()]
+            sent = self.chat.to_send(regenerate)
+            job.messages = [m.to_dict() for m in sent]
         self._remember()
         job_id = self.queue.submit(job, source="gui")
+        if sent is not None:
+            self.chat.sent(sent, regenerate)
         if self.task is not None or self.queue.paused():
             waiting = len(self.queue.list(states=("queued",)))
             self.statusBar().showMessage(f"Queued as job {job_id} ({waiting} waiting"
@@ -268,8 +273,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     def regenerate_answer(self) -> None:
         if self.task is not None:
             return
-        self.chat.drop_last_answer()
-        self.generate()
+        self.submit(regenerate=True)  # the last answer goes once its replacement is queued
 
     @guard
     def on_chat_model_changed(self, *args) -> None:
@@ -331,6 +335,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.gui_state.update({
             "generator": self.current_generator_id(), "generators": self.saved,
             "backend": self.panel.backend.currentText(), "device": self.panel.device.currentText(),
+            "chat": self.chat.state(),
         })
 
     def save_state(self) -> None:

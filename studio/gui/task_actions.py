@@ -47,7 +47,7 @@ class TaskActions:
         self.busy_kind = kind_of(gen[0].info) if gen else "text"
         self.output.begin(self.busy_kind, job.image or "")
         if self.chatting:
-            self.chat.begin_answer()
+            self.chat.begin_answer(job.messages)
         self.tabs.setCurrentWidget(self.chat if self.chatting else self.output)
         self.panel.set_busy(True)
         self.panel.generate_button.setEnabled(True)  # Generate queues the next job meanwhile
