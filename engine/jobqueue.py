@@ -93,6 +93,7 @@ class QueueJob:
     grid: Optional[int] = None
     cell: dict = field(default_factory=dict)
     tag: str = ""  # "<queue token>:<id>", set by the worker that runs it
+    damaged: str = ""  # why the stored row cannot be read as a job ("" when it can)
 
     @property
     def progress(self) -> float:
@@ -352,12 +353,20 @@ class JobQueue:
             if batch:
                 sql += " AND batch = ?"
                 args.append(batch)
-            found = conn.execute(sql + " ORDER BY position, id LIMIT 1", args).fetchone()
-            if found is None:
-                return None
-            conn.execute("UPDATE jobs SET state = 'running', started = ?, owner = ?, attempts = attempts + 1,"
-                         " step = 0, total = 0, message = '' WHERE id = ?", (time.time(), self.owner, found[0]))
-            return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (found[0],)).fetchone())
+            while True:
+                found = conn.execute(sql + " ORDER BY position, id LIMIT 1", args).fetchone()
+                if found is None:
+                    return None
+                job = _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (found[0],)).fetchone())
+                why = job.damaged or _unrunnable(job)
+                if why:  # failed with its reason, so that it neither blocks the queue nor stays "running"
+                    conn.execute("UPDATE jobs SET state = 'failed', finished = ?, owner = '', error = ?,"
+                                 " error_type = 'UsageError', message = 'failed' WHERE id = ?",
+                                 (time.time(), f"Job {job.id} was not run: {why}.", job.id))
+                    continue
+                conn.execute("UPDATE jobs SET state = 'running', started = ?, owner = ?, attempts = attempts + 1,"
+                             " step = 0, total = 0, message = '' WHERE id = ?", (time.time(), self.owner, found[0]))
+                return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (found[0],)).fetchone())
 
     def report(self, job_id: int, step: int, total: int, message: str = "") -> bool:
         """Record progress; returns True when someone asked to cancel the job."""
@@ -407,9 +416,40 @@ class JobQueue:
 
 
 def _job(row) -> QueueJob:
+    """A row as a QueueJob; a payload that is not a JSON object (a damaged row) reads as an empty job with the
+    reason in ``damaged`` (a damaged result or cell reads as none), so one row cannot break every listing."""
     d = dict(row)
-    d["job"] = json.loads(d.pop("payload"))
-    d["result"] = json.loads(d["result"]) if d["result"] else None
-    d["cell"] = json.loads(d["cell"]) if d["cell"] else {}
+    d["job"], d["damaged"] = _json(d.pop("payload"), dict), ""
+    if d["job"] is None:
+        d["job"], d["damaged"] = {}, "its stored job is not the JSON object the studio writes (a damaged row)"
+    d["result"] = _json(d["result"], dict)
+    d["cell"] = _json(d["cell"], dict) or {}
     d["cancel"] = bool(d["cancel"])
     return QueueJob(**d)
+
+
+def _json(text, kind):
+    """``text`` read as JSON of type ``kind``; None when it is empty, not JSON or of another type."""
+    try:
+        value = json.loads(text) if text else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def _unrunnable(job: QueueJob) -> str:
+    """Why a queued job cannot run ("" when it can): a generation whose fields are not a Job's (written by another
+    version of the studio, or by hand), an export or fine-tune without its model or kind."""
+    if job.kind == "generate":
+        from engine.runner import REPLAY_ONLY, job_from_dict
+
+        try:
+            job_from_dict({k: v for k, v in job.job.items() if k not in REPLAY_ONLY})
+        except UsageError as exc:
+            return str(exc).rstrip(".")
+        return ""
+    need = {"export": "model", "finetune": "kind"}.get(job.kind)
+    if need is None:
+        return f"its kind {job.kind!r} is none of {', '.join(KINDS)}"
+    return "" if isinstance(job.job.get(need), str) and job.job[need] else f"it names no {need}"
+

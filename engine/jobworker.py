@@ -50,11 +50,11 @@ class InProcessExecutor:
         self.cache: dict = {}
 
     def __call__(self, qjob: QueueJob, token: CancelToken, report: Callable[[dict], None]) -> dict:
-        from engine.runner import Job, prepare
+        from engine.runner import prepare, queued_job
 
         if qjob.kind != "generate":
             return run_other(qjob, self.host, self.store, report)
-        prep = prepare(self.host, self.store, Job(**qjob.job))
+        prep = prepare(self.host, self.store, queued_job(qjob.job))
         req = prep.request
         report(messages.message("prepared", seed=req.seed, device=req.device,
                                 model=req.model.name if req.model else ""))
@@ -95,7 +95,7 @@ class ChildExecutor:
         self.process = process
 
     def __call__(self, qjob: QueueJob, token: CancelToken, report: Callable[[dict], None]) -> dict:
-        from engine.runner import Job
+        from engine.runner import queued_job
 
         if qjob.kind == "export":  # in the generation process too: torch never enters the window's
             j = qjob.job
@@ -106,7 +106,7 @@ class ChildExecutor:
             from engine.errors import UsageError
 
             raise UsageError(f"A {qjob.kind} job runs from `studio queue run`, not in the window.")
-        return self.process.run(Job(**qjob.job), token, report, queue_tag=qjob.tag)
+        return self.process.run(queued_job(qjob.job), token, report, queue_tag=qjob.tag)
 
 
 class QueueWorker:

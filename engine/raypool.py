@@ -147,13 +147,13 @@ class Worker:
 
         from engine.generators import Context
         from engine.outputs import SUFFIXES
-        from engine.runner import Job, execute, prepare
+        from engine.runner import execute, prepare, queued_job
 
         job = unship_inputs(job, inputs, self.root)
         if model is not None:
             name, digest, ref = model
             job["model"] = self._model(name, digest, ray.get(ref))
-        prep = prepare(self.host, self.store, Job(**job))
+        prep = prepare(self.host, self.store, queued_job(job))
         ext = "." + SUFFIXES.get(prep.generator.info.makes, "txt")
         out = self.root / "out" / f"job{ext}"
         record = execute(prep, Context(cache=self.cache), out_path=out, history=False)

@@ -53,6 +53,12 @@ JOB_KEYS = tuple(f.name for f in fields(Job) if f.name not in REPLAY_ONLY)
 _TEXT_KEYS = ("generator", "prompt", "image", "mask", "model", "backend", "device")
 
 
+def queued_job(payload: dict) -> Job:
+    """A queue row's job (``JobQueue.claim`` checked it): its Job fields."""
+    names = {f.name for f in fields(Job)}
+    return Job(**{k: v for k, v in payload.items() if k in names})
+
+
 def job_from_dict(obj) -> Job:
     """A job as JSON gives it (a job file's line, a POST /api/jobs body); UsageError names the first wrong field."""
     if not isinstance(obj, dict):

@@ -59,3 +59,38 @@ def test_escape_cancels_running_job_and_queue_goes_on(qtbot, gui_home):
     qtbot.waitUntil(lambda: w.queue.get(b).state == "done", timeout=20000)
     assert w.queue.get(a).state == "cancelled"
     assert [e.prompt for e in History().list()] == ["short"]
+
+
+def test_a_damaged_queue_database_still_opens_the_window(qtbot, gui_home):
+    (gui_home / "queue.sqlite3").write_bytes(b"SQLite format 3\0" + b"\x13garbage" * 512)
+    w = make_window(qtbot, generator="slow")
+    assert w.banner.isVisible() and "temporary queue" in w.banner.message()
+    w.panel.prompt.setPlainText("still works")
+    job_id = w.submit()
+    qtbot.waitUntil(lambda: w.queue.get(job_id).state == "done", timeout=20000)
+    assert (gui_home / "queue.sqlite3").read_bytes().startswith(b"SQLite format 3\0\x13garbage")  # left as it was
+
+
+def test_queue_rows_that_cannot_run_fail_with_a_reason_and_the_queue_goes_on(qtbot, gui_home):
+    """A row whose stored job was cut short made every listing fail (JSONDecodeError) and nothing ran again; a row
+    with a field this studio does not know stayed 'running' for ever (TypeError in the window)."""
+    import sqlite3
+
+    from engine.jobqueue import JobQueue
+    from engine.runner import Job
+
+    queue = JobQueue()
+    cut = queue.submit(Job("slow", prompt="cut short"))
+    future = queue.submit(Job("slow", prompt="from a newer studio"))
+    with sqlite3.connect(queue.path) as conn:
+        conn.execute("UPDATE jobs SET payload = '{\"generator\": \"slo' WHERE id = ?", (cut,))
+        conn.execute("UPDATE jobs SET payload = json_set(payload, '$.future_field', 1) WHERE id = ?", (future,))
+    assert [j.id for j in queue.list()] == [cut, future] and queue.get(cut).damaged
+    w = make_window(qtbot, generator="slow")
+    w.panel.prompt.setPlainText("after them")
+    good = w.submit()
+    qtbot.waitUntil(lambda: w.queue.get(good).state == "done", timeout=20000)
+    assert [w.queue.get(i).state for i in (cut, future)] == ["failed", "failed"]
+    assert "damaged row" in w.queue.get(cut).error and "future_field" in w.queue.get(future).error
+    w.queue_panel.refresh()
+    assert w.queue_panel.list.count() == 3

@@ -3,13 +3,14 @@ Recipes and drag and drop are studio/gui/recipe_actions.py; running the queued j
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QScrollArea, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
-from engine.errors import UsageError
+from engine.errors import StateError, UsageError
 from studio.gui.chat_view import ChatView
 from studio.gui.dialog_actions import DialogActions
 from studio.gui.error_banner import ErrorBanner
@@ -76,7 +77,14 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         from engine.jobqueue import JobQueue
         from engine.jobworker import recover
 
-        self.queue = JobQueue()
+        queue_problem = ""
+        try:
+            self.queue = JobQueue()
+        except StateError as exc:  # a damaged or unreadable queue.sqlite3: the window still opens, on a queue
+            import tempfile       # of its own that is not kept, and says so
+
+            self.queue = JobQueue(Path(tempfile.mkdtemp(prefix="studio-queue-")) / "queue.sqlite3")
+            queue_problem = f"{exc} Until then this window uses a temporary queue, which is not kept."
         recover(self.queue)  # jobs a dead studio was running are queued again
         self.queue_panel = QueuePanel(self.queue)
         self.tabs.addTab(self.queue_panel, "Queue")
@@ -119,6 +127,8 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.populate_generators(generator or self.gui_state.get("generator"))
         self.history.refresh()
         self.statusBar().showMessage(self._plugin_summary())
+        if queue_problem:
+            self.show_error(queue_problem)
         QTimer.singleShot(0, self.pump)  # jobs left in the queue by an earlier session
 
     # ----- menus -----------------------------------------------------------------------------

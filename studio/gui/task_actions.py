@@ -35,11 +35,11 @@ class TaskActions:
         qjob = self.queue.claim(kinds=("generate",))  # exports and fine-tunes run from `studio queue run`
         if qjob is None:
             return
-        from engine.runner import Job
+        from engine.runner import queued_job
 
         qjob.tag = self.queue.tag(qjob.id)
         self.current_job = qjob
-        job = Job(**qjob.job)
+        job = queued_job(qjob.job)
         gen = self.session.host.generators.get(job.generator)
         self.chatting = bool(gen) and "messages" in gen[0].info.takes
         self.banner.hide()
