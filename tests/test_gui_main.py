@@ -25,6 +25,17 @@ def test_generators_listed_with_icons_and_form(qtbot, gui_home):
     assert w.panel.image_input.isVisible() and not w.panel.prompt.isVisible()
 
 
+def test_reloading_plugins_keeps_what_the_form_holds(qtbot, gui_home):
+    w = make_window(qtbot, generator="preview")
+    w.panel.form.set_values({"steps": 7})
+    w.panel.seed.setText("1234")
+    w.panel.prompt.setPlainText("kept")
+    w.reload_plugins()
+    qtbot.waitUntil(lambda: w.current_generator_id() == "preview" and w.panel.info is not None, timeout=20000)
+    assert w.panel.form.values()["steps"] == 7 and w.panel.seed.text() == "1234"
+    assert w.panel.prompt.toPlainText() == "kept"
+
+
 def test_text_streams_token_by_token(qtbot, gui_home):
     w = make_window(qtbot, generator="echo")
     w.panel.prompt.setPlainText("to be or not")

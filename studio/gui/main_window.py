@@ -174,6 +174,8 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     # ----- generators ------------------------------------------------------------------------
     def populate_generators(self, select: str | None = None) -> None:
         current = select or self.current_generator_id()
+        if self.panel.info is not None:  # what the form holds now comes back after the list is rebuilt
+            self.saved[self.panel.info.id] = self.panel.state()
         self.generator_list.blockSignals(True)
         self.generator_list.clear()
         for info in self.session.generators():
