@@ -7,6 +7,7 @@ recognised through the architectures plugins register.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import logging
@@ -281,16 +282,36 @@ class ModelStore:
             arch.verify(folder)
         return arch
 
+    @staticmethod
+    def import_name(source: Path) -> str:
+        """The name an import of ``source`` gets when none is given: a file's stem, a folder's own name (`import .`
+        is named after the folder; a symbolic link by its own name, not its target's)."""
+        source = Path(source).expanduser()
+        return source.stem if source.is_file() else Path(os.path.normpath(source.absolute())).name
+
+    def free_name(self, name: str) -> str:
+        """``name`` made a valid model name that no model has yet (``name-2``, ``name-3``, ...)."""
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:58] or "model"
+        taken = {e.name for e in self.list()}
+        return next(n for n in itertools.chain([base], (f"{base}-{i}" for i in itertools.count(2))) if n not in taken)
+
+    def name_problem(self, name: str) -> str:
+        """Why ``name`` cannot be a new model's name ("" when it can)."""
+        if not NAME_RE.match(name):
+            return f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64)."
+        if any(e.name == name for e in self.list()):
+            return f"A model called {name!r} already exists."
+        return ""
+
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
         source = Path(source).expanduser()
         if source.suffix.lower() == ".gguf" and source.is_file():
             return self._import_gguf(source, name)
         importer = self.host.importer_for(source)
         if importer is not None:
-            return self._import_converted(source, name or source.stem if source.is_file() else name or source.name,
+            return self._import_converted(source, name or self.import_name(source),
                                           lambda dest: importer.convert(source, dest, trust))
-        name = name or Path(os.path.normpath(source.absolute())).name  # `import .` is named after the folder; a
-        # symbolic link by its own name, not its target's
+        name = name or self.import_name(source)
         if not NAME_RE.match(name):
             raise UsageError(f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64).")
         if any(e.name == name for e in self.list()):
@@ -335,7 +356,8 @@ class ModelStore:
         """A GGUF file: converted into a model folder (engine/gguf.py), which is then imported as any folder."""
         from engine.gguf import gguf_to_folder
 
-        return self._import_converted(source, name or source.stem, lambda dest: gguf_to_folder(source, dest))
+        return self._import_converted(source, name or self.import_name(source),
+                                      lambda dest: gguf_to_folder(source, dest))
 
     def _import_converted(self, source: Path, name: str, convert) -> ModelEntry:
         """Import what ``convert(dest)`` writes into a scratch folder (removed afterwards, also on failure), with

@@ -113,7 +113,7 @@ def test_an_installed_plugin_that_crashes_is_checked_off_the_window_thread(qtbot
     assert w.session.host.plugins["aborts"].status == "failed" and "SIGABRT" in w.session.host.plugins["aborts"].error
 
 
-def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path):
+def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path, monkeypatch):
     install_plugins(gui_home, toy=TOY_ARCH)
     make_model_folder(gui_home / "models" / "tiny")
     from studio.gui.model_dialog import ModelDialog
@@ -133,6 +133,16 @@ def test_model_manager_lists_imports_and_removes(qtbot, gui_home, tmp_path):
     wait_task(qtbot, dlg)
     assert "Imported other" in dlg.banner.label.text()
     assert "other" in [e.name for e in m.rows]
+
+    asked = []  # a folder whose name is taken (a copy of "other"): the dialog asks for a name, suggesting one
+    monkeypatch.setattr(dlg, "ask_name", lambda problem, suggestion: asked.append((problem, suggestion)) or
+                        (None if len(asked) > 1 else suggestion))
+    dlg.import_folder(str(src))
+    wait_task(qtbot, dlg)
+    assert asked == [("A model called 'other' already exists.", "other-2")]
+    assert "Imported other-2" in dlg.banner.label.text()
+    dlg.import_folder(str(src))  # asked again ("other-3"), cancelled: nothing happens
+    assert len(asked) == 2 and asked[1][1] == "other-3" and "Imported other-2" in dlg.banner.label.text()
 
     dlg.import_folder(str(tmp_path / "missing"))
     wait_task(qtbot, dlg)

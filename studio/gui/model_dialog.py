@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtWidgets import QInputDialog, QMessageBox
 
 from engine.errors import UsageError
 from studio.gui.error_banner import ErrorBanner
@@ -51,9 +51,20 @@ class ModelDialog(TaskDialog):
         if self.task is not None:
             raise UsageError("An import is already running.")
         store = self.session.store
+        name = name or store.import_name(Path(path))
+        while store.name_problem(name):  # taken or not a valid name: the user names it (the CLI has --name)
+            name = self.ask_name(store.name_problem(name), store.free_name(name))
+            if name is None:
+                return
         self.banner.show_message(f"Importing {Path(path).name}… (checking and copying the weights)", kind="info")
         self.start_task(lambda report: store.import_(Path(path), name=name), "import-model", self._imported,
                         lambda f: self.show_error(f"Import failed: {f.message}", f.details))
+
+    def ask_name(self, problem: str, suggestion: str) -> str | None:
+        """Another name for the model being imported (None: the user cancelled)."""
+        text, ok = QInputDialog.getText(self, "Name the model", f"{problem}\nName for this model:",
+                                        text=suggestion)
+        return text.strip() if ok else None
 
     def set_busy(self, busy: bool) -> None:
         self.import_button.setEnabled(not busy)
