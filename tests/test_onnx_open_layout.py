@@ -114,3 +114,25 @@ def test_optimum_ort_model_generates_the_studio_tokens(exported):
     out = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
                          max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert out[0, len(PROMPT):].tolist() == _studio_greedy(folder, family)
+
+
+def test_other_runtimes_stop_at_the_end_tokens_of_generation_config(tmp_path):
+    """An Instruct model's end-of-turn token is often only in generation_config.json: genai_config.json carried
+    config.json's alone, so onnxruntime-genai wrote on past the end where the studio stopped."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = text_folder(tmp_path / "tiny-instruct", "llama")
+    free = _studio_greedy(folder, "llama")
+    end = next(t for t in free[2:] if t != EOS)  # a token greedy decoding writes after two others
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, end]}))
+    export_model(exporter_host(), entry_for(folder, "llama", "text"))
+    assert json.loads((folder / "onnx" / "genai_config.json").read_text())["model"]["eos_token_id"] == [EOS, end]
+    model = og.Model(str(folder / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(PROMPT) + NEW)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([PROMPT], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    got = [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+    stop = free.index(end)
+    assert got in (free[:stop], free[:stop + 1])  # stopped at the end token (with or without writing it)

@@ -182,6 +182,7 @@ def write_open_layout(folder: Path, out_dir: Path, model, cfg: dict, graph: str 
     """config.json, generation_config.json, tokenizer.json, tokenizer_config.json and genai_config.json beside
     ``graph``: what onnxruntime-genai and Optimum read. Returns the names written."""
     from engine.store import read_generation_config
+    from plugins.text.models import end_token_ids
 
     out_dir, folder = Path(out_dir), Path(folder)
     config = hf_config(folder, model)
@@ -191,7 +192,9 @@ def write_open_layout(folder: Path, out_dir: Path, model, cfg: dict, graph: str 
     gen = {**gen, **read_generation_config(folder)}  # a damaged file is passed over, as when generating
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     written.append("generation_config.json")
-    eos = cfg["eos_token_id"]
+    ends = end_token_ids(folder, {"eos_token_id": cfg["eos_token_id"]})  # generation_config.json's win, as when
+    eos = ends[0] if len(ends) == 1 else ends or cfg["eos_token_id"]  # the studio generates (an Instruct model's
+    # end-of-turn token is often only there)
     pad = config.get("pad_token_id")
     if (folder / "tokenizer.json").is_file():
         shutil.copyfile(folder / "tokenizer.json", out_dir / "tokenizer.json")
