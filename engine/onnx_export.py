@@ -103,6 +103,10 @@ def export_model(host, entry, out_dir: Optional[Path] = None, quantize: Optional
     if dest.exists() or dest.is_symlink():
         if dest.is_symlink() or not dest.is_dir() or not is_export(dest):
             raise UsageError(f"{dest} already exists and is not an earlier ONNX export; choose another --out folder.")
+        made_from = read_manifest(dest).get("model") or {}
+        if made_from.get("name") not in (None, entry.name) and made_from.get("hash") != entry.hash:
+            raise UsageError(f"{dest} holds the ONNX export of model {made_from['name']}, which a new export would "
+                             f"replace; choose another --out folder.")
         foreign = _not_exported(dest)
         if foreign:
             raise UsageError(f"{dest} holds files the earlier export did not write ({', '.join(foreign[:3])}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,6 +254,14 @@ def test_refusals(tmp_path, host):
     with pytest.raises(UsageError, match=r"did not write \(NOTES.txt, runs/r1.csv\)"):
         export_model(host, entry, out_dir=tmp_path / "exp")
     assert (tmp_path / "exp" / "NOTES.txt").read_text() == "my notes"
+    # another model's export is not "an earlier export" of this one: it was replaced, and that model then failed
+    other_entry = entry_for(text_folder(tmp_path / "tiny-b", "llama", seed=1), "llama", "text")
+    with pytest.raises(UsageError, match="holds the ONNX export of model tiny-r, which a new export would replace"):
+        export_model(host, other_entry, out_dir=first["folder"])
+    from engine.backends.runtime import open_export
+
+    with pytest.raises(ModelError, match="was made from model tiny-r; export this one again with `studio export-onnx"):
+        open_export(other_entry.path, model_hash=other_entry.hash, export=Path(first["folder"]))
 
 
 def test_caption_export_and_pipeline_parity(tmp_path, host):

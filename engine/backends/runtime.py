@@ -333,8 +333,11 @@ def open_export(model_folder: Path, model_hash: Optional[str] = None, threads: O
         raise UsageError(f"Model {Path(model_folder).name} has no ONNX export; run "
                          f"`studio export-onnx {Path(model_folder).name}` first.")
     opened = Export(folder, threads)
-    recorded = opened.manifest.get("model", {}).get("hash")
+    made_from = opened.manifest.get("model") or {}
+    recorded, name = made_from.get("hash"), Path(model_folder).name
     if model_hash and recorded and recorded != model_hash:
-        raise ModelError(f"The ONNX export in {folder} was made from another version of model "
-                         f"{Path(model_folder).name}; run `studio export-onnx {Path(model_folder).name} --force`.")
+        what = f"model {made_from['name']}" if made_from.get("name") not in (None, name) else \
+            f"another version of model {name}"
+        raise ModelError(f"The ONNX export in {folder} was made from {what}; export this one again with "
+                         f"`studio export-onnx {name}`.")
     return opened
