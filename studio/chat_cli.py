@@ -90,11 +90,17 @@ def run_chat(args) -> int:
     store = ModelStore(host)
     settings = state.load_settings()
     info = host.generator("chat").info
-    options = info.resolve_options(_parse_sets(args.sets))
+    options = _parse_sets(args.sets)  # what the user sets; the model's generation_config.json gives the rest
     job = Job("chat", model=args.model, backend=args.backend or settings.backend, device=args.device or settings.device,
               options=options, loras=list(args.lora), messages=[{"role": "user", "content": "?"}])
-    entry_name = prepare(host, store, job).request.model.name  # validates model, options and LoRAs first
-    conv = Conversation(store.get(entry_name), args.system, options["max_new_tokens"])
+    request = prepare(host, store, job).request  # validates model, options and LoRAs first
+    entry_name = request.model.name
+    conv = Conversation(store.get(args.model or entry_name), args.system, request.options["max_new_tokens"])
+    if args.system:  # a template that refuses a system prompt (Gemma's) would fail every turn
+        try:
+            conv.template.render([chat.Message("system", args.system), chat.Message("user", "?")])
+        except StudioError as exc:
+            raise UsageError(f"{str(exc).rstrip('.')}; leave out --system for this model.") from None
     if conv.template.fallback:
         print(f"studio: note: {chat.FALLBACK_NOTE}", file=sys.stderr)
     print(f"Chatting with {entry_name} (context {conv.context} tokens). {HELP}", file=sys.stderr)

@@ -132,6 +132,30 @@ def test_cli_generate_chat_json_and_interactive_chat(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Message 1" in proc.stderr
 
 
+def test_cli_chat_takes_the_models_generation_defaults_and_refuses_a_system_prompt_early(tmp_path):
+    """`studio chat` filled in the generator's defaults (200 tokens, temperature 0.8) over the model's
+    generation_config.json, which `studio generate chat` honours; a template without a system role failed every
+    turn instead of refusing --system at the start."""
+    import shutil
+
+    from engine.history import History
+    from engine.store import BUILTIN_DIR
+
+    folder = tmp_path / "terse"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "do_sample": False}))
+    proc = _studio("chat", "--model", str(folder), "--seed", "1", stdin="Who goes there?\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    options = History().list(limit=1)[0].recipe["options"]
+    assert options["max_new_tokens"] == 3 and options["temperature"] == 0.0
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = _studio("chat", "--model", str(folder), "--system", "Be brief.", stdin="Hello\n/quit\n")
+    assert proc.returncode == 2 and "System role not supported; leave out --system" in proc.stderr
+
+
 def test_cli_chat_save_never_replaces_a_file_without_asking(tmp_path):
     """/save onto an existing file (one this chat did not write) asks first; "no" keeps the file as it was. It
     was replaced silently: /save notes.txt lost the notes."""
