@@ -230,6 +230,9 @@ def gguf_to_folder(path: Path, dest: Path) -> None:
     reader = read_gguf(path)
     meta = _fields(reader)
     cfg = config_from_metadata(meta, path)
+    if not len(reader.tensors):  # llama.cpp's ggml-vocab-*.gguf: a tokenizer and no model
+        raise ModelError(f"{path.name} holds no weights (a vocabulary-only GGUF); import a GGUF file with the "
+                         "model's tensors.")
     tensors = tensors_from_gguf(reader, cfg, path)
     cfg["tie_word_embeddings"] = "lm_head.weight" not in tensors
     if cfg["model_type"] == "qwen2" and not any(k.endswith("q_proj.bias") for k in tensors):

@@ -235,3 +235,17 @@ def test_llama_cpp_vocabularies_give_llama_cpp_ids(name):
     assert len(pairs) > 40
     for text, want in pairs:
         assert tok.encode(text, add_special_tokens=False).ids == [int(x) for x in want.split()], text
+
+
+def test_a_vocabulary_only_gguf_says_it_holds_no_weights(tmp_path, studio_home):
+    """llama.cpp's ggml-vocab-*.gguf files were refused as 'Model folder ...: the weight model.embed_tokens.weight
+    (and 289 more) is missing; the weights do not belong to this config'."""
+    from engine.errors import ModelError
+    from engine.plugins import PluginHost
+    from engine.store import ModelStore
+
+    path = _vocab_file("llama-spm")
+    with pytest.raises(ModelError, match=r"^ggml-vocab-llama-spm.gguf holds no weights \(a vocabulary-only GGUF\)"):
+        ModelStore(PluginHost().load()).import_(path)
+    models = studio_home / "models"
+    assert not models.exists() or not any(models.iterdir())  # nothing half-imported is left
