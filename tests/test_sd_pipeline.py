@@ -81,6 +81,16 @@ def test_img2img_matches_diffusers(tmp_path_factory, sampler):
     assert np.abs(got - want).max() < 1e-3
 
 
+def test_img2img_at_a_strength_that_leaves_no_step_keeps_the_image_with_every_sampler(tmp_path_factory):
+    """ddim and ddpm failed with 'IndexError: index 6 is out of bounds' when int(steps x strength) was 0 (strength
+    0, or 0.1 with 6 steps); the sigma samplers gave the image back through the VAE, as they all do now."""
+    pipe, sd = studio_model(tmp_path_factory)
+    image, _ = scene()
+    kept = [ours(sd, SampleSettings(6, 7.5, s), image=image, strength=strength)
+            for s in ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m") for strength in (0.0, 0.1)]
+    assert all(np.array_equal(k, kept[0]) for k in kept)
+
+
 @pytest.mark.parametrize("variant,strength", [("inpaint", 1.0), ("inpaint", 0.7), ("sd1", 1.0)])
 def test_inpainting_matches_diffusers(tmp_path_factory, variant, strength):
     pipe, sd = studio_model(tmp_path_factory, variant)

@@ -137,6 +137,8 @@ class DiscreteScheduler(Scheduler):
         """Nothing to do: these schedulers step by the timestep's value."""
 
     def add_noise(self, x0, noise, index: int):
+        if index >= len(self.timesteps):  # past the last step: clean, as the sigma samplers' final 0 gives (img2img
+            return x0  # at a strength that leaves no step keeps the image)
         a = float(self.alphas_cumprod[int(self.timesteps[index])])
         return (a ** 0.5) * x0 + ((1 - a) ** 0.5) * noise
 
