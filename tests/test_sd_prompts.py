@@ -25,6 +25,14 @@ def test_parse_prompt_attention(text, want):
     assert np.allclose([w for _, w in got], [w for _, w in want])
 
 
+@pytest.mark.parametrize("text", ["a (cat:1.2.3) on a sofa", "(dog:..)", "(x:.)"])
+def test_a_weight_that_is_not_a_number_is_one_sentence(text):
+    from engine.errors import UsageError
+
+    with pytest.raises(UsageError, match="is not a number; write a weight as"):
+        parse_prompt_attention(text)  # it was "ValueError: could not convert string to float"
+
+
 def _tok(text):  # one id per character, "," = 44: enough to check the chunking rules
     return [ord(c) for c in text if c != " "]
 

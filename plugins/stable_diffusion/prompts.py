@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from engine.errors import UsageError
+
 CHUNK = 75
 COMMA_BACKTRACK = 20
 _ATTENTION = re.compile(r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:""", re.X)
@@ -41,7 +43,12 @@ def parse_prompt_attention(text: str) -> list:
         elif token == "[":
             square_open.append(len(res))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise UsageError(f"The prompt weight {m.group(0)!r} is not a number; write a weight as "
+                                 "(word:1.2).") from None
+            multiply(round_open.pop(), factor)
         elif token == ")" and round_open:
             multiply(round_open.pop(), 1.1)
         elif token == "]" and square_open:
