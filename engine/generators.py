@@ -166,6 +166,18 @@ class ModelRef:
     studio: dict = field(default_factory=dict)  # contents of studio.json
 
 
+# a LoRA folder's weights file: PEFT's, else the one diffusers' save_lora_weights writes
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def adapter_weights(path: Path) -> Path:
+    """The weights file of a LoRA given as a file, or as a folder (PEFT's or diffusers' layout)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    return next((path / n for n in ADAPTER_WEIGHT_FILES if (path / n).is_file()), path / ADAPTER_WEIGHT_FILES[0])
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """A LoRA file or PEFT folder to apply, as the recipe records it: name, path, content hash (a PEFT folder's

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import engine
 from engine import outputs as out_mod
 from engine.errors import StudioError
-from engine.generators import Result
+from engine.generators import Result, adapter_weights
 from engine.store import side_hash
 
 if TYPE_CHECKING:
@@ -120,8 +120,9 @@ def keep_adapter(ref) -> dict:
     entry = ref.to_dict()
     path = Path(ref.path)
     copy = kept_input(adapter_digest(entry), ".peft" if path.is_dir() else path.suffix)
-    pairs = [(path / n, copy / n) for n in ("adapter_config.json", "adapter_model.safetensors")] if path.is_dir() \
-        else [(path, copy)]  # (the weights last: a kept folder with its weights is whole)
+    weights = adapter_weights(path)
+    pairs = [(path / "adapter_config.json", copy / "adapter_config.json"), (weights, copy / weights.name)] \
+        if path.is_dir() else [(path, copy)]  # (the weights last: a kept folder with its weights is whole)
     try:
         for src, dest in pairs:
             if src.is_file() and not dest.is_file():

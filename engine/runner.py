@@ -17,7 +17,8 @@ from typing import Callable, Optional
 from engine import commit
 from engine import outputs as out_mod
 from engine.errors import GenerationError, OptionError, StudioError, UsageError
-from engine.generators import BACKENDS, DEVICES, AdapterRef, Context, Generator, Partial, Progress, Request, Result
+from engine.generators import (ADAPTER_WEIGHT_FILES, BACKENDS, DEVICES, AdapterRef, Context, Generator, Partial,
+                               Progress, Request, Result, adapter_weights)
 from engine.history import History
 from engine.plugins import PluginHost
 from engine.recipe import recipe_of
@@ -317,11 +318,6 @@ def _fits(info, name: str, value) -> bool:
         return False
 
 
-def adapter_weights(path: Path) -> Path:
-    """The weights file of a LoRA given as a file, or as a PEFT adapter folder."""
-    return path / "adapter_model.safetensors" if path.is_dir() else path
-
-
 def split_lora(spec: str) -> tuple:
     """``PATH[:WEIGHT]`` -> (path, weight as written, or None when not given); a ':' that is part of the path
     stays in it."""
@@ -345,6 +341,9 @@ def adapter_ref(spec: str) -> AdapterRef:
     file = Path(path).expanduser()
     weights = adapter_weights(file)
     if not weights.is_file():
+        if file.is_dir():
+            raise UsageError(f"LoRA folder {path} has no {' or '.join(ADAPTER_WEIGHT_FILES)}; give a PEFT adapter "
+                             "folder, a diffusers LoRA folder or a .safetensors file.")
         raise UsageError(f"LoRA {path} does not exist; give a .safetensors file or a PEFT adapter folder.")
     config = file / "adapter_config.json"
     return AdapterRef(file.stem if file.is_file() else file.name, file.resolve(), out_mod.sha256_file(weights), weight,

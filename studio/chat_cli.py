@@ -89,7 +89,6 @@ def run_chat(args) -> int:
     host = PluginHost().load()
     store = ModelStore(host)
     settings = state.load_settings()
-    info = host.generator("chat").info
     options = _parse_sets(args.sets)  # what the user sets; the model's generation_config.json gives the rest
     job = Job("chat", model=args.model, backend=args.backend or settings.backend, device=args.device or settings.device,
               options=options, loras=list(args.lora), messages=[{"role": "user", "content": "?"}])

@@ -112,7 +112,7 @@ def test_bad_adapters_are_refused_by_name(tmp_path):
     fresh = load_model(text_folder(tmp_path / "s2", "llama"), "llama", "cpu", torch.float32)
     with pytest.raises(UsageError, match="adapts transformer.h.0.attn.c_attn, which this model does not have"):
         lora.attach(fresh, lora.read_adapter(tmp_path / "gpt2-adapter"))
-    with pytest.raises(UsageError, match="neither a PEFT adapter folder"):
+    with pytest.raises(UsageError, match="neither a LoRA folder \\(with adapter_model.safetensors or pytorch_lora"):
         lora.read_adapter(tmp_path / "nothing-here")
     # parts the studio would not apply are refused by name, not dropped (the outputs differed from peft's, silently)
     import shutil

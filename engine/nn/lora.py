@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ModelError, UsageError
+from engine.generators import ADAPTER_WEIGHT_FILES, adapter_weights
 from engine.nn.fused import fuse, fused_targets, split_fused
 from engine.nn.new_tokens import TOKENS_KEY, TokenRows, add_token_rows, token_rows
 
@@ -236,9 +237,10 @@ def read_adapter(path, component_paths: Optional[dict] = None) -> Adapter:
     from safetensors import safe_open
 
     path = Path(path)
-    file = path / PEFT_WEIGHTS if path.is_dir() else path
+    file = adapter_weights(path)
     if not file.is_file():
-        raise UsageError(f"{path} is neither a PEFT adapter folder (with {PEFT_WEIGHTS}) nor a LoRA .safetensors file.")
+        raise UsageError(f"{path} is neither a LoRA folder (with {' or '.join(ADAPTER_WEIGHT_FILES)}) nor a LoRA "
+                         ".safetensors file.")
     try:
         with safe_open(str(file), framework="pt") as f:
             tensors = {k: f.get_tensor(k).float() for k in f.keys()}
@@ -249,7 +251,27 @@ def read_adapter(path, component_paths: Optional[dict] = None) -> Adapter:
         return _read_kohya(tensors, meta, str(path), component_paths or {})
     config_path = (path if path.is_dir() else path.parent) / PEFT_CONFIG
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return _read_peft(tensors, config, str(path))
+    return _read_peft(tensors, config, str(path), {} if config else packed_configs(meta, str(path)))
+
+
+def packed_configs(meta: dict, source: str) -> dict:
+    """The per-component PEFT configs that diffusers' ``save_lora_weights`` packs into a file's header
+    (``lora_adapter_metadata``: ``{"unet.r": 4, "unet.lora_alpha": 16, "text_encoder.r": ...}``), by component."""
+    packed = meta.get("lora_adapter_metadata")
+    if not packed:
+        return {}
+    try:
+        flat = json.loads(packed)
+    except ValueError:
+        flat = None
+    if not isinstance(flat, dict):
+        raise ModelError(f"{Path(source).name}: its lora_adapter_metadata is not the JSON object diffusers writes.")
+    out: dict = {}
+    for key, value in flat.items():
+        component, dot, name = str(key).partition(".")
+        if dot:
+            out.setdefault(component, {})[name] = value
+    return out
 
 
 def _refuse_unread(source: str, unread: list, what: str) -> None:
@@ -260,12 +282,17 @@ def _refuse_unread(source: str, unread: list, what: str) -> None:
                          else "") + f", {what}, which the studio does not apply yet; nothing was applied.")
 
 
-def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
-    features = [name for name, on in (("use_dora", config.get("use_dora")), ("lora_bias", config.get("lora_bias")),
-                                      ("modules_to_save", config.get("modules_to_save"))) if on]
-    if features:
-        raise UsageError(f"{Path(source).name} uses PEFT's {', '.join(features)}, which the studio does not apply "
-                         "yet; nothing was applied.")
+def _read_peft(tensors: dict, config: dict, source: str, components: Optional[dict] = None) -> Adapter:
+    """``components``: a config per pipeline component (a diffusers file's packed metadata), used for the layers
+    of that component instead of ``config``."""
+    components = components or {}
+    for cfg in (config, *components.values()):
+        features = [name for name, on in (("use_dora", cfg.get("use_dora")), ("lora_bias", cfg.get("lora_bias")),
+                                          ("modules_to_save", cfg.get("modules_to_save"))) if on]
+        if features:
+            raise UsageError(f"{Path(source).name} uses PEFT's {', '.join(features)}, which the studio does not "
+                             "apply yet; nothing was applied.")
+    config = config or next(iter(components.values()), {})
     rank = int(config.get("r", 8))
     alpha = float(config.get("lora_alpha", rank))
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -285,8 +312,11 @@ def _read_peft(tensors: dict, config: dict, source: str) -> Adapter:
             tokens[path] = ([int(i) for i in ids], v)
 
     def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha
-        r, a = _pattern(config.get("rank_pattern"), path, rank), _pattern(config.get("alpha_pattern"), path, alpha)
-        return a / r if not config.get("use_rslora") else a / r ** 0.5
+        cfg = components.get(path.partition("/")[0], config) if "/" in path else config
+        own_rank = int(cfg.get("r", rank))
+        own_alpha = float(cfg.get("lora_alpha", own_rank))
+        r, a = _pattern(cfg.get("rank_pattern"), path, own_rank), _pattern(cfg.get("alpha_pattern"), path, own_alpha)
+        return a / r if not cfg.get("use_rslora") else a / r ** 0.5
 
     layers = {p: (ab["A"], ab["B"], layer_scale(p)) for p, ab in found.items() if set(ab) == {"A", "B"}}
     if not layers and not tokens:
