@@ -73,13 +73,44 @@ def plan_folder(folder, ext: str = ".txt", overwrite: bool = False, recursive: b
         where = " or its subfolders" if recursive else " (add --recursive to look in subfolders)"
         raise UsageError(f"Folder {folder}{where} has no images ({kinds}).")
     plan = FolderPlan(folder, ext)
+    shared: dict = {}
     for image in images:
-        (plan.todo if overwrite or not plan.caption_path(image).exists() else plan.kept).append(image)
+        shared.setdefault(plan.caption_path(image), []).append(image)
+    clashes = [names for names in shared.values() if len(names) > 1]
+    if clashes:  # a.png and a.jpg: one caption file, written twice (and a trainer pairs it with one of them)
+        first = clashes[0]
+        raise UsageError(f"{first[0].name} and {first[1].name} would share the caption file "
+                         f"{plan.caption_path(first[0]).name}" + (f" ({len(clashes) - 1} more such pairs)" if
+                                                                  len(clashes) > 1 else "")
+                         + "; rename one of them so that each image has its own caption.")
+    for image in images:
+        target = plan.caption_path(image)
+        if target.is_dir() or (overwrite and target.exists() and not _text_file(target)):
+            raise UsageError(f"{target} is not a caption file ({'a folder' if target.is_dir() else 'not text'}), so "
+                             f"the caption of {image.name} cannot go there; choose another --ext.")
+        (plan.todo if overwrite or not target.exists() else plan.kept).append(image)
     for parent in sorted({p.parent for p in plan.todo}):
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UsageError(f"Folder {parent} is read-only, so no caption file can be written beside its images; "
                              "make it writable or copy the images to a writable folder.")
     return plan
+
+
+def _text_file(path: Path) -> bool:
+    """Whether a file looks like text (a caption file that --overwrite may replace): UTF-8 without NUL bytes in
+    its first 4 kB. An image or other binary file named like a caption is never replaced."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # a character cut at the 4 kB mark
+    return True
 
 
 def caption_folder(host, store, job, plan: FolderPlan, batch_size: int = 8, context: Optional[Context] = None,

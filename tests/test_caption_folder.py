@@ -109,3 +109,30 @@ def test_blip_onnx_export_optimum_layout_and_folder(tmp_path, blip_model, capsys
                      "--prefix", "a picture of", "--set", "num_beams=3", "--json"]) == 0
         texts[backend] = [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()]
     assert texts["torch"] == texts["onnx"] and len(texts["onnx"]) == 4
+
+
+def test_plan_refuses_shared_caption_files_folders_and_binary_targets(tmp_path):
+    """a.png and a.jpg both wrote a.txt (one caption lost, 'wrote 2'); a folder named like a caption counted as a
+    kept caption; --ext .tif --overwrite replaced a TIFF image with text."""
+    from PIL import Image
+
+    from engine.caption_folder import plan_folder
+    from engine.errors import UsageError
+
+    d = tmp_path / "pics"
+    d.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(d / name)
+    with pytest.raises(UsageError, match="a.jpg and a.png would share the caption file a.txt; rename one"):
+        plan_folder(d)
+    (d / "a.jpg").unlink()
+    (d / "b.txt").mkdir()
+    with pytest.raises(UsageError, match="b.txt is not a caption file \\(a folder\\)"):
+        plan_folder(d)
+    (d / "b.txt").rmdir()
+    Image.new("RGB", (8, 8), "blue").save(d / "b.tif")  # an image the studio does not caption, named like a caption
+    with pytest.raises(UsageError, match="b.tif is not a caption file \\(not text\\)"):
+        plan_folder(d, ext=".tif", overwrite=True)
+    (d / "a.caption").write_text("a hand-written caption")
+    plan = plan_folder(d, ext=".caption", overwrite=True)
+    assert [p.name for p in plan.todo] == ["a.png", "b.png"]
