@@ -75,7 +75,8 @@ class ModelEntry:
 
     def option_defaults(self) -> dict:
         """Generation settings of the folder's ``generation_config.json`` under the option names generators use
-        (max_new_tokens, temperature, top_k, top_p, repetition_penalty); greedy (do_sample false) is temperature 0."""
+        (max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams); greedy (do_sample false) is
+        temperature 0."""
         return generation_defaults(self.path)
 
     def ref(self) -> ModelRef:
@@ -138,7 +139,7 @@ def side_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams")
 
 
 def read_generation_config(folder) -> dict:

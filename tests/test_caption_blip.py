@@ -132,3 +132,32 @@ def test_blip_without_a_preprocessor_config_uses_blips_defaults(tmp_path):
     (tmp_path / "b" / "preprocessor_config.json").write_text(json.dumps({**config, "image_std": [0, 0, 0]}))
     with pytest.raises(ModelError, match="image_std .* must be positive numbers"):
         CaptionPipeline.from_folder(tmp_path / "b")
+
+
+def test_the_models_generation_config_sets_the_beams_and_says_what_it_does_not_apply(tmp_path, studio_home):
+    """A checkpoint whose generation_config.json asks for beam search was captioned greedily, with no note; the
+    settings the studio does not apply (no_repeat_ngram_size ...) are now named in the result's warnings."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
+    from engine.store import ModelStore
+
+    folder = tmp_path / "ved"
+    ref = R.save_ved(folder, "vit", "gpt2")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"num_beams": 3, "max_new_tokens": 8, "no_repeat_ngram_size": 3, "length_penalty": 1.0}))
+    image = tmp_path / "in.png"
+    R.random_images(1, seed=5)[0].convert("RGB").save(image)
+    host = PluginHost().load()
+    record = execute(prepare(host, ModelStore(host), Job("caption", image=str(image), model=str(folder))),
+                     history=False)
+    assert record.recipe["options"]["num_beams"] == 3 and record.recipe["options"]["max_new_tokens"] == 8
+    assert any("also sets no_repeat_ngram_size=3, which the studio does not apply" in w
+               for w in record.recipe["warnings"]), record.recipe["warnings"]
+    px = torch.from_numpy(R.processor(folder)(images=[Image.open(image)], return_tensors="np")["pixel_values"])
+    with torch.no_grad():
+        out = ref.generate(pixel_values=px, num_beams=3, max_new_tokens=8, do_sample=False, no_repeat_ngram_size=0)
+    assert record.result.text == AutoTokenizer.from_pretrained(str(folder)).decode(out[0],
+                                                                                   skip_special_tokens=True).strip()

@@ -65,11 +65,33 @@ def generate(request, context):
         out = pipe(pixels, opts["max_new_tokens"], opts["num_beams"], check, prefix)
     t2 = time.perf_counter()
     yield Progress(2, 2, "done")
-    yield _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": round(t2 - t1, 4)})
+    yield _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": round(t2 - t1, 4)}, request.model)
 
 
-def _result(out, opts, timings: dict) -> Result:
+# generation_config.json settings that change transformers' captions and that the studio does not apply: said in
+# the result, so a caption that differs from generate() is explained (num_beams and max_new_tokens are applied)
+UNAPPLIED = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "min_length": 0,
+             "min_new_tokens": None, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1, "bad_words_ids": None}
+
+
+def unapplied_settings(folder) -> list:
+    """``key=value`` for each UNAPPLIED setting a model folder's generation_config.json gives another value, and
+    its max_length when it is shorter than the studio's default caption."""
+    from engine.store import read_generation_config
+
+    gen = read_generation_config(folder)
+    out = [f"{k}={gen[k]!r}" for k, default in UNAPPLIED.items() if k in gen and gen[k] != default]
+    if isinstance(gen.get("max_length"), int) and "max_new_tokens" not in gen:
+        out.append(f"max_length={gen['max_length']} (set max_new_tokens instead)")
+    return out
+
+
+def _result(out, opts, timings: dict, model=None) -> Result:
     warnings = [] if out.finished else [f"The caption was cut at max_new_tokens={opts['max_new_tokens']}."]
+    unapplied = unapplied_settings(model.path) if model is not None else []
+    if unapplied:
+        warnings.append(f"The model's generation_config.json also sets {', '.join(unapplied)}, which the studio "
+                        "does not apply; the caption may differ from transformers' generate().")
     info = {"score": round(out.score, 6), "timings": timings}
     if out.beams:
         info["beams"] = [{"text": t, "score": round(s, 6)} for t, s in out.beams]
@@ -103,7 +125,8 @@ def generate_batch(requests: list, context) -> list:
         outs = [pipe(px, opts["max_new_tokens"], opts["num_beams"], check, opts.get("prefix", "")) for px in pixels]
     each = round((time.perf_counter() - t1) / max(1, len(rows)), 4)
     for i, out in zip(rows, outs):
-        results[i] = _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": each, "batch": len(rows)})
+        results[i] = _result(out, opts, {"load_s": round(t1 - t0, 4), "caption_s": each, "batch": len(rows)},
+                             requests[0].model)
     return results
 
 
