@@ -43,6 +43,25 @@ def _model_of(ref, in_place: Optional[str]) -> Optional[dict]:
     return model
 
 
+# the fields a replay or the window reads, with the JSON types the studio writes them as
+RECIPE_TYPES = {"generator": (str,), "prompt": (str, type(None)), "options": (dict,), "seed": (int, type(None)),
+                "model": (dict, str, type(None)), "loras": (list, type(None)), "messages": (list, type(None)),
+                "image": (dict, type(None)), "mask": (dict, type(None)), "backend": (str,), "device": (str,)}
+
+
+def recipe_problem(recipe) -> str:
+    """Why a recipe (from history, an image's metadata, a file) cannot be used, as a sentence; "" when it can."""
+    if not isinstance(recipe, dict):
+        return "This recipe is not the JSON object the studio writes."
+    if recipe.get("damaged"):
+        return str(recipe["damaged"]).capitalize() + "."
+    for key, kinds in RECIPE_TYPES.items():
+        value = recipe.get(key)
+        if key in recipe and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            return f"This recipe's {key} is {type(value).__name__}, not what the studio writes; it cannot be used."
+    return ""
+
+
 def recipe_of(prep: Prepared, result: Result, timings: dict) -> dict:
     req = prep.request
     recipe = {

@@ -8,7 +8,7 @@ from typing import Optional
 from engine import outputs as out_mod
 from engine.errors import UsageError
 from engine.plugins import PluginHost
-from engine.recipe import adapter_digest, kept_input
+from engine.recipe import adapter_digest, kept_input, recipe_problem
 from engine.runner import LEGACY_EXPORT, Job, Record, adapter_weights, execute, prepare, resolve_device
 from engine.store import ModelStore
 
@@ -68,8 +68,9 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
            backend: Optional[str] = None, **kw) -> tuple[Record, bool, list]:
     """Regenerate from a recipe, on its own device and backend unless ``device`` or ``backend`` says otherwise.
     Returns (record, identical, notes)."""
-    if recipe.get("damaged"):
-        raise UsageError(recipe["damaged"].capitalize() + ".")
+    problem = recipe_problem(recipe)
+    if problem:
+        raise UsageError(problem)
     model = recipe.get("model") or {}
     recorded, own = recipe.get("device", "auto"), recipe.get("backend", "torch")
     backend = backend or own

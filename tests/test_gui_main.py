@@ -313,3 +313,28 @@ def test_load_recipe_of_a_missing_generator_says_so_in_the_window(qtbot, gui_hom
     w = make_window(qtbot, generator="echo")
     w.history.load_requested.emit({"generator": "uninstalled", "prompt": "x"})
     assert w.banner.isVisible() and "needs generator 'uninstalled'" in w.banner.label.text()
+
+
+def test_a_recipe_of_the_wrong_shape_changes_nothing_and_says_why(qtbot, gui_home):
+    """A recipe whose options were a list showed "AttributeError: 'list' object has no attribute 'items'", after
+    its prompt had already replaced the user's."""
+    w = make_window(qtbot, generator="echo")
+    w.panel.prompt.setPlainText("my own prompt")
+    w.history.load_requested.emit({"generator": "echo", "prompt": "theirs", "options": ["repeat", 2]})
+    assert w.banner.isVisible() and "options is list" in w.banner.label.text()
+    assert w.panel.prompt.toPlainText() == "my own prompt"
+
+
+def test_a_damaged_history_database_leaves_the_history_view_whole(qtbot, gui_home):
+    w = make_window(qtbot, generator="echo")
+    (gui_home / "history.sqlite3").write_bytes(b"SQLite format 3\0" + b"\x13garbage" * 512)
+    from PySide6.QtCore import qInstallMessageHandler
+
+    said = []
+    old = qInstallMessageHandler(lambda mode, context, message: said.append(message))
+    try:
+        for _ in range(2):  # it raised inside the model's reset, which the next reset then complained about
+            w.history.refresh()
+    finally:
+        qInstallMessageHandler(old)
+    assert not [m for m in said if "ResetModel" in m], said

@@ -26,8 +26,9 @@ class HistoryModel(QAbstractListModel):
         self._icons: dict = {}
 
     def refresh(self, search: str = "", limit: int = 200) -> None:
-        self.beginResetModel()
-        self.entries = self.history.list(limit=limit, search=search)
+        entries = self.history.list(limit=limit, search=search)  # read first: a damaged database raises here,
+        self.beginResetModel()  # not between the begin and end of a reset (which left the view half reset)
+        self.entries = entries
         self.endResetModel()
 
     def rowCount(self, parent=QModelIndex()) -> int:

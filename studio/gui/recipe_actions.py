@@ -19,6 +19,11 @@ class RecipeActions:
 
     def load_recipe(self, recipe: dict) -> None:
         """Put a recipe's generator, prompt, seed, options and model back into the form."""
+        from engine.recipe import recipe_problem
+
+        problem = recipe_problem(recipe)
+        if problem:  # checked before anything in the form changes
+            raise UsageError(problem)
         gid = recipe.get("generator")
         if gid == "finetune":  # a fine-tune's recipe fills the fine-tune page
             self.open_finetune()
