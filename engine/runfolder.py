@@ -125,3 +125,10 @@ def refuse_changed(out: Path, state: dict, recipe_now: dict, settings) -> None:
         if key in recipe and comparable(key, recipe) != comparable(key, recipe_now):
             raise UsageError(f"The run in {out} was started with {what} than this command's; resume it as it "
                              "started, or start a new run in another --out folder.")
+
+
+def unfinished(folder) -> bool:
+    """A run folder with a checkpoint and no finished adapter (``finetune.json`` is written at the end): a run
+    that stopped (paused, cancelled, the studio closed) and can be resumed."""
+    return bool(folder) and (Path(folder) / "checkpoint" / "state.json").is_file() and \
+        not (Path(folder) / "finetune.json").exists()

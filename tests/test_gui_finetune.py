@@ -162,6 +162,38 @@ def test_pause_checkpoints_at_the_current_step(window, qtbot, tmp_path):
     assert page.resume_button.isEnabled() and not page.banner.isVisible()
 
 
+def test_a_run_stopped_by_closing_the_studio_is_offered_again(window, qtbot, tmp_path):
+    """Closing the studio mid-run paused it with a checkpoint, but the next window had no way to resume it."""
+    from studio.gui.main_window import MainWindow
+    from studio.gui.session import Session
+
+    page = window.finetune_page
+    select(page, "text")
+    page.set_dataset(str(text_data(tmp_path)))
+    page.form.set_values({"steps": 400, "batch": 1, "context": 16, "eval_every": 1000, "checkpoint_every": 1000})
+    page.start_button.click()
+    qtbot.waitUntil(lambda: len(page.points["train"][0]) >= 3, timeout=60_000)
+    window.persist = True
+    window.close()  # pauses the run with a checkpoint and keeps it in the settings
+    folder = page.run["folder"]
+    step = json.loads((Path(folder) / "checkpoint" / "state.json").read_text())["step"]
+    again = MainWindow(Session(isolate=False))
+    again.persist = False
+    qtbot.addWidget(again)
+    assert "Tools > Fine-tune" in again.statusBar().currentMessage()
+    again.open_finetune()
+    qtbot.addWidget(again.finetune_page)
+    reopened = again.finetune_page
+    assert reopened.run["folder"] == folder and reopened.resume_button.isEnabled()
+    assert f"stopped at step {step}" in reopened.stats.text() and reopened.points["train"][0]
+    assert reopened.form.values()["steps"] == 400 and reopened.finetuner.currentData() == "text"
+    reopened.resume_button.click()
+    qtbot.waitUntil(lambda: len(reopened.points["train"][0]) > step + 1, timeout=60_000)
+    reopened.pause_button.click()
+    wait_done(qtbot, reopened)
+    assert json.loads((Path(folder) / "checkpoint" / "state.json").read_text())["step"] > step
+
+
 def test_image_samples_appear(window, qtbot, tmp_path):
     page = window.finetune_page
     select(page, "image")

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
 
 from engine import state
 from engine.errors import UsageError
+from engine.runfolder import unfinished
 from studio.gui.dataset_preview import DatasetPreview
 from studio.gui.error_banner import ErrorBanner
 from studio.gui.finetune_process import FinetuneProcess, command_args
@@ -178,6 +179,8 @@ class FinetunePage(QWidget):
         self.data.editingFinished.connect(self.refresh_preview)
         self.defaults.clicked.connect(self.form.reset)
         self.populate()
+        gui = session.settings.gui if isinstance(session.settings.gui, dict) else {}
+        self.restore_run(gui.get("finetune_run"))
         self._buttons()
 
     def show_error(self, message: str, details: str = "") -> None:  # where studio.gui.util.guard reports
@@ -270,16 +273,44 @@ class FinetunePage(QWidget):
     def load_recipe(self, recipe: dict) -> None:
         """A history row's fine-tune back in the form: its fine-tuner, base model, dataset and hyper-parameters,
         ready to run again (Start makes a new run folder)."""
-        args, kind = recipe.get("args") or {}, recipe.get("kind")
+        args = recipe.get("args") or {}
+        self._show_settings(recipe.get("kind"), args.get("model"), args.get("data", ""), args)
+
+    def _show_settings(self, kind, model, data, options: dict) -> None:
         index = self.finetuner.findData(kind)
         if index < 0:
             raise UsageError(f"This fine-tune needs the fine-tuner {kind!r}, which is not installed.")
         self.finetuner.setCurrentIndex(index)
-        model = self.model.findData(args.get("model"))
-        if model >= 0:
-            self.model.setCurrentIndex(model)
-        self.set_dataset(str(args.get("data", "")))
-        self.form.set_values({o.name: args[o.name] for o in self.trainer().options if o.name in args})
+        found = self.model.findData(model)
+        if found >= 0:
+            self.model.setCurrentIndex(found)
+        self.set_dataset(str(data))
+        self.form.set_values({o.name: options[o.name] for o in self.trainer().options if o.name in options})
+
+    def unfinished_run(self):
+        """The run to offer again after a restart (kept in the window's settings): one with a checkpoint that has
+        not finished; None when there is none."""
+        r = self.run
+        return dict(r) if r and not self.adapter and unfinished(r.get("folder")) else None
+
+    def restore_run(self, saved) -> None:
+        """An unfinished run of an earlier session (``unfinished_run``): its settings in the form, its loss curve
+        up to the checkpoint, and Resume ready to continue it."""
+        keys = ("kind", "generator", "data_kind", "model", "data", "folder")
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in keys) or \
+                not isinstance(saved.get("options"), dict) or not unfinished(saved["folder"]):
+            return
+        try:
+            self._show_settings(saved["kind"], saved["model"], saved["data"], saved["options"])
+        except UsageError:  # its fine-tuner is gone: nothing to resume it with
+            return
+        self.run = saved
+        ck = checkpoint_state(saved["folder"])
+        for h in ck.get("history", []):
+            self._add_point(h)
+        self.run_label.setText(f"Run folder: {saved['folder']}")
+        self.stats.setText(f"This run stopped at step {ck.get('step', 0)} when the studio closed; Resume "
+                           "continues it.")
 
     @guard
     def start(self) -> None:

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QScrol
                                QTabWidget, QVBoxLayout, QWidget)
 
 from engine.errors import StateError, UsageError
+from engine.runfolder import unfinished
 from studio.gui.chat_view import ChatView
 from studio.gui.dialog_actions import DialogActions
 from studio.gui.error_banner import ErrorBanner
@@ -129,6 +130,10 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.statusBar().showMessage(self._plugin_summary())
         if queue_problem:
             self.show_error(queue_problem)
+        elif isinstance(self.gui_state.get("finetune_run"), dict) and \
+                unfinished(self.gui_state["finetune_run"].get("folder")):
+            self.statusBar().showMessage("A fine-tune run stopped when the studio closed; Tools > Fine-tune… "
+                                         "resumes it.", 15000)
         QTimer.singleShot(0, self.pump)  # jobs left in the queue by an earlier session
 
     # ----- menus -----------------------------------------------------------------------------
@@ -349,6 +354,9 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
             "backend": self.panel.backend.currentText(), "device": self.panel.device.currentText(),
             "chat": self.chat.state(),
         })
+        page = getattr(self, "finetune_page", None)
+        if page is not None:  # an unfinished run is offered again next time (else the earlier session's stays)
+            self.gui_state["finetune_run"] = page.unfinished_run()
 
     def save_state(self) -> None:
         self._remember()
