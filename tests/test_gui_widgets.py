@@ -162,3 +162,24 @@ def test_one_long_line_is_shown_broken_and_copied_whole(qtbot):
     for _ in range(5):  # streamed pieces keep the lines short too
         view.append_text("y" * (LONG_LINE // 2 + 7))
     assert max(len(line) for line in view.text.toPlainText().split("\n")) == LONG_LINE
+
+
+def test_the_window_fits_a_laptop_screen_with_a_larger_font(qtbot, studio_home):
+    """At a 14 pt font the window could not be made narrower than 1279 px (the Queue tab's six buttons in one
+    row), and the form pane clipped its widgets with no scroll bar."""
+    from PySide6.QtWidgets import QApplication
+
+    from studio.gui.main_window import MainWindow
+
+    app = QApplication.instance()
+    font = app.font()
+    bigger = app.font()
+    bigger.setPointSize(14)
+    app.setFont(bigger)
+    try:
+        w = MainWindow()
+        w.persist = False
+        qtbot.addWidget(w)
+        assert w.minimumSizeHint().width() <= 1200
+    finally:
+        app.setFont(font)

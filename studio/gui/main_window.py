@@ -64,7 +64,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.panel = GeneratorPanel()
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)  # a large font scrolls, not clips
         scroll.setWidget(self.panel)
         scroll.setMinimumWidth(340)
         self.output = OutputView()

@@ -52,8 +52,9 @@ class QueuePanel(QWidget):
         self.front_button = button("Move to front", self.front_selected)
         self.open_button = button("Open output", self.open_selected)
         self.clear_button = button("Clear finished", self.clear_finished)
-        column(self, self.status, (self.list, 1), row(self.pause_button, self.cancel_button, self.retry_button,
-                                                        self.front_button, self.open_button, self.clear_button, None))
+        column(self, self.status, (self.list, 1),  # two rows of buttons: one row made the window 1100 px wide at least
+               row(self.pause_button, self.cancel_button, self.retry_button, None),
+               row(self.front_button, self.open_button, self.clear_button, None))
         self.list.reordered.connect(self.reorder)
         self.list.itemDoubleClicked.connect(lambda item: self.open_selected())
         self._snapshot = None
