@@ -147,13 +147,18 @@ def test_a_run_plots_its_loss_cancels_resumes_and_its_adapter_is_used(window, qt
     assert page.form.values()["rank"] == 4 and page.data.text() == row.recipe["args"]["data"]
 
 
-def test_pause_checkpoints_at_the_current_step(window, qtbot, tmp_path):
-    page = window.finetune_page
+def start_long_text_run(page, qtbot, tmp_path) -> None:
+    """A 400-step text run with no periodic checkpoint, started and past its third step."""
     select(page, "text")
     page.set_dataset(str(text_data(tmp_path)))
     page.form.set_values({"steps": 400, "batch": 1, "context": 16, "eval_every": 1000, "checkpoint_every": 1000})
     page.start_button.click()
     qtbot.waitUntil(lambda: len(page.points["train"][0]) >= 3, timeout=60_000)
+
+
+def test_pause_checkpoints_at_the_current_step(window, qtbot, tmp_path):
+    page = window.finetune_page
+    start_long_text_run(page, qtbot, tmp_path)
     page.pause_button.click()
     wait_done(qtbot, page)
     ck = json.loads((Path(page.run["folder"]) / "checkpoint" / "state.json").read_text())["step"]
@@ -168,11 +173,7 @@ def test_a_run_stopped_by_closing_the_studio_is_offered_again(window, qtbot, tmp
     from studio.gui.session import Session
 
     page = window.finetune_page
-    select(page, "text")
-    page.set_dataset(str(text_data(tmp_path)))
-    page.form.set_values({"steps": 400, "batch": 1, "context": 16, "eval_every": 1000, "checkpoint_every": 1000})
-    page.start_button.click()
-    qtbot.waitUntil(lambda: len(page.points["train"][0]) >= 3, timeout=60_000)
+    start_long_text_run(page, qtbot, tmp_path)
     window.persist = True
     window.close()  # pauses the run with a checkpoint and keeps it in the settings
     folder = page.run["folder"]

@@ -90,18 +90,22 @@ def test_left_padded_batch_matches_unpadded(exported):
     assert np.abs(batch[0][0] - run(ids[:1], mask[:1], pos[:1])[0][0]).max() < 1e-4
 
 
-def test_onnxruntime_genai_generates_the_studio_tokens(exported):
+def _genai_greedy(export) -> list:
+    """onnxruntime-genai's greedy tokens after PROMPT (at most NEW), from the export folder as it is."""
     og = pytest.importorskip("onnxruntime_genai")
-    family, folder, _ = exported
-    model = og.Model(str(folder / "onnx"))
+    model = og.Model(str(export))
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(PROMPT) + NEW)
     gen = og.Generator(model, params)
     gen.append_tokens(np.array([PROMPT], dtype=np.int32))
     while not gen.is_done():
         gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
-    assert got == _studio_greedy(folder, family)
+    return [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+
+
+def test_onnxruntime_genai_generates_the_studio_tokens(exported):
+    family, folder, _ = exported
+    assert _genai_greedy(folder / "onnx") == _studio_greedy(folder, family)
 
 
 def test_optimum_ort_model_generates_the_studio_tokens(exported):
@@ -119,20 +123,13 @@ def test_optimum_ort_model_generates_the_studio_tokens(exported):
 def test_other_runtimes_stop_at_the_end_tokens_of_generation_config(tmp_path):
     """An Instruct model's end-of-turn token is often only in generation_config.json: genai_config.json carried
     config.json's alone, so onnxruntime-genai wrote on past the end where the studio stopped."""
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     folder = text_folder(tmp_path / "tiny-instruct", "llama")
     free = _studio_greedy(folder, "llama")
     end = next(t for t in free[2:] if t != EOS)  # a token greedy decoding writes after two others
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, end]}))
     export_model(exporter_host(), entry_for(folder, "llama", "text"))
     assert json.loads((folder / "onnx" / "genai_config.json").read_text())["model"]["eos_token_id"] == [EOS, end]
-    model = og.Model(str(folder / "onnx"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(PROMPT) + NEW)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([PROMPT], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+    got = _genai_greedy(folder / "onnx")
     stop = free.index(end)
     assert got in (free[:stop], free[:stop + 1])  # stopped at the end token (with or without writing it)
