@@ -137,8 +137,12 @@ def test_import_generate_replay_and_refusals(tmp_path, studio_home):
                         ({"image": str(tmp_path / "in.png"), "mask": str(tmp_path / "mask.png")}, "inpaint")):
         record = execute(prepare(host, store, Job("sd", **base, **extra)))
         assert record.result.image.size == (32, 32) and record.result.info["mode"] == mode
+    assert not record.result.warnings  # the input has the output's shape
     again, same, _ = replay(host, store, record.recipe)
     assert same  # the inpainting recipe (image and mask kept by content) replays to the same picture
+    image.resize((48, 32)).save(tmp_path / "wide.png")  # another shape: squashed to 32 x 32, and said so
+    wide = execute(prepare(host, store, Job("sd", **base, image=str(tmp_path / "wide.png"))), history=False)
+    assert any("The input image is 48x32; it was resized to 32x32" in w for w in wide.result.warnings)
     with pytest.raises(UsageError, match="multiple of 8"):
         prepare_and_run = execute(prepare(host, store, Job("sd", model="tiny-sd", options={"width": 30})))
         del prepare_and_run
