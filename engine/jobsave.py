@@ -61,6 +61,26 @@ def remove_dead_scratch(parent: Path, prefix: str) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+SERVER_PIN = "api"  # the pin of a server's jobs: "api:<host>:<pid>" (plain "api" before servers had their own)
+
+
+def server_pin(owner: str) -> str:
+    return f"{SERVER_PIN}:{owner}"
+
+
+def _client_gone(pin: str, queue, sweep: bool) -> bool:
+    """Whether a job pinned to a server (``pin``) lost its client: that server's process is dead, so nobody waits
+    for the answer (a plain "api" pin is from before servers had their own: at a start, gone too)."""
+    if pin != SERVER_PIN and not pin.startswith(SERVER_PIN + ":"):
+        return False
+    server = pin[len(SERVER_PIN) + 1:]
+    if not server:
+        return not sweep
+    if server == queue.owner or server.rpartition(":")[0] != socket.gethostname():
+        return False  # (another machine's server cannot be checked from here)
+    return not owner_alive(server)
+
+
 def recover(queue, history_path: Path, out_dir: Path, sweep: bool = False) -> list:
     """Put back the jobs whose worker process died while running them. A job whose history row exists was
     finished (marked done, not run again); otherwise its partial output is deleted and it is queued again
@@ -69,8 +89,12 @@ def recover(queue, history_path: Path, out_dir: Path, sweep: bool = False) -> li
     token, again = queue.token, []
     here = socket.gethostname()
     with queue._tx() as conn:
-        rows = conn.execute("SELECT id, owner FROM jobs WHERE state = 'running'").fetchall()
-        for job_id, owner in rows:
+        for job_id, pin in conn.execute("SELECT id, pin FROM jobs WHERE state = 'queued'").fetchall():
+            if _client_gone(pin, queue, sweep):  # waiting for a server that died: its client left with it
+                conn.execute("UPDATE jobs SET state = 'cancelled', finished = ?, message = 'cancelled: the server "
+                             "it was sent to stopped, and its client with it' WHERE id = ?", (time.time(), job_id))
+        rows = conn.execute("SELECT id, owner, pin, cancel FROM jobs WHERE state = 'running'").fetchall()
+        for job_id, owner, pin, cancel in rows:
             if owner and owner != queue.owner and owner_alive(owner):
                 continue
             if sweep and (owner == queue.owner or owner.rpartition(":")[0] != here):
@@ -86,6 +110,11 @@ def recover(queue, history_path: Path, out_dir: Path, sweep: bool = False) -> li
                     partial.unlink()
                 except OSError:
                     log.warning("could not delete the partial output %s", partial)
+            if cancel or _client_gone(pin, queue, sweep):  # asked to stop, or nobody waits for it: not run again
+                conn.execute("UPDATE jobs SET state = 'cancelled', finished = ?, owner = '', cancel = 0, message = ?"
+                             " WHERE id = ?", (time.time(), "cancelled" if cancel else "cancelled: the server it "
+                                               "was sent to stopped, and its client with it", job_id))
+                continue
             conn.execute("UPDATE jobs SET state = 'queued', owner = '', cancel = 0, step = 0, total = 0,"
                          " message = 'put back after a restart' WHERE id = ?", (job_id,))
             again.append(job_id)

@@ -168,14 +168,15 @@ class QueueWorker:
         except CancelledError:
             self.queue.cancelled(qjob.id)
             final = messages.message("cancelled")
+        except (KeyboardInterrupt, SystemExit):  # the worker is stopping (Ctrl+C), not the job failing: it goes
+            self.queue.release(qjob.id)  # back to its place, as when the window closes, for the next worker
+            raise
         except BaseException as exc:  # noqa: BLE001 - recorded on the job; the queue goes on
             message, details = describe_exception(exc)
             if not isinstance(exc, StudioError):
                 log.error("queue job %d failed: %s", qjob.id, details)
             self.queue.fail(qjob.id, message, type(exc).__name__)
             final = messages.message("failed", message=message, error=type(exc).__name__)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
         finally:
             done.set()
             watcher.join()  # no thread outlives its job (one left in sqlite could meet the interpreter's exit)

@@ -244,6 +244,10 @@ def _run(queue: JobQueue, until_empty: bool) -> int:
         job = worker.run_one()
         if job is None:
             if until_empty:
+                left = [j.id for j in queue.list(states=("queued",)) if j.pin and j.pin != worker.pin]
+                if left and not queue.paused():
+                    print(f"studio: note: job(s) {', '.join(map(str, left[:10]))} are left to the worker they were "
+                          "sent to (a `studio serve` or another batch).", file=sys.stderr)
                 break
             time.sleep(worker.poll)
             continue

@@ -53,6 +53,7 @@ class Service:
 
     def __init__(self, ray_address: Optional[str] = None):
         from engine.jobqueue import JobQueue
+        from engine.jobsave import server_pin
         from engine.jobworker import InProcessExecutor, QueueWorker, recover
         from engine.plugins import PluginHost
         from engine.store import ModelStore
@@ -61,6 +62,8 @@ class Service:
         self.store = ModelStore(self.host)
         self.queue = JobQueue()
         recover(self.queue)
+        self.pin = server_pin(self.queue.owner)  # this server's own jobs: another server on the same home (or
+        # the next one after this one died) never takes them, and their messages reach the client waiting here
         self._lock = threading.Lock()
         self._waiting: dict = {}  # job id -> (loop, asyncio.Queue)
         executor = InProcessExecutor(self.host, self.store)
@@ -71,7 +74,7 @@ class Service:
 
             executor = RayExecutor(RayPool(ray_address, store=self.store), self.queue, self.host, self.store,
                                    History(), lambda: state.load_settings().outputs)
-        self.worker = QueueWorker(self.queue, executor, pin="api",
+        self.worker = QueueWorker(self.queue, executor, pin=self.pin,
                                   on_message=self._on_message).start()
 
     def close(self) -> None:
@@ -98,7 +101,7 @@ class Service:
             self.validate(job)
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:  # the worker's first message waits for the registration
-            job_id = self.queue.submit(job, source="api", pin="api")
+            job_id = self.queue.submit(job, source="api", pin=self.pin)
             self._waiting[job_id] = (loop, q)
         self.worker.wake()
         return job_id, q

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -393,3 +394,48 @@ def test_cli_batch_on_ray_needs_a_worker(studio_home, tmp_path, capsys):
     jobfile.write_text('{"generator": "text", "prompt": "x"}\n')
     assert main(["batch", str(jobfile), "--ray", "auto", "--workers", "0"]) == 2
     assert "--workers must be 1 or more" in capsys.readouterr().err and JobQueue().list() == []
+
+
+def test_a_dead_workers_cancelled_job_and_a_dead_servers_jobs_are_not_run_again(studio_home, capsys):
+    """A running job whose cancel was asked for ran again after its worker died (its cancel flag was cleared); jobs
+    a killed server had queued for its clients ran later for nobody, and `queue run --until-empty` left them
+    queued without a word."""
+    from engine.jobsave import server_pin
+
+    drop(studio_home, "good", GOOD)
+    q = JobQueue()
+    dead = f"{socket.gethostname()}:999999999"
+    asked = q.submit(Job("upper", prompt="stop me"))
+    q.claim()
+    q.cancel(asked)  # "cancelling": its worker is to stop it ...
+    waiting = q.submit(Job("upper", prompt="for a client"), source="api", pin=server_pin(dead))
+    running = q.submit(Job("upper", prompt="for a client too"), source="api", pin=server_pin(dead))
+    live = q.submit(Job("upper", prompt="for a live server"), source="api", pin=server_pin(q.owner))
+    with q._tx() as conn:  # ... but it dies, as does the server of the other two
+        conn.execute("UPDATE jobs SET owner = ? WHERE id = ?", (dead, asked))
+        conn.execute("UPDATE jobs SET state = 'running', owner = ? WHERE id = ?", (dead, running))
+    assert recover(q) == []
+    assert [q.get(i).state for i in (asked, waiting, running, live)] == ["cancelled"] * 3 + ["queued"]
+    assert "server it was sent to stopped" in q.get(waiting).message
+    from studio.cli import main
+
+    assert main(["queue", "run", "--until-empty"]) == 0
+    assert q.get(live).state == "queued" and f"job(s) {live} are left to the worker" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_worker_puts_its_job_back(studio_home):
+    """Ctrl+C on `studio queue run` marked the running job failed ('KeyboardInterrupt: ', with a traceback)."""
+    from tests.plugin_samples import generator_plugin
+
+    drop(studio_home, "interrupted", generator_plugin('''
+INFO = GeneratorInfo(id="ctrlc", title="Ctrl+C", description="Is interrupted.", takes=("text",), makes="text")
+
+def generate(request, context):
+    raise KeyboardInterrupt
+'''))
+    q = JobQueue()
+    jid = q.submit(Job("ctrlc", prompt="x"))
+    with pytest.raises(KeyboardInterrupt):
+        _worker(q).run_one()
+    job = q.get(jid)
+    assert job.state == "queued" and job.error == ""
