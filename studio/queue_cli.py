@@ -307,6 +307,7 @@ def cmd_batch(args) -> int:
                             options=options))
                     for i, (n, prompt) in enumerate(read_prompt_file(args.prompt_file))]
         errors = []
+    numbered = [(n, absolute_inputs(job)) for n, job in numbered]  # any worker may take them, from any folder
     host = _host()
     store = ModelStore(host)
     from engine.runner import prepare

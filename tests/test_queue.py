@@ -439,3 +439,18 @@ def generate(request, context):
         _worker(q).run_one()
     job = q.get(jid)
     assert job.state == "queued" and job.error == ""
+
+
+def test_cli_batch_keeps_input_paths_absolute(studio_home, tmp_path, monkeypatch):
+    """`studio batch --folder imgs` queued imgs/b1.png as written: a worker started in another folder (a server,
+    another terminal) captioned that folder's imgs/b1.png, silently."""
+    from PIL import Image
+
+    from studio.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "imgs" / "b1.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["batch", "--folder", "imgs", "--generator", "caption", "--set", "max_new_tokens=4"]) == 0
+    (job,) = JobQueue().list()
+    assert job.job["image"] == str(tmp_path / "imgs" / "b1.png") and job.state == "done"
