@@ -181,6 +181,9 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
                 "system_fingerprint": None,
                 "choices": [{"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}]}
 
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):  # checked before the stream starts (it broke the stream midway)
+        raise UsageError("stream_options must be an object, such as {\"include_usage\": true}.")
     if not body.get("stream"):
         choices, recipes = [], []
         for index, job in enumerate(jobs):
@@ -223,7 +226,7 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
                     task.cancel()  # the client went away: run_job cancels the queue job
             recipes.append(finished["recipe"])
             yield _sse(chunk(index, finish=_finish_reason(finished["recipe"])))
-        if (body.get("stream_options") or {}).get("include_usage"):  # OpenAI: one more chunk, with no choices
+        if stream_options.get("include_usage"):  # OpenAI: one more chunk, with no choices
             yield _sse({**chunk(0), "choices": [], "usage": _usage(recipes, n)})
         yield _sse("[DONE]")
 
@@ -279,6 +282,9 @@ def image_generator(service, model_name) -> tuple:
                 return entry.generator, model_name
         if not service.has_generator(model_name):
             raise NotFound(f"The model {model_name!r} does not exist here (GET /v1/models lists them).")
+        makes = service.host.generator(model_name).info.makes
+        if makes != "image":  # a text generator's answer came back as the "image" (base64 text)
+            raise UsageError(f"Generator {model_name} makes {makes}, not images; name an image model.")
         return model_name, None
     if not service.has_generator("image"):
         raise Unsupported("No image generator is installed.")

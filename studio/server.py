@@ -265,7 +265,9 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.token:
             given = headers.get("authorization", "")
-            ok = given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), self.token.encode())
+            ok = given[:7].lower() == "bearer " and hmac.compare_digest(given[7:].strip().encode(),
+                                                                        self.token.encode())  # (the scheme's case
+            # does not matter, RFC 7235)
             if not ok:
                 msg = ("A bearer token is required: send 'Authorization: Bearer <token>' with the token the server "
                        "was started with." if not given else "The bearer token is wrong.")
@@ -326,13 +328,17 @@ def create_app(token: Optional[str] = None, max_body: int = MAX_BODY, service: O
         log.exception("request failed")
         return error_response(f"The server failed: {type(exc).__name__}: {exc}", 500, "server_error")
 
+    async def too_large(request, exc):  # a chunked body past the limit, found while an endpoint read it
+        return error_response(f"The request body is larger than the server's limit of {max_body >> 20} MB.", 413,
+                              code="body_too_large")
+
     async def gone(request, exc):  # no one reads the answer; the job is cancelled (no traceback in the log)
         return error_response("The client went away; its job was cancelled.", 499, "cancelled")
 
     routes = api_openai.routes() + api_a1111.routes() + api_jobs.routes()
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={StudioError: studio_error, HTTPException: http_error, ClientGone: gone,
-                                        Exception: unexpected})
+                                        TooLarge: too_large, Exception: unexpected})
     return Guard(app, token, max_body)
 
 

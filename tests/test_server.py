@@ -228,6 +228,14 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "could not be read" in r.json()["detail"]
     r = httpx.post(url + "/v1/completions", content=b"x" * (100 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    chunks = (b"x" * (1 << 20) for _ in range(100))  # no Content-Length: found while reading (it was a 500)
+    r = httpx.post(url + "/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than the server's limit" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, "stream": True,
+                                                  "stream_options": ["include_usage"]})
+    assert r.status_code == 400 and "stream_options must be an object" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/images/generations", json={"prompt": "ROMEO:", "model": "text", "seed": 1})
+    assert r.status_code == 400 and "makes text, not images" in r.json()["error"]["message"]
     img2img = [g.info.id for g, _ in server.service.host.generators.values()
                if g.info.makes == "image" and {"image", "text"} <= set(g.info.takes)]
     if not img2img:  # until Stable Diffusion (#14) lands: a clear 501, not a crash
@@ -394,6 +402,7 @@ def test_token_required_and_checked(tmp_path, monkeypatch):
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
         import openai
 
         with pytest.raises(openai.AuthenticationError):
