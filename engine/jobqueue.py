@@ -334,9 +334,12 @@ class JobQueue:
                          (hi + 1, _row_id(job_id)))
 
     def clear(self) -> int:
-        """Forget the finished jobs (their outputs and history rows stay). Returns how many."""
+        """Forget the finished jobs (their outputs and history rows stay), except the cells of a grid that is still
+        running: its contact sheet is made from them. Returns how many."""
         with self._tx() as conn:
-            return conn.execute("DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled')").rowcount
+            return conn.execute("DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND (grid IS NULL"
+                                " OR grid NOT IN (SELECT grid FROM jobs WHERE grid IS NOT NULL"
+                                " AND state IN ('queued', 'running')))").rowcount
 
     # ----- the worker's side ----------------------------------------------------------------------
     def claim(self, pin: str = "", batch: str = "", kinds: tuple = KINDS) -> Optional[QueueJob]:

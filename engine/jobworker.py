@@ -201,8 +201,8 @@ class QueueWorker:
 
     def _maybe_sheet(self, grid_id: int) -> None:
         jobs = self.queue.grid_jobs(grid_id)
-        if any(j.state not in FINISHED for j in jobs) or self.queue.grid(grid_id)["sheet"]:
-            return
+        if any(j.state not in FINISHED for j in jobs):
+            return  # (made again when a retried cell finishes: the sheet shows the grid as it is now)
         try:
             from engine.contact_sheet import write_sheet
 

@@ -109,7 +109,9 @@ class Record:
 def nth_seed(seed: Optional[int], i: int) -> Optional[int]:
     """The seed of the i-th job of a batch that starts at ``seed`` (None: each draws its own): seed + i, counted
     around past 2^63-1 back to 0 so that a batch from the largest seed runs like any other."""
-    return None if seed is None else (seed + i) % 2**63
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        return seed  # no seed, or one that prepare refuses as it is (a negative one must not wrap into range)
+    return (seed + i) % 2**63
 
 
 def resolve_device(device: str, backend: str) -> str:

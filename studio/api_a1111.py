@@ -136,7 +136,10 @@ async def _images(request, service, body: dict, generator: str, model, image=Non
     prompt = body.get("prompt", "")
     if not isinstance(prompt, str):
         raise UsageError("prompt must be a string.")
-    count = _number(body, "batch_size", int, 1) * _number(body, "n_iter", int, 1)
+    batch, rounds = _number(body, "batch_size", int, 1), _number(body, "n_iter", int, 1)
+    if batch < 1 or rounds < 1:  # (-2 x -2 made 4 images)
+        raise UsageError(f"batch_size and n_iter must be 1 or more, not {batch} and {rounds}.")
+    count = batch * rounds
     if not 1 <= count <= MAX_IMAGES:
         raise UsageError(f"batch_size x n_iter must be from 1 to {MAX_IMAGES}, not {count}.")
     seed = _number(body, "seed", int, -1)

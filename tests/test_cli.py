@@ -96,6 +96,8 @@ def test_a_batch_from_the_largest_seed_counts_around_to_zero(plugins, tmp_path):
     lines = studio("generate", "upper", "--prompt-file", str(prompts), "--out", str(tmp_path / "b"), "--json",
                    "--seed", str(2**63 - 1), check=0).stdout.splitlines()
     assert [json.loads(l)["seed"] for l in lines] == [2**63 - 1, 0]
+    bad = studio("generate", "upper", "--prompt-file", str(prompts), "--seed", "-5")
+    assert bad.returncode == 2 and "seed must be a whole number from 0 to 2^63-1, not -5" in bad.stderr
 
 
 @pytest.mark.parametrize("args,code,message", [

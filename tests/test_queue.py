@@ -108,6 +108,24 @@ def test_grid_makes_every_cell_and_a_contact_sheet(studio_home):
         q.submit_grid(Job("pixels", prompt="p"), [], [], {"a": [1], "b": [2], "c": [3]})
 
 
+def test_a_grids_sheet_follows_a_retried_cell_and_survives_a_clear(studio_home):
+    """The sheet was made once, so a retried cell stayed 'cancelled' on it; `queue clear` between cells removed
+    finished cells of a running grid, and the sheet lost their row."""
+    drop(studio_home, "pixels", PIXELS)
+    q = JobQueue()
+    grid, ids = q.submit_grid(Job("pixels", prompt="p"), [], [1, 2], {"size": [4, 8]})
+    q.cancel(ids[0])
+    _worker(q).run(max_jobs=1)
+    assert q.clear() == 0  # the grid is still running: its finished cells stay
+    _worker(q).run(until_empty=True)
+    first = Path(q.grid(grid)["sheet"]).stat().st_mtime_ns
+    q.retry(ids[0])
+    time.sleep(0.01)
+    _worker(q).run(until_empty=True)
+    assert q.get(ids[0]).state == "done" and Path(q.grid(grid)["sheet"]).stat().st_mtime_ns > first
+    assert q.clear() == 4  # finished now: all of it may go
+
+
 def test_recover_does_not_record_twice(studio_home):
     """A job whose history row was written just before the process died is marked done, not run again."""
     drop(studio_home, "good", GOOD)

@@ -203,6 +203,8 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "logprobs is not supported" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json=["not", "an", "object"])
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": -2, "n_iter": -2})
+    assert r.status_code == 400 and "batch_size and n_iter must be 1 or more" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0})
     assert r.status_code == 400 and "steps" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "LMS Karras"})
