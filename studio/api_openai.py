@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from engine.errors import UsageError
+from engine.errors import OptionError, UsageError
 from engine.generators import digits
 from studio.server import ClientGone, NotFound, Unsupported, next_item, read_json, run_job
 
@@ -166,7 +166,11 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
     from starlette.concurrency import run_in_threadpool
 
     # every choice is checked before the first runs (and before a stream starts)
-    prepared = [await run_in_threadpool(service.validate, job) for job in jobs]
+    try:
+        prepared = [await run_in_threadpool(service.validate, job) for job in jobs]
+    except OptionError as exc:  # named as the client sent it ("max_tokens", not the studio's "max_new_tokens")
+        field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise UsageError(str(exc).replace("Option max_new_tokens", field)) from None
     model = prepared[0].request.model
     created, model_name = int(time.time()), model.name if model else (body.get("model") or jobs[0].generator)
     n = _number(body, "n", int, 1)

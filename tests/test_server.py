@@ -220,6 +220,8 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]  # it was ignored
     r = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3]})
     assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10**9})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_tokens must be at most")
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 9})
     assert r.status_code == 400 and "n must be from 1 to 8" in r.json()["error"]["message"]
     before = len(server.service.queue.list(states=("done", "failed", "cancelled", "queued", "running")))
