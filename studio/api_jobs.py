@@ -102,4 +102,8 @@ async def history(request):
 async def history_entry(request):
     from engine.history import History
 
-    return _json(History().get(request.path_params["id"]).to_dict())
+    try:
+        entry = History().get(request.path_params["id"])
+    except UsageError as exc:  # "There is no generation N in the history.": a 404, as for a job
+        raise NotFound(str(exc), "generation_not_found") from None
+    return _json(entry.to_dict())

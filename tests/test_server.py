@@ -351,7 +351,7 @@ def test_jobs_and_history_endpoints(server):
     hid = httpx.get(server.url + f"/api/jobs/{jid}").json()["history_id"]
     entry = httpx.get(server.url + f"/api/history/{hid}").json()
     assert entry["prompt"] == "KING:" and entry["recipe"]["queue_job"].endswith(f":{jid}")
-    assert httpx.get(server.url + "/api/history/999999").status_code == 400
+    assert httpx.get(server.url + "/api/history/999999").status_code == 404  # as an unknown job
 
 
 def test_stable_diffusion_through_the_apis(tmp_path, monkeypatch):
