@@ -183,3 +183,31 @@ def test_the_window_fits_a_laptop_screen_with_a_larger_font(qtbot, studio_home):
         assert w.minimumSizeHint().width() <= 1200
     finally:
         app.setFont(font)
+
+
+def test_a_paste_longer_than_a_prompt_is_refused_in_a_sentence(qtbot, studio_home):
+    """A pasted 1,000,000-character line stalled the prompt box (Qt's layout), for a prompt a job refuses anyway."""
+    import time
+
+    from PySide6.QtCore import QMimeData
+
+    from engine.runner import MAX_PROMPT_CHARS
+    from studio.gui.main_window import MainWindow
+
+    w = MainWindow()
+    w.persist = False
+    qtbot.addWidget(w)
+    w.show()
+    w.select_generator("text")
+    w.panel.prompt.setPlainText("keep me")
+    big = QMimeData()
+    big.setText("x" * 1_000_000)
+    t0 = time.perf_counter()
+    w.panel.prompt.insertFromMimeData(big)
+    assert time.perf_counter() - t0 < 1.0
+    assert w.panel.prompt.toPlainText() == "keep me"
+    assert w.banner.isVisible() and "1,000,000 characters; a prompt holds at most" in w.banner.message()
+    fits = QMimeData()
+    fits.setText("y" * (MAX_PROMPT_CHARS - len("keep me")))
+    w.panel.prompt.insertFromMimeData(fits)
+    assert len(w.panel.prompt.toPlainText()) == MAX_PROMPT_CHARS

@@ -10,11 +10,28 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
 
 from engine.errors import UsageError
 from engine.generators import BACKENDS, DEVICES, digits
-from engine.runner import Job, model_option_defaults
+from engine.runner import MAX_PROMPT_CHARS, Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
 from studio.gui.util import button, column, guard, idle_progress, plain_label, row
+
+
+class PromptEdit(QPlainTextEdit):
+    """The prompt box. A paste (or drop) that would make the prompt longer than a job takes (MAX_PROMPT_CHARS) is
+    refused with a sentence (``refused``): Qt stalls for minutes laying out a pasted megabyte line, and the job
+    would be refused anyway."""
+
+    refused = Signal(str)
+
+    def insertFromMimeData(self, source) -> None:
+        text = source.text() if source.hasText() else ""
+        room = MAX_PROMPT_CHARS - len(self.toPlainText()) + len(self.textCursor().selectedText())
+        if len(text) > room:
+            self.refused.emit(f"The pasted text is {len(text):,} characters; a prompt holds at most "
+                              f"{MAX_PROMPT_CHARS:,}, so nothing was pasted.")
+            return
+        super().insertFromMimeData(source)
 
 
 class GeneratorPanel(QWidget):
@@ -30,7 +47,7 @@ class GeneratorPanel(QWidget):
         self.description = plain_label()
         self.description.setWordWrap(True)
         self.prompt_label = QLabel("Prompt")
-        self.prompt = QPlainTextEdit()
+        self.prompt = PromptEdit()
         self.prompt.setObjectName("prompt")
         self.prompt.setPlaceholderText("Write a prompt… (Ctrl+Return generates)")
         self.prompt.setMaximumHeight(110)

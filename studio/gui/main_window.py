@@ -110,6 +110,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
 
         self.generator_list.currentItemChanged.connect(self.on_generator_changed)
         self.panel.generate_clicked.connect(self.generate)
+        self.panel.prompt.refused.connect(self.show_error)
         self.panel.cancel_clicked.connect(self.cancel)
         self.output.replay_requested.connect(self.replay)
         self.output.caption_requested.connect(self.caption_image)
