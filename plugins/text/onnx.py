@@ -118,9 +118,8 @@ def top1_agreement(fp32_fn, q_fn, ids: list, context: int) -> tuple:
 
 def heldout_gate(quality: dict, scheme: str) -> dict:
     """The quantized graph's top-1 agreement and logit difference on held-out text, judged by the gate's own rule
-    (QUANT_TOLERANCE):
-    the gate's random prompts are few, and a graph that passed them could still drift on real text (a manifest
-    recorded 566/1000 beside a passed gate). {} when no held-out text was read."""
+    (QUANT_TOLERANCE): the gate's random prompts are few, and a graph that passed them could still drift on real
+    text (a manifest recorded 566/1000 beside a passed gate). {} when no held-out text was read."""
     from engine.backends.decoders import QUANT_TOLERANCE
 
     measured = quality.pop("_heldout", None)
