@@ -180,6 +180,9 @@ class JobQueue:
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+                raise StateError(f"The queue database {self.path} is damaged ({exc}); move it aside to start "
+                                 "with an empty queue.") from None
             if isinstance(exc, sqlite3.Error):
                 raise StateError(f"The queue database {self.path} could not be updated ({exc}).") from None
             raise
@@ -329,8 +332,10 @@ class JobQueue:
             if row[0] not in ("failed", "cancelled"):
                 raise UsageError(f"Job {job_id} is {row[0]}; only a failed or cancelled job can be retried.")
             hi = conn.execute("SELECT MAX(position) FROM jobs").fetchone()[0] or 0
+            # a job a server took for a client is unpinned: that client is gone, any worker may run it now
             conn.execute("UPDATE jobs SET state = 'queued', position = ?, error = '', error_type = '', message = '',"
-                         " cancel = 0, step = 0, total = 0, started = NULL, finished = NULL WHERE id = ?",
+                         " cancel = 0, step = 0, total = 0, started = NULL, finished = NULL,"
+                         " pin = CASE WHEN pin = 'api' OR pin LIKE 'api:%' THEN '' ELSE pin END WHERE id = ?",
                          (hi + 1, _row_id(job_id)))
 
     def clear(self) -> int:
@@ -400,10 +405,13 @@ class JobQueue:
                          (new_state, time.time(), *fields.values(), _row_id(job_id)))
 
     def release(self, job_id: int) -> None:
-        """Put a running job back at its old place (its worker stopped without finishing it: the window closed)."""
+        """Put a running job back at its old place (its worker stopped without finishing it: the window closed,
+        Ctrl+C); one whose cancel was asked for is cancelled instead."""
         with self._tx() as conn:
-            conn.execute("UPDATE jobs SET state = 'queued', owner = '', cancel = 0, step = 0, total = 0,"
-                         " message = 'put back' WHERE id = ? AND state = 'running'", (_row_id(job_id),))
+            conn.execute("UPDATE jobs SET state = CASE cancel WHEN 0 THEN 'queued' ELSE 'cancelled' END,"
+                         " finished = CASE cancel WHEN 0 THEN NULL ELSE ? END, owner = '', cancel = 0, step = 0,"
+                         " total = 0, message = CASE cancel WHEN 0 THEN 'put back' ELSE 'cancelled' END"
+                         " WHERE id = ? AND state = 'running'", (time.time(), _row_id(job_id)))
 
     def set_sheet(self, grid_id: int, path: str) -> None:
         with self._tx() as conn:

@@ -76,7 +76,9 @@ def _client_gone(pin: str, queue, sweep: bool) -> bool:
     server = pin[len(SERVER_PIN) + 1:]
     if not server:
         return not sweep
-    if server == queue.owner or server.rpartition(":")[0] != socket.gethostname():
+    if server == queue.owner:  # at a start, this process has taken no job yet: a server that had its pid (a
+        return not sweep  # restarted container) is gone
+    if server.rpartition(":")[0] != socket.gethostname():
         return False  # (another machine's server cannot be checked from here)
     return not owner_alive(server)
 

@@ -240,3 +240,28 @@ def test_a_chat_job_left_in_the_queue_shows_its_conversation_when_it_runs(qtbot)
     wait_idle(qtbot, w, timeout=60000)
     assert [(t.role, t.content) for t in w.chat.turns][0] == ("user", "Tell me of Verona")
     assert _roles(w) == ["user", "assistant"] and w.chat.turns[1].content
+
+
+def test_chat_jobs_from_elsewhere_leave_the_conversation_and_bad_ones_fail(qtbot):
+    """A chat job queued from the CLI replaced the window's conversation with its own; one whose messages the view
+    could not show stayed 'running' for ever."""
+    from engine.jobqueue import JobQueue
+    from engine.runner import Job
+    from studio.gui.main_window import MainWindow
+
+    queue = JobQueue()
+    bad = queue.submit(Job("gui-less", messages=[{"role": "robot", "content": "hi"}]), source="gui")
+    queue.submit(Job("chat", messages=[{"role": "robot", "content": "hi"}], seed=1), source="gui")
+    w = MainWindow()
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitUntil(lambda: all(j.state in ("failed", "done") for j in w.queue.list()), timeout=20000)
+    assert [j.state for j in w.queue.list()] == ["failed", "failed"] and queue.get(bad).error
+    w.select_generator("chat")
+    w.chat.set_conversation([chat.Message("user", "mine"), chat.Message("assistant", "my answer")])
+    other = w.queue.submit(Job("chat", messages=[{"role": "user", "content": "from the CLI"}], seed=1,
+                               options={"max_new_tokens": 2}), source="cli")
+    w.pump()
+    qtbot.waitUntil(lambda: w.queue.get(other).state == "done", timeout=60000)
+    wait_idle(qtbot, w, timeout=60000)
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "mine"), ("assistant", "my answer")]

@@ -94,3 +94,22 @@ def test_queue_rows_that_cannot_run_fail_with_a_reason_and_the_queue_goes_on(qtb
     assert "damaged row" in w.queue.get(cut).error and "future_field" in w.queue.get(future).error
     w.queue_panel.refresh()
     assert w.queue_panel.list.count() == 3
+
+
+def test_a_queue_database_damaged_past_its_first_pages_still_opens_the_window(qtbot, gui_home):
+    import sqlite3
+
+    from engine.jobqueue import JobQueue
+    from engine.runner import Job
+
+    queue = JobQueue()
+    for _ in range(50):
+        queue.submit(Job("slow", prompt="x" * 500), source="cli")
+    queue.close_thread()
+    with sqlite3.connect(queue.path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(queue.path.read_bytes())
+    data[8192::7] = b"\xab" * len(data[8192::7])  # the header opens; the rows do not read
+    queue.path.write_bytes(bytes(data))
+    w = make_window(qtbot, generator="slow")
+    assert "temporary queue" in w.banner.message() and "is damaged" in w.banner.message()

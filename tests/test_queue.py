@@ -428,7 +428,8 @@ def test_a_dead_workers_cancelled_job_and_a_dead_servers_jobs_are_not_run_again(
     q.cancel(asked)  # "cancelling": its worker is to stop it ...
     waiting = q.submit(Job("upper", prompt="for a client"), source="api", pin=server_pin(dead))
     running = q.submit(Job("upper", prompt="for a client too"), source="api", pin=server_pin(dead))
-    live = q.submit(Job("upper", prompt="for a live server"), source="api", pin=server_pin(q.owner))
+    live = q.submit(Job("upper", prompt="for a live server"), source="api",
+                    pin=server_pin(f"{socket.gethostname()}:{os.getppid()}"))  # (a process that is alive)
     with q._tx() as conn:  # ... but it dies, as does the server of the other two
         conn.execute("UPDATE jobs SET owner = ? WHERE id = ?", (dead, asked))
         conn.execute("UPDATE jobs SET state = 'running', owner = ? WHERE id = ?", (dead, running))
@@ -472,3 +473,25 @@ def test_cli_batch_keeps_input_paths_absolute(studio_home, tmp_path, monkeypatch
     assert main(["batch", "--folder", "imgs", "--generator", "caption", "--set", "max_new_tokens=4"]) == 0
     (job,) = JobQueue().list()
     assert job.job["image"] == str(tmp_path / "imgs" / "b1.png") and job.state == "done"
+
+
+def test_release_cancels_a_job_asked_to_stop_and_retry_unpins_a_servers_job(studio_home):
+    from engine.jobsave import server_pin
+
+    drop(studio_home, "good", GOOD)
+    q = JobQueue()
+    asked = q.submit(Job("upper", prompt="x"))
+    q.claim()
+    q.cancel(asked)
+    q.release(asked)  # Ctrl+C while the cancel was on its way: it put the job back, cancel forgotten
+    assert q.get(asked).state == "cancelled"
+    dead = f"{socket.gethostname()}:999999999"
+    served = q.submit(Job("upper", prompt="y"), source="api", pin=server_pin(dead))
+    recover(q)
+    assert q.get(served).state == "cancelled"
+    q.retry(served)  # the user's retry: any worker runs it now (the next sweep cancelled it again)
+    assert q.get(served).pin == "" and recover(q, sweep=True) == [] and q.get(served).state == "queued"
+    assert _worker(q).run(until_empty=True) == 1 and q.get(served).state == "done"
+    mine = q.submit(Job("upper", prompt="z"), source="api", pin=server_pin(q.owner))
+    recover(q)  # a server started again with the dead one's host and pid (a restarted container)
+    assert q.get(mine).state == "cancelled"

@@ -3,6 +3,7 @@ Recipes and drag and drop are studio/gui/recipe_actions.py; running the queued j
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSize, Qt, QTimer
@@ -75,18 +76,23 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.tabs.addTab(self.chat, "Conversation")
         self.tabs.addTab(self.output, "Output")
         self.tabs.addTab(self.history, "History")
+        from engine import state
         from engine.jobqueue import JobQueue
         from engine.jobworker import recover
 
         queue_problem = ""
         try:
             self.queue = JobQueue()
-        except StateError as exc:  # a damaged or unreadable queue.sqlite3: the window still opens, on a queue
-            import tempfile       # of its own that is not kept, and says so
+            recover(self.queue)  # jobs a dead studio was running are queued again
+            self.queue.list(limit=1)  # (a file damaged past its first pages fails only when read)
+        except (StateError, sqlite3.DatabaseError) as exc:  # a damaged or unreadable queue.sqlite3: the window
+            import tempfile  # still opens, on a queue of its own that is not kept, and says so
 
             self.queue = JobQueue(Path(tempfile.mkdtemp(prefix="studio-queue-")) / "queue.sqlite3")
-            queue_problem = f"{exc} Until then this window uses a temporary queue, which is not kept."
-        recover(self.queue)  # jobs a dead studio was running are queued again
+            why = str(exc) if isinstance(exc, StateError) else \
+                f"The queue database {state.home() / 'queue.sqlite3'} cannot be read ({exc}); move it aside to " \
+                "start with an empty queue."
+            queue_problem = f"{why} Until then this window uses a temporary queue, which is not kept."
         self.queue_panel = QueuePanel(self.queue)
         self.tabs.addTab(self.queue_panel, "Queue")
         self.queue_panel.changed.connect(self.on_queue_changed)

@@ -8,6 +8,7 @@ from pathlib import Path
 from PySide6.QtCore import QTimer
 
 from engine import chat as chat_mod
+from engine.errors import StudioError
 from engine.generators import CancelToken
 from studio.gui.output_view import kind_of
 from studio.gui.util import guard
@@ -41,13 +42,21 @@ class TaskActions:
         self.current_job = qjob
         job = queued_job(qjob.job)
         gen = self.session.host.generators.get(job.generator)
-        self.chatting = bool(gen) and "messages" in gen[0].info.takes
+        # the conversation view follows this window's own chat jobs; one queued elsewhere (the CLI, a job file)
+        # answers in the Output tab and leaves the user's conversation as it is
+        self.chatting = bool(gen) and "messages" in gen[0].info.takes and qjob.source == "gui"
         self.banner.hide()
         self.token = CancelToken()
         self.busy_kind = kind_of(gen[0].info) if gen else "text"
         self.output.begin(self.busy_kind, job.image or "")
         if self.chatting:
-            self.chat.begin_answer(job.messages)
+            try:
+                self.chat.begin_answer(job.messages)
+            except StudioError as exc:  # a conversation that cannot be shown cannot be sent: the job fails (it
+                self.queue.fail(qjob.id, str(exc), type(exc).__name__)  # stayed "running" for ever)
+                self.current_job, self.chatting = None, False
+                QTimer.singleShot(0, self.pump)
+                raise
         self.tabs.setCurrentWidget(self.chat if self.chatting else self.output)
         self.panel.set_busy(True)
         self.panel.generate_button.setEnabled(True)  # Generate queues the next job meanwhile
