@@ -446,3 +446,27 @@ def test_empty_captions_are_noted(tmp_path, capsys):
     pairs, prior = captioned_data(argparse.Namespace(data=str(tmp_path)))
     assert len(pairs) == 3 and prior == []
     assert "note: 2 image(s) have an empty caption (im1.png, im2.png)" in capsys.readouterr().err
+
+
+def test_a_diffusers_files_per_component_patterns_set_each_layers_scale(tmp_path):
+    """rank_pattern / alpha_pattern in a diffusers file's lora_adapter_metadata name modules as the component
+    does; they never matched the studio's component/path names, so every layer got the component's scale."""
+    from safetensors.torch import save_file
+
+    from engine.nn.lora import read_adapter
+
+    tensors = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 8),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(8, 4),
+               "unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.randn(8, 8),
+               "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.randn(8, 8),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 8),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 2)}
+    meta = {"unet.r": 4, "unet.lora_alpha": 4, "unet.rank_pattern": {"mid_block.attentions.0.proj_in": 8},
+            "unet.alpha_pattern": {"mid_block.attentions.0.proj_in": 16}, "text_encoder.r": 4,
+            "text_encoder.lora_alpha": 8,
+            "text_encoder.rank_pattern": {"text_model.encoder.layers.0.self_attn.q_proj": 2}}
+    save_file(tensors, str(tmp_path / "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    scales = {p: s for p, (_, _, s) in read_adapter(tmp_path).layers.items()}
+    assert scales == {"unet/down_blocks.0.attentions.0.proj_in": 1.0, "unet/mid_block.attentions.0.proj_in": 2.0,
+                      "text_encoder/encoder.layers.0.self_attn.q_proj": 4.0}

@@ -312,10 +312,14 @@ def _read_peft(tensors: dict, config: dict, source: str, components: Optional[di
             tokens[path] = ([int(i) for i in ids], v)
 
     def layer_scale(path: str) -> float:  # rank_pattern / alpha_pattern: per-layer r and alpha
-        cfg = components.get(path.partition("/")[0], config) if "/" in path else config
+        component, slash, rest = path.partition("/")
+        cfg = components.get(component, config) if slash else config
+        # a component's patterns name its modules as that component does (the text encoder's from text_model.)
+        local = ("text_model." + rest if component == "text_encoder" else rest) if slash else path
         own_rank = int(cfg.get("r", rank))
         own_alpha = float(cfg.get("lora_alpha", own_rank))
-        r, a = _pattern(cfg.get("rank_pattern"), path, own_rank), _pattern(cfg.get("alpha_pattern"), path, own_alpha)
+        r, a = _pattern(cfg.get("rank_pattern"), local, own_rank), _pattern(cfg.get("alpha_pattern"), local,
+                                                                              own_alpha)
         return a / r if not cfg.get("use_rslora") else a / r ** 0.5
 
     layers = {p: (ab["A"], ab["B"], layer_scale(p)) for p, ab in found.items() if set(ab) == {"A", "B"}}
