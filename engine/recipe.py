@@ -59,6 +59,13 @@ def recipe_problem(recipe) -> str:
         value = recipe.get(key)
         if key in recipe and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
             return f"This recipe's {key} is {type(value).__name__}, not what the studio writes; it cannot be used."
+    parts = [("model", recipe.get("model"), "name")] if isinstance(recipe.get("model"), dict) else []
+    parts += [(key, recipe.get(key), "path") for key in ("image", "mask") if recipe.get(key) is not None]
+    parts += [("loras", lora, "path") for lora in recipe.get("loras") or []]
+    for key, part, field in parts:  # the inner fields a replay reads
+        if not isinstance(part, dict) or not isinstance(part.get(field, ""), str) or \
+                not isinstance(part.get("sha256", ""), (str, type(None))):
+            return f"This recipe's {key} is not what the studio writes; it cannot be used."
     return ""
 
 

@@ -68,10 +68,23 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
            backend: Optional[str] = None, **kw) -> tuple[Record, bool, list]:
     """Regenerate from a recipe, on its own device and backend unless ``device`` or ``backend`` says otherwise.
     Returns (record, identical, notes)."""
+    job, input_notes = replay_job(store, recipe, device, backend)
+    record = execute(prepare(host, store, job), **kw)
+    same = record.recipe["content_sha256"] == recipe.get("content_sha256")
+    return record, same, input_notes + replay_notes(recipe, record.recipe)
+
+
+def replay_job(store: ModelStore, recipe: dict, device: Optional[str] = None,
+               backend: Optional[str] = None) -> tuple[Job, list]:
+    """The job that replays a recipe (its inputs, LoRAs and model as recorded, or the copies the studio kept; its
+    export and thread count) and the notes on what was found instead: what `studio history replay` and the
+    window's Replay run."""
     problem = recipe_problem(recipe)
     if problem:
         raise UsageError(problem)
     model = recipe.get("model") or {}
+    if isinstance(model, str):  # (a recipe read from an A1111 image names its checkpoint only)
+        model = {"name": model}
     recorded, own = recipe.get("device", "auto"), recipe.get("backend", "torch")
     backend = backend or own
     export = None
@@ -94,9 +107,7 @@ def replay(host: PluginHost, store: ModelStore, recipe: dict, device: Optional[s
               options=recipe.get("options", {}), messages=recipe.get("messages"),
               loras=[replay_lora(a, input_notes) for a in recipe.get("loras") or []],
               export=export, threads=_threads(recipe.get("threads")))
-    record = execute(prepare(host, store, job), **kw)
-    same = record.recipe["content_sha256"] == recipe.get("content_sha256")
-    return record, same, input_notes + replay_notes(recipe, record.recipe)
+    return job, input_notes
 
 
 def _threads(value) -> Optional[int]:
@@ -140,6 +151,7 @@ def replay_notes(original: dict, replayed: dict) -> list:
         notes.append(f"the original answer reused the cached keys and values of {reused} earlier tokens, which a "
                      "replay computes afresh; in float16 on a GPU the rounding of the two can differ")
     old, new = original.get("model") or {}, replayed.get("model") or {}
+    old = {"name": old} if isinstance(old, str) else old
     if old.get("hash") and new.get("hash") and new["hash"] != old["hash"]:
         notes.append(f"model {old.get('name')} has changed since (hash {old['hash'][:12]} -> {new['hash'][:12]}), "
                      f"so the output may differ")

@@ -198,6 +198,29 @@ def test_replay_gives_the_same_image(qtbot, gui_home):
     assert not w.banner.isVisible()
 
 
+def test_the_windows_replay_runs_the_recorded_job(qtbot, gui_home, tmp_path):
+    """The window's Replay went through the form: the recorded thread count, an input's kept copy and a model
+    folder used in place were not used (the CLI's replay used them)."""
+    import shutil
+
+    from engine.store import BUILTIN_DIR
+
+    from studio.gui.main_window import MainWindow
+
+    w = MainWindow()  # the built-in plugins
+    qtbot.addWidget(w)
+    w.show()
+    folder = tmp_path / "mine"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    recipe = {"generator": "text", "prompt": "ROMEO:", "seed": 3, "backend": "torch", "device": "cpu",
+              "options": {"max_new_tokens": 4}, "threads": 2,
+              "model": {"name": "mine", "path": str(folder), "hash": "", "family": "llama"}}
+    w.replay(recipe)
+    wait_idle(qtbot, w, timeout=60000)
+    assert not w.banner.isVisible() or "Replayed" in w.banner.message(), w.banner.message()
+    assert w.output.recipe["threads"] == 2 and w.output.recipe["model"]["path"] == str(folder.resolve())
+
+
 def test_audio_output_shows_a_waveform(qtbot, gui_home):
     w = make_window(qtbot, generator="tone")
     w.panel.prompt.setPlainText("abc")

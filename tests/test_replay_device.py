@@ -102,3 +102,26 @@ def test_a_replay_says_when_the_files_beside_the_weights_changed(tmp_path):
     config.write_text(config.read_text().replace("{", '{"model_max_length": 5, ', 1))
     notes = replay(host, store, recipe, history=History())[2]
     assert any("files beside model mine's weights" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("edit, words", [({"model": {"name": 5}}, "model"), ({"loras": ["/tmp/x.safetensors"]},
+                                                                             "loras"),
+                                         ({"image": {"path": 5}}, "image")])
+def test_a_hand_edited_recipe_is_refused_in_a_sentence(edit, words, tmp_path):
+    """Fields a replay reads inside the model, image and LoRA entries: wrong types were AttributeError/TypeError."""
+    from engine.replay import replay
+
+    host, store = _text(tmp_path)
+    recipe = {"generator": "text", "prompt": "x", "seed": 1, "options": {}, **edit}
+    with pytest.raises(UsageError, match=f"This recipe's {words} is not what the studio writes"):
+        replay(host, store, recipe)
+
+
+def test_a_recipe_naming_its_model_as_text_replays(tmp_path):
+    from engine.history import History
+    from engine.replay import replay
+
+    host, store = _text(tmp_path)
+    recipe = {"generator": "text", "prompt": "ROMEO:", "seed": 1, "options": {"max_new_tokens": 2},
+              "model": "shakespeare-llama", "backend": "torch", "device": "cpu"}
+    assert replay(host, store, recipe, history=History())[0].recipe["model"]["name"] == "shakespeare-llama"

@@ -282,14 +282,18 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
             sent = self.chat.to_send(regenerate)
             job.messages = [m.to_dict() for m in sent]
         self._remember()
-        job_id = self.queue.submit(job, source="gui")
+        job_id = self._enqueue(job)
         if sent is not None:
             self.chat.sent(sent, regenerate)
+        self.pump()
+        return job_id
+
+    def _enqueue(self, job) -> int:
+        job_id = self.queue.submit(job, source="gui")
         if self.task is not None or self.queue.paused():
             waiting = len(self.queue.list(states=("queued",)))
             self.statusBar().showMessage(f"Queued as job {job_id} ({waiting} waiting"
                                          + ("; the queue is paused)" if self.queue.paused() else ")"), 5000)
-        self.pump()
         return job_id
 
     # ----- chat ------------------------------------------------------------------------------
@@ -318,8 +322,23 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     # ----- hand-overs between generators -----------------------------------------------------
     @guard
     def replay(self, recipe: dict) -> None:
+        """The recipe's job again, as `studio history replay` runs it (its recorded inputs or the studio's kept
+        copies, model folder, LoRAs, export and thread count); the form shows the recipe meanwhile."""
+        from engine.replay import replay_job
+
+        try:
+            job, notes = replay_job(self.session.store, recipe)
+        except UsageError:
+            if recipe.get("device") != "cuda":
+                raise
+            job, notes = replay_job(self.session.store, recipe, device="cpu")  # no GPU here: the window replays
+            # on the CPU, and says afterwards that the device differed
         self.load_recipe(recipe)
-        self.replays[self.submit()] = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        job_id = self._enqueue(job)
+        self.replays[job_id] = dict(recipe)  # on_task_succeeded says whether the output came out the same
+        if notes:
+            self.statusBar().showMessage("Replaying: " + "; ".join(notes), 10000)
+        self.pump()
         if self.current_job is not None and self.current_job.id in self.replays:
             self.replay_of = self.replays.pop(self.current_job.id)
 
