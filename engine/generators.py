@@ -71,8 +71,8 @@ class Option:
             value = float(value)
         elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise OptionError(f"Option {self.name} must be {_article(self.type)}, not {_shown(value)}.")
-        if kind is float and value != value:
-            raise OptionError(f"Option {self.name} must be a number, not NaN.")
+        if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+            raise OptionError(f"Option {self.name} must be a finite number, not {value}.")
         if self.min is not None and value < self.min:
             raise OptionError(f"Option {self.name} must be at least {self.min}, not {value}.")
         if self.max is not None and value > self.max:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -138,6 +139,10 @@ def replay_notes(original: dict, replayed: dict) -> list:
     if was != "auto" and now and now != was:
         notes.append(f"the recipe was made on {was} and is replayed on {now}; arithmetic differs between devices "
                      f"(float16 on a GPU), so the output may differ")
+    threads = replayed.get("threads") or 0
+    if threads > (os.cpu_count() or 1):
+        notes.append(f"the recipe ran PyTorch on {threads} CPU threads, and so does the replay (the same sums), "
+                     f"on this machine's {os.cpu_count()} cores: slower than usual")
     was_b, now_b = original.get("backend", "torch"), replayed.get("backend")
     if now_b and now_b != was_b:
         notes.append(f"the recipe was made with {was_b} and is replayed with {now_b}; their arithmetic differs, so "

@@ -455,7 +455,7 @@ def execute_batch(preps: list, context: Optional[Context] = None, out_dir: Optio
 def _batch_key(prep: Prepared) -> tuple:
     r = prep.request
     return (prep.generator.info.id, r.model.hash if r.model else None, r.backend, r.device, str(r.export or ""),
-            repr(sorted(r.options.items())), tuple((a.sha256, a.weight) for a in r.adapters))
+            repr(sorted(r.options.items())), tuple((a.sha256, a.config_sha256, a.weight) for a in r.adapters))
 
 
 def _save(prep: Prepared, result: Result, total_s: float, out_path, out_dir, history, overwrite: bool) -> Record:

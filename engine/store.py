@@ -294,6 +294,8 @@ class ModelStore:
         """``name`` made a valid model name that no model has yet (``name-2``, ``name-3``, ...)."""
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:58] or "model"
         taken = {e.name for e in self.list()}
+        if self.user_dir.is_dir():  # a folder there that is no model still takes its name
+            taken |= {p.name for p in self.user_dir.iterdir()}
         return next(n for n in itertools.chain([base], (f"{base}-{i}" for i in itertools.count(2))) if n not in taken)
 
     def name_problem(self, name: str) -> str:
@@ -302,6 +304,8 @@ class ModelStore:
             return f"Model name {name!r} may use letters, digits, '.', '_' and '-' only (up to 64)."
         if any(e.name == name for e in self.list()):
             return f"A model called {name!r} already exists."
+        if (self.user_dir / name).exists():
+            return f"The model store already holds a folder called {name!r} (not a model the studio lists)."
         return ""
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:

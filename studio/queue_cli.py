@@ -150,6 +150,7 @@ def cmd_queue(args) -> int:
 
 def _add(queue: JobQueue, args) -> int:
     from engine import state
+    from engine.generators import WHOLE
     from engine.runner import Job
     from engine.store import ModelStore
     from studio.commands import _host, _jobs, _print_json
@@ -159,10 +160,10 @@ def _add(queue: JobQueue, args) -> int:
     args.image = list(args.image) + folder_images(args.folder)
     jobs = [absolute_inputs(j) for j in _jobs(args, state.load_settings())]
     if args.seeds or args.grid:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
-        except ValueError:
-            raise UsageError(f"--seeds expects whole numbers separated by commas, not {args.seeds!r}.") from None
+        parts = [p.strip() for p in args.seeds.split(",")] if args.seeds else []
+        if not all(WHOLE.fullmatch(p) for p in parts):  # as people type them ("1_0" is not 10)
+            raise UsageError(f"--seeds expects whole numbers separated by commas, not {args.seeds!r}.")
+        seeds = [int(p) for p in parts]
         axes = _grid_axes(args.grid)
         base = jobs[0]
         prompts = [j.prompt for j in jobs] if args.prompt_file else []

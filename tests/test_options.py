@@ -24,7 +24,7 @@ def test_defaults_and_parsing_from_strings():
     ("steps", 101, "at most 100"),
     ("steps", 2.5, "must be a whole number"),
     ("guidance", "nan", "must be a number"),
-    ("guidance", float("nan"), "not NaN"),
+    ("guidance", float("nan"), "finite number, not nan"),
     ("sampler", "plms", "must be one of ddim, euler"),
     ("flag", "maybe", "true or false"),
     ("steps", "9" * 5000, r"not '9{56}\.{4}$"),  # a pasted huge value is cut in the message
@@ -78,6 +78,14 @@ def test_cpu_threads_follow_model_size(monkeypatch):
             runner.set_cpu_threads(5 << 20)
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_infinite_float_is_refused_even_without_a_maximum():
+    info = GeneratorInfo(id="u", title="U", description="d", takes=("text",), makes="text",
+                         options=(Option("scale", "float", 1.0, "unbounded"),))
+    for text in ("1e999", "-1e999"):
+        with pytest.raises(OptionError, match="finite number"):
+            info.resolve_options({"scale": text})
 
 
 def test_numbers_as_people_type_them_are_read():
