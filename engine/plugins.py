@@ -304,9 +304,8 @@ def set_enabled(name: str, enabled: bool) -> None:
         from engine import plugin_check
 
         plugin_check.forget_failure(name)
-    settings = state.load_settings()
-    names = [n for n in settings.disabled_plugins if n != name]
-    if not enabled:
-        names.append(name)
-    settings.disabled_plugins = sorted(names)
-    state.save_settings(settings)
+    def change(settings) -> None:
+        names = [n for n in settings.disabled_plugins if n != name]
+        settings.disabled_plugins = sorted(names + ([] if enabled else [name]))
+
+    state.update_settings(change)

@@ -274,3 +274,31 @@ def test_history_show_says_when_an_output_was_replaced(plugins, tmp_path):
                                check=0).stdout)
     shown = studio("history", "show", str(first["history_id"]), check=0).stdout
     assert f"(replaced since by generation {second['history_id']})" in shown
+
+
+def test_settings_changed_by_processes_at_once_are_all_kept(plugins):
+    """Eight `plugins disable` at once kept 3 to 5 of the 8 names (read, change, write with no lock)."""
+    from engine import state
+
+    names = [f"p{i}" for i in range(8)]
+    for name in names:
+        (plugins / "plugins" / f"{name}.py").write_text("")
+    procs = [subprocess.Popen([sys.executable, "-m", "studio.cli", "plugins", "disable", name],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in names]
+    assert [p.wait(120) for p in procs] == [0] * 8
+    assert set(names) <= set(state.load_settings().disabled_plugins)
+
+
+def test_closing_the_window_keeps_settings_changed_meanwhile(plugins, qtbot):
+    """The window wrote back the whole settings it read at its start: a plugin disabled from a terminal while it
+    was open came back enabled when it closed."""
+    from engine import state
+    from studio.gui.main_window import MainWindow
+
+    w = MainWindow()
+    qtbot.addWidget(w)
+    studio("plugins", "disable", "crash", check=0)
+    w.session.settings.device = "cpu"  # and what the window itself changed is written
+    w.close()
+    settings = state.load_settings()
+    assert "crash" in settings.disabled_plugins and settings.device == "cpu"

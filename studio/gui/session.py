@@ -1,6 +1,7 @@
 """The GUI's handle on the engine: plugin host, model store, history and settings (plain Python, no Qt)."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Optional
 
@@ -26,6 +27,7 @@ class Session:
         self.store = ModelStore(self.host)
         self.history = History()
         self.settings = state.load_settings()
+        self.loaded = copy.deepcopy(self.settings)  # what the file held: a save writes only what changed since
         self.cache: dict = {}  # loaded models, shared between in-process generations (Context.cache)
         if isolate is None:
             isolate = host is None and host_factory is None and state.env_flag("STUDIO_GUI_ISOLATE", True)
@@ -83,7 +85,8 @@ class Session:
         """Write the settings; when they cannot be written, a warning in the log (``quiet``, as the window
         closes), else the StateError, for the window to show (the Settings dialog's OK said nothing)."""
         try:
-            state.save_settings(self.settings)
+            written = state.save_changes(self.settings, self.loaded)
+            self.loaded = copy.deepcopy(written)
         except Exception as exc:  # noqa: BLE001 - settings are a convenience; never fatal
             if not quiet:
                 raise
