@@ -24,15 +24,17 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict
 from typing import Callable, Optional
 
 from engine import messages
-from engine.errors import GenerationError
+from engine.errors import CancelledError, GenerationError
 from engine.generators import CancelToken
 
 log = logging.getLogger(__name__)
 
+CANCEL_GRACE_S = 5.0  # how long a cancelled generator may take to stop before its process is stopped
 CRASHED = ("The generation process stopped unexpectedly ({how}); nothing was saved from this generation. "
            "The next generation starts a fresh process; if it happens again, disable the plugin in Tools > Plugins.")
 
@@ -284,11 +286,15 @@ class GenerationProcess:
         self.start()
         proc, events = self.proc, self.events
         self._send(request)
-        cancel_sent = False
+        cancel_sent, deadline = False, 0.0
         while True:
             if token.cancelled and not cancel_sent:
                 self._send({"cancel": True})
-                cancel_sent = True
+                cancel_sent, deadline = True, time.monotonic() + CANCEL_GRACE_S
+            elif cancel_sent and time.monotonic() > deadline:  # a generator that does not look at its cancel
+                self._kill(proc)  # token: its process goes, the next generation starts a fresh one
+                raise CancelledError(f"Cancelled; the generator did not stop within {CANCEL_GRACE_S:g} s, so its "
+                                     "process was stopped (models load again for the next generation).")
             try:
                 msg = events.get(timeout=0.05)
             except queue.Empty:
@@ -307,6 +313,14 @@ class GenerationProcess:
                 raise GenerationError(CRASHED.format(how=how))
             if kind != "ready":
                 report(msg)
+
+    def _kill(self, proc) -> None:
+        self._stopped.add(proc)
+        with self._lock:
+            if self.proc is proc:
+                self.proc = None
+        proc.kill()
+        proc.wait()
 
     def stop(self, timeout: float = 1.0, close: bool = False) -> None:
         """End the child (the next request starts a new one, unless ``close``)."""

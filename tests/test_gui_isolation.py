@@ -201,3 +201,41 @@ def test_child_edge_cases(gui_home):
         assert proc.proc is None
     finally:
         proc.stop()
+
+
+STUCK = '''
+import time
+from engine import hookimpl
+from engine.generators import Generator, GeneratorInfo, Progress, Result
+
+INFO = GeneratorInfo(id="stuck", title="Stuck", description="Ignores Cancel.", takes=("text",), makes="text")
+
+def generate(request, context):
+    yield Progress(1, 2)
+    time.sleep(3600)  # never looks at context.cancel
+    yield Result(text="never")
+
+@hookimpl
+def register_generators(register):
+    register(Generator(INFO, generate))
+'''
+
+
+def test_a_generator_that_ignores_cancel_is_stopped_and_the_next_one_runs(qtbot, gui_home, monkeypatch):
+    """Cancel only asked the generation process to stop: a generator that never looked blocked every later
+    generation until the studio was restarted."""
+    import engine.child
+
+    monkeypatch.setattr(engine.child, "CANCEL_GRACE_S", 1.0)
+    install_plugins(gui_home, stuck=STUCK)
+    w = make_window(qtbot, generator="stuck")
+    w.panel.prompt.setPlainText("x")
+    stuck = w.submit()
+    qtbot.waitUntil(lambda: w.queue.get(stuck).step == 1, timeout=30000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.queue.get(stuck).state == "cancelled", timeout=15000)
+    w.select_generator("echo")
+    w.panel.prompt.setPlainText("after it")
+    w.generate()
+    wait_idle(qtbot, w, 30000)
+    assert w.output.text.toPlainText() and "after it" in w.output.recipe["prompt"]
