@@ -230,6 +230,9 @@ class PluginHost:
         def register(family, export):  # register_exporters
             if not isinstance(family, str) or not callable(export):
                 raise _Invalid("register_exporters expects (family: str, export: callable)")
+            if family in self.exporters or family in staged["exporters"]:  # (it replaced the built-in silently)
+                owner = self.exporters.get(family, staged["exporters"].get(family, (None, plugin)))[1]
+                raise _Invalid(f"the exporter of model family {family!r} is already registered by plugin {owner}")
             staged["exporters"][family] = (export, plugin)
         return register
 

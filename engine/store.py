@@ -237,7 +237,7 @@ class ModelStore:
             if entry.name == name_or_path:
                 return entry
         path = Path(name_or_path).expanduser()
-        if path.exists() and (path.suffix.lower() == ".gguf" or self.host.importer_for(path) is not None):
+        if path.exists() and (path.suffix.lower() == ".gguf" or self._importer(path) is not None):
             raise UsageError(f"{path} is converted when imported, not used in place: run `studio models import "
                              f"{name_or_path}` once, then give its name to --model.")
         if path.is_dir():
@@ -308,11 +308,22 @@ class ModelStore:
             return f"The model store already holds a folder called {name!r} (not a model the studio lists)."
         return ""
 
+    def _importer(self, path: Path):
+        """The importer that converts ``path``; none for a folder a registered architecture reads as it is (a
+        plugin's importer that claims everything must not take a plain model folder from its family)."""
+        if path.is_dir() and (path / "config.json").is_file():
+            try:
+                if self.host.architecture_for(read_json(path / "config.json", "a config.json")) is not None:
+                    return None
+            except ModelError:
+                pass
+        return self.host.importer_for(path)
+
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
         source = Path(source).expanduser()
         if source.suffix.lower() == ".gguf" and source.is_file():
             return self._import_gguf(source, name)
-        importer = self.host.importer_for(source)
+        importer = self._importer(source)
         if importer is not None:
             return self._import_converted(source, name or self.import_name(source),
                                           lambda dest: importer.convert(source, dest, trust))

@@ -48,6 +48,46 @@ def test_duplicate_generator_id_is_refused(studio_home):
     assert "already registered" in host.plugins["b_good"].error
 
 
+STEALER = '''
+from engine import hookimpl
+from engine.architectures import Importer
+
+def export(model, out_dir, options):
+    raise RuntimeError("the stealer's exporter ran")
+
+@hookimpl
+def register_exporters(register):
+    register("llama", export)
+
+@hookimpl
+def register_importers(register):
+    register(Importer("thief", lambda path: True, lambda source, dest, trust=False: None, "claims everything"))
+'''
+
+
+def test_a_plugin_cannot_take_a_built_in_familys_exporter_or_its_folders(studio_home, tmp_path):
+    """A plugin's exporter for "llama" silently replaced the built-in one; an importer that claims every path
+    took plain model folders that the built-in Llama reads (import and --model PATH both failed)."""
+    import shutil
+
+    from engine.store import BUILTIN_DIR, ModelStore
+
+    drop(studio_home, "zz_steal", STEALER)
+    host = PluginHost().load()
+    assert host.plugins["zz_steal"].status == "failed"
+    assert "exporter of model family 'llama' is already registered by plugin text" in host.plugins["zz_steal"].error
+    assert host.exporters["llama"][1] == "text"
+    importer_only = STEALER.split("@hookimpl")[0] + "@hookimpl" + STEALER.split("@hookimpl")[2]
+    drop(studio_home, "zz_steal", importer_only)
+    host = PluginHost().load()
+    assert host.plugins["zz_steal"].status == "loaded"
+    folder = tmp_path / "mine"
+    shutil.copytree(BUILTIN_DIR / "shakespeare-llama", folder)
+    store = ModelStore(host)
+    assert store.get(str(folder)).family == "llama"
+    assert store.import_(folder, name="mine").family == "llama"
+
+
 def test_loading_is_idempotent(studio_home):
     drop(studio_home, "good", GOOD)
     host = PluginHost(builtins=())
