@@ -7,6 +7,8 @@ The CLI and the GUI both call ``prepare`` then ``execute``; nothing here knows a
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import logging
 import random
 import time
@@ -416,10 +418,16 @@ def _plugin_code(prep: Prepared, failed: str):
         yield
     except StudioError:
         raise
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - plugin code (sys.exit in it is no success)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - plugin code (sys.exit or GeneratorExit in it is no success)
         log.debug("generator raised", exc_info=True)
+        try:
+            said = str(exc)
+        except Exception:  # noqa: BLE001 - an exception whose message itself raises
+            said = "(its message could not be read)"
         raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) {failed}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {said}") from exc
 
 
 def execute_batch(preps: list, context: Optional[Context] = None, out_dir: Optional[Path] = None,
@@ -485,6 +493,38 @@ def _save(prep: Prepared, result: Result, total_s: float, out_path, out_dir, his
     return Record(recipe, saved.files, saved.history_id, result)
 
 
+def _finite(value):
+    """``value`` (JSON-ready) with NaN and infinities as None: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def _audio_problem(audio) -> str:
+    """Why a result's audio is not (samples, sample rate) that a sound file can hold; "" when it is."""
+    import numpy as np
+
+    if not (isinstance(audio, (tuple, list)) and len(audio) == 2):
+        return f"audio that is a {type(audio).__name__}, not (samples, sample rate)"
+    samples, rate = audio
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= 768_000:
+        return f"audio at a sample rate of {rate!r}, not a whole number of samples per second"
+    try:
+        a = np.asarray(samples)
+    except Exception:  # noqa: BLE001 - whatever the plugin gave
+        return "audio samples that are not an array"
+    if a.ndim not in (1, 2) or a.size == 0 or a.dtype.name not in ("float32", "float64", "int16", "int32"):
+        return f"audio samples of shape {a.shape} and type {a.dtype} (1 or 2 dimensions of float or int16/32)"
+    return ""
+
+
 def _check_result(prep: Prepared, result: Result) -> None:
     """A plugin's result holds what its generator says it makes, of the types the host writes."""
     gen, makes = prep.generator.info.id, prep.generator.info.makes
@@ -501,10 +541,19 @@ def _check_result(prep: Prepared, result: Result) -> None:
 
         if not isinstance(result.image, Image.Image):
             wrong = f"an image that is a {type(result.image).__name__}, not a PIL image"
-    if result.audio is not None and not wrong and not (isinstance(result.audio, (tuple, list))
-                                                       and len(result.audio) == 2):
-        wrong = f"audio that is a {type(result.audio).__name__}, not (samples, sample rate)"
+        elif 0 in result.image.size:
+            wrong = f"an empty image ({result.image.size[0]}x{result.image.size[1]})"
+        elif result.image.mode not in PNG_MODES:
+            wrong = f"an image in mode {result.image.mode}, which PNG does not hold (convert it to RGB)"
+    if result.audio is not None and not wrong:
+        wrong = _audio_problem(result.audio)
     if not wrong and not (isinstance(result.info, dict) and isinstance(result.warnings, list)):
         wrong = "info or warnings of the wrong type (a dict and a list)"
+    if not wrong:
+        try:  # they go into the recipe, which is JSON (a NaN or infinity there is written as null)
+            json.dumps({"info": result.info, "warnings": result.warnings})
+            result.info = _finite(result.info)
+        except (TypeError, ValueError) as exc:
+            wrong = f"info or warnings that are not JSON ({exc})"
     if wrong:
         raise GenerationError(f"Generator {gen} (plugin {prep.plugin}) failed: its result holds {wrong}.")

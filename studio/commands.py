@@ -11,6 +11,7 @@ from typing import Optional
 from engine import state
 from engine.errors import StudioError, UsageError
 from engine.generators import Progress
+from engine.outputs import sidecar_of
 from engine.history import History
 from engine.plugins import PluginHost, set_enabled
 from engine.runner import Job, execute, nth_seed, prepare
@@ -149,8 +150,8 @@ def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Opt
     is a folder (made when missing); an existing file is replaced only with --overwrite."""
     if not given:
         return None, False
-    out = Path(given).expanduser()
-    is_dir = batch or given.endswith(("/", os.sep)) or out.is_dir()
+    out = Path(given).expanduser().absolute()  # as meant now: a plugin that changes the working folder must not
+    is_dir = batch or given.endswith(("/", os.sep)) or out.is_dir()  # move it
     for parent in [out, *out.parents] if is_dir else list(out.parents):
         if parent.exists() and not parent.is_dir():
             if parent == out:
@@ -165,7 +166,22 @@ def _out_target(given: Optional[str], batch: bool, overwrite: bool) -> tuple[Opt
                          "--out.")  # --overwrite replaced the history database, then it was lost
     if not is_dir and out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
+    if not is_dir and overwrite and out.suffix.lower() != ".png" and not _recipe_file(sidecar_of(out)):
+        raise UsageError(f"{sidecar_of(out)} exists and is not a studio recipe; --overwrite would replace it with "
+                         f"the recipe of {out.name}, so move it or choose another --out.")
     return out, is_dir
+
+
+def _recipe_file(path: Path) -> bool:
+    """Whether ``path`` is absent or a recipe the studio wrote (a JSON object with a generator): what --overwrite
+    may replace beside a text or audio output."""
+    if not path.exists():
+        return True
+    try:
+        data = json.loads(path.read_bytes()[:10_000_000])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "generator" in data and "seed" in data
 
 
 def cmd_generate(args) -> int:

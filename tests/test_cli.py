@@ -226,12 +226,25 @@ INFO = GeneratorInfo(id="bad", title="Bad", description="Returns what its prompt
 
 def generate(request, context):
     import sys
+    import numpy as np
+    from PIL import Image
     from engine.generators import Result
     kind = request.prompt
     if kind == "exit":
         sys.exit(0)
+    if kind == "base":
+        class Odd(BaseException):
+            pass
+        raise Odd("odd")
+    loop = {}
+    loop["self"] = loop
     yield {"int": Result(text=123), "surrogate": Result(text="ok \\udcff"), "image": Result(text="t", image="x"),
-           "info": Result(text="t", info=[1])}[kind]
+           "info": Result(text="t", info=[1]), "object": Result(text="t", info={"o": object()}),
+           "nan": Result(text="t", info={"x": float("nan")}), "circular": Result(text="t", info=loop),
+           "empty": Result(text="t", image=Image.new("RGB", (0, 0))),
+           "float-image": Result(text="t", image=Image.new("F", (2, 2))),
+           "rate": Result(text="t", audio=(np.zeros(4, np.float32), 0)),
+           "int64": Result(text="t", audio=(np.zeros(4, np.int64), 16000))}[kind]
 
 ''')
 
@@ -240,7 +253,10 @@ def generate(request, context):
                                         ("surrogate", "not valid Unicode"),
                                         ("image", "an image that is a str"),
                                         ("info", "info or warnings of the wrong type"),
-                                        ("exit", "SystemExit")])
+                                        ("exit", "SystemExit"), ("base", "Odd: odd"),
+                                        ("object", "not JSON"), ("circular", "not JSON"),
+                                        ("empty", "an empty image"), ("float-image", "mode F"),
+                                        ("rate", "sample rate of 0"), ("int64", "type int64")])
 def test_a_plugin_result_of_the_wrong_type_is_its_failure(studio_home, tmp_path, kind, words):
     """Result(text=123) was 'unexpected AttributeError', and sys.exit(0) in generate a silent success (exit 0, no
     output, no history row)."""
@@ -255,6 +271,21 @@ def test_a_plugin_result_of_the_wrong_type_is_its_failure(studio_home, tmp_path,
     with pytest.raises(GenerationError, match=f"Generator bad \\(plugin badres\\) failed: .*{words}"):
         execute(prep, out_dir=tmp_path, history=False)
     assert not list(tmp_path.glob("*.txt"))
+
+
+def test_a_nan_in_a_results_info_is_written_as_null(studio_home, tmp_path):
+    """The recipe beside the output held NaN, which is not JSON."""
+    from engine.plugins import PluginHost
+    from engine.runner import Job, execute, prepare
+    from engine.store import ModelStore
+
+    drop(studio_home, "badres", BAD_RESULTS)
+    host = PluginHost(builtins=()).load()
+    record = execute(prepare(host, ModelStore(host, builtin_dir=tmp_path / "none"), Job("bad", prompt="nan")),
+                     out_dir=tmp_path, history=False)
+    sidecar = next(tmp_path.glob("*.json"))
+    assert json.loads(sidecar.read_text(), parse_constant=lambda c: pytest.fail(c))["info"]["x"] is None
+    assert record.recipe["info"]["x"] is None
 
 
 def test_arguments_that_are_not_utf8_are_one_sentence(plugins):
@@ -302,3 +333,18 @@ def test_closing_the_window_keeps_settings_changed_meanwhile(plugins, qtbot):
     w.close()
     settings = state.load_settings()
     assert "crash" in settings.disabled_plugins and settings.device == "cpu"
+
+
+def test_overwrite_never_replaces_a_json_file_that_is_not_a_recipe(plugins, tmp_path):
+    """--out target.txt --overwrite replaced the user's own target.txt.json with the recipe, saying only
+    'replacing target.txt'."""
+    target = tmp_path / "target.txt"
+    target.write_text("old")
+    (tmp_path / "target.txt.json").write_text('{"my": "notes"}')
+    proc = studio("generate", "upper", "--prompt", "x", "--out", str(target), "--overwrite")
+    assert proc.returncode == 2 and "target.txt.json exists and is not a studio recipe" in proc.stderr
+    assert (tmp_path / "target.txt.json").read_text() == '{"my": "notes"}'
+    (tmp_path / "target.txt.json").unlink()
+    studio("generate", "upper", "--prompt", "x", "--out", str(target), "--overwrite", check=0)
+    studio("generate", "upper", "--prompt", "y", "--out", str(target), "--overwrite", check=0)  # its own recipe
+    assert target.read_text().startswith("Y")
