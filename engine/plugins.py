@@ -14,6 +14,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -62,6 +63,31 @@ class Candidate:
     location: str
     load: Callable[[], Any]  # returns the plugin object (usually a module)
     stamp_path: str = ""  # a file or folder whose modification time changes with the plugin's code
+
+
+@contextlib.contextmanager
+def plugin_output():
+    """What plugin code writes to stdout (print, or os.write on fd 1 from native code) goes to stderr while it
+    runs: stdout carries the studio's own output (``--json``, a streamed answer)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no stdout at all (pythonw): nothing to keep clean
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    try:
+        sys.stderr.flush()
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class PluginHost:
@@ -147,7 +173,7 @@ class PluginHost:
                 self._fail(status, crashed[plugin_check.key(cand)][0])
                 status.details = crashed[plugin_check.key(cand)][1]
                 continue
-            with contextlib.redirect_stdout(sys.stderr):  # a plugin that prints must not corrupt --json output
+            with plugin_output():  # a plugin that prints must not corrupt --json output
                 self._load_one(cand, status)
         return self
 

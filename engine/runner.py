@@ -395,7 +395,7 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     started = time.perf_counter()
     result = None
     with _plugin_code(prep, "failed"):
-        for event in prep.generator.generate(prep.request, context):
+        for event in _quietly(prep.generator.generate(prep.request, context)):
             if isinstance(event, Result):
                 result = event
             elif isinstance(event, (Progress, Partial)):
@@ -409,6 +409,21 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
         raise GenerationError(f"Generator {prep.generator.info.id} finished without a result.")
     context.cancel.raise_if_cancelled()
     return _save(prep, result, round(time.perf_counter() - started, 4), out_path, out_dir, history, overwrite)
+
+
+def _quietly(events):
+    """The generator's events, each made with what it prints sent to stderr (engine.plugins.plugin_output); the
+    caller's own handling of an event (a streamed token on stdout) is not."""
+    from engine.plugins import plugin_output
+
+    it = iter(events)
+    while True:
+        with plugin_output():
+            try:
+                event = next(it)
+            except StopIteration:
+                return
+        yield event
 
 
 @contextlib.contextmanager

@@ -348,3 +348,26 @@ def test_overwrite_never_replaces_a_json_file_that_is_not_a_recipe(plugins, tmp_
     studio("generate", "upper", "--prompt", "x", "--out", str(target), "--overwrite", check=0)
     studio("generate", "upper", "--prompt", "y", "--out", str(target), "--overwrite", check=0)  # its own recipe
     assert target.read_text().startswith("Y")
+
+
+NOISY = generator_plugin('''
+import os
+os.write(1, b"GARBAGE-FD1-AT-IMPORT\\n")
+
+INFO = GeneratorInfo(id="noisy", title="Noisy", description="Prints.", takes=("text",), makes="text")
+
+def generate(request, context):
+    from engine.generators import Result
+    print("PRINTED-IN-GENERATE")
+    os.write(1, b"FD1-IN-GENERATE\\n")
+    yield Result(text="answer")
+''')
+
+
+def test_what_a_plugin_prints_never_reaches_json_output(studio_home):
+    drop(studio_home, "noisy", NOISY)
+    proc = studio("generate", "noisy", "--prompt", "x", "--json", check=0)
+    assert json.loads(proc.stdout)["text"] == "answer"
+    assert "PRINTED-IN-GENERATE" in proc.stderr and "FD1-IN-GENERATE" in proc.stderr
+    listing = studio("generators", "--json", check=0)
+    assert "noisy" in {g["id"] for g in json.loads(listing.stdout)}
