@@ -249,6 +249,23 @@ def split_global_flags(argv: list, parser: argparse.ArgumentParser) -> tuple:
 
 
 def main(argv=None) -> int:
+    status = _main(argv)
+    if argv is None:  # the program itself (not a caller in the same process): nothing may keep it from ending
+        import threading
+
+        stray = [t for t in threading.enumerate()
+                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+        if stray:  # a plugin's thread would keep the process alive after its work was saved
+            print(f"studio: warning: {len(stray)} thread(s) a plugin started are still running "
+                  f"({', '.join(t.name for t in stray[:3])}); the studio exits without waiting for them.",
+                  file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    return status
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     flags, argv = split_global_flags(argv, parser)

@@ -371,3 +371,20 @@ def test_what_a_plugin_prints_never_reaches_json_output(studio_home):
     assert "PRINTED-IN-GENERATE" in proc.stderr and "FD1-IN-GENERATE" in proc.stderr
     listing = studio("generators", "--json", check=0)
     assert "noisy" in {g["id"] for g in json.loads(listing.stdout)}
+
+
+LINGERING = generator_plugin('''
+INFO = GeneratorInfo(id="linger", title="Linger", description="Leaves a thread.", takes=("text",), makes="text")
+
+def generate(request, context):
+    import threading, time
+    from engine.generators import Result
+    threading.Thread(target=time.sleep, args=(3600,), name="plugin-sleeper").start()
+    yield Result(text="done")
+''')
+
+
+def test_a_thread_a_plugin_leaves_running_does_not_keep_the_cli_alive(studio_home, tmp_path):
+    drop(studio_home, "linger", LINGERING)
+    proc = studio("generate", "linger", "--prompt", "x", "--out", str(tmp_path / "o.txt"), check=0)
+    assert (tmp_path / "o.txt").read_text() == "done" and "plugin-sleeper" in proc.stderr
