@@ -116,7 +116,7 @@ def load_settings() -> Settings:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not an object")
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, RecursionError) as exc:  # (JSON nested past Python's stack)
         warn_once(f"Settings file {path} is unreadable ({exc}); using defaults (fix or delete the file).")
         return Settings()
     known = {}
@@ -183,7 +183,7 @@ def save_settings(settings: Settings) -> None:
             if not isinstance(earlier, dict):
                 raise ValueError("not an object")
             extra = {k: v for k, v in earlier.items() if k not in Settings.__dataclass_fields__}
-        except ValueError:  # (a UnicodeDecodeError is one)
+        except (ValueError, RecursionError):  # (a UnicodeDecodeError is one)
             kept = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
             atomic_write_bytes(kept, old)
             logging.getLogger(__name__).warning("The settings file %s could not be read; it is kept as %s and a new "

@@ -388,3 +388,9 @@ def test_a_thread_a_plugin_leaves_running_does_not_keep_the_cli_alive(studio_hom
     drop(studio_home, "linger", LINGERING)
     proc = studio("generate", "linger", "--prompt", "x", "--out", str(tmp_path / "o.txt"), check=0)
     assert (tmp_path / "o.txt").read_text() == "done" and "plugin-sleeper" in proc.stderr
+
+
+def test_a_settings_file_nested_past_pythons_stack_gives_defaults(plugins):
+    (plugins / "settings.json").write_text("[" * 100_000 + "]" * 100_000)
+    proc = studio("plugins", "list", check=0)  # it was "unexpected RecursionError", and the window did not open
+    assert "is unreadable" in proc.stderr and "using defaults" in proc.stderr

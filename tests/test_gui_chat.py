@@ -265,3 +265,36 @@ def test_chat_jobs_from_elsewhere_leave_the_conversation_and_bad_ones_fail(qtbot
     qtbot.waitUntil(lambda: w.queue.get(other).state == "done", timeout=60000)
     wait_idle(qtbot, w, timeout=60000)
     assert [(t.role, t.content) for t in w.chat.turns] == [("user", "mine"), ("assistant", "my answer")]
+
+
+def test_a_cancelled_regenerate_brings_the_answer_back_and_the_message_box_has_a_paste_limit(qtbot):
+    from PySide6.QtCore import QMimeData
+
+    w = _window(qtbot)
+    w.panel.form.set_values({"max_new_tokens": 200})
+    w.chat.set_conversation([chat.Message("user", "Who goes there?"), chat.Message("assistant", "THE ANSWER")])
+    w.chat.regenerate_button.click()
+    assert w.is_busy()
+    w.cancel()
+    wait_idle(qtbot, w, timeout=60000)
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "Who goes there?"), ("assistant", "THE ANSWER")]
+    big = QMimeData()
+    big.setText("x" * 300_000)
+    w.chat.input.insertFromMimeData(big)  # a 300,000-character line froze the window for seconds
+    assert w.chat.input.toPlainText() == "" and "a message holds at most 100,000" in w.banner.message()
+
+
+def test_another_windows_chat_job_does_not_replace_this_conversation(qtbot):
+    """A second window on the same state folder took the first one's queued chat job and replaced its own
+    conversation with it."""
+    from engine.jobqueue import JobQueue
+    from engine.runner import Job
+
+    w = _window(qtbot)
+    w.chat.set_conversation([chat.Message("user", "mine"), chat.Message("assistant", "my answer")])
+    theirs = JobQueue().submit(Job("chat", messages=[{"role": "user", "content": "the other window's"}], seed=1,
+                                   options={"max_new_tokens": 2}), source="gui")
+    w.pump()
+    qtbot.waitUntil(lambda: w.queue.get(theirs).state == "done", timeout=60000)
+    wait_idle(qtbot, w, timeout=60000)
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "mine"), ("assistant", "my answer")]

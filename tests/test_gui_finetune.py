@@ -278,3 +278,25 @@ def test_caption_samples_are_captions_and_the_adapter_captions(window, qtbot, tm
     assert len(lines) == 8 and all(ln.startswith(("ok  ", "not ")) for ln in lines)  # 4 images at steps 2 and 4
     page.use_button.click()
     assert window.current_generator_id() == "caption" and window.panel.loras.specs() == [f"{page.adapter}:1"]
+
+
+def test_a_damaged_checkpoint_of_an_earlier_run_does_not_stop_the_page(qtbot, studio_home, tmp_path):
+    from engine import state
+    from studio.gui.main_window import MainWindow
+    from studio.gui.session import Session
+
+    folder = tmp_path / "run"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "state.json").write_text('{"step": 3, "history": [1, "x", null]}')
+    settings = state.load_settings()
+    settings.gui = {"finetune_run": {"kind": "text", "generator": "text", "data_kind": "text",
+                                     "model": "shakespeare-llama", "data": str(tmp_path), "folder": str(folder),
+                                     "options": {}}}
+    state.save_settings(settings)
+    w = MainWindow(Session(isolate=False))
+    w.persist = False
+    qtbot.addWidget(w)
+    w.open_finetune()  # it was "AttributeError"/"TypeError" in a banner, and the page never opened
+    qtbot.addWidget(w.finetune_page)
+    assert w.finetune_page.isVisible() and not w.banner.isVisible()
+    assert "stopped at step 3" in w.finetune_page.stats.text() and w.finetune_page.points["train"][0] == []

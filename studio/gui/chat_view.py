@@ -19,6 +19,8 @@ from engine.errors import StudioError, UsageError
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_CHARS = 100_000  # a message box's paste limit (far past any context the studio runs; Qt lays a line
+# of 100,000 characters out in about a second)
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
@@ -93,6 +95,7 @@ class ChatView(QWidget):
         self.turns: list = []  # TurnBlock
         self.answer: Optional[TurnBlock] = None  # the block being streamed
         self.pending_user: Optional[str] = None  # the message box's text while its answer is written
+        self.regenerated: Optional[str] = None  # the answer Regenerate replaced, until the new one is written
 
         self.note = plain_label()
         self.note.setObjectName("chat_note")
@@ -109,7 +112,9 @@ class ChatView(QWidget):
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
         self.scroll.setWidget(self.turn_area)
-        self.input = QPlainTextEdit()
+        from studio.gui.generator_panel import PromptEdit
+
+        self.input = PromptEdit(MAX_MESSAGE_CHARS, "a message")  # (a pasted 300,000-character line froze it)
         self.input.setObjectName("chat_input")
         self.input.setPlaceholderText("Write a message… (Ctrl+Return sends)")
         self.input.setMaximumHeight(90)
@@ -297,12 +302,23 @@ class ChatView(QWidget):
         """``messages`` (from ``to_send``) went into the queue: the message box becomes a user turn at once (a
         message typed while it waits is the next one), or the answer being regenerated goes."""
         if regenerate:
+            self.regenerated = self.turns[-1].content if self.turns else None  # back if the new one fails
             self.drop_last_answer()
         elif messages and self.input.toPlainText() == messages[-1].content:
             self._add(messages[-1])
             self.pending_user = messages[-1].content
             self.input.clear()
         self.update_meter()
+
+    def shows_no_other(self, messages) -> bool:
+        """Whether showing the conversation ``messages`` (a job's) would replace nothing but itself: the view is
+        empty or already holds it (restored after a restart)."""
+        try:
+            sent = chat.parse_messages(messages or [], need_user_last=False)
+        except StudioError:
+            return True  # (begin_answer refuses it, and the job fails)
+        shown = [(m.role, m.content) for m in self.messages()]
+        return not shown or shown == [(m.role, m.content) for m in sent]
 
     def begin_answer(self, messages: Optional[list] = None) -> None:
         """An empty model turn starts streaming, below the conversation the job sends (``messages``, as the job
@@ -322,7 +338,7 @@ class ChatView(QWidget):
     def finish_answer(self, text: str) -> None:
         if self.answer is not None:
             self.answer.set_content(text)
-        self.answer, self.pending_user = None, None
+        self.answer, self.pending_user, self.regenerated = None, None, None
         self.set_busy(False)
         self.update_meter()
 
@@ -334,7 +350,9 @@ class ChatView(QWidget):
                 not self.input.toPlainText().strip():  # (a message typed meanwhile stays; the turn stays too)
             self._remove(self.turns[-1])
             self.input.setPlainText(self.pending_user)
-        self.answer, self.pending_user = None, None
+        if self.regenerated is not None:  # a cancelled or failed Regenerate: the answer it replaced comes back
+            self._add(chat.Message("assistant", self.regenerated))
+        self.answer, self.pending_user, self.regenerated = None, None, None
         self.set_busy(False)
         self.update_meter()
 

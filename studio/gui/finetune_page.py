@@ -10,6 +10,7 @@ The training runs in its own process (studio/gui/finetune_process.py); this page
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ SMOOTH = 10  # the training curve's running mean, over this many steps (one batc
 VAL_PEN = pg.mkPen("#e0762b", width=2)
 SAMPLE_SCALE = 4  # the shapes model's 32-pixel samples, shown 4x with nearest-neighbour pixels
 
+log = logging.getLogger(__name__)
+
 
 def fmt_seconds(s: float) -> str:
     s = max(0, int(round(s)))
@@ -42,11 +45,20 @@ def fmt_seconds(s: float) -> str:
 
 
 def checkpoint_state(run_dir) -> dict:
-    """The run folder's last checkpoint ({"step", "history"}), or {} when it has none."""
+    """The run folder's last checkpoint ({"step", "history"}), or {} when it has none or it is not what a run
+    writes (a damaged file must not stop the page from opening)."""
     try:
-        return json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())
-    except (OSError, ValueError):
+        state_ = json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(state_, dict) or isinstance(state_.get("step"), bool) or \
+            not isinstance(state_.get("step", 0), int):
+        return {}
+    history = state_.get("history", [])
+    ok = isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) and
+                                           isinstance(h.get("loss"), (int, float)) and
+                                           isinstance(h.get("val_loss", 0.0), (int, float)) for h in history)
+    return {**state_, "history": history if ok else []}
 
 
 class FinetunePage(QWidget):
@@ -180,7 +192,11 @@ class FinetunePage(QWidget):
         self.defaults.clicked.connect(self.form.reset)
         self.populate()
         gui = session.settings.gui if isinstance(session.settings.gui, dict) else {}
-        self.restore_run(gui.get("finetune_run"))
+        try:
+            self.restore_run(gui.get("finetune_run"))
+        except Exception:  # noqa: BLE001 - what an earlier session left is a convenience, never a reason not to open
+            log.warning("The fine-tune run of an earlier session could not be shown again", exc_info=True)
+            self.run = None
         self._buttons()
 
     def show_error(self, message: str, details: str = "") -> None:  # where studio.gui.util.guard reports

@@ -18,18 +18,22 @@ from studio.gui.util import button, column, guard, idle_progress, plain_label, r
 
 
 class PromptEdit(QPlainTextEdit):
-    """The prompt box. A paste (or drop) that would make the prompt longer than a job takes (MAX_PROMPT_CHARS) is
-    refused with a sentence (``refused``): Qt stalls for minutes laying out a pasted megabyte line, and the job
-    would be refused anyway."""
+    """A text box that refuses a paste (or drop) that would make its text longer than ``limit`` characters, with a
+    sentence (``refused``): Qt stalls for seconds to minutes laying out a pasted line of 100,000s of characters.
+    The prompt's limit is what a job takes (MAX_PROMPT_CHARS)."""
 
     refused = Signal(str)
 
+    def __init__(self, limit: int = MAX_PROMPT_CHARS, what: str = "a prompt", parent=None):
+        super().__init__(parent)
+        self.limit, self.what = limit, what
+
     def insertFromMimeData(self, source) -> None:
         text = source.text() if source.hasText() else ""
-        room = MAX_PROMPT_CHARS - len(self.toPlainText()) + len(self.textCursor().selectedText())
+        room = self.limit - len(self.toPlainText()) + len(self.textCursor().selectedText())
         if len(text) > room:
-            self.refused.emit(f"The pasted text is {len(text):,} characters; a prompt holds at most "
-                              f"{MAX_PROMPT_CHARS:,}, so nothing was pasted.")
+            self.refused.emit(f"The pasted text is {len(text):,} characters; {self.what} holds at most "
+                              f"{self.limit:,} ({max(room, 0):,} more here), so nothing was pasted.")
             return
         super().insertFromMimeData(source)
 

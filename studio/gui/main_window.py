@@ -42,6 +42,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
         self.replays: dict = {}  # queue job id -> the recipe it replays
+        self.submitted: set = set()  # queue job ids this window submitted
         self.current_job = None  # the engine.jobqueue.QueueJob this window is running
         self._reported_at = 0.0  # when its progress last went into the queue
         self.busy_kind = ""
@@ -117,6 +118,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.generator_list.currentItemChanged.connect(self.on_generator_changed)
         self.panel.generate_clicked.connect(self.generate)
         self.panel.prompt.refused.connect(self.show_error)
+        self.chat.input.refused.connect(self.show_error)
         self.panel.cancel_clicked.connect(self.cancel)
         self.output.replay_requested.connect(self.replay)
         self.output.caption_requested.connect(self.caption_image)
@@ -290,6 +292,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
 
     def _enqueue(self, job) -> int:
         job_id = self.queue.submit(job, source="gui")
+        self.submitted.add(job_id)  # this window's own (its chat jobs answer in its conversation)
         if self.task is not None or self.queue.paused():
             waiting = len(self.queue.list(states=("queued",)))
             self.statusBar().showMessage(f"Queued as job {job_id} ({waiting} waiting"

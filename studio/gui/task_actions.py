@@ -44,7 +44,9 @@ class TaskActions:
         gen = self.session.host.generators.get(job.generator)
         # the conversation view follows this window's own chat jobs; one queued elsewhere (the CLI, a job file)
         # answers in the Output tab and leaves the user's conversation as it is
-        self.chatting = bool(gen) and "messages" in gen[0].info.takes and qjob.source == "gui"
+        self.chatting = bool(gen) and "messages" in gen[0].info.takes and qjob.source == "gui" and \
+            (qjob.id in self.submitted or self.chat.shows_no_other(job.messages))  # another window's chat job
+        # (a second window on the same state folder) answers in Output unless this view holds nothing else
         self.banner.hide()
         self.token = CancelToken()
         self.busy_kind = kind_of(gen[0].info) if gen else "text"
