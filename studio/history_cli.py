@@ -11,7 +11,8 @@ from engine.errors import UsageError
 from engine.history import History
 from engine.replay import replay
 from engine.store import ModelStore
-from studio.commands import _host, _out_target, _print_json, _table
+from studio.commands import _host, _print_json, _table
+from studio.out_target import out_target
 
 
 def history_command(args) -> int:
@@ -52,7 +53,7 @@ def history_command(args) -> int:
             print("identical to the original adapter" if same else "DIFFERENT from the original adapter")
             return 0 if same else 1
         host = _host()
-        out, out_is_dir = _out_target(args.out, False, args.overwrite)
+        out, out_is_dir = out_target(args.out, False, args.overwrite)
         record, same, notes = replay(host, ModelStore(host), entry.recipe, device=args.device, backend=args.backend,
                                      out_path=None if out_is_dir else out, out_dir=out if out_is_dir else None,
                                      history=history, overwrite=args.overwrite)
