@@ -24,7 +24,7 @@ MAX_MESSAGE_CHARS = 100_000  # a message box's paste limit (far past any context
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
-from studio.gui.util import button, column, plain_label, row
+from studio.gui.util import PromptEdit, button, column, plain_label, row
 
 
 class TurnBlock(QFrame):
@@ -112,8 +112,6 @@ class ChatView(QWidget):
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
         self.scroll.setWidget(self.turn_area)
-        from studio.gui.generator_panel import PromptEdit
-
         self.input = PromptEdit(MAX_MESSAGE_CHARS, "a message")  # (a pasted 300,000-character line froze it)
         self.input.setObjectName("chat_input")
         self.input.setPlaceholderText("Write a message… (Ctrl+Return sends)")

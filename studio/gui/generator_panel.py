@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QRegularExpression, Qt, Signal
 from PySide6.QtGui import QRegularExpressionValidator
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QPlainTextEdit, QPushButton,
+from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QPushButton,
                                QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
@@ -14,28 +14,7 @@ from engine.runner import MAX_PROMPT_CHARS, Job, model_option_defaults
 from studio.gui.image_input import ImageInput
 from studio.gui.lora_list import LoraList
 from studio.gui.option_form import OptionForm
-from studio.gui.util import button, column, guard, idle_progress, plain_label, row
-
-
-class PromptEdit(QPlainTextEdit):
-    """A text box that refuses a paste (or drop) that would make its text longer than ``limit`` characters, with a
-    sentence (``refused``): Qt stalls for seconds to minutes laying out a pasted line of 100,000s of characters.
-    The prompt's limit is what a job takes (MAX_PROMPT_CHARS)."""
-
-    refused = Signal(str)
-
-    def __init__(self, limit: int = MAX_PROMPT_CHARS, what: str = "a prompt", parent=None):
-        super().__init__(parent)
-        self.limit, self.what = limit, what
-
-    def insertFromMimeData(self, source) -> None:
-        text = source.text() if source.hasText() else ""
-        room = self.limit - len(self.toPlainText()) + len(self.textCursor().selectedText())
-        if len(text) > room:
-            self.refused.emit(f"The pasted text is {len(text):,} characters; {self.what} holds at most "
-                              f"{self.limit:,} ({max(room, 0):,} more here), so nothing was pasted.")
-            return
-        super().insertFromMimeData(source)
+from studio.gui.util import PromptEdit, button, column, guard, idle_progress, plain_label, row
 
 
 class GeneratorPanel(QWidget):
@@ -51,7 +30,7 @@ class GeneratorPanel(QWidget):
         self.description = plain_label()
         self.description.setWordWrap(True)
         self.prompt_label = QLabel("Prompt")
-        self.prompt = PromptEdit()
+        self.prompt = PromptEdit(MAX_PROMPT_CHARS, "a prompt")
         self.prompt.setObjectName("prompt")
         self.prompt.setPlaceholderText("Write a prompt… (Ctrl+Return generates)")
         self.prompt.setMaximumHeight(110)

@@ -5,9 +5,10 @@ import functools
 import inspect
 import logging
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontDatabase, QIcon, QImage, QPainter, QPixmap
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLayout, QProgressBar, QPushButton, QVBoxLayout
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QLayout, QPlainTextEdit, QProgressBar, QPushButton,
+                               QVBoxLayout)
 
 from engine.errors import describe_exception
 
@@ -237,3 +238,24 @@ def button(text: str, slot=None, tip: str = "", name: str = "") -> QPushButton:
     if name:
         b.setObjectName(name)
     return b
+
+
+class PromptEdit(QPlainTextEdit):
+    """A text box that refuses a paste (or drop) that would make its text longer than ``limit`` characters, with a
+    sentence (``refused``): Qt stalls for seconds to minutes laying out a pasted line of 100,000s of characters.
+    The prompt box's limit is what a job takes (engine.runner.MAX_PROMPT_CHARS)."""
+
+    refused = Signal(str)
+
+    def __init__(self, limit: int, what: str, parent=None):
+        super().__init__(parent)
+        self.limit, self.what = limit, what
+
+    def insertFromMimeData(self, source) -> None:
+        text = source.text() if source.hasText() else ""
+        room = self.limit - len(self.toPlainText()) + len(self.textCursor().selectedText())
+        if len(text) > room:
+            self.refused.emit(f"The pasted text is {len(text):,} characters; {self.what} holds at most "
+                              f"{self.limit:,} ({max(room, 0):,} more here), so nothing was pasted.")
+            return
+        super().insertFromMimeData(source)
