@@ -40,6 +40,16 @@ def read_json(path, what: str = "") -> dict:
     return data
 
 
+def loads_as(text, kind):
+    """``text`` read as JSON of type ``kind``; None when it is empty, not JSON (or nested past Python's stack) or of
+    another type: a stored row that a person or a crash damaged reads as missing, not as an exception."""
+    try:
+        value = json.loads(text) if text else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
 def read(cls, section, where: str, renamed: dict | None = None, **given):
     if not isinstance(section, dict):
         raise ModelError(f"The {where} section of the model's config is not a JSON object.")

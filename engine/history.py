@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine import state
+from engine.configs import loads_as
 from engine.errors import StateError, UsageError
 
 BASE = """
@@ -331,14 +332,7 @@ def _entry(row) -> Entry:
     damaged by hand) reads as an empty recipe with a ``damaged`` note, so one row cannot break every listing."""
     id_, created, generator, prompt, model, seed, recipe, outputs = row
 
-    def read(text, kind):
-        try:
-            value = json.loads(text)
-        except (TypeError, ValueError):
-            return None
-        return value if isinstance(value, kind) else None
-
-    got, files = read(recipe, dict), read(outputs, list)
+    got, files = loads_as(recipe, dict), loads_as(outputs, list)
     if got is None or files is None or not all(isinstance(o, dict) for o in files):
         got, files = {"generator": generator, "damaged": f"history row {id_} is damaged (not the JSON the studio "
                                                          "writes); it cannot be replayed"}, []

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from engine import jobsave, state
+from engine.configs import loads_as
 from engine.errors import StateError, UsageError
 
 log = logging.getLogger(__name__)
@@ -430,22 +431,13 @@ def _job(row) -> QueueJob:
     """A row as a QueueJob; a payload that is not a JSON object (a damaged row) reads as an empty job with the
     reason in ``damaged`` (a damaged result or cell reads as none), so one row cannot break every listing."""
     d = dict(row)
-    d["job"], d["damaged"] = _json(d.pop("payload"), dict), ""
+    d["job"], d["damaged"] = loads_as(d.pop("payload"), dict), ""
     if d["job"] is None:
         d["job"], d["damaged"] = {}, "its stored job is not the JSON object the studio writes (a damaged row)"
-    d["result"] = _json(d["result"], dict)
-    d["cell"] = _json(d["cell"], dict) or {}
+    d["result"] = loads_as(d["result"], dict)
+    d["cell"] = loads_as(d["cell"], dict) or {}
     d["cancel"] = bool(d["cancel"])
     return QueueJob(**d)
-
-
-def _json(text, kind):
-    """``text`` read as JSON of type ``kind``; None when it is empty, not JSON or of another type."""
-    try:
-        value = json.loads(text) if text else None
-    except (ValueError, TypeError, RecursionError):
-        return None
-    return value if isinstance(value, kind) else None
 
 
 def _unrunnable(job: QueueJob) -> str:
