@@ -2,9 +2,12 @@
 
 - a text result that is one line of 1,000,000 characters with no spaces (the output view, and its recipe view);
 - painting an inpainting mask over a 6000 x 4000 photo (each drag move paints and repaints; a repaint alone);
-- the fine-tune page's preview of a text dataset that is one 176 MB file.
+- the fine-tune page's preview of a text dataset that is one 176 MB file;
+- a chat of 80 turns of 2,000 words each with the built-in model's tokenizer: a keystroke in the message box (the
+  meter), Send when the conversation must lose its oldest turns (the turns to leave out are found), and restoring
+  the conversation at start.
 
-    QT_QPA_PLATFORM=offscreen python benchmarks/gui_heavy_inputs.py [--timeout 60]
+    QT_QPA_PLATFORM=offscreen python benchmarks/gui_heavy_inputs.py [--timeout 60] [--only chat]
 
 Each row is the wall time of the call on the GUI thread (Qt's layout and painting included, forced with
 ``grab``). A row that runs past --timeout seconds (in a child process) is reported as such. Compare rows measured
@@ -111,11 +114,67 @@ def preview_corpus() -> float:
         return time.perf_counter() - started
 
 
+def _chat_view(context: int):
+    from engine import chat, state
+    from engine.configs import read_json
+    from studio.gui.chat_view import ChatView
+
+    _app()
+    folder = state.BUILTIN_MODELS / "shakespeare-llama"
+    entry = type("Entry", (), {"path": folder, "name": folder.name, "config": read_json(folder / "config.json")})
+    view = ChatView()
+    view.resize(900, 700)
+    view.show()
+    view.set_model(entry, 200)
+    view.context = context
+    words = ("thou art the fairest flower of all the field and yet " * 200).split()[:2000]
+    turns = [chat.Message("user" if i % 2 == 0 else "assistant", f"{i} " + " ".join(words)) for i in range(80)]
+    return view, turns
+
+
+def chat_keystroke() -> float:
+    """The window's thread per keystroke once the meter's pause has passed (counting runs in its own thread)."""
+    view, turns = _chat_view(10 ** 7)
+    view.set_conversation(turns)
+    _app().processEvents()
+    started = time.perf_counter()
+    for ch in "hello":
+        view.input.insertPlainText(ch)
+        view.update_meter()
+    return (time.perf_counter() - started) / 5
+
+
+def chat_send_over() -> float:
+    """Send with a context that holds about half the conversation: which oldest turns to leave out."""
+    view, turns = _chat_view(10 ** 7)
+    view.set_conversation(turns)
+    view.input.setPlainText("and now?")
+    view.context = view.fit().tokens // 2
+    getattr(view.tokenizer, "counts", {}).clear()  # (no count the meter made before)
+    view.ask_drop = lambda fit, dropped: True
+    started = time.perf_counter()
+    view.to_send()
+    return time.perf_counter() - started
+
+
+def chat_restore() -> float:
+    view, turns = _chat_view(10 ** 7)
+    state = {"system": "", "input": "", "turns": [[m.role, m.content] for m in turns]}
+    started = time.perf_counter()
+    view.restore(state)
+    _app().processEvents()
+    view.grab()
+    return time.perf_counter() - started
+
+
 ROWS = [("text result: one line of 1,000,000 characters (output view)", long_line),
         ("recipe view of a 1,000,000-character prompt", recipe_view),
         ("mask over a 6000 x 4000 photo: one drag move (paint + repaint)", mask_drag),
         ("mask over a 6000 x 4000 photo: one repaint, nothing changed", mask_repaint),
-        ("fine-tune preview of a 176 MB text file", preview_corpus)]
+        ("fine-tune preview of a 176 MB text file", preview_corpus),
+        ("chat, 80 turns x 2,000 words: one keystroke (meter)", chat_keystroke),
+        ("chat, 80 turns x 2,000 words: Send that must leave out turns", chat_send_over),
+        ("chat, 80 turns x 2,000 words: restored at start", chat_restore)]
 
 
 def _child(fn, queue) -> None:
@@ -125,10 +184,11 @@ def _child(fn, queue) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--only", default="", help="the rows whose label holds this text (e.g. chat)")
     a = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     print("| input | GUI thread blocked |\n|---|---|")
-    for label, fn in ROWS:
+    for label, fn in [r for r in ROWS if a.only in r[0]]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(fn, queue))
         proc.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -315,8 +316,46 @@ def load_template(folder, name: Optional[str] = None) -> ChatTemplate:
 
 
 def encode(tokenizer, text: str) -> list:
-    """Token ids of a rendered prompt, as transformers tokenizes it (the template writes the special tokens)."""
+    """Token ids of a rendered prompt, as transformers tokenizes it (the template writes the special tokens).
+    ``tokenizers`` holds Python's lock through ``encode`` but not through ``encode_batch``: a long conversation is
+    counted through the latter, so that a counting thread leaves the window's thread free."""
+    if len(text) > 10_000 and hasattr(tokenizer, "encode_batch"):
+        return list(tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+class TokenMemo:
+    """Token counts of rendered conversations, by the text's digest, for one tokenizer: the meter, Send and
+    leaving out turns count the same conversation once (a long one takes a good part of a second). Thread-safe."""
+
+    SIZE = 64
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.counts: dict = {}
+        self.lock = threading.Lock()
+
+    def key(self, text: str) -> bytes:
+        return hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()
+
+    def known(self, text: str) -> Optional[int]:
+        with self.lock:
+            return self.counts.get(self.key(text))
+
+    def count(self, text: str) -> int:
+        n = self.known(text)
+        if n is None:
+            n = len(encode(self.tokenizer, text))
+            with self.lock:
+                if len(self.counts) >= self.SIZE:
+                    self.counts.pop(next(iter(self.counts)))
+                self.counts[self.key(text)] = n
+        return n
+
+
+def _count(tokenizer, text: str) -> int:
+    """``tokenizer`` may be a TokenMemo (counts remembered) or a tokenizer."""
+    return tokenizer.count(text) if isinstance(tokenizer, TokenMemo) else len(encode(tokenizer, text))
 
 
 def stop_markers(template: ChatTemplate, tokenizer) -> tuple:
@@ -379,24 +418,43 @@ class Fit:
 
 
 def measure(template: ChatTemplate, tokenizer, messages, context: int, max_new_tokens: int) -> Fit:
-    ids = encode(tokenizer, template.render(messages, add_generation_prompt=True))
-    return Fit(len(ids), context, budget(context, max_new_tokens))
+    """How the conversation fits; ``tokenizer`` may be a TokenMemo."""
+    return Fit(_count(tokenizer, template.render(messages, add_generation_prompt=True)), context,
+               budget(context, max_new_tokens))
+
+
+def _drop_steps(messages) -> list:
+    """(kept, dropped) after each step of leaving out the oldest turn (not a system message, not the last message;
+    a user turn goes with the answer after it), the whole conversation first."""
+    msgs, dropped = list(messages), []
+    steps = [(tuple(msgs), ())]
+    while True:
+        idx = [i for i, m in enumerate(msgs[:-1]) if m.role != "system"]
+        if not idx:
+            return steps
+        first = idx[0]
+        dropped.append(msgs.pop(first))
+        if dropped[-1].role == "user" and first < len(msgs) - 1 and msgs[first].role == "assistant":
+            dropped.append(msgs.pop(first))
+        steps.append((tuple(msgs), tuple(dropped)))
 
 
 def drop_oldest(template: ChatTemplate, tokenizer, messages, context: int, max_new_tokens: int) -> tuple:
     """(kept messages, dropped messages): the oldest turns (not system messages, not the last user message) left
     out, a user turn with its answer at a time, until the conversation fits. Raises UsageError when even the
-    system messages and the last user message alone do not fit."""
-    msgs = list(messages)
-    dropped = []
-    while not measure(template, tokenizer, msgs, context, max_new_tokens).fits:
-        idx = [i for i, m in enumerate(msgs[:-1]) if m.role != "system"]
-        if not idx:
-            fit = measure(template, tokenizer, msgs, context, max_new_tokens)
-            raise UsageError(fit.describe() + " Even the last message alone is too long; shorten it.")
-        first = idx[0]
-        dropped.append(msgs.pop(first))
-        # keep turns paired: a user turn goes with the assistant answer that follows it
-        if dropped[-1].role == "user" and first < len(msgs) - 1 and msgs[first].role == "assistant":
-            dropped.append(msgs.pop(first))
-    return tuple(msgs), tuple(dropped)
+    system messages and the last user message alone do not fit. The fewest steps that fit are found by halving
+    (a conversation only shrinks as turns go), so a long conversation is counted a few times, not once a turn."""
+    steps = _drop_steps(messages)
+    if measure(template, tokenizer, steps[0][0], context, max_new_tokens).fits:
+        return steps[0]
+    lo, hi = 1, len(steps) - 1
+    last = measure(template, tokenizer, steps[hi][0], context, max_new_tokens)
+    if not last.fits:
+        raise UsageError(last.describe() + " Even the last message alone is too long; shorten it.")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if measure(template, tokenizer, steps[mid][0], context, max_new_tokens).fits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return steps[lo]

@@ -220,6 +220,41 @@ def test_drop_oldest_keeps_system_and_last_turn():
         chat.drop_oldest(template, tokenizer, msgs, 12, 2)
 
 
+def _drop_one_turn_at_a_time(template, tokenizer, messages, context, max_new_tokens):
+    """The rule drop_oldest keeps, measured after every step (what it did before it halved)."""
+    msgs, dropped = list(messages), []
+    while not chat.measure(template, tokenizer, msgs, context, max_new_tokens).fits:
+        first = [i for i, m in enumerate(msgs[:-1]) if m.role != "system"][0]
+        dropped.append(msgs.pop(first))
+        if dropped[-1].role == "user" and first < len(msgs) - 1 and msgs[first].role == "assistant":
+            dropped.append(msgs.pop(first))
+    return tuple(msgs), tuple(dropped)
+
+
+def test_drop_oldest_counts_a_long_conversation_a_few_times_not_once_a_turn(monkeypatch):
+    """Dropping turns from 60 measured the conversation once a turn (seconds each for a long one, on the window's
+    thread); it halves now, with the same result as one turn at a time, at every context."""
+    template = chat.load_template(BUILTIN)
+    tokenizer = load_tokenizer(BUILTIN)
+    msgs = [chat.Message("system", "Be brief.")] + [
+        chat.Message("user" if i % 2 == 0 else "assistant", f"turn {i} " + "word " * (i % 7 + 3)) for i in range(60)]
+    msgs.append(chat.Message("user", "and now?"))
+    full = chat.measure(template, tokenizer, msgs, 10_000, 10).tokens
+    for context in (full + 10, full, full * 2 // 3, full // 3, 80):
+        assert chat.drop_oldest(template, tokenizer, msgs, context, 10) == \
+            _drop_one_turn_at_a_time(template, tokenizer, msgs, context, 10), context
+    calls = []
+    real = chat.encode
+    monkeypatch.setattr(chat, "encode", lambda tok, text: calls.append(1) or real(tok, text))
+    chat.drop_oldest(template, tokenizer, msgs, full // 3, 10)
+    assert len(calls) <= 9  # log2(61 steps) + the last step (it was 40 measures)
+    memo = chat.TokenMemo(tokenizer)
+    calls.clear()
+    assert chat.measure(template, memo, msgs, full + 10, 10).fits
+    assert chat.drop_oldest(template, memo, msgs, full + 10, 10) == (tuple(msgs), ())
+    assert len(calls) == 1  # counted once: the meter's count serves Send
+
+
 def test_nested_loops_are_stopped_not_run_for_hours():
     """jinja2's sandbox caps one range() at 100,000 items; two nested ones ran for hours (the queue's worker with
     them). All the range() calls of one render share a budget of a million."""

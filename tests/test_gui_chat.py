@@ -298,3 +298,44 @@ def test_another_windows_chat_job_does_not_replace_this_conversation(qtbot):
     qtbot.waitUntil(lambda: w.queue.get(theirs).state == "done", timeout=60000)
     wait_idle(qtbot, w, timeout=60000)
     assert [(t.role, t.content) for t in w.chat.turns] == [("user", "mine"), ("assistant", "my answer")]
+
+
+def test_the_meter_counts_a_long_conversation_off_the_windows_thread(qtbot, monkeypatch):
+    """80 long turns took ~0.3-3.7 s to tokenize on every keystroke (by tokenizer), on the window's thread: a long
+    conversation is counted in the meter's thread now, once (Send uses that count), and a count that arrives after
+    a newer one was asked for is not shown."""
+    import threading
+    from types import SimpleNamespace
+
+    from engine import state
+    from engine.configs import read_json
+    from studio.gui.chat_view import INLINE_CHARS, ChatView
+
+    folder = state.BUILTIN_MODELS / "shakespeare-llama"
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.set_model(SimpleNamespace(path=folder, name="shakespeare-llama", config=read_json(folder / "config.json")),
+                   8)
+    view.context = 10 ** 7
+    threads = []
+    real = chat.encode
+    monkeypatch.setattr(chat, "encode", lambda tok, text: threads.append(threading.current_thread()) or
+                        real(tok, text))
+    turn = "Good morrow, sweet lord. " * (INLINE_CHARS // 40)
+    view.set_conversation([chat.Message("user" if i % 2 == 0 else "assistant", f"{i} {turn}") for i in range(4)])
+    view.input.setPlainText("and now?")
+    view.update_meter()
+    want = len(real(view.tokenizer.tokenizer, view.template.render(view.next_messages())))
+    qtbot.waitUntil(lambda: view.meter.value() == want, timeout=10000)
+    assert threads and threading.main_thread() not in threads
+    assert view.meter.format() == f"{want} / {10 ** 7} tokens"
+    threads.clear()
+    assert view.fit().tokens == want and not threads  # Send counts nothing again
+
+    from concurrent.futures import Future
+
+    late = Future()
+    late.set_result(5)
+    view.counting = (view.count_number - 1, late)  # a late count of an older conversation
+    view.poll_count()
+    assert view.meter.value() == want and view.counting is None

@@ -8,6 +8,7 @@ counts tokens with the model's own template and tokenizer (jinja2 and ``tokenize
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 100_000  # a message box's paste limit (far past any context the studio runs; Qt lays a line
 # of 100,000 characters out in about a second)
+INLINE_CHARS = 20_000  # a conversation this long is counted at once (a few ms); a longer one in the meter's thread
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
@@ -89,7 +91,16 @@ class ChatView(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.template: Optional[chat.ChatTemplate] = None
-        self.tokenizer = None
+        self.tokenizer: Optional[chat.TokenMemo] = None  # counts remembered: the meter's count serves Send
+        # a long conversation is counted in a thread that sees only the text and the tokenizer (never a widget:
+        # a widget whose last reference went away there would be deleted outside the window's thread); the
+        # window's thread looks for the count every 25 ms until it is there
+        self.counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-meter")
+        self.count_number = 0  # the newest count asked for; an older one that arrives late is not shown
+        self.counting = None  # (its number, the Future) while a count runs in the thread
+        self.count_poll = QTimer(self)
+        self.count_poll.setInterval(25)
+        self.count_poll.timeout.connect(self.poll_count)
         self.context = 0
         self.max_new_tokens = 200
         self.turns: list = []  # TurnBlock
@@ -150,7 +161,7 @@ class ChatView(QWidget):
         if entry is not None:
             try:
                 self.template = chat.load_template(entry.path, entry.name)
-                self.tokenizer = load_tokenizer(entry.path)
+                self.tokenizer = chat.TokenMemo(load_tokenizer(entry.path))
                 self.context = chat.context_length(entry.config)
                 if self.template.fallback:
                     note = chat.FALLBACK_NOTE
@@ -367,6 +378,9 @@ class ChatView(QWidget):
 
     # ----- the meter -------------------------------------------------------------------------
     def update_meter(self) -> None:
+        """Count the conversation and the message box: at once when short or counted before, else in the meter's
+        thread (a long conversation takes a good part of a second to tokenize; typing must not wait for it)."""
+        self.count_number += 1
         if self.template is None or self.tokenizer is None or not self.context:
             self.meter.setRange(0, 1)
             self.meter.setValue(0)
@@ -377,11 +391,39 @@ class ChatView(QWidget):
         if self.input.toPlainText().strip():
             msgs.append(chat.Message("user", self.input.toPlainText()))
         try:
-            fit = chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens) if msgs \
-                else chat.Fit(0, self.context, chat.budget(self.context, self.max_new_tokens))
+            text = self.template.render(msgs, add_generation_prompt=True) if msgs else ""
         except StudioError as exc:
             self.meter_label.setText(str(exc))
             return
+        tokens = 0 if not msgs else self.tokenizer.known(text)
+        if tokens is None and len(text) <= INLINE_CHARS:
+            tokens = self.tokenizer.count(text)
+        if tokens is not None:
+            self.show_count(tokens)
+            return
+        self.meter.setFormat("counting…")
+        if self.counting is not None:
+            self.counting[1].cancel()  # (not started yet: it is not counted at all)
+        self.counting = (self.count_number, self.counter.submit(self.tokenizer.count, text))
+        self.count_poll.start()
+
+    def poll_count(self) -> None:
+        if self.counting is None or not self.counting[1].done():
+            return
+        (number, future), self.counting = self.counting, None
+        self.count_poll.stop()
+        if number != self.count_number or future.cancelled():
+            return  # a newer count was asked for meanwhile
+        try:
+            tokens = future.result()
+        except Exception as exc:  # noqa: BLE001 - said under the meter; the conversation is counted again at Send
+            log.exception("counting the conversation failed")
+            self.meter_label.setText(f"The conversation could not be counted: {exc}")
+            return
+        self.show_count(tokens)
+
+    def show_count(self, tokens: int) -> None:
+        fit = chat.Fit(tokens, self.context, chat.budget(self.context, self.max_new_tokens))
         self.meter.setRange(0, self.context)
         self.meter.setValue(min(fit.tokens, self.context))
         self.meter.setFormat(f"{fit.tokens} / {self.context} tokens")
