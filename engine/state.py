@@ -158,12 +158,33 @@ def update_settings(change: Callable[[Settings], None]) -> Settings:
 
 
 def save_changes(settings: Settings, loaded: Settings) -> Settings:
-    """Write only the fields of ``settings`` that differ from ``loaded`` (what this process read at its start)
-    into the file as it is now: a window closing keeps what the command line changed while it was open. Returns
-    the settings written (the new ``loaded``)."""
-    changed = {f: getattr(settings, f) for f in Settings.__dataclass_fields__
-               if getattr(settings, f) != getattr(loaded, f)}
-    return update_settings(lambda now: [setattr(now, f, v) for f, v in changed.items()])
+    """Write only what of ``settings`` differs from ``loaded`` (what this process read at its start) into the file
+    as it is now: a window closing keeps what the command line changed while it was open. A field that holds a
+    dict (the window's ``gui``: geometry, the form of each generator, the chat) is compared key by key, nested
+    dicts too: of two windows on one state folder, the one that closes last keeps what the other changed and it
+    did not (its conversation, another generator's options). Returns the settings written (the new ``loaded``)."""
+    def change(now: Settings) -> None:
+        for f in Settings.__dataclass_fields__:
+            setattr(now, f, _changed(getattr(now, f), getattr(settings, f), getattr(loaded, f)))
+
+    return update_settings(change)
+
+
+def _changed(now, new, old):
+    """``now`` (the file's) with the changes from ``old`` to ``new`` (this process's) made in it."""
+    if new == old:
+        return now
+    if not (isinstance(new, dict) and isinstance(old, dict) and isinstance(now, dict)):
+        return new
+    merged = dict(now)
+    for key in set(new) | set(old):
+        if key not in new:
+            merged.pop(key, None)
+        elif key not in old:
+            merged[key] = new[key]
+        elif new[key] != old[key]:
+            merged[key] = _changed(now.get(key), new[key], old[key])
+    return merged
 
 
 def save_settings(settings: Settings) -> None:

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -333,6 +332,30 @@ def test_closing_the_window_keeps_settings_changed_meanwhile(plugins, qtbot):
     w.close()
     settings = state.load_settings()
     assert "crash" in settings.disabled_plugins and settings.device == "cpu"
+
+
+def test_two_windows_on_one_state_folder_keep_each_others_changes(plugins, qtbot):
+    """The window's settings were one field: of two windows open on one state folder, the one that closed last
+    wrote back everything it had read, so the other's conversation (and options) were lost."""
+    from engine import chat, state
+    from studio.gui.main_window import MainWindow
+
+    first, second = MainWindow(), MainWindow()
+    qtbot.addWidget(first)
+    qtbot.addWidget(second)
+    first.chat.set_conversation([chat.Message("user", "Keep me"), chat.Message("assistant", "Kept")])
+    first.close()
+    second.select_generator("upper")
+    second.panel.seed.setText("77")
+    second.close()
+    gui = state.load_settings().gui
+    assert gui["chat"]["turns"] == [["user", "Keep me"], ["assistant", "Kept"]]
+    assert gui["generators"]["upper"]["seed"] == "77" and gui["generator"] == "upper"
+
+    third = MainWindow()  # a window that changes nothing writes nothing over them
+    qtbot.addWidget(third)
+    third.close()
+    assert state.load_settings().gui["chat"] == gui["chat"]
 
 
 def test_overwrite_never_replaces_a_json_file_that_is_not_a_recipe(plugins, tmp_path):

@@ -2,6 +2,7 @@
 Recipes and drag and drop are studio/gui/recipe_actions.py; running the queued jobs is studio/gui/task_actions.py."""
 from __future__ import annotations
 
+import copy
 import logging
 import sqlite3
 from pathlib import Path
@@ -135,6 +136,8 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self._restore_geometry()
         self.chat.restore(self.gui_state.get("chat"))
         self.populate_generators(generator or self.gui_state.get("generator"))
+        if isinstance(self.session.loaded.gui, dict):  # a window that never touched the chat does not write it over
+            self.session.loaded.gui["chat"] = copy.deepcopy(self.chat.state())  # another window's conversation
         self.history.refresh()
         self.statusBar().showMessage(self._plugin_summary())
         if queue_problem:
