@@ -80,7 +80,7 @@ def make_window(qtbot, generator=None, isolate=True):
 
 
 def wait_idle(qtbot, window, timeout=5000) -> None:
-    qtbot.waitUntil(lambda: window.task is None, timeout=timeout)
+    qtbot.waitUntil(lambda: window.task is None and not getattr(window, "preparing", None), timeout=timeout)
 
 
 @pytest.fixture

@@ -198,10 +198,19 @@ def test_replay_gives_the_same_image(qtbot, gui_home):
     assert not w.banner.isVisible()
 
 
-def test_the_windows_replay_runs_the_recorded_job(qtbot, gui_home, tmp_path):
+def test_the_windows_replay_runs_the_recorded_job(qtbot, gui_home, tmp_path, monkeypatch):
     """The window's Replay went through the form: the recorded thread count, an input's kept copy and a model
-    folder used in place were not used (the CLI's replay used them)."""
+    folder used in place were not used (the CLI's replay used them). The job is made off the window's thread (it
+    hashes the recipe's input files and LoRAs)."""
     import shutil
+    import threading
+
+    from engine import replay
+
+    made_in = []
+    real = replay.replay_job
+    monkeypatch.setattr(replay, "replay_job", lambda *a, **k: made_in.append(threading.current_thread()) or
+                        real(*a, **k))
 
     from engine.store import BUILTIN_DIR
 
@@ -219,6 +228,7 @@ def test_the_windows_replay_runs_the_recorded_job(qtbot, gui_home, tmp_path):
     wait_idle(qtbot, w, timeout=60000)
     assert not w.banner.isVisible() or "Replayed" in w.banner.message(), w.banner.message()
     assert w.output.recipe["threads"] == 2 and w.output.recipe["model"]["path"] == str(folder.resolve())
+    assert made_in and threading.main_thread() not in made_in
 
 
 def test_audio_output_shows_a_waveform(qtbot, gui_home):

@@ -43,6 +43,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.token = None
         self.replay_of = None  # the recipe a running generation replays
         self.replays: dict = {}  # queue job id -> the recipe it replays
+        self.preparing: set = set()  # the Tasks making replay jobs (they hash the recipe's input files)
         self.submitted: set = set()  # queue job ids this window submitted
         self.current_job = None  # the engine.jobqueue.QueueJob this window is running
         self._reported_at = 0.0  # when its progress last went into the queue
@@ -329,21 +330,27 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     @guard
     def replay(self, recipe: dict) -> None:
         """The recipe's job again, as `studio history replay` runs it (its recorded inputs or the studio's kept
-        copies, model folder, LoRAs, export and thread count); the form shows the recipe meanwhile."""
-        from engine.replay import replay_job
+        copies, model folder, LoRAs, export and thread count); the form shows the recipe meanwhile. The job is
+        made in a thread: it hashes the recipe's input files and LoRAs (a multi-GB LoRA takes seconds)."""
+        from studio.gui.worker import Task
 
-        try:
-            job, notes = replay_job(self.session.store, recipe)
-        except UsageError:
-            if recipe.get("device") != "cuda":
-                raise
-            job, notes = replay_job(self.session.store, recipe, device="cpu")  # no GPU here: the window replays
-            # on the CPU, and says afterwards that the device differed
+        task = Task(lambda report: _replay_job(self.session.store, recipe), self, name="prepare-replay")
+        task.succeeded.connect(lambda made: self._replay_ready(recipe, *made))
+        task.failed.connect(lambda failure: self.show_error(failure.message, failure.details))
+        task.finished.connect(lambda: self.preparing.discard(task))
+        task.finished.connect(task.deleteLater)
+        self.preparing.add(task)
+        self.statusBar().showMessage("Preparing the replay (checking its input files)…")
+        task.start()
+
+    @guard
+    def _replay_ready(self, recipe: dict, job, notes: list) -> None:
+        if self._closing:
+            return
         self.load_recipe(recipe)
         job_id = self._enqueue(job)
         self.replays[job_id] = dict(recipe)  # on_task_succeeded says whether the output came out the same
-        if notes:
-            self.statusBar().showMessage("Replaying: " + "; ".join(notes), 10000)
+        self.statusBar().showMessage("Replaying: " + "; ".join(notes) if notes else "Replaying.", 10000)
         self.pump()
         if self.current_job is not None and self.current_job.id in self.replays:
             self.replay_of = self.replays.pop(self.current_job.id)
@@ -403,6 +410,8 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
                 self.token.cancel()
                 if not self.task.wait(CLOSE_WAIT_MS):
                     log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
+            for prepare in list(self.preparing):  # a replay still hashing its inputs (it queues nothing now)
+                prepare.wait(CLOSE_WAIT_MS)
             if getattr(self, "finetune_page", None) is not None:
                 self.finetune_page.stop()  # paused with a checkpoint: Resume continues it
             if self.persist:
@@ -411,3 +420,16 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         except Exception:  # noqa: BLE001 - closing must always work
             log.exception("error while closing")
         event.accept()
+
+
+def _replay_job(store, recipe: dict) -> tuple:
+    """(job, notes) for a replay (in a thread); a recipe made on cuda replays on the CPU where there is no GPU (the
+    window says afterwards that the device differed)."""
+    from engine.replay import replay_job
+
+    try:
+        return replay_job(store, recipe)
+    except UsageError:
+        if recipe.get("device") != "cuda":
+            raise
+        return replay_job(store, recipe, device="cpu")
