@@ -69,6 +69,10 @@ def test_a_damaged_queue_database_still_opens_the_window(qtbot, gui_home):
     job_id = w.submit()
     qtbot.waitUntil(lambda: w.queue.get(job_id).state == "done", timeout=20000)
     assert (gui_home / "queue.sqlite3").read_bytes().startswith(b"SQLite format 3\0\x13garbage")  # left as it was
+    temporary = w.temporary_queue
+    assert temporary.is_dir()
+    w.close()
+    assert not temporary.exists()  # (it was left in /tmp at every start on a damaged queue)
 
 
 def test_queue_rows_that_cannot_run_fail_with_a_reason_and_the_queue_goes_on(qtbot, gui_home):

@@ -84,6 +84,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         from engine.jobworker import recover
 
         queue_problem = ""
+        self.temporary_queue = None
         try:
             self.queue = JobQueue()
             recover(self.queue)  # jobs a dead studio was running are queued again
@@ -91,7 +92,8 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         except (StateError, sqlite3.DatabaseError) as exc:  # a damaged or unreadable queue.sqlite3: the window
             import tempfile  # still opens, on a queue of its own that is not kept, and says so
 
-            self.queue = JobQueue(Path(tempfile.mkdtemp(prefix="studio-queue-")) / "queue.sqlite3")
+            self.temporary_queue = Path(tempfile.mkdtemp(prefix="studio-queue-"))  # removed when the window closes
+            self.queue = JobQueue(self.temporary_queue / "queue.sqlite3")
             why = str(exc) if isinstance(exc, StateError) else \
                 f"The queue database {state.home() / 'queue.sqlite3'} cannot be read ({exc}); move it aside to " \
                 "start with an empty queue."
@@ -417,6 +419,10 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
             if self.persist:
                 self.save_state()
             self.session.close()
+            if self.temporary_queue is not None:
+                import shutil
+
+                shutil.rmtree(self.temporary_queue, ignore_errors=True)
         except Exception:  # noqa: BLE001 - closing must always work
             log.exception("error while closing")
         event.accept()
