@@ -339,3 +339,25 @@ def test_the_meter_counts_a_long_conversation_off_the_windows_thread(qtbot, monk
     view.counting = (view.count_number - 1, late)  # a late count of an older conversation
     view.poll_count()
     assert view.meter.value() == want and view.counting is None
+
+
+def test_a_chat_job_cancelled_before_it_starts_gives_back_the_message_and_the_answer(qtbot):
+    """A queued Regenerate cancelled from the Queue tab (or a terminal) lost the answer it was to replace, and a
+    queued message cancelled there stayed in the conversation with no answer and no way to send it again."""
+    from engine.jobqueue import JobQueue
+
+    w = _window(qtbot)
+    w.chat.set_conversation([chat.Message("user", "Who goes there?"), chat.Message("assistant", "THE ANSWER")])
+    w.queue.set_paused(True)
+    w.chat.regenerate_button.click()
+    assert _roles(w) == ["user"] and not w.is_busy()  # queued: the answer it replaces is out of the view
+    w.queue.cancel(w.chat_job)
+    w.on_queue_changed()  # (what the Queue tab's Cancel calls)
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "Who goes there?"), ("assistant", "THE ANSWER")]
+
+    w.chat.input.setPlainText("And who are you?")
+    w.chat.send_button.click()
+    assert _roles(w) == ["user", "assistant", "user"] and w.chat.input.toPlainText() == ""
+    JobQueue().cancel(w.chat_job)  # from a terminal: the Queue tab's timer notices
+    qtbot.waitUntil(lambda: _roles(w) == ["user", "assistant"], timeout=5000)
+    assert w.chat.input.toPlainText() == "And who are you?"

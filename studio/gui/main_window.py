@@ -45,6 +45,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.replays: dict = {}  # queue job id -> the recipe it replays
         self.preparing: set = set()  # the Tasks making replay jobs (they hash the recipe's input files)
         self.submitted: set = set()  # queue job ids this window submitted
+        self.chat_job = None  # the id of this window's chat job until it starts (its message shows as sent)
         self.current_job = None  # the engine.jobqueue.QueueJob this window is running
         self._reported_at = 0.0  # when its progress last went into the queue
         self.busy_kind = ""
@@ -101,6 +102,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.queue_panel = QueuePanel(self.queue)
         self.tabs.addTab(self.queue_panel, "Queue")
         self.queue_panel.changed.connect(self.on_queue_changed)
+        self.queue_panel.timer.timeout.connect(self.check_chat_job)  # (a cancel from a terminal too)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.generator_list)
         split.addWidget(scroll)
@@ -293,6 +295,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         job_id = self._enqueue(job)
         if sent is not None:
             self.chat.sent(sent, regenerate)
+            self.chat_job = job_id
         self.pump()
         return job_id
 

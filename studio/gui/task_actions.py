@@ -40,6 +40,8 @@ class TaskActions:
 
         qjob.tag = self.queue.tag(qjob.id)
         self.current_job = qjob
+        if qjob.id == self.chat_job:
+            self.chat_job = None  # it started: its answer (or its failure) shows in the conversation
         job = queued_job(qjob.job)
         gen = self.session.host.generators.get(job.generator)
         # the conversation view follows this window's own chat jobs; one queued elsewhere (the CLI, a job file)
@@ -90,7 +92,25 @@ class TaskActions:
         if self.current_job is not None and self.token is not None and \
                 self.queue.cancel_requested(self.current_job.id):
             self.token.cancel()
+        self.check_chat_job()
         self.pump()
+
+    @guard
+    def check_chat_job(self) -> None:
+        """This window's chat job cancelled (or failed, or cleared) before it started: the message goes back into
+        the message box, or the answer a Regenerate replaced comes back, as when a running answer is stopped."""
+        if self.chat_job is None:
+            return
+        try:
+            state = self.queue.get(self.chat_job).state
+        except StudioError:  # cleared from the queue
+            state = "gone"
+        if state in ("queued", "running", "done"):
+            return
+        self.chat_job = None
+        if self.chat.answer is None:
+            self.chat.abort_answer()
+            self.statusBar().showMessage("The chat message was cancelled before it was answered.", 8000)
 
     @guard
     def cancel(self) -> None:
