@@ -5,8 +5,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QRegularExpression, Qt, Signal
 from PySide6.QtGui import QRegularExpressionValidator
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QPushButton,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFormLayout, QFrame, QGroupBox, QLabel, QLineEdit, QPushButton,
+                               QScrollArea, QToolButton, QVBoxLayout, QWidget)
 
 from engine.errors import UsageError
 from engine.generators import BACKENDS, DEVICES, digits
@@ -83,9 +83,17 @@ class GeneratorPanel(QWidget):
         self.progress.setTextVisible(True)
         self.progress_label = plain_label()
 
-        column(self, self.title, self.description, self.prompt_label, self.prompt, self.image_label,
-               self.image_input, self.options_box, self.lora_box, self.run_box, None,
-               row((self.generate_button, 1), self.cancel_button), self.progress, self.progress_label)
+        body = QWidget()  # the form scrolls; Generate, Cancel and the progress stay in sight below it (at the
+        column(body, self.title, self.description, self.prompt_label, self.prompt, self.image_label,  # default
+               self.image_input, self.options_box, self.lora_box, self.run_box, None)  # size they were scrolled off)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)  # a large font scrolls
+        self.scroll.setWidget(body)
+        footer = QWidget()
+        column(footer, row((self.generate_button, 1), self.cancel_button), self.progress, self.progress_label)
+        column(self, (self.scroll, 1), footer, margins=(0, 0, 0, 0))
 
         self.generate_button.clicked.connect(self.generate_clicked)
         self.reset_button.clicked.connect(self.form.reset)

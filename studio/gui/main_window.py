@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QScrollArea, QSplitter,
+from PySide6.QtWidgets import (QListWidget, QListWidgetItem, QMainWindow, QSplitter,
                                QTabWidget, QVBoxLayout, QWidget)
 
 from engine.errors import StateError, UsageError
@@ -67,11 +67,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.generator_list.setMinimumWidth(150)
         self.generator_list.setMaximumWidth(230)
         self.panel = GeneratorPanel()
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)  # a large font scrolls, not clips
-        scroll.setWidget(self.panel)
-        scroll.setMinimumWidth(340)
+        self.panel.setMinimumWidth(340)
         self.output = OutputView()
         self.chat = ChatView()
         self.chatting = False  # the running generation is a chat answer
@@ -105,7 +101,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.queue_panel.timer.timeout.connect(self.check_chat_job)  # (a cancel from a terminal too)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.generator_list)
-        split.addWidget(scroll)
+        split.addWidget(self.panel)
         split.addWidget(self.tabs)
         split.setStretchFactor(2, 1)
         split.setSizes([180, 380, 560])
