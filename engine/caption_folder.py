@@ -10,8 +10,10 @@ row that ``studio history replay`` can rerun, and skips unreadable images with a
 """
 from __future__ import annotations
 
+import codecs
 import os
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -97,20 +99,36 @@ def plan_folder(folder, ext: str = ".txt", overwrite: bool = False, recursive: b
 
 
 def _text_file(path: Path) -> bool:
-    """Whether a file looks like text (a caption file that --overwrite may replace): UTF-8 without NUL bytes in
-    its first 4 kB. An image or other binary file named like a caption is never replaced."""
+    """Whether a file looks like text (a caption file that --overwrite may replace): its first 4 kB are UTF-8 (with
+    or without a byte-order mark) without NUL bytes, or UTF-16 with a byte-order mark, or UTF-16 without one whose
+    characters are all ones a text holds (no controls but white space). An image or other binary file named like a
+    caption is never replaced."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
         return False
-    if b"\0" in head:
-        return False
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
+        text = _decoded(head, "utf-16")  # (the codec takes the byte order from the mark)
+        return text is not None and "\0" not in text
+    if b"\0" not in head:
+        return _decoded(head, "utf-8-sig") is not None
+    for encoding in ("utf-16-le", "utf-16-be"):  # no mark: ASCII text has a NUL byte beside every character
+        text = _decoded(head, encoding)
+        if text is not None and all(ch in "\t\n\r\f\v" or unicodedata.category(ch) not in NOT_TEXT for ch in text):
+            return True
+    return False
+
+
+NOT_TEXT = ("Cc", "Cs", "Co", "Cn")  # controls (NUL...), lone surrogates, private use, unassigned code points
+
+
+def _decoded(head: bytes, encoding: str) -> Optional[str]:
+    """``head`` decoded, or None when it is not in ``encoding``; a character cut at the 4 kB mark is no error."""
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 3  # a character cut at the 4 kB mark
-    return True
+        return codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
 
 
 def caption_folder(host, store, job, plan: FolderPlan, batch_size: int = 8, context: Optional[Context] = None,

@@ -136,3 +136,28 @@ def test_plan_refuses_shared_caption_files_folders_and_binary_targets(tmp_path):
     (d / "a.caption").write_text("a hand-written caption")
     plan = plan_folder(d, ext=".caption", overwrite=True)
     assert [p.name for p in plan.todo] == ["a.png", "b.png"]
+
+
+def test_utf16_and_bom_captions_are_text_and_binary_files_are_not(tmp_path):
+    """A UTF-16 caption file (as Windows Notepad saves one) counted as "not text", so --overwrite refused it."""
+    from PIL import Image
+
+    from engine.caption_folder import plan_folder
+    from engine.errors import UsageError
+
+    d = tmp_path / "pics"
+    d.mkdir()
+    captions = {"bom16": ("utf-16", "a red circle"), "le16": ("utf-16-le", "a blue square, ünïcode"),
+                "be16": ("utf-16-be", "a green triangle"), "bom8": ("utf-8-sig", "a caption"),
+                "long": ("utf-16", "é" * 2047 + "😀" + "x" * 100)}  # the emoji's surrogate pair is cut at 4 kB
+    for name, (encoding, text) in captions.items():
+        Image.new("RGB", (8, 8), "red").save(d / f"{name}.png")
+        (d / f"{name}.txt").write_bytes(text.encode(encoding))
+    plan = plan_folder(d, overwrite=True)
+    assert sorted(p.stem for p in plan.todo) == sorted(captions) and not plan.kept
+    assert sorted(p.stem for p in plan_folder(d).kept) == sorted(captions)  # kept without --overwrite
+    Image.new("RGB", (8, 8), "red").save(d / "z.png")
+    for binary in (bytes(range(256)) * 16, b"\xff\xfe\0\0" + bytes(100), (d / "z.png").read_bytes()):
+        (d / "z.txt").write_bytes(binary)
+        with pytest.raises(UsageError, match="z.txt is not a caption file \\(not text\\)"):
+            plan_folder(d, overwrite=True)
