@@ -417,3 +417,34 @@ def test_a_settings_file_nested_past_pythons_stack_gives_defaults(plugins):
     (plugins / "settings.json").write_text("[" * 100_000 + "]" * 100_000)
     proc = studio("plugins", "list", check=0)  # it was "unexpected RecursionError", and the window did not open
     assert "is unreadable" in proc.stderr and "using defaults" in proc.stderr
+
+
+QUITTER = generator_plugin('''
+import os
+
+INFO = GeneratorInfo(id="quitter", title="Quitter", description="Ends its process.", takes=("text",), makes="text",
+                     options=(Option("code", "int", 0, "exit status", min=-1, max=255),))
+
+def generate(request, context):
+    yield Progress(1, 2)
+    if request.options["code"] >= 0:
+        os._exit(request.options["code"])
+    pid = os.fork()  # a process of its own that ends as it asks: untouched
+    if pid == 0:
+        os._exit(7)
+    yield Result(text=f"child {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}")
+''')
+
+
+def test_a_generator_that_ends_the_process_is_an_error(studio_home):
+    """os._exit(0) in a plugin's generate left `studio generate` silent with exit status 0."""
+    drop(studio_home, "quitter", QUITTER)
+    for code in (0, 3):
+        proc = studio("generate", "quitter", "--prompt", "x", "--set", f"code={code}", check=1)
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"studio: error: Generator quitter (plugin quitter) ended its process (os._exit({code})) without a "
+            "result; nothing was saved.") and proc.stdout == ""
+    assert not (studio_home / "history.sqlite3").exists() or json.loads(
+        studio("history", "list", "--json", check=0).stdout) == []
+    if hasattr(os, "fork"):
+        assert studio("generate", "quitter", "--prompt", "x", "--set", "code=-1", check=0).stdout == "child 7\n"
