@@ -74,6 +74,7 @@ class Settings:
     backend: str = "auto"  # ONNX on the CPU when the model has a gated export, torch on a GPU (engine.runner)
     output_dir: str = ""  # empty: <home>/outputs
     gui: dict = field(default_factory=dict)  # window geometry, last-used options
+    sd_model_checkpoint: str = ""  # the image model `studio serve`'s A1111 API uses (POST /sdapi/v1/options)
 
     @property
     def outputs(self) -> Path:

@@ -10,12 +10,15 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 
 from engine.samplers import A1111_NAMES as SAMPLERS  # ours -> A1111's names
-from engine.errors import CancelledError, UsageError
+from engine.errors import CancelledError, StudioError, UsageError
 from studio.api_openai import _number, image_generator
 from studio.server import Unsupported, read_json, run_job
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 16
 
@@ -113,18 +116,41 @@ async def options(request):
     """The one A1111 option the studio has: ``sd_model_checkpoint``, the image model txt2img uses."""
     from starlette.responses import JSONResponse
 
+    from starlette.concurrency import run_in_threadpool
+
+    from engine import state
+
     service = request.app.state.service
     if request.method == "POST":
         body = await read_json(request)
         if "sd_model_checkpoint" in body:
             name = _strip_hash(str(body["sd_model_checkpoint"]))
             image_generator(service, name)  # unknown or not an image model: refused now
+            # kept in the settings, as A1111 keeps it in its config: a restarted server uses it again
+            await run_in_threadpool(state.update_settings, lambda s: setattr(s, "sd_model_checkpoint", name))
             service.a1111_model = name
     current = getattr(service, "a1111_model", None)
     if current is None:
         entry = service.store.default_for("image") if service.has_generator("image") else None
         current = entry.name if entry else ""
     return JSONResponse({"sd_model_checkpoint": current})
+
+
+def restore_checkpoint(service) -> None:
+    """At the server's start: the checkpoint chosen with POST /sdapi/v1/options before (the settings'
+    ``sd_model_checkpoint``); one that is gone, or no longer an image model, leaves the default, with a warning."""
+    from engine import state
+
+    name = state.load_settings().sd_model_checkpoint
+    if not name:
+        return
+    try:
+        image_generator(service, name)
+    except StudioError:  # removed, renamed, or its generator's plugin is gone
+        log.warning("The A1111 API's checkpoint %r (sd_model_checkpoint in the settings) is no longer an image model "
+                    "here; txt2img uses the default image model until POST /sdapi/v1/options chooses another.", name)
+        return
+    service.a1111_model = name
 
 
 async def _images(request, service, body: dict, generator: str, model, image=None, mask=None):

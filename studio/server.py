@@ -309,6 +309,7 @@ def create_app(token: Optional[str] = None, max_body: int = MAX_BODY, service: O
     async def lifespan(app):
         app.state.service = service or Service()
         holder["service"] = app.state.service
+        api_a1111.restore_checkpoint(app.state.service)
         try:
             yield
         finally:

@@ -453,3 +453,32 @@ def test_api_images_are_kept_turned_by_their_exif_orientation(tmp_path, monkeypa
     Image.new("RGB", (8, 6)).save(buf, format="JPEG", exif=exif)
     with Image.open(save_input("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())) as kept:
         assert kept.size == (6, 8)
+
+
+def test_a1111_checkpoint_choice_survives_a_restart(tmp_path, monkeypatch, caplog):
+    """POST /sdapi/v1/options chose the checkpoint for this server's life only; A1111 keeps it in its config."""
+    import webuiapi
+
+    from engine.plugins import PluginHost
+    from engine.state import BUILTIN_MODELS
+    from engine.store import ModelStore
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    store = ModelStore(PluginHost().load())
+    store.import_(BUILTIN_MODELS / "shapes-diffusion", name="shapes-two")
+    with Server() as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port)
+        assert api.get_options()["sd_model_checkpoint"] == "shapes-diffusion"  # the default
+        api.util_set_model(next(m for m in api.util_get_model_names() if m.startswith("shapes-two")))
+    with Server() as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port, steps=2)
+        assert api.get_options()["sd_model_checkpoint"] == "shapes-two"
+        made = api.txt2img(prompt="a red circle", seed=1)
+        from engine.history import History
+
+        assert History().get(made.info["history_ids"][0]).recipe["model"]["name"] == "shapes-two"
+    store.remove("shapes-two")
+    with caplog.at_level("WARNING"), Server() as s:  # a checkpoint that is gone: the default, and a warning
+        assert httpx.get(s.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-diffusion"
+    assert "The A1111 API's checkpoint 'shapes-two' (sd_model_checkpoint in the settings) is no longer an image " \
+        "model here; txt2img uses the default image model" in caplog.text
