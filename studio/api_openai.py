@@ -174,6 +174,10 @@ async def _respond(request, service, jobs: list, body: dict, kind: str, chat: bo
     model = prepared[0].request.model
     created, model_name = int(time.time()), model.name if model else (body.get("model") or jobs[0].generator)
     n = _number(body, "n", int, 1)
+    prompts = len(prepared) // n
+    for p in range(prompts):  # one that is too long for the context: 400, as OpenAI answers (never cut)
+        await run_in_threadpool(service.context_check.check, prepared[p * n].request,
+                                f"Prompt {p + 1} of {prompts}" if prompts > 1 else "")
 
     def chunk(index, piece=None, finish=None, role=False) -> dict:
         if chat:

@@ -4,7 +4,8 @@ OpenAI-compatible ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` 
 ``stream``), ``/v1/images/generations``; AUTOMATIC1111-compatible ``/sdapi/v1/*``; the studio's own ``/api/jobs`` and
 ``/api/history``. Every generation is a queue job (engine/jobqueue.py) recorded in the same history as the GUI's.
 Bound to 127.0.0.1 by default; any other interface needs a bearer token. Plugin install and model import have no
-route here. The endpoint code is in studio/api_openai.py and studio/api_a1111.py.
+route here. The endpoint code is in studio/api_openai.py and studio/api_a1111.py (the prompt-length check in
+studio/api_context.py).
 """
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ class Service:
         from engine.plugins import PluginHost
         from engine.store import ModelStore
 
+        from studio.api_context import ContextCheck
+
         self.host = PluginHost().load()
         self.store = ModelStore(self.host)
+        self.context_check = ContextCheck()  # prompts longer than a model's context (each tokenizer loaded once)
         self.queue = JobQueue()
         recover(self.queue)
         self.pin = server_pin(self.queue.owner)  # this server's own jobs: another server on the same home (or
@@ -219,7 +223,7 @@ def status_of(exc: BaseException) -> tuple:
     if isinstance(exc, CancelledError):
         return 499, "cancelled", None
     if isinstance(exc, (UsageError, ModelError)):
-        return 400, "invalid_request_error", None
+        return 400, "invalid_request_error", getattr(exc, "code", None)  # (context_length_exceeded)
     return 500, "server_error", None
 
 

@@ -482,3 +482,33 @@ def test_a1111_checkpoint_choice_survives_a_restart(tmp_path, monkeypatch, caplo
         assert httpx.get(s.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-diffusion"
     assert "The A1111 API's checkpoint 'shapes-two' (sd_model_checkpoint in the settings) is no longer an image " \
         "model here; txt2img uses the default image model" in caplog.text
+
+
+def test_a_prompt_longer_than_the_context_is_refused_as_openai_refuses_it(server):
+    """/v1/completions cut the prompt silently (a warning in the recipe only); OpenAI answers 400
+    context_length_exceeded. shakespeare-llama: 256 positions, 16 kept for the answer with max_tokens 16; "ROMEO:"
+    is 5 tokens and each " and" one, after the BOS token."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    fits = client.completions.create(model="shakespeare-llama", prompt="ROMEO:" + " and" * 234, max_tokens=1)
+    assert fits.usage.prompt_tokens == 240  # the generator counts as the check does (and cut nothing)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="shakespeare-llama", prompt="ROMEO:" + " and" * 235, max_tokens=16,
+                                      stream=stream)
+        assert caught.value.status_code == 400 and caught.value.code == "context_length_exceeded"
+        assert caught.value.type == "invalid_request_error"
+        assert str(caught.value.body["message"]).startswith(
+            "The prompt is 241 tokens, but model shakespeare-llama's maximum context length of 256 tokens holds at "
+            "most 240 with 16 kept for the answer; shorten the prompt")
+    with pytest.raises(openai.BadRequestError, match="Prompt 2 of 2 is 506 tokens"):
+        client.completions.create(model="shakespeare-llama", prompt=["ROMEO:", "ROMEO:" + " and" * 500], n=2)
+    if server.service.has_generator("chat"):
+        long = [{"role": "user", "content": "Speak" + " and" * 300}]
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="The conversation is [0-9]+ tokens") as caught:
+                client.chat.completions.create(model="shakespeare-llama", messages=long, max_tokens=4, stream=stream)
+            assert caught.value.code == "context_length_exceeded"
+    assert server.service.context_check._models  # the tokenizer is kept for the next request
+    assert not server.service.queue.list(states=("queued",))  # nothing was queued
