@@ -44,10 +44,10 @@ class _Model:
         self._lock = threading.Lock()  # a template's render keeps a budget of its own: one render at a time
 
     def prompt_tokens(self, prompt: str) -> int:
-        """As ``TextPipeline.encode_prompt`` counts them: the prompt's tokens, with the BOS token when it is added."""
-        ids = self.tokenizer.encode(prompt or "").ids
-        starts = self.bos is not None and (not ids or (self.add_bos and ids[0] != self.bos))
-        return len(ids) + int(starts)
+        """As the text generator counts them (plugins.text.families.prompt_ids)."""
+        from plugins.text.families import prompt_ids
+
+        return len(prompt_ids(self.tokenizer, prompt, self.bos, self.add_bos))
 
     def conversation_tokens(self, messages) -> int:
         """As the chat generator counts them: the conversation as the model's chat template writes it."""

@@ -39,3 +39,12 @@ BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 def family(name: str) -> Family:
     return BY_NAME[name]
+
+
+def prompt_ids(tokenizer, prompt: str, bos, add_bos: bool) -> list:
+    """A prompt's token ids as the text generator reads them: with the BOS token first where the family adds it (or
+    where the prompt is empty); the API server counts a prompt against the context with this too."""
+    ids = tokenizer.encode(prompt or "").ids
+    if bos is not None and (not ids or (add_bos and ids[0] != bos)):
+        ids = [bos] + ids
+    return ids

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from engine.generators import Partial, Result
+from plugins.text.families import prompt_ids
 from plugins.text.sampling import SamplingOptions, choose
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,7 @@ class TextPipeline:
         self.add_bos = add_bos
 
     def encode_prompt(self, prompt: str) -> list:
-        ids = self.tokenizer.encode(prompt or "").ids
-        if self.bos is not None and (not ids or (self.add_bos and ids[0] != self.bos)):
-            ids = [self.bos] + ids
+        ids = prompt_ids(self.tokenizer, prompt, self.bos, self.add_bos)
         if not ids:
             raise ValueError("empty prompt and no BOS token")
         return ids
