@@ -309,3 +309,14 @@ def test_lora_for_another_model_is_refused(tmp_path, tmp_path_factory):
                ".lora_up.weight": torch.zeros(320, 4)}, str(bad))
     with pytest.raises(UsageError, match="attn1.to_q|another base model"):
         apply_adapters({"unet": sd.unet, "text_encoder": sd.text_encoder}, [AdapterRef("o", bad, "", 1.0)])
+
+
+def test_empty_prompt_warns_as_the_image_generator_does(tmp_path_factory):
+    from engine.generators import Result
+    from plugins.stable_diffusion.pipeline import run
+
+    _, sd = studio_model(tmp_path_factory)
+    opts = {"width": 32, "height": 32, "steps": 1, "guidance": 1.0, "sampler": "euler"}
+    result = [e for e in run(sd, "", opts, 0) if isinstance(e, Result)][0]
+    assert result.warnings == ["The prompt is empty, so the image is unconditional (any scene the model likes)."]
+    assert not [e for e in run(sd, "a cat", opts, 0) if isinstance(e, Result)][0].warnings

@@ -163,3 +163,14 @@ def test_presence_and_frequency_penalties_as_openai_defines_them():
     assert choose(logits, [], SamplingOptions(temperature=0, presence_penalty=-2.0), rng, generated=[2]) == 2
     assert SamplingOptions.from_options({"presence_penalty": 0.5, "frequency_penalty": 0.25}) == SamplingOptions(
         temperature=0.8, presence_penalty=0.5, frequency_penalty=0.25)
+
+
+def test_empty_prompt_warns_as_the_image_generator_does():
+    for prompt in ("", "  "):
+        _, result = _run(Scripted("ab"), prompt=prompt, max_new_tokens=2)
+        assert result.warnings == ["The prompt is empty, so the text starts from nothing (whatever the model likes)."]
+    pipe = TextPipeline(Scripted("ab"), TOK, bos_token_id=0, eos_token_ids=[0])
+    req = TextRequest(sampling=SamplingOptions(temperature=0), max_new_tokens=2)
+    results = [e for _, e in pipe.run_batch(["", "Hi"], [req, req]) if isinstance(e, Result)]
+    assert [len(r.warnings) for r in results] == [1, 0]
+    assert not _run(Scripted("ab"), prompt="Hi", max_new_tokens=2)[1].warnings

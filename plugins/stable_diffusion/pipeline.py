@@ -273,6 +273,8 @@ def run(sd, prompt: str, options: dict, seed: int, image=None, mask=None, cancel
     if mask is not None and options.get("keep_unmasked"):
         out = paste_unmasked(out, image, mask)
     warnings = list(notes)
+    if not (prompt or "").strip() and image is None:  # as the image generator says it
+        warnings.append("The prompt is empty, so the image is unconditional (any scene the model likes).")
     if image is not None and abs(image.size[0] * height - image.size[1] * width) > 0.02 * image.size[1] * width:
         warnings.append(f"The input image is {image.size[0]}x{image.size[1]}; it was resized to {width}x{height}, "
                         "another shape. Set width and height to keep its shape.")

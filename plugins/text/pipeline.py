@@ -191,6 +191,8 @@ class TextPipeline:
 
     def _fit(self, prompt: str, req: TextRequest, warnings: list) -> list:
         """The prompt's ids, cut from the front to leave room to write in the model's context."""
+        if not (prompt or "").strip():  # said as the image generator says it: a text from nothing is no mistake
+            warnings.append("The prompt is empty, so the text starts from nothing (whatever the model likes).")
         ids = self.encode_prompt(prompt)
         context = self.decoder.max_positions
         limit = max(1, context - min(req.max_new_tokens, context // 4))
