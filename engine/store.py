@@ -321,6 +321,8 @@ class ModelStore:
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
         source = Path(source).expanduser()
+        if not source.exists():  # a usage error, as a missing --image is; not "is not a folder"
+            raise UsageError(f"{source} does not exist; give the path of a model folder or file.")
         if source.suffix.lower() == ".gguf" and source.is_file():
             return self._import_gguf(source, name)
         importer = self._importer(source)

@@ -108,7 +108,7 @@ def test_a_batch_from_the_largest_seed_counts_around_to_zero(plugins, tmp_path):
     (("generate", "upper", "--prompt", "x", "--backend", "tpu"), 2, "invalid choice"),
     (("generate", "crash", "--prompt", "x"), 1, "model exploded"),
     (("models", "info", "ghost"), 2, "Unknown model 'ghost'"),
-    (("models", "import", "/no/such/folder"), 1, "is not a folder"),
+    (("models", "import", "/no/such/folder"), 2, "/no/such/folder does not exist"),
     (("history", "show", "999"), 2, "no generation 999"),
     (("plugins", "enable", "ghost"), 2, "no plugin called 'ghost'"),
     (("frobnicate",), 2, "invalid choice"),

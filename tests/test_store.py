@@ -216,3 +216,12 @@ def test_killed_imports_and_foreign_studio_json_do_not_break_the_store(store, tm
     assert isinstance(kept["fingerprint"], dict) and kept["hash"] == entry.hash  # is what spares rehashing)
     (user / "foreign" / "studio.json").write_text(json.dumps({"hash": 5, "fingerprint": "x"}))  # damaged later
     assert sorted(e.name for e in store.list()) == ["foreign", "gone", "mine"]
+
+
+def test_importing_a_missing_path_is_a_usage_error(store, tmp_path):
+    """A path that is not there is the user's slip (exit 2, as a missing --image), not "is not a folder"."""
+    with pytest.raises(UsageError, match="does not exist; give the path of a model folder or file"):
+        store.import_(tmp_path / "no-such-model")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ModelError, match="is not a folder"):  # there, but no model: still a model error
+        store.import_(tmp_path / "notes.txt")
