@@ -448,3 +448,15 @@ def test_a_generator_that_ends_the_process_is_an_error(studio_home):
         studio("history", "list", "--json", check=0).stdout) == []
     if hasattr(os, "fork"):
         assert studio("generate", "quitter", "--prompt", "x", "--set", "code=-1", check=0).stdout == "child 7\n"
+
+
+def test_gui_refuses_an_unknown_generator_before_any_window(plugins, capsys, monkeypatch):
+    """`studio gui --generator foo` opened the window on another generator; now a usage error, as `generate`'s."""
+    import studio.gui.app
+    from studio.cli import main
+
+    monkeypatch.setattr(studio.gui.app, "application", lambda: pytest.fail("the window was opened"))
+    assert main(["gui", "--generator", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("studio: error: Unknown generator 'nope'; the installed generators are:") and "upper" in err
+    assert len(err.splitlines()) == 1

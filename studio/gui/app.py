@@ -118,12 +118,16 @@ def _close_on_interrupt(window) -> dict:
 
 
 def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
+    """Open the window (``generator``: the one shown first). UsageError, before any window, for a generator that is
+    not installed, in the words of ``studio generate``."""
     from studio.gui.main_window import MainWindow
+    from studio.gui.session import Session
 
+    session = Session()
+    if generator:
+        session.host.generator(generator)
     app = application()
-    window = MainWindow(generator=generator)
-    if generator and window.current_generator_id() != generator:
-        window.show_error(f"There is no generator {generator!r}; showing {window.current_generator_id()}.")
+    window = MainWindow(session, generator=generator)
     window.show()
     if screenshot:
         window.persist = False
