@@ -35,6 +35,11 @@ def default_out_dir(entry, quantize: Optional[str]) -> Path:
     return Path(entry.path) / name
 
 
+def _failed(fig: dict) -> bool:
+    diff, tol = fig.get("max_abs_diff"), fig.get("tolerance")
+    return fig.get("passed") is False or (diff is not None and tol is not None and not diff <= tol)
+
+
 def parity_failures(parity: dict) -> list:
     """One phrase per failed check, with its figures."""
     bad = []
@@ -42,14 +47,38 @@ def parity_failures(parity: dict) -> list:
         if not isinstance(fig, dict):
             continue
         diff, tol = fig.get("max_abs_diff"), fig.get("tolerance")
-        failed = fig.get("passed") is False or (diff is not None and tol is not None and not diff <= tol)
-        if failed:
+        if _failed(fig):
             phrase = f"{name} differs by up to {diff:.3g} (tolerance {tol:g})"
             top1, floor = fig.get("top1_agreement"), fig.get("min_top1_agreement")
             if top1 is not None and floor is not None:
                 phrase += f", top-1 agreement {top1:.0%} (at least {floor:.0%})"
             bad.append(phrase)
     return bad
+
+
+_COUNTS = (("greedy_agreement", "greedy agreement"), ("identical", "identical"),
+           ("analyzer_agrees", "analyzer agrees"))
+
+
+def parity_line(name: str, fig) -> str:
+    """One check of an export's parity figures as a person reads it: what was checked, the measured difference
+    against its tolerance, passed or FAILED (judged as the gate judges), and on what inputs."""
+    if not isinstance(fig, dict):
+        return f"{name}: {fig}"
+    diff, tol = fig.get("max_abs_diff"), fig.get("tolerance")
+    what = "relative error" if "relative_error" in fig else "max difference"
+    parts = [f"{name}: {'FAILED' if _failed(fig) else 'passed'}"]
+    if diff is not None:
+        span = [f"tolerance {tol:g}"] if tol is not None else []
+        span += [fig["units"]] if fig.get("units") else []
+        parts.append(f"{what} {diff:.3g}" + (f" ({'; '.join(span)})" if span else ""))
+    top1, floor = fig.get("top1_agreement"), fig.get("min_top1_agreement")
+    if top1 is not None:
+        parts.append(f"top-1 agreement {top1:.0%}" + (f" (at least {floor:.0%})" if floor is not None else ""))
+    parts += [f"{label} {fig[key]}" for key, label in _COUNTS if fig.get(key) is not None]
+    line = ", ".join(parts)
+    line += f"; against {fig.get('against', 'PyTorch')}"
+    return line + (f", on {fig['inputs']}" if fig.get("inputs") else "")
 
 
 class Gate:

@@ -362,7 +362,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_export_onnx(args) -> int:
-    from engine.onnx_export import export_model
+    from engine.onnx_export import export_model, parity_line
 
     host = _host()
     store = ModelStore(host)
@@ -379,7 +379,7 @@ def cmd_export_onnx(args) -> int:
     else:
         print(f"exported {entry.name} to {manifest['folder']}")
         for name, figures in manifest.get("parity", {}).items():
-            print(f"parity {name}: {figures}")
+            print("parity " + parity_line(name, figures))
         if not manifest.get("used_by_backend", True):
             print(f"note: --backend onnx loads graphs only from the model's own export folders, so it will not use "
                   f"this one; run `studio export-onnx {entry.name}` without --out for that.", file=sys.stderr)

@@ -335,3 +335,27 @@ def test_export_of_a_folder_used_in_place_needs_out(tmp_path, studio_home, capsy
     err = capsys.readouterr().err
     assert "is not in the model store" in err and f"--out {folder / 'onnx'}" in err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+PARITY = {"decoder_logits": {"max_abs_diff": 1.53e-05, "tolerance": 0.001, "passed": True, "greedy_agreement": "12/12",
+                             "max_abs_logit": 14.87, "inputs": "batch 2, prompt 7 tokens"},
+          "unet_int8": {"against": "the fp32 ONNX graph", "scheme": "int8", "relative_error": 0.09,
+                        "max_abs_diff": 0.09, "tolerance": 0.05, "passed": False, "inputs": "3 prompts"},
+          "sampled_images": {"max_abs_diff": 1.0, "tolerance": 4.0, "passed": True, "units": "pixel levels 0-255"}}
+
+
+def test_parity_figures_print_as_readable_lines(studio_home, capsys, monkeypatch):
+    """`studio export-onnx` printed each check as a Python dict; --json keeps the manifest as it is."""
+    import engine.onnx_export
+    from studio.cli import main
+
+    manifest = {"folder": "/x/onnx", "parity": PARITY, "parity_passed": False}
+    monkeypatch.setattr(engine.onnx_export, "export_model", lambda *a, **kw: manifest)
+    assert main(["export-onnx", "shakespeare-llama"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "parity decoder_logits: passed, max difference 1.53e-05 (tolerance 0.001), greedy agreement 12/12; "
+        "against PyTorch, on batch 2, prompt 7 tokens",
+        "parity unet_int8: FAILED, relative error 0.09 (tolerance 0.05); against the fp32 ONNX graph, on 3 prompts",
+        "parity sampled_images: passed, max difference 1 (tolerance 4; pixel levels 0-255); against PyTorch"]
+    assert main(["export-onnx", "shakespeare-llama", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == manifest
