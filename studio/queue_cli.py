@@ -79,8 +79,21 @@ def _print_jobs(jobs: list, as_json: bool) -> None:
         _print_json([j.to_dict() for j in jobs])
         return
     _table([(j.id, j.state + (" (cancelling)" if j.cancel and j.state == "running" else ""),
-             f"{100 * j.progress:.0f}%", j.source or "-", j.label, j.error[:60] or j.message[:40])
-            for j in jobs], ["ID", "STATE", "DONE", "FROM", "JOB", "NOTE"])
+             f"{100 * j.progress:.0f}%", j.source or "-", j.label, *_varies(j), j.error[:60] or j.message[:40])
+            for j in jobs], ["ID", "STATE", "DONE", "FROM", "JOB", "SEED", "GRID", "NOTE"])
+
+
+def _varies(job) -> tuple:
+    """(seed, grid cell) of a generation job as `queue list` shows them: what tells a grid's jobs apart (the grid's
+    id and the values of its options in this cell)."""
+    if job.kind != "generate":
+        return "-", "-"
+    seed = job.job.get("seed")
+    if job.grid is None:
+        return ("-" if seed is None else seed), "-"
+    options = job.job.get("options") or {}
+    values = " ".join(f"{k}={options.get(k)}" for k in job.cell if k not in ("prompt", "seed"))
+    return ("-" if seed is None else seed), f"#{job.grid}" + (f" {values}" if values else "")
 
 
 def _validate(host, store, jobs: list) -> None:
@@ -255,6 +268,10 @@ def _run(queue: JobQueue, until_empty: bool) -> int:
         out = (job.result or {}).get("files") or []
         print(f"job {job.id}: {job.state}" + (f" {out[0]}" if out else "") + (f" ({job.error})" if job.error else ""),
               flush=True)
+        if job.grid is not None and all(j.state in FINISHED for j in queue.grid_jobs(job.grid)):
+            sheet = queue.grid(job.grid)["sheet"]  # the worker wrote it when this last cell finished
+            if sheet:
+                print(f"grid {job.grid}: contact sheet {sheet}", flush=True)
     return 0
 
 

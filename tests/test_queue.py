@@ -495,3 +495,24 @@ def test_release_cancels_a_job_asked_to_stop_and_retry_unpins_a_servers_job(stud
     mine = q.submit(Job("upper", prompt="z"), source="api", pin=server_pin(q.owner))
     recover(q)  # a server started again with the dead one's host and pid (a restarted container)
     assert q.get(mine).state == "cancelled"
+
+
+def test_cli_queue_list_tells_a_grids_jobs_apart_and_run_names_its_sheet(studio_home, capsys):
+    """The rows of a grid looked identical (same generator and prompt), and `queue run` never said where the
+    contact sheet went."""
+    from studio.cli import main
+
+    drop(studio_home, "pixels", PIXELS)
+    assert main(["queue", "add", "pixels", "--prompt", "p", "--seeds", "1,2", "--grid", "size=4,8"]) == 0
+    assert main(["queue", "add", "pixels", "--prompt", "q", "--seed", "7"]) == 0
+    capsys.readouterr()
+    assert main(["queue", "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head.split()[-3:] == ["SEED", "GRID", "NOTE"]
+    assert [r.split()[-3:] for r in rows] == [["1", "#1", "size=4"], ["1", "#1", "size=8"], ["2", "#1", "size=4"],
+                                              ["2", "#1", "size=8"], ["q", "7", "-"]]
+    assert main(["queue", "run", "--until-empty"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    sheet = JobQueue().grid(1)["sheet"]
+    assert out[4] == f"grid 1: contact sheet {sheet}" and Path(sheet).is_file()
+    assert out[5].startswith("job 5: done") and len(out) == 6
