@@ -304,7 +304,7 @@ def cmd_batch(args) -> int:
     from engine import state
     from engine.runner import Job, nth_seed
     from engine.store import ModelStore
-    from studio.commands import _host, _parse_sets, _print_json, read_prompt_file
+    from studio.commands import _host, _parse_sets, read_prompt_file
 
     if sum(map(bool, (args.jobfile, args.prompt_file, args.folder))) != 1:
         raise UsageError("Give a job file, --prompt-file or --folder (one of them).")
@@ -366,10 +366,7 @@ def cmd_batch(args) -> int:
                 reported.add(job.id)
                 bar.step()
                 failed += job.state != "done"
-                if job.state != "done":
-                    print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
-                elif args.json:
-                    _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+                _report(job, args.json)
         if len(reported) == len(ids):
             break
         if ran is None:  # waiting on jobs another process runs; if it died, they come back to the queue
@@ -382,11 +379,23 @@ def cmd_batch(args) -> int:
     return 1 if errors or failed else 0
 
 
+def _report(job, as_json: bool) -> None:
+    """A finished job of a batch: its error on stderr, else its JSON object (--json) or the path of its output (as
+    `studio generate` prints an image's; a text's recipe file beside it is left out, as there)."""
+    from studio.commands import _print_json
+
+    if job.state != "done":
+        print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
+    elif as_json:
+        _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+    elif (job.result or {}).get("files"):
+        print(job.result["files"][0], flush=True)
+
+
 def _batch_on_ray(queue, batch, pool, host, store, ids, as_json: bool, had_errors: bool) -> int:
     from engine import state
     from engine.history import History
     from engine.raypool import run_queue_batch
-    from studio.commands import _print_json
 
     bar = _BatchBar(len(ids))
     try:
@@ -396,10 +405,7 @@ def _batch_on_ray(queue, batch, pool, host, store, ids, as_json: bool, had_error
         pool.close()
     bar.done()
     for job in queue.list(batch=batch):
-        if job.state != "done":
-            print(f"studio: error: job {job.id} ({job.label}): {job.error or job.state}", file=sys.stderr)
-        elif as_json:
-            _print_json({"job": job.id, "history_id": job.history_id, **(job.result or {})})
+        _report(job, as_json)
     print(f"batch {batch}: {len(done)} of {len(ids)} done on Ray", file=sys.stderr)
     return 1 if had_errors or failed else 0
 

@@ -516,3 +516,16 @@ def test_cli_queue_list_tells_a_grids_jobs_apart_and_run_names_its_sheet(studio_
     sheet = JobQueue().grid(1)["sheet"]
     assert out[4] == f"grid 1: contact sheet {sheet}" and Path(sheet).is_file()
     assert out[5].startswith("job 5: done") and len(out) == 6
+
+
+def test_cli_batch_prints_each_output_path(studio_home, tmp_path, capsys):
+    """Without --json, `studio batch` printed nothing on stdout: where did the outputs go?"""
+    from studio.cli import main
+
+    drop(studio_home, "good", GOOD)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    assert main(["batch", "--prompt-file", str(prompts), "--generator", "upper"]) == 0
+    paths = capsys.readouterr().out.splitlines()
+    assert [Path(p).read_text() for p in paths] == ["ONE", "TWO"]
+    assert sorted(paths) == sorted(e.outputs[0]["path"] for e in History().list())
