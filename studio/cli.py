@@ -63,7 +63,43 @@ def _help_for(argv: list) -> tuple:
     return (gen, model) if gen else ()
 
 
+# Help lines of the options several subcommands share (generate, chat, queue add, batch)
+PROMPT_HELP = "the text to start from: what the text generator continues, what the image is of"
+MODEL_HELP = ("a model's name (`studio models list`) or a model folder's path (default: the generator's own "
+              "default model)")
+SEED_HELP = ("random seed, a whole number from 0 to 2^63-1: the same seed gives the same output (default: a new one "
+             "each time, recorded in the history; several inputs get N, N+1, ...)")
+SET_HELP = ("set an option of the generator, e.g. max_new_tokens=50 or steps=20 (repeatable; `studio generate "
+            "GENERATOR --help` lists them)")
+
+
+def package_version() -> str:
+    """The installed distribution's version (package metadata); the source's own when it is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("genai-studio")
+    except importlib.metadata.PackageNotFoundError:
+        import engine
+
+        return engine.__version__
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print the studio's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"studio {package_version()}")
+        parser.exit()
+
+
 QUANTIZE = ("int8", "int4")  # engine.onnx_export.QUANTIZE (which also has None), without importing the exporter
+
+
+LORA_HELP = "apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)"
 
 
 def add_backend_flags(p) -> None:
@@ -78,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="studio", description="GenAI Studio: an offline studio for generative AI.")
     p.add_argument("--safe-mode", action="store_true", help="load only the built-in plugins")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     g = sub.add_parser("gui", help="open the desktop studio")
@@ -90,21 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate content (`studio generate GENERATOR --help [--model NAME]`: its "
                                          "options and their defaults for that model)")
     g.__class__ = _GenerateParser
-    g.add_argument("generator")
-    g.add_argument("--prompt")
+    g.add_argument("generator", help="the generator's id (`studio generators` lists them): text, image, caption, ...")
+    g.add_argument("--prompt", metavar="TEXT", help=PROMPT_HELP)
     g.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line")
     g.add_argument("--batch-size", type=int, default=1, metavar="N",
                    help="run N inputs at once (generators that batch, such as text and caption; default 1)")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="input image (repeatable)")
     g.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
-    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--model", metavar="NAME|PATH", help=MODEL_HELP)
     add_backend_flags(g)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (a .safetensors file or a PEFT folder), weight 1 unless given (repeatable)")
     g.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat`: a JSON list of "
                    "{\"role\", \"content\"} (or an object with a \"messages\" list)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help=SET_HELP)
     g.add_argument("--out", metavar="PATH", help="output file, or a folder (ending in /, made when missing; always a "
                    "folder for batch input)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -132,26 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object per image")
 
     g = sub.add_parser("chat", help="talk with a language model, in turns (/reset, /save FILE, /quit)")
-    g.add_argument("--model", metavar="NAME|PATH")
+    g.add_argument("--model", metavar="NAME|PATH", help=MODEL_HELP)
     g.add_argument("--system", metavar="TEXT", help="a system prompt")
     add_backend_flags(g)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    g.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=LORA_HELP)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help=SET_HELP)
 
     m = sub.add_parser("models", help="list, inspect, import and remove models")
     msub = m.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    x = msub.add_parser("list")
-    x.add_argument("--json", action="store_true")
-    x = msub.add_parser("info")
-    x.add_argument("name")
-    x.add_argument("--json", action="store_true")
-    x = msub.add_parser("import")
-    x.add_argument("path")
-    x.add_argument("--name")
+    x = msub.add_parser("list", help="the installed models: built-in and imported, with family, size, hash and "
+                                     "ONNX exports")
+    x.add_argument("--json", action="store_true", help="print them as a JSON list")
+    x = msub.add_parser("info", help="one model in full: its folder, hash, scores and exports")
+    x.add_argument("name", help="the model's name (`studio models list`)")
+    x.add_argument("--json", action="store_true", help="print it as a JSON object")
+    x = msub.add_parser("import", help="copy a model into the store: a Hugging Face-layout folder, a diffusers "
+                                       "folder, a GGUF or a single-file checkpoint")
+    x.add_argument("path", help="the model folder or file")
+    x.add_argument("--name", help="the name to give it (default: the folder's or file's name)")
     x.add_argument("--trust", action="store_true", help="allow pickle weights (loaded with weights_only=True)")
-    x = msub.add_parser("remove")
-    x.add_argument("name")
+    x = msub.add_parser("remove", help="delete an imported model from the store (built-in models cannot be removed)")
+    x.add_argument("name", help="the model's name (`studio models list`)")
     x = msub.add_parser("merge-lora", help="fold LoRA adapters into a copy of a model, imported as a new model")
     x.add_argument("model", help="the base model")
     x.add_argument("lora", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files or PEFT folders")

@@ -13,7 +13,7 @@ from engine.jobqueue import FINISHED, JobQueue
 
 
 def add_parsers(sub, parser_class) -> None:
-    from studio.cli import QUANTIZE, add_backend_flags
+    from studio.cli import LORA_HELP, MODEL_HELP, PROMPT_HELP, QUANTIZE, SEED_HELP, SET_HELP, add_backend_flags
 
     q = sub.add_parser("queue", help="the job queue: add, list, reorder, pause, resume, cancel, retry, run")
     qsub = q.add_subparsers(dest="action", required=True, parser_class=parser_class)
@@ -22,17 +22,17 @@ def add_parsers(sub, parser_class) -> None:
     x.add_argument("--all", action="store_true", help="also the finished jobs")
     x = qsub.add_parser("add", help="queue generations (the options of `studio generate`, plus a grid)")
     x.add_argument("generator")
-    x.add_argument("--prompt")
+    x.add_argument("--prompt", metavar="TEXT", help=PROMPT_HELP)
     x.add_argument("--prompt-file", metavar="FILE", help="one job per non-empty line (the grid's prompts)")
     x.add_argument("--image", action="append", default=[], metavar="PATH")
     x.add_argument("--mask", metavar="PATH", help="inpainting mask for --image (white = repaint, black = keep)")
     x.add_argument("--folder", metavar="DIR", help="one job per image in DIR (captioning a folder)")
-    x.add_argument("--model", metavar="NAME|PATH")
+    x.add_argument("--model", metavar="NAME|PATH", help=MODEL_HELP)
     add_backend_flags(x)
-    x.add_argument("--seed", type=int)
-    x.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    x.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
+    x.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=LORA_HELP)
     x.add_argument("--messages", metavar="FILE.json", help="a conversation for `chat` (as `studio generate chat`)")
-    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help=SET_HELP)
     x.add_argument("--front", action="store_true", help="run it next")
     x.add_argument("--seeds", metavar="N,N,...", help="grid: one job per seed")
     x.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2,...",
@@ -63,10 +63,11 @@ def add_parsers(sub, parser_class) -> None:
     b.add_argument("jobfile", nargs="?", help="one JSON object per line: generator, prompt, image, model, seed, options")
     b.add_argument("--prompt-file", metavar="FILE", help="one generation per non-empty line (with --generator)")
     b.add_argument("--folder", metavar="DIR", help="one job per image in DIR (e.g. --generator caption)")
-    b.add_argument("--generator", default="text")
-    b.add_argument("--model", metavar="NAME|PATH")
-    b.add_argument("--seed", type=int)
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    b.add_argument("--generator", default="text", help="the generator of --prompt-file and --folder jobs "
+                   "(default text)")
+    b.add_argument("--model", metavar="NAME|PATH", help=MODEL_HELP)
+    b.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help=SET_HELP)
     b.add_argument("--ray", metavar="auto|ADDRESS", help="run on a Ray cluster (pip install -e '.[ray]')")
     b.add_argument("--workers", type=int, default=2, help="Ray actors (with --ray)")
     b.add_argument("--json", action="store_true", help="print one JSON object per finished job")

@@ -460,3 +460,40 @@ def test_gui_refuses_an_unknown_generator_before_any_window(plugins, capsys, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("studio: error: Unknown generator 'nope'; the installed generators are:") and "upper" in err
     assert len(err.splitlines()) == 1
+
+
+def _subparser(parser, *path):
+    import argparse
+
+    for name in path:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
+
+
+def test_shared_options_and_model_actions_have_help_and_version_prints(capsys, monkeypatch):
+    """--prompt, --model, --seed and --set had no help line anywhere, nor `models list/info/import/remove`."""
+    import argparse
+
+    from studio.cli import build_parser, package_version
+
+    parser = build_parser()
+    for path in (("generate",), ("chat",), ("queue", "add"), ("batch",)):
+        sub = _subparser(parser, *path)
+        for action in sub._actions:
+            if set(action.option_strings) & {"--prompt", "--model", "--seed", "--set", "--lora"}:
+                assert action.help, (path, action.option_strings)
+    models = next(a for a in _subparser(parser, "models")._actions if isinstance(a, argparse._SubParsersAction))
+    helped = {c.dest: c.help for c in models._choices_actions}
+    assert all(helped.get(verb) for verb in ("list", "info", "import", "remove")), helped
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"studio {package_version()}\n"
+    import importlib.metadata
+
+    import engine
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert package_version() == engine.__version__  # a source tree that is not installed says its own
