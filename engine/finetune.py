@@ -27,6 +27,7 @@ from typing import Callable
 
 from engine.errors import CancelledError, OptionError, StudioError, UsageError
 from engine.outputs import replacing
+from engine.pace import Pace, progress_printer
 from engine.runfolder import refuse_changed, refuse_foreign_folder, refuse_to_restart, run_lock
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,10 @@ def _run(task: Task, settings: Settings, out: Path, resume: bool, cancel, report
     else:
         refuse_to_restart(out / "checkpoint", resume)
     logf = open(out / "log.jsonl", "a", encoding="utf-8")
-    t0, last_ck = time.perf_counter(), start
+    pace, last_ck = Pace(settings.steps, settings.eval_every, settings.checkpoint_every), start
     try:
         for step in range(start, settings.steps):
+            t0 = time.perf_counter()
             if cancel is not None and cancel.cancelled:
                 _save_checkpoint(out, task, opt, step, history, settings)
                 raise CancelledError(f"Fine-tuning stopped at step {step}; resume it with --resume.")
@@ -213,10 +215,10 @@ def _run(task: Task, settings: Settings, out: Path, resume: bool, cancel, report
                 torch.nn.utils.clip_grad_norm_(params, settings.clip)
             opt.step()
             done = step + 1
-            rate = (time.perf_counter() - t0) / (done - start)
-            event = {"step": done, "total": settings.steps, "loss": round(value, 6),
-                     "seconds_per_step": round(rate, 4), "eta_s": round(rate * (settings.steps - done), 1)}
+            pace.step(time.perf_counter() - t0)
+            event = {"step": done, "total": settings.steps, "loss": round(value, 6)}
             if done % settings.eval_every == 0 or done == settings.steps:
+                t0 = time.perf_counter()
                 task.model.eval()
                 with torch.no_grad():
                     event["val_loss"] = round(float(task.val_loss()), 6)
@@ -225,17 +227,21 @@ def _run(task: Task, settings: Settings, out: Path, resume: bool, cancel, report
                     event["sample"] = sample
                 elif sample is not None:  # an image: saved beside the log, its path reported
                     event["sample_image"] = str(_save_sample(out, done, sample))
+                pace.evaluated(time.perf_counter() - t0)
+            event.update(seconds_per_step=round(pace.seconds_per_step(), 4), eta_s=round(pace.eta(done), 1))
             history.append({k: event[k] for k in ("step", "loss", "val_loss") if k in event})
             logf.write(json.dumps(event) + "\n")
             logf.flush()
             report(event)
             if done % settings.checkpoint_every == 0 or done == settings.steps:
+                t0 = time.perf_counter()
                 try:
                     _save_checkpoint(out, task, opt, done, history, settings)
                 except OSError as exc:
                     raise StudioError(f"Could not write the checkpoint at step {done} ({exc.strerror}); the last "
                                       f"complete checkpoint, step {last_ck}, is kept in {out}.") from None
                 last_ck = done
+                pace.checkpointed(time.perf_counter() - t0)
     finally:
         logf.close()
     task.model.eval()
@@ -463,21 +469,12 @@ def replay(row: dict, outputs: list, out: Path) -> tuple:
 
 def run_command(task: Task, a, out: Path, adapter_file: str = "") -> int:
     """What ``studio finetune KIND`` does once a family has built its task from parsed options ``a`` (steps, lr,
-    batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (or one JSON line per
-    logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter folder).
-    SIGTERM stops it after the current step with a checkpoint there (what the GUI's Pause sends)."""
+    batch, seed, checkpoint_every, eval_every, resume, json): train with progress on stderr (``progress_printer``; one
+    JSON line per logged step with ``--json``), then print where the adapter is (``adapter_file`` inside the adapter
+    folder). SIGTERM stops it after the current step with a checkpoint there (what the GUI's Pause sends)."""
     import sys
 
-    def report(e: dict) -> None:
-        if a.json:
-            print(json.dumps(e), flush=True)
-        elif "step" in e:
-            val = f"  val {e['val_loss']:.4f}" if "val_loss" in e else ""
-            print(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}{val}  {e['seconds_per_step']:.3f} s/step  "
-                  f"{e['eta_s']:.0f} s left", file=sys.stderr, flush=True)
-        elif "message" in e:
-            print(e["message"], file=sys.stderr)
-
+    report = progress_printer(a.json)
     token = stop_token()
     try:
         recipe = run(task, settings_from(a), out, resume=a.resume, cancel=token, report=report)

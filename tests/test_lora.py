@@ -470,3 +470,44 @@ def test_a_diffusers_files_per_component_patterns_set_each_layers_scale(tmp_path
     scales = {p: s for p, (_, _, s) in read_adapter(tmp_path).layers.items()}
     assert scales == {"unet/down_blocks.0.attentions.0.proj_in": 1.0, "unet/mid_block.attentions.0.proj_in": 2.0,
                       "text_encoder/encoder.layers.0.self_attn.q_proj": 4.0}
+
+
+def test_time_left_comes_from_the_recent_steps_and_counts_the_evaluations_to_come():
+    """The estimate averaged every step since the start (a slow first step made it high) and counted evaluations and
+    checkpoints only as a share of the steps done (it was ~45 % low before the first one)."""
+    from engine.pace import Pace, WINDOW, still_to_come
+
+    assert [still_to_come(d, 100, 25) for d in (0, 24, 25, 99, 100)] == [4, 4, 3, 1, 0]
+    assert still_to_come(0, 110, 25) == 5  # 25, 50, 75, 100 and the last step
+    pace = Pace(total=100, eval_every=25, checkpoint_every=50)
+    pace.step(5.0)  # the first step warms up
+    assert pace.eta(1) == 5.0 * 99  # alone, it is all there is
+    for _ in range(WINDOW + 5):
+        pace.step(2.0)
+    for _ in range(WINDOW):
+        pace.step(1.0)  # the pace now
+    pace.evaluated(10.0)
+    pace.checkpointed(3.0)
+    assert pace.seconds_per_step() == 1.0
+    assert pace.eta(50) == 50 * 1.0 + 2 * 10.0 + 1 * 3.0  # evaluations at 75 and 100, a checkpoint at 100
+
+
+def test_finetune_prints_a_step_line_every_two_seconds(capsys):
+    """One line per step scrolled the terminal: now the first and the last step, each evaluation, and one every
+    PRINT_EVERY_S."""
+    from engine.pace import PRINT_EVERY_S, progress_printer
+
+    now = [0.0]
+    report = progress_printer(False, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] = step * 0.5
+        event = {"step": step, "total": 10, "loss": 1.0, "seconds_per_step": 0.5, "eta_s": 5 - step * 0.5}
+        if step == 7:
+            event["val_loss"] = 1.1
+        report(event)
+    printed = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    assert PRINT_EVERY_S == 2.0 and printed == [1, 5, 7, 10]  # 1; 5 (2 s after 1); 7 evaluated; 10 the last
+    report = progress_printer(True, clock=lambda: now[0])
+    for step in (1, 2):
+        report({"step": step, "total": 2, "loss": 1.0, "seconds_per_step": 0.5, "eta_s": 0.0})
+    assert len(capsys.readouterr().out.splitlines()) == 2  # --json: every step
