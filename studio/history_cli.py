@@ -15,6 +15,22 @@ from studio.commands import _host, _print_json, _table
 from studio.out_target import out_target
 
 
+WIDTH = 50  # characters of a prompt `history list` shows
+
+
+def what(entry) -> str:
+    """A row's input as `history list` shows it: the input image's file name (a caption's only input), then the
+    prompt on one line, cut to WIDTH characters with an ellipsis."""
+    image = entry.recipe.get("image") if isinstance(entry.recipe, dict) else None
+    if isinstance(image, dict):
+        image = image.get("path") or image.get("kept")
+    name = Path(image).name if isinstance(image, str) and image else ""
+    prompt = " ".join((entry.prompt or "").split())
+    if len(prompt) > WIDTH:
+        prompt = prompt[:WIDTH - 1].rstrip() + "…"
+    return f"{name}: {prompt}" if name and prompt else name or prompt
+
+
 def history_command(args) -> int:
     """`studio history list|show|replay`; replaying a fine-tune's row trains it again and compares the adapters."""
     history = History()
@@ -27,8 +43,8 @@ def history_command(args) -> int:
             _print_json([e.to_dict() for e in entries])
         else:
             _table([(e.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), e.generator, e.model,
-                     e.seed, (e.prompt or "").replace("\n", " ")[:50]) for e in entries],
-                   ["ID", "WHEN", "GENERATOR", "MODEL", "SEED", "PROMPT"])
+                     e.seed, what(e)) for e in entries],
+                   ["ID", "WHEN", "GENERATOR", "MODEL", "SEED", "PROMPT / IMAGE"])
     elif args.action == "show":
         entry = history.get(args.id)
         if args.json:

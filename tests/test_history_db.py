@@ -111,3 +111,22 @@ def test_a_damaged_row_does_not_break_the_listing(studio_home, capsys):
     for row in ("2", "3"):
         assert main(["history", "replay", row]) == 2
         assert "is damaged" in capsys.readouterr().err
+
+
+def test_history_list_marks_a_cut_prompt_and_names_a_captions_image(studio_home, capsys):
+    """A long prompt was cut without a sign, and a caption's row showed nothing of its input."""
+    from studio.cli import main
+
+    h = H.History()
+    long = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer"
+    h.add({"generator": "text", "prompt": long, "text": "x"}, [])
+    h.add({"generator": "caption", "prompt": None, "image": {"path": "/pics/scene-7.png", "sha256": "ab"},
+           "text": "a red circle"}, [])
+    h.add({"generator": "sd", "prompt": "an oil painting", "image": {"path": "/pics/photo.jpg", "sha256": "cd"}}, [])
+    h.add({"generator": "text", "prompt": "short", "text": "y"}, [])
+    assert main(["history", "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head.endswith("PROMPT / IMAGE")
+    assert rows[0].endswith("  short") and rows[1].endswith("  photo.jpg: an oil painting")
+    assert rows[2].endswith("  scene-7.png")
+    assert rows[3].endswith("  To be, or not to be, that is the question: Whethe…")
