@@ -497,3 +497,11 @@ def test_shared_options_and_model_actions_have_help_and_version_prints(capsys, m
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert package_version() == engine.__version__  # a source tree that is not installed says its own
+
+
+def test_python_dash_m_studio_is_the_command():
+    """`python -m studio` said 'studio is a package and cannot be directly executed'."""
+    from studio.cli import package_version
+
+    proc = subprocess.run([sys.executable, "-m", "studio", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"studio {package_version()}\n", proc.stderr
