@@ -130,5 +130,6 @@ def refuse_changed(out: Path, state: dict, recipe_now: dict, settings) -> None:
 def unfinished(folder) -> bool:
     """A run folder with a checkpoint and no finished adapter (``finetune.json`` is written at the end): a run
     that stopped (paused, cancelled, the studio closed) and can be resumed."""
-    return bool(folder) and (Path(folder) / "checkpoint" / "state.json").is_file() and \
-        not (Path(folder) / "finetune.json").exists()
+    if not isinstance(folder, (str, Path)) or not folder:  # (a hand-edited settings file may hold anything)
+        return False
+    return (Path(folder) / "checkpoint" / "state.json").is_file() and not (Path(folder) / "finetune.json").exists()

@@ -161,31 +161,37 @@ def update_settings(change: Callable[[Settings], None]) -> Settings:
 def save_changes(settings: Settings, loaded: Settings) -> Settings:
     """Write only what of ``settings`` differs from ``loaded`` (what this process read at its start) into the file
     as it is now: a window closing keeps what the command line changed while it was open. A field that holds a
-    dict (the window's ``gui``: geometry, the form of each generator, the chat) is compared key by key, nested
-    dicts too: of two windows on one state folder, the one that closes last keeps what the other changed and it
-    did not (its conversation, another generator's options). Returns the settings written (the new ``loaded``)."""
+    dict (the window's ``gui``) is compared key by key, and so is a dict of dicts in it (``generators``: one form
+    per generator); any other value (a conversation, one generator's form) is one value, written whole. So of two
+    windows on one state folder, the one that closes last keeps what the other changed and it did not. Returns the
+    settings written (the new ``loaded``)."""
     def change(now: Settings) -> None:
         for f in Settings.__dataclass_fields__:
-            setattr(now, f, _changed(getattr(now, f), getattr(settings, f), getattr(loaded, f)))
+            setattr(now, f, _changed(getattr(now, f), getattr(settings, f), getattr(loaded, f), top=True))
 
     return update_settings(change)
 
 
-def _changed(now, new, old):
+def _changed(now, new, old, top: bool = False):
     """``now`` (the file's) with the changes from ``old`` to ``new`` (this process's) made in it."""
     if new == old:
         return now
-    if not (isinstance(new, dict) and isinstance(old, dict) and isinstance(now, dict)):
+    by_key = isinstance(new, dict) and isinstance(old, dict) and isinstance(now, dict) and \
+        (top or all(isinstance(v, dict) for v in new.values()))
+    if not by_key:
         return new
     merged = dict(now)
     for key in set(new) | set(old):
         if key not in new:
             merged.pop(key, None)
-        elif key not in old:
-            merged[key] = new[key]
-        elif new[key] != old[key]:
-            merged[key] = _changed(now.get(key), new[key], old[key])
+            continue
+        was = old.get(key, {} if isinstance(new[key], dict) else _NOTHING)  # (a dict new here: changed from empty)
+        if new[key] != was:
+            merged[key] = _changed(now.get(key), new[key], was)
     return merged
+
+
+_NOTHING = object()
 
 
 def save_settings(settings: Settings) -> None:

@@ -357,6 +357,24 @@ def test_two_windows_on_one_state_folder_keep_each_others_changes(plugins, qtbot
     third.close()
     assert state.load_settings().gui["chat"] == gui["chat"]
 
+    # a form only looked at is not written over the other window's; a conversation is kept whole, not mixed
+    looker, writer = MainWindow(), MainWindow()
+    qtbot.addWidget(looker)
+    qtbot.addWidget(writer)
+    looker.select_generator("upper")
+    looker.chat.set_conversation([chat.Message("user", "B's turn")])
+    looker.chat.input.setPlainText("B's draft")
+    writer.select_generator("upper")
+    writer.panel.prompt.setPlainText("written in A")
+    writer.chat.system.setPlainText("You are a pirate.")
+    writer.chat.set_conversation([chat.Message("user", "Ahoy?")])
+    looker.close()
+    writer.close()
+    gui = state.load_settings().gui
+    assert gui["generators"]["upper"]["prompt"] == "written in A"
+    assert gui["chat"] == {"system": "", "input": "", "turns": [["user", "Ahoy?"]]}  # (set_conversation clears
+    # the system prompt) the writer's conversation whole, without the other window's draft
+
 
 def test_overwrite_never_replaces_a_json_file_that_is_not_a_recipe(plugins, tmp_path):
     """--out target.txt --overwrite replaced the user's own target.txt.json with the recipe, saying only
@@ -505,3 +523,14 @@ def test_python_dash_m_studio_is_the_command():
 
     proc = subprocess.run([sys.executable, "-m", "studio", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == f"studio {package_version()}\n", proc.stderr
+
+
+def test_a_hand_edited_fine_tune_folder_that_is_not_text_does_not_stop_the_window(plugins, qtbot):
+    """{"gui": {"finetune_run": {"folder": 5}}} in settings.json: 'unexpected TypeError', and no window."""
+    from engine import state
+    from studio.gui.main_window import MainWindow
+
+    state.save_settings(state.Settings(gui={"finetune_run": {"folder": 5}}))
+    w = MainWindow()
+    qtbot.addWidget(w)
+    assert w.current_generator_id()

@@ -59,6 +59,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.gui_state = dict(gui) if isinstance(gui, dict) else {}
         saved = self.gui_state.get("generators")
         self.saved = {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
+        self.shown_forms: dict = {}  # generator id -> its form as first shown in this window
 
         self.banner = ErrorBanner()
         self.generator_list = QListWidget()
@@ -192,8 +193,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     # ----- generators ------------------------------------------------------------------------
     def populate_generators(self, select: str | None = None) -> None:
         current = select or self.current_generator_id()
-        if self.panel.info is not None:  # what the form holds now comes back after the list is rebuilt
-            self.saved[self.panel.info.id] = self.panel.state()
+        self._keep_form()  # what the form holds now comes back after the list is rebuilt
         self.generator_list.blockSignals(True)
         self.generator_list.clear()
         for info in self.session.generators():
@@ -216,6 +216,15 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.output.set_targets(bool(self.session.find_generator("text", "image")),
                                 bool(self.session.find_generator("image", "text")))
 
+    def _keep_form(self) -> None:
+        """The shown generator's form into ``saved`` (written at close) once it differs from what it first showed: a
+        form only looked at is not written over what another window on the same state folder saved for it."""
+        if self.panel.info is None:
+            return
+        gid, state = self.panel.info.id, self.panel.state()
+        if gid in self.saved or state != self.shown_forms.get(gid):
+            self.saved[gid] = state
+
     def current_generator_id(self) -> str | None:
         item = self.generator_list.currentItem()
         return item.data(Qt.ItemDataRole.UserRole) if item else None
@@ -231,8 +240,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
 
     @guard
     def on_generator_changed(self, *args) -> None:
-        if self.panel.info is not None:
-            self.saved[self.panel.info.id] = self.panel.state()
+        self._keep_form()
         gid = self.current_generator_id()
         if gid is None or gid not in self.session.host.generators:
             return
@@ -250,6 +258,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
             self.panel.restore(self.saved.get(gid, {}))
         except Exception:  # noqa: BLE001 - remembered state is a convenience; a bad one is dropped
             log.warning("Ignoring the remembered state of generator %s", gid)
+        self.shown_forms.setdefault(gid, self.panel.state())
         if self.task is None:
             self.output.set_kind(kind_of(info))
         is_chat = "messages" in info.takes
@@ -387,8 +396,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.resize(1180, 760)
 
     def _remember(self) -> None:
-        if self.panel.info is not None:
-            self.saved[self.panel.info.id] = self.panel.state()
+        self._keep_form()
         self.gui_state.update({
             "generator": self.current_generator_id(), "generators": self.saved,
             "backend": self.panel.backend.currentText(), "device": self.panel.device.currentText(),
