@@ -361,3 +361,38 @@ def test_a_chat_job_cancelled_before_it_starts_gives_back_the_message_and_the_an
     JobQueue().cancel(w.chat_job)  # from a terminal: the Queue tab's timer notices
     qtbot.waitUntil(lambda: _roles(w) == ["user", "assistant"], timeout=5000)
     assert w.chat.input.toPlainText() == "And who are you?"
+
+
+def test_a_cancelled_chat_job_retried_later_and_one_queued_before_a_restart(qtbot):
+    """Retrying an old cancelled chat job replaced the conversation on screen with the old one; a message queued
+    before the window closed and cancelled after it reopened stayed as a turn with no answer."""
+    from engine.jobqueue import JobQueue
+
+    w = _window(qtbot)
+    w.queue.set_paused(True)
+    w.chat.input.setPlainText("Old question")
+    w.chat.send_button.click()
+    old = w.chat_job
+    JobQueue().cancel(old)
+    w.check_chat_job()
+    assert w.chat.input.toPlainText() == "Old question" and not w.chat.turns
+    w.chat.clear()
+    w.chat.input.clear()
+    w.chat.set_conversation([chat.Message("user", "New topic"), chat.Message("assistant", "Aye")])
+    w.queue.retry(old)
+    w.queue.set_paused(False)
+    w.pump()
+    qtbot.waitUntil(lambda: w.queue.get(old).state == "done", timeout=60000)
+    wait_idle(qtbot, w, timeout=60000)
+    assert [(t.role, t.content) for t in w.chat.turns] == [("user", "New topic"), ("assistant", "Aye")]
+
+    w.queue.set_paused(True)
+    w.chat.input.setPlainText("Sent before closing")
+    w.chat.send_button.click()
+    queued = w.chat_job
+    w.close()
+    again = _window(qtbot)
+    assert again.chat_job == queued and again.chat.turns[-1].content == "Sent before closing"
+    JobQueue().cancel(queued)
+    again.check_chat_job()
+    assert again.chat.input.toPlainText() == "Sent before closing" and _roles(again) == ["user", "assistant"]

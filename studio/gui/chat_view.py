@@ -329,6 +329,18 @@ class ChatView(QWidget):
         shown = [(m.role, m.content) for m in self.messages()]
         return not shown or shown == [(m.role, m.content) for m in sent]
 
+    def adopt(self, messages) -> bool:
+        """Whether a queued chat job (``messages``, as it holds them) is the message this view shows as sent and
+        unanswered (after a restart): if so, it is the pending message again (a cancel gives it back to the box)."""
+        try:
+            sent = chat.parse_messages(messages or [], need_user_last=True)
+        except StudioError:
+            return False
+        if not self.turns or [(m.role, m.content) for m in self.messages()] != [(m.role, m.content) for m in sent]:
+            return False
+        self.pending_user = sent[-1].content
+        return True
+
     def begin_answer(self, messages: Optional[list] = None) -> None:
         """An empty model turn starts streaming, below the conversation the job sends (``messages``, as the job
         holds them): a job queued before a restart shows its conversation again."""
@@ -337,6 +349,8 @@ class ChatView(QWidget):
             if [(m.role, m.content) for m in self.messages()] != [(m.role, m.content) for m in sent]:
                 self.set_conversation(sent)
                 self.pending_user = None
+                if sent and sent[-1].role == "user" and self.input.toPlainText() == sent[-1].content:
+                    self.input.clear()  # (a retried message that had come back into the box is sent now)
         self.answer = self._add(chat.Message("assistant", ""))
         self.set_busy(True)
 

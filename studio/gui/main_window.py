@@ -137,6 +137,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.panel.set_pickers(self.gui_state.get("backend", s.backend), self.gui_state.get("device", s.device))
         self._restore_geometry()
         self.chat.restore(self.gui_state.get("chat"))
+        self._adopt_chat_job()
         self.populate_generators(generator or self.gui_state.get("generator"))
         if isinstance(self.session.loaded.gui, dict):  # a window that never touched the chat does not write it over
             self.session.loaded.gui["chat"] = copy.deepcopy(self.chat.state())  # another window's conversation
@@ -215,6 +216,18 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
             self.show_error("No generators are available: every plugin failed or is disabled (see Tools > Plugins).")
         self.output.set_targets(bool(self.session.find_generator("text", "image")),
                                 bool(self.session.find_generator("image", "text")))
+
+    def _adopt_chat_job(self) -> None:
+        """A chat message sent before a restart and still queued is this window's chat job again."""
+        try:
+            queued = self.queue.list(states=("queued",))
+        except Exception:  # noqa: BLE001 - (the queue was checked when the window opened)
+            return
+        for qjob in queued:
+            if qjob.source == "gui" and qjob.job.get("messages") and self.chat.adopt(qjob.job["messages"]):
+                self.chat_job = qjob.id
+                self.submitted.add(qjob.id)
+                return
 
     def _keep_form(self) -> None:
         """The shown generator's form into ``saved`` (written at close) once it differs from what it first showed: a

@@ -107,6 +107,7 @@ class TaskActions:
             state = "gone"
         if state in ("queued", "running", "done"):
             return
+        self.submitted.discard(self.chat_job)  # a retry later answers in Output unless the view shows its turns
         self.chat_job = None
         if self.chat.answer is None:
             self.chat.abort_answer()
