@@ -52,11 +52,13 @@ def test_three_turns_regenerate_edit_and_reopen(qtbot):
     first.edit_button.click()
     assert first.editing
     first.editor.setPlainText("Good morrow, cousin.")
+    w.chat.input.setPlainText("a draft being written")  # (it was sent too, as a second user turn)
     first.edit_button.click()  # "Continue from here"
     wait_idle(qtbot, w, timeout=60000)
     assert _roles(w) == ["user", "assistant"]
     assert w.chat.turns[0].content == "Good morrow, cousin."
     assert [m["content"] for m in w.output.recipe["messages"]] == ["A street in Verona.", "Good morrow, cousin."]
+    assert w.chat.input.toPlainText() == "a draft being written"
     _send(qtbot, w, "And what of Romeo?")
     final = [(m.role, m.content) for m in w.chat.messages()]
     assert len(final) == 5

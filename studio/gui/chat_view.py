@@ -87,6 +87,7 @@ class ChatView(QWidget):
 
     send_requested = Signal()
     regenerate_requested = Signal()
+    continue_requested = Signal()  # answer the conversation as it stands (an edited turn), not the message box
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -182,15 +183,15 @@ class ChatView(QWidget):
         out = [chat.Message("system", self.system.toPlainText())] if self.system.toPlainText().strip() else []
         return out + [chat.Message(t.role, t.content) for t in self.turns if t is not self.answer]
 
-    def next_messages(self, regenerate: bool = False) -> list:
-        """The conversation to answer now: the turns plus the message box as a user turn (when written); to
-        ``regenerate``, the turns before the last answer."""
+    def next_messages(self, regenerate: bool = False, draft: bool = True) -> list:
+        """The conversation to answer now: the turns plus the message box as a user turn (when written and
+        ``draft``); to ``regenerate``, the turns before the last answer."""
         msgs = self.messages()
         if regenerate:
             if not self.turns or self.turns[-1].role != "assistant":
                 raise UsageError("There is no answer to regenerate yet.")
             return msgs[:-1]
-        text = self.input.toPlainText()
+        text = self.input.toPlainText() if draft else ""
         if text.strip():
             msgs.append(chat.Message("user", text))
         if not msgs or msgs[-1].role != "user":
@@ -203,11 +204,11 @@ class ChatView(QWidget):
         msgs = self.next_messages() if messages is None else messages
         return chat.measure(self.template, self.tokenizer, msgs, self.context, self.max_new_tokens)
 
-    def to_send(self, regenerate: bool = False) -> list:
+    def to_send(self, regenerate: bool = False, draft: bool = True) -> list:
         """The conversation to answer now; when it would not fit the context, the user sees which oldest turns
         would be left out and chooses (UsageError when they choose to stop). Nothing is cut without asking, and
         nothing else changes until ``sent``."""
-        messages = self.next_messages(regenerate)
+        messages = self.next_messages(regenerate, draft)
         fit = self.fit(messages)
         if fit is None or fit.fits:
             return messages
@@ -304,7 +305,7 @@ class ChatView(QWidget):
             self._remove(later)
         self.update_meter()
         if block.role == "user":
-            self.send_requested.emit()
+            self.continue_requested.emit()  # (a message being written in the box stays there)
 
     # ----- an answer -------------------------------------------------------------------------
     def sent(self, messages: list, regenerate: bool = False) -> None:

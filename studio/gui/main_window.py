@@ -130,6 +130,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         self.history.load_requested.connect(self.on_load_requested)
         self.chat.send_requested.connect(self.generate)
         self.chat.regenerate_requested.connect(self.regenerate_answer)
+        self.chat.continue_requested.connect(self.continue_chat)
         self.panel.model.currentIndexChanged.connect(self.on_chat_model_changed)
         self.panel.form.changed.connect(self.on_chat_options_changed)
 
@@ -297,8 +298,9 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
     def generate(self) -> None:
         self.submit()
 
-    def submit(self, regenerate: bool = False) -> int:
-        """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it."""
+    def submit(self, regenerate: bool = False, draft: bool = True) -> int:
+        """Queue the panel's job; it starts at once when nothing runs, else after the jobs before it. A chat job
+        sends the conversation, with the message box as the last turn when ``draft``."""
         job = self.panel.job()
         sent = None
         if "messages" in self.panel.info.takes:
@@ -307,7 +309,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
                 # the next message is sent with the answer it follows; queued now, it would go without it
                 raise UsageError("The model is still answering; wait for the answer (or Stop it) before sending "
                                  "the next message.")
-            sent = self.chat.to_send(regenerate)
+            sent = self.chat.to_send(regenerate, draft)
             job.messages = [m.to_dict() for m in sent]
         self._remember()
         job_id = self._enqueue(job)
@@ -327,6 +329,10 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         return job_id
 
     # ----- chat ------------------------------------------------------------------------------
+    @guard
+    def continue_chat(self) -> None:
+        self.submit(draft=False)
+
     @guard
     def regenerate_answer(self) -> None:
         if self.task is not None:
