@@ -80,7 +80,9 @@ def replay_job(store: ModelStore, recipe: dict, device: Optional[str] = None,
     """The job that replays a recipe (its inputs, LoRAs and model as recorded, or the copies the studio kept; its
     export and thread count) and the notes on what was found instead: what `studio history replay` and the
     window's Replay run."""
-    problem = recipe_problem(recipe)
+    problem = recipe_problem(recipe) or ("" if recipe.get("generator") else
+                                         "This recipe names no generator, so it cannot be replayed; load it into "
+                                         "the form and generate instead.")
     if problem:
         raise UsageError(problem)
     model = recipe.get("model") or {}

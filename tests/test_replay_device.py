@@ -117,6 +117,16 @@ def test_a_hand_edited_recipe_is_refused_in_a_sentence(edit, words, tmp_path):
         replay(host, store, recipe)
 
 
+def test_a_recipe_without_a_generator_is_refused_in_a_sentence(tmp_path):
+    """An empty recipe ({}) replayed in the window showed "KeyError: 'generator'"."""
+    from engine.replay import replay_job
+
+    host, store = _text(tmp_path)
+    for recipe in ({}, {"prompt": "x", "source": "a1111"}):
+        with pytest.raises(UsageError, match="This recipe names no generator, so it cannot be replayed"):
+            replay_job(store, recipe)
+
+
 def test_a_recipe_naming_its_model_as_text_replays(tmp_path):
     from engine.history import History
     from engine.replay import replay

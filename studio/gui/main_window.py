@@ -440,6 +440,7 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
                     log.warning("The generator did not stop within %.1f s; leaving it behind.", CLOSE_WAIT_MS / 1000)
             for prepare in list(self.preparing):  # a replay still hashing its inputs (it queues nothing now)
                 prepare.wait(CLOSE_WAIT_MS)
+            self.chat.counter.shutdown(wait=False, cancel_futures=True)  # (a count running ends by itself)
             if getattr(self, "finetune_page", None) is not None:
                 self.finetune_page.stop()  # paused with a checkpoint: Resume continues it
             if self.persist:
