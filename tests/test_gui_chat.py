@@ -398,3 +398,24 @@ def test_a_cancelled_chat_job_retried_later_and_one_queued_before_a_restart(qtbo
     JobQueue().cancel(queued)
     again.check_chat_job()
     assert again.chat.input.toPlainText() == "Sent before closing" and _roles(again) == ["user", "assistant"]
+
+
+def test_a_very_long_turn_shows_its_beginning_and_copy_and_edit_have_it_all(qtbot):
+    """40 turns of 90,000 characters (pasted, or opened from history) froze the window for 8 s while Qt laid out
+    the labels, at every start (the conversation is restored)."""
+    from PySide6.QtWidgets import QApplication
+
+    from studio.gui.chat_view import SHOWN_CHARS, ChatView
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    long = "Fair cousin, thou art welcome to Verona. " * 2500
+    view.set_conversation([chat.Message("user", long), chat.Message("assistant", "short")])
+    block = view.turns[0]
+    assert len(block.text.text()) < SHOWN_CHARS + 200 and "more characters" in block.text.text()
+    assert block.content == long and view.messages()[0].content == long and view.state()["turns"][0][1] == long
+    block.copy_button.click()
+    assert QApplication.clipboard().text() == long
+    block.edit_button.click()
+    assert block.editor.toPlainText() == long
+    assert view.turns[1].text.text() == "short"

@@ -22,15 +22,18 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 100_000  # a message box's paste limit (far past any context the studio runs; Qt lays a line
 # of 100,000 characters out in about a second)
+SHOWN_CHARS = 20_000  # a turn shows this much of its text (answers are far shorter; a pasted or imported one may
+# not be: 40 turns of 90,000 characters froze the window for 8 s)
 INLINE_CHARS = 20_000  # a conversation this long is counted at once (a few ms); a longer one in the meter's thread
 ROLE_TITLES = {"user": "You", "assistant": "Model", "system": "System"}
 ROLE_STYLES = {"user": "background: #e8f0fe; border-radius: 8px;",
                "assistant": "background: #f1f3f4; border-radius: 8px;"}
-from studio.gui.util import PromptEdit, button, column, plain_label, row
+from studio.gui.util import PromptEdit, breakable, button, column, plain_label, row
 
 
 class TurnBlock(QFrame):
-    """One turn: who, the text, and Copy / Edit (Edit turns into "Continue from here" while editing)."""
+    """One turn: who, the text, and Copy / Edit (Edit turns into "Continue from here" while editing). A turn longer
+    than SHOWN_CHARS shows its beginning (Qt lays a long wrapped label out in seconds); Copy and Edit have it all."""
 
     copy_clicked = Signal(object)
     continue_clicked = Signal(object)
@@ -38,13 +41,14 @@ class TurnBlock(QFrame):
     def __init__(self, message: chat.Message, parent=None):
         super().__init__(parent)
         self.role = message.role
+        self.full = message.content
         self.setStyleSheet(ROLE_STYLES.get(message.role, ""))
         self.setObjectName(f"turn_{message.role}")
         self.who = QLabel(f"<b>{ROLE_TITLES[message.role]}</b>")
-        self.text = plain_label(message.content)
+        self.text = plain_label()
         self.text.setWordWrap(True)
         self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.editor = QPlainTextEdit(message.content)
+        self.editor = QPlainTextEdit()  # filled when Edit is clicked
         self.editor.setVisible(False)
         self.editor.setMaximumHeight(120)
         self.copy_button = button("Copy", lambda: self.copy_clicked.emit(self))
@@ -52,14 +56,19 @@ class TurnBlock(QFrame):
                                   "Change this turn; the turns after it are left out when you continue")
         column(self, row((self.who, 1), self.copy_button, self.edit_button), self.text, self.editor,
                margins=(8, 4, 8, 6))
+        self.set_content(message.content)
 
     @property
     def content(self) -> str:
-        return self.text.text()
+        return self.full
 
     def set_content(self, text: str) -> None:
-        self.text.setText(text)
-        self.editor.setPlainText(text)
+        self.full = text
+        shown = text if len(text) <= SHOWN_CHARS else \
+            text[:SHOWN_CHARS] + f"\n… ({len(text) - SHOWN_CHARS:,} more characters: Copy and Edit have them all)"
+        self.text.setText(breakable(shown))
+        if self.editing:
+            self.editor.setPlainText(text)
 
     @property
     def editing(self) -> bool:
