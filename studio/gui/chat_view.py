@@ -258,9 +258,12 @@ class ChatView(QWidget):
         block.continue_clicked.connect(self.continue_from)
         self.turn_layout.insertWidget(self.turn_layout.count() - 1, block)
         self.turns.append(block)
-        bar = self.scroll.verticalScrollBar()
-        QTimer.singleShot(0, lambda: bar.setValue(bar.maximum()))
+        QTimer.singleShot(0, self.scroll, self._scroll_to_end)  # (not after the view is gone: Qt drops it then)
         return block
+
+    def _scroll_to_end(self) -> None:
+        bar = self.scroll.verticalScrollBar()
+        bar.setValue(bar.maximum())
 
     def _remove(self, block: TurnBlock) -> None:
         self.turns.remove(block)
