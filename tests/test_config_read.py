@@ -77,6 +77,28 @@ def test_blip_vision_reads_as_a_vit_with_blips_defaults(tmp_path):
         load_config(tmp_path / "b")
 
 
+def test_a_config_that_leaves_keys_out_means_what_it_means_in_transformers():
+    """ViTConfig's defaults were the built-in captioner's sizes (128 wide, 32 px), not transformers' (768, 224):
+    every network config's defaults are its reference's."""
+    import dataclasses
+
+    import transformers
+
+    from engine.nn.clip_text import CLIPTextConfig
+    from engine.nn.gpt2 import GPT2Config
+    from plugins.caption.vit import ViTConfig
+    from plugins.text.llama import LlamaConfig
+
+    pairs = [(ViTConfig.from_dict({"model_type": "vit"}), transformers.ViTConfig()),
+             (ViTConfig.from_dict({"model_type": "deit"}), transformers.DeiTConfig()),
+             (CLIPTextConfig(), transformers.CLIPTextConfig()), (GPT2Config(), transformers.GPT2Config()),
+             (LlamaConfig(), transformers.LlamaConfig())]
+    for ours, reference in pairs:
+        for f in dataclasses.fields(ours):
+            if hasattr(reference, f.name):
+                assert getattr(ours, f.name) == getattr(reference, f.name), (type(reference).__name__, f.name)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_a_broken_text_config_says_which_key(family):
     cfg = {"model_type": family, "vocab_size": 32, "hidden_size": "16", "intermediate_size": 32,

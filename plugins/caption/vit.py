@@ -20,14 +20,16 @@ from engine.configs import check_attention, read
 
 @dataclass
 class ViTConfig:
-    hidden_size: int = 128
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 512
+    """transformers' ViTConfig / DeiTConfig: its defaults are transformers' (a config.json that leaves a key out
+    means what it means there)."""
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
-    image_size: int = 32
-    patch_size: int = 4
+    image_size: int = 224
+    patch_size: int = 16
     num_channels: int = 3
     qkv_bias: bool = True
     distillation: bool = False  # DeiT: a distillation token after the class token
