@@ -162,14 +162,15 @@ def _environment():
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    env.range_left = [RANGE_BUDGET]  # reset by each render
+    env.range_left = threading.local()  # .value: reset by each render, per thread (the window's meter renders in
+    # a thread of its own while the window renders too)
 
     def budgeted_range(*args):
         """jinja2's sandbox caps one range() at 100,000 items, but nested loops multiply them (hours of work):
         all the range() calls of one render share one budget."""
         items = range(*args)
-        env.range_left[0] -= len(items)
-        if env.range_left[0] < 0:
+        env.range_left.value = getattr(env.range_left, "value", RANGE_BUDGET) - len(items)
+        if env.range_left.value < 0:
             raise jinja2.sandbox.SecurityError(f"its loops run past {RANGE_BUDGET:,} steps")
         return items
 
@@ -236,7 +237,7 @@ class ChatTemplate:
         from jinja2.sandbox import SecurityError
 
         msgs = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
-        self._compiled.environment.range_left[0] = RANGE_BUDGET
+        self._compiled.environment.range_left.value = RANGE_BUDGET
         try:
             out, size = [], 0
             for piece in self._compiled.generate(messages=msgs, tools=None, documents=None,

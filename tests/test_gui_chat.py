@@ -342,6 +342,16 @@ def test_the_meter_counts_a_long_conversation_off_the_windows_thread(qtbot, monk
     view.poll_count()
     assert view.meter.value() == want and view.counting is None
 
+    view.context = want // 2 + 8  # over the budget: the meter's thread works out which turns Send leaves out
+    view.update_meter()
+    assert view.ahead is not None
+    view.ahead.result(timeout=30)
+    threads.clear()
+    view.ask_drop = lambda fit, dropped: True
+    kept = view.to_send()
+    assert len(kept) < 5 and kept[-1].content == "and now?"
+    assert threading.main_thread() not in threads  # Send counted nothing on the window's thread
+
 
 def test_a_chat_job_cancelled_before_it_starts_gives_back_the_message_and_the_answer(qtbot):
     """A queued Regenerate cancelled from the Queue tab (or a terminal) lost the answer it was to replace, and a

@@ -108,6 +108,7 @@ class ChatView(QWidget):
         self.counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-meter")
         self.count_number = 0  # the newest count asked for; an older one that arrives late is not shown
         self.counting = None  # (its number, the Future) while a count runs in the thread
+        self.ahead = None  # the Future working out, after it, which turns Send would leave out
         self.count_poll = QTimer(self)
         self.count_poll.setInterval(25)
         self.count_poll.timeout.connect(self.poll_count)
@@ -425,17 +426,25 @@ class ChatView(QWidget):
         tokens = 0 if not msgs else self.tokenizer.known(text)
         if tokens is None and len(text) <= INLINE_CHARS:
             tokens = self.tokenizer.count(text)
+        for earlier in (self.counting[1] if self.counting else None, self.ahead):
+            if earlier is not None:
+                earlier.cancel()  # (not started yet: it is not counted at all)
+        self.counting = self.ahead = None
         if tokens is not None:
             self.show_count(tokens)
-            return
-        self.meter.setFormat("counting…")
-        if self.counting is not None:
-            self.counting[1].cancel()  # (not started yet: it is not counted at all)
-        self.counting = (self.count_number, self.counter.submit(self.tokenizer.count, text))
-        self.count_poll.start()
+        else:
+            self.meter.setFormat("counting…")
+            self.counting = (self.count_number, self.counter.submit(self.tokenizer.count, text))
+            self.count_poll.start()
+        if len(text) > INLINE_CHARS and (tokens is None or tokens > chat.budget(self.context, self.max_new_tokens)):
+            self.ahead = self.counter.submit(_drop_ahead, self.tokenizer, self.template, text, msgs, self.context,
+                                             self.max_new_tokens)
 
     def poll_count(self) -> None:
-        if self.counting is None or not self.counting[1].done():
+        if self.counting is None:
+            self.count_poll.stop()
+            return
+        if not self.counting[1].done():
             return
         (number, future), self.counting = self.counting, None
         self.count_poll.stop()
@@ -462,3 +471,15 @@ class ChatView(QWidget):
             self.meter_label.setText(f"Over by {fit.tokens - fit.budget} tokens: the oldest turns would have to be "
                                      "left out (you will be asked first).")
             self.meter_label.setStyleSheet("color: #b00020;")
+
+
+def _drop_ahead(memo: chat.TokenMemo, template: chat.ChatTemplate, text: str, messages: list, context: int,
+                max_new_tokens: int) -> None:
+    """After the meter's count, in its thread (it sees no widget): when the conversation is over the budget, the
+    turns Send would leave out are worked out, so that their counts are remembered and Send does not count them
+    again on the window's thread."""
+    if memo.count(text) > chat.budget(context, max_new_tokens):
+        try:
+            chat.drop_oldest(template, memo, messages, context, max_new_tokens)
+        except StudioError:
+            pass  # (Send says so)
