@@ -225,7 +225,9 @@ def test_the_windows_replay_runs_the_recorded_job(qtbot, gui_home, tmp_path, mon
               "options": {"max_new_tokens": 4}, "threads": 2,
               "model": {"name": "mine", "path": str(folder), "hash": "", "family": "llama"}}
     w.replay(recipe)
+    w.replay(dict(recipe))  # a second click while the first is prepared queues nothing more
     wait_idle(qtbot, w, timeout=60000)
+    assert len(w.queue.list()) == 1
     assert not w.banner.isVisible() or "Replayed" in w.banner.message(), w.banner.message()
     assert w.output.recipe["threads"] == 2 and w.output.recipe["model"]["path"] == str(folder.resolve())
     assert made_in and threading.main_thread() not in made_in

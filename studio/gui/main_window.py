@@ -363,7 +363,10 @@ class MainWindow(TaskActions, RecipeActions, DialogActions, QMainWindow):
         made in a thread: it hashes the recipe's input files and LoRAs (a multi-GB LoRA takes seconds)."""
         from studio.gui.worker import Task
 
+        if any(t.recipe == recipe for t in self.preparing):  # (a second click while its inputs are hashed)
+            return
         task = Task(lambda report: _replay_job(self.session.store, recipe), self, name="prepare-replay")
+        task.recipe = recipe
         task.succeeded.connect(lambda made: self._replay_ready(recipe, *made))
         task.failed.connect(lambda failure: self.show_error(failure.message, failure.details))
         task.finished.connect(lambda: self.preparing.discard(task))
