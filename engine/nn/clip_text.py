@@ -18,6 +18,8 @@ from engine.configs import check_attention, read
 
 @dataclass
 class CLIPTextConfig:
+    """transformers' CLIPTextConfig (a Stable Diffusion pipeline's text_encoder/config.json, the shapes model's
+    text encoder); its defaults are transformers' (tests/test_config_read.py holds them to it)."""
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048

@@ -40,6 +40,8 @@ from engine.nn.cache import KVCache, additive_mask, causal_mask, padded_mask
 
 @dataclass
 class GPT2Config:
+    """transformers' GPT2Config (GPT-2 language models, the captioners' decoders); its defaults are transformers'
+    (tests/test_config_read.py holds them to it)."""
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768

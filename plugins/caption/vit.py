@@ -20,8 +20,8 @@ from engine.configs import check_attention, read
 
 @dataclass
 class ViTConfig:
-    """transformers' ViTConfig / DeiTConfig: its defaults are transformers' (a config.json that leaves a key out
-    means what it means there)."""
+    """transformers' ViTConfig / DeiTConfig (a captioner's encoder); its defaults are transformers' (a config.json
+    that leaves a key out means what it means there; tests/test_config_read.py holds them to it)."""
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12

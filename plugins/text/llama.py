@@ -25,6 +25,8 @@ from engine.configs import read
 
 @dataclass
 class LlamaConfig:
+    """transformers' LlamaConfig, with its defaults (tests/test_config_read.py holds them to it), plus the options
+    by which the other decoder families differ from Llama (after bos/eos)."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
