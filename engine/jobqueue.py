@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
+MAX_RUNS = 2  # a job whose worker died while running it this many times is failed when claimed again
 KINDS = ("generate", "export", "finetune")  # generate: an engine.runner.Job; export: {model, quantize, force};
 # finetune: {kind, args} (a fine-tuner's command-line arguments; engine/finetune.py resumes from its checkpoint)
 MAX_GRID = 1000  # jobs in one grid submission
@@ -335,7 +336,7 @@ class JobQueue:
             hi = conn.execute("SELECT MAX(position) FROM jobs").fetchone()[0] or 0
             # a job a server took for a client is unpinned: that client is gone, any worker may run it now
             conn.execute("UPDATE jobs SET state = 'queued', position = ?, error = '', error_type = '', message = '',"
-                         " cancel = 0, step = 0, total = 0, started = NULL, finished = NULL,"
+                         " cancel = 0, step = 0, total = 0, started = NULL, finished = NULL, attempts = 0,"
                          " pin = CASE WHEN pin = 'api' OR pin LIKE 'api:%' THEN '' ELSE pin END WHERE id = ?",
                          (hi + 1, _row_id(job_id)))
 
@@ -367,7 +368,10 @@ class JobQueue:
                 if found is None:
                     return None
                 job = _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (found[0],)).fetchone())
-                why = job.damaged or _unrunnable(job)
+                why = job.damaged or _unrunnable(job) or (
+                    f"its worker process ended while running it {job.attempts} times (a crash, or a plugin that "
+                    f"ends the process); `studio queue retry {job.id}` runs it once more" if job.attempts >= MAX_RUNS
+                    else "")
                 if why:  # failed with its reason, so that it neither blocks the queue nor stays "running"
                     conn.execute("UPDATE jobs SET state = 'failed', finished = ?, owner = '', error = ?,"
                                  " error_type = 'UsageError', message = 'failed' WHERE id = ?",
@@ -410,6 +414,7 @@ class JobQueue:
         Ctrl+C); one whose cancel was asked for is cancelled instead."""
         with self._tx() as conn:
             conn.execute("UPDATE jobs SET state = CASE cancel WHEN 0 THEN 'queued' ELSE 'cancelled' END,"
+                         " attempts = MAX(attempts - 1, 0),"  # (put back, not crashed: see MAX_RUNS)
                          " finished = CASE cancel WHEN 0 THEN NULL ELSE ? END, owner = '', cancel = 0, step = 0,"
                          " total = 0, message = CASE cancel WHEN 0 THEN 'put back' ELSE 'cancelled' END"
                          " WHERE id = ? AND state = 'running'", (time.time(), _row_id(job_id)))

@@ -1,7 +1,6 @@
 """The `studio` subcommands. Each ``cmd_*`` takes parsed arguments and returns an exit status."""
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -167,8 +166,7 @@ def cmd_generate(args) -> int:
 
         for start in range(0, len(prepared), size):
             chunk = prepared[start:start + size]
-            with _exit_is_an_error(chunk[0]):
-                records = execute_batch(chunk, out_dir=out, history=history)
+            records = execute_batch(chunk, out_dir=out, history=history)
             for prep, record in zip(chunk, records):
                 if isinstance(record, StudioError):  # that input failed; the others are kept
                     print(f"studio: error: {prep.job.prompt or prep.job.image}: {record}", file=sys.stderr)
@@ -192,9 +190,8 @@ def cmd_generate(args) -> int:
             if out_path is not None and out_path.is_file():
                 print(f"studio: warning: replacing {out_path} (--overwrite)", file=sys.stderr)
         try:
-            with _exit_is_an_error(prep):
-                record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history,
-                                 overwrite=getattr(args, "overwrite", False))
+            record = execute(prep, on_event=on_event, out_path=out_path, out_dir=out_dir, history=history,
+                             overwrite=getattr(args, "overwrite", False))
         except StudioError as exc:
             if getattr(exc, "result_text", None) and not stream:
                 print(exc.result_text)  # generated, but not saved: the text is not lost
@@ -202,33 +199,6 @@ def cmd_generate(args) -> int:
         bar.done()
         unrecorded |= _report(args, prep, record, stream)
     return 1 if unrecorded else 0
-
-
-@contextlib.contextmanager
-def _exit_is_an_error(prep):
-    """While a generator runs here, a plugin that ends the process itself (``os._exit``, which skips every handler
-    and left `generate` silent with status 0) ends it with one error line and status 1 instead. (The window runs
-    generators in a generation process, engine/child.py, which reports such an end as a crash.)"""
-    import os
-
-    real, pid = os._exit, os.getpid()
-
-    def ended(code=0):
-        if os.getpid() == pid:  # (a process the plugin forked ends as it asked)
-            try:
-                sys.stdout.flush()
-                print(f"studio: error: Generator {prep.generator.info.id} (plugin {prep.plugin}) ended its process "
-                      f"(os._exit({code})) without a result; nothing was saved.", file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
-            code = 1
-        real(code)
-
-    os._exit = ended
-    try:
-        yield
-    finally:
-        os._exit = real
 
 
 def _report(args, prep, record, stream: bool) -> bool:

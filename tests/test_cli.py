@@ -460,12 +460,19 @@ def test_a_generator_that_ends_the_process_is_an_error(studio_home):
     for code in (0, 3):
         proc = studio("generate", "quitter", "--prompt", "x", "--set", f"code={code}", check=1)
         assert proc.stderr.strip().splitlines()[-1] == (
-            f"studio: error: Generator quitter (plugin quitter) ended its process (os._exit({code})) without a "
-            "result; nothing was saved.") and proc.stdout == ""
+            f"studio: error: Generator quitter (plugin quitter) failed: it ended its process (os._exit({code})) "
+            "without a result; nothing was saved.") and proc.stdout == ""
     assert not (studio_home / "history.sqlite3").exists() or json.loads(
         studio("history", "list", "--json", check=0).stdout) == []
     if hasattr(os, "fork"):
         assert studio("generate", "quitter", "--prompt", "x", "--set", "code=-1", check=0).stdout == "child 7\n"
+    # the queue's worker (queue run, serve) fails that job and goes on: it died silently, at every restart
+    studio("queue", "add", "quitter", "--prompt", "x", "--set", "code=3")
+    studio("queue", "add", "quitter", "--prompt", "after", "--set", "code=-1" if hasattr(os, "fork") else "code=3")
+    studio("queue", "run", "--until-empty", check=0)
+    rows = json.loads(studio("queue", "list", "--all", "--json").stdout)
+    states = [r["state"] for r in sorted(rows, key=lambda r: r["id"])]
+    assert states == ["failed", "done" if hasattr(os, "fork") else "failed"], rows
 
 
 def test_gui_refuses_an_unknown_generator_before_any_window(plugins, capsys, monkeypatch):

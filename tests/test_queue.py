@@ -529,3 +529,27 @@ def test_cli_batch_prints_each_output_path(studio_home, tmp_path, capsys):
     paths = capsys.readouterr().out.splitlines()
     assert [Path(p).read_text() for p in paths] == ["ONE", "TWO"]
     assert sorted(paths) == sorted(e.outputs[0]["path"] for e in History().list())
+
+
+def test_a_job_whose_worker_died_twice_is_failed_not_run_a_third_time(studio_home):
+    """A job that kills its worker (a crash, a plugin's os._exit from native code) was queued again after every
+    restart and killed every `queue run` and `serve` that took it; the jobs after it never ran."""
+    import sqlite3
+
+    q = JobQueue()
+    bad = q.submit(Job("upper", prompt="x"), source="cli")
+    q.submit(Job("upper", prompt="y"), source="cli")
+    for _ in range(2):  # claimed, then its worker dies (what recovery after a restart puts back)
+        assert q.claim().id == bad
+        with sqlite3.connect(q.path) as conn:
+            conn.execute("UPDATE jobs SET state = 'queued', owner = '' WHERE id = ?", (bad,))
+    nxt = q.claim()
+    assert nxt.id != bad
+    failed = q.get(bad)
+    assert failed.state == "failed" and "its worker process ended while running it 2 times" in failed.error
+    q.retry(bad)  # a retry runs it once more
+    q.release(nxt.id)
+    assert q.claim().id == nxt.id
+    assert q.claim().id == bad
+    q.release(bad)  # put back (Ctrl+C, the window closed) is no crash
+    assert q.claim().id == bad
