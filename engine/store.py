@@ -320,6 +320,8 @@ class ModelStore:
         return self.host.importer_for(path)
 
     def import_(self, source: Path, name: Optional[str] = None, trust: bool = False) -> ModelEntry:
+        if not str(source).strip():  # (Path("") is the current folder)
+            raise UsageError("No path was given; give the path of a model folder or file.")
         source = Path(source).expanduser()
         if not source.exists():  # a usage error, as a missing --image is; not "is not a folder"
             raise UsageError(f"{source} does not exist; give the path of a model folder or file.")

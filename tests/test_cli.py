@@ -481,6 +481,8 @@ def test_gui_refuses_an_unknown_generator_before_any_window(plugins, capsys, mon
     from studio.cli import main
 
     monkeypatch.setattr(studio.gui.app, "application", lambda: pytest.fail("the window was opened"))
+    assert main(["gui", "--generator", ""]) == 2  # (it opened on the last-used generator)
+    capsys.readouterr()
     assert main(["gui", "--generator", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("studio: error: Unknown generator 'nope'; the installed generators are:") and "upper" in err

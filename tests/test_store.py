@@ -225,3 +225,5 @@ def test_importing_a_missing_path_is_a_usage_error(store, tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ModelError, match="is not a folder"):  # there, but no model: still a model error
         store.import_(tmp_path / "notes.txt")
+    with pytest.raises(UsageError, match="No path was given"):  # ("" was the current folder)
+        store.import_("")

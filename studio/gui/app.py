@@ -124,7 +124,7 @@ def run_gui(screenshot: str | None = None, generator: str | None = None) -> int:
     from studio.gui.session import Session
 
     session = Session()
-    if generator:
+    if generator is not None:  # (an empty name too: it opened on the last-used generator)
         session.host.generator(generator)
     app = application()
     window = MainWindow(session, generator=generator)
