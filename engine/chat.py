@@ -79,11 +79,14 @@ def _text_content(content, i: int) -> str:
         return content
     if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
         texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+        for n, part in enumerate(content, 1):
+            if part.get("type") != "text":
                 kind = part.get("type") if isinstance(part.get("type"), str) else "untyped"
                 raise UsageError(f"Message {i} holds a part of type {kind!r}; this chat reads text only "
                                  "(a part is {\"type\": \"text\", \"text\": ...}).")
+            if not isinstance(part.get("text"), str):
+                raise UsageError(f"Part {n} of message {i} has no \"text\" string (a part is "
+                                 "{\"type\": \"text\", \"text\": ...}).")
             texts.append(part["text"])
         return "\n".join(texts)
     raise UsageError(f"Message {i} must be an object with a text \"role\" and a text \"content\".")

@@ -121,12 +121,21 @@ class Service:
         """A model name a client sent: None/empty means the default; an unknown one is a 404."""
         if not name:
             return None
+        if not isinstance(name, str):
+            raise UsageError(f"\"model\" must be a model's name, not {type(name).__name__} (GET /v1/models lists "
+                             "them).")
+        other = None
         for entry in self.store.list():
             if entry.name == name and entry.generator in generators:
                 return name
+            if entry.name == name:
+                other = entry
         if name in generators:  # the generator's id stands for its default model
             return None
         known = [n for g in generators for n in self.model_names(g)]
+        if other is not None:  # there, but of another kind: not "does not exist" (GET /v1/models lists it)
+            raise UsageError(f"The model {name!r} is a {other.generator} model, which this endpoint does not run; "
+                             f"use one of {', '.join(known) or '(none installed)'}.")
         raise NotFound(f"The model {name!r} does not exist here; use one of {', '.join(known) or '(none installed)'} "
                        "(GET /v1/models lists them).")
 

@@ -181,6 +181,9 @@ def test_messages_are_checked():
     with pytest.raises(UsageError, match="Message 2 holds a part of type 'image_url'"):
         chat.parse_messages([{"role": "system", "content": "s"},
                              {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(UsageError, match="Part 2 of message 1 has no \"text\" string"):  # (it said "a part of
+        chat.parse_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}])  # type
+    # 'text'; this chat reads text only")
     with pytest.raises(UsageError, match="Message 1 must be"):
         chat.parse_messages([{"role": "user", "content": []}])
 

@@ -197,6 +197,12 @@ def test_bad_requests(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    image_models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"] if "diffusion" in m["id"]]
+    if image_models:  # an image model is there (GET /v1/models lists it), only of another kind: not a 404
+        r = httpx.post(url + "/v1/completions", json={"model": image_models[0], "prompt": "x"})
+        assert r.status_code == 400 and "which this endpoint does not run" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"model": ["x"], "prompt": "x"})
+    assert r.status_code == 400 and "must be a model's name" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "logprobs": 5})
