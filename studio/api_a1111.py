@@ -101,10 +101,24 @@ def _model(body: dict, service=None):
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise UsageError("override_settings must be an object, such as {\"sd_model_checkpoint\": NAME}.")
-    name = overrides.get("sd_model_checkpoint") or getattr(service, "a1111_model", None)
+    name = overrides.get("sd_model_checkpoint") or _chosen(service)
     if name and not isinstance(name, str):
         raise UsageError(f"sd_model_checkpoint must be a model's name, not {name!r}.")
     return _strip_hash(name) if name else None
+
+
+def _chosen(service):
+    """The checkpoint chosen with POST /sdapi/v1/options while it is still an image model here; one removed while
+    the server runs leaves the default, with a warning (as at a restart), not a 404 on every txt2img."""
+    name = getattr(service, "a1111_model", None)
+    if name:
+        try:
+            image_generator(service, name)
+        except StudioError:
+            log.warning("The A1111 API's checkpoint %r is no longer an image model here; txt2img uses the default "
+                        "image model until POST /sdapi/v1/options chooses another.", name)
+            service.a1111_model = name = None
+    return name
 
 
 def _strip_hash(title: str) -> str:
@@ -124,12 +138,16 @@ async def options(request):
     if request.method == "POST":
         body = await read_json(request)
         if "sd_model_checkpoint" in body:
-            name = _strip_hash(str(body["sd_model_checkpoint"]))
+            raw = body["sd_model_checkpoint"]
+            if not isinstance(raw, str) or not _strip_hash(raw):
+                raise UsageError(f"sd_model_checkpoint must be a model's name (GET /sdapi/v1/sd-models lists them), "
+                                 f"not {raw!r}.")
+            name = _strip_hash(raw)
             image_generator(service, name)  # unknown or not an image model: refused now
             # kept in the settings, as A1111 keeps it in its config: a restarted server uses it again
             await run_in_threadpool(state.update_settings, lambda s: setattr(s, "sd_model_checkpoint", name))
             service.a1111_model = name
-    current = getattr(service, "a1111_model", None)
+    current = _chosen(service)
     if current is None:
         entry = service.store.default_for("image") if service.has_generator("image") else None
         current = entry.name if entry else ""

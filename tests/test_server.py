@@ -483,7 +483,12 @@ def test_a1111_checkpoint_choice_survives_a_restart(tmp_path, monkeypatch, caplo
         from engine.history import History
 
         assert History().get(made.info["history_ids"][0]).recipe["model"]["name"] == "shapes-two"
-    store.remove("shapes-two")
+        store.remove("shapes-two")  # removed while the server runs: the default, as after a restart (every
+        assert api.get_options()["sd_model_checkpoint"] == "shapes-diffusion"  # txt2img was a 404)
+        assert api.txt2img(prompt="a red circle", seed=1).image is not None
+        for bad in (None, 5, ""):
+            r = httpx.post(s.url + "/sdapi/v1/options", json={"sd_model_checkpoint": bad})
+            assert r.status_code == 400 and "must be a model's name" in r.text, r.text
     with caplog.at_level("WARNING"), Server() as s:  # a checkpoint that is gone: the default, and a warning
         assert httpx.get(s.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-diffusion"
     assert "The A1111 API's checkpoint 'shapes-two' (sd_model_checkpoint in the settings) is no longer an image " \
