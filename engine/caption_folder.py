@@ -100,19 +100,23 @@ def plan_folder(folder, ext: str = ".txt", overwrite: bool = False, recursive: b
 
 def _text_file(path: Path) -> bool:
     """Whether a file looks like text (a caption file that --overwrite may replace): its first 4 kB are UTF-8 (with
-    or without a byte-order mark) without NUL bytes, or UTF-16 with a byte-order mark, or UTF-16 without one whose
-    characters are all ones a text holds (no controls but white space). An image or other binary file named like a
+    or without a byte-order mark) without NUL bytes, or an 8-bit text (Latin-1, cp1252: no control bytes but white
+    space), or UTF-16 / UTF-32 with a byte-order mark, or UTF-16 without one whose characters are all ones a text
+    holds (no controls but white space). An image or other binary file named like a
     caption is never replaced."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
         return False
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        text = _decoded(head, "utf-32")
+        return text is not None and "\0" not in text
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = _decoded(head, "utf-16")  # (the codec takes the byte order from the mark)
         return text is not None and "\0" not in text
-    if b"\0" not in head:
-        return _decoded(head, "utf-8-sig") is not None
+    if b"\0" not in head:  # UTF-8, or an 8-bit encoding (Latin-1, cp1252: no control bytes but white space)
+        return _decoded(head, "utf-8-sig") is not None or all(b >= 0x20 or b in b"\t\n\r\f\v" for b in head)
     for encoding in ("utf-16-le", "utf-16-be"):  # no mark: ASCII text has a NUL byte beside every character
         text = _decoded(head, encoding)
         if text is not None and all(ch in "\t\n\r\f\v" or unicodedata.category(ch) not in NOT_TEXT for ch in text):

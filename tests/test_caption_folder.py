@@ -149,7 +149,9 @@ def test_utf16_and_bom_captions_are_text_and_binary_files_are_not(tmp_path):
     d.mkdir()
     captions = {"bom16": ("utf-16", "a red circle"), "le16": ("utf-16-le", "a blue square, ünïcode"),
                 "be16": ("utf-16-be", "a green triangle"), "bom8": ("utf-8-sig", "a caption"),
-                "long": ("utf-16", "é" * 2047 + "😀" + "x" * 100)}  # the emoji's surrogate pair is cut at 4 kB
+                "long": ("utf-16", "é" * 2047 + "😀" + "x" * 100),  # the emoji's surrogate pair is cut at 4 kB
+                "cp1252": ("cp1252", "café naïve, “quoted”"), "bom32": ("utf-32", "a caption")}  # (these two
+    # stopped the whole run as "not text")
     for name, (encoding, text) in captions.items():
         Image.new("RGB", (8, 8), "red").save(d / f"{name}.png")
         (d / f"{name}.txt").write_bytes(text.encode(encoding))
