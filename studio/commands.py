@@ -99,12 +99,22 @@ def _prompt_from_caption(args, host, store, settings) -> str:
 
 
 def read_prompt_file(path) -> list:
-    """(line number, prompt) for each non-empty line of a UTF-8 text file (a byte-order mark, as Windows editors
-    write one, is not part of the first prompt); UsageError when it cannot be read or holds no prompt."""
+    """(line number, prompt) for each non-empty line of a UTF-8 text file, or UTF-16 / UTF-32 with a byte-order
+    mark (as Windows editors save one; the mark is not part of the first prompt); UsageError when it cannot be read
+    or holds no prompt."""
+    import codecs
+
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Cannot read prompt file {path} ({exc}).") from None
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read prompt file {path} ({exc.strerror or exc}).") from None
+    encoding = "utf-32" if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) else \
+        "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"Prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 (or UTF-16 "
+                         "with a byte-order mark) and try again.") from None
     prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise UsageError(f"Prompt file {path} has no non-empty lines.")

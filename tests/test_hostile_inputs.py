@@ -224,12 +224,19 @@ def test_files_saved_with_a_byte_order_mark_read_as_their_text(tmp_path):
 
     from engine.chat import load_messages_file
     from engine.datasets import read_documents, read_pairs
+    from engine.errors import UsageError
     from studio.commands import read_prompt_file
     from studio.queue_cli import read_jobfile
 
     bom = "\ufeff"
     (tmp_path / "prompts.txt").write_text(bom + "ROMEO:\n\n  JULIET:  \n", encoding="utf-8")
     assert read_prompt_file(tmp_path / "prompts.txt") == [(1, "ROMEO:"), (3, "JULIET:")]
+    for encoding in ("utf-16", "utf-32"):  # (Notepad's "Unicode": a raw 'utf-8' codec can't decode byte 0xff)
+        (tmp_path / "prompts.txt").write_text("ROMEO:\r\n\r\nJULIET:\r\n", encoding=encoding)
+        assert read_prompt_file(tmp_path / "prompts.txt") == [(1, "ROMEO:"), (3, "JULIET:")]
+    (tmp_path / "prompts.txt").write_bytes("café".encode("cp1252"))
+    with pytest.raises(UsageError, match="is not UTF-8 text .* save it as UTF-8"):
+        read_prompt_file(tmp_path / "prompts.txt")
     (tmp_path / "chat.json").write_text(bom + '[{"role": "user", "content": "hi"}]', encoding="utf-8")
     assert load_messages_file(tmp_path / "chat.json")[0].content == "hi"
     (tmp_path / "jobs.jsonl").write_text(bom + '{"generator": "text", "prompt": "x"}\n', encoding="utf-8")
