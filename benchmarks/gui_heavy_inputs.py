@@ -165,7 +165,7 @@ def chat_send_over_counted() -> float:
     view.context = view.fit().tokens // 2
     view.ask_drop = lambda fit, dropped: True
     view.update_meter()
-    for future in (view.counting[1] if view.counting else None, getattr(view, "ahead", None)):
+    for future in (getattr(view, "counting", None) or (None, None))[1:] + (getattr(view, "ahead", None),):
         if future is not None:
             future.result()
     started = time.perf_counter()
