@@ -6,11 +6,8 @@ The CLI and the GUI both call ``prepare`` then ``execute``; nothing here knows a
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +20,7 @@ from engine.generators import (ADAPTER_WEIGHT_FILES, BACKENDS, DEVICES, AdapterR
                                Progress, Request, Result, adapter_weights)
 from engine.history import History
 from engine.plugins import PluginHost
+from engine.plugin_code import plugin_code, quietly
 from engine.recipe import recipe_of
 from engine.results import check_result, writable_text
 from engine.store import ModelStore
@@ -383,8 +381,8 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     context = context or Context()
     started = time.perf_counter()
     result = None
-    with _plugin_code(prep, "failed"):
-        for event in _quietly(prep.generator.generate(prep.request, context)):
+    with plugin_code(prep, "failed"):
+        for event in quietly(prep.generator.generate(prep.request, context)):
             if isinstance(event, Result):
                 result = event
             elif isinstance(event, (Progress, Partial)):
@@ -400,83 +398,6 @@ def execute(prep: Prepared, context: Optional[Context] = None, on_event: Optiona
     return _save(prep, result, round(time.perf_counter() - started, 4), out_path, out_dir, history, overwrite)
 
 
-def _quietly(events):
-    """The generator's events, each made with what it prints sent to stderr (engine.plugins.plugin_output); the
-    caller's own handling of an event (a streamed token on stdout) is not."""
-    from engine.plugins import plugin_output
-
-    it = iter(events)
-    while True:
-        with plugin_output():
-            try:
-                event = next(it)
-            except StopIteration:
-                return
-        yield event
-
-
-class EndedProcess(BaseException):
-    """What ``os._exit`` raises in this process while plugin code runs (see ``_plugin_code``)."""
-
-    def __init__(self, code):
-        super().__init__(f"it ended its process (os._exit({code})) without a result")
-
-
-_exit_guard = {"depth": 0, "pid": None, "real": None}
-_exit_lock = threading.Lock()
-
-
-def _raise_instead(code=0):
-    if os.getpid() != _exit_guard["pid"]:  # a process the plugin forked ends as it asks
-        _exit_guard["real"](code)
-    raise EndedProcess(code)
-
-
-@contextlib.contextmanager
-def _exit_raises():
-    """While a generator's code runs, ``os._exit`` in this process raises EndedProcess instead: a plugin that ends
-    the process fails its job with a sentence, and `studio generate`, `batch`, `queue run` and `serve` go on (they
-    died silently, and a queued job that did it killed every worker that took it). A plugin that took
-    ``posix._exit`` or ``from os import _exit`` before is not caught: only a process boundary catches that
-    (the window runs generations in one, engine/child.py)."""
-    with _exit_lock:
-        if _exit_guard["depth"] == 0:
-            _exit_guard.update(pid=os.getpid(), real=os._exit)
-            os._exit = _raise_instead
-        _exit_guard["depth"] += 1
-    try:
-        yield
-    finally:
-        with _exit_lock:
-            _exit_guard["depth"] -= 1
-            if _exit_guard["depth"] == 0:
-                os._exit = _exit_guard["real"]
-
-
-@contextlib.contextmanager
-def _plugin_code(prep: Prepared, failed: str):
-    """Anything but a StudioError that the generator's code raises becomes a GenerationError naming its plugin (an
-    ``os._exit`` too: ``_exit_raises``)."""
-    try:
-        with _exit_raises():
-            yield
-    except StudioError:
-        raise
-    except KeyboardInterrupt:
-        raise
-    except EndedProcess as exc:
-        raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) {failed}: {exc}; "
-                              "nothing was saved.") from None
-    except BaseException as exc:  # noqa: BLE001 - plugin code (sys.exit or GeneratorExit in it is no success)
-        log.debug("generator raised", exc_info=True)
-        try:
-            said = str(exc)
-        except Exception:  # noqa: BLE001 - an exception whose message itself raises
-            said = "(its message could not be read)"
-        raise GenerationError(f"Generator {prep.generator.info.id} (plugin {prep.plugin}) {failed}: "
-                              f"{type(exc).__name__}: {said}") from exc
-
-
 def execute_batch(preps: list, context: Optional[Context] = None, out_dir: Optional[Path] = None,
                   history: "History | bool | None" = None) -> list:
     """Run prepared jobs of one generator that differ only in their input and seed (same model, backend, options)
@@ -489,7 +410,7 @@ def execute_batch(preps: list, context: Optional[Context] = None, out_dir: Optio
     if len({_batch_key(p) for p in preps}) > 1:
         raise UsageError("A batch runs one model with one backend and the same options; these jobs differ.")
     started = time.perf_counter()
-    with _plugin_code(preps[0], "failed on a batch"):
+    with plugin_code(preps[0], "failed on a batch"):
         results = list(gen.batch([p.request for p in preps], context))
     if len(results) != len(preps):
         raise GenerationError(f"Generator {gen.info.id} returned {len(results)} results for {len(preps)} inputs.")
