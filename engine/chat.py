@@ -342,18 +342,19 @@ class TokenMemo:
     def key(self, text: str) -> bytes:
         return hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()
 
-    def known(self, text: str) -> Optional[int]:
+    def known(self, text: str, key: Optional[bytes] = None) -> Optional[int]:
         with self.lock:
-            return self.counts.get(self.key(text))
+            return self.counts.get(key or self.key(text))
 
     def count(self, text: str) -> int:
-        n = self.known(text)
+        key = self.key(text)  # (hashed once: a long conversation is a megabyte)
+        n = self.known(text, key)
         if n is None:
             n = len(encode(self.tokenizer, text))
             with self.lock:
                 if len(self.counts) >= self.SIZE:
                     self.counts.pop(next(iter(self.counts)))
-                self.counts[self.key(text)] = n
+                self.counts[key] = n
         return n
 
 

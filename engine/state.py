@@ -172,6 +172,9 @@ def save_changes(settings: Settings, loaded: Settings) -> Settings:
     return update_settings(change)
 
 
+_NOTHING = object()  # (a key this process did not have)
+
+
 def _changed(now, new, old, top: bool = False):
     """``now`` (the file's) with the changes from ``old`` to ``new`` (this process's) made in it."""
     if new == old:
@@ -189,9 +192,6 @@ def _changed(now, new, old, top: bool = False):
         if new[key] != was:
             merged[key] = _changed(now.get(key), new[key], was)
     return merged
-
-
-_NOTHING = object()
 
 
 def save_settings(settings: Settings) -> None:
